@@ -1,0 +1,42 @@
+# The two commands a newcomer runs: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+STDLIB := $(shell $(PYTHON) -c "import sysconfig; print(sysconfig.get_paths()['stdlib'])")
+DEMO_FLAGS := --learning_rate 2e-3 --warmup_steps 20 --per_device_train_batch_size 8 --max_seq_length 256 \
+              --sample_prompts "def " "import " "class " "    return " "The "
+
+.PHONY: install demo test lint clean-state
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --constraint constraints.txt --editable '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Two drops of real text from Python's own standard library, drained by the daemon.
+demo: install
+	mkdir -p demo_data inbox
+	$(PY) -m daemon.make_dataset $(STDLIB)/json $(STDLIB)/email demo_data/stdlib-json-email.jsonl
+	$(PY) -m daemon.make_dataset $(STDLIB)/http $(STDLIB)/logging demo_data/stdlib-http-logging.jsonl
+	cp demo_data/stdlib-json-email.jsonl inbox/.stdlib-json-email.jsonl.part
+	mv inbox/.stdlib-json-email.jsonl.part inbox/stdlib-json-email.jsonl
+	sleep 1
+	cp demo_data/stdlib-http-logging.jsonl inbox/.stdlib-http-logging.jsonl.part
+	mv inbox/.stdlib-http-logging.jsonl.part inbox/stdlib-http-logging.jsonl
+	$(PY) -m daemon --once $(DEMO_FLAGS)
+	$(PY) -m daemon status --samples
+
+test: install
+	$(PY) -m pytest -q $(if $(SLOW),,-m "not slow")
+
+lint: install
+	$(PY) -m ruff check daemon tests train.py
+	$(PY) -m ruff format --check daemon tests train.py
+	$(PY) -m mypy daemon
+
+# Removes the run-time state (inbox contents, status, checkpoints and the exported model).
+clean-state:
+	find inbox status current_model -mindepth 1 ! -name .gitkeep -exec rm -rf {} +

@@ -1,0 +1,53 @@
+"""``python -m daemon``: the inbox daemon and its companions.
+
+python -m daemon [--once] [--inbox_dir inbox] [--status_dir status] [--output_dir current_model] [training flags]
+python -m daemon status [--json] [--samples] [--status_dir status]
+python -m daemon train --dataset FILE.jsonl [flags]      (same as python train.py)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def status_main(argv: list[str]) -> int:
+    """Print the status summary (or the raw document with ``--json``)."""
+    from daemon.status import StatusFile, format_summary, latest_snapshot
+
+    parser = argparse.ArgumentParser(prog="python -m daemon status", description="Show the training status.")
+    parser.add_argument("--status_dir", default="status", help="Status folder (default: status).")
+    parser.add_argument("--json", action="store_true", help="Print the raw training_status.json document.")
+    parser.add_argument("--samples", action="store_true", help="Also print the latest snapshot's samples.md.")
+    args = parser.parse_args(argv)
+    status = StatusFile(args.status_dir)
+    if args.json:
+        print(json.dumps(status.read(), indent=2))
+        return 0
+    snapshot = latest_snapshot(args.status_dir)
+    print(format_summary(status.read(), snapshot))
+    if args.samples and snapshot is not None:
+        print()
+        print((snapshot / "samples.md").read_text(encoding="utf-8"))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command = argv[0] if argv else ""
+    if command == "status":
+        return status_main(argv[1:])
+    if command in ("train", "check-args"):
+        from daemon import training
+
+        return training.main(argv[1:]) if command == "train" else training.check_args_main(argv[1:])
+    from daemon import watcher
+    from daemon.config import configure_logging
+
+    configure_logging()
+    return watcher.main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""The product's own command-line options, as small dataclasses.
+
+They are parsed together with :class:`transformers.TrainingArguments` by
+``HfArgumentParser`` (see :mod:`daemon.training`), the way transformers'
+``run_clm.py`` does. This module imports only the standard library, so the
+daemon process can parse its options without importing torch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from daemon.exceptions import ConfigError
+
+DEFAULT_SAMPLE_PROMPTS = ["def ", "import ", "class ", "The ", "# "]
+
+
+@dataclass
+class ModelArguments:
+    """Which model to start from when ``output_dir`` holds no checkpoint yet."""
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Local HuggingFace causal-LM directory to start from. Default: the embedded small Llama model "
+            "with a byte-level BPE tokenizer trained on the first file. Ignored once output_dir holds a checkpoint."
+        },
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow custom modelling code shipped in the model directory."}
+    )
+    config_overrides: str | None = field(
+        default=None,
+        metadata={
+            "help": "Comma-separated key=value overrides of the embedded model's LlamaConfig, as in run_clm.py "
+            "(e.g. 'hidden_size=64,num_hidden_layers=2'). Only used when bootstrapping."
+        },
+    )
+    tokenizer_vocab_size: int = field(
+        default=4096, metadata={"help": "Vocabulary size of the byte-level BPE tokenizer trained when bootstrapping."}
+    )
+    tokenizer_train_bytes: int = field(
+        default=16_000_000,
+        metadata={"help": "At most this many bytes of the first file's text train the bootstrap tokenizer."},
+    )
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.tokenizer_vocab_size < 300:
+            problems.append("--tokenizer_vocab_size must be at least 300 (256 byte symbols plus merges)")
+        if self.model_name_or_path and not Path(self.model_name_or_path).is_dir():
+            problems.append(
+                f"--model_name_or_path {self.model_name_or_path}: not a local directory (nothing is downloaded)"
+            )
+        _raise_all(problems)
+
+
+@dataclass
+class DataArguments:
+    """How one JSONL file becomes training examples (SPEC section 5)."""
+
+    dataset: str | None = field(default=None, metadata={"help": "The JSONL file to train on."})
+    text_field: str = field(default="text", metadata={"help": "Field holding the document in language-modeling rows."})
+    max_seq_length: int = field(default=256, metadata={"help": "Tokens per training sequence (packing block size)."})
+    strict: bool = field(default=False, metadata={"help": "Fail the whole file on the first malformed line."})
+    eval_fraction: float = field(
+        default=0.05, metadata={"help": "Fraction of a file's examples held out for its evaluation snapshot."}
+    )
+    max_eval_examples: int = field(default=64, metadata={"help": "Upper bound on held-out examples per file."})
+    min_train_examples_for_eval: int = field(
+        default=16, metadata={"help": "Files with fewer examples than this keep all of them for training."}
+    )
+    preprocessing_batch_size: int = field(
+        default=1000, metadata={"help": "Rows per batch in the tokenization map (datasets.Dataset.map)."}
+    )
+    dataset_cache_dir: str | None = field(
+        default=None, metadata={"help": "Arrow cache for parsed and tokenized files. Default: the datasets cache."}
+    )
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.max_seq_length < 8:
+            problems.append("--max_seq_length must be at least 8")
+        if not 0.0 <= self.eval_fraction < 0.5:
+            problems.append("--eval_fraction must be in [0, 0.5)")
+        if self.max_eval_examples < 0:
+            problems.append("--max_eval_examples must be >= 0")
+        if self.preprocessing_batch_size < 1:
+            problems.append("--preprocessing_batch_size must be >= 1")
+        _raise_all(problems)
+
+
+@dataclass
+class RunArguments:
+    """Where the run reports, and what its evolution snapshot samples."""
+
+    status_dir: str = field(default="status", metadata={"help": "Folder for training_status.json, history, snapshots."})
+    grad_workers: str = field(
+        default="auto",
+        metadata={"help": "Worker threads for CPU gradient accumulation: N or 'auto' (accepted, not used yet)."},
+    )
+    status_interval: float = field(
+        default=2.0, metadata={"help": "Seconds between heartbeat writes of training_status.json."}
+    )
+    sample_prompts: list[str] = field(
+        default_factory=lambda: list(DEFAULT_SAMPLE_PROMPTS),
+        metadata={"help": "Prompts sampled into each evolution snapshot."},
+    )
+    sample_max_new_tokens: int = field(default=48, metadata={"help": "Tokens generated per snapshot sample."})
+    sample_temperature: float = field(default=0.8, metadata={"help": "Sampling temperature of snapshot samples."})
+    sample_top_k: int = field(default=50, metadata={"help": "Top-k of snapshot samples."})
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.grad_workers != "auto" and not (self.grad_workers.isdigit()):
+            problems.append("--grad_workers must be a whole number or 'auto'")
+        if self.status_interval <= 0:
+            problems.append("--status_interval must be > 0 seconds")
+        if self.sample_max_new_tokens < 1:
+            problems.append("--sample_max_new_tokens must be >= 1")
+        if self.sample_temperature <= 0:
+            problems.append("--sample_temperature must be > 0")
+        _raise_all(problems)
+
+
+@dataclass
+class DaemonArguments:
+    """Options of ``python -m daemon`` itself; every other flag is passed on to the training child."""
+
+    inbox_dir: str = field(default="inbox", metadata={"help": "Drop zone watched for JSONL files."})
+    status_dir: str = field(default="status", metadata={"help": "Folder for training_status.json, history, snapshots."})
+    output_dir: str = field(default="current_model", metadata={"help": "Checkpoints and the exported model."})
+    once: bool = field(default=False, metadata={"help": "Drain the inbox, then exit."})
+    settle_seconds: float = field(
+        default=2.0, metadata={"help": "A file counts as completely written once unchanged this long."}
+    )
+    rescan_seconds: float = field(
+        default=5.0, metadata={"help": "Periodic rescan of the inbox, so a missed event never loses a file."}
+    )
+    max_files: int | None = field(default=None, metadata={"help": "Stop after this many files (tests, burst mode)."})
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.settle_seconds < 0:
+            problems.append("--settle_seconds must be >= 0")
+        if self.rescan_seconds <= 0:
+            problems.append("--rescan_seconds must be > 0")
+        _raise_all(problems)
+
+
+def _raise_all(problems: list[str]) -> None:
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def config_file_to_argv(argv: list[str]) -> list[str]:
+    """Expand ``--config FILE`` into flags, so a config file holds the same keys as the flags.
+
+    The file (JSON, or YAML by extension) is a mapping of flag names to values.
+    Its flags come first, so flags given on the command line override it.
+
+    Args:
+        argv: command-line arguments, possibly holding ``--config FILE`` once.
+
+    Returns:
+        The arguments with the config file's keys spliced in as ``--key value`` pairs.
+
+    Raises:
+        ConfigError: the file is missing, unreadable, or not a mapping.
+    """
+    if "--config" not in argv:
+        return list(argv)
+    at = argv.index("--config")
+    if at + 1 >= len(argv):
+        raise ConfigError("--config needs a file name")
+    path = argv[at + 1]
+    rest = argv[:at] + argv[at + 2 :]
+    try:
+        with open(path, encoding="utf-8") as f:
+            if path.endswith((".yaml", ".yml")):
+                import yaml
+
+                data = yaml.safe_load(f)
+            else:
+                data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--config {path}: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of flag names to values")
+    flags: list[str] = []
+    for key, value in data.items():
+        flags.append(f"--{key}")
+        if isinstance(value, list):
+            flags.extend(str(v) for v in value)
+        elif isinstance(value, dict):
+            flags.append(json.dumps(value))
+        else:
+            flags.append(str(value))
+    return flags + rest
+
+
+def configure_logging() -> None:
+    """Log lines to stderr (unbuffered), once per process; entry points call it."""
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )

@@ -1,0 +1,31 @@
+"""Named errors of the product.
+
+Every :class:`DaemonError` is a *user-facing* failure: bad input, a bad flag, a
+checkpoint that cannot be used. Entry points print its message as one line and
+exit non-zero without a traceback. Anything else that escapes is a bug and keeps
+its traceback.
+"""
+
+
+class DaemonError(Exception):
+    """Base class for failures a user can act on (shown as one line, exit code 1)."""
+
+
+class ConfigError(DaemonError):
+    """A flag or config-file value is invalid; the message names the flag."""
+
+
+class DatasetError(DaemonError):
+    """A dataset file cannot be trained: unreadable, binary, or without usable examples."""
+
+
+class CheckpointError(DaemonError):
+    """A checkpoint or model directory cannot be used to continue training."""
+
+
+class TrainingError(DaemonError):
+    """Training ran but broke a guarantee (e.g. stopped before ``max_steps``)."""
+
+
+class TrainingInterrupted(DaemonError):
+    """SIGINT/SIGTERM arrived; the run checkpointed and stopped before finishing the file."""

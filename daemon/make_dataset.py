@@ -1,0 +1,106 @@
+"""Turn folders of text files (a source repository, notes) into ``{"text": ...}`` JSON lines.
+
+    python -m daemon.make_dataset DIR [DIR ...] OUT.jsonl [--max_chars 16000]
+
+Files are read in sorted order; hidden folders and ``__pycache__`` are skipped,
+so are binary files (a NUL byte in the first 8 KiB, or not UTF-8). A file longer
+than ``--max_chars`` is split at line boundaries into several documents. The
+output is written to a temporary file and renamed, so it is never seen half-written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from daemon.status import atomic_write_text
+
+SKIPPED_DIRS = {"__pycache__", "node_modules"}
+
+
+def iter_text_files(root: Path) -> Iterator[Path]:
+    """Regular files below ``root`` in sorted order, without hidden or cache folders."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in SKIPPED_DIRS)
+        for name in sorted(filenames):
+            path = Path(dirpath) / name
+            if not name.startswith(".") and path.is_file() and not path.is_symlink():
+                yield path
+
+
+def read_text(path: Path) -> str | None:
+    """The file's text, or None when it is binary (NUL bytes in its first 8 KiB, or not UTF-8)."""
+    raw = path.read_bytes()
+    if b"\x00" in raw[:8192]:
+        return None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def split_text(text: str, max_chars: int) -> list[str]:
+    """Split at line boundaries into pieces of at most ``max_chars`` (a longer single line is cut)."""
+    pieces: list[str] = []
+    current: list[str] = []
+    size = 0
+    for line in text.splitlines(keepends=True):
+        while len(line) > max_chars:
+            pieces.append(line[:max_chars])
+            line = line[max_chars:]
+        if size + len(line) > max_chars and current:
+            pieces.append("".join(current))
+            current, size = [], 0
+        current.append(line)
+        size += len(line)
+    if current:
+        pieces.append("".join(current))
+    return [p for p in pieces if p.strip()]
+
+
+def make_dataset(roots: list[Path], out: Path, max_chars: int) -> tuple[int, int, int]:
+    """Write the JSONL file.
+
+    Returns:
+        ``(documents, files used, binary files skipped)``.
+    """
+    lines: list[str] = []
+    used = skipped = 0
+    for root in roots:
+        for path in iter_text_files(root):
+            text = read_text(path)
+            if text is None:
+                skipped += 1
+                continue
+            pieces = split_text(text, max_chars)
+            used += bool(pieces)
+            lines.extend(json.dumps({"text": piece}, ensure_ascii=False) for piece in pieces)
+    atomic_write_text(out, "".join(line + "\n" for line in lines))
+    return len(lines), used, skipped
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m daemon.make_dataset", description=__doc__.splitlines()[0])
+    parser.add_argument("paths", nargs="+", help="DIR [DIR ...] OUT.jsonl")
+    parser.add_argument("--max_chars", type=int, default=16000, help="Longest document, in characters.")
+    args = parser.parse_args(argv)
+    if len(args.paths) < 2:
+        parser.error("give at least one DIR and the OUT.jsonl file")
+    *roots, out = (Path(p) for p in args.paths)
+    missing = [str(r) for r in roots if not r.is_dir()]
+    if missing:
+        print(f"error: not a directory: {', '.join(missing)}", file=sys.stderr)
+        return 1
+    if args.max_chars < 1:
+        parser.error("--max_chars must be >= 1")
+    docs, used, skipped = make_dataset(roots, out, args.max_chars)
+    print(f"wrote {docs} documents from {used} files to {out} (skipped {skipped} binary files)")
+    return 0 if docs else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

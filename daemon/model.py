@@ -1,0 +1,161 @@
+"""The model and tokenizer a run starts from (SPEC section 10).
+
+Order of precedence: the latest complete checkpoint in ``output_dir`` (the
+running model), else ``--model_name_or_path`` (a local directory), else a model
+already exported at the root of ``output_dir``, else the embedded default: a
+small Llama-architecture causal LM and a byte-level BPE tokenizer trained on the
+first file. Nothing is ever downloaded (``local_files_only=True``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from daemon.data import DEFAULT_CHAT_TEMPLATE
+from daemon.exceptions import CheckpointError, ConfigError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from daemon.config import ModelArguments
+
+logger = logging.getLogger(__name__)
+
+EOS_TOKEN = "<|endoftext|>"
+PAD_TOKEN = "<pad>"
+CHAT_TOKENS = ["<|im_start|>", "<|im_end|>"]
+
+# About 4.3M parameters with the default 4096-token vocabulary (tied embeddings):
+# 4 layers x (4*256^2 attention + 3*256*688 MLP) + 4096*256 embeddings.
+DEFAULT_LLAMA_CONFIG = {
+    "hidden_size": 256,
+    "intermediate_size": 688,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": True,
+    "initializer_range": 0.02,
+}
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerBase:
+    """Train a byte-level BPE tokenizer (GPT-2 style) with the ``tokenizers`` library.
+
+    Args:
+        texts: training text, streamed.
+        vocab_size: target vocabulary size, special tokens included.
+
+    Returns:
+        A ``PreTrainedTokenizerFast`` with EOS (also BOS), PAD, the ChatML markers
+        and :data:`daemon.data.DEFAULT_CHAT_TEMPLATE`.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS_TOKEN, PAD_TOKEN, *CHAT_TOKENS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    core.train_from_iterator(texts, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        eos_token=EOS_TOKEN,
+        bos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        additional_special_tokens=CHAT_TOKENS,
+        model_input_names=["input_ids", "attention_mask"],
+    )
+    tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    return tokenizer
+
+
+def parse_config_overrides(overrides: str | None) -> dict[str, int | float | bool | str]:
+    """Parse ``"key=value,key=value"`` (run_clm.py's ``--config_overrides``) into typed values.
+
+    Raises:
+        ConfigError: an item is not ``key=value``.
+    """
+    result: dict[str, int | float | bool | str] = {}
+    for item in filter(None, (overrides or "").split(",")):
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--config_overrides: '{item}' is not key=value")
+        value: int | float | bool | str = raw.strip()
+        for cast in (int, float):
+            try:
+                value = cast(raw)
+                break
+            except ValueError:
+                pass
+        if raw.strip().lower() in ("true", "false"):
+            value = raw.strip().lower() == "true"
+        result[key.strip()] = value
+    return result
+
+
+def bootstrap_model(tokenizer: PreTrainedTokenizerBase, model_args: ModelArguments, seed: int) -> PreTrainedModel:
+    """A freshly initialised small Llama causal LM sized to ``tokenizer``.
+
+    Args:
+        tokenizer: its vocabulary size and special tokens define the embedding table.
+        model_args: ``config_overrides`` adjusts :data:`DEFAULT_LLAMA_CONFIG`.
+        seed: initialisation seed.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    settings = {**DEFAULT_LLAMA_CONFIG, **parse_config_overrides(model_args.config_overrides)}
+    try:
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            **settings,
+        )
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"--config_overrides: {e}") from e
+    logger.info("bootstrapped a Llama model with %.2fM parameters", model.num_parameters() / 1e6)
+    return model
+
+
+def load_pretrained(
+    path: str | Path, trust_remote_code: bool = False
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a local causal LM and its tokenizer (safetensors preferred, never downloads).
+
+    A tokenizer without a pad token gets its EOS as pad (padding is masked by the
+    attention mask and -100 labels, so EOS stays learned).
+
+    Raises:
+        CheckpointError: the directory does not hold a loadable causal LM and tokenizer.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, local_files_only=True, trust_remote_code=trust_remote_code, dtype="float32"
+        )
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"cannot load a causal LM from {path}: {str(e).splitlines()[0]}") from e
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def has_model(path: str | Path) -> bool:
+    """True when ``path`` holds an exported model (a ``config.json``)."""
+    return (Path(path) / "config.json").is_file()

@@ -1,0 +1,149 @@
+"""Evolution snapshots: how the model writes after each file (SPEC section 8).
+
+``<status_dir>/evolution/<global_step:08d>-<file stem>/`` holds ``snapshot.json``
+(step, file, held-out eval loss and perplexity, generation settings and seed,
+the samples) and ``samples.md``. The folder is written under a temporary name
+and renamed into place, so a snapshot is either whole or absent.
+
+Callers must have stopped every training thread first: generation here is
+inference on the same model object.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from daemon.status import utc_now
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Sampling settings recorded with every snapshot (``model.generate`` arguments)."""
+
+    max_new_tokens: int
+    temperature: float
+    top_k: int
+    seed: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "do_sample": True,
+            "max_new_tokens": self.max_new_tokens,
+            "temperature": self.temperature,
+            "top_k": self.top_k,
+            "seed": self.seed,
+        }
+
+
+def perplexity(eval_loss: float | None) -> float | None:
+    """``exp(eval_loss)`` (mean token cross-entropy in nats), None when there is no loss, inf on overflow."""
+    if eval_loss is None:
+        return None
+    try:
+        return math.exp(eval_loss)
+    except OverflowError:
+        return float("inf")
+
+
+def generate_samples(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], settings: GenerationSettings
+) -> list[dict[str, str]]:
+    """Sample one continuation per prompt, each from ``torch.manual_seed(settings.seed)``.
+
+    Returns:
+        ``[{"prompt": str, "completion": str}, ...]`` in prompt order; the completion
+        excludes the prompt and special tokens.
+    """
+    import torch
+
+    model.eval()
+    samples = []
+    with torch.inference_mode():
+        for prompt in prompts:
+            torch.manual_seed(settings.seed)
+            enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+            if enc["input_ids"].shape[1] == 0:  # an empty prompt starts from EOS, like a new document
+                enc = {"input_ids": torch.tensor([[tokenizer.eos_token_id]]), "attention_mask": torch.ones(1, 1)}
+            enc = {k: v.to(model.device) for k, v in enc.items()}
+            out = model.generate(
+                **enc,
+                do_sample=True,
+                max_new_tokens=settings.max_new_tokens,
+                temperature=settings.temperature,
+                top_k=settings.top_k,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            new_tokens = out[0, enc["input_ids"].shape[1] :]
+            samples.append({"prompt": prompt, "completion": tokenizer.decode(new_tokens, skip_special_tokens=True)})
+    return samples
+
+
+def write_snapshot(
+    status_dir: str | Path,
+    step: int,
+    file_name: str,
+    eval_loss: float | None,
+    eval_examples: int,
+    settings: GenerationSettings,
+    samples: list[dict[str, str]],
+) -> Path:
+    """Write ``snapshot.json`` and ``samples.md`` for one finished file.
+
+    Args:
+        status_dir: the status folder.
+        step: ``global_step`` after the file.
+        file_name: the trained file's name.
+        eval_loss: mean held-out loss, or None when the file was too small to spare a held-out slice.
+        eval_examples: held-out examples evaluated.
+        settings: generation settings used for ``samples``.
+        samples: from :func:`generate_samples`.
+
+    Returns:
+        The snapshot folder.
+    """
+    root = Path(status_dir) / "evolution"
+    final = root / f"{step:08d}-{Path(file_name).stem}"
+    tmp = root / f".{final.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    doc = {
+        "step": step,
+        "file": file_name,
+        "created_at": utc_now(),
+        "eval_loss": eval_loss,
+        "perplexity": perplexity(eval_loss),
+        "eval_examples": eval_examples,
+        "eval_note": None if eval_loss is not None else "file too small to spare a held-out slice; no evaluation",
+        "generation": settings.as_dict(),
+        "samples": samples,
+    }
+    (tmp / "snapshot.json").write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    (tmp / "samples.md").write_text(_markdown(doc), encoding="utf-8")
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    return final
+
+
+def _markdown(doc: dict[str, Any]) -> str:
+    ppl = doc["perplexity"]
+    lines = [
+        f"# Step {doc['step']}: after `{doc['file']}`",
+        "",
+        f"- held-out eval loss: {doc['eval_loss']:.4f}, perplexity: {ppl:.2f} ({doc['eval_examples']} examples)"
+        if doc["eval_loss"] is not None
+        else f"- {doc['eval_note']}",
+        f"- generation: {json.dumps(doc['generation'])}",
+        "",
+    ]
+    for i, s in enumerate(doc["samples"], start=1):
+        lines += [f"## Sample {i}: prompt `{s['prompt']!r}`", "", "```", s["prompt"] + s["completion"], "```", ""]
+    return "\n".join(lines)

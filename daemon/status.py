@@ -1,0 +1,271 @@
+"""``status/training_status.json``, ``status/history.jsonl`` and the heartbeat (SPEC section 8).
+
+Two processes write the status document: the training run (progress, metrics)
+and the daemon (queue, between files). Each write is a read-modify-write of the
+fields the writer owns, under a ``filelock`` lock, and lands by ``os.replace``
+of a temporary file in the same folder, so a reader never sees a torn document
+and no writer loses the other's fields. Imports only the standard library and
+``filelock``: the daemon process uses it without torch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+STATUS_FILE = "training_status.json"
+HISTORY_FILE = "history.jsonl"
+STATES = ("idle", "loading", "tokenizing", "training", "evaluating", "saving", "stopped", "failed", "stalled")
+
+
+def utc_now() -> str:
+    """The current time as ISO-8601 UTC with a ``Z`` suffix, second precision."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def empty_status() -> dict[str, Any]:
+    """A status document with every field of SPEC section 8, nothing known yet."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "state": "idle",
+        "updated_at": utc_now(),
+        "pid": os.getpid(),
+        "global_step": 0,
+        "max_steps": 0,
+        "current_file": None,
+        "metrics": {"loss": None, "learning_rate": None, "grad_norm": None, "tokens_per_second": None},
+        "total_evals": 0,
+        "last_eval": None,
+        "files": {"queued": 0, "done": 0, "failed": 0},
+        "queue": [],
+        "gradient_guard": {"workers": 0, "dropped_shards": 0, "skipped_steps": 0, "last_grad_norm": None},
+        "last_error": None,
+    }
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see the old or the new content, never a mix.
+
+    The text goes to a temporary file in the same folder, is fsynced, then renamed
+    over ``path`` (``os.replace`` is atomic on POSIX within one filesystem).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o644)  # mkstemp creates 0600; status files are meant to be read by others
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class StatusFile:
+    """Read-modify-write access to ``<status_dir>/training_status.json``.
+
+    Args:
+        status_dir: the status folder; created if missing.
+    """
+
+    def __init__(self, status_dir: str | os.PathLike[str]) -> None:
+        self.dir = Path(status_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.dir / STATUS_FILE
+        self._lock = FileLock(str(self.dir / f".{STATUS_FILE}.lock"))
+
+    def read(self) -> dict[str, Any]:
+        """The current document merged over :func:`empty_status` (so every field is present)."""
+        doc = empty_status()
+        try:
+            doc.update(json.loads(self.path.read_text(encoding="utf-8")))
+        except FileNotFoundError:
+            pass
+        except ValueError:
+            logger.warning("%s is not valid JSON; starting a fresh status document", self.path)
+        return doc
+
+    def update(self, mutate: Callable[[dict[str, Any]], None] | None = None, /, **fields: Any) -> dict[str, Any]:
+        """Set top-level ``fields`` and/or apply ``mutate(doc)``, then write atomically.
+
+        Returns:
+            The document as written.
+        """
+        with self._lock:
+            doc = self.read()
+            doc.update(fields)
+            if mutate is not None:
+                mutate(doc)
+            doc["updated_at"] = utc_now()
+            doc["pid"] = os.getpid()
+            atomic_write_text(self.path, json.dumps(doc, indent=2, sort_keys=False) + "\n")
+            return doc
+
+    def record_outcome(self, row: dict[str, Any]) -> None:
+        """Append a finished or failed file's row to ``history.jsonl`` and count it in the status.
+
+        The one place where a file's outcome is recorded, so the history and the
+        ``files`` counters never disagree.
+
+        Args:
+            row: the history row; ``outcome`` is ``"done"`` or ``"failed"``. A failed
+                row's ``error`` becomes the status's ``last_error``.
+        """
+        assert row["outcome"] in ("done", "failed"), row
+        with self._lock:
+            with open(self.dir / HISTORY_FILE, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row, sort_keys=False) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+
+        def count(doc: dict[str, Any]) -> None:
+            doc["files"][row["outcome"]] = doc["files"].get(row["outcome"], 0) + 1
+            if row["outcome"] == "failed":
+                doc["last_error"] = {"file": row["file"], "message": row.get("error"), "at": row["finished_at"]}
+
+        self.update(count)
+
+
+def history_violations(rows: list[dict[str, Any]]) -> list[str]:
+    """Check the step invariant of SPEC section 6 over ``history.jsonl`` rows.
+
+    For every ``done`` row, ``end_step - start_step == planned_steps > 0``, and each
+    done file starts where the previous done file ended.
+
+    Returns:
+        One message per violation (empty when the history is consistent).
+    """
+    problems = []
+    previous_end: int | None = None
+    for row in (r for r in rows if r.get("outcome") == "done"):
+        name, start, end, planned = row["file"], row["start_step"], row["end_step"], row["planned_steps"]
+        if not planned or planned <= 0:
+            problems.append(f"{name}: done with {planned} planned steps")
+        if end - start != planned:
+            problems.append(f"{name}: trained {end - start} steps ({start} -> {end}), planned {planned}")
+        if previous_end is not None and start != previous_end:
+            problems.append(f"{name}: starts at step {start}, the previous file ended at {previous_end}")
+        previous_end = end
+    return problems
+
+
+def read_history(status_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """All rows of ``<status_dir>/history.jsonl``, oldest first (empty if none)."""
+    path = Path(status_dir) / HISTORY_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+class Heartbeat(threading.Thread):
+    """Writes the live progress into the status file every ``interval`` seconds.
+
+    The training loop only updates an in-memory dict (:meth:`set`); this thread
+    does the file I/O, so no status write sits in the hot path. Stop it with
+    :meth:`stop`, which writes one last time and joins.
+
+    Args:
+        status: the status file.
+        interval: seconds between writes.
+    """
+
+    def __init__(self, status: StatusFile, interval: float) -> None:
+        super().__init__(name="status-heartbeat", daemon=True)
+        self.status = status
+        self.interval = interval
+        self._stop_event = threading.Event()
+        self._lock = threading.Lock()
+        self._fields: dict[str, Any] = {}
+
+    def set(self, **fields: Any) -> None:
+        """Replace top-level fields of the next write (cheap; no I/O)."""
+        with self._lock:
+            self._fields.update(fields)
+
+    def flush(self) -> None:
+        """Write the pending fields now (the heartbeat also refreshes ``updated_at``)."""
+        with self._lock:
+            fields = dict(self._fields)
+        self.status.update(**fields)
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self.interval):
+            try:
+                self.flush()
+            except OSError:
+                logger.exception("could not write the status heartbeat")
+
+    def stop(self) -> None:
+        """Stop the thread, join it, and write the final fields."""
+        self._stop_event.set()
+        if self.is_alive():
+            self.join()
+        self.flush()
+
+
+def latest_snapshot(status_dir: str | os.PathLike[str]) -> Path | None:
+    """The newest evolution snapshot folder (highest step), or None."""
+    root = Path(status_dir) / "evolution"
+    if not root.is_dir():
+        return None
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return folders[-1] if folders else None
+
+
+def format_summary(doc: dict[str, Any], snapshot: Path | None = None) -> str:
+    """A human summary of a status document (``python -m daemon status``)."""
+
+    def num(value: Any, spec: str = "") -> str:
+        return "-" if value is None else format(value, spec)
+
+    lines = [
+        f"state        {doc['state']} (pid {doc['pid']}, updated {doc['updated_at']})",
+        f"global_step  {doc['global_step']} of max_steps {doc['max_steps']}",
+    ]
+    cur = doc.get("current_file")
+    if cur and cur.get("planned_steps"):
+        lines.append(
+            f"current file {cur['name']}: step {cur['steps_done']}/{cur['planned_steps']} "
+            f"({100 * cur['progress']:.0f}%), eta {num(cur.get('eta_seconds'), '.0f')} s, "
+            f"{cur['examples']} examples, {cur['tokens']} tokens"
+        )
+    elif cur:
+        lines.append(f"current file {cur.get('name')} (preparing)")
+    m = doc["metrics"]
+    lines.append(
+        f"metrics      loss {num(m['loss'], '.4f')}  lr {num(m['learning_rate'], '.3g')}  "
+        f"grad_norm {num(m['grad_norm'], '.3g')}  tokens/s {num(m['tokens_per_second'], ',.0f')}"
+    )
+    ev = doc.get("last_eval")
+    if ev:
+        lines.append(
+            f"last eval    step {ev['step']} on {ev['file']}: eval_loss {ev['eval_loss']:.4f}, "
+            f"perplexity {ev['perplexity']:.2f} ({doc['total_evals']} evals)"
+        )
+    files = doc["files"]
+    lines.append(f"files        {files['queued']} queued, {files['done']} done, {files['failed']} failed")
+    if doc.get("queue"):
+        lines.append(f"queue        {', '.join(doc['queue'])}")
+    g = doc["gradient_guard"]
+    lines.append(
+        f"grad guard   {g['workers']} workers, {g['dropped_shards']} dropped shards, {g['skipped_steps']} skipped steps"
+    )
+    err = doc.get("last_error")
+    lines.append(f"last error   {err['file']}: {err['message']} ({err['at']})" if err else "last error   none")
+    if snapshot is not None:
+        lines.append(f"snapshot     {snapshot}")
+    return "\n".join(lines)

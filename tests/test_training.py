@@ -1,0 +1,256 @@
+"""The training code path: step accounting, resume, learning rate, shapes, status, snapshots."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+from pathlib import Path
+
+import pytest
+from conftest import Tree, stdlib_documents, train, write_jsonl
+
+from daemon.checkpoints import latest_complete_checkpoint
+from daemon.status import history_violations
+
+
+def _text_file(path: Path, n: int = 30, offset: int = 0) -> Path:
+    return write_jsonl(path, [{"text": d} for d in stdlib_documents(limit=n + offset)[offset:]])
+
+
+def _log_history(tree: Tree) -> list[dict]:
+    checkpoint = latest_complete_checkpoint(tree.output)
+    assert checkpoint is not None
+    return json.loads((checkpoint.path / "trainer_state.json").read_text())["log_history"]
+
+
+def test_step_plan_uses_the_effective_batch_and_rounds_up_per_epoch():
+    from daemon.training import StepPlan
+
+    plan = StepPlan(
+        start_step=100,
+        train_examples=50,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=3,
+        world_size=2,
+        epochs=2,
+    )
+    assert plan.effective_batch == 24
+    assert plan.steps_per_epoch == 3  # ceil(50 / 24)
+    assert plan.steps_for_file == 6
+    assert plan.max_steps == 106
+
+
+def test_second_file_trains_its_own_steps_and_starts_where_the_first_ended(tree):
+    first = train(tree, _text_file(tree.root / "a.jsonl", 30))
+    second = train(tree, _text_file(tree.root / "b.jsonl", 20, offset=30))
+
+    rows = tree.history()
+    assert [r["file"] for r in rows] == ["a.jsonl", "b.jsonl"]
+    assert rows == [first, second]
+    assert history_violations(rows) == []
+    assert second["planned_steps"] > 0
+    assert second["start_step"] == first["end_step"]
+    assert second["end_step"] - second["start_step"] == second["planned_steps"]
+    # the planned steps follow the formula over the examples counted after packing
+    for row in rows:
+        assert row["planned_steps"] == math.ceil(row["examples"] / 4)
+    checkpoint = latest_complete_checkpoint(tree.output)
+    assert checkpoint is not None
+    assert checkpoint.global_step == first["planned_steps"] + second["planned_steps"]
+
+
+def test_naive_resume_trains_zero_steps_and_the_invariant_check_catches_it(tree):
+    """The bug this product exists to prevent: num_train_epochs=1 resumed from a checkpoint at epoch 1.0."""
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    from daemon.config import DataArguments
+    from daemon.data import load_records, prepare_datasets, scan_jsonl
+
+    train(tree, _text_file(tree.root / "a.jsonl", 30))
+    checkpoint = latest_complete_checkpoint(tree.output)
+    assert checkpoint is not None
+    state = json.loads((checkpoint.path / "trainer_state.json").read_text())
+    assert state["epoch"] == pytest.approx(1.0)
+
+    from daemon.model import load_pretrained
+
+    model, tokenizer = load_pretrained(checkpoint.path)
+    data_args = DataArguments(max_seq_length=32, dataset_cache_dir=str(tree.cache), eval_fraction=0.0)
+    report = scan_jsonl(_text_file(tree.root / "b.jsonl", 20, offset=30))
+    data = prepare_datasets(load_records(report, data_args), report.shape, tokenizer, data_args, seed=0)
+    naive_args = TrainingArguments(
+        output_dir=str(tree.output), num_train_epochs=1, per_device_train_batch_size=4, report_to="none"
+    )
+    trainer = Trainer(
+        model=model,
+        args=naive_args,
+        train_dataset=data.train,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100),
+    )
+    trainer.train(resume_from_checkpoint=str(checkpoint.path))
+    naive_row = {
+        "file": "b.jsonl",
+        "outcome": "done",
+        "start_step": checkpoint.global_step,
+        "end_step": trainer.state.global_step,
+        "planned_steps": math.ceil(data.train_examples / 4),
+    }
+    assert trainer.state.global_step == checkpoint.global_step  # zero steps: the naive resume is broken
+    assert history_violations([*tree.history(), naive_row]) != []
+
+
+def test_learning_rate_continues_across_the_file_boundary(tree):
+    # A warmup longer than both files: a restart at file 2 would fall back to lr 0.
+    flags = {"warmup_steps": 100, "learning_rate": 1e-3}
+    first = train(tree, _text_file(tree.root / "a.jsonl", 20), **flags)
+    train(tree, _text_file(tree.root / "b.jsonl", 20, offset=20), **flags)
+    lr = {e["step"]: e["learning_rate"] for e in _log_history(tree) if "learning_rate" in e}
+    boundary = first["end_step"]
+    increment = 1e-3 / 100
+    assert lr[boundary + 1] == pytest.approx(lr[boundary] + increment)
+    assert lr[boundary + 1] == pytest.approx(boundary * increment)
+
+
+def test_learning_rate_is_constant_after_warmup_across_files(tree):
+    flags = {"warmup_steps": 2, "learning_rate": 1e-3}
+    first = train(tree, _text_file(tree.root / "a.jsonl", 20), **flags)
+    train(tree, _text_file(tree.root / "b.jsonl", 20, offset=20), **flags)
+    lr = {e["step"]: e["learning_rate"] for e in _log_history(tree) if "learning_rate" in e}
+    assert lr[first["end_step"]] == pytest.approx(1e-3)
+    assert lr[first["end_step"] + 1] == pytest.approx(1e-3)
+
+
+def test_file_smaller_than_one_batch_trains_one_step(tree):
+    tiny = write_jsonl(tree.root / "tiny.jsonl", [{"text": "def f():\n    return 1\n"}])
+    row = train(tree, tiny, per_device_train_batch_size=8, gradient_accumulation_steps=4)
+    assert row["examples"] == 1
+    assert row["planned_steps"] == 1
+    assert row["end_step"] == 1
+
+
+def test_several_epochs_train_epochs_times_the_steps_per_epoch(tree):
+    row = train(tree, _text_file(tree.root / "a.jsonl", 10), num_train_epochs=3, gradient_accumulation_steps=2)
+    assert row["planned_steps"] == 3 * math.ceil(row["examples"] / 8)
+    assert row["end_step"] == row["planned_steps"]
+
+
+@pytest.mark.parametrize(
+    "rows",
+    [
+        [{"prompt": f"Q: what is {i}+{i}?\nA:", "completion": f" {2 * i}"} for i in range(12)],
+        [
+            {
+                "messages": [
+                    {"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": f"What is {i}+{i}?"},
+                    {"role": "assistant", "content": f"{2 * i}."},
+                ]
+            }
+            for i in range(12)
+        ],
+    ],
+    ids=["prompt_completion", "messages"],
+)
+def test_each_conversational_shape_trains(tree, rows):
+    row = train(tree, write_jsonl(tree.root / "chat.jsonl", rows), max_seq_length=128)
+    assert row["outcome"] == "done"
+    assert row["planned_steps"] == math.ceil(row["examples"] / 4) > 0
+
+
+def test_model_name_or_path_starts_from_a_local_model(tree, tmp_path):
+    from daemon.model import has_model
+
+    base = Tree(tmp_path / "base")
+    base.root.mkdir()
+    train(base, _text_file(tmp_path / "seed.jsonl", 10), output_dir=base.output)
+    assert has_model(base.output)
+    row = train(tree, _text_file(tree.root / "a.jsonl", 10), model_name_or_path=base.output)
+    assert row["start_step"] == 0  # a new run: fresh optimizer and step count
+    assert has_model(tree.output)
+
+
+def test_incomplete_newest_checkpoint_is_skipped_with_a_warning(tree, caplog):
+    first = train(tree, _text_file(tree.root / "a.jsonl", 20))
+    torn = tree.output / f"checkpoint-{first['end_step'] + 5}"
+    torn.mkdir()
+    (torn / "model.safetensors").write_bytes(b"partial")
+    with caplog.at_level(logging.WARNING, logger="daemon.checkpoints"):
+        second = train(tree, _text_file(tree.root / "b.jsonl", 20, offset=20))
+    assert second["start_step"] == first["end_step"]
+    assert any("incomplete checkpoint" in r.getMessage() and torn.name in r.getMessage() for r in caplog.records)
+    assert not torn.exists()
+    assert (tree.output / f"torn-{torn.name}").is_dir()
+
+
+def test_owned_flags_are_overridden_and_the_user_is_told(tree, caplog):
+    with caplog.at_level(logging.WARNING, logger="daemon.training"):
+        row = train(tree, _text_file(tree.root / "a.jsonl", 12), max_steps=1000)
+    assert row["end_step"] == row["planned_steps"] == math.ceil(row["examples"] / 4)
+    assert row["end_step"] != 1000
+    assert any("--max_steps is set by the product" in r.getMessage() for r in caplog.records)
+
+
+def test_status_reader_never_sees_a_partial_document(tree):
+    path = tree.status / "training_status.json"
+    stop = threading.Event()
+    reads: list[dict] = []
+    torn: list[str] = []
+
+    def poll() -> None:
+        while not stop.is_set():
+            try:
+                text = path.read_text()
+            except FileNotFoundError:
+                continue
+            try:
+                reads.append(json.loads(text))
+            except ValueError:
+                torn.append(text)
+
+    reader = threading.Thread(target=poll)
+    reader.start()
+    try:
+        train(tree, _text_file(tree.root / "a.jsonl", 40), status_interval=0.01)
+    finally:
+        stop.set()
+        reader.join()
+    assert torn == []
+    assert len(reads) > 10
+    states = {doc["state"] for doc in reads}
+    assert "idle" in states and len(states) > 1
+    final = json.loads(path.read_text())
+    for key in ("schema_version", "global_step", "max_steps", "metrics", "files", "gradient_guard", "last_eval"):
+        assert key in final
+    assert final["files"]["done"] == 1
+    assert final["total_evals"] == 1
+    assert final["last_eval"]["perplexity"] == pytest.approx(math.exp(final["last_eval"]["eval_loss"]))
+
+
+def test_every_trained_file_has_an_evolution_snapshot_with_samples(tree):
+    small_file = write_jsonl(tree.root / "b.jsonl", [{"text": "import json\n"}, {"text": "x = 1\n"}])
+    rows = [train(tree, _text_file(tree.root / "a.jsonl", 30)), train(tree, small_file)]
+    for row in rows:
+        folder = tree.status / "evolution" / f"{row['end_step']:08d}-{Path(row['file']).stem}"
+        snapshot = json.loads((folder / "snapshot.json").read_text())
+        assert snapshot["step"] == row["end_step"]
+        assert len(snapshot["samples"]) == 5
+        assert all(s["completion"] is not None for s in snapshot["samples"])
+        assert snapshot["generation"]["seed"] == 0
+        assert "## Sample 1" in (folder / "samples.md").read_text()
+    folders = sorted((tree.status / "evolution").iterdir())
+    big, small = (json.loads((folder / "snapshot.json").read_text()) for folder in folders)
+    assert big["eval_loss"] is not None and big["perplexity"] == pytest.approx(math.exp(big["eval_loss"]))
+    assert small["eval_loss"] is None and "too small" in small["eval_note"]
+
+
+def test_exported_model_loads_with_from_pretrained(tree):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    train(tree, _text_file(tree.root / "a.jsonl", 10))
+    model = AutoModelForCausalLM.from_pretrained(tree.output, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(tree.output, local_files_only=True)
+    assert model.config.model_type == "llama"
+    assert tokenizer.eos_token == "<|endoftext|>"
+    assert not list(tree.output.glob(".export*"))
