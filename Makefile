@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 STDLIB := $(shell $(PYTHON) -c "import sysconfig; print(sysconfig.get_paths()['stdlib'])")
-DEMO_FLAGS := --learning_rate 2e-3 --warmup_steps 20 --per_device_train_batch_size 8 --max_seq_length 256 \
+DEMO_FLAGS := --num_train_epochs 3 --learning_rate 2e-3 --warmup_steps 30 --per_device_train_batch_size 8 --max_seq_length 256 \
               --sample_prompts "def " "import " "class " "    return " "The "
 
 .PHONY: install demo test lint clean-state

@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -287,9 +287,11 @@ def _render_with_assistant_spans(
     def render(msgs: list[dict[str, str]], generation_prompt: bool = False) -> str:
         if not msgs and not generation_prompt:
             return ""
-        return tokenizer.apply_chat_template(
+        rendered = tokenizer.apply_chat_template(
             msgs, chat_template=template, add_generation_prompt=generation_prompt, tokenize=False
         )
+        assert isinstance(rendered, str)
+        return rendered
 
     full = render(messages)
     spans = []
@@ -373,6 +375,8 @@ def tokenize(
     """
     if tokenizer.eos_token_id is None:
         raise DatasetError("the tokenizer has no EOS token; documents cannot be separated")
+    fn: Callable[..., dict[str, list]]
+    kwargs: dict[str, Any]
     if shape == "text":
         fn, kwargs = _pack_text, {"block": data_args.max_seq_length}
     elif shape == "prompt_completion":

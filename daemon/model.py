@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from daemon.data import DEFAULT_CHAT_TEMPLATE
 from daemon.exceptions import CheckpointError, ConfigError
@@ -114,7 +114,7 @@ def bootstrap_model(tokenizer: PreTrainedTokenizerBase, model_args: ModelArgumen
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    settings = {**DEFAULT_LLAMA_CONFIG, **parse_config_overrides(model_args.config_overrides)}
+    settings: dict[str, Any] = {**DEFAULT_LLAMA_CONFIG, **parse_config_overrides(model_args.config_overrides)}
     try:
         config = LlamaConfig(
             vocab_size=len(tokenizer),

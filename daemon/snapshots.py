@@ -73,7 +73,7 @@ def generate_samples(
             if enc["input_ids"].shape[1] == 0:  # an empty prompt starts from EOS, like a new document
                 enc = {"input_ids": torch.tensor([[tokenizer.eos_token_id]]), "attention_mask": torch.ones(1, 1)}
             enc = {k: v.to(model.device) for k, v in enc.items()}
-            out = model.generate(
+            out = model.generate(  # type: ignore[operator]
                 **enc,
                 do_sample=True,
                 max_new_tokens=settings.max_new_tokens,
@@ -82,7 +82,8 @@ def generate_samples(
                 pad_token_id=tokenizer.pad_token_id,
             )
             new_tokens = out[0, enc["input_ids"].shape[1] :]
-            samples.append({"prompt": prompt, "completion": tokenizer.decode(new_tokens, skip_special_tokens=True)})
+            completion = str(tokenizer.decode(new_tokens, skip_special_tokens=True))
+            samples.append({"prompt": prompt, "completion": completion})
     return samples
 
 

@@ -175,7 +175,10 @@ class Heartbeat(threading.Thread):
     """Writes the live progress into the status file every ``interval`` seconds.
 
     The training loop only updates an in-memory dict (:meth:`set`); this thread
-    does the file I/O, so no status write sits in the hot path. Stop it with
+    does the file I/O, so no status write sits in the hot path. Each write sets
+    the fields given to :meth:`set` so far, so only fields the training run owns
+    (state, steps, current file, metrics, gradient guard) may be set here; the
+    outcome counters and ``last_error`` go through :meth:`StatusFile.record_outcome`. Stop it with
     :meth:`stop`, which writes one last time and joins.
 
     Args:

@@ -162,7 +162,9 @@ def parse_args(
         SystemExit: argparse's own usage errors (exit code 2), as any HF script.
     """
     argv = config_file_to_argv(argv)
-    parser = HfArgumentParser((ModelArguments, DataArguments, RunArguments, ContinualTrainingArguments))
+    parser = HfArgumentParser(
+        (ModelArguments, DataArguments, RunArguments, ContinualTrainingArguments)  # type: ignore[arg-type]
+    )
     try:
         model_args, data_args, run_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     except ValueError as e:  # TrainingArguments.__post_init__ validates combinations this way
@@ -322,7 +324,7 @@ def setup(
     _beat(heartbeat, state="tokenizing")
     records = data_mod.load_records(report, data_args)
     # Only the main process renames torn checkpoints; the others just skip them.
-    checkpoint = latest_complete_checkpoint(training_args.output_dir, set_aside=training_args.process_index == 0)
+    checkpoint = latest_complete_checkpoint(str(training_args.output_dir), set_aside=training_args.process_index == 0)
     model, tokenizer = _starting_model(model_args, training_args, checkpoint, records, report.shape)
     prepared = data_mod.prepare_datasets(records, report.shape, tokenizer, data_args, training_args.seed)
     start_step = checkpoint.global_step if checkpoint else 0
@@ -366,7 +368,7 @@ def _starting_model(
     records: Any,
     shape: str,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    output_dir = training_args.output_dir
+    output_dir = str(training_args.output_dir)
     if checkpoint is not None:
         if model_args.model_name_or_path:
             logger.warning(
@@ -467,7 +469,7 @@ def train_file(
     run: Run | None = None
     try:
         if heartbeat:
-            heartbeat.set(state="loading", current_file={"name": name}, last_error=None)
+            heartbeat.set(state="loading", current_file={"name": name})
             heartbeat.flush()
             heartbeat.start()
         with _stop_on_signals(stop_requested):
@@ -509,7 +511,7 @@ def _save_outputs(run: Run, run_args: RunArguments, training_args: TrainingArgum
         seed=training_args.seed,
     )
     samples = generate_samples(run.model, run.tokenizer, run_args.sample_prompts, settings)
-    export_model(run.model, run.tokenizer, training_args.output_dir)
+    export_model(run.model, run.tokenizer, str(training_args.output_dir))
     folder = write_snapshot(
         run_args.status_dir,
         run.plan.max_steps,

@@ -141,7 +141,7 @@ class Inbox:
 
     def recover_claimed(self) -> list[Path]:
         """Put files left in ``processing/`` by a stopped daemon back into the drop zone, first in line."""
-        recovered = []
+        recovered: list[Path] = []
         for path in sorted((self.root / PROCESSING).iterdir()):
             if path.is_file():
                 target = _free_name(self.root / path.name)
@@ -325,7 +325,7 @@ def parse_daemon_args(argv: list[str]) -> tuple[DaemonArguments, list[str]]:
     """
     from transformers import HfArgumentParser  # argument parsing only: does not import torch
 
-    parser = HfArgumentParser(DaemonArguments)
+    parser = HfArgumentParser(DaemonArguments)  # type: ignore[arg-type]  # transformers types dataclasses narrowly
     daemon_args, rest = parser.parse_args_into_dataclasses(
         args=config_file_to_argv(argv), return_remaining_strings=True
     )

@@ -113,9 +113,7 @@ def train(tree: Tree, dataset: Path, **overrides: object) -> dict:
 def run_cli(args: list[str], cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess[str]:
     """Run ``python <args>`` from the repository's interpreter, unbuffered, with a timeout."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(
-        [sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
-    )
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 # Threads that libraries start once per process and keep on purpose.

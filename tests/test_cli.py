@@ -1,0 +1,88 @@
+"""``python train.py`` as a user runs it: exit codes, one-line errors, nothing touched on failure."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+from conftest import REPO, run_cli, stdlib_documents, train, write_jsonl
+
+
+def _fingerprint(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+BAD_FILES = {
+    "empty": b"",
+    "all-bad": b'{oops\n[1, 2]\n"just a string"\n',
+    "binary": bytes(range(256)) * 8,
+    "non-utf8": '{"text": "na\u00efve caf\u00e9"}\n{"text": "\u00fcber"}\n'.encode("latin-1"),
+}
+
+
+def test_bad_files_exit_non_zero_with_one_line_and_leave_the_model_untouched(tree):
+    train(tree, write_jsonl(tree.root / "good.jsonl", [{"text": d} for d in stdlib_documents(limit=8)]))
+    before = _fingerprint(tree.output)
+    for name, content in BAD_FILES.items():
+        path = tree.root / f"{name}.jsonl"
+        path.write_bytes(content)
+        result = run_cli([str(REPO / "train.py"), "--dataset", str(path), *tree.flags()], cwd=tree.root)
+        assert result.returncode == 1, (name, result.stderr)
+        assert "Traceback" not in result.stderr, name
+        error_lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+        assert len(error_lines) == 1, (name, result.stderr)
+        assert path.name in error_lines[0]
+        assert _fingerprint(tree.output) == before, name
+    rows = tree.history()
+    assert [r["outcome"] for r in rows] == ["done"] + ["failed"] * len(BAD_FILES)
+    assert all(r["error"] for r in rows[1:])
+    status = json.loads((tree.status / "training_status.json").read_text())
+    assert status["state"] == "failed"
+    assert status["last_error"]["file"] == "non-utf8.jsonl"
+    assert status["files"] == {"queued": 0, "done": 1, "failed": len(BAD_FILES)}
+
+
+def test_train_script_trains_and_reports(tree):
+    data = write_jsonl(tree.root / "d.jsonl", [{"text": d} for d in stdlib_documents(limit=8)] + ["{broken"])
+    result = run_cli([str(REPO / "train.py"), "--dataset", str(data), *tree.flags()], cwd=tree.root)
+    assert result.returncode == 0, result.stderr
+    assert "trained d.jsonl: steps 0 -> " in result.stdout
+    assert "line 9 (bad JSON" in result.stderr
+    assert "step 1/" in result.stderr  # progress lines reach the log unbuffered
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--warmup_steps", "0.1"], "--warmup_steps must be a whole number"),
+        (["--max_seq_length", "2"], "--max_seq_length must be at least 8"),
+        (["--model_name_or_path", "no/such/dir"], "not a local directory"),
+        ([], "--dataset FILE.jsonl is required"),
+    ],
+)
+def test_bad_flags_fail_with_a_message_naming_the_flag(tree, flags, message):
+    result = run_cli(["-m", "daemon", "check-args" if flags else "train", *flags], cwd=REPO)
+    assert result.returncode == 1
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_config_file_holds_the_same_keys_as_the_flags(tree):
+    from daemon.training import parse_args
+
+    config = tree.root / "train.json"
+    config.write_text(json.dumps({"learning_rate": 0.01, "max_seq_length": 48, "sample_prompts": ["a", "b"]}))
+    _, data_args, run_args, training_args = parse_args(["--config", str(config), "--max_seq_length", "64"])
+    assert training_args.learning_rate == 0.01
+    assert data_args.max_seq_length == 64  # the command line wins over the file
+    assert run_args.sample_prompts == ["a", "b"]
+    yaml_config = tree.root / "train.yaml"
+    yaml_config.write_text("learning_rate: 0.02\nstrict: true\n")
+    _, data_args, _, training_args = parse_args(["--config", str(yaml_config)])
+    assert training_args.learning_rate == 0.02 and data_args.strict is True

@@ -1,0 +1,175 @@
+"""JSONL scanning, shapes, packing and label masking (SPEC section 5)."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import stdlib_documents, write_jsonl
+
+from daemon.config import DataArguments
+from daemon.data import (
+    DEFAULT_CHAT_TEMPLATE,
+    IGNORE_INDEX,
+    heldout_size,
+    load_records,
+    parse_line,
+    prepare_datasets,
+    scan_jsonl,
+    tokenize,
+)
+from daemon.exceptions import DatasetError
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from daemon.model import train_tokenizer
+
+    return train_tokenizer(stdlib_documents(limit=40), vocab_size=400)
+
+
+def _data_args(tmp_path, **kw) -> DataArguments:
+    return DataArguments(dataset_cache_dir=str(tmp_path / "cache"), **kw)
+
+
+@pytest.mark.parametrize(
+    ("line", "reason"),
+    [
+        (b"{not json", "bad JSON"),
+        (b"[1, 2]", "not a JSON object"),
+        (b'{"other": 1}', "no 'text'"),
+        (b'{"text": 3}', "'text' is not a string"),
+        (b'{"text": "  "}', "'text' is empty"),
+        (b'{"prompt": "q"}', "'completion' is missing"),
+        (b'{"messages": [{"role": "user", "content": "hi"}]}', "no assistant message"),
+        (b'{"messages": [{"role": "user"}]}', "needs string 'role' and 'content'"),
+        (b'{"text": "caf\xe9"}', "invalid UTF-8"),
+    ],
+)
+def test_malformed_lines_are_rejected_with_their_reason(line, reason):
+    with pytest.raises(ValueError, match=reason):
+        parse_line(line, "text")
+
+
+def test_the_text_field_is_configurable():
+    assert parse_line(b'{"body": "hello"}', "body") == ("text", {"text": "hello"})
+
+
+def test_scan_skips_and_names_malformed_lines(tmp_path, caplog):
+    path = write_jsonl(
+        tmp_path / "mixed.jsonl", [{"text": "a"}, "{bad", "", {"text": "b"}, "[]", {"prompt": "p", "completion": "c"}]
+    )
+    report = scan_jsonl(path)
+    assert report.shape == "text"
+    assert report.usable == 2
+    assert report.bad_lines == 3
+    assert [n for n, _ in report.first_bad] == [2, 5, 6]  # the blank line 3 is ignored, not counted
+    assert "line 2 (bad JSON" in report.bad_summary()
+    assert "line 6 (shape 'prompt_completion' differs" in report.bad_summary()
+    assert "line 2" in caplog.text and "line 5" in caplog.text
+
+
+def test_strict_fails_the_file_on_the_first_bad_line(tmp_path):
+    path = write_jsonl(tmp_path / "mixed.jsonl", [{"text": "a"}, "{bad"])
+    with pytest.raises(DatasetError, match=r"line 2: bad JSON.*--strict"):
+        scan_jsonl(path, strict=True)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", "empty"),
+        (b"\n  \n", "empty"),
+        (b"{bad\n[1]\n", "no usable examples, all 2 lines malformed: line 1"),
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00IHDR", "binary"),
+        ('{"text": "caf\u00e9"}\n'.encode("latin-1"), "line 1 \\(invalid UTF-8"),
+    ],
+    ids=["empty", "blank", "all-bad", "binary", "latin-1"],
+)
+def test_files_without_usable_examples_fail_with_a_reason(tmp_path, content, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(DatasetError, match=message):
+        scan_jsonl(path)
+
+
+def test_text_is_packed_into_blocks_with_eos_between_documents(tmp_path, tokenizer):
+    docs = ["def a():\n    return 1\n", "import os\n", "x = [1, 2, 3]\n" * 5]
+    path = write_jsonl(tmp_path / "t.jsonl", [{"text": d} for d in docs])
+    args = _data_args(tmp_path, max_seq_length=16)
+    report = scan_jsonl(path)
+    rows = tokenize(load_records(report, args), report.shape, tokenizer, args)
+    stream = [t for r in rows for t in r["input_ids"]]
+    expected = []
+    for d in docs:
+        expected += tokenizer(d, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert stream == expected
+    assert all(len(r["input_ids"]) == 16 for r in list(rows)[:-1])
+    assert 0 < len(rows[-1]["input_ids"]) <= 16  # the last partial block is kept
+    assert all(r["labels"] == r["input_ids"] for r in rows)  # every token is learned
+
+
+def test_prompt_tokens_are_masked_out_of_the_labels(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": "Q: 1+1?\nA:", "completion": " 2"}])
+    args = _data_args(tmp_path, max_seq_length=64)
+    report = scan_jsonl(path)
+    row = tokenize(load_records(report, args), report.shape, tokenizer, args)[0]
+    n_prompt = len(tokenizer("Q: 1+1?\nA:")["input_ids"])
+    completion = tokenizer(" 2", add_special_tokens=False)["input_ids"]
+    assert row["labels"][:n_prompt] == [IGNORE_INDEX] * n_prompt
+    assert row["labels"][n_prompt:] == completion + [tokenizer.eos_token_id]
+    assert row["input_ids"][n_prompt:] == completion + [tokenizer.eos_token_id]
+
+
+def test_only_assistant_turns_are_learned_in_conversations(tmp_path, tokenizer):
+    messages = [
+        {"role": "user", "content": "hello there"},
+        {"role": "assistant", "content": "hi"},
+        {"role": "user", "content": "bye"},
+        {"role": "assistant", "content": "ciao"},
+    ]
+    path = write_jsonl(tmp_path / "m.jsonl", [{"messages": messages}])
+    args = _data_args(tmp_path, max_seq_length=256)
+    report = scan_jsonl(path)
+    row = tokenize(load_records(report, args), report.shape, tokenizer, args)[0]
+    learned = tokenizer.decode(
+        [t for t, lab in zip(row["input_ids"], row["labels"], strict=True) if lab != IGNORE_INDEX]
+    )
+    assert learned == "hi<|im_end|>\nciao<|im_end|>\n"
+    masked = tokenizer.decode(
+        [t for t, lab in zip(row["input_ids"], row["labels"], strict=True) if lab == IGNORE_INDEX]
+    )
+    assert "hello there" in masked and "bye" in masked and "<|im_start|>assistant" in masked
+
+
+def test_a_tokenizer_without_chat_template_gets_the_documented_default(tokenizer):
+    from daemon.data import chat_template_of
+
+    bare = tokenizer.__class__(tokenizer_object=tokenizer.backend_tokenizer, eos_token="<|endoftext|>")
+    assert chat_template_of(bare) == DEFAULT_CHAT_TEMPLATE
+
+
+def test_examples_with_no_learnable_token_after_truncation_are_dropped(tmp_path, tokenizer):
+    rows = [{"prompt": "long prompt " * 40, "completion": " x"}, {"prompt": "short", "completion": " y"}]
+    path = write_jsonl(tmp_path / "pc.jsonl", rows)
+    args = _data_args(tmp_path, max_seq_length=16, min_train_examples_for_eval=100)
+    report = scan_jsonl(path)
+    data = prepare_datasets(load_records(report, args), report.shape, tokenizer, args, seed=0)
+    assert data.train_examples == 1
+    assert data.dropped == 1
+
+
+def test_heldout_slice_is_small_bounded_and_absent_for_small_files():
+    args = DataArguments(eval_fraction=0.05, max_eval_examples=64, min_train_examples_for_eval=16)
+    assert heldout_size(10, args) == 0
+    assert heldout_size(100, args) == 5
+    assert heldout_size(10_000, args) == 64
+
+
+def test_split_and_order_are_reproducible_with_the_seed(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "t.jsonl", [{"text": d} for d in stdlib_documents(limit=40)])
+    args = _data_args(tmp_path, max_seq_length=32)
+    report = scan_jsonl(path)
+    a = prepare_datasets(load_records(report, args), report.shape, tokenizer, args, seed=3)
+    b = prepare_datasets(load_records(report, args), report.shape, tokenizer, args, seed=3)
+    assert a.train["input_ids"][:5] == b.train["input_ids"][:5]
+    assert a.eval is not None and a.eval_examples > 0
+    assert a.train_examples + a.eval_examples == tokenize(load_records(report, args), "text", tokenizer, args).num_rows
