@@ -101,7 +101,14 @@ class RunArguments:
     status_dir: str = field(default="status", metadata={"help": "Folder for training_status.json, history, snapshots."})
     grad_workers: str = field(
         default="auto",
-        metadata={"help": "Worker threads for CPU gradient accumulation: N or 'auto' (accepted, not used yet)."},
+        metadata={
+            "help": "Worker threads computing each micro-batch's shards on CPU: N, or 'auto'. "
+            "0, a GPU run or a distributed run use the stock Trainer step."
+        },
+    )
+    max_consecutive_skipped_steps: int = field(
+        default=10,
+        metadata={"help": "Fail the file after this many optimizer steps in a row without a finite gradient."},
     )
     status_interval: float = field(
         default=2.0, metadata={"help": "Seconds between heartbeat writes of training_status.json."}
@@ -118,6 +125,8 @@ class RunArguments:
         problems = []
         if self.grad_workers != "auto" and not (self.grad_workers.isdigit()):
             problems.append("--grad_workers must be a whole number or 'auto'")
+        if self.max_consecutive_skipped_steps < 1:
+            problems.append("--max_consecutive_skipped_steps must be >= 1")
         if self.status_interval <= 0:
             problems.append("--status_interval must be > 0 seconds")
         if self.sample_max_new_tokens < 1:

@@ -34,7 +34,6 @@ from transformers import (
     HfArgumentParser,
     PreTrainedModel,
     PreTrainedTokenizerBase,
-    Trainer,
     TrainerCallback,
     TrainingArguments,
 )
@@ -42,6 +41,7 @@ from transformers.trainer_callback import PrinterCallback
 from transformers.trainer_utils import SchedulerType
 
 from daemon import data as data_mod
+from daemon.accumulation import GuardCounters, ThreadedAccumulationTrainer, resolve_workers
 from daemon.checkpoints import Checkpoint, latest_complete_checkpoint
 from daemon.config import DataArguments, ModelArguments, RunArguments, config_file_to_argv, configure_logging
 from daemon.exceptions import ConfigError, DaemonError, TrainingError, TrainingInterrupted
@@ -236,8 +236,17 @@ class ProgressCallback(TrainerCallback):
     Only in-memory updates happen here; the heartbeat thread writes the file.
     """
 
-    def __init__(self, heartbeat: Heartbeat | None, plan: StepPlan, current_file: dict[str, Any], tokens: int) -> None:
+    def __init__(
+        self,
+        heartbeat: Heartbeat | None,
+        plan: StepPlan,
+        current_file: dict[str, Any],
+        tokens: int,
+        guard: GuardCounters,
+    ) -> None:
         self.heartbeat = heartbeat
+        self.guard = guard
+        self.last_grad_norm: float | None = None
         self.plan = plan
         self.current_file = current_file
         self.tokens_per_step = tokens * plan.epochs / plan.steps_for_file
@@ -248,7 +257,6 @@ class ProgressCallback(TrainerCallback):
             "grad_norm": None,
             "tokens_per_second": None,
         }
-        self.guard: dict[str, Any] = {"workers": 0, "dropped_shards": 0, "skipped_steps": 0}
 
     def _steps_done(self, state) -> int:
         return state.global_step - self.plan.start_step
@@ -267,13 +275,18 @@ class ProgressCallback(TrainerCallback):
             eta_seconds=round(elapsed / done * left, 1) if done else None,
         )
         if self.heartbeat is not None:
-            self.heartbeat.set(global_step=state.global_step, current_file=dict(self.current_file))
+            self.heartbeat.set(
+                global_step=state.global_step,
+                current_file=dict(self.current_file),
+                gradient_guard={**self.guard.as_status(), "last_grad_norm": self.last_grad_norm},
+            )
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}
         for key in ("loss", "learning_rate", "grad_norm"):
             if key in logs:
                 self.metrics[key] = logs[key]
+        self.last_grad_norm = logs.get("grad_norm", self.last_grad_norm)
         if "loss" in logs:
             logger.info(
                 "step %d/%d (%d/%d of this file) loss %.4f lr %.3g grad_norm %s tokens/s %s",
@@ -288,8 +301,6 @@ class ProgressCallback(TrainerCallback):
             )
         if self.heartbeat is not None:
             self.heartbeat.set(metrics=dict(self.metrics))
-            if "grad_norm" in logs:
-                self.heartbeat.set(gradient_guard={**self.guard, "last_grad_norm": logs["grad_norm"]})
 
 
 # ---------------------------------------------------------------------------- the run
@@ -391,10 +402,12 @@ def _starting_model(
     return bootstrap_model(tokenizer, model_args, training_args.seed), tokenizer
 
 
-def build_trainer(run: Run, training_args: TrainingArguments, callbacks: list[TrainerCallback]) -> Trainer:
-    """The ``Trainer`` for one file, with ``max_steps`` from the plan."""
+def build_trainer(
+    run: Run, run_args: RunArguments, training_args: TrainingArguments, callbacks: list[TrainerCallback]
+) -> ThreadedAccumulationTrainer:
+    """The ``Trainer`` for one file, with ``max_steps`` from the plan and ``--grad_workers`` threads."""
     training_args.max_steps = run.plan.max_steps
-    trainer = Trainer(
+    trainer = ThreadedAccumulationTrainer(
         model=run.model,
         args=training_args,
         train_dataset=run.data.train,
@@ -402,6 +415,10 @@ def build_trainer(run: Run, training_args: TrainingArguments, callbacks: list[Tr
         processing_class=run.tokenizer,
         data_collator=DataCollatorForSeq2Seq(run.tokenizer, label_pad_token_id=data_mod.IGNORE_INDEX, padding=True),
         callbacks=callbacks,
+        grad_workers=resolve_workers(
+            run_args.grad_workers, training_args.device.type, training_args.world_size, run.model.num_parameters()
+        ),
+        max_consecutive_skipped_steps=run_args.max_consecutive_skipped_steps,
     )
     # ProgressCallback logs one readable line per logging step; the Trainer's
     # printer (used when tqdm is off) would repeat it as a raw dict on stdout.
@@ -409,8 +426,11 @@ def build_trainer(run: Run, training_args: TrainingArguments, callbacks: list[Tr
     return trainer
 
 
-def fit(trainer: Trainer, run: Run, stop_requested: threading.Event) -> float:
+def fit(trainer: ThreadedAccumulationTrainer, run: Run, stop_requested: threading.Event) -> float:
     """Train from the run's checkpoint to ``plan.max_steps`` and verify it got there.
+
+    The gradient worker threads are joined before this returns or raises, so
+    nothing after it (evaluation, generation, export) runs beside them.
 
     Returns:
         Mean training loss over this file's steps.
@@ -420,7 +440,10 @@ def fit(trainer: Trainer, run: Run, stop_requested: threading.Event) -> float:
         TrainingError: training ended at another step than planned.
     """
     resume = str(run.checkpoint.path) if run.checkpoint else None
-    output = trainer.train(resume_from_checkpoint=resume)
+    try:
+        output = trainer.train(resume_from_checkpoint=resume)
+    finally:
+        trainer.shutdown_workers()
     step = trainer.state.global_step
     if stop_requested.is_set() and step < run.plan.max_steps:
         raise TrainingInterrupted(f"stopped at step {step} of {run.plan.max_steps}; checkpoint saved")
@@ -475,8 +498,10 @@ def train_file(
         with _stop_on_signals(stop_requested):
             run = setup(model_args, data_args, training_args, heartbeat)
             _beat(heartbeat, state="training", max_steps=run.plan.max_steps, current_file=dict(run.current_file))
-            progress = ProgressCallback(heartbeat, run.plan, run.current_file, run.data.train_tokens)
-            trainer = build_trainer(run, training_args, [PlanCallback(run.plan, stop_requested), progress])
+            trainer = build_trainer(run, run_args, training_args, [PlanCallback(run.plan, stop_requested)])
+            trainer.add_callback(
+                ProgressCallback(heartbeat, run.plan, run.current_file, run.data.train_tokens, trainer.guard)
+            )
             train_loss = fit(trainer, run, stop_requested)
         _beat(heartbeat, state="evaluating")
         eval_loss = trainer.evaluate()["eval_loss"] if run.data.eval is not None else None

@@ -1,0 +1,169 @@
+"""Benchmark: tokens/s of N gradient worker threads against the stock Trainer step, same cores.
+
+    .venv/bin/python bench/accumulation.py                  # full table into BENCHMARKS.md
+    .venv/bin/python bench/accumulation.py --quick          # one repeat, fewer steps (a smoke run)
+
+Each configuration trains a freshly initialised Llama model through the real
+``ThreadedAccumulationTrainer`` (``grad_workers=0`` is the stock ``Trainer``
+step) on random token blocks: batch 8 x 256 tokens, fp32 or bf16 autocast.
+The first steps are warmup and not timed. Configurations alternate within each
+repeat (0, 1, 2, 4 workers, then again), and the table reports medians and the
+ratio to the stock path measured in the same go.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from daemon.accumulation import AUTO_MAX_PARAMETERS, AUTO_WORKERS, ThreadedAccumulationTrainer  # noqa: E402
+from daemon.model import DEFAULT_LLAMA_CONFIG  # noqa: E402
+
+BATCH, SEQ, VOCAB = 8, 256, 4096
+MODELS = {
+    "embedded default (4.2M)": DEFAULT_LLAMA_CONFIG,
+    "20M": {
+        **DEFAULT_LLAMA_CONFIG,
+        "hidden_size": 512,
+        "intermediate_size": 1376,
+        "num_hidden_layers": 6,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 8,
+    },
+}
+WORKERS = (0, 1, 2, 4)
+
+
+def machine() -> str:
+    """CPU model line, core count and torch version."""
+    try:
+        model = next(
+            line.split(":", 1)[1].strip()
+            for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
+            if line.startswith("Model name")
+        )
+    except (StopIteration, OSError):
+        model = platform.processor() or "unknown CPU"
+    return f"{model}, {torch.get_num_threads()} cores, torch {torch.__version__}, Python {platform.python_version()}"
+
+
+def tokens_per_second(config: dict, workers: int, bf16: bool, steps: int, warmup: int) -> float:
+    """Train ``warmup + steps`` optimizer steps; tokens/s over the last ``steps``."""
+    import datasets
+    from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback, TrainingArguments
+    from transformers.trainer_callback import PrinterCallback
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, **config))
+    ids = torch.randint(0, VOCAB, (BATCH * (warmup + steps), SEQ)).tolist()
+    data = datasets.Dataset.from_dict({"input_ids": ids, "labels": ids})
+    stamps: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            stamps.append(time.perf_counter())
+
+    with tempfile.TemporaryDirectory() as out:
+        args = TrainingArguments(
+            output_dir=out,
+            max_steps=warmup + steps,
+            per_device_train_batch_size=BATCH,
+            bf16=bf16,
+            use_cpu=True,
+            report_to="none",
+            save_strategy="no",
+            logging_strategy="no",
+            disable_tqdm=True,
+            dataloader_pin_memory=False,
+        )
+        trainer = ThreadedAccumulationTrainer(
+            model=model, args=args, train_dataset=data, callbacks=[Clock()], grad_workers=workers
+        )
+        trainer.remove_callback(PrinterCallback)
+        try:
+            trainer.train()
+        finally:
+            trainer.shutdown_workers()
+    return steps * BATCH * SEQ / (stamps[-1] - stamps[warmup - 1])
+
+
+def run(steps: int, warmup: int, repeats: int) -> list[str]:
+    rows = [
+        "| model | precision | workers | intra-op threads each | tokens/s (median) | vs stock |",
+        "|---|---|---|---|---|---|",
+    ]
+    cores = torch.get_num_threads()
+    for name, config in MODELS.items():
+        for bf16 in (False, True):
+            results: dict[int, list[float]] = {w: [] for w in WORKERS}
+            for _ in range(repeats):
+                for workers in WORKERS:
+                    results[workers].append(tokens_per_second(config, workers, bf16, steps, warmup))
+            stock = statistics.median(results[0])
+            for workers in WORKERS:
+                tps = statistics.median(results[workers])
+                label = "stock Trainer step" if workers == 0 else str(workers)
+                intra = cores if workers == 0 else max(1, cores // workers)
+                rows.append(
+                    f"| {name} | {'bf16 autocast' if bf16 else 'fp32'} | {label} | {intra} | {tps:,.0f} | "
+                    f"{tps / stock:.2f}x |"
+                )
+                print(rows[-1], flush=True)
+    return rows
+
+
+def write_section(path: Path, marker: str, body: str) -> None:
+    """Replace the text between ``<!-- marker:start -->`` and ``<!-- marker:end -->`` (append if absent)."""
+    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
+    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
+    block = f"{start}\n{body.rstrip()}\n{end}"
+    if start in text and end in text:
+        text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.write_text(text, encoding="utf-8")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=6, help="Timed optimizer steps per run.")
+    parser.add_argument("--warmup", type=int, default=2, help="Untimed optimizer steps per run.")
+    parser.add_argument("--repeats", type=int, default=3, help="Alternating repeats; the table shows medians.")
+    parser.add_argument("--quick", action="store_true", help="1 repeat, 3 steps: a smoke run.")
+    parser.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"), help="Markdown file to update.")
+    args = parser.parse_args()
+    if args.quick:
+        args.repeats, args.steps = 1, 3
+    logging.basicConfig(level=logging.WARNING)
+    started = time.strftime("%Y-%m-%d")
+    rows = run(args.steps, args.warmup, args.repeats)
+    body = "\n".join(
+        [
+            "## Multi-thread gradient accumulation (`bench/accumulation.py`)",
+            "",
+            f"Machine: {machine()}. Run on {started}: batch {BATCH} x {SEQ} tokens, {args.warmup} warmup + "
+            f"{args.steps} timed optimizer steps per run, {args.repeats} alternating repeats, medians. "
+            f"`--grad_workers auto` picks {AUTO_WORKERS} workers (capped at the core count) for models of up to "
+            f"{AUTO_MAX_PARAMETERS / 1e6:.0f}M parameters and the stock step above that.",
+            "",
+            *rows,
+        ]
+    )
+    write_section(args.out, "accumulation", body)
+    print(f"updated {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

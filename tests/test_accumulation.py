@@ -1,0 +1,239 @@
+"""Multi-thread CPU gradient accumulation and the gradient guard (SPEC section 7)."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from conftest import Tree, stdlib_documents, train, write_jsonl
+
+from daemon.accumulation import (
+    ThreadedAccumulationTrainer,
+    resolve_workers,
+    split_batch,
+    worker_threads_alive,
+)
+from daemon.exceptions import ConfigError, TrainingError
+
+VOCAB = 64
+
+
+def _tiny_model(seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(config)
+
+
+def _micro_batch(rows: int, length: int, seed: int) -> dict[str, torch.Tensor]:
+    """Random ids with right padding (mask 0, label -100) and some -100 labels inside."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (rows, length), generator=g)
+    mask = torch.ones_like(ids)
+    for r in range(rows):
+        pad = int(torch.randint(0, length // 2, (1,), generator=g))
+        if pad:
+            mask[r, -pad:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :3] = -100  # a masked prompt
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _items(batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    # As Trainer._get_num_items_in_batch counts for causal LMs (labels are shifted).
+    return sum(b["labels"][..., 1:].ne(-100).sum() for b in batches)
+
+
+def _trainer(model, workers: int, tmp_path, **kwargs) -> ThreadedAccumulationTrainer:
+    from transformers import TrainingArguments
+
+    args = TrainingArguments(output_dir=str(tmp_path / f"out{workers}"), report_to="none", use_cpu=True, **kwargs)
+    return ThreadedAccumulationTrainer(model=model, args=args, grad_workers=workers)
+
+
+def _accumulate(trainer, model, batches, num_items) -> None:
+    trainer.current_gradient_accumulation_steps = len(batches)
+    for batch in batches:
+        trainer.training_step(model, {k: v.clone() for k, v in batch.items()}, num_items)
+    trainer.shutdown_workers()
+
+
+def _assert_grads_close(a, b, rel: float = 1e-5) -> None:
+    for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters(), strict=True):
+        assert pa.grad is not None and pb.grad is not None, name
+        err = (pa.grad - pb.grad).norm() / pb.grad.norm().clamp_min(1e-12)
+        assert err < rel, (name, float(err))
+
+
+def test_split_batch_makes_near_equal_shards_and_never_empty_ones():
+    batch = {"input_ids": torch.arange(10).view(5, 2), "flag": "x"}
+    sizes = [s["input_ids"].shape[0] for s in split_batch(batch, 2)]
+    assert sizes == [3, 2]
+    assert [s["input_ids"].shape[0] for s in split_batch(batch, 8)] == [1] * 5
+    assert torch.equal(torch.cat([s["input_ids"] for s in split_batch(batch, 3)]), batch["input_ids"])
+    assert all(s["flag"] == "x" for s in split_batch(batch, 3))
+
+
+def test_workers_are_resolved_per_device_world_size_and_model_size():
+    small, large = 4_000_000, 20_000_000
+    assert resolve_workers("auto", "cpu", 1, small, cores=8) == 2
+    assert resolve_workers("auto", "cpu", 1, small, cores=1) == 1
+    assert resolve_workers("auto", "cpu", 1, large, cores=8) == 0  # the benchmark: threads lose on 20M
+    assert resolve_workers("4", "cpu", 1, large) == 4
+    assert resolve_workers("0", "cpu", 1, small) == 0
+    assert resolve_workers("4", "cuda", 1, small) == 0
+    assert resolve_workers("4", "cpu", 2, small) == 0
+    with pytest.raises(ConfigError, match="--grad_workers"):
+        resolve_workers("many", "cpu", 1, small)
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3, 4, 8])
+def test_summed_shard_gradients_equal_the_stock_trainer_gradient(tmp_path, workers):
+    batches = [_micro_batch(5, 12, seed=1), _micro_batch(3, 12, seed=2)]  # uneven shards, GA = 2
+    num_items = _items(batches)
+    stock_model = _tiny_model()
+    threaded_model = copy.deepcopy(stock_model)
+    _accumulate(_trainer(stock_model, 0, tmp_path), stock_model, batches, num_items)
+    threaded = _trainer(threaded_model, workers, tmp_path)
+    _accumulate(threaded, threaded_model, batches, num_items)
+    _assert_grads_close(threaded_model, stock_model)
+    assert threaded.guard.dropped_shards == 0
+
+
+class _PoisonRows:
+    """A forward hook on the embeddings that turns a shard holding a row starting with ``marker`` into NaN."""
+
+    def __init__(self, model, marker: int | None) -> None:
+        self.marker = marker
+        self.handle = model.get_input_embeddings().register_forward_hook(self)
+
+    def __call__(self, module, args, output):
+        # The whole shard or nothing: torch.where would send 0 * NaN = NaN into the clean rows' backward.
+        if self.marker is None or bool((args[0][:, 0] == self.marker).any()):
+            return output * float("nan")
+        return output
+
+
+def test_a_non_finite_shard_is_dropped_and_its_tokens_leave_the_normalisation(tmp_path):
+    batch = _micro_batch(4, 12, seed=3)
+    batch["input_ids"][2:, 0] = 0  # rows 2-3 form the second shard of two; token 0 marks them
+    batch["labels"][2:, 0] = -100
+    clean = {k: v[:2] for k, v in batch.items()}
+    reference = _tiny_model()
+    guarded = copy.deepcopy(reference)
+    _accumulate(_trainer(reference, 0, tmp_path), reference, [clean], _items([clean]))
+
+    trainer = _trainer(guarded, 2, tmp_path)
+    _PoisonRows(guarded, marker=0)
+    _accumulate(trainer, guarded, [batch], _items([batch]))
+    assert trainer.guard.dropped_shards == 1
+    assert trainer.guard.skipped_steps == 0
+    _assert_grads_close(guarded, reference)  # as if the poisoned rows had never been in the step
+
+
+def test_a_step_without_any_finite_shard_is_skipped_and_leaves_parameters_bitwise_unchanged(tmp_path):
+    model = _tiny_model()
+    trainer = _trainer(model, 2, tmp_path, max_steps=3, learning_rate=0.1, per_device_train_batch_size=4)
+    trainer.create_optimizer_and_scheduler(num_training_steps=3)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    hook = _PoisonRows(model, marker=None)
+    batch = _micro_batch(4, 12, seed=4)
+    trainer.current_gradient_accumulation_steps = 1
+    trainer.training_step(model, batch, _items([batch]))
+    trainer.shutdown_workers()
+    hook.handle.remove()
+    assert all(p.grad is None for p in model.parameters())
+    assert trainer.guard.skipped_steps == 1 and trainer.guard.dropped_shards == 2
+    trainer.optimizer.step()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_training_with_every_gradient_non_finite_fails_the_file_instead_of_looping(tree, monkeypatch):
+    original = ThreadedAccumulationTrainer.__init__
+
+    def poisoned_init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        _PoisonRows(self.model, marker=None)
+
+    monkeypatch.setattr(ThreadedAccumulationTrainer, "__init__", poisoned_init)
+    data = write_jsonl(tree.root / "a.jsonl", [{"text": d} for d in stdlib_documents(limit=20)])
+    with pytest.raises(TrainingError, match="3 optimizer steps in a row had no finite gradient"):
+        train(tree, data, grad_workers=2, max_consecutive_skipped_steps=3)
+    (row,) = tree.history()
+    assert row["outcome"] == "failed" and "no finite gradient" in row["error"]
+    status = json.loads((tree.status / "training_status.json").read_text())
+    assert status["gradient_guard"]["skipped_steps"] >= 2
+    assert worker_threads_alive() == []
+
+
+def test_skipped_steps_do_not_advance_the_scheduler(tree, monkeypatch):
+    original = ThreadedAccumulationTrainer.__init__
+    calls = {"n": 0}
+
+    def poison_first_steps(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        embed = self.model.get_input_embeddings()
+
+        def hook(module, args, output):
+            calls["n"] += 1
+            return output * float("nan") if calls["n"] <= 4 and module.training else output  # two steps x 2 shards
+
+        embed.register_forward_hook(hook)
+
+    monkeypatch.setattr(ThreadedAccumulationTrainer, "__init__", poison_first_steps)
+    data = write_jsonl(tree.root / "a.jsonl", [{"text": d} for d in stdlib_documents(limit=20)])
+    row = train(tree, data, grad_workers=2, warmup_steps=10, learning_rate=1e-3)
+    assert row["end_step"] == row["planned_steps"]
+    history = json.loads((tree.output / f"checkpoint-{row['end_step']}" / "trainer_state.json").read_text())
+    lr = {e["step"]: e["learning_rate"] for e in history["log_history"] if "learning_rate" in e}
+    assert lr[1] == lr[2] == lr[3] == 0.0  # steps 1-2 skipped: the warmup has not moved
+    assert lr[4] == pytest.approx(1e-4)
+    status = json.loads((tree.status / "training_status.json").read_text())
+    assert status["gradient_guard"] == {**status["gradient_guard"], "workers": 2, "skipped_steps": 2}
+
+
+def test_one_to_eight_workers_follow_the_same_loss_trajectory(tmp_path):
+    # 21 documents -> a last partial batch; batch 5 -> shards of uneven size for 2, 4 and 8 workers
+    docs = stdlib_documents(limit=21)
+    losses = {}
+    for workers in (0, 1, 2, 4, 8):
+        tree = Tree(tmp_path / f"w{workers}")
+        tree.root.mkdir()
+        data = write_jsonl(tree.root / "a.jsonl", [{"text": d} for d in docs])
+        train(tree, data, grad_workers=workers, per_device_train_batch_size=5, gradient_accumulation_steps=2)
+        state = json.loads(next(tree.output.glob("checkpoint-*/trainer_state.json")).read_text())
+        losses[workers] = [e["loss"] for e in state["log_history"] if "loss" in e]
+    for workers in (1, 2, 4, 8):
+        assert losses[workers] == pytest.approx(losses[0], rel=1e-4), workers
+
+
+def test_inference_never_runs_while_worker_threads_are_alive(tree, monkeypatch):
+    seen: list[list[str]] = []
+    original = ThreadedAccumulationTrainer.__init__
+
+    def watch_inference(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+
+        def pre_hook(module, args):
+            if not module.training:  # evaluation or generation
+                seen.append(worker_threads_alive())
+
+        self.model.register_forward_pre_hook(pre_hook)
+
+    monkeypatch.setattr(ThreadedAccumulationTrainer, "__init__", watch_inference)
+    data = write_jsonl(tree.root / "a.jsonl", [{"text": d} for d in stdlib_documents(limit=30)])
+    row = train(tree, data, grad_workers=4)
+    assert row["eval_loss"] is not None  # evaluation ran ...
+    assert len(seen) > 5  # ... and so did generation, one forward per new token
+    assert all(alive == [] for alive in seen)
