@@ -14,7 +14,7 @@ import sys
 
 def status_main(argv: list[str]) -> int:
     """Print the status summary (or the raw document with ``--json``)."""
-    from daemon.status import StatusFile, format_summary, latest_snapshot
+    from daemon.status import StatusFile, format_summary, latest_snapshot, read_history
 
     parser = argparse.ArgumentParser(prog="python -m daemon status", description="Show the training status.")
     parser.add_argument("--status_dir", default="status", help="Status folder (default: status).")
@@ -26,7 +26,7 @@ def status_main(argv: list[str]) -> int:
         print(json.dumps(status.read(), indent=2))
         return 0
     snapshot = latest_snapshot(args.status_dir)
-    print(format_summary(status.read(), snapshot))
+    print(format_summary(status.read(), snapshot, read_history(args.status_dir)))
     if args.samples and snapshot is not None:
         print()
         print((snapshot / "samples.md").read_text(encoding="utf-8"))

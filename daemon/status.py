@@ -229,8 +229,16 @@ def latest_snapshot(status_dir: str | os.PathLike[str]) -> Path | None:
     return folders[-1] if folders else None
 
 
-def format_summary(doc: dict[str, Any], snapshot: Path | None = None) -> str:
-    """A human summary of a status document (``python -m daemon status``)."""
+def format_summary(
+    doc: dict[str, Any], snapshot: Path | None = None, history: list[dict[str, Any]] | None = None
+) -> str:
+    """A human summary of a status document (``python -m daemon status``).
+
+    Args:
+        doc: the status document.
+        snapshot: the latest evolution snapshot folder, if any.
+        history: ``history.jsonl`` rows; the last five are listed.
+    """
 
     def num(value: Any, spec: str = "") -> str:
         return "-" if value is None else format(value, spec)
@@ -271,4 +279,13 @@ def format_summary(doc: dict[str, Any], snapshot: Path | None = None) -> str:
     lines.append(f"last error   {err['file']}: {err['message']} ({err['at']})" if err else "last error   none")
     if snapshot is not None:
         lines.append(f"snapshot     {snapshot}")
+    for row in (history or [])[-5:]:
+        if row["outcome"] == "done":
+            lines.append(
+                f"  done   {row['file']}: steps {row['start_step']} -> {row['end_step']}, "
+                f"train_loss {num(row['train_loss'], '.3f')}, eval_loss {num(row['eval_loss'], '.3f')}, "
+                f"{num(row['wall_seconds'], '.0f')} s"
+            )
+        else:
+            lines.append(f"  failed {row['file']}: {row['error']}")
     return "\n".join(lines)

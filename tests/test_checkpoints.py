@@ -1,0 +1,52 @@
+"""Which checkpoint a run continues from: the newest *complete* one."""
+
+from __future__ import annotations
+
+import json
+
+from daemon.checkpoints import latest_complete_checkpoint
+
+
+def _checkpoint(root, step: int, *, state: bool = True, weights: bool = True, optimizer: bool = True, torn_state=False):
+    folder = root / f"checkpoint-{step}"
+    folder.mkdir(parents=True)
+    if state:
+        (folder / "trainer_state.json").write_text('{"global_st' if torn_state else json.dumps({"global_step": step}))
+    if weights:
+        (folder / "model.safetensors").write_bytes(b"w")
+    if optimizer:
+        (folder / "optimizer.pt").write_bytes(b"o")
+    return folder
+
+
+def test_no_checkpoint_means_start_at_zero(tmp_path):
+    assert latest_complete_checkpoint(tmp_path) is None
+    assert latest_complete_checkpoint(tmp_path / "missing") is None
+
+
+def test_newest_complete_checkpoint_wins_by_step_not_by_name(tmp_path):
+    _checkpoint(tmp_path, 9)
+    _checkpoint(tmp_path, 10)
+    found = latest_complete_checkpoint(tmp_path)
+    assert found is not None and found.global_step == 10 and found.path.name == "checkpoint-10"
+
+
+def test_torn_checkpoints_are_skipped_and_set_aside(tmp_path, caplog):
+    _checkpoint(tmp_path, 10)
+    _checkpoint(tmp_path, 20, optimizer=False)
+    _checkpoint(tmp_path, 30, torn_state=True)
+    _checkpoint(tmp_path, 40, weights=False)
+    _checkpoint(tmp_path, 50, state=False)
+    found = latest_complete_checkpoint(tmp_path)
+    assert found is not None and found.global_step == 10
+    for step, reason in [(20, "no optimizer state"), (30, "unreadable"), (40, "no model weights"), (50, "no trainer")]:
+        assert f"checkpoint-{step}: {reason}" in caplog.text
+        assert (tmp_path / f"torn-checkpoint-{step}").is_dir()
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-10"]
+
+
+def test_looking_without_setting_aside_leaves_the_folders(tmp_path):
+    _checkpoint(tmp_path, 10)
+    _checkpoint(tmp_path, 20, optimizer=False)
+    assert latest_complete_checkpoint(tmp_path, set_aside=False).global_step == 10
+    assert (tmp_path / "checkpoint-20").is_dir()

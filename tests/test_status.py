@@ -1,0 +1,94 @@
+"""The status document, history rows and their invariant check."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from daemon.status import (
+    Heartbeat,
+    StatusFile,
+    empty_status,
+    format_summary,
+    history_violations,
+    read_history,
+)
+
+
+def _row(name: str, start: int, end: int | None, planned: int | None, outcome: str = "done") -> dict:
+    return {
+        "file": name,
+        "start_step": start,
+        "end_step": end,
+        "planned_steps": planned,
+        "outcome": outcome,
+        "error": None if outcome == "done" else "bad",
+        "finished_at": "2026-01-01T00:00:00Z",
+        "train_loss": 1.0,
+        "eval_loss": None,
+        "wall_seconds": 1.0,
+    }
+
+
+def test_updates_merge_fields_from_different_writers(tmp_path):
+    status = StatusFile(tmp_path)
+    status.update(state="training", global_step=5)
+    status.update(lambda doc: doc.update(queue=["a.jsonl"]))
+    doc = json.loads(status.path.read_text())
+    assert doc["state"] == "training" and doc["global_step"] == 5 and doc["queue"] == ["a.jsonl"]
+    assert set(empty_status()) <= set(doc)
+    assert not list(tmp_path.glob(".*.tmp"))  # no temporary file left behind
+
+
+def test_an_outcome_appends_history_and_counts_it(tmp_path):
+    status = StatusFile(tmp_path)
+    status.record_outcome(_row("a.jsonl", 0, 4, 4))
+    status.record_outcome(_row("b.jsonl", 4, None, 3, outcome="failed"))
+    assert [r["file"] for r in read_history(tmp_path)] == ["a.jsonl", "b.jsonl"]
+    doc = status.read()
+    assert doc["files"] == {"queued": 0, "done": 1, "failed": 1}
+    assert doc["last_error"]["file"] == "b.jsonl"
+
+
+def test_heartbeat_writes_on_its_timer_and_once_more_when_stopped(tmp_path):
+    status = StatusFile(tmp_path)
+    beat = Heartbeat(status, interval=0.02)
+    beat.set(state="training", global_step=1)
+    beat.start()
+    try:
+        beat.set(global_step=2)
+    finally:
+        beat.stop()
+    assert not beat.is_alive()
+    assert status.read()["global_step"] == 2
+
+
+def test_history_violations_catch_zero_steps_gaps_and_miscounts():
+    assert history_violations([_row("a", 0, 4, 4), _row("x", 4, None, 2, "failed"), _row("b", 4, 9, 5)]) == []
+    assert history_violations([_row("a", 0, 0, 0)]) == ["a: done with 0 planned steps"]
+    assert history_violations([_row("a", 0, 4, 4), _row("b", 3, 8, 5)]) == [
+        "b: starts at step 3, the previous file ended at 4"
+    ]
+    assert history_violations([_row("a", 0, 3, 4)]) == ["a: trained 3 steps (0 -> 3), planned 4"]
+
+
+@pytest.mark.parametrize("state", ["idle", "training"])
+def test_summary_names_state_step_files_and_recent_history(state):
+    doc = empty_status()
+    doc.update(state=state, global_step=7, max_steps=10)
+    doc["current_file"] = {
+        "name": "a.jsonl",
+        "steps_done": 3,
+        "planned_steps": 6,
+        "progress": 0.5,
+        "eta_seconds": 12,
+        "examples": 40,
+        "tokens": 1000,
+    }
+    text = format_summary(doc, history=[_row("old.jsonl", 0, 4, 4), _row("bad.jsonl", 4, None, 1, "failed")])
+    assert f"state        {state}" in text
+    assert "global_step  7 of max_steps 10" in text
+    assert "a.jsonl: step 3/6 (50%)" in text
+    assert "done   old.jsonl: steps 0 -> 4" in text
+    assert "failed bad.jsonl: bad" in text
