@@ -1,0 +1,44 @@
+"""The SQLite ledger of every file seen."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+
+from daemon.ledger import Ledger
+
+
+def test_a_file_moves_through_its_states_and_keeps_its_plan(tmp_path):
+    ledger = Ledger(tmp_path)
+    entry = ledger.add("a.jsonl", "queued", sha256="ab" * 32, size=10)
+    entry = ledger.update(entry.id, state="training", start_step=4, planned_steps=6, attempts=entry.attempts + 1)
+    assert (entry.state, entry.start_step, entry.planned_steps, entry.attempts) == ("training", 4, 6, 1)
+    assert entry.finished_at is None
+    entry = ledger.update(entry.id, state="done", end_step=10)
+    assert entry.finished_at is not None
+    assert ledger.find("ab" * 32, ("done",)) == entry
+    assert ledger.find("cd" * 32) is None
+    assert [e.name for e in ledger.entries("done")] == ["a.jsonl"]
+
+
+def test_the_ledger_uses_wal_and_survives_reopening(tmp_path):
+    Ledger(tmp_path).add("a.jsonl", "rejected", error="a symlink")
+    with sqlite3.connect(tmp_path / "ledger.sqlite") as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    (entry,) = Ledger(tmp_path).entries()
+    assert (entry.name, entry.state, entry.error) == ("a.jsonl", "rejected", "a symlink")
+
+
+def test_concurrent_writers_do_not_lose_rows(tmp_path):
+    ledger = Ledger(tmp_path)
+
+    def add_many(prefix: str) -> None:
+        for i in range(20):
+            ledger.add(f"{prefix}-{i}.jsonl", "queued")
+
+    threads = [threading.Thread(target=add_many, args=(p,)) for p in "abc"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(ledger.entries()) == 60
