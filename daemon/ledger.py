@@ -144,6 +144,14 @@ class Ledger:
             ).fetchone()
         return Entry(**dict(row)) if row else None
 
+    def find_claim(self, name: str, sha256: str) -> Entry | None:
+        """The newest row of a claimed file: its name in ``processing/`` and its content hash."""
+        with self._connect() as db:
+            row = db.execute(
+                "SELECT * FROM files WHERE name = ? AND sha256 = ? ORDER BY id DESC LIMIT 1", (name, sha256)
+            ).fetchone()
+        return Entry(**dict(row)) if row else None
+
     def entries(self, state: str | None = None) -> list[Entry]:
         """All rows (or those in ``state``), oldest first."""
         with self._connect() as db:

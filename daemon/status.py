@@ -121,14 +121,28 @@ class StatusFile:
         The one place where a file's outcome is recorded, so the history and the
         ``files`` counters never disagree.
 
+        A ``done`` row is appended once: the same content (sha256) done from the
+        same start step again is not repeated, so a run that is finished a second
+        time after a crash keeps the history exact.
+
         Args:
             row: the history row; ``outcome`` is ``"done"`` or ``"failed"``. A failed
                 row's ``error`` becomes the status's ``last_error``.
         """
         assert row["outcome"] in ("done", "failed"), row
         with self._lock:
-            with open(self.dir / HISTORY_FILE, "a", encoding="utf-8") as f:
-                f.write(json.dumps(row, sort_keys=False) + "\n")
+            if row["outcome"] == "done" and any(
+                old["outcome"] == "done" and (old["sha256"], old["start_step"]) == (row["sha256"], row["start_step"])
+                for old in read_history(self.dir)
+            ):
+                # A run killed after this append but before the ledger said "done" finishes again.
+                logger.info("history already has %s from step %s", row["file"], row["start_step"])
+                return
+            path = self.dir / HISTORY_FILE
+            # A torn last line (killed mid-append) must not glue onto this row.
+            lead = "\n" if path.exists() and path.stat().st_size and not path.read_bytes().endswith(b"\n") else ""
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(lead + json.dumps(row, sort_keys=False) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
 
@@ -164,11 +178,23 @@ def history_violations(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def read_history(status_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """All rows of ``<status_dir>/history.jsonl``, oldest first (empty if none)."""
+    """All rows of ``<status_dir>/history.jsonl``, oldest first (empty if none).
+
+    A line torn by a kill in the middle of an append is skipped with a warning
+    (its file finishes again on restart and is appended whole).
+    """
     path = Path(status_dir) / HISTORY_FILE
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            logger.warning("%s line %d is torn; skipped", path, number)
+    return rows
 
 
 class Heartbeat(threading.Thread):

@@ -45,6 +45,7 @@ from daemon.accumulation import GuardCounters, ThreadedAccumulationTrainer, reso
 from daemon.checkpoints import Checkpoint, latest_complete_checkpoint
 from daemon.config import DataArguments, ModelArguments, RunArguments, config_file_to_argv, configure_logging
 from daemon.exceptions import ConfigError, DaemonError, TrainingError, TrainingInterrupted
+from daemon.ledger import Entry, Ledger
 from daemon.model import bootstrap_model, has_model, load_pretrained, train_tokenizer
 from daemon.snapshots import GenerationSettings, generate_samples, perplexity, write_snapshot
 from daemon.status import Heartbeat, StatusFile, utc_now
@@ -53,6 +54,7 @@ logger = logging.getLogger(__name__)
 
 EXIT_USER_ERROR = 1
 EXIT_INTERRUPTED = 3
+SUPERVISOR_ENV = "CONTINUAL_DAEMON_PID"  # set by the daemon for its training children
 # Schedules whose value at a step does not depend on num_training_steps, so a
 # growing max_steps (one more file) cannot make the learning rate jump.
 STEP_ONLY_SCHEDULES = {"constant", "constant_with_warmup"}
@@ -128,6 +130,26 @@ class StepPlan:
     @property
     def max_steps(self) -> int:
         return self.start_step + self.steps_for_file
+
+    def segments(self, done: int) -> list[tuple[int, int, int]]:
+        """What is left after ``done`` of this file's steps, one segment per epoch.
+
+        Epoch ``e`` trains the file's examples in its own fixed order (see
+        :func:`segment_dataset`), ``effective_batch`` examples per step, the last
+        batch partial; a fractional last epoch stops early. Resuming at any step
+        therefore trains exactly the remaining steps on the not-yet-seen examples.
+
+        Returns:
+            ``[(epoch, first_batch, steps), ...]`` in training order (empty when done).
+        """
+        out = []
+        step = done
+        while step < self.steps_for_file:
+            epoch, first_batch = divmod(step, self.steps_per_epoch)
+            steps = min(self.steps_per_epoch - first_batch, self.steps_for_file - step)
+            out.append((epoch, first_batch, steps))
+            step += steps
+        return out
 
 
 def plan_steps(start_step: int, train_examples: int, args: TrainingArguments) -> StepPlan:
@@ -211,20 +233,32 @@ def _validate_training_args(args: TrainingArguments) -> None:
 
 
 class PlanCallback(TrainerCallback):
-    """Stops exactly at the plan's ``max_steps`` with a checkpoint, or early on a stop request.
+    """Checkpoints at the end of every segment (and so of the file), or early on a stop request.
 
     Args:
-        plan: the file's step plan.
         stop_requested: set by the SIGINT/SIGTERM handler; the run checkpoints at the
             next optimizer step and stops.
     """
 
-    def __init__(self, plan: StepPlan, stop_requested: threading.Event) -> None:
-        self.plan = plan
+    def __init__(self, stop_requested: threading.Event) -> None:
         self.stop_requested = stop_requested
 
+    def _stop_everywhere(self, args: TrainingArguments) -> bool:
+        """Whether any process got a stop signal; all processes must stop at the same step."""
+        if args.world_size <= 1:
+            return self.stop_requested.is_set()
+        import torch
+        import torch.distributed as dist
+
+        flag = torch.tensor([1.0 if self.stop_requested.is_set() else 0.0], device=args.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # one scalar per step: negligible next to the gradients
+        if flag.item() > 0:
+            self.stop_requested.set()
+        return self.stop_requested.is_set()
+
     def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= self.plan.max_steps or self.stop_requested.is_set():
+        # state.max_steps is the current segment's end (fit() sets args.max_steps per segment).
+        if state.global_step >= state.max_steps or self._stop_everywhere(args):
             control.should_save = True
             control.should_training_stop = True
         return control
@@ -247,6 +281,7 @@ class ProgressCallback(TrainerCallback):
         self.heartbeat = heartbeat
         self.guard = guard
         self.last_grad_norm: float | None = None
+        self.first_step: int | None = None
         self.plan = plan
         self.current_file = current_file
         self.tokens_per_step = tokens * plan.epochs / plan.steps_for_file
@@ -262,24 +297,33 @@ class ProgressCallback(TrainerCallback):
         return state.global_step - self.plan.start_step
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.started = time.monotonic()
+        if self.first_step is None:  # the first segment of this process; a resumed file starts mid-plan
+            self.first_step = state.global_step
+            self.started = time.monotonic()
 
     def on_step_end(self, args, state, control, **kwargs):
         done = self._steps_done(state)
+        here = state.global_step - (self.first_step or 0)  # steps trained by this process
         elapsed = time.monotonic() - self.started
-        self.metrics["tokens_per_second"] = round(done * self.tokens_per_step / elapsed, 1) if elapsed > 0 else None
+        rate = here / elapsed if elapsed > 0 and here > 0 else None
+        self.metrics["tokens_per_second"] = round(rate * self.tokens_per_step, 1) if rate else None
         left = self.plan.steps_for_file - done
         self.current_file.update(
             steps_done=done,
             progress=round(done / self.plan.steps_for_file, 4),
-            eta_seconds=round(elapsed / done * left, 1) if done else None,
+            eta_seconds=round(left / rate, 1) if rate else None,
         )
         if self.heartbeat is not None:
             self.heartbeat.set(
+                progress_at=time.time(),
                 global_step=state.global_step,
                 current_file=dict(self.current_file),
                 gradient_guard={**self.guard.as_status(), "last_grad_norm": self.last_grad_norm},
             )
+
+    def on_substep_end(self, args, state, control, **kwargs):
+        if self.heartbeat is not None:  # a micro-batch done: progress for the daemon's stall detection
+            self.heartbeat.set(progress_at=time.time())
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}
@@ -316,16 +360,25 @@ class Run:
     report: data_mod.ScanReport
     checkpoint: Checkpoint | None
     plan: StepPlan
+    done_steps: int
+    resumed: Entry | None
     current_file: dict[str, Any]
 
 
 def setup(
-    model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments, heartbeat: Heartbeat | None
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: TrainingArguments,
+    ledger: Ledger,
+    heartbeat: Heartbeat | None,
+    ledger_entry: int | None = None,
 ) -> Run:
     """Scan and tokenize the file, pick the starting model and plan the steps.
 
     Nothing on disk outside the datasets cache changes before the file is known
-    to be usable, so a bad file leaves the model and checkpoints untouched.
+    to be usable, so a bad file leaves the model and checkpoints untouched. A
+    file whose plan the ledger already holds (an interrupted run) keeps that
+    plan and resumes at the latest checkpoint inside it.
 
     Raises:
         DatasetError, CheckpointError, ConfigError, TrainingError.
@@ -338,8 +391,20 @@ def setup(
     checkpoint = latest_complete_checkpoint(str(training_args.output_dir), set_aside=training_args.process_index == 0)
     model, tokenizer = _starting_model(model_args, training_args, checkpoint, records, report.shape)
     prepared = data_mod.prepare_datasets(records, report.shape, tokenizer, data_args, training_args.seed)
-    start_step = checkpoint.global_step if checkpoint else 0
+    at_step = checkpoint.global_step if checkpoint else 0
+    resumed = _resumable_plan(ledger, report, at_step, training_args.process_index == 0, ledger_entry)
+    start_step = at_step if resumed is None or resumed.start_step is None else resumed.start_step
     plan = plan_steps(start_step, prepared.train_examples, training_args)
+    if resumed and plan.steps_for_file != resumed.planned_steps:
+        raise ConfigError(
+            f"{report.path.name} was planned with {resumed.planned_steps} steps and is half trained; "
+            f"these flags give {plan.steps_for_file}: resume it with the batch and epoch flags it started with"
+        )
+    done_steps = at_step - plan.start_step
+    if resumed:
+        logger.info(
+            "resuming %s at step %d of its plan %d -> %d", report.path.name, at_step, plan.start_step, plan.max_steps
+        )
     current_file = {
         "name": report.path.name,
         "sha256": report.sha256,
@@ -349,8 +414,8 @@ def setup(
         "skipped_lines": report.bad_lines,
         "start_step": plan.start_step,
         "planned_steps": plan.steps_for_file,
-        "steps_done": 0,
-        "progress": 0.0,
+        "steps_done": done_steps,
+        "progress": round(done_steps / plan.steps_for_file, 4),
         "eta_seconds": None,
     }
     logger.info(
@@ -369,7 +434,63 @@ def setup(
         plan.max_steps,
         plan.steps_for_file,
     )
-    return Run(model, tokenizer, prepared, report, checkpoint, plan, current_file)
+    return Run(model, tokenizer, prepared, report, checkpoint, plan, done_steps, resumed, current_file)
+
+
+def _resumable_plan(
+    ledger: Ledger, report: data_mod.ScanReport, at_step: int, is_main: bool, entry_id: int | None
+) -> Entry | None:
+    """The ledger's plan for this file if training it was interrupted inside that plan.
+
+    The row is ``entry_id`` (the daemon's claim) or, for ``train.py`` on its own, the
+    newest ``training`` row with this content.
+
+    A recorded plan that the running model has left (the checkpoint is outside
+    ``[start_step, start_step + planned_steps]``, e.g. checkpoints were deleted)
+    cannot be resumed exactly: it is marked failed and the file is planned anew.
+    """
+    entry = ledger.get(entry_id) if entry_id is not None else ledger.find(report.sha256, ("training",))
+    if entry is None or entry.state != "training" or entry.start_step is None or entry.planned_steps is None:
+        return None
+    if entry.start_step <= at_step <= entry.start_step + entry.planned_steps:
+        return entry
+    logger.warning(
+        "%s: its recorded plan %d -> %d no longer matches the latest checkpoint (step %d); planning anew",
+        report.path.name,
+        entry.start_step,
+        entry.start_step + entry.planned_steps,
+        at_step,
+    )
+    if is_main:
+        ledger.update(entry.id, state="failed", error=f"abandoned: the running model is at step {at_step}")
+    return None
+
+
+def record_plan(ledger: Ledger, run: Run, entry_id: int | None) -> Entry:
+    """Write the file's plan to the ledger before its first optimizer step (main process only).
+
+    Uses the interrupted run's row, or the daemon's claim ``entry_id``, or adds a
+    row (``train.py`` used on its own).
+    """
+    if run.resumed is not None:
+        return run.resumed
+    fields = {"state": "training", "start_step": run.plan.start_step, "planned_steps": run.plan.steps_for_file}
+    queued = ledger.get(entry_id) if entry_id is not None else None
+    if queued is None:
+        queued = ledger.add(run.report.path.name, "queued", run.report.sha256, run.report.size_bytes)
+    return ledger.update(queued.id, **fields)
+
+
+def segment_dataset(run: Run, epoch: int, first_batch: int, steps: int, seed: int) -> Any:
+    """The examples of one segment: epoch ``epoch``'s order, batches ``first_batch`` to ``+steps``.
+
+    Epoch 0 is the prepared order (shuffled once with ``seed``); epoch ``e`` reshuffles
+    it with ``seed + e``. Both are deterministic, so a restart sees the same order.
+    """
+    data = run.data.train if epoch == 0 else run.data.train.shuffle(seed=seed + epoch)
+    eb = run.plan.effective_batch
+    start, stop = first_batch * eb, min(data.num_rows, (first_batch + steps) * eb)
+    return data if (start, stop) == (0, data.num_rows) else data.select(range(start, stop))
 
 
 def _starting_model(
@@ -426,30 +547,39 @@ def build_trainer(
     return trainer
 
 
-def fit(trainer: ThreadedAccumulationTrainer, run: Run, stop_requested: threading.Event) -> float:
-    """Train from the run's checkpoint to ``plan.max_steps`` and verify it got there.
+def fit(trainer: ThreadedAccumulationTrainer, run: Run, stop_requested: threading.Event, seed: int) -> float | None:
+    """Train the remaining segments of the plan, each ending on a checkpoint, and verify every end.
 
     The gradient worker threads are joined before this returns or raises, so
     nothing after it (evaluation, generation, export) runs beside them.
 
     Returns:
-        Mean training loss over this file's steps.
+        Mean training loss over the steps trained by this call (None if none were left).
 
     Raises:
         TrainingInterrupted: a stop was requested; a checkpoint was saved at the current step.
-        TrainingError: training ended at another step than planned.
+        TrainingError: a segment ended at another step than planned.
     """
-    resume = str(run.checkpoint.path) if run.checkpoint else None
+    step = run.plan.start_step + run.done_steps
+    resume = run.checkpoint.path if run.checkpoint else None
+    loss_sum, trained = 0.0, 0
     try:
-        output = trainer.train(resume_from_checkpoint=resume)
+        for epoch, first_batch, steps in run.plan.segments(run.done_steps):
+            trainer.train_dataset = segment_dataset(run, epoch, first_batch, steps, seed)
+            trainer.args.max_steps = step + steps
+            output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+            reached = trainer.state.global_step
+            if reached < step + steps and stop_requested.is_set():
+                raise TrainingInterrupted(f"stopped at step {reached} of {run.plan.max_steps}; checkpoint saved")
+            if reached != step + steps:
+                raise TrainingError(f"training ended at global_step {reached}, planned {step + steps}")
+            loss_sum, trained, step = loss_sum + output.training_loss * steps, trained + steps, reached
+            resume = Path(str(trainer.args.output_dir)) / f"checkpoint-{step}"
+            if stop_requested.is_set() and step < run.plan.max_steps:
+                raise TrainingInterrupted(f"stopped at step {step} of {run.plan.max_steps}; checkpoint saved")
     finally:
         trainer.shutdown_workers()
-    step = trainer.state.global_step
-    if stop_requested.is_set() and step < run.plan.max_steps:
-        raise TrainingInterrupted(f"stopped at step {step} of {run.plan.max_steps}; checkpoint saved")
-    if step != run.plan.max_steps:
-        raise TrainingError(f"training ended at global_step {step}, planned max_steps {run.plan.max_steps}")
-    return float(output.training_loss)
+    return loss_sum / trained if trained else None
 
 
 def export_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, output_dir: str | Path) -> None:
@@ -489,20 +619,24 @@ def train_file(
     name = Path(data_args.dataset or "").name
     started = time.monotonic()
     stop_requested = threading.Event()
+    ledger = Ledger(run_args.status_dir)
     run: Run | None = None
+    entry: Entry | None = None
     try:
         if heartbeat:
             heartbeat.set(state="loading", current_file={"name": name})
             heartbeat.flush()
             heartbeat.start()
         with _stop_on_signals(stop_requested):
-            run = setup(model_args, data_args, training_args, heartbeat)
+            run = setup(model_args, data_args, training_args, ledger, heartbeat, run_args.ledger_entry)
+            if is_main:
+                entry = record_plan(ledger, run, run_args.ledger_entry)
             _beat(heartbeat, state="training", max_steps=run.plan.max_steps, current_file=dict(run.current_file))
-            trainer = build_trainer(run, run_args, training_args, [PlanCallback(run.plan, stop_requested)])
+            trainer = build_trainer(run, run_args, training_args, [PlanCallback(stop_requested)])
             trainer.add_callback(
                 ProgressCallback(heartbeat, run.plan, run.current_file, run.data.train_tokens, trainer.guard)
             )
-            train_loss = fit(trainer, run, stop_requested)
+            train_loss = fit(trainer, run, stop_requested, training_args.seed)
         _beat(heartbeat, state="evaluating")
         eval_loss = trainer.evaluate()["eval_loss"] if run.data.eval is not None else None
         row = _history_row(run, name, started, "done", train_loss=train_loss, eval_loss=eval_loss)
@@ -513,6 +647,8 @@ def train_file(
             _beat(heartbeat, state="saving")
             _save_outputs(run, run_args, training_args, eval_loss)
             status.record_outcome(row)
+            assert entry is not None
+            ledger.update(entry.id, state="done", end_step=run.plan.max_steps)
             _beat(heartbeat, state="idle", global_step=run.plan.max_steps, current_file=None)
         return row
     except TrainingInterrupted:
@@ -521,6 +657,9 @@ def train_file(
     except DaemonError as e:
         if status is not None:
             status.record_outcome(_history_row(run, name, started, "failed", error=str(e)))
+        failed_id = entry.id if entry is not None else run_args.ledger_entry
+        if is_main and failed_id is not None:
+            ledger.update(failed_id, state="failed", error=str(e))
         _beat(heartbeat, state="failed")
         raise
     finally:
@@ -587,7 +726,7 @@ def _count_eval(step: int, name: str, eval_loss: float) -> Callable[[dict[str, A
 
 def _beat(heartbeat: Heartbeat | None, **fields: Any) -> None:
     if heartbeat is not None:
-        heartbeat.set(**fields)
+        heartbeat.set(progress_at=time.time(), **fields)
         heartbeat.flush()
 
 
@@ -613,6 +752,28 @@ def _stop_on_signals(stop_requested: threading.Event) -> Iterator[None]:
             signal.signal(sig, old)
 
 
+def _exit_with_supervisor(pid: int) -> None:
+    """Kill this process group once the daemon ``pid`` is gone (e.g. SIGKILLed).
+
+    The daemon starts each child in a session of its own (so a terminal's Ctrl-C
+    reaches only the daemon); without this, a killed daemon would leave an orphan
+    training on and racing the next daemon's child for the same checkpoints.
+    """
+
+    def watch() -> None:
+        while True:
+            time.sleep(0.5)
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                logger.error("the daemon (pid %d) is gone: stopping this training process group", pid)
+                os.killpg(0, signal.SIGKILL)
+            except PermissionError:  # alive, owned by another user
+                pass
+
+    threading.Thread(target=watch, name="supervisor-watch", daemon=True).start()
+
+
 def check_args_main(argv: list[str]) -> int:
     """``python -m daemon check-args [flags]``: validate training flags only (the daemon calls it at start)."""
     try:
@@ -631,6 +792,8 @@ def main(argv: list[str] | None = None) -> int:
     """
     configure_logging()
     argv = sys.argv[1:] if argv is None else argv
+    if os.environ.get(SUPERVISOR_ENV):
+        _exit_with_supervisor(int(os.environ[SUPERVISOR_ENV]))
     try:
         model_args, data_args, run_args, training_args = parse_args(argv)
         if not data_args.dataset:
