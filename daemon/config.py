@@ -113,6 +113,9 @@ class RunArguments:
     status_interval: float = field(
         default=2.0, metadata={"help": "Seconds between heartbeat writes of training_status.json."}
     )
+    ledger_entry: int | None = field(
+        default=None, metadata={"help": "Ledger row of this file (set by the daemon for its training child)."}
+    )
     sample_prompts: list[str] = field(
         default_factory=lambda: list(DEFAULT_SAMPLE_PROMPTS),
         metadata={"help": "Prompts sampled into each evolution snapshot."},
@@ -151,6 +154,29 @@ class DaemonArguments:
         default=5.0, metadata={"help": "Periodic rescan of the inbox, so a missed event never loses a file."}
     )
     max_files: int | None = field(default=None, metadata={"help": "Stop after this many files (tests, burst mode)."})
+    launcher: str | None = field(
+        default=None,
+        metadata={
+            "help": "Command prefix for the training child, e.g. 'torchrun --nproc_per_node 2' or "
+            "'accelerate launch'; '-m daemon train ...' is appended. Default: this Python."
+        },
+    )
+    stall_timeout: float = field(
+        default=600.0,
+        metadata={
+            "help": "Seconds without training progress (a step, or a phase change) before the child is killed "
+            "and the attempt counted. Must cover the longest checkpoint save, evaluation or tokenization."
+        },
+    )
+    max_attempts: int = field(
+        default=3, metadata={"help": "Crashed or stalled attempts of one file before it is failed."}
+    )
+    stop_grace_seconds: float = field(
+        default=120.0, metadata={"help": "After SIGTERM, how long the child may take to checkpoint before SIGKILL."}
+    )
+    allow_duplicates: bool = field(
+        default=False, metadata={"help": "Train a file whose content (sha256) was already trained."}
+    )
 
     def __post_init__(self) -> None:
         problems = []
@@ -158,6 +184,12 @@ class DaemonArguments:
             problems.append("--settle_seconds must be >= 0")
         if self.rescan_seconds <= 0:
             problems.append("--rescan_seconds must be > 0")
+        if self.stall_timeout <= 0:
+            problems.append("--stall_timeout must be > 0 seconds")
+        if self.max_attempts < 1:
+            problems.append("--max_attempts must be >= 1")
+        if self.stop_grace_seconds < 0:
+            problems.append("--stop_grace_seconds must be >= 0")
         _raise_all(problems)
 
 

@@ -1,26 +1,39 @@
 """The inbox daemon: decides *what* to train and *when*; never touches model APIs.
 
-``python -m daemon`` watches ``inbox/`` with a watchdog observer (plus a start-up
-scan and a periodic rescan, so files that arrived while it was down, or whose
-events were missed, are not lost). A file is picked once it is completely
-written: it was renamed in, or it was closed after writing, or its size and
-mtime stayed unchanged for ``--settle_seconds``. Names starting with ``.`` and
-ending in ``.tmp`` or ``.part`` are ignored.
+``python -m daemon`` watches ``inbox/`` with a watchdog observer, plus a
+start-up scan and a periodic rescan, so files that arrived while it was down,
+or whose events were missed, are not lost. A file is picked once it is
+completely written: renamed in, or unchanged for ``--settle_seconds`` (a quarter
+of that after a close-after-write event). Names starting with ``.`` or ending in
+``.tmp`` / ``.part`` are ignored. Entries that are not regular files (symlinks,
+FIFOs, sockets, devices, directories) or that have other hard links are
+rejected without being opened: moved to ``failed/`` with their reason.
 
 Files train one at a time, in arrival order. Each is claimed by an atomic
-rename into ``inbox/processing/``, trained by a child process running the same
-code path as ``python train.py --dataset`` (``python -m daemon train``), then
-moved to ``inbox/done/`` or to ``inbox/failed/`` beside ``<name>.error.txt``.
+rename into ``inbox/processing/`` and recorded in the ledger
+(:mod:`daemon.ledger`); a child process runs the same code path as
+``python train.py --dataset`` (``python -m daemon train``, optionally behind a
+launcher such as ``torchrun``), and the file ends in ``inbox/done/`` or in
+``inbox/failed/`` beside ``<name>.error.txt``.
+
+Restart after a crash is exact: a file still in ``processing/`` is taken first;
+its ledger row says whether it is done (then it is only moved) or where its plan
+stands (the child resumes it at its latest checkpoint). A child that crashes or
+stops making progress for ``--stall_timeout`` is killed (its whole process
+group), the attempt counted, and the file retried up to ``--max_attempts``.
 
 This module imports neither torch nor transformers' model code.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 import os
+import shlex
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -35,13 +48,16 @@ from watchdog.observers import Observer
 
 from daemon.config import DaemonArguments, config_file_to_argv
 from daemon.exceptions import ConfigError, DaemonError
-from daemon.status import StatusFile, read_history, utc_now
+from daemon.ledger import Entry, Ledger
+from daemon.status import StatusFile, utc_now
 
 logger = logging.getLogger(__name__)
 
 PROCESSING, DONE, FAILED = "processing", "done", "failed"
+SUBDIRS = (PROCESSING, DONE, FAILED)
 IGNORED_SUFFIXES = (".tmp", ".part")
-EXIT_INTERRUPTED = 3  # the child checkpointed and stopped on SIGTERM (daemon.training.EXIT_INTERRUPTED)
+SUPERVISOR_ENV = "CONTINUAL_DAEMON_PID"  # daemon.training.SUPERVISOR_ENV: children die with the daemon
+POLL_SECONDS = 0.5
 
 
 def is_ignored_name(name: str) -> bool:
@@ -49,9 +65,46 @@ def is_ignored_name(name: str) -> bool:
     return name.startswith(".") or name.endswith(IGNORED_SUFFIXES)
 
 
+def rejection_reason(st: os.stat_result) -> str | None:
+    """Why an inbox entry (from ``os.lstat``) must not be opened, or None for a plain file."""
+    mode = st.st_mode
+    if stat.S_ISLNK(mode):
+        return "a symbolic link (only regular files are trained)"
+    if stat.S_ISDIR(mode):
+        return "a directory (only regular files are trained)"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (only regular files are trained)"
+    if not stat.S_ISREG(mode):
+        return "not a regular file (socket or device)"
+    if st.st_nlink > 1:
+        return f"a hard link ({st.st_nlink} names for one file; drop a copy instead)"
+    return None
+
+
+def sha256_of(path: Path) -> tuple[str, int]:
+    """Hash a claimed file without following links or blocking on a FIFO.
+
+    Returns:
+        ``(hex digest, size in bytes)``.
+
+    Raises:
+        OSError: the entry is not a regular file (checked on the open descriptor).
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        reason = rejection_reason(st)
+        if reason:
+            raise OSError(reason)
+        digest = hashlib.sha256()
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest(), st.st_size
+
+
 @dataclass
 class Candidate:
-    """A file in the drop zone, in arrival order (``seq``), with its last close event if any."""
+    """An entry in the drop zone, in arrival order (``seq``), with its last close event if any."""
 
     path: Path
     seq: int
@@ -64,38 +117,38 @@ class Inbox:
     Args:
         root: the inbox folder (created with its subfolders).
         settle_seconds: how long size and mtime must stay unchanged before a file
-            without a close event counts as completely written.
+            counts as completely written (a quarter of it after a close event).
     """
 
     def __init__(self, root: str | Path, settle_seconds: float) -> None:
         self.root = Path(root)
         self.settle_seconds = settle_seconds
-        for sub in (PROCESSING, DONE, FAILED):
+        for sub in SUBDIRS:
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         self._seq = itertools.count()
         self._known: dict[str, Candidate] = {}
         self._lock = threading.Lock()
 
     def note_closed(self, path: Path) -> None:
-        """Record a close-after-write event: the file is complete unless modified again."""
+        """Record a close-after-write event."""
+        try:
+            mtime = path.stat().st_mtime
+        except OSError:
+            return
         with self._lock:
             cand = self._known.get(path.name)
-            try:
-                mtime = path.stat().st_mtime
-            except OSError:
-                return
             if cand is None:
                 cand = self._known[path.name] = Candidate(path, next(self._seq))
             cand.closed_mtime = mtime
 
     def scan(self) -> list[Candidate]:
-        """All candidate files now in the drop zone, in arrival order.
+        """Every entry now in the drop zone (but our subfolders and ignored names), in arrival order.
 
-        Files first seen in the same scan are ordered by mtime, then name.
+        Entries first seen in the same scan are ordered by mtime, then name.
         """
         entries = []
         for entry in os.scandir(self.root):
-            if is_ignored_name(entry.name) or not entry.is_file(follow_symlinks=False):
+            if is_ignored_name(entry.name) or (entry.name in SUBDIRS and entry.is_dir(follow_symlinks=False)):
                 continue
             try:
                 entries.append((entry.stat(follow_symlinks=False).st_mtime, entry.name))
@@ -112,59 +165,54 @@ class Inbox:
             return sorted(self._known.values(), key=lambda c: c.seq)
 
     def is_complete(self, cand: Candidate, now: float | None = None) -> bool:
-        """Whether the writer is done: closed and untouched since, or unchanged for ``settle_seconds``."""
+        """Whether the writer is done: unchanged for the settle time (a quarter of it after a close)."""
         try:
             mtime = cand.path.stat().st_mtime
         except OSError:
             return False
-        if cand.closed_mtime is not None and cand.closed_mtime == mtime:
-            return True
-        return (now if now is not None else time.time()) - mtime >= self.settle_seconds
+        quiet = (now if now is not None else time.time()) - mtime
+        closed = cand.closed_mtime is not None and cand.closed_mtime == mtime
+        return quiet >= (self.settle_seconds / 4 if closed else self.settle_seconds)
 
     def claim(self, cand: Candidate) -> Path:
-        """Move the file out of the drop zone into ``processing/`` (atomic rename)."""
+        """Move the entry out of the drop zone into ``processing/`` (atomic rename)."""
         target = _free_name(self.root / PROCESSING / cand.path.name)
         os.rename(cand.path, target)
         with self._lock:
             self._known.pop(cand.path.name, None)
         return target
 
-    def finish(self, claimed: Path, error: str | None) -> Path:
-        """Move a claimed file to ``done/`` or, with an ``error``, to ``failed/`` beside ``<name>.error.txt``."""
+    def claimed(self) -> list[Path]:
+        """Entries in ``processing/``: claimed before a stop or a crash, oldest first."""
+        entries = [p for p in (self.root / PROCESSING).iterdir() if not p.name.startswith(".")]
+        return sorted(entries, key=lambda p: (p.lstat().st_ctime, p.name))
+
+    def finish(self, entry: Path, error: str | None) -> Path:
+        """Move an entry to ``done/`` or, with an ``error``, to ``failed/`` beside ``<name>.error.txt``."""
         folder = self.root / (FAILED if error is not None else DONE)
-        target = _free_name(folder / claimed.name)
-        os.rename(claimed, target)
-        if error is not None:
+        target = _free_name(folder / entry.name)
+        if error is not None:  # the reason first: a crash between the two leaves the file where it was
             text = f"{target.name} failed at {utc_now()}:\n{error}\n"
             (folder / f"{target.name}.error.txt").write_text(text, encoding="utf-8")
+        os.rename(entry, target)
+        with self._lock:
+            self._known.pop(entry.name, None)
         return target
-
-    def recover_claimed(self) -> list[Path]:
-        """Put files left in ``processing/`` by a stopped daemon back into the drop zone, first in line."""
-        recovered: list[Path] = []
-        for path in sorted((self.root / PROCESSING).iterdir()):
-            if path.is_file():
-                target = _free_name(self.root / path.name)
-                os.rename(path, target)
-                with self._lock:
-                    self._known[target.name] = Candidate(target, -len(recovered) - 1)
-                recovered.append(target)
-        return recovered
 
 
 def _free_name(path: Path) -> Path:
     """``path``, or ``stem-1.ext``, ``stem-2.ext``, ... if taken."""
-    if not path.exists():
+    if not os.path.lexists(path):
         return path
     for n in itertools.count(1):
         alt = path.with_name(f"{path.stem}-{n}{path.suffix}")
-        if not alt.exists():
+        if not os.path.lexists(alt):
             return alt
     raise AssertionError("unreachable")
 
 
 class _Wake(FileSystemEventHandler):
-    """watchdog handler: any change in the inbox wakes the loop; close events mark files complete."""
+    """watchdog handler: any change in the inbox wakes the loop; close events are noted."""
 
     def __init__(self, inbox: Inbox, wake: threading.Event) -> None:
         self.inbox = inbox
@@ -174,6 +222,14 @@ class _Wake(FileSystemEventHandler):
         if isinstance(event, FileClosedEvent) and not event.is_directory:
             self.inbox.note_closed(Path(os.fsdecode(event.src_path)))
         self.wake.set()
+
+
+@dataclass
+class ChildResult:
+    """How a training child ended: its exit code, or that the daemon killed it for stalling."""
+
+    returncode: int
+    stalled: bool = False
 
 
 class Daemon:
@@ -189,6 +245,7 @@ class Daemon:
         self.train_argv = train_argv
         self.inbox = Inbox(args.inbox_dir, args.settle_seconds)
         self.status = StatusFile(args.status_dir)
+        self.ledger = Ledger(args.status_dir)
         self.stop = threading.Event()
         self.wake = threading.Event()
         self.child: subprocess.Popen[bytes] | None = None
@@ -196,8 +253,6 @@ class Daemon:
 
     def run(self) -> int:
         """Drain and watch the inbox until stopped (or drained, with ``--once``)."""
-        for path in self.inbox.recover_claimed():
-            logger.warning("re-queued %s, left in processing/ by a stopped daemon", path.name)
         observer = Observer()
         observer.schedule(_Wake(self.inbox, self.wake), str(self.inbox.root), recursive=False)
         observer.start()
@@ -206,27 +261,53 @@ class Daemon:
         finally:
             observer.stop()
             observer.join()
-            self.status.update(state="stopped" if self.stop.is_set() else "idle", pid=os.getpid())
+            self.status.update(state="stopped" if self.stop.is_set() else "idle")
         return 0
 
     def _loop(self) -> None:
         while not self.stop.is_set():
-            pending = self.inbox.scan()
+            claimed = self.inbox.claimed()
+            if claimed:  # a file claimed before a stop or crash goes first
+                self._process(claimed[0])
+                if self.args.max_files is not None and self.processed >= self.args.max_files:
+                    return
+                continue
+            pending = self._reject_hostile(self.inbox.scan())
             self._publish_queue(pending)
             now = time.time()
             ready = [c for c in pending if self.inbox.is_complete(c, now)]
             if ready:
-                self._train(ready[0])
-                if self.args.max_files is not None and self.processed >= self.args.max_files:
-                    return
+                self.inbox.claim(ready[0])
                 continue
             if self.args.once and not pending:
                 logger.info("inbox drained")
                 return
             # Sleep until an event, the next settle check, or the periodic rescan.
-            timeout = min(self.args.rescan_seconds, max(self.args.settle_seconds / 4, 0.05)) if pending else None
+            timeout = max(min(self.args.settle_seconds / 4, self.args.rescan_seconds), 0.05) if pending else None
             self.wake.wait(timeout or self.args.rescan_seconds)
             self.wake.clear()
+
+    def _reject_hostile(self, pending: list[Candidate]) -> list[Candidate]:
+        kept = []
+        for cand in pending:
+            try:
+                reason = rejection_reason(cand.path.lstat())
+            except FileNotFoundError:
+                continue
+            if reason is None:
+                kept.append(cand)
+                continue
+            self._reject(cand.path, reason)
+        return kept
+
+    def _reject(self, path: Path, reason: str) -> None:
+        logger.error("rejected %s: %s", path.name, reason)
+        self.ledger.add(path.name, "rejected", error=reason)
+        try:
+            self.inbox.finish(path, f"rejected without opening it: {reason}")
+        except OSError as e:  # could not be moved: logged and recorded, never retried in a loop
+            logger.error("could not move %s to failed/: %s", path.name, e)
+        self.status.update(last_error={"file": path.name, "message": f"rejected: {reason}", "at": utc_now()})
 
     def _publish_queue(self, pending: list[Candidate]) -> None:
         names = [c.path.name for c in pending]
@@ -239,32 +320,71 @@ class Daemon:
 
         self.status.update(mutate)
 
-    def _train(self, cand: Candidate) -> None:
-        claimed = self.inbox.claim(cand)
-        logger.info("training %s", claimed.name)
-        rows_before = len(read_history(self.args.status_dir))
-        rc = self._run_child(claimed)
-        if rc == EXIT_INTERRUPTED or (rc != 0 and self.stop.is_set()):
-            logger.warning("%s stopped mid-file; it resumes on the next start", claimed.name)
-            return  # stays in processing/; recover_claimed() re-queues it
-        self.processed += 1
-        if rc == 0:
-            target = self.inbox.finish(claimed, None)
-            logger.info("done: %s", target)
-            return
-        rows = read_history(self.args.status_dir)[rows_before:]
-        recorded = [r for r in rows if r.get("outcome") == "failed"]
-        if recorded:
-            error = recorded[-1].get("error") or f"training process exited with code {rc}"
-        else:  # the child died without recording (crash, usage error): record it here
-            error = f"training process exited with code {rc}; see the daemon's log"
-            self.status.record_outcome(_crash_row(claimed.name, error))
-        target = self.inbox.finish(claimed, error)
-        logger.error("failed: %s: %s", target.name, error)
+    # ------------------------------------------------------------------ one claimed file
 
-    def _run_child(self, claimed: Path) -> int:
+    def _process(self, claimed: Path) -> None:
+        """Train a claimed file to its end (done, failed, or left claimed when the daemon stops)."""
+        try:
+            sha, size = sha256_of(claimed)
+        except OSError as e:
+            self._reject(claimed, str(e))
+            return
+        entry = self._ledger_entry(claimed, sha, size)
+        if entry is None:
+            return
+        if entry.state in ("done", "failed"):  # finished before a crash, not yet moved
+            self._finish(claimed, entry, None if entry.state == "done" else entry.error)
+            return
+        while not self.stop.is_set():
+            logger.info("training %s (attempt %d)", claimed.name, entry.attempts + 1)
+            result = self._run_child(claimed, entry.id)
+            entry = self.ledger.get(entry.id) or entry
+            if self.stop.is_set() and entry.state not in ("done", "failed"):
+                logger.warning("%s stopped mid-file; it resumes on the next start", claimed.name)
+                return
+            if entry.state in ("done", "failed"):
+                self._finish(claimed, entry, None if entry.state == "done" else entry.error)
+                return
+            why = "stalled (no progress)" if result.stalled else f"exited with code {result.returncode}"
+            entry = self.ledger.update(entry.id, attempts=entry.attempts + 1, error=f"training process {why}")
+            logger.error("%s: attempt %d %s", claimed.name, entry.attempts, why)
+            if entry.attempts >= self.args.max_attempts:
+                error = f"training process {why}; gave up after {entry.attempts} attempts (see the daemon's log)"
+                self.ledger.update(entry.id, state="failed", error=error)
+                self.status.record_outcome(_failed_row(claimed.name, sha, error))
+                self._finish(claimed, entry, error)
+                return
+
+    def _ledger_entry(self, claimed: Path, sha: str, size: int) -> Entry | None:
+        """This claim's ledger row (made now for a new claim); None when the file is skipped as a duplicate."""
+        entry = self.ledger.find_claim(claimed.name, sha)
+        if entry is not None and entry.state in ("queued", "training", "done", "failed"):
+            return entry
+        earlier = self.ledger.find(sha, ("done",))
+        if earlier is not None and not self.args.allow_duplicates:
+            note = (
+                f"skipped: same content (sha256 {sha[:12]}...) as {earlier.name}, trained at steps "
+                f"{earlier.start_step} -> {earlier.end_step}; pass --allow_duplicates to train it again"
+            )
+            logger.warning("%s: %s", claimed.name, note)
+            dup = self.ledger.add(claimed.name, "duplicate", sha, size, error=note)
+            self._finish(claimed, dup, note)
+            return None
+        return self.ledger.add(claimed.name, "queued", sha, size)
+
+    def _finish(self, claimed: Path, entry: Entry, error: str | None) -> None:
+        self.processed += 1
+        target = self.inbox.finish(claimed, error)
+        if error is None:
+            logger.info("done: %s", target)
+        else:
+            logger.error("failed: %s: %s", target.name, error)
+
+    def _run_child(self, claimed: Path, entry_id: int) -> ChildResult:
+        """Run one training attempt; kill its process group on a stall or a second stop signal."""
+        prefix = shlex.split(self.args.launcher) if self.args.launcher else [sys.executable]
         cmd = [
-            sys.executable,
+            *prefix,
             "-m",
             "daemon",
             "train",
@@ -274,35 +394,67 @@ class Daemon:
             self.args.output_dir,
             "--status_dir",
             self.args.status_dir,
+            "--ledger_entry",
+            str(entry_id),
             *self.train_argv,
         ]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        # A session of its own: a Ctrl-C in the terminal reaches the daemon, which forwards one SIGTERM.
-        self.child = subprocess.Popen(cmd, env=env, start_new_session=True)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", SUPERVISOR_ENV: str(os.getpid())}
+        started = time.time()
+        # A session of its own: a Ctrl-C in the terminal reaches the daemon, which forwards one SIGTERM,
+        # and a stalled launcher is killed with every process it started.
+        self.child = child = subprocess.Popen(cmd, env=env, start_new_session=True)
+        term_sent: float | None = None
         try:
-            return self.child.wait()
+            while True:
+                try:
+                    return ChildResult(child.wait(timeout=POLL_SECONDS))
+                except subprocess.TimeoutExpired:
+                    pass
+                if self.stop.is_set():
+                    if term_sent is None:
+                        term_sent = time.time()
+                        _signal_group(child, signal.SIGTERM)
+                    elif time.time() - term_sent > self.args.stop_grace_seconds:
+                        logger.error("the training process did not stop within the grace period: killing it")
+                        _signal_group(child, signal.SIGKILL)
+                elif self._stalled(started):
+                    logger.error(
+                        "no training progress for %.0f s: killing the training process", self.args.stall_timeout
+                    )
+                    self.status.update(state="stalled")
+                    _signal_group(child, signal.SIGKILL)
+                    child.wait()
+                    return ChildResult(child.returncode, stalled=True)
         finally:
             self.child = None
 
+    def _stalled(self, started: float) -> bool:
+        progress_at = self.status.read().get("progress_at") or 0.0
+        return time.time() - max(float(progress_at), started) > self.args.stall_timeout
+
     def request_stop(self, signum: int, frame: Any = None) -> None:
-        """Signal handler: first signal stops after the child checkpoints; a second kills the child now."""
-        child = self.child
+        """Signal handler: the first signal lets the child checkpoint and stop; a second kills it now."""
         if self.stop.is_set():
-            logger.warning("second signal: killing the training process")
-            if child is not None:
-                os.killpg(child.pid, signal.SIGKILL)
-            return
+            logger.warning("second signal: killing the training process and exiting")
+            if self.child is not None:
+                _signal_group(self.child, signal.SIGKILL)
+            os._exit(128 + signum)
         logger.warning("%s: stopping after the current checkpoint", signal.Signals(signum).name)
         self.stop.set()
         self.wake.set()
-        if child is not None:
-            child.send_signal(signal.SIGTERM)
 
 
-def _crash_row(name: str, error: str) -> dict[str, Any]:
+def _signal_group(child: subprocess.Popen[bytes], sig: int) -> None:
+    try:
+        os.killpg(child.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _failed_row(name: str, sha: str | None, error: str) -> dict[str, Any]:
     return {
         "file": name,
-        "sha256": None,
+        "sha256": sha,
         "start_step": None,
         "end_step": None,
         "planned_steps": None,
@@ -351,6 +503,7 @@ def main(argv: list[str]) -> int:
         daemon_args, train_argv = parse_daemon_args(argv)
         check_training_flags(daemon_args, train_argv)
         Path(daemon_args.output_dir).mkdir(parents=True, exist_ok=True)
+        # flock-based: released by the kernel when the holder dies, so a killed daemon leaves no stale lock.
         lock = FileLock(str(Path(daemon_args.output_dir) / ".daemon.lock"))
         try:
             lock.acquire(timeout=0)
