@@ -15,6 +15,7 @@ States: ``queued`` (claimed, not started), ``training`` (a plan is recorded),
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -80,12 +81,25 @@ class Ledger:
     def __init__(self, status_dir: str | Path) -> None:
         self.path = Path(status_dir) / LEDGER_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self.path, timeout=30)
-        try:  # outside a transaction: journal_mode cannot change inside one, executescript commits
-            db.execute("PRAGMA journal_mode=WAL")
-            db.executescript(_SCHEMA)
-        finally:
-            db.close()
+        self._initialise()
+
+    def _initialise(self, timeout: float = 30.0) -> None:
+        # Outside a transaction: journal_mode cannot change inside one, and executescript commits.
+        # Several processes (the ranks of a torchrun child) may open a new ledger at once; switching
+        # to WAL then answers "locked" without waiting on the busy timeout, so retry for a while.
+        deadline = time.monotonic() + timeout
+        while True:
+            db = sqlite3.connect(self.path, timeout=timeout)
+            try:
+                db.execute("PRAGMA journal_mode=WAL")
+                db.executescript(_SCHEMA)
+                return
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() > deadline:
+                    raise
+            finally:
+                db.close()
+            time.sleep(0.05)
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import (
     DataCollatorForSeq2Seq,
     HfArgumentParser,
@@ -96,6 +97,12 @@ class ContinualTrainingArguments(TrainingArguments):
         default=200, metadata={"help": "Checkpoint every X optimizer steps (the end of a file always checkpoints)."}
     )
     save_total_limit: int | None = field(default=3, metadata={"help": "Checkpoints kept in output_dir."})
+    # accelerate runs DDP over gloo (MULTI_CPU) under torchrun only with use_cpu, and the device is
+    # resolved inside __post_init__: so the default must already say CPU on a machine without accelerator.
+    use_cpu: bool = field(
+        default=not torch.accelerator.is_available(),  # HfArgumentParser ignores a bool default_factory
+        metadata={"help": "Train on CPU (the default when no accelerator is available)."},
+    )
 
 
 @dataclass(frozen=True)

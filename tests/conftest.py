@@ -138,3 +138,49 @@ def no_leaked_threads_or_children():
         if time.monotonic() > deadline:
             pytest.fail(f"leaked threads {[t.name for t in threads]} / children {[c.pid for c in children]}")
         time.sleep(0.05)
+
+
+def daemon_argv(tree: Tree, *extra: str, **overrides: object) -> list[str]:
+    """``python -m daemon`` arguments for this tree: its folders, tiny-model flags, fast pick-up."""
+    return [
+        "-m",
+        "daemon",
+        "--inbox_dir",
+        str(tree.inbox),
+        "--settle_seconds",
+        "1",
+        "--rescan_seconds",
+        "0.5",
+        *extra,
+        *tree.flags(**overrides),
+    ]
+
+
+def start_daemon(tree: Tree, *extra: str, log_name: str = "daemon.log", **overrides: object) -> subprocess.Popen:
+    """Start a daemon in its own process group, logging to ``<tree>/<log_name>``."""
+    log = open(tree.root / log_name, "ab")  # noqa: SIM115 - closed by the OS when the process ends
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, *daemon_argv(tree, *extra, **overrides)],
+        cwd=tree.root,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
+    """Poll ``predicate`` until it returns a truthy value; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def read_status(tree: Tree) -> dict:
+    path = tree.status / "training_status.json"
+    return json.loads(path.read_text()) if path.exists() else {}

@@ -1,0 +1,225 @@
+"""The daemon under faults: kills at random moments, hostile and bad input, hangs, SIGTERM, torchrun.
+
+Each test runs real daemon processes on a tiny model; together they take a few minutes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from conftest import Tree, daemon_argv, read_status, run_cli, start_daemon, stdlib_documents, wait_for, write_jsonl
+
+from daemon.checkpoints import latest_complete_checkpoint
+from daemon.ledger import Ledger
+from daemon.status import history_violations
+
+
+def _drop(tree: Tree, name: str, rows: list[object]) -> None:
+    """Write elsewhere in the inbox under an ignored name, then rename in (atomic)."""
+    part = write_jsonl(tree.inbox / f".{name}.part", rows)
+    part.rename(tree.inbox / name)
+
+
+def _drain(tree: Tree, *extra: str, timeout: float = 240, **overrides: object):
+    result = run_cli(daemon_argv(tree, "--once", *extra, **overrides), cwd=tree.root, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def _done_rows(tree: Tree) -> dict[str, list[dict]]:
+    rows: dict[str, list[dict]] = {}
+    for row in tree.history():
+        if row["outcome"] == "done":
+            rows.setdefault(row["file"], []).append(row)
+    return rows
+
+
+def test_sigkill_at_random_moments_never_loses_or_repeats_a_file(tree):
+    rng = random.Random(20261122)
+    docs = stdlib_documents(limit=64)
+    files = {f"file{i}.jsonl": [{"text": d} for d in docs[i * 16 : (i + 1) * 16]] for i in range(4)}
+    # Long enough per file (a few hundred steps, a checkpoint every 5) for kills to land mid-file.
+    flags = {"save_steps": 5, "num_train_epochs": 6}
+
+    def slow_writer() -> None:  # one file written in place, in two halves, while the daemon runs
+        rows = [json.dumps(r) + "\n" for r in files["file3.jsonl"]]
+        with open(tree.inbox / "file3.jsonl", "w") as f:
+            f.writelines(rows[:8])
+            f.flush()
+            time.sleep(0.4)
+            f.writelines(rows[8:])
+
+    writer = threading.Thread(target=slow_writer)
+    kills = 0
+    for round_ in range(5):
+        daemon = start_daemon(tree, **flags)
+        if round_ == 0:
+            _drop(tree, "file0.jsonl", files["file0.jsonl"])
+            _drop(tree, "file1.jsonl", files["file1.jsonl"])
+        if round_ == 1:
+            writer.start()
+        if round_ == 2:
+            _drop(tree, "file2.jsonl", files["file2.jsonl"])
+        time.sleep(rng.uniform(6.0, 20.0))  # start-up (flag check, child imports) alone takes ~9 s here
+        os.killpg(daemon.pid, signal.SIGKILL)
+        daemon.wait()
+        kills += 1
+    writer.join()
+    assert kills == 5
+    time.sleep(1)  # a training child notices its daemon is gone within 0.5 s and kills its group
+    _drain(tree, **flags)
+
+    assert sorted(p.name for p in (tree.inbox / "done").iterdir()) == sorted(files)
+    assert list((tree.inbox / "failed").iterdir()) == []
+    assert list((tree.inbox / "processing").iterdir()) == []
+    assert [p.name for p in tree.inbox.iterdir() if p.name not in ("done", "failed", "processing")] == []
+    done = _done_rows(tree)
+    assert {name: len(rows) for name, rows in done.items()} == dict.fromkeys(files, 1)  # trained exactly once
+    rows = [r for r in tree.history() if r["outcome"] == "done"]
+    assert history_violations(rows) == []
+    checkpoint = latest_complete_checkpoint(tree.output, set_aside=False)
+    assert checkpoint is not None and checkpoint.global_step == sum(r["planned_steps"] for r in rows)
+    assert {e.name for e in Ledger(tree.status).entries("done")} == set(files)
+
+
+def test_bad_and_hostile_entries_end_with_their_reason_and_the_daemon_trains_the_next_file(tree, tmp_path_factory):
+    good = [{"text": d} for d in stdlib_documents(limit=8)]
+    outside = tmp_path_factory.mktemp("outside") / "secret.jsonl"
+    write_jsonl(outside, good)
+    _drop(tree, "a-good.jsonl", good)
+    (tree.inbox / "b-empty.jsonl").write_bytes(b"")
+    (tree.inbox / "c-all-bad.jsonl").write_bytes(b"{nope\n[1]\n")
+    (tree.inbox / "d-binary.jsonl").write_bytes(bytes(range(256)) * 4)
+    (tree.inbox / "e-latin1.jsonl").write_bytes('{"text": "caf\u00e9"}\n'.encode("latin-1"))
+    (tree.inbox / "f-symlink.jsonl").symlink_to(outside)
+    os.mkfifo(tree.inbox / "g-fifo.jsonl")
+    (tree.inbox / "h-directory").mkdir()
+    _drop(tree, "i-duplicate.jsonl", good)
+    _drop(tree, "j-next-good.jsonl", [{"text": d} for d in stdlib_documents(limit=16)[8:]])
+    for i, path in enumerate(sorted(tree.inbox.iterdir())):
+        if path.name not in ("done", "failed", "processing"):
+            os.utime(path, (1000 + i, 1000 + i), follow_symlinks=False)
+
+    _drain(tree)
+
+    expected = {
+        "b-empty.jsonl": "empty",
+        "c-all-bad.jsonl": "no usable examples",
+        "d-binary.jsonl": "binary",
+        "e-latin1.jsonl": "invalid UTF-8",
+        "f-symlink.jsonl": "symbolic link",
+        "g-fifo.jsonl": "FIFO",
+        "h-directory": "directory",
+        "i-duplicate.jsonl": "skipped: same content",
+    }
+    failed = tree.inbox / "failed"
+    for name, reason in expected.items():
+        assert os.path.lexists(failed / name), name
+        assert reason in (failed / f"{name}.error.txt").read_text(), name
+    assert sorted(p.name for p in (tree.inbox / "done").iterdir()) == ["a-good.jsonl", "j-next-good.jsonl"]
+    assert outside.read_text() == "".join(json.dumps(r) + "\n" for r in good)  # the target was never touched
+    assert history_violations(tree.history()) == []
+    states = {e.name: e.state for e in Ledger(tree.status).entries()}
+    assert states["f-symlink.jsonl"] == "rejected" and states["i-duplicate.jsonl"] == "duplicate"
+    assert states["j-next-good.jsonl"] == "done"
+
+
+HANG_LAUNCHER = """
+import os, runpy, sys, threading
+args = sys.argv[1:]
+dataset = os.path.basename(args[args.index("--dataset") + 1])
+if dataset.startswith("1-hang"):  # block forever in the data collator, as a stuck input pipeline would
+    import transformers
+    transformers.DataCollatorForSeq2Seq.__call__ = lambda self, features: threading.Event().wait()
+assert args[:2] == ["-m", "daemon"]
+sys.argv = ["daemon", *args[2:]]
+runpy.run_module("daemon", run_name="__main__")
+"""
+
+
+def test_a_hanging_child_is_killed_retried_then_failed_and_the_next_file_trains(tree):
+    launcher = tree.root / "hang_launcher.py"
+    launcher.write_text(HANG_LAUNCHER)
+    _drop(tree, "1-hang.jsonl", [{"text": d} for d in stdlib_documents(limit=8)])
+    _drop(tree, "2-good.jsonl", [{"text": d} for d in stdlib_documents(limit=16)[8:]])
+    os.utime(tree.inbox / "1-hang.jsonl", (1000, 1000))
+    result = _drain(
+        tree,
+        "--launcher",
+        f"{sys.executable} {launcher}",
+        "--stall_timeout",
+        "6",
+        "--max_attempts",
+        "2",
+        timeout=280,
+    )
+    assert "no training progress for 6 s" in result.stderr
+    error = (tree.inbox / "failed" / "1-hang.jsonl.error.txt").read_text()
+    assert "stalled" in error and "gave up after 2 attempts" in error
+    assert (tree.inbox / "done" / "2-good.jsonl").exists()
+    entry = next(e for e in Ledger(tree.status).entries() if e.name == "1-hang.jsonl")
+    assert (entry.state, entry.attempts) == ("failed", 2)
+    assert history_violations(tree.history()) == []
+
+
+def test_sigterm_mid_file_checkpoints_exits_and_the_restart_finishes_the_file(tree):
+    flags = {"num_train_epochs": 30, "save_steps": 1000}
+    _drop(tree, "long.jsonl", [{"text": d} for d in stdlib_documents(limit=12)])
+    daemon = start_daemon(tree, **flags)
+    status = wait_for(
+        lambda: (
+            (s := read_status(tree)).get("state") == "training"
+            and (s.get("current_file") or {}).get("steps_done", 0) >= 3
+            and s
+        ),
+        timeout=120,
+        what="training to be under way",
+    )
+    planned = status["current_file"]["planned_steps"]
+    daemon.send_signal(signal.SIGTERM)
+    assert daemon.wait(timeout=60) == 0
+    stopped = read_status(tree)
+    assert stopped["state"] == "stopped"
+    checkpoint = latest_complete_checkpoint(tree.output, set_aside=False)
+    assert checkpoint is not None and 3 <= checkpoint.global_step < planned  # saved mid-file on the signal
+    assert (tree.inbox / "processing" / "long.jsonl").exists()
+
+    _drain(tree, **flags)
+    (row,) = tree.history()
+    assert (row["outcome"], row["start_step"], row["end_step"], row["planned_steps"]) == ("done", 0, planned, planned)
+    assert (tree.inbox / "done" / "long.jsonl").exists()
+
+
+def test_a_second_daemon_exits_and_a_killed_daemons_lock_is_recovered(tree):
+    first = start_daemon(tree)
+    wait_for(lambda: read_status(tree).get("state") == "idle", timeout=60, what="the first daemon to start")
+    second = run_cli(daemon_argv(tree, "--once"), cwd=tree.root, timeout=60)
+    assert second.returncode == 1 and "another daemon is already training" in second.stderr
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    _drop(tree, "a.jsonl", [{"text": d} for d in stdlib_documents(limit=8)])
+    _drain(tree)  # the lock of the killed daemon does not block it
+    assert (tree.inbox / "done" / "a.jsonl").exists()
+
+
+def test_a_file_trains_under_torchrun_with_two_cpu_processes(tree):
+    rows = [{"text": d} for d in stdlib_documents(limit=24)]
+    _drop(tree, "ddp.jsonl", rows)
+    launcher = f"{sys.executable} -m torch.distributed.run --standalone --nproc_per_node 2"
+    _drain(tree, "--launcher", launcher, timeout=280)
+    (row,) = tree.history()
+    assert row["outcome"] == "done"
+    # world size 2 in the effective batch: 4 per device x 1 accumulation x 2 processes
+    assert row["planned_steps"] == -(-row["examples"] // 8)
+    assert row["end_step"] - row["start_step"] == row["planned_steps"]
+    checkpoint = latest_complete_checkpoint(tree.output, set_aside=False)
+    assert checkpoint is not None and checkpoint.global_step == row["end_step"]
+    assert (tree.inbox / "done" / "ddp.jsonl").exists()
+    assert Path(tree.output / "config.json").exists()
