@@ -17,6 +17,8 @@ from pathlib import Path
 from daemon.exceptions import ConfigError
 
 DEFAULT_SAMPLE_PROMPTS = ["def ", "import ", "class ", "The ", "# "]
+# The daemon's pid, set for its training children so that they die with it (see training._exit_with_supervisor).
+SUPERVISOR_ENV = "CONTINUAL_DAEMON_PID"
 
 
 @dataclass

@@ -4,11 +4,14 @@ Used by ``python train.py --dataset FILE`` and by the daemon's child process.
 A run reads as ``setup -> fit -> evaluate -> save`` (:func:`train_file`):
 
 1. scan the file, find the latest complete checkpoint, load or bootstrap the model,
-   tokenize, plan the steps (:class:`StepPlan`, SPEC section 6);
-2. ``Trainer.train(resume_from_checkpoint=...)`` with ``max_steps = start_step +
-   steps_for_file`` and ``ignore_data_skip=True``, checked afterwards;
-3. held-out evaluation and samples, once training has fully stopped;
-4. export to the root of ``output_dir``, evolution snapshot, history row.
+   tokenize, plan the steps (:class:`StepPlan`, SPEC section 6) and write the plan to
+   the ledger; an interrupted file keeps its recorded plan;
+2. ``Trainer.train(resume_from_checkpoint=...)`` once per remaining segment (one per
+   epoch, :meth:`StepPlan.segments`) with ``max_steps`` at the segment's end and
+   ``ignore_data_skip=True``; every end is checked and checkpointed, the last one being
+   ``max_steps = start_step + steps_for_file``;
+3. held-out evaluation and samples, once training (and its threads) has fully stopped;
+4. export to the root of ``output_dir``, evolution snapshot, history row, ledger ``done``.
 
 This module is the only place that builds a ``Trainer``.
 """
@@ -44,7 +47,14 @@ from transformers.trainer_utils import SchedulerType
 from daemon import data as data_mod
 from daemon.accumulation import GuardCounters, ThreadedAccumulationTrainer, resolve_workers
 from daemon.checkpoints import Checkpoint, latest_complete_checkpoint
-from daemon.config import DataArguments, ModelArguments, RunArguments, config_file_to_argv, configure_logging
+from daemon.config import (
+    SUPERVISOR_ENV,
+    DataArguments,
+    ModelArguments,
+    RunArguments,
+    config_file_to_argv,
+    configure_logging,
+)
 from daemon.exceptions import ConfigError, DaemonError, TrainingError, TrainingInterrupted
 from daemon.ledger import Entry, Ledger
 from daemon.model import bootstrap_model, has_model, load_pretrained, train_tokenizer
@@ -55,7 +65,6 @@ logger = logging.getLogger(__name__)
 
 EXIT_USER_ERROR = 1
 EXIT_INTERRUPTED = 3
-SUPERVISOR_ENV = "CONTINUAL_DAEMON_PID"  # set by the daemon for its training children
 # Schedules whose value at a step does not depend on num_training_steps, so a
 # growing max_steps (one more file) cannot make the learning rate jump.
 STEP_ONLY_SCHEDULES = {"constant", "constant_with_warmup"}
@@ -63,7 +72,7 @@ STEP_ONLY_SCHEDULES = {"constant", "constant_with_warmup"}
 OWNED_FLAGS = {
     "max_steps": "start_step + steps_for_file of the latest checkpoint and this file",
     "ignore_data_skip": "True: each file is trained from its first example",
-    "train_sampling_strategy": "'sequential' over the file's examples, shuffled once with --seed",
+    "train_sampling_strategy": "'sequential': each epoch of the file has a fixed order drawn from --seed",
 }
 
 
@@ -648,14 +657,9 @@ def train_file(
         eval_loss = trainer.evaluate()["eval_loss"] if run.data.eval is not None else None
         row = _history_row(run, name, started, "done", train_loss=train_loss, eval_loss=eval_loss)
         if is_main:
-            assert status is not None
-            if eval_loss is not None:
-                status.update(_count_eval(run.plan.max_steps, name, eval_loss))
+            assert status is not None and entry is not None
             _beat(heartbeat, state="saving")
-            _save_outputs(run, run_args, training_args, eval_loss)
-            status.record_outcome(row)
-            assert entry is not None
-            ledger.update(entry.id, state="done", end_step=run.plan.max_steps)
+            _save_and_record(run, row, status, ledger, entry, run_args, training_args)
             _beat(heartbeat, state="idle", global_step=run.plan.max_steps, current_file=None)
         return row
     except TrainingInterrupted:
@@ -674,7 +678,19 @@ def train_file(
             heartbeat.stop()
 
 
-def _save_outputs(run: Run, run_args: RunArguments, training_args: TrainingArguments, eval_loss: float | None) -> None:
+def _save_and_record(
+    run: Run,
+    row: dict[str, Any],
+    status: StatusFile,
+    ledger: Ledger,
+    entry: Entry,
+    run_args: RunArguments,
+    training_args: TrainingArguments,
+) -> None:
+    """Samples, export, snapshot, then the records; each step may be repeated after a crash."""
+    eval_loss = row["eval_loss"]
+    if eval_loss is not None:
+        status.update(_count_eval(run.plan.max_steps, row["file"], eval_loss))
     settings = GenerationSettings(
         max_new_tokens=run_args.sample_max_new_tokens,
         temperature=run_args.sample_temperature,
@@ -693,6 +709,8 @@ def _save_outputs(run: Run, run_args: RunArguments, training_args: TrainingArgum
         samples,
     )
     logger.info("exported the model to %s; snapshot in %s", training_args.output_dir, folder)
+    status.record_outcome(row)  # before the ledger: a crash in between finishes again without a second row
+    ledger.update(entry.id, state="done", end_step=run.plan.max_steps)
 
 
 def _history_row(

@@ -46,7 +46,7 @@ from filelock import FileLock, Timeout
 from watchdog.events import FileClosedEvent, FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-from daemon.config import DaemonArguments, config_file_to_argv
+from daemon.config import SUPERVISOR_ENV, DaemonArguments, config_file_to_argv
 from daemon.exceptions import ConfigError, DaemonError
 from daemon.ledger import Entry, Ledger
 from daemon.status import StatusFile, utc_now
@@ -56,7 +56,6 @@ logger = logging.getLogger(__name__)
 PROCESSING, DONE, FAILED = "processing", "done", "failed"
 SUBDIRS = (PROCESSING, DONE, FAILED)
 IGNORED_SUFFIXES = (".tmp", ".part")
-SUPERVISOR_ENV = "CONTINUAL_DAEMON_PID"  # daemon.training.SUPERVISOR_ENV: children die with the daemon
 POLL_SECONDS = 0.5
 
 
@@ -333,7 +332,7 @@ class Daemon:
         if entry is None:
             return
         if entry.state in ("done", "failed"):  # finished before a crash, not yet moved
-            self._finish(claimed, entry, None if entry.state == "done" else entry.error)
+            self._finish(claimed, None if entry.state == "done" else entry.error)
             return
         while not self.stop.is_set():
             logger.info("training %s (attempt %d)", claimed.name, entry.attempts + 1)
@@ -343,7 +342,7 @@ class Daemon:
                 logger.warning("%s stopped mid-file; it resumes on the next start", claimed.name)
                 return
             if entry.state in ("done", "failed"):
-                self._finish(claimed, entry, None if entry.state == "done" else entry.error)
+                self._finish(claimed, None if entry.state == "done" else entry.error)
                 return
             why = "stalled (no progress)" if result.stalled else f"exited with code {result.returncode}"
             entry = self.ledger.update(entry.id, attempts=entry.attempts + 1, error=f"training process {why}")
@@ -352,7 +351,7 @@ class Daemon:
                 error = f"training process {why}; gave up after {entry.attempts} attempts (see the daemon's log)"
                 self.ledger.update(entry.id, state="failed", error=error)
                 self.status.record_outcome(_failed_row(claimed.name, sha, error))
-                self._finish(claimed, entry, error)
+                self._finish(claimed, error)
                 return
 
     def _ledger_entry(self, claimed: Path, sha: str, size: int) -> Entry | None:
@@ -367,12 +366,12 @@ class Daemon:
                 f"{earlier.start_step} -> {earlier.end_step}; pass --allow_duplicates to train it again"
             )
             logger.warning("%s: %s", claimed.name, note)
-            dup = self.ledger.add(claimed.name, "duplicate", sha, size, error=note)
-            self._finish(claimed, dup, note)
+            self.ledger.add(claimed.name, "duplicate", sha, size, error=note)
+            self._finish(claimed, note)
             return None
         return self.ledger.add(claimed.name, "queued", sha, size)
 
-    def _finish(self, claimed: Path, entry: Entry, error: str | None) -> None:
+    def _finish(self, claimed: Path, error: str | None) -> None:
         self.processed += 1
         target = self.inbox.finish(claimed, error)
         if error is None:

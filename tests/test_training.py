@@ -254,3 +254,11 @@ def test_exported_model_loads_with_from_pretrained(tree):
     assert model.config.model_type == "llama"
     assert tokenizer.eos_token == "<|endoftext|>"
     assert not list(tree.output.glob(".export*"))
+
+
+def test_checkpoint_rotation_keeps_the_newest_complete_checkpoint(tree):
+    row = train(tree, _text_file(tree.root / "a.jsonl", 30), save_steps=2, save_total_limit=1)
+    checkpoints = sorted(p.name for p in tree.output.glob("checkpoint-*"))
+    assert checkpoints == [f"checkpoint-{row['end_step']}"]
+    found = latest_complete_checkpoint(tree.output, set_aside=False)
+    assert found is not None and found.global_step == row["end_step"]
