@@ -33,8 +33,8 @@ test: install
 	$(PY) -m pytest -q $(if $(SLOW),,-m "not slow")
 
 lint: install
-	$(PY) -m ruff check daemon tests train.py
-	$(PY) -m ruff format --check daemon tests train.py
+	$(PY) -m ruff check daemon tests bench train.py
+	$(PY) -m ruff format --check daemon tests bench train.py
 	$(PY) -m mypy daemon
 
 # Removes the run-time state (inbox contents, status, checkpoints and the exported model).

@@ -101,6 +101,8 @@ def test_bad_and_hostile_entries_end_with_their_reason_and_the_daemon_trains_the
     (tree.inbox / "f-symlink.jsonl").symlink_to(outside)
     os.mkfifo(tree.inbox / "g-fifo.jsonl")
     (tree.inbox / "h-directory").mkdir()
+    write_jsonl(tree.root / "elsewhere.jsonl", good[:4])
+    os.link(tree.root / "elsewhere.jsonl", tree.inbox / "h2-hardlink.jsonl")
     _drop(tree, "i-duplicate.jsonl", good)
     _drop(tree, "j-next-good.jsonl", [{"text": d} for d in stdlib_documents(limit=16)[8:]])
     for i, path in enumerate(sorted(tree.inbox.iterdir())):
@@ -117,6 +119,7 @@ def test_bad_and_hostile_entries_end_with_their_reason_and_the_daemon_trains_the
         "f-symlink.jsonl": "symbolic link",
         "g-fifo.jsonl": "FIFO",
         "h-directory": "directory",
+        "h2-hardlink.jsonl": "hard link",
         "i-duplicate.jsonl": "skipped: same content",
     }
     failed = tree.inbox / "failed"
