@@ -14,10 +14,9 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-
-from daemon.status import atomic_write_text
 
 SKIPPED_DIRS = {"__pycache__", "node_modules"}
 
@@ -63,24 +62,32 @@ def split_text(text: str, max_chars: int) -> list[str]:
 
 
 def make_dataset(roots: list[Path], out: Path, max_chars: int) -> tuple[int, int, int]:
-    """Write the JSONL file.
+    """Write the JSONL file, one file's documents at a time (memory bounded by the largest file).
 
     Returns:
         ``(documents, files used, binary files skipped)``.
     """
-    lines: list[str] = []
-    used = skipped = 0
-    for root in roots:
-        for path in iter_text_files(root):
-            text = read_text(path)
-            if text is None:
-                skipped += 1
-                continue
-            pieces = split_text(text, max_chars)
-            used += bool(pieces)
-            lines.extend(json.dumps({"text": piece}, ensure_ascii=False) for piece in pieces)
-    atomic_write_text(out, "".join(line + "\n" for line in lines))
-    return len(lines), used, skipped
+    docs = used = skipped = 0
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o644)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for root in roots:
+                for path in iter_text_files(root):
+                    text = read_text(path)
+                    if text is None:
+                        skipped += 1
+                        continue
+                    pieces = split_text(text, max_chars)
+                    used += bool(pieces)
+                    docs += len(pieces)
+                    f.writelines(json.dumps({"text": piece}, ensure_ascii=False) + "\n" for piece in pieces)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return docs, used, skipped
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -46,6 +46,7 @@ from filelock import FileLock, Timeout
 from watchdog.events import FileClosedEvent, FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
+from daemon.checkpoints import latest_complete_checkpoint
 from daemon.config import SUPERVISOR_ENV, DaemonArguments, config_file_to_argv
 from daemon.exceptions import ConfigError, DaemonError
 from daemon.ledger import Entry, Ledger
@@ -252,6 +253,9 @@ class Daemon:
 
     def run(self) -> int:
         """Drain and watch the inbox until stopped (or drained, with ``--once``)."""
+        latest = latest_complete_checkpoint(self.args.output_dir, set_aside=False)
+        step = latest.global_step if latest else 0
+        self.status.update(state="idle", global_step=step, max_steps=step, current_file=None)
         observer = Observer()
         observer.schedule(_Wake(self.inbox, self.wake), str(self.inbox.root), recursive=False)
         observer.start()
