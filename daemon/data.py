@@ -141,10 +141,17 @@ def _check_messages(messages: Any) -> list[dict[str, str]]:
     return out
 
 
-def _iter_lines(path: Path) -> Iterator[tuple[int, bytes]]:
-    """``(1-based line number, bytes)`` of each non-blank line, read in binary, streaming."""
+def _iter_lines(path: Path, digest: Any = None) -> Iterator[tuple[int, bytes]]:
+    """``(1-based line number, bytes)`` of each non-blank line, read in binary, streaming.
+
+    Args:
+        path: the file.
+        digest: a ``hashlib`` object fed every byte of the file on the way (blank lines too).
+    """
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
+            if digest is not None:
+                digest.update(raw)
             raw = raw.rstrip(b"\r\n")
             if raw.strip():
                 yield number, raw
@@ -173,13 +180,10 @@ def scan_jsonl(path: str | Path, text_field: str = "text", strict: bool = False)
     if b"\x00" in head:
         raise DatasetError(f"{path.name}: looks like a binary file (NUL bytes); expected UTF-8 JSON lines")
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
     shape: str | None = None
     usable = bad = 0
     first_bad: list[tuple[int, str]] = []
-    for number, raw in _iter_lines(path):
+    for number, raw in _iter_lines(path, digest):
         try:
             line_shape, _ = parse_line(raw, text_field)
             if shape is not None and line_shape != shape:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 from conftest import stdlib_documents, write_jsonl
 
@@ -58,6 +60,7 @@ def test_scan_skips_and_names_malformed_lines(tmp_path, caplog):
         tmp_path / "mixed.jsonl", [{"text": "a"}, "{bad", "", {"text": "b"}, "[]", {"prompt": "p", "completion": "c"}]
     )
     report = scan_jsonl(path)
+    assert report.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()  # the daemon hashes the same way
     assert report.shape == "text"
     assert report.usable == 2
     assert report.bad_lines == 3
