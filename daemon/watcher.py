@@ -58,6 +58,7 @@ PROCESSING, DONE, FAILED = "processing", "done", "failed"
 SUBDIRS = (PROCESSING, DONE, FAILED)
 IGNORED_SUFFIXES = (".tmp", ".part")
 POLL_SECONDS = 0.5
+QUEUE_REFRESH_SECONDS = 2.0
 
 
 def is_ignored_name(name: str) -> bool:
@@ -312,14 +313,14 @@ class Daemon:
             logger.error("could not move %s to failed/: %s", path.name, e)
         self.status.update(last_error={"file": path.name, "message": f"rejected: {reason}", "at": utc_now()})
 
-    def _publish_queue(self, pending: list[Candidate]) -> None:
+    def _publish_queue(self, pending: list[Candidate], between_files: bool = True) -> None:
         names = [c.path.name for c in pending]
 
         def mutate(doc: dict[str, Any]) -> None:
             doc["queue"] = names
             doc["files"]["queued"] = len(names)
-            if doc["state"] not in ("idle", "stopped", "failed", "stalled"):
-                doc["state"] = "idle"  # no child runs while the daemon is choosing the next file
+            if between_files and doc["state"] not in ("idle", "stopped", "failed", "stalled"):
+                doc["state"] = "idle"  # no child runs now: a crashed child's last state is stale
 
         self.status.update(mutate)
 
@@ -407,12 +408,16 @@ class Daemon:
         # and a stalled launcher is killed with every process it started.
         self.child = child = subprocess.Popen(cmd, env=env, start_new_session=True)
         term_sent: float | None = None
+        queue_published = 0.0
         try:
             while True:
                 try:
                     return ChildResult(child.wait(timeout=POLL_SECONDS))
                 except subprocess.TimeoutExpired:
                     pass
+                if time.monotonic() - queue_published > QUEUE_REFRESH_SECONDS:  # files dropped meanwhile
+                    self._publish_queue(self.inbox.scan(), between_files=False)
+                    queue_published = time.monotonic()
                 if self.stop.is_set():
                     if term_sent is None:
                         term_sent = time.time()

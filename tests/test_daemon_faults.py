@@ -186,6 +186,12 @@ def test_sigterm_mid_file_checkpoints_exits_and_the_restart_finishes_the_file(tr
         what="training to be under way",
     )
     planned = status["current_file"]["planned_steps"]
+    _drop(tree, "next.jsonl", [{"text": d} for d in stdlib_documents(limit=16)[12:]])
+    wait_for(
+        lambda: (s := read_status(tree)).get("queue") == ["next.jsonl"] and s["state"] == "training",
+        timeout=30,
+        what="a file dropped during training to show in the queue",
+    )
     daemon.send_signal(signal.SIGTERM)
     assert daemon.wait(timeout=60) == 0
     stopped = read_status(tree)
@@ -195,9 +201,10 @@ def test_sigterm_mid_file_checkpoints_exits_and_the_restart_finishes_the_file(tr
     assert (tree.inbox / "processing" / "long.jsonl").exists()
 
     _drain(tree, **flags)
-    (row,) = tree.history()
+    row, next_row = tree.history()  # the interrupted file first: claimed files go before the queue
     assert (row["outcome"], row["start_step"], row["end_step"], row["planned_steps"]) == ("done", 0, planned, planned)
-    assert (tree.inbox / "done" / "long.jsonl").exists()
+    assert next_row["file"] == "next.jsonl" and next_row["start_step"] == planned
+    assert sorted(p.name for p in (tree.inbox / "done").iterdir()) == ["long.jsonl", "next.jsonl"]
 
 
 def test_a_second_daemon_exits_and_a_killed_daemons_lock_is_recovered(tree):
