@@ -140,7 +140,7 @@ class StatusFile:
                 return
             path = self.dir / HISTORY_FILE
             # A torn last line (killed mid-append) must not glue onto this row.
-            lead = "\n" if path.exists() and path.stat().st_size and not path.read_bytes().endswith(b"\n") else ""
+            lead = "" if _ends_with_newline(path) else "\n"
             with open(path, "a", encoding="utf-8") as f:
                 f.write(lead + json.dumps(row, sort_keys=False) + "\n")
                 f.flush()
@@ -152,6 +152,18 @@ class StatusFile:
                 doc["last_error"] = {"file": row["file"], "message": row.get("error"), "at": row["finished_at"]}
 
         self.update(count)
+
+
+def _ends_with_newline(path: Path) -> bool:
+    """True for a missing or empty file, or one whose last byte is a newline."""
+    try:
+        with open(path, "rb") as f:
+            if f.seek(0, os.SEEK_END) == 0:
+                return True
+            f.seek(-1, os.SEEK_END)
+            return f.read(1) == b"\n"
+    except FileNotFoundError:
+        return True
 
 
 def history_violations(rows: list[dict[str, Any]]) -> list[str]:

@@ -19,6 +19,7 @@ from daemon.status import (
 def _row(name: str, start: int, end: int | None, planned: int | None, outcome: str = "done") -> dict:
     return {
         "file": name,
+        "sha256": f"sha-of-{name}",
         "start_step": start,
         "end_step": end,
         "planned_steps": planned,
@@ -92,3 +93,14 @@ def test_summary_names_state_step_files_and_recent_history(state):
     assert "a.jsonl: step 3/6 (50%)" in text
     assert "done   old.jsonl: steps 0 -> 4" in text
     assert "failed bad.jsonl: bad" in text
+
+
+def test_a_history_line_torn_by_a_kill_is_skipped_and_does_not_swallow_the_next_row(tmp_path):
+    status = StatusFile(tmp_path)
+    status.record_outcome(_row("a.jsonl", 0, 4, 4))
+    with open(tmp_path / "history.jsonl", "a") as f:
+        f.write('{"file": "b.jsonl", "start_st')  # killed mid-append
+    status.record_outcome(_row("b.jsonl", 4, 6, 2))
+    assert [r["file"] for r in read_history(tmp_path)] == ["a.jsonl", "b.jsonl"]
+    status.record_outcome(_row("b.jsonl", 4, 6, 2))  # finished again after a crash: not repeated
+    assert len(read_history(tmp_path)) == 2
