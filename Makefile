@@ -7,7 +7,7 @@ STDLIB := $(shell $(PYTHON) -c "import sysconfig; print(sysconfig.get_paths()['s
 DEMO_FLAGS := --num_train_epochs 3 --learning_rate 2e-3 --warmup_steps 30 --per_device_train_batch_size 8 --max_seq_length 256 \
               --sample_prompts "def " "import " "class " "    return " "The "
 
-.PHONY: install demo test lint clean-state
+.PHONY: install demo test lint bench clean-state
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,11 @@ lint: install
 	$(PY) -m ruff check daemon tests bench train.py
 	$(PY) -m ruff format --check daemon tests bench train.py
 	$(PY) -m mypy daemon
+
+# Benchmarks (not tests: these machines are shared and noisy); both update BENCHMARKS.md. About 20 min on 2 cores.
+bench: install
+	$(PY) bench/accumulation.py
+	$(PY) bench/end_to_end.py
 
 # Removes the run-time state (inbox contents, status, checkpoints and the exported model).
 clean-state:

@@ -71,7 +71,10 @@ def generate_samples(
             torch.manual_seed(settings.seed)
             enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
             if enc["input_ids"].shape[1] == 0:  # an empty prompt starts from EOS, like a new document
-                enc = {"input_ids": torch.tensor([[tokenizer.eos_token_id]]), "attention_mask": torch.ones(1, 1)}
+                enc = {
+                    "input_ids": torch.tensor([[tokenizer.eos_token_id]]),
+                    "attention_mask": torch.ones(1, 1, dtype=torch.long),
+                }
             enc = {k: v.to(model.device) for k, v in enc.items()}
             out = model.generate(  # type: ignore[operator]
                 **enc,

@@ -12,6 +12,7 @@ import pytest
 from conftest import Tree, stdlib_documents, train, write_jsonl
 
 from daemon.checkpoints import latest_complete_checkpoint
+from daemon.config import DEFAULT_SAMPLE_PROMPTS
 from daemon.status import history_violations
 
 
@@ -235,10 +236,10 @@ def test_every_trained_file_has_an_evolution_snapshot_with_samples(tree):
         folder = tree.status / "evolution" / f"{row['end_step']:08d}-{Path(row['file']).stem}"
         snapshot = json.loads((folder / "snapshot.json").read_text())
         assert snapshot["step"] == row["end_step"]
-        assert len(snapshot["samples"]) == 5
-        assert all(s["completion"] is not None for s in snapshot["samples"])
+        assert [s["prompt"] for s in snapshot["samples"]] == DEFAULT_SAMPLE_PROMPTS
         assert snapshot["generation"]["seed"] == 0
-        assert "## Sample 1" in (folder / "samples.md").read_text()
+        markdown = (folder / "samples.md").read_text()
+        assert all(s["prompt"] + s["completion"] in markdown for s in snapshot["samples"])
     folders = sorted((tree.status / "evolution").iterdir())
     big, small = (json.loads((folder / "snapshot.json").read_text()) for folder in folders)
     assert big["eval_loss"] is not None and big["perplexity"] == pytest.approx(math.exp(big["eval_loss"]))
@@ -262,3 +263,12 @@ def test_checkpoint_rotation_keeps_the_newest_complete_checkpoint(tree):
     assert checkpoints == [f"checkpoint-{row['end_step']}"]
     found = latest_complete_checkpoint(tree.output, set_aside=False)
     assert found is not None and found.global_step == row["end_step"]
+
+
+def test_an_empty_sample_prompt_starts_from_eos(tree):
+    row = train(tree, _text_file(tree.root / "a.jsonl", 8), sample_prompts=["", "def "])
+    folder = tree.status / "evolution" / f"{row['end_step']:08d}-a"
+    samples = json.loads((folder / "snapshot.json").read_text())["samples"]
+    assert [s["prompt"] for s in samples] == ["", "def "]
+    markdown = (folder / "samples.md").read_text()
+    assert samples[0]["completion"] in markdown and "def " + samples[1]["completion"] in markdown
