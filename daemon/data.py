@@ -222,7 +222,10 @@ def load_records(report: ScanReport, data_args: DataArguments) -> datasets.Datas
     """The usable rows of a scanned file as an Arrow-backed ``datasets.Dataset``.
 
     The table is written to the datasets cache in batches, never held whole in
-    memory; ``report.sha256`` is part of the cache key.
+    memory. The cache key is the file's content (sha256), shape and text field, not
+    its path: a file seen before under any name (a retry, a re-drop, ``train.py`` on
+    a copy) loads from the cache, and so does its tokenization (``map`` keys its
+    cache on this fingerprint plus the tokenizer and packing arguments).
     """
     import datasets
 
@@ -230,8 +233,7 @@ def load_records(report: ScanReport, data_args: DataArguments) -> datasets.Datas
         _generate_records,
         gen_kwargs={"path": str(report.path), "text_field": data_args.text_field, "shape": report.shape},
         cache_dir=data_args.dataset_cache_dir,
-        fingerprint=None,
-        config_name=f"{report.shape}-{report.sha256[:16]}",
+        fingerprint=f"{report.shape}-{data_args.text_field}-{report.sha256}",
     )
 
 
@@ -396,7 +398,28 @@ def tokenize(
         batch_size=data_args.preprocessing_batch_size,
         remove_columns=records.column_names,
         desc=f"tokenizing ({shape})",
+        new_fingerprint=tokenization_fingerprint(records, tokenizer, fn, kwargs, data_args.preprocessing_batch_size),
     )
+
+
+def tokenization_fingerprint(
+    records: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, fn: Callable, kwargs: dict[str, Any], batch: int
+) -> str:
+    """The cache key of a file's tokenization: what the tokens depend on, and nothing else.
+
+    ``datasets`` would hash the tokenizer object itself, which holds the directory it
+    was loaded from (``name_or_path``): every new checkpoint would miss the cache
+    although its tokenizer is the same. Here the key is the records' fingerprint
+    (the file's content), the tokenizer's serialized vocabulary and rules
+    (``tokenizers``' JSON for a fast tokenizer), its special tokens, the function
+    and its arguments, and the map batch size (packing restarts at each batch).
+    """
+    from datasets.fingerprint import Hasher
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    rules = backend.to_str() if backend is not None else Hasher.hash(tokenizer)
+    special = sorted((k, str(v)) for k, v in tokenizer.special_tokens_map.items())
+    return Hasher.hash([records._fingerprint, rules, special, tokenizer.eos_token_id, fn, kwargs, batch])
 
 
 def heldout_size(examples: int, data_args: DataArguments) -> int:

@@ -176,3 +176,23 @@ def test_split_and_order_are_reproducible_with_the_seed(tmp_path, tokenizer):
     assert a.train["input_ids"][:5] == b.train["input_ids"][:5]
     assert a.eval is not None and a.eval_examples > 0
     assert a.train_examples + a.eval_examples == tokenize(load_records(report, args), "text", tokenizer, args).num_rows
+
+
+def test_tokenization_is_cached_by_content_not_by_path_or_checkpoint(tmp_path, tokenizer):
+    from transformers import AutoTokenizer
+
+    rows = [{"text": d} for d in stdlib_documents(limit=20)]
+    first, copy = write_jsonl(tmp_path / "a.jsonl", rows), write_jsonl(tmp_path / "renamed.jsonl", rows)
+    tokenizer.save_pretrained(tmp_path / "checkpoint-7")  # the same tokenizer, loaded from another directory
+    reloaded = AutoTokenizer.from_pretrained(tmp_path / "checkpoint-7")
+    args = _data_args(tmp_path, max_seq_length=32)
+
+    def cache_files(path, tok, data_args):
+        report = scan_jsonl(path)
+        return [f["filename"] for f in tokenize(load_records(report, data_args), "text", tok, data_args).cache_files]
+
+    original = cache_files(first, tokenizer, args)
+    assert cache_files(copy, reloaded, args) == original
+    assert cache_files(copy, reloaded, _data_args(tmp_path, max_seq_length=16)) != original
+    write_jsonl(copy, rows[:-1])
+    assert cache_files(copy, reloaded, args) != original
