@@ -76,6 +76,21 @@ OWNED_FLAGS = {
 }
 
 
+def cpu_has_fast_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
+    """Whether this CPU computes bf16 matmuls natively: AVX512-BF16 or AMX (Linux x86 flags).
+
+    ``torch.backends.cpu.get_cpu_capability()`` names only the widest vector ISA
+    ("AVX512"), not these extensions, so the kernel's flag list is read. Where it
+    cannot be read (another OS), the answer is ``False`` and training stays fp32.
+    """
+    try:
+        text = Path(cpuinfo).read_text(errors="replace")
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 @dataclass
 class ContinualTrainingArguments(TrainingArguments):
     """``TrainingArguments`` with the product's defaults (as TRL's ``SFTConfig`` does).
@@ -106,6 +121,15 @@ class ContinualTrainingArguments(TrainingArguments):
         default=200, metadata={"help": "Checkpoint every X optimizer steps (the end of a file always checkpoints)."}
     )
     save_total_limit: int | None = field(default=3, metadata={"help": "Checkpoints kept in output_dir."})
+    # bf16 autocast through accelerate: the matmuls run in bf16, the master weights, optimizer
+    # state and loss stay fp32. About 1.7x the fp32 training loop on an AVX512-BF16 CPU (BENCHMARKS.md).
+    bf16: bool = field(
+        default=not torch.accelerator.is_available() and cpu_has_fast_bf16(),
+        metadata={
+            "help": "bf16 autocast with fp32 master weights. Default: on when training on a CPU with "
+            "AVX512-BF16 or AMX, off otherwise (pass --bf16 on a GPU that supports it)."
+        },
+    )
     # accelerate runs DDP over gloo (MULTI_CPU) under torchrun only with use_cpu, and the device is
     # resolved inside __post_init__: so the default must already say CPU on a machine without accelerator.
     use_cpu: bool = field(
@@ -200,6 +224,8 @@ def parse_args(
         SystemExit: argparse's own usage errors (exit code 2), as any HF script.
     """
     argv = config_file_to_argv(argv)
+    if "--fp16" in argv and "--bf16" not in argv:
+        argv = [*argv, "--bf16", "False"]  # an explicit fp16 replaces the bf16 default, not conflicts with it
     parser = HfArgumentParser(
         (ModelArguments, DataArguments, RunArguments, ContinualTrainingArguments)  # type: ignore[arg-type]
     )
@@ -544,6 +570,8 @@ def build_trainer(
 ) -> ThreadedAccumulationTrainer:
     """The ``Trainer`` for one file, with ``max_steps`` from the plan and ``--grad_workers`` threads."""
     training_args.max_steps = run.plan.max_steps
+    precision = "bf16 autocast" if training_args.bf16 else "fp16 autocast" if training_args.fp16 else "fp32"
+    logger.info("precision: %s (master weights fp32)", precision)
     trainer = ThreadedAccumulationTrainer(
         model=run.model,
         args=training_args,

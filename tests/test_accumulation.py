@@ -203,19 +203,22 @@ def test_skipped_steps_do_not_advance_the_scheduler(tree, monkeypatch):
     assert status["gradient_guard"] == {**status["gradient_guard"], "workers": 2, "skipped_steps": 2}
 
 
-def test_one_to_eight_workers_follow_the_same_loss_trajectory(tmp_path):
-    # 21 documents -> a last partial batch; batch 5 -> shards of uneven size for 2, 4 and 8 workers
+@pytest.mark.parametrize(("bf16", "rel"), [(False, 1e-4), (True, 2e-2)])
+def test_one_to_eight_workers_follow_the_same_loss_trajectory(tmp_path, bf16, rel):
+    # 21 documents -> a last partial batch; batch 5 -> shards of uneven size for 2, 4 and 8 workers.
+    # bf16 autocast (each worker thread enters it in the model's forward) rounds differently
+    # for different shard shapes, hence the looser tolerance.
     docs = stdlib_documents(limit=21)
     losses = {}
     for workers in (0, 1, 2, 4, 8):
         tree = Tree(tmp_path / f"w{workers}")
         tree.root.mkdir()
         data = write_jsonl(tree.root / "a.jsonl", [{"text": d} for d in docs])
-        train(tree, data, grad_workers=workers, per_device_train_batch_size=5, gradient_accumulation_steps=2)
+        train(tree, data, grad_workers=workers, per_device_train_batch_size=5, gradient_accumulation_steps=2, bf16=bf16)
         state = json.loads(next(tree.output.glob("checkpoint-*/trainer_state.json")).read_text())
         losses[workers] = [e["loss"] for e in state["log_history"] if "loss" in e]
     for workers in (1, 2, 4, 8):
-        assert losses[workers] == pytest.approx(losses[0], rel=1e-4), workers
+        assert losses[workers] == pytest.approx(losses[0], rel=rel), workers
 
 
 def test_inference_never_runs_while_worker_threads_are_alive(tree, monkeypatch):

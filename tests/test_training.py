@@ -272,3 +272,61 @@ def test_an_empty_sample_prompt_starts_from_eos(tree):
     assert [s["prompt"] for s in samples] == ["", "def "]
     markdown = (folder / "samples.md").read_text()
     assert samples[0]["completion"] in markdown and "def " + samples[1]["completion"] in markdown
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ("fpu avx512f avx512_bf16 avx512_vnni", True),
+        ("fpu amx_bf16 amx_tile", True),
+        ("fpu avx512f avx2", False),
+    ],
+)
+def test_fast_bf16_is_detected_from_the_cpu_flags(tmp_path, flags, expected):
+    from daemon.training import cpu_has_fast_bf16
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+    assert cpu_has_fast_bf16(cpuinfo) is expected
+    assert cpu_has_fast_bf16(tmp_path / "missing") is False
+
+
+def test_bf16_is_the_default_on_a_cpu_that_has_it_and_fp16_replaces_it(tree):
+    import torch
+
+    from daemon.training import cpu_has_fast_bf16, parse_args
+
+    *_, defaults = parse_args(["--dataset", "x.jsonl", *tree.flags()])
+    assert defaults.bf16 is (not torch.accelerator.is_available() and cpu_has_fast_bf16())
+    *_, fp16 = parse_args(["--dataset", "x.jsonl", *tree.flags(), "--fp16"])
+    assert (fp16.fp16, fp16.bf16) == (True, False)
+
+
+def test_bf16_autocasts_every_worker_and_keeps_fp32_master_weights(tree):
+    """Each worker thread's forward runs its matmuls in bf16; parameters and the export stay fp32."""
+    import torch
+
+    from daemon.accumulation import ThreadedAccumulationTrainer
+
+    seen: list[tuple[str, torch.dtype]] = []
+    original = ThreadedAccumulationTrainer.__init__
+
+    def watch(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        layer = self.model.model.layers[0].mlp.down_proj
+
+        def hook(module, inputs, output):
+            if module.training:
+                seen.append((threading.current_thread().name, output.dtype))
+
+        layer.register_forward_hook(hook)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ThreadedAccumulationTrainer, "__init__", watch)
+        train(tree, _text_file(tree.root / "a.jsonl"), grad_workers=2, bf16=True)
+    assert seen and {dtype for _, dtype in seen} == {torch.bfloat16}
+    assert all(name.startswith("grad-worker") for name, _ in seen)
+    from transformers import AutoModelForCausalLM
+
+    exported = AutoModelForCausalLM.from_pretrained(tree.output)
+    assert {p.dtype for p in exported.parameters()} == {torch.float32}
