@@ -32,6 +32,7 @@ from daemon.exceptions import DatasetError
 
 if TYPE_CHECKING:
     import datasets
+    import pyarrow as pa
     from transformers import PreTrainedTokenizerBase
 
     from daemon.config import DataArguments
@@ -254,14 +255,58 @@ def iter_text(records: datasets.Dataset, shape: str, max_bytes: int, batch_size:
                 return
 
 
-def _pack_text(batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, block: int) -> dict[str, list]:
-    eos = tokenizer.eos_token_id
-    stream: list[int] = []
-    for ids in tokenizer(batch["text"], add_special_tokens=False)["input_ids"]:
-        stream.extend(ids)
-        stream.append(eos)
-    blocks = [stream[i : i + block] for i in range(0, len(stream), block)]
-    return {"input_ids": blocks, "labels": [list(b) for b in blocks], "length": [len(b) for b in blocks]}
+# Characters per tokenizer call when packing: bounds the tokenizer's per-token objects
+# (Encodings: ids, strings, offsets) to a few tens of MB whatever the map batch holds.
+ENCODE_CHUNK_CHARS = 1 << 21
+
+
+def _token_ids(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text, no special tokens added.
+
+    A fast tokenizer encodes through ``tokenizers``' ``encode_batch_fast`` (parallel
+    over the cores, no offsets computed); the result equals ``tokenizer(texts,
+    add_special_tokens=False)["input_ids"]`` without building a ``BatchEncoding``.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and backend.truncation is None and backend.padding is None:
+        return [encoding.ids for encoding in backend.encode_batch_fast(texts, add_special_tokens=False)]
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def _chunks(texts: list[str], max_chars: int) -> Iterator[list[str]]:
+    """Consecutive runs of ``texts`` of about ``max_chars`` characters (one text at least)."""
+    chunk: list[str] = []
+    size = 0
+    for text in texts:
+        if chunk and size + len(text) > max_chars:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(text)
+        size += len(text)
+    if chunk:
+        yield chunk
+
+
+def _pack_text(batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, block: int) -> pa.Table:
+    """Concatenate a batch's documents, EOS after each, and cut the stream into ``block``-token rows.
+
+    Returns:
+        An Arrow table with ``input_ids`` and ``labels`` (the same ids: every token is
+        learned) as ``list<int32>`` and ``length``; the last row may be shorter than
+        ``block``. The stream is one int32 array (4 bytes a token), not Python lists.
+    """
+    import numpy as np
+    import pyarrow as pa
+
+    eos = np.array([tokenizer.eos_token_id], dtype=np.int32)
+    parts = []
+    for chunk in _chunks(batch["text"], ENCODE_CHUNK_CHARS):
+        for ids in _token_ids(tokenizer, chunk):
+            parts += [np.array(ids, dtype=np.int32), eos]
+    stream = np.concatenate(parts)
+    offsets = np.append(np.arange(0, len(stream), block, dtype=np.int32), np.int32(len(stream)))
+    rows = pa.ListArray.from_arrays(pa.array(offsets), pa.array(stream))
+    return pa.table({"input_ids": rows, "labels": rows, "length": pa.array(np.diff(offsets))})
 
 
 def _tokenize_prompt_completion(
@@ -381,7 +426,7 @@ def tokenize(
     """
     if tokenizer.eos_token_id is None:
         raise DatasetError("the tokenizer has no EOS token; documents cannot be separated")
-    fn: Callable[..., dict[str, list]]
+    fn: Callable[..., Any]
     kwargs: dict[str, Any]
     if shape == "text":
         fn, kwargs = _pack_text, {"block": data_args.max_seq_length}
