@@ -116,7 +116,7 @@ class ContinualTrainingArguments(TrainingArguments):
         default=100, metadata={"help": "Warmup length in optimizer steps, counted from the model's first step."}
     )
     logging_steps: float = field(default=10, metadata={"help": "Log loss and learning rate every X optimizer steps."})
-    logging_first_step: bool = field(default=True, metadata={"help": "Log the first optimizer step."})
+    logging_first_step: bool = field(default=True, metadata={"help": "Log the first optimizer step of each file."})
     save_steps: float = field(
         default=200, metadata={"help": "Checkpoint every X optimizer steps (the end of a file always checkpoints)."}
     )
@@ -345,6 +345,8 @@ class ProgressCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         done = self._steps_done(state)
+        if done == 1 and args.logging_first_step:
+            control.should_log = True  # the first step of each file, not only of the model's life
         here = state.global_step - (self.first_step or 0)  # steps trained by this process
         elapsed = time.monotonic() - self.started
         rate = here / elapsed if elapsed > 0 and here > 0 else None
@@ -591,14 +593,18 @@ def build_trainer(
     return trainer
 
 
-def fit(trainer: ThreadedAccumulationTrainer, run: Run, stop_requested: threading.Event, seed: int) -> float | None:
+def fit(
+    trainer: ThreadedAccumulationTrainer, run: Run, stop_requested: threading.Event, seed: int
+) -> tuple[float | None, float]:
     """Train the remaining segments of the plan, each ending on a checkpoint, and verify every end.
 
     The gradient worker threads are joined before this returns or raises, so
     nothing after it (evaluation, generation, export) runs beside them.
 
     Returns:
-        Mean training loss over the steps trained by this call (None if none were left).
+        ``(mean training loss over the steps trained by this call or None if none were
+        left, seconds inside Trainer.train)``: the latter is the Trainer's ``train_runtime``
+        summed over the segments.
 
     Raises:
         TrainingInterrupted: a stop was requested; a checkpoint was saved at the current step.
@@ -606,13 +612,14 @@ def fit(trainer: ThreadedAccumulationTrainer, run: Run, stop_requested: threadin
     """
     step = run.plan.start_step + run.done_steps
     resume = run.checkpoint.path if run.checkpoint else None
-    loss_sum, trained = 0.0, 0
+    loss_sum, trained, seconds = 0.0, 0, 0.0
     try:
         for epoch, first_batch, steps in run.plan.segments(run.done_steps):
             trainer.train_dataset = segment_dataset(run, epoch, first_batch, steps, seed)
             trainer.args.max_steps = step + steps
             output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
             reached = trainer.state.global_step
+            seconds += output.metrics.get("train_runtime", 0.0)
             if reached < step + steps and stop_requested.is_set():
                 raise TrainingInterrupted(f"stopped at step {reached} of {run.plan.max_steps}; checkpoint saved")
             if reached != step + steps:
@@ -623,7 +630,7 @@ def fit(trainer: ThreadedAccumulationTrainer, run: Run, stop_requested: threadin
                 raise TrainingInterrupted(f"stopped at step {step} of {run.plan.max_steps}; checkpoint saved")
     finally:
         trainer.shutdown_workers()
-    return loss_sum / trained if trained else None
+    return (loss_sum / trained if trained else None), seconds
 
 
 def export_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, output_dir: str | Path) -> None:
@@ -680,10 +687,12 @@ def train_file(
             trainer.add_callback(
                 ProgressCallback(heartbeat, run.plan, run.current_file, run.data.train_tokens, trainer.guard)
             )
-            train_loss = fit(trainer, run, stop_requested, training_args.seed)
+            train_loss, train_seconds = fit(trainer, run, stop_requested, training_args.seed)
         _beat(heartbeat, state="evaluating")
         eval_loss = trainer.evaluate()["eval_loss"] if run.data.eval is not None else None
-        row = _history_row(run, name, started, "done", train_loss=train_loss, eval_loss=eval_loss)
+        row = _history_row(
+            run, name, started, "done", train_loss=train_loss, eval_loss=eval_loss, train_seconds=train_seconds
+        )
         if is_main:
             assert status is not None and entry is not None
             _beat(heartbeat, state="saving")
@@ -749,6 +758,7 @@ def _history_row(
     *,
     train_loss: float | None = None,
     eval_loss: float | None = None,
+    train_seconds: float | None = None,
     error: str | None = None,
 ) -> dict[str, Any]:
     plan = run.plan if run else None
@@ -761,6 +771,7 @@ def _history_row(
         "examples": run.data.train_examples if run else None,
         "tokens": run.data.train_tokens if run else None,
         "wall_seconds": round(time.monotonic() - started, 2),
+        "train_seconds": None if train_seconds is None else round(train_seconds, 2),
         "train_loss": train_loss,
         "eval_loss": eval_loss,
         "outcome": outcome,

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import logging
 import os
 import shlex
@@ -250,6 +251,7 @@ class Daemon:
         self.stop = threading.Event()
         self.wake = threading.Event()
         self.child: subprocess.Popen[bytes] | None = None
+        self.spare: subprocess.Popen[bytes] | None = None
         self.processed = 0
 
     def run(self) -> int:
@@ -263,6 +265,7 @@ class Daemon:
         try:
             self._loop()
         finally:
+            self._stop_spare()
             observer.stop()
             observer.join()
             self.status.update(state="stopped" if self.stop.is_set() else "idle")
@@ -286,6 +289,7 @@ class Daemon:
             if self.args.once and not pending:
                 logger.info("inbox drained")
                 return
+            self._start_spare()  # idle: the next training process does its imports now
             # Sleep until an event, the next settle check, or the periodic rescan.
             timeout = max(min(self.args.settle_seconds / 4, self.args.rescan_seconds), 0.05) if pending else None
             self.wake.wait(timeout or self.args.rescan_seconds)
@@ -386,12 +390,7 @@ class Daemon:
 
     def _run_child(self, claimed: Path, entry_id: int) -> ChildResult:
         """Run one training attempt; kill its process group on a stall or a second stop signal."""
-        prefix = shlex.split(self.args.launcher) if self.args.launcher else [sys.executable]
-        cmd = [
-            *prefix,
-            "-m",
-            "daemon",
-            "train",
+        train_args = [
             "--dataset",
             str(claimed),
             "--output_dir",
@@ -402,11 +401,8 @@ class Daemon:
             str(entry_id),
             *self.train_argv,
         ]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", SUPERVISOR_ENV: str(os.getpid())}
         started = time.time()
-        # A session of its own: a Ctrl-C in the terminal reaches the daemon, which forwards one SIGTERM,
-        # and a stalled launcher is killed with every process it started.
-        self.child = child = subprocess.Popen(cmd, env=env, start_new_session=True)
+        self.child = child = self._spawn(train_args)
         term_sent: float | None = None
         queue_published = 0.0
         try:
@@ -436,6 +432,54 @@ class Daemon:
         finally:
             self.child = None
 
+    def _child_env(self) -> dict[str, str]:
+        return {**os.environ, "PYTHONUNBUFFERED": "1", SUPERVISOR_ENV: str(os.getpid())}
+
+    def _spawn(self, train_args: list[str]) -> subprocess.Popen[bytes]:
+        """The training process for ``train_args``: the prestarted one if it is alive, else a new one.
+
+        Either way it runs in a session of its own: a Ctrl-C in the terminal reaches the daemon,
+        which forwards one SIGTERM, and a stalled launcher is killed with every process it started.
+        """
+        spare, self.spare = self.spare, None
+        if spare is not None and spare.poll() is None and spare.stdin is not None:
+            try:
+                spare.stdin.write(json.dumps(train_args).encode() + b"\n")
+                spare.stdin.close()
+                logger.info("training in the prestarted process %d", spare.pid)
+                return spare
+            except BrokenPipeError:  # it died between the check and the write
+                spare.wait()
+        prefix = shlex.split(self.args.launcher) if self.args.launcher else [sys.executable]
+        return subprocess.Popen(
+            [*prefix, "-m", "daemon", "train", *train_args], env=self._child_env(), start_new_session=True
+        )
+
+    def _start_spare(self) -> None:
+        """Start the next training process ahead (``--prestart``): its imports run while the inbox is idle.
+
+        ``python -m daemon train-spare`` imports torch, transformers and datasets (about 4 s on
+        2 cores), then waits for its flags on stdin. Not with ``--launcher``, which starts
+        processes of its own.
+        """
+        if not self.args.prestart or self.args.launcher or (self.spare is not None and self.spare.poll() is None):
+            return
+        self.spare = subprocess.Popen(
+            [sys.executable, "-m", "daemon", "train-spare"],
+            env=self._child_env(),
+            stdin=subprocess.PIPE,
+            start_new_session=True,
+        )
+
+    def _stop_spare(self) -> None:
+        """Kill the waiting prestarted process (it holds no state: nothing to save)."""
+        spare, self.spare = self.spare, None
+        if spare is not None:
+            _signal_group(spare, signal.SIGKILL)
+            spare.wait()
+            if spare.stdin is not None:
+                spare.stdin.close()
+
     def _stalled(self, started: float) -> bool:
         progress_at = self.status.read().get("progress_at") or 0.0
         return time.time() - max(float(progress_at), started) > self.args.stall_timeout
@@ -444,8 +488,9 @@ class Daemon:
         """Signal handler: the first signal lets the child checkpoint and stop; a second kills it now."""
         if self.stop.is_set():
             logger.warning("second signal: killing the training process and exiting")
-            if self.child is not None:
-                _signal_group(self.child, signal.SIGKILL)
+            for process in (self.child, self.spare):
+                if process is not None:
+                    _signal_group(process, signal.SIGKILL)
             os._exit(128 + signum)
         logger.warning("%s: stopping after the current checkpoint", signal.Signals(signum).name)
         self.stop.set()
@@ -469,6 +514,7 @@ def _failed_row(name: str, sha: str | None, error: str) -> dict[str, Any]:
         "examples": None,
         "tokens": None,
         "wall_seconds": None,
+        "train_seconds": None,
         "train_loss": None,
         "eval_loss": None,
         "outcome": "failed",

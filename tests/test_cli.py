@@ -55,6 +55,8 @@ def test_train_script_trains_and_reports(tree):
     assert "trained d.jsonl: steps 0 -> " in result.stdout
     assert "line 9 (bad JSON" in result.stderr
     assert "step 1/" in result.stderr  # progress lines reach the log unbuffered
+    (row,) = tree.history()
+    assert 0 < row["train_seconds"] < row["wall_seconds"]
 
 
 @pytest.mark.parametrize(

@@ -330,3 +330,12 @@ def test_bf16_autocasts_every_worker_and_keeps_fp32_master_weights(tree):
 
     exported = AutoModelForCausalLM.from_pretrained(tree.output)
     assert {p.dtype for p in exported.parameters()} == {torch.float32}
+
+
+def test_the_first_step_of_every_file_is_logged(tree, caplog):
+    first = train(tree, _text_file(tree.root / "a.jsonl", 12), logging_steps=1000)
+    with caplog.at_level(logging.INFO, logger="daemon.training"):
+        train(tree, _text_file(tree.root / "b.jsonl", 12, offset=12), logging_steps=1000)
+    logged = [e["step"] for e in _log_history(tree) if "loss" in e]
+    assert logged == [1, first["end_step"] + 1]
+    assert any(f"step {first['end_step'] + 1}/" in r.getMessage() and "(1/" in r.getMessage() for r in caplog.records)
