@@ -3,6 +3,7 @@
 python -m daemon [--once] [--inbox_dir inbox] [--status_dir status] [--output_dir current_model] [training flags]
 python -m daemon status [--json] [--samples] [--status_dir status]
 python -m daemon train --dataset FILE.jsonl [flags]      (same as python train.py)
+python -m daemon train-spare                              (the daemon's prestarted training process)
 """
 
 from __future__ import annotations
@@ -33,11 +34,28 @@ def status_main(argv: list[str]) -> int:
     return 0
 
 
+def train_spare_main() -> int:
+    """``python -m daemon train-spare``: import everything, then train with the flags read from stdin.
+
+    The daemon starts one ahead of time (``--prestart``) and writes one JSON list of
+    ``train`` flags when a file arrives; end of input without a line (the daemon went
+    away) exits 0 having done nothing.
+    """
+    import datasets  # noqa: F401 - imported now, not when the file has arrived
+
+    from daemon import training
+
+    line = sys.stdin.readline()
+    return training.main(json.loads(line)) if line.strip() else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = argv[0] if argv else ""
     if command == "status":
         return status_main(argv[1:])
+    if command == "train-spare":
+        return train_spare_main()
     if command in ("train", "check-args"):
         from daemon import training
 

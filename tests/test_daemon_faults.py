@@ -233,3 +233,49 @@ def test_a_file_trains_under_torchrun_with_two_cpu_processes(tree):
     assert checkpoint is not None and checkpoint.global_step == row["end_step"]
     assert (tree.inbox / "done" / "ddp.jsonl").exists()
     assert Path(tree.output / "config.json").exists()
+
+
+def _spares_of(pid: int) -> list[int]:
+    """Pids of the prestarted training processes (``python -m daemon train-spare``) that ``pid`` started."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return []
+    spares = []
+    for child in children:
+        try:
+            if b"train-spare" in Path(f"/proc/{child}/cmdline").read_bytes():
+                spares.append(int(child))
+        except OSError:
+            continue
+    return spares
+
+
+def test_an_idle_daemon_prestarts_the_training_process_and_trains_the_next_file_in_it(tree):
+    daemon = start_daemon(tree)
+    try:
+        (spare,) = wait_for(lambda: _spares_of(daemon.pid), timeout=60, what="a prestarted training process")
+        time.sleep(1)
+        assert _spares_of(daemon.pid) == [spare]  # one at a time
+        _drop(tree, "a.jsonl", [{"text": d} for d in stdlib_documents(limit=12)])
+        wait_for(lambda: tree.history(), timeout=120, what="the file to be trained")
+        assert tree.history()[0]["outcome"] == "done"
+        assert f"training in the prestarted process {spare}" in (tree.root / "daemon.log").read_text()
+        (following,) = wait_for(
+            lambda: [p for p in _spares_of(daemon.pid) if p != spare], timeout=60, what="the next prestarted process"
+        )
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=60) == 0
+    assert not Path(f"/proc/{following}").exists()  # the daemon does not leave it behind
+
+
+def test_without_prestart_no_process_waits(tree):
+    daemon = start_daemon(tree, "--prestart", "False")
+    try:
+        wait_for(lambda: read_status(tree).get("state") == "idle", timeout=60, what="the daemon to start")
+        time.sleep(2)
+        assert _spares_of(daemon.pid) == []
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=60) == 0
