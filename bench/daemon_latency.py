@@ -1,0 +1,158 @@
+"""Benchmark: what the daemon costs around training: drop-to-first-step latency and wall / train time.
+
+    .venv/bin/python bench/daemon_latency.py
+
+1. Start ``python -m daemon`` with its defaults on an empty project tree and drop a
+   small seed file, so the running model exists (the steady state of a daemon).
+2. Drop a file of about a minute of training (Python's json, email, http, logging,
+   xml, urllib, asyncio and unittest packages), renamed into the inbox as a writer should.
+3. Read the daemon's log as it comes: the drop-to-first-step latency is the time
+   from the rename to the child's progress line of the file's first step (logged after the optimizer
+   step); the file's wall time runs from the rename to its ``history.jsonl`` row.
+   Pure training time is the row's ``train_seconds`` (the Trainer's ``train_runtime``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.accumulation import machine, write_section  # noqa: E402
+
+PACKAGES = ("json", "email", "http", "logging", "xml", "urllib", "asyncio", "unittest")
+FIRST_STEP = "(1/"  # the child's progress line "step N/M (1/K of this file)", logged after the optimizer step
+
+
+class LogWatch:
+    """Timestamps (``time.perf_counter``) of the first log line containing each awaited text."""
+
+    def __init__(self, stream) -> None:
+        self.seen: dict[str, float] = {}
+        self.awaited: list[str] = []
+        self.lines: list[str] = []
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def expect(self, text: str) -> None:
+        with self._lock:
+            self.awaited.append(text)
+
+    def _read(self, stream) -> None:
+        for line in stream:
+            now = time.perf_counter()
+            with self._lock:
+                self.lines = [*self.lines[-60:], line]
+                for text in self.awaited:
+                    if text in line and text not in self.seen:
+                        self.seen[text] = now
+
+    def wait(self, text: str, timeout: float) -> float:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if text in self.seen:
+                    return self.seen[text]
+            time.sleep(0.01)
+        raise SystemExit(f"no '{text}' in the daemon's log after {timeout:.0f} s:\n{''.join(self.lines)}")
+
+
+def drop(inbox: Path, source: Path, name: str) -> float:
+    """Copy ``source`` into the inbox as ``name`` by a rename; the time of the rename."""
+    part = inbox / f".{name}.part"
+    part.write_bytes(source.read_bytes())
+    os.replace(part, inbox / name)
+    return time.perf_counter()
+
+
+def history_rows(status: Path) -> list[dict]:
+    path = status / "history.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def wait_rows(status: Path, count: int, timeout: float) -> float:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if len(history_rows(status)) >= count:
+            return time.perf_counter()
+        time.sleep(0.02)
+    raise SystemExit(f"no history row {count} after {timeout:.0f} s")
+
+
+def main() -> int:
+    out = ROOT / "BENCHMARKS.md"
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        for folder in ("inbox", "status", "current_model"):
+            (work / folder).mkdir()
+        data = work / "stdlib.jsonl"
+        subprocess.run(
+            [sys.executable, "-m", "daemon.make_dataset", *(str(stdlib / p) for p in PACKAGES), str(data)],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+        )
+        seed = work / "seed.jsonl"
+        seed.write_text("".join(data.read_text().splitlines(keepends=True)[:20]))
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "daemon"],
+            cwd=work,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            start_new_session=True,
+        )
+        try:
+            log = LogWatch(daemon.stdout)
+            drop(work / "inbox", seed, "seed.jsonl")
+            wait_rows(work / "status", 1, timeout=600)
+            time.sleep(3)  # the daemon is idle again, waiting on the inbox
+            log.expect(FIRST_STEP)  # from now on: the seed's own step lines are behind us
+            dropped = drop(work / "inbox", data, "stdlib.jsonl")
+            first_step = log.wait(FIRST_STEP, timeout=600) - dropped
+            finished = wait_rows(work / "status", 2, timeout=1200) - dropped
+            row = history_rows(work / "status")[-1]
+        finally:
+            daemon.send_signal(signal.SIGTERM)
+            daemon.wait(timeout=120)
+    if row["outcome"] != "done":
+        raise SystemExit(f"the file failed: {row}")
+    ratio = finished / row["train_seconds"]
+    body = "\n".join(
+        [
+            "## The daemon around training (`bench/daemon_latency.py`)",
+            "",
+            f"Machine: {machine()}. Run on {time.strftime('%Y-%m-%d')}. `python -m daemon` with its "
+            "defaults, a running model (a seed file trained first), then one file renamed into the inbox: "
+            f"{row['tokens']:,} tokens, {row['planned_steps']} optimizer steps (Python's "
+            f"{', '.join(PACKAGES)} packages).",
+            "",
+            "| measure | result |",
+            "|---|---|",
+            f"| drop (rename into `inbox/`) to the first optimizer step | **{first_step:.1f} s** |",
+            f"| drop to the file's `history.jsonl` row (wall) | {finished:.1f} s |",
+            f"| pure training (`train_seconds`, the Trainer's `train_runtime`) | {row['train_seconds']:.1f} s |",
+            f"| wall / pure training | **{ratio:.2f}** |",
+        ]
+    )
+    write_section(out, "daemon", body)
+    print(body)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""Benchmark: the data pipeline of ``train.py`` on a generated 1 GB JSONL file: MB/s and peak RSS.
+
+    .venv/bin/python bench/pipeline.py [--megabytes 1024]
+
+1. Generate: Python's standard library as ``{"text"}`` lines (``daemon.make_dataset``),
+   repeated, each copy's documents headed by a different comment line, up to the size.
+2. Run ``train.py --dataset big.jsonl`` in a child process as a user would (fresh
+   model: the tokenizer is trained on the file's first megabytes), read its log as it
+   comes, and stop it with SIGTERM at its first optimizer step: the product
+   checkpoints and exits with code 3.
+3. Report the seconds from start to the plan line (scan and hash, parse to Arrow,
+   tokenize and pack, held-out split: the whole data pipeline), the file's MB per
+   second of that time, the seconds to the first optimizer step, and the child's peak
+   resident memory (``VmHWM``, sampled until it exits). The target is a peak RSS under 2 GB:
+   the file goes through the Arrow cache in ``map`` batches and is never held whole.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.accumulation import machine, write_section  # noqa: E402
+
+MB = 1024 * 1024
+
+
+def generate(path: Path, megabytes: int) -> int:
+    """Write about ``megabytes`` MB of JSON lines to ``path``; returns the size in bytes."""
+    base = path.with_suffix(".base.jsonl")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    subprocess.run([sys.executable, "-m", "daemon.make_dataset", str(stdlib), str(base)], cwd=ROOT, check=True)
+    lines = base.read_text(encoding="utf-8").splitlines()
+    base.unlink()
+    target, written, copy = megabytes * MB, 0, 0
+    prefix = '{"text": "'
+    with open(path, "w", encoding="utf-8") as out:
+        while written < target:
+            for line in lines:
+                assert line.startswith(prefix)
+                row = f"{prefix}# copy {copy}\\n{line[len(prefix) :]}\n"
+                out.write(row)
+                written += len(row.encode("utf-8"))
+                if written >= target:
+                    break
+            copy += 1
+    return path.stat().st_size
+
+
+class PeakWatch:
+    """Samples a process's memory every 20 ms on a thread until it exits.
+
+    ``peak`` is ``VmHWM``, the kernel's own high-water mark of the resident set (not
+    ``wait4``'s ``ru_maxrss``: Linux carries the *parent's* peak into a child across
+    fork and exec). ``peak_anon`` is the highest ``RssAnon`` sampled: the resident set
+    without file-backed pages, i.e. without the memory-mapped Arrow cache, which the
+    kernel can drop and read again at will.
+    """
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.peak, self.peak_anon = pid, 0.0, 0.0
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+
+    def _sample(self) -> None:
+        while True:
+            try:
+                status = Path(f"/proc/{self.pid}/status").read_text()
+            except OSError:
+                return
+            fields = {line.split(":")[0]: line.split()[1:2] for line in status.splitlines()}
+            if not fields.get("VmHWM"):  # a zombie: exited, not yet reaped
+                return
+            self.peak = max(self.peak, int(fields["VmHWM"][0]) / 1024)
+            self.peak_anon = max(self.peak_anon, int(fields["RssAnon"][0]) / 1024)
+            time.sleep(0.02)
+
+    def result(self) -> tuple[float, float]:
+        """``(peak RSS MB, peak anonymous RSS MB)``."""
+        self.thread.join(timeout=5)
+        return self.peak, self.peak_anon
+
+
+def run_until_first_step(work: Path, data: Path) -> dict[str, float]:
+    """Run ``train.py`` on ``data``; SIGTERM at the first step. Seconds to each phase and peak RSS (MB)."""
+    cmd = [
+        sys.executable, str(ROOT / "train.py"), "--dataset", str(data), "--output_dir", str(work / "model"),
+        "--status_dir", str(work / "status"), "--dataset_cache_dir", str(work / "cache"),
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    started = time.perf_counter()
+    child = subprocess.Popen(cmd, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    assert child.stdout is not None
+    marks: dict[str, float] = {}
+    tail: list[str] = []
+    peak = PeakWatch(child.pid)
+    for line in child.stdout:
+        tail = [*tail[-40:], line]
+        now = time.perf_counter() - started
+        if "bootstrapping the embedded model" in line:
+            marks["parsed"] = now  # scanned, hashed and written to Arrow
+        if "bootstrapped a" in line:
+            marks["tokenizer"] = now
+        if "effective batch" in line and "planned" not in marks:
+            marks["planned"] = now
+        if " step 1/" in line and "first_step" not in marks:
+            marks["first_step"] = now
+            child.send_signal(signal.SIGTERM)
+    child.wait()
+    marks["peak_rss_mb"], marks["peak_anon_mb"] = peak.result()
+    if "first_step" not in marks or child.returncode != 3:
+        raise SystemExit(f"train.py did not reach its first step (exit {child.returncode}):\n{''.join(tail)}")
+    return marks
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--megabytes", type=int, default=1024, help="Size of the generated file.")
+    parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md", help="Markdown file to update.")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        data = work / "big.jsonl"
+        generated = time.perf_counter()
+        size = generate(data, args.megabytes)
+        generated = time.perf_counter() - generated
+        marks = run_until_first_step(work, data)
+        rows = sum(1 for _ in open(data, "rb"))
+    mb = size / MB
+    body = "\n".join(
+        [
+            "## Data pipeline on a big file (`bench/pipeline.py`)",
+            "",
+            f"Machine: {machine()}. Run on {time.strftime('%Y-%m-%d')}. A generated file of {mb:,.0f} MB "
+            f"({rows:,} JSON lines of Python's standard library, repeated; written in {generated:.0f} s), "
+            "given to `train.py` with its defaults and a fresh model, stopped at the first optimizer step.",
+            "",
+            "| measure | result |",
+            "|---|---|",
+            f"| start-up, scan (validate, hash) and parse into the Arrow cache | {marks['parsed']:.0f} s |",
+            f"| train the bootstrap tokenizer (first 16 MB) | {marks['tokenizer'] - marks['parsed']:.0f} s |",
+            f"| tokenize, pack, split | {marks['planned'] - marks['tokenizer']:.0f} s |",
+            f"| start to plan: the data pipeline | {marks['planned']:.0f} s, **{mb / marks['planned']:.1f} MB/s** |",
+            f"| start to first optimizer step | {marks['first_step']:.0f} s |",
+            f"| peak RSS of the process (`VmHWM`) | **{marks['peak_rss_mb']:,.0f} MB** (target < 2,048 MB) |",
+            f"| peak anonymous RSS (without the mapped Arrow cache) | {marks['peak_anon_mb']:,.0f} MB |",
+        ]
+    )
+    write_section(args.out, "pipeline", body)
+    print(body)
+    print(json.dumps(marks))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
