@@ -37,14 +37,14 @@ from bench.accumulation import machine, write_section  # noqa: E402
 MB = 1024 * 1024
 
 
-def generate(path: Path, megabytes: int) -> int:
-    """Write about ``megabytes`` MB of JSON lines to ``path``; returns the size in bytes."""
+def generate(path: Path, megabytes: int) -> tuple[int, int]:
+    """Write about ``megabytes`` MB of JSON lines to ``path``; returns ``(bytes, lines)``."""
     base = path.with_suffix(".base.jsonl")
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     subprocess.run([sys.executable, "-m", "daemon.make_dataset", str(stdlib), str(base)], cwd=ROOT, check=True)
     lines = base.read_text(encoding="utf-8").splitlines()
     base.unlink()
-    target, written, copy = megabytes * MB, 0, 0
+    target, written, copy, rows = megabytes * MB, 0, 0, 0
     prefix = '{"text": "'
     with open(path, "w", encoding="utf-8") as out:
         while written < target:
@@ -53,10 +53,11 @@ def generate(path: Path, megabytes: int) -> int:
                 row = f"{prefix}# copy {copy}\\n{line[len(prefix) :]}\n"
                 out.write(row)
                 written += len(row.encode("utf-8"))
+                rows += 1
                 if written >= target:
                     break
             copy += 1
-    return path.stat().st_size
+    return path.stat().st_size, rows
 
 
 class PeakWatch:
@@ -134,10 +135,9 @@ def main() -> int:
         work = Path(tmp)
         data = work / "big.jsonl"
         generated = time.perf_counter()
-        size = generate(data, args.megabytes)
+        size, rows = generate(data, args.megabytes)
         generated = time.perf_counter() - generated
         marks = run_until_first_step(work, data)
-        rows = sum(1 for _ in open(data, "rb"))
     mb = size / MB
     body = "\n".join(
         [
