@@ -3,7 +3,8 @@
     .venv/bin/python bench/daemon_latency.py
 
 1. Start ``python -m daemon`` with its defaults on an empty project tree and drop a
-   small seed file, so the running model exists (the steady state of a daemon).
+   small seed file, so the running model exists (the steady state of a daemon); then
+   leave it idle for ``IDLE_SECONDS``, as a daemon between drops is.
 2. Drop a file of about a minute of training (Python's json, email, http, logging,
    xml, urllib, asyncio and unittest packages), renamed into the inbox as a writer should.
 3. Read the daemon's log as it comes: the drop-to-first-step latency is the time
@@ -31,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 from bench.accumulation import machine, write_section  # noqa: E402
 
 PACKAGES = ("json", "email", "http", "logging", "xml", "urllib", "asyncio", "unittest")
+IDLE_SECONDS = 10  # between the seed's row and the drop: time for the prestarted process's imports
 FIRST_STEP = "(1/"  # the child's progress line "step N/M (1/K of this file)", logged after the optimizer step
 
 
@@ -120,7 +122,7 @@ def main() -> int:
             log = LogWatch(daemon.stdout)
             drop(work / "inbox", seed, "seed.jsonl")
             wait_rows(work / "status", 1, timeout=600)
-            time.sleep(3)  # the daemon is idle again, waiting on the inbox
+            time.sleep(IDLE_SECONDS)  # the daemon is idle again, waiting on the inbox
             log.expect(FIRST_STEP)  # from now on: the seed's own step lines are behind us
             dropped = drop(work / "inbox", data, "stdlib.jsonl")
             first_step = log.wait(FIRST_STEP, timeout=600) - dropped
@@ -137,7 +139,8 @@ def main() -> int:
             "## The daemon around training (`bench/daemon_latency.py`)",
             "",
             f"Machine: {machine()}. Run on {time.strftime('%Y-%m-%d')}. `python -m daemon` with its "
-            "defaults, a running model (a seed file trained first), then one file renamed into the inbox: "
+            f"defaults, a running model (a seed file trained first), {IDLE_SECONDS} s idle, then one file renamed "
+            "into the inbox: "
             f"{row['tokens']:,} tokens, {row['planned_steps']} optimizer steps (Python's "
             f"{', '.join(PACKAGES)} packages).",
             "",
