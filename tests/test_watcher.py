@@ -132,3 +132,14 @@ def test_make_dataset_turns_a_folder_into_text_lines_and_skips_binaries(tmp_path
     assert "".join(r["text"] for r in rows[:-1]) == "line\n" * 100  # big.txt, split at line ends
     assert rows[-1]["text"] == "print('a')\n"
     assert "skipped 1 binary" in result.stdout
+
+
+def test_the_daemon_process_imports_no_ml_library():
+    """Start-up cost belongs to the training child (prestarted while idle), not to the daemon."""
+    probe = (
+        "import sys; from daemon import __main__, watcher; "
+        "print(sorted({'torch', 'transformers', 'datasets'} & set(sys.modules)))"
+    )
+    result = run_cli(["-c", probe], cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
