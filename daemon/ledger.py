@@ -1,4 +1,4 @@
-"""The ledger: one SQLite row per file the product has seen (SPEC section 9).
+"""The ledger: one SQLite row per file the product has seen (README "Operating the daemon").
 
 It lives in ``<status_dir>/ledger.sqlite`` (WAL mode, each change one
 transaction) and is what makes a restart exact: a file's ``start_step`` and
@@ -7,9 +7,24 @@ crash the same file resumes inside the same plan instead of planning again from
 the latest checkpoint; a file whose content (sha256) is already ``done`` is not
 trained again.
 
-States: ``queued`` (claimed, not started), ``training`` (a plan is recorded),
-``done``, ``failed``, ``duplicate`` (content already trained; skipped),
-``rejected`` (not a regular file; never opened).
+States (:class:`~daemon.records.FileState`) and who moves a row between them; each
+transition is one method of :class:`Ledger`, and :data:`TRANSITIONS` is checked on
+every write:
+
+=============  ==========  ===========================  ===========================
+from           to          method                       written by
+=============  ==========  ===========================  ===========================
+(new row)      queued      :meth:`Ledger.add`           daemon claim; ``train.py``
+(new row)      duplicate   :meth:`Ledger.add`           daemon (content already done)
+(new row)      rejected    :meth:`Ledger.add`           daemon (not a regular file)
+queued         training    :meth:`Ledger.record_plan`   training process
+training       done        :meth:`Ledger.finish`        training process
+queued         failed      :meth:`Ledger.fail`          training process; daemon
+training       failed      :meth:`Ledger.fail`          training process; daemon
+=============  ==========  ===========================  ===========================
+
+``attempts`` (crashed or stalled training processes) is counted by the daemon with
+:meth:`Ledger.count_attempt`, which changes no state.
 """
 
 from __future__ import annotations
@@ -22,10 +37,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from daemon.status import utc_now
+from daemon.records import FileState, utc_now
 
 LEDGER_FILE = "ledger.sqlite"
-STATES = ("queued", "training", "done", "failed", "duplicate", "rejected")
+# Allowed state changes of a row; None is a row not yet written.
+TRANSITIONS: dict[FileState | None, frozenset[FileState]] = {
+    None: frozenset({FileState.QUEUED, FileState.DUPLICATE, FileState.REJECTED}),
+    FileState.QUEUED: frozenset({FileState.TRAINING, FileState.FAILED}),
+    FileState.TRAINING: frozenset({FileState.DONE, FileState.FAILED}),
+    FileState.DONE: frozenset(),
+    FileState.FAILED: frozenset(),
+    FileState.DUPLICATE: frozenset(),
+    FileState.REJECTED: frozenset(),
+}
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
@@ -56,7 +80,7 @@ class Entry:
     name: str
     sha256: str | None
     size: int | None
-    state: str
+    state: FileState
     attempts: int
     start_step: int | None
     planned_steps: int | None
@@ -117,46 +141,88 @@ class Ledger:
             db.close()
 
     def add(
-        self, name: str, state: str, sha256: str | None = None, size: int | None = None, error: str | None = None
+        self,
+        name: str,
+        state: FileState,
+        sha256: str | None = None,
+        size: int | None = None,
+        error: str | None = None,
     ) -> Entry:
-        """Record a newly seen file and return its row."""
-        assert state in STATES, state
+        """Record a newly seen file (``queued``, ``duplicate`` or ``rejected``) and return its row."""
+        state = FileState(state)
+        assert state in TRANSITIONS[None], state
         now = utc_now()
+        finished_at = now if state.finished else None
         with self._connect() as db:
             cur = db.execute(
-                "INSERT INTO files (name, sha256, size, state, created_at, updated_at, error) VALUES (?,?,?,?,?,?,?)",
-                (name, sha256, size, state, now, now, error),
+                "INSERT INTO files (name, sha256, size, state, created_at, updated_at, finished_at, error) "
+                "VALUES (?,?,?,?,?,?,?,?)",
+                (name, sha256, size, str(state), now, now, finished_at, error),
             )
             row = db.execute("SELECT * FROM files WHERE id = ?", (cur.lastrowid,)).fetchone()
-        return Entry(**dict(row))
+        return _entry(row)
+
+    def record_plan(self, entry_id: int, start_step: int, planned_steps: int) -> Entry:
+        """``queued -> training``: the file's plan, written before its first optimizer step."""
+        return self.update(entry_id, state=FileState.TRAINING, start_step=start_step, planned_steps=planned_steps)
+
+    def finish(self, entry_id: int, end_step: int) -> Entry:
+        """``training -> done``: the file is trained, exported and recorded in the history."""
+        return self.update(entry_id, state=FileState.DONE, end_step=end_step)
+
+    def fail(self, entry_id: int, error: str) -> Entry:
+        """``queued | training -> failed``, with the reason shown to the user."""
+        return self.update(entry_id, state=FileState.FAILED, error=error)
+
+    def count_attempt(self, entry_id: int, error: str) -> Entry:
+        """One more crashed or stalled training attempt (no state change)."""
+        with self._connect() as db:
+            db.execute(
+                "UPDATE files SET attempts = attempts + 1, error = ?, updated_at = ? WHERE id = ?",
+                (error, utc_now(), entry_id),
+            )
+            row = db.execute("SELECT * FROM files WHERE id = ?", (entry_id,)).fetchone()
+        return _entry(row)
 
     def update(self, entry_id: int, **fields: Any) -> Entry:
-        """Change fields of a row (``state`` is checked; ``updated_at`` is set)."""
+        """Change fields of a row in one transaction; a ``state`` change must be in :data:`TRANSITIONS`.
+
+        Raises:
+            ValueError: the row does not exist, or the state change is not allowed
+                (the row is left unchanged).
+        """
         if "state" in fields:
-            assert fields["state"] in STATES, fields["state"]
-            if fields["state"] in ("done", "failed", "duplicate", "rejected"):
+            fields["state"] = str(FileState(fields["state"]))
+            if FileState(fields["state"]).finished:
                 fields.setdefault("finished_at", utc_now())
         fields["updated_at"] = utc_now()
         columns = ", ".join(f"{key} = ?" for key in fields)
         with self._connect() as db:
+            old = db.execute("SELECT state FROM files WHERE id = ?", (entry_id,)).fetchone()
+            if old is None:
+                raise ValueError(f"ledger row {entry_id} does not exist")
+            if "state" in fields and fields["state"] != old["state"]:
+                allowed = TRANSITIONS[FileState(old["state"])]
+                if FileState(fields["state"]) not in allowed:
+                    raise ValueError(f"ledger row {entry_id}: {old['state']} -> {fields['state']} is not allowed")
             db.execute(f"UPDATE files SET {columns} WHERE id = ?", (*fields.values(), entry_id))
             row = db.execute("SELECT * FROM files WHERE id = ?", (entry_id,)).fetchone()
-        return Entry(**dict(row))
+        return _entry(row)
 
     def get(self, entry_id: int) -> Entry | None:
         with self._connect() as db:
             row = db.execute("SELECT * FROM files WHERE id = ?", (entry_id,)).fetchone()
-        return Entry(**dict(row)) if row else None
+        return _entry(row) if row else None
 
-    def find(self, sha256: str, states: tuple[str, ...] = STATES) -> Entry | None:
+    def find(self, sha256: str, states: tuple[FileState, ...] = tuple(FileState)) -> Entry | None:
         """The newest row with this content hash in one of ``states``, or None."""
         marks = ",".join("?" * len(states))
         with self._connect() as db:
             row = db.execute(
                 f"SELECT * FROM files WHERE sha256 = ? AND state IN ({marks}) ORDER BY id DESC LIMIT 1",
-                (sha256, *states),
+                (sha256, *map(str, states)),
             ).fetchone()
-        return Entry(**dict(row)) if row else None
+        return _entry(row) if row else None
 
     def find_claim(self, name: str, sha256: str) -> Entry | None:
         """The newest row of a claimed file: its name in ``processing/`` and its content hash."""
@@ -164,13 +230,19 @@ class Ledger:
             row = db.execute(
                 "SELECT * FROM files WHERE name = ? AND sha256 = ? ORDER BY id DESC LIMIT 1", (name, sha256)
             ).fetchone()
-        return Entry(**dict(row)) if row else None
+        return _entry(row) if row else None
 
-    def entries(self, state: str | None = None) -> list[Entry]:
+    def entries(self, state: FileState | None = None) -> list[Entry]:
         """All rows (or those in ``state``), oldest first."""
         with self._connect() as db:
             if state is None:
                 rows = db.execute("SELECT * FROM files ORDER BY id").fetchall()
             else:
-                rows = db.execute("SELECT * FROM files WHERE state = ? ORDER BY id", (state,)).fetchall()
-        return [Entry(**dict(r)) for r in rows]
+                rows = db.execute("SELECT * FROM files WHERE state = ? ORDER BY id", (str(state),)).fetchall()
+        return [_entry(r) for r in rows]
+
+
+def _entry(row: sqlite3.Row) -> Entry:
+    fields = dict(row)
+    fields["state"] = FileState(fields["state"])
+    return Entry(**fields)

@@ -1,4 +1,4 @@
-"""``status/training_status.json``, ``status/history.jsonl`` and the heartbeat (SPEC section 8).
+"""``status/training_status.json``, ``status/history.jsonl`` and the heartbeat (README "Folders and files").
 
 Two processes write the status document: the training run (progress, metrics)
 and the daemon (queue, between files). Each write is a read-modify-write of the
@@ -16,30 +16,25 @@ import os
 import tempfile
 import threading
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from filelock import FileLock
+
+from daemon.records import HistoryRow, Outcome, RunState, utc_now
 
 logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 STATUS_FILE = "training_status.json"
 HISTORY_FILE = "history.jsonl"
-STATES = ("idle", "loading", "tokenizing", "training", "evaluating", "saving", "stopped", "failed", "stalled")
-
-
-def utc_now() -> str:
-    """The current time as ISO-8601 UTC with a ``Z`` suffix, second precision."""
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def empty_status() -> dict[str, Any]:
-    """A status document with every field of SPEC section 8, nothing known yet."""
+    """A status document with every field the README lists, nothing known yet."""
     return {
         "schema_version": SCHEMA_VERSION,
-        "state": "idle",
+        "state": RunState.IDLE,
         "updated_at": utc_now(),
         "pid": os.getpid(),
         "global_step": 0,
@@ -115,7 +110,7 @@ class StatusFile:
             atomic_write_text(self.path, json.dumps(doc, indent=2, sort_keys=False) + "\n")
             return doc
 
-    def record_outcome(self, row: dict[str, Any]) -> None:
+    def record_outcome(self, row: HistoryRow) -> None:
         """Append a finished or failed file's row to ``history.jsonl`` and count it in the status.
 
         The one place where a file's outcome is recorded, so the history and the
@@ -126,30 +121,28 @@ class StatusFile:
         time after a crash keeps the history exact.
 
         Args:
-            row: the history row; ``outcome`` is ``"done"`` or ``"failed"``. A failed
-                row's ``error`` becomes the status's ``last_error``.
+            row: the history row. A failed row's ``error`` becomes the status's ``last_error``.
         """
-        assert row["outcome"] in ("done", "failed"), row
         with self._lock:
-            if row["outcome"] == "done" and any(
-                old["outcome"] == "done" and (old["sha256"], old["start_step"]) == (row["sha256"], row["start_step"])
+            if row.outcome == Outcome.DONE and any(
+                old["outcome"] == Outcome.DONE and (old["sha256"], old["start_step"]) == (row.sha256, row.start_step)
                 for old in read_history(self.dir)
             ):
                 # A run killed after this append but before the ledger said "done" finishes again.
-                logger.info("history already has %s from step %s", row["file"], row["start_step"])
+                logger.info("history already has %s from step %s", row.file, row.start_step)
                 return
             path = self.dir / HISTORY_FILE
             # A torn last line (killed mid-append) must not glue onto this row.
             lead = "" if _ends_with_newline(path) else "\n"
             with open(path, "a", encoding="utf-8") as f:
-                f.write(lead + json.dumps(row, sort_keys=False) + "\n")
+                f.write(lead + json.dumps(row.as_dict(), sort_keys=False) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
 
         def count(doc: dict[str, Any]) -> None:
-            doc["files"][row["outcome"]] = doc["files"].get(row["outcome"], 0) + 1
-            if row["outcome"] == "failed":
-                doc["last_error"] = {"file": row["file"], "message": row.get("error"), "at": row["finished_at"]}
+            doc["files"][row.outcome] = doc["files"].get(row.outcome, 0) + 1
+            if row.outcome == Outcome.FAILED:
+                doc["last_error"] = {"file": row.file, "message": row.error, "at": row.finished_at}
 
         self.update(count)
 
@@ -167,7 +160,7 @@ def _ends_with_newline(path: Path) -> bool:
 
 
 def history_violations(rows: list[dict[str, Any]]) -> list[str]:
-    """Check the step invariant of SPEC section 6 over ``history.jsonl`` rows.
+    """Check the step invariant (README "Data", step accounting) over ``history.jsonl`` rows.
 
     For every ``done`` row, ``end_step - start_step == planned_steps > 0``, and each
     done file starts where the previous done file ended.

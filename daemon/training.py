@@ -58,8 +58,9 @@ from daemon.config import (
 from daemon.exceptions import ConfigError, DaemonError, TrainingError, TrainingInterrupted
 from daemon.ledger import Entry, Ledger
 from daemon.model import bootstrap_model, has_model, load_pretrained, train_tokenizer
+from daemon.records import HistoryRow, utc_now
 from daemon.snapshots import GenerationSettings, generate_samples, perplexity, write_snapshot
-from daemon.status import Heartbeat, StatusFile, utc_now
+from daemon.status import Heartbeat, StatusFile
 
 logger = logging.getLogger(__name__)
 
@@ -704,7 +705,7 @@ def train_file(
         raise
     except DaemonError as e:
         if status is not None:
-            status.record_outcome(_history_row(run, name, started, "failed", error=str(e)))
+            status.record_outcome(HistoryRow(**_history_row(run, name, started, "failed", error=str(e))))
         failed_id = entry.id if entry is not None else run_args.ledger_entry
         if is_main and failed_id is not None:
             ledger.update(failed_id, state="failed", error=str(e))
@@ -746,7 +747,9 @@ def _save_and_record(
         samples,
     )
     logger.info("exported the model to %s; snapshot in %s", training_args.output_dir, folder)
-    status.record_outcome(row)  # before the ledger: a crash in between finishes again without a second row
+    status.record_outcome(
+        HistoryRow(**row)
+    )  # before the ledger: a crash in between finishes again without a second row
     ledger.update(entry.id, state="done", end_step=run.plan.max_steps)
 
 

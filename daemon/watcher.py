@@ -51,7 +51,8 @@ from daemon.checkpoints import latest_complete_checkpoint
 from daemon.config import SUPERVISOR_ENV, DaemonArguments, config_file_to_argv
 from daemon.exceptions import ConfigError, DaemonError
 from daemon.ledger import Entry, Ledger
-from daemon.status import StatusFile, utc_now
+from daemon.records import HistoryRow, utc_now
+from daemon.status import StatusFile
 
 logger = logging.getLogger(__name__)
 
@@ -359,7 +360,7 @@ class Daemon:
             if entry.attempts >= self.args.max_attempts:
                 error = f"training process {why}; gave up after {entry.attempts} attempts (see the daemon's log)"
                 self.ledger.update(entry.id, state="failed", error=error)
-                self.status.record_outcome(_failed_row(claimed.name, sha, error))
+                self.status.record_outcome(HistoryRow.failed(claimed.name, error, sha256=sha))
                 self._finish(claimed, error)
                 return
 
@@ -502,25 +503,6 @@ def _signal_group(child: subprocess.Popen[bytes], sig: int) -> None:
         os.killpg(child.pid, sig)
     except ProcessLookupError:
         pass
-
-
-def _failed_row(name: str, sha: str | None, error: str) -> dict[str, Any]:
-    return {
-        "file": name,
-        "sha256": sha,
-        "start_step": None,
-        "end_step": None,
-        "planned_steps": None,
-        "examples": None,
-        "tokens": None,
-        "wall_seconds": None,
-        "train_seconds": None,
-        "train_loss": None,
-        "eval_loss": None,
-        "outcome": "failed",
-        "error": error,
-        "finished_at": utc_now(),
-    }
 
 
 def parse_daemon_args(argv: list[str]) -> tuple[DaemonArguments, list[str]]:

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from daemon.records import HistoryRow, Outcome
 from daemon.status import (
     Heartbeat,
     StatusFile,
@@ -16,20 +17,23 @@ from daemon.status import (
 )
 
 
-def _row(name: str, start: int, end: int | None, planned: int | None, outcome: str = "done") -> dict:
-    return {
-        "file": name,
-        "sha256": f"sha-of-{name}",
-        "start_step": start,
-        "end_step": end,
-        "planned_steps": planned,
-        "outcome": outcome,
-        "error": None if outcome == "done" else "bad",
-        "finished_at": "2026-01-01T00:00:00Z",
-        "train_loss": 1.0,
-        "eval_loss": None,
-        "wall_seconds": 1.0,
-    }
+def _row(name: str, start: int, end: int | None, planned: int | None, outcome: str = "done") -> HistoryRow:
+    return HistoryRow(
+        file=name,
+        sha256=f"sha-of-{name}",
+        start_step=start,
+        end_step=end,
+        planned_steps=planned,
+        examples=None,
+        tokens=None,
+        wall_seconds=1.0,
+        train_seconds=None,
+        train_loss=1.0,
+        eval_loss=None,
+        outcome=Outcome(outcome),
+        error=None if outcome == "done" else "bad",
+        finished_at="2026-01-01T00:00:00Z",
+    )
 
 
 def test_updates_merge_fields_from_different_writers(tmp_path):
@@ -66,12 +70,17 @@ def test_heartbeat_writes_on_its_timer_and_once_more_when_stopped(tmp_path):
 
 
 def test_history_violations_catch_zero_steps_gaps_and_miscounts():
-    assert history_violations([_row("a", 0, 4, 4), _row("x", 4, None, 2, "failed"), _row("b", 4, 9, 5)]) == []
-    assert history_violations([_row("a", 0, 0, 0)]) == ["a: done with 0 planned steps"]
-    assert history_violations([_row("a", 0, 4, 4), _row("b", 3, 8, 5)]) == [
+    assert (
+        history_violations(
+            [_row("a", 0, 4, 4).as_dict(), _row("x", 4, None, 2, "failed").as_dict(), _row("b", 4, 9, 5).as_dict()]
+        )
+        == []
+    )
+    assert history_violations([_row("a", 0, 0, 0).as_dict()]) == ["a: done with 0 planned steps"]
+    assert history_violations([_row("a", 0, 4, 4).as_dict(), _row("b", 3, 8, 5).as_dict()]) == [
         "b: starts at step 3, the previous file ended at 4"
     ]
-    assert history_violations([_row("a", 0, 3, 4)]) == ["a: trained 3 steps (0 -> 3), planned 4"]
+    assert history_violations([_row("a", 0, 3, 4).as_dict()]) == ["a: trained 3 steps (0 -> 3), planned 4"]
 
 
 @pytest.mark.parametrize("state", ["idle", "training"])
@@ -87,7 +96,9 @@ def test_summary_names_state_step_files_and_recent_history(state):
         "examples": 40,
         "tokens": 1000,
     }
-    text = format_summary(doc, history=[_row("old.jsonl", 0, 4, 4), _row("bad.jsonl", 4, None, 1, "failed")])
+    text = format_summary(
+        doc, history=[_row("old.jsonl", 0, 4, 4).as_dict(), _row("bad.jsonl", 4, None, 1, "failed").as_dict()]
+    )
     assert f"state        {state}" in text
     assert "global_step  7 of max_steps 10" in text
     assert "a.jsonl: step 3/6 (50%)" in text
