@@ -7,12 +7,12 @@
     torchrun --nproc_per_node 2 train.py --dataset data.jsonl
     python train.py --help
 
-All logic lives in daemon/training.py; this is the same code path the daemon's child runs.
+All logic lives in daemon/ (the run: daemon/run.py); this is the same code path the daemon's child runs.
 """
 
 import sys
 
-from daemon.training import main
+from daemon.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

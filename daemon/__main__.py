@@ -34,32 +34,17 @@ def status_main(argv: list[str]) -> int:
     return 0
 
 
-def train_spare_main() -> int:
-    """``python -m daemon train-spare``: import everything, then train with the flags read from stdin.
-
-    The daemon starts one ahead of time (``--prestart``) and writes one JSON list of
-    ``train`` flags when a file arrives; end of input without a line (the daemon went
-    away) exits 0 having done nothing.
-    """
-    import datasets  # noqa: F401 - imported now, not when the file has arrived
-
-    from daemon import training
-
-    line = sys.stdin.readline()
-    return training.main(json.loads(line)) if line.strip() else 0
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = argv[0] if argv else ""
     if command == "status":
         return status_main(argv[1:])
-    if command == "train-spare":
-        return train_spare_main()
-    if command in ("train", "check-args"):
-        from daemon import training
+    if command in ("train", "train-spare", "check-args"):
+        from daemon import cli
 
-        return training.main(argv[1:]) if command == "train" else training.check_args_main(argv[1:])
+        if command == "train-spare":
+            return cli.train_spare_main()
+        return cli.main(argv[1:]) if command == "train" else cli.check_args_main(argv[1:])
     from daemon import watcher
     from daemon.config import configure_logging
 

@@ -1,4 +1,4 @@
-"""Finding the checkpoint a run continues from (SPEC section 6).
+"""Checkpoints and the export: what a run continues from and what users load (README "Operating the daemon").
 
 A checkpoint is the folder ``<output_dir>/checkpoint-<global_step>`` written by
 the Trainer. It is *complete* when it holds a readable ``trainer_state.json``,
@@ -6,15 +6,24 @@ the weights and the optimizer state; anything else is torn (killed mid-save,
 disk full) and is never used: it is set aside as ``torn-checkpoint-<step>-<n>``
 with a warning, so neither the Trainer's rotation nor a later save mixes it up
 with good ones.
+
+The export is the model and tokenizer at the root of ``output_dir``, loadable with
+``from_pretrained``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
@@ -53,38 +62,66 @@ def _why_incomplete(folder: Path) -> str | None:
     return None
 
 
-def latest_complete_checkpoint(output_dir: str | Path, set_aside: bool = True) -> Checkpoint | None:
-    """The newest complete checkpoint in ``output_dir``, or None if there is none.
-
-    Newer incomplete checkpoints are skipped with a warning and, with
-    ``set_aside``, renamed to ``torn-checkpoint-<step>[-n]`` so they can be inspected.
-
-    Args:
-        output_dir: where the Trainer writes ``checkpoint-<step>`` folders.
-        set_aside: rename torn checkpoints out of the Trainer's way.
-    """
-    root = Path(output_dir)
+def _checkpoint_folders(root: Path) -> list[tuple[int, Path]]:
+    """``(step, folder)`` of every ``checkpoint-<step>`` folder, newest first."""
     if not root.is_dir():
-        return None
-    found = sorted(
+        return []
+    return sorted(
         ((int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := CHECKPOINT_RE.match(p.name))),
         reverse=True,
     )
-    for step, folder in found:
+
+
+def latest_complete_checkpoint(output_dir: str | Path, set_aside: bool = True) -> Checkpoint | None:
+    """The newest complete checkpoint in ``output_dir``, or None if there is none.
+
+    Newer incomplete checkpoints are skipped with a warning and, with ``set_aside``,
+    moved out of the way by :func:`set_aside_torn_checkpoints`.
+
+    Args:
+        output_dir: where the Trainer writes ``checkpoint-<step>`` folders.
+        set_aside: rename torn checkpoints; with False nothing on disk changes.
+    """
+    found = None
+    for _, folder in _checkpoint_folders(Path(output_dir)):
         reason = _why_incomplete(folder)
         if reason is None:
             state = json.loads((folder / TRAINER_STATE).read_text(encoding="utf-8"))
-            return Checkpoint(folder, int(state["global_step"]))
+            found = Checkpoint(folder, int(state["global_step"]))
+            break
         logger.warning("skipping incomplete checkpoint %s: %s", folder.name, reason)
-        if set_aside:
-            _set_aside(folder, step)
-    return None
+    if set_aside:
+        set_aside_torn_checkpoints(output_dir)
+    return found
 
 
-def _set_aside(folder: Path, step: int) -> None:
-    for n in range(1000):
-        target = folder.with_name(f"torn-checkpoint-{step}" + (f"-{n}" if n else ""))
-        if not target.exists():
-            folder.rename(target)
-            logger.warning("moved it to %s", target.name)
+def set_aside_torn_checkpoints(output_dir: str | Path) -> None:
+    """Rename incomplete checkpoints newer than the latest complete one to ``torn-checkpoint-<step>[-n]``.
+
+    They stay for inspection, out of the Trainer's rotation and of later saves at the same step.
+    """
+    for step, folder in _checkpoint_folders(Path(output_dir)):
+        if _why_incomplete(folder) is None:
             return
+        for n in range(1000):
+            target = folder.with_name(f"torn-checkpoint-{step}" + (f"-{n}" if n else ""))
+            if not target.exists():
+                folder.rename(target)
+                logger.warning("moved the incomplete %s to %s", folder.name, target.name)
+                break
+
+
+def export_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, output_dir: str | Path) -> None:
+    """Save model and tokenizer to the root of ``output_dir``, loadable with ``from_pretrained``.
+
+    Files are written to a temporary folder first and moved in one by one with
+    ``os.replace``, so no file is ever half-written at its final name.
+    """
+    root = Path(output_dir)
+    tmp = root / ".export.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    for item in tmp.iterdir():
+        os.replace(item, root / item.name)
+    tmp.rmdir()

@@ -1,7 +1,7 @@
 """The product's own command-line options, as small dataclasses.
 
 They are parsed together with :class:`transformers.TrainingArguments` by
-``HfArgumentParser`` (see :mod:`daemon.training`), the way transformers'
+``HfArgumentParser`` (see :mod:`daemon.arguments`), the way transformers'
 ``run_clm.py`` does. This module imports only the standard library, so the
 daemon process can parse its options without importing torch.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 from daemon.exceptions import ConfigError
 
 DEFAULT_SAMPLE_PROMPTS = ["def ", "import ", "class ", "The ", "# "]
-# The daemon's pid, set for its training children so that they die with it (see training._exit_with_supervisor).
+# The daemon's pid, set for its training children so that they die with it (see cli.exit_with_supervisor).
 SUPERVISOR_ENV = "CONTINUAL_DAEMON_PID"
 
 
@@ -63,7 +63,7 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    """How one JSONL file becomes training examples (SPEC section 5)."""
+    """How one JSONL file becomes training examples (README "Data")."""
 
     dataset: str | None = field(default=None, metadata={"help": "The JSONL file to train on."})
     text_field: str = field(default="text", metadata={"help": "Field holding the document in language-modeling rows."})
@@ -97,10 +97,25 @@ class DataArguments:
 
 
 @dataclass
-class RunArguments:
-    """Where the run reports, and what its evolution snapshot samples."""
+class StatusArguments:
+    """Where the training run reports and records (status folder, heartbeat, ledger row)."""
 
     status_dir: str = field(default="status", metadata={"help": "Folder for training_status.json, history, snapshots."})
+    status_interval: float = field(
+        default=2.0, metadata={"help": "Seconds between heartbeat writes of training_status.json."}
+    )
+    ledger_id: int | None = field(
+        default=None, metadata={"help": "Ledger row of this file (set by the daemon for its training child)."}
+    )
+
+    def __post_init__(self) -> None:
+        _raise_all(["--status_interval must be > 0 seconds"] if self.status_interval <= 0 else [])
+
+
+@dataclass
+class AccumulationArguments:
+    """The multi-thread CPU gradient accumulation and its gradient guard (README "Multi-thread ...")."""
+
     grad_workers: str = field(
         default="auto",
         metadata={
@@ -112,12 +127,20 @@ class RunArguments:
         default=10,
         metadata={"help": "Fail the file after this many optimizer steps in a row without a finite gradient."},
     )
-    status_interval: float = field(
-        default=2.0, metadata={"help": "Seconds between heartbeat writes of training_status.json."}
-    )
-    ledger_entry: int | None = field(
-        default=None, metadata={"help": "Ledger row of this file (set by the daemon for its training child)."}
-    )
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.grad_workers != "auto" and not (self.grad_workers.isdigit()):
+            problems.append("--grad_workers must be a whole number or 'auto'")
+        if self.max_consecutive_skipped_steps < 1:
+            problems.append("--max_consecutive_skipped_steps must be >= 1")
+        _raise_all(problems)
+
+
+@dataclass
+class SampleArguments:
+    """What each evolution snapshot samples from the model."""
+
     sample_prompts: list[str] = field(
         default_factory=lambda: list(DEFAULT_SAMPLE_PROMPTS),
         metadata={"help": "Prompts sampled into each evolution snapshot."},
@@ -128,12 +151,6 @@ class RunArguments:
 
     def __post_init__(self) -> None:
         problems = []
-        if self.grad_workers != "auto" and not (self.grad_workers.isdigit()):
-            problems.append("--grad_workers must be a whole number or 'auto'")
-        if self.max_consecutive_skipped_steps < 1:
-            problems.append("--max_consecutive_skipped_steps must be >= 1")
-        if self.status_interval <= 0:
-            problems.append("--status_interval must be > 0 seconds")
         if self.sample_max_new_tokens < 1:
             problems.append("--sample_max_new_tokens must be >= 1")
         if self.sample_temperature <= 0:

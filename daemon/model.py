@@ -1,4 +1,4 @@
-"""The model and tokenizer a run starts from (SPEC section 10).
+"""The model and tokenizer a run starts from (README "Train one file").
 
 Order of precedence: the latest complete checkpoint in ``output_dir`` (the
 running model), else ``--model_name_or_path`` (a local directory), else a model
@@ -14,12 +14,14 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from daemon.data import DEFAULT_CHAT_TEMPLATE
+from daemon.data import DEFAULT_CHAT_TEMPLATE, iter_text
 from daemon.exceptions import CheckpointError, ConfigError
 
 if TYPE_CHECKING:
+    import datasets
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+    from daemon.checkpoints import Checkpoint
     from daemon.config import ModelArguments
 
 logger = logging.getLogger(__name__)
@@ -159,3 +161,47 @@ def load_pretrained(
 def has_model(path: str | Path) -> bool:
     """True when ``path`` holds an exported model (a ``config.json``)."""
     return (Path(path) / "config.json").is_file()
+
+
+def starting_model(
+    model_args: ModelArguments,
+    output_dir: str | Path,
+    seed: int,
+    checkpoint: Checkpoint | None,
+    records: datasets.Dataset,
+    shape: str,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The model and tokenizer a file's run starts from, by the precedence in this module's docstring.
+
+    Args:
+        model_args: ``--model_name_or_path``, ``--trust_remote_code`` and the bootstrap settings.
+        output_dir: the running model's folder.
+        seed: initialisation seed of a bootstrapped model.
+        checkpoint: the latest complete checkpoint in ``output_dir``, if any.
+        records: the file's parsed rows; their text trains a bootstrapped tokenizer.
+        shape: the file's data shape (see :mod:`daemon.data`).
+
+    Raises:
+        CheckpointError: a directory does not hold a loadable causal LM.
+        ConfigError: ``--config_overrides`` does not make a valid model.
+    """
+    if checkpoint is not None:
+        if model_args.model_name_or_path:
+            logger.warning(
+                "%s holds the running model (step %d); --model_name_or_path is ignored",
+                output_dir,
+                checkpoint.global_step,
+            )
+        logger.info("continuing from %s (global_step %d)", checkpoint.path, checkpoint.global_step)
+        return load_pretrained(checkpoint.path, model_args.trust_remote_code)
+    if model_args.model_name_or_path:
+        logger.info("starting from %s", model_args.model_name_or_path)
+        return load_pretrained(model_args.model_name_or_path, model_args.trust_remote_code)
+    if has_model(output_dir):
+        logger.info("starting from the model exported in %s (no checkpoint: fresh optimizer)", output_dir)
+        return load_pretrained(output_dir, model_args.trust_remote_code)
+    logger.info("bootstrapping the embedded model; training its tokenizer on this file")
+    tokenizer = train_tokenizer(
+        iter_text(records, shape, model_args.tokenizer_train_bytes), model_args.tokenizer_vocab_size
+    )
+    return bootstrap_model(tokenizer, model_args, seed), tokenizer

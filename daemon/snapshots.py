@@ -1,4 +1,4 @@
-"""Evolution snapshots: how the model writes after each file (SPEC section 8).
+"""Evolution snapshots: how the model writes after each file (README "Folders and files").
 
 ``<status_dir>/evolution/<global_step:08d>-<file stem>/`` holds ``snapshot.json``
 (step, file, held-out eval loss and perplexity, generation settings and seed,

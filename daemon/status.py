@@ -22,6 +22,7 @@ from typing import Any
 from filelock import FileLock
 
 from daemon.records import HistoryRow, Outcome, RunState, utc_now
+from daemon.snapshots import perplexity
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +110,15 @@ class StatusFile:
             doc["pid"] = os.getpid()
             atomic_write_text(self.path, json.dumps(doc, indent=2, sort_keys=False) + "\n")
             return doc
+
+    def record_eval(self, step: int, file: str, eval_loss: float) -> None:
+        """Count one held-out evaluation and make it ``last_eval`` (loss in nats)."""
+
+        def count(doc: dict[str, Any]) -> None:
+            doc["total_evals"] = doc.get("total_evals", 0) + 1
+            doc["last_eval"] = {"step": step, "file": file, "eval_loss": eval_loss, "perplexity": perplexity(eval_loss)}
+
+        self.update(count)
 
     def record_outcome(self, row: HistoryRow) -> None:
         """Append a finished or failed file's row to ``history.jsonl`` and count it in the status.

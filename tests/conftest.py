@@ -104,10 +104,10 @@ def tree(tmp_path: Path) -> Tree:
 
 def train(tree: Tree, dataset: Path, **overrides: object) -> dict:
     """Run the training code path in-process (as ``train.py`` does) and return the history row."""
-    from daemon.training import parse_args, train_file
+    from daemon.arguments import parse_args
+    from daemon.run import train_file
 
-    args = parse_args(["--dataset", str(dataset), *tree.flags(**overrides)])
-    return train_file(*args)
+    return train_file(parse_args(["--dataset", str(dataset), *tree.flags(**overrides)])).as_dict()
 
 
 def run_cli(args: list[str], cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess[str]:

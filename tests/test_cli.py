@@ -76,15 +76,15 @@ def test_bad_flags_fail_with_a_message_naming_the_flag(tree, flags, message):
 
 
 def test_config_file_holds_the_same_keys_as_the_flags(tree):
-    from daemon.training import parse_args
+    from daemon.arguments import parse_args
 
     config = tree.root / "train.json"
     config.write_text(json.dumps({"learning_rate": 0.01, "max_seq_length": 48, "sample_prompts": ["a", "b"]}))
-    _, data_args, run_args, training_args = parse_args(["--config", str(config), "--max_seq_length", "64"])
-    assert training_args.learning_rate == 0.01
-    assert data_args.max_seq_length == 64  # the command line wins over the file
-    assert run_args.sample_prompts == ["a", "b"]
+    flags = parse_args(["--config", str(config), "--max_seq_length", "64"])
+    assert flags.training.learning_rate == 0.01
+    assert flags.data.max_seq_length == 64  # the command line wins over the file
+    assert flags.samples.sample_prompts == ["a", "b"]
     yaml_config = tree.root / "train.yaml"
     yaml_config.write_text("learning_rate: 0.02\nstrict: true\n")
-    _, data_args, _, training_args = parse_args(["--config", str(yaml_config)])
-    assert training_args.learning_rate == 0.02 and data_args.strict is True
+    flags = parse_args(["--config", str(yaml_config)])
+    assert flags.training.learning_rate == 0.02 and flags.data.strict is True

@@ -7,10 +7,11 @@ import json
 import pytest
 from conftest import Tree, stdlib_documents, train, write_jsonl
 
+from daemon.callbacks import PlanCallback
 from daemon.exceptions import TrainingInterrupted
 from daemon.ledger import Ledger
+from daemon.plan import StepPlan
 from daemon.status import history_violations
-from daemon.training import PlanCallback, StepPlan
 
 
 class Crash(Exception):
@@ -38,7 +39,7 @@ def _interrupt_at(monkeypatch, step: int, how: str) -> None:
 
 def test_segments_cover_the_remaining_steps_epoch_by_epoch():
     plan = StepPlan(10, 10, 2, 1, 1, epochs=2.5)  # 5 steps per epoch, 13 for the file
-    assert plan.steps_for_file == 13
+    assert plan.planned_steps == 13
     assert plan.segments(0) == [(0, 0, 5), (1, 0, 5), (2, 0, 3)]
     assert plan.segments(7) == [(1, 2, 3), (2, 0, 3)]
     assert plan.segments(13) == []
@@ -77,11 +78,11 @@ def test_an_interrupted_file_resumes_and_matches_an_uninterrupted_run(tmp_path, 
 
 
 def test_a_file_trained_but_not_finished_is_not_trained_again(tree, monkeypatch):
-    import daemon.training as training
+    import daemon.run as run
 
     data = write_jsonl(tree.root / "a.jsonl", [{"text": d} for d in stdlib_documents(limit=20)])
     with monkeypatch.context() as patch:
-        patch.setattr(training, "export_model", lambda *a, **k: (_ for _ in ()).throw(Crash("killed in export")))
+        patch.setattr(run, "export_model", lambda *a, **k: (_ for _ in ()).throw(Crash("killed in export")))
         with pytest.raises(Crash):
             train(tree, data)
     assert tree.history() == []

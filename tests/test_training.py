@@ -27,11 +27,11 @@ def _log_history(tree: Tree) -> list[dict]:
 
 
 def test_step_plan_uses_the_effective_batch_and_rounds_up_per_epoch():
-    from daemon.training import StepPlan
+    from daemon.plan import StepPlan
 
     plan = StepPlan(
         start_step=100,
-        train_examples=50,
+        examples=50,
         per_device_train_batch_size=4,
         gradient_accumulation_steps=3,
         world_size=2,
@@ -39,7 +39,7 @@ def test_step_plan_uses_the_effective_batch_and_rounds_up_per_epoch():
     )
     assert plan.effective_batch == 24
     assert plan.steps_per_epoch == 3  # ceil(50 / 24)
-    assert plan.steps_for_file == 6
+    assert plan.planned_steps == 6
     assert plan.max_steps == 106
 
 
@@ -186,7 +186,7 @@ def test_incomplete_newest_checkpoint_is_skipped_with_a_warning(tree, caplog):
 
 
 def test_owned_flags_are_overridden_and_the_user_is_told(tree, caplog):
-    with caplog.at_level(logging.WARNING, logger="daemon.training"):
+    with caplog.at_level(logging.WARNING, logger="daemon.arguments"):
         row = train(tree, _text_file(tree.root / "a.jsonl", 12), max_steps=1000)
     assert row["end_step"] == row["planned_steps"] == math.ceil(row["examples"] / 4)
     assert row["end_step"] != 1000
@@ -283,7 +283,7 @@ def test_an_empty_sample_prompt_starts_from_eos(tree):
     ],
 )
 def test_fast_bf16_is_detected_from_the_cpu_flags(tmp_path, flags, expected):
-    from daemon.training import cpu_has_fast_bf16
+    from daemon.arguments import cpu_has_fast_bf16
 
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
@@ -294,11 +294,11 @@ def test_fast_bf16_is_detected_from_the_cpu_flags(tmp_path, flags, expected):
 def test_bf16_is_the_default_on_a_cpu_that_has_it_and_fp16_replaces_it(tree):
     import torch
 
-    from daemon.training import cpu_has_fast_bf16, parse_args
+    from daemon.arguments import cpu_has_fast_bf16, parse_args
 
-    *_, defaults = parse_args(["--dataset", "x.jsonl", *tree.flags()])
+    defaults = parse_args(["--dataset", "x.jsonl", *tree.flags()]).training
     assert defaults.bf16 is (not torch.accelerator.is_available() and cpu_has_fast_bf16())
-    *_, fp16 = parse_args(["--dataset", "x.jsonl", *tree.flags(), "--fp16"])
+    fp16 = parse_args(["--dataset", "x.jsonl", *tree.flags(), "--fp16"]).training
     assert (fp16.fp16, fp16.bf16) == (True, False)
 
 
@@ -334,7 +334,7 @@ def test_bf16_autocasts_every_worker_and_keeps_fp32_master_weights(tree):
 
 def test_the_first_step_of_every_file_is_logged(tree, caplog):
     first = train(tree, _text_file(tree.root / "a.jsonl", 12), logging_steps=1000)
-    with caplog.at_level(logging.INFO, logger="daemon.training"):
+    with caplog.at_level(logging.INFO, logger="daemon.callbacks"):
         train(tree, _text_file(tree.root / "b.jsonl", 12, offset=12), logging_steps=1000)
     logged = [e["step"] for e in _log_history(tree) if "loss" in e]
     assert logged == [1, first["end_step"] + 1]

@@ -1,0 +1,176 @@
+"""The training process's flags: ``TrainingArguments`` with the product's defaults, and their parsing.
+
+``HfArgumentParser`` reads the product's own dataclasses (:mod:`daemon.config`) together
+with :class:`ContinualTrainingArguments`, the way transformers' ``run_clm.py`` does; a
+``--config FILE`` (JSON or YAML) holds the same keys. Flags the product owns
+(:data:`OWNED_FLAGS`) are set by the product, and a user who passes one is told.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import HfArgumentParser, TrainingArguments
+from transformers.trainer_utils import SchedulerType
+
+from daemon.config import (
+    AccumulationArguments,
+    DataArguments,
+    ModelArguments,
+    SampleArguments,
+    StatusArguments,
+    config_file_to_argv,
+)
+from daemon.exceptions import ConfigError
+
+logger = logging.getLogger(__name__)
+
+# Schedules whose value at a step does not depend on num_training_steps, so a
+# growing max_steps (one more file) cannot make the learning rate jump.
+STEP_ONLY_SCHEDULES = {"constant", "constant_with_warmup"}
+# Flags the product sets itself; a user who passes one is told and overridden.
+OWNED_FLAGS = {
+    "max_steps": "start_step + planned_steps of the latest checkpoint and this file",
+    "ignore_data_skip": "True: each file is trained from its first example",
+    "train_sampling_strategy": "'sequential': each epoch of the file has a fixed order drawn from --seed",
+}
+
+
+def cpu_has_fast_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
+    """Whether this CPU computes bf16 matmuls natively: AVX512-BF16 or AMX (Linux x86 flags).
+
+    ``torch.backends.cpu.get_cpu_capability()`` names only the widest vector ISA
+    ("AVX512"), not these extensions, so the kernel's flag list is read. Where it
+    cannot be read (another OS), the answer is ``False`` and training stays fp32.
+    """
+    try:
+        text = Path(cpuinfo).read_text(errors="replace")
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+@dataclass
+class ContinualTrainingArguments(TrainingArguments):
+    """``TrainingArguments`` with the product's defaults (as TRL's ``SFTConfig`` does).
+
+    Only defaults change; every flag keeps its transformers name and meaning.
+    """
+
+    output_dir: str | None = field(
+        default="current_model", metadata={"help": "Checkpoints and the exported model (the running model)."}
+    )
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Passes over *this* file."})
+    learning_rate: float = field(
+        default=5e-4,
+        metadata={"help": "Peak learning rate. Suits the embedded model trained from scratch; use ~5e-5 to fine-tune."},
+    )
+    lr_scheduler_type: SchedulerType | str = field(
+        default="constant_with_warmup",
+        metadata={
+            "help": "Learning-rate schedule. The default warms up once in the model's life, then stays constant."
+        },
+    )
+    warmup_steps: float = field(
+        default=100, metadata={"help": "Warmup length in optimizer steps, counted from the model's first step."}
+    )
+    logging_steps: float = field(default=10, metadata={"help": "Log loss and learning rate every X optimizer steps."})
+    logging_first_step: bool = field(default=True, metadata={"help": "Log the first optimizer step of each file."})
+    save_steps: float = field(
+        default=200, metadata={"help": "Checkpoint every X optimizer steps (the end of a file always checkpoints)."}
+    )
+    save_total_limit: int | None = field(default=3, metadata={"help": "Checkpoints kept in output_dir."})
+    # bf16 autocast through accelerate: the matmuls run in bf16, the master weights, optimizer
+    # state and loss stay fp32. About 1.7x the fp32 training loop on an AVX512-BF16 CPU (BENCHMARKS.md).
+    bf16: bool = field(
+        default=not torch.accelerator.is_available() and cpu_has_fast_bf16(),
+        metadata={
+            "help": "bf16 autocast with fp32 master weights. Default: on when training on a CPU with "
+            "AVX512-BF16 or AMX, off otherwise (pass --bf16 on a GPU that supports it)."
+        },
+    )
+    # accelerate runs DDP over gloo (MULTI_CPU) under torchrun only with use_cpu, and the device is
+    # resolved inside __post_init__: so the default must already say CPU on a machine without accelerator.
+    use_cpu: bool = field(
+        default=not torch.accelerator.is_available(),  # HfArgumentParser ignores a bool default_factory
+        metadata={"help": "Train on CPU (the default when no accelerator is available)."},
+    )
+
+
+@dataclass
+class Flags:
+    """Every flag of one training run, grouped by what it configures (from :func:`parse_args`)."""
+
+    model: ModelArguments
+    data: DataArguments
+    status: StatusArguments
+    accumulation: AccumulationArguments
+    samples: SampleArguments
+    training: ContinualTrainingArguments
+
+
+def parse_args(argv: list[str]) -> Flags:
+    """Parse flags (and ``--config FILE``) with ``HfArgumentParser``, then apply the product's rules.
+
+    Raises:
+        ConfigError: a value is invalid; the message names the flag.
+        SystemExit: argparse's own usage errors (exit code 2), as any HF script.
+    """
+    argv = config_file_to_argv(argv)
+    if "--fp16" in argv and "--bf16" not in argv:
+        argv = [*argv, "--bf16", "False"]  # an explicit fp16 replaces the bf16 default, not conflicts with it
+    groups = (
+        ModelArguments,
+        DataArguments,
+        StatusArguments,
+        AccumulationArguments,
+        SampleArguments,
+        ContinualTrainingArguments,
+    )
+    parser = HfArgumentParser(groups)  # type: ignore[arg-type]
+    try:
+        flags = Flags(*parser.parse_args_into_dataclasses(args=argv))
+    except ValueError as e:  # TrainingArguments.__post_init__ validates combinations this way
+        raise ConfigError(str(e).splitlines()[0]) from e
+    training_args = flags.training
+    _apply_owned_flags(argv, training_args)
+    _validate_training_args(training_args)
+    if "--disable_tqdm" not in argv and not sys.stderr.isatty():
+        training_args.disable_tqdm = True  # progress goes to the log lines instead of \r-bars in a pipe
+    if "--dataloader_pin_memory" not in argv and training_args.device.type == "cpu":
+        training_args.dataloader_pin_memory = False  # pinning needs an accelerator; on CPU it only warns
+    return flags
+
+
+def _apply_owned_flags(argv: list[str], args: TrainingArguments) -> None:
+    for name, how in OWNED_FLAGS.items():
+        if f"--{name}" in argv:
+            logger.warning("--%s is set by the product (%s); the value given is ignored", name, how)
+    args.ignore_data_skip = True
+    args.train_sampling_strategy = "sequential"
+    args.max_steps = -1  # not known before the plan: run.fit() sets it for each segment
+
+
+def _validate_training_args(args: TrainingArguments) -> None:
+    problems = []
+    if args.num_train_epochs <= 0:
+        problems.append("--num_train_epochs must be > 0")
+    if 0 < args.warmup_steps < 1:
+        problems.append(
+            "--warmup_steps must be a whole number of steps: a ratio of max_steps would move with every file"
+        )
+    if args.save_only_model:
+        problems.append("--save_only_model cannot be used: checkpoints must hold the optimizer state to continue")
+    if problems:
+        raise ConfigError("; ".join(problems))
+    if str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)) not in STEP_ONLY_SCHEDULES:
+        logger.warning(
+            "--lr_scheduler_type %s is evaluated over each file's max_steps: the learning rate will jump at "
+            "file boundaries. 'constant_with_warmup' (default) and 'constant' do not.",
+            args.lr_scheduler_type,
+        )

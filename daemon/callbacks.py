@@ -1,0 +1,128 @@
+"""Trainer callbacks of a file's run: where a segment ends, and the live progress.
+
+- :class:`PlanCallback` checkpoints and stops at the end of each planned segment,
+  or at the next optimizer step after a stop request (all processes at once).
+- :class:`ProgressCallback` feeds the status heartbeat and logs one line per logging step.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from transformers import TrainerCallback, TrainingArguments
+
+from daemon.accumulation import GuardCounters
+from daemon.plan import StepPlan
+from daemon.records import FileProgress
+from daemon.status import Heartbeat
+
+logger = logging.getLogger(__name__)
+
+
+class PlanCallback(TrainerCallback):
+    """Checkpoints at the end of every segment (and so of the file), or early on a stop request.
+
+    Args:
+        stop_requested: set by the SIGINT/SIGTERM handler; the run checkpoints at the
+            next optimizer step and stops.
+    """
+
+    def __init__(self, stop_requested: threading.Event) -> None:
+        self.stop_requested = stop_requested
+
+    def _stop_everywhere(self, args: TrainingArguments) -> bool:
+        """Whether any process got a stop signal; all processes must stop at the same step."""
+        if args.world_size <= 1:
+            return self.stop_requested.is_set()
+        flag = torch.tensor([1.0 if self.stop_requested.is_set() else 0.0], device=args.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # one scalar per step: negligible next to the gradients
+        if flag.item() > 0:
+            self.stop_requested.set()
+        return self.stop_requested.is_set()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        # state.max_steps is the current segment's end (fit() sets args.max_steps per segment).
+        if state.global_step >= state.max_steps or self._stop_everywhere(args):
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+
+class ProgressCallback(TrainerCallback):
+    """Feeds the heartbeat with progress and metrics, and logs one line per logging step.
+
+    Only in-memory updates happen here; the heartbeat thread writes the file.
+    """
+
+    def __init__(
+        self, heartbeat: Heartbeat | None, plan: StepPlan, progress: FileProgress, guard: GuardCounters
+    ) -> None:
+        self.heartbeat = heartbeat
+        self.guard = guard
+        self.last_grad_norm: float | None = None
+        self.first_step: int | None = None
+        self.plan = plan
+        self.progress = progress
+        self.tokens_per_step = progress.tokens * plan.epochs / plan.planned_steps
+        self.started = time.monotonic()
+        self.metrics: dict[str, Any] = {
+            "loss": None,
+            "learning_rate": None,
+            "grad_norm": None,
+            "tokens_per_second": None,
+        }
+
+    def _steps_done(self, state: Any) -> int:
+        return state.global_step - self.plan.start_step
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.first_step is None:  # the first segment of this process; a resumed file starts mid-plan
+            self.first_step = state.global_step
+            self.started = time.monotonic()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        done = self._steps_done(state)
+        if done == 1 and args.logging_first_step:
+            control.should_log = True  # the first step of each file, not only of the model's life
+        here = state.global_step - (self.first_step or 0)  # steps trained by this process
+        elapsed = time.monotonic() - self.started
+        rate = here / elapsed if elapsed > 0 and here > 0 else None
+        self.metrics["tokens_per_second"] = round(rate * self.tokens_per_step, 1) if rate else None
+        self.progress.advance(done, rate)
+        if self.heartbeat is not None:
+            self.heartbeat.set(
+                progress_at=time.time(),
+                global_step=state.global_step,
+                current_file=self.progress.as_dict(),
+                gradient_guard={**self.guard.as_status(), "last_grad_norm": self.last_grad_norm},
+            )
+
+    def on_substep_end(self, args, state, control, **kwargs):
+        if self.heartbeat is not None:  # a micro-batch done: progress for the daemon's stall detection
+            self.heartbeat.set(progress_at=time.time())
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        for key in ("loss", "learning_rate", "grad_norm"):
+            if key in logs:
+                self.metrics[key] = logs[key]
+        self.last_grad_norm = logs.get("grad_norm", self.last_grad_norm)
+        if "loss" in logs:
+            logger.info(
+                "step %d/%d (%d/%d of this file) loss %.4f lr %.3g grad_norm %s tokens/s %s",
+                state.global_step,
+                self.plan.max_steps,
+                self._steps_done(state),
+                self.plan.planned_steps,
+                logs["loss"],
+                logs.get("learning_rate", float("nan")),
+                f"{logs['grad_norm']:.3g}" if "grad_norm" in logs else "-",
+                self.metrics["tokens_per_second"],
+            )
+        if self.heartbeat is not None:
+            self.heartbeat.set(metrics=dict(self.metrics))

@@ -1,0 +1,110 @@
+"""Step accounting: how many optimizer steps one file adds, and what is left after an interruption.
+
+Pure arithmetic (README "Data", step accounting)::
+
+    effective_batch = per_device_train_batch_size * gradient_accumulation_steps * world_size
+    planned_steps   = ceil(num_train_epochs * ceil(examples / effective_batch))
+    max_steps       = start_step + planned_steps
+
+``examples`` are counted after packing and after the held-out split; ``start_step`` is
+the ``global_step`` of the latest complete checkpoint. ``planned_steps`` is what the
+specification's formula calls ``steps_for_file``; the product uses one name for it in
+code, status, history and ledger.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from daemon.exceptions import TrainingError
+
+if TYPE_CHECKING:
+    from transformers import TrainingArguments
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """The step accounting of one file.
+
+    ``planned_steps = ceil(epochs * ceil(examples / effective_batch))``: whole epochs give
+    ``epochs * ceil(...)``; the rounding matches ``Trainer.set_initial_training_values``,
+    which counts a last partial accumulation as a step.
+
+    Attributes:
+        start_step: ``global_step`` before the file.
+        examples: training examples of the file (after packing, held-out slice excluded).
+        per_device_train_batch_size, gradient_accumulation_steps, world_size: as in ``TrainingArguments``.
+        epochs: passes over the file (``--num_train_epochs``; may be fractional).
+    """
+
+    start_step: int
+    examples: int
+    per_device_train_batch_size: int
+    gradient_accumulation_steps: int
+    world_size: int
+    epochs: float
+
+    @property
+    def effective_batch(self) -> int:
+        """Examples per optimizer step over all processes."""
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps * self.world_size
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.examples / self.effective_batch)
+
+    @property
+    def planned_steps(self) -> int:
+        """Optimizer steps this file adds to the running model."""
+        return math.ceil(self.epochs * self.steps_per_epoch)
+
+    @property
+    def max_steps(self) -> int:
+        """``global_step`` at the end of the file."""
+        return self.start_step + self.planned_steps
+
+    def segments(self, steps_done: int) -> list[tuple[int, int, int]]:
+        """What is left after ``steps_done`` of this file's steps, one segment per epoch.
+
+        Epoch ``e`` trains the file's examples in its own fixed order, ``effective_batch``
+        examples per step, the last batch partial; a fractional last epoch stops early.
+        Resuming at any step therefore trains exactly the remaining steps on the
+        not-yet-seen examples.
+
+        Returns:
+            ``[(epoch, first_batch, steps), ...]`` in training order (empty when done).
+        """
+        out = []
+        step = steps_done
+        while step < self.planned_steps:
+            epoch, first_batch = divmod(step, self.steps_per_epoch)
+            steps = min(self.steps_per_epoch - first_batch, self.planned_steps - step)
+            out.append((epoch, first_batch, steps))
+            step += steps
+        return out
+
+    def segment_rows(self, first_batch: int, steps: int) -> range:
+        """Indices, in one epoch's order, of the examples of ``steps`` batches from ``first_batch``."""
+        eb = self.effective_batch
+        return range(first_batch * eb, min(self.examples, (first_batch + steps) * eb))
+
+
+def plan_steps(start_step: int, examples: int, args: TrainingArguments) -> StepPlan:
+    """Build the :class:`StepPlan` for a file of ``examples`` starting at ``start_step``.
+
+    Raises:
+        TrainingError: the plan would train zero steps (never reported as done).
+    """
+    plan = StepPlan(
+        start_step=start_step,
+        examples=examples,
+        per_device_train_batch_size=args.per_device_train_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        world_size=max(1, args.world_size),
+        epochs=args.num_train_epochs,
+    )
+    if plan.planned_steps <= 0:
+        raise TrainingError(f"the plan has no step ({examples} examples, {plan.epochs} epochs)")
+    return plan

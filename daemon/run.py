@@ -1,0 +1,404 @@
+"""One file's run, the one training code path: ``setup -> fit -> evaluate -> save``.
+
+Used by ``python train.py --dataset FILE`` and by the daemon's training child, both
+through :mod:`daemon.cli`. :func:`train_file` reads as:
+
+1. :func:`setup`: scan the file, find the latest complete checkpoint, load or
+   bootstrap the model, tokenize, and plan the steps (:mod:`daemon.plan`); a file
+   whose plan the ledger holds (an interrupted run) keeps that plan. Only the
+   datasets cache changes on disk, so a bad file leaves everything as it was.
+2. :func:`commit_plan` (main process): torn checkpoints are set aside and the plan
+   is written to the ledger, before the first optimizer step.
+3. :func:`fit`: ``Trainer.train(resume_from_checkpoint=...)`` once per remaining
+   segment (one per epoch, :meth:`StepPlan.segments`) with ``max_steps`` at the
+   segment's end and ``ignore_data_skip=True``; every end is checked and
+   checkpointed, the last one being ``max_steps = start_step + planned_steps``.
+4. :func:`evaluate`: held-out loss, once training and its threads have stopped.
+5. :func:`save`: samples, export to the root of ``output_dir``, evolution snapshot,
+   history row, ledger ``done``; each may be repeated after a crash.
+
+This module is the only place that builds a ``Trainer``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from transformers import (
+    DataCollatorForSeq2Seq,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    TrainerCallback,
+)
+from transformers.trainer_callback import PrinterCallback
+
+from daemon.accumulation import ThreadedAccumulationTrainer, resolve_workers
+from daemon.arguments import Flags
+from daemon.callbacks import PlanCallback, ProgressCallback
+from daemon.checkpoints import Checkpoint, export_model, latest_complete_checkpoint, set_aside_torn_checkpoints
+from daemon.data import IGNORE_INDEX, PreparedData, ScanReport, load_records, prepare_datasets, scan_jsonl
+from daemon.exceptions import ConfigError, DaemonError, TrainingError, TrainingInterrupted
+from daemon.ledger import Entry, Ledger
+from daemon.model import starting_model
+from daemon.plan import StepPlan, plan_steps
+from daemon.records import FileProgress, FileState, HistoryRow, RunState
+from daemon.snapshots import GenerationSettings, generate_samples, write_snapshot
+from daemon.status import Heartbeat, StatusFile
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PreparedFile:
+    """Everything :func:`setup` prepares for :func:`fit`: one file's data, starting model and plan.
+
+    Attributes:
+        model, tokenizer: the model to train (from ``checkpoint`` when there is one).
+        datasets: the tokenized training examples and the held-out slice.
+        report: what the scan found in the file (sha256, shape, malformed lines).
+        checkpoint: the latest complete checkpoint, None for a new model.
+        plan: the file's step plan.
+        steps_done: steps of the plan already trained (an interrupted file resumes).
+        resumed: the ledger row whose plan this run continues, if any.
+        abandoned: a ``training`` ledger row of this file whose plan the running model has
+            left (e.g. checkpoints were deleted); :func:`commit_plan` closes it.
+        progress: the status's ``current_file``.
+    """
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    datasets: PreparedData
+    report: ScanReport
+    checkpoint: Checkpoint | None
+    plan: StepPlan
+    steps_done: int
+    resumed: Entry | None
+    abandoned: Entry | None
+    progress: FileProgress
+
+
+def setup(flags: Flags, ledger: Ledger, heartbeat: Heartbeat | None) -> PreparedFile:
+    """Scan and tokenize the file, pick the starting model and plan the steps; reads the ledger only.
+
+    Raises:
+        DatasetError, CheckpointError, ConfigError, TrainingError.
+    """
+    data_args, training_args = flags.data, flags.training
+    assert data_args.dataset is not None
+    report = scan_jsonl(data_args.dataset, data_args.text_field, data_args.strict)
+    _beat(heartbeat, state=RunState.TOKENIZING)
+    records = load_records(report, data_args)
+    output_dir = str(training_args.output_dir)
+    checkpoint = latest_complete_checkpoint(output_dir, set_aside=False)
+    model, tokenizer = starting_model(flags.model, output_dir, training_args.seed, checkpoint, records, report.shape)
+    datasets = prepare_datasets(records, report.shape, tokenizer, data_args, training_args.seed)
+    at_step = checkpoint.global_step if checkpoint else 0
+    resumed, abandoned = _recorded_plan(ledger, report, at_step, flags.status.ledger_id)
+    start_step = at_step if resumed is None or resumed.start_step is None else resumed.start_step
+    plan = plan_steps(start_step, datasets.train_examples, training_args)
+    if resumed and plan.planned_steps != resumed.planned_steps:
+        raise ConfigError(
+            f"{report.path.name} was planned with {resumed.planned_steps} steps and is half trained; "
+            f"these flags give {plan.planned_steps}: resume it with the batch and epoch flags it started with"
+        )
+    steps_done = at_step - plan.start_step
+    if resumed:
+        logger.info(
+            "resuming %s at step %d of its plan %d -> %d", report.path.name, at_step, start_step, plan.max_steps
+        )
+    progress = FileProgress(
+        name=report.path.name,
+        sha256=report.sha256,
+        examples=datasets.train_examples,
+        eval_examples=datasets.eval_examples,
+        tokens=datasets.train_tokens,
+        skipped_lines=report.bad_lines,
+        start_step=plan.start_step,
+        planned_steps=plan.planned_steps,
+        steps_done=steps_done,
+    )
+    logger.info(
+        "%s: %s, %d train examples (%d tokens), %d held out; effective batch %d = %d x %d x world %d; "
+        "steps %d -> %d (%d for this file)",
+        report.path.name,
+        report.shape,
+        datasets.train_examples,
+        datasets.train_tokens,
+        datasets.eval_examples,
+        plan.effective_batch,
+        plan.per_device_train_batch_size,
+        plan.gradient_accumulation_steps,
+        plan.world_size,
+        plan.start_step,
+        plan.max_steps,
+        plan.planned_steps,
+    )
+    return PreparedFile(model, tokenizer, datasets, report, checkpoint, plan, steps_done, resumed, abandoned, progress)
+
+
+def _recorded_plan(
+    ledger: Ledger, report: ScanReport, at_step: int, ledger_id: int | None
+) -> tuple[Entry | None, Entry | None]:
+    """``(resumed, abandoned)``: the ledger's plan for this file if training it was interrupted inside it.
+
+    The row is ``ledger_id`` (the daemon's claim) or, for ``train.py`` on its own, the
+    newest ``training`` row with this content. A recorded plan that the running model has
+    left (the checkpoint is outside ``[start_step, start_step + planned_steps]``) cannot be
+    resumed exactly: it is returned as ``abandoned`` and the file is planned anew.
+    """
+    entry = ledger.get(ledger_id) if ledger_id is not None else ledger.find(report.sha256, (FileState.TRAINING,))
+    if entry is None or entry.state != FileState.TRAINING or entry.start_step is None or entry.planned_steps is None:
+        return None, None
+    if entry.start_step <= at_step <= entry.start_step + entry.planned_steps:
+        return entry, None
+    logger.warning(
+        "%s: its recorded plan %d -> %d no longer matches the latest checkpoint (step %d); planning anew",
+        report.path.name,
+        entry.start_step,
+        entry.start_step + entry.planned_steps,
+        at_step,
+    )
+    return None, entry
+
+
+def commit_plan(ledger: Ledger, prepared: PreparedFile, ledger_id: int | None, output_dir: str) -> Entry:
+    """Set torn checkpoints aside and write the file's plan to the ledger (main process, before step one).
+
+    Uses the interrupted run's row, or the daemon's claim ``ledger_id``, or adds a row
+    (``train.py`` used on its own). An abandoned plan of another row is marked failed.
+    """
+    set_aside_torn_checkpoints(output_dir)
+    if prepared.resumed is not None:
+        return prepared.resumed
+    abandoned = prepared.abandoned
+    if abandoned is not None and abandoned.id != ledger_id:
+        ledger.fail(abandoned.id, f"abandoned: the running model is at step {prepared.plan.start_step}")
+    row = ledger.get(ledger_id) if ledger_id is not None else None
+    if row is None:
+        report = prepared.report
+        row = ledger.add(report.path.name, FileState.QUEUED, report.sha256, report.size_bytes)
+    return ledger.record_plan(row.id, prepared.plan.start_step, prepared.plan.planned_steps)
+
+
+def segment_dataset(prepared: PreparedFile, epoch: int, first_batch: int, steps: int, seed: int) -> Any:
+    """The examples of one segment: epoch ``epoch``'s order, batches ``first_batch`` to ``+steps``.
+
+    Epoch 0 is the prepared order (shuffled once with ``seed``); epoch ``e`` reshuffles
+    it with ``seed + e``. Both are deterministic, so a restart sees the same order.
+    """
+    train = prepared.datasets.train
+    data = train if epoch == 0 else train.shuffle(seed=seed + epoch)
+    rows = prepared.plan.segment_rows(first_batch, steps)
+    return data if (rows.start, rows.stop) == (0, data.num_rows) else data.select(rows)
+
+
+def build_trainer(
+    prepared: PreparedFile, flags: Flags, callbacks: list[TrainerCallback]
+) -> ThreadedAccumulationTrainer:
+    """The ``Trainer`` for one file, with ``--grad_workers`` threads; :func:`fit` sets ``max_steps``."""
+    training_args = flags.training
+    precision = "bf16 autocast" if training_args.bf16 else "fp16 autocast" if training_args.fp16 else "fp32"
+    logger.info("precision: %s (master weights fp32)", precision)
+    tokenizer = prepared.tokenizer
+    trainer = ThreadedAccumulationTrainer(
+        model=prepared.model,
+        args=training_args,
+        train_dataset=prepared.datasets.train,
+        eval_dataset=prepared.datasets.eval,
+        processing_class=tokenizer,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, padding=True),
+        callbacks=callbacks,
+        grad_workers=resolve_workers(
+            flags.accumulation.grad_workers,
+            training_args.device.type,
+            training_args.world_size,
+            prepared.model.num_parameters(),
+        ),
+        max_consecutive_skipped_steps=flags.accumulation.max_consecutive_skipped_steps,
+    )
+    # ProgressCallback logs one readable line per logging step; the Trainer's
+    # printer (used when tqdm is off) would repeat it as a raw dict on stdout.
+    trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
+def fit(
+    trainer: ThreadedAccumulationTrainer, prepared: PreparedFile, stop_requested: threading.Event, seed: int
+) -> tuple[float | None, float]:
+    """Train the remaining segments of the plan, each ending on a checkpoint, and verify every end.
+
+    The only place ``max_steps`` is set. The gradient worker threads are joined before
+    this returns or raises, so nothing after it (evaluation, generation, export) runs
+    beside them.
+
+    Returns:
+        ``(mean training loss over the steps trained by this call or None if none were
+        left, seconds inside Trainer.train)``: the latter is the Trainer's ``train_runtime``
+        summed over the segments.
+
+    Raises:
+        TrainingInterrupted: a stop was requested; a checkpoint was saved at the current step.
+        TrainingError: a segment ended at another step than planned.
+    """
+    plan = prepared.plan
+    step = plan.start_step + prepared.steps_done
+    resume = prepared.checkpoint.path if prepared.checkpoint else None
+    loss_sum, trained, seconds = 0.0, 0, 0.0
+    try:
+        for epoch, first_batch, steps in plan.segments(prepared.steps_done):
+            trainer.train_dataset = segment_dataset(prepared, epoch, first_batch, steps, seed)
+            trainer.args.max_steps = step + steps
+            output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+            reached = trainer.state.global_step
+            seconds += output.metrics.get("train_runtime", 0.0)
+            if reached < step + steps and stop_requested.is_set():
+                raise TrainingInterrupted(f"stopped at step {reached} of {plan.max_steps}; checkpoint saved")
+            if reached != step + steps:
+                raise TrainingError(f"training ended at global_step {reached}, planned {step + steps}")
+            loss_sum, trained, step = loss_sum + output.training_loss * steps, trained + steps, reached
+            resume = Path(str(trainer.args.output_dir)) / f"checkpoint-{step}"
+            if stop_requested.is_set() and step < plan.max_steps:
+                raise TrainingInterrupted(f"stopped at step {step} of {plan.max_steps}; checkpoint saved")
+    finally:
+        trainer.shutdown_workers()
+    return (loss_sum / trained if trained else None), seconds
+
+
+def evaluate(trainer: ThreadedAccumulationTrainer, prepared: PreparedFile) -> float | None:
+    """Mean held-out token loss in nats, or None when the file was too small to spare a held-out slice."""
+    return trainer.evaluate()["eval_loss"] if prepared.datasets.eval is not None else None
+
+
+def save(
+    prepared: PreparedFile, row: HistoryRow, status: StatusFile, ledger: Ledger, entry: Entry, flags: Flags
+) -> None:
+    """Samples, export, snapshot, then the records; each step may be repeated after a crash."""
+    if row.eval_loss is not None:
+        status.record_eval(prepared.plan.max_steps, row.file, row.eval_loss)
+    samples_args = flags.samples
+    settings = GenerationSettings(
+        max_new_tokens=samples_args.sample_max_new_tokens,
+        temperature=samples_args.sample_temperature,
+        top_k=samples_args.sample_top_k,
+        seed=flags.training.seed,
+    )
+    samples = generate_samples(prepared.model, prepared.tokenizer, samples_args.sample_prompts, settings)
+    output_dir = str(flags.training.output_dir)
+    export_model(prepared.model, prepared.tokenizer, output_dir)
+    folder = write_snapshot(
+        flags.status.status_dir,
+        prepared.plan.max_steps,
+        prepared.report.path.name,
+        row.eval_loss,
+        prepared.datasets.eval_examples,
+        settings,
+        samples,
+    )
+    logger.info("exported the model to %s; snapshot in %s", output_dir, folder)
+    status.record_outcome(row)  # before the ledger: a crash in between finishes again without a second row
+    ledger.finish(entry.id, prepared.plan.max_steps)
+
+
+def train_file(flags: Flags) -> HistoryRow:
+    """Train one file end to end and record it (status, history, snapshot).
+
+    Returns:
+        The file's ``history.jsonl`` row.
+
+    Raises:
+        DaemonError: a user-facing failure; a ``failed`` history row has been written
+            (except for :class:`TrainingInterrupted`, which leaves the file unfinished).
+    """
+    is_main = flags.training.process_index == 0
+    status = StatusFile(flags.status.status_dir) if is_main else None
+    heartbeat = Heartbeat(status, flags.status.status_interval) if status else None
+    name = Path(flags.data.dataset or "").name
+    started = time.monotonic()
+    stop_requested = threading.Event()
+    ledger = Ledger(flags.status.status_dir)
+    prepared: PreparedFile | None = None
+    entry: Entry | None = None
+    try:
+        if heartbeat:
+            heartbeat.set(state=RunState.LOADING, current_file={"name": name})
+            heartbeat.flush()
+            heartbeat.start()
+        with stop_on_signals(stop_requested):
+            prepared = setup(flags, ledger, heartbeat)
+            if is_main:
+                entry = commit_plan(ledger, prepared, flags.status.ledger_id, str(flags.training.output_dir))
+            _beat(
+                heartbeat,
+                state=RunState.TRAINING,
+                max_steps=prepared.plan.max_steps,
+                current_file=prepared.progress.as_dict(),
+            )
+            trainer = build_trainer(prepared, flags, [PlanCallback(stop_requested)])
+            trainer.add_callback(ProgressCallback(heartbeat, prepared.plan, prepared.progress, trainer.guard))
+            train_loss, train_seconds = fit(trainer, prepared, stop_requested, flags.training.seed)
+        _beat(heartbeat, state=RunState.EVALUATING)
+        eval_loss = evaluate(trainer, prepared)
+        row = HistoryRow.done(prepared.progress, started, train_seconds, train_loss, eval_loss)
+        if is_main:
+            assert status is not None and entry is not None
+            _beat(heartbeat, state=RunState.SAVING)
+            save(prepared, row, status, ledger, entry, flags)
+            _beat(heartbeat, state=RunState.IDLE, global_step=prepared.plan.max_steps, current_file=None)
+        return row
+    except TrainingInterrupted:
+        _beat(heartbeat, state=RunState.STOPPED)
+        raise
+    except DaemonError as e:
+        if status is not None:
+            progress = prepared.progress if prepared else None
+            status.record_outcome(HistoryRow.failed(name, str(e), progress=progress, started=started))
+        failed_id = entry.id if entry is not None else flags.status.ledger_id
+        if is_main and failed_id is not None:
+            ledger.fail(failed_id, str(e))
+        _beat(heartbeat, state=RunState.FAILED)
+        raise
+    finally:
+        if heartbeat:
+            heartbeat.stop()
+
+
+def _beat(heartbeat: Heartbeat | None, **fields: Any) -> None:
+    """Set status fields and write them now, marking progress for the daemon's stall detection."""
+    if heartbeat is not None:
+        heartbeat.set(progress_at=time.time(), **fields)
+        heartbeat.flush()
+
+
+@contextmanager
+def stop_on_signals(stop_requested: threading.Event) -> Iterator[None]:
+    """During setup and fit, the first SIGINT/SIGTERM sets ``stop_requested`` (checkpoint, then stop).
+
+    A second one exits at once. Outside the main thread (signals cannot be handled there)
+    this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if stop_requested.is_set():
+            logger.warning("second %s: exiting now", signal.Signals(signum).name)
+            os._exit(128 + signum)
+        logger.warning("%s: saving a checkpoint at the next step, then stopping", signal.Signals(signum).name)
+        stop_requested.set()
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
