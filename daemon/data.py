@@ -42,6 +42,11 @@ logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100  # labels with this value are left out of the loss (torch CrossEntropyLoss ignore_index)
 SHAPES = ("text", "prompt_completion", "messages")
 MAX_REPORTED_BAD_LINES = 5
+# Nesting levels of arrays/objects allowed in one line (serde_json's default). `json.loads`
+# recurses once per level against the interpreter's recursion limit, shared with the caller's
+# stack: near that limit a line could parse in the scan and fail in the record generator (called
+# from deeper inside `datasets`). A fixed limit far below it gives every caller the same verdict.
+MAX_JSON_DEPTH = 128
 BINARY_SNIFF_BYTES = 8192
 
 # ChatML, the template of many open chat models. `{% generation %}` is not used:
@@ -90,6 +95,9 @@ class ScanReport:
 def parse_line(raw: bytes, text_field: str) -> tuple[str, dict[str, Any]]:
     """Validate one JSONL line and normalize it to its shape's columns.
 
+    The scan and the record generator both call this, so they skip the same lines;
+    a line it accepts holds only strings that Arrow and the tokenizer can take.
+
     Args:
         raw: the line's bytes, without the newline.
         text_field: the key holding a language-modeling document.
@@ -98,8 +106,11 @@ def parse_line(raw: bytes, text_field: str) -> tuple[str, dict[str, Any]]:
         ``(shape, record)`` where record holds only that shape's columns.
 
     Raises:
-        _BadLine: with the reason, for invalid UTF-8, bad JSON, a non-object,
-            or a missing, empty or non-string field.
+        _BadLine: with the reason, for invalid UTF-8, bad JSON, JSON nested deeper
+            than :data:`MAX_JSON_DEPTH` (anywhere in the line, even in unused keys),
+            a non-object, a missing, empty or non-string field, or a kept string with
+            a lone surrogate (an unpaired ``\\ud800``-``\\udfff`` escape: valid JSON,
+            but no UTF-8 encodes it).
     """
     try:
         line = raw.decode("utf-8")
@@ -107,8 +118,12 @@ def parse_line(raw: bytes, text_field: str) -> tuple[str, dict[str, Any]]:
         raise _BadLine(f"invalid UTF-8 at byte {e.start}") from e
     try:
         obj = json.loads(line)
+    except RecursionError as e:
+        raise _BadLine(f"JSON nested deeper than {MAX_JSON_DEPTH} levels") from e
     except ValueError as e:
         raise _BadLine(f"bad JSON: {e}") from e
+    if _json_depth(obj) > MAX_JSON_DEPTH:
+        raise _BadLine(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
     if not isinstance(obj, dict):
         raise _BadLine(f"not a JSON object but {type(obj).__name__}")
     if "messages" in obj:
@@ -119,14 +134,33 @@ def parse_line(raw: bytes, text_field: str) -> tuple[str, dict[str, Any]]:
                 raise _BadLine(f"'{key}' is missing or not a string")
         if not obj["completion"]:
             raise _BadLine("'completion' is empty")
-        return "prompt_completion", {"prompt": obj["prompt"], "completion": obj["completion"]}
+        return "prompt_completion", {key: _encodable(obj[key], key) for key in ("prompt", "completion")}
     if text_field in obj:
         if not isinstance(obj[text_field], str):
             raise _BadLine(f"'{text_field}' is not a string")
         if not obj[text_field].strip():
             raise _BadLine(f"'{text_field}' is empty")
-        return "text", {"text": obj[text_field]}
+        return "text", {"text": _encodable(obj[text_field], text_field)}
     raise _BadLine(f"no '{text_field}', 'prompt'/'completion' or 'messages' field")
+
+
+def _json_depth(value: Any) -> int:
+    """Nesting depth of a parsed JSON value: 0 for a scalar, 1 for ``{"text": "..."}`` (iterative)."""
+    depth, level = 0, [value]
+    while level := [v for v in level if isinstance(v, dict | list)]:
+        depth += 1
+        level = [child for v in level for child in (v.values() if isinstance(v, dict) else v)]
+    return depth
+
+
+def _encodable(value: str, name: str) -> str:
+    """``value``, checked to encode as UTF-8 (Arrow and the tokenizer fail on a lone surrogate)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        char = f"\\u{ord(value[e.start]):04x}"
+        raise _BadLine(f"'{name}' has a lone surrogate {char} at character {e.start}, not encodable as UTF-8") from e
+    return value
 
 
 def _check_messages(messages: Any) -> list[dict[str, str]]:
@@ -136,7 +170,7 @@ def _check_messages(messages: Any) -> list[dict[str, str]]:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise _BadLine(f"messages[{i}] needs string 'role' and 'content'")
-        out.append({"role": m["role"], "content": m["content"]})
+        out.append({key: _encodable(m[key], f"messages[{i}].{key}") for key in ("role", "content")})
     if not any(m["role"] == "assistant" for m in out):
         raise _BadLine("no assistant message to learn from")
     return out

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 
 import pytest
 from conftest import stdlib_documents, write_jsonl
@@ -11,6 +13,7 @@ from daemon.config import DataArguments
 from daemon.data import (
     DEFAULT_CHAT_TEMPLATE,
     IGNORE_INDEX,
+    MAX_JSON_DEPTH,
     heldout_size,
     load_records,
     parse_line,
@@ -74,6 +77,104 @@ def test_strict_fails_the_file_on_the_first_bad_line(tmp_path):
     path = write_jsonl(tmp_path / "mixed.jsonl", [{"text": "a"}, "{bad"])
     with pytest.raises(DatasetError, match=r"line 2: bad JSON.*--strict"):
         scan_jsonl(path, strict=True)
+
+
+# Lines that get through `json.loads` (or crash it) but must not reach Arrow or the tokenizer:
+# (good rows of the shape, the hostile line written verbatim, the reason in the report).
+_DEEP = 100_000
+_CHAT = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+_HOSTILE = {
+    "deep-array": (
+        [{"text": "first document"}, {"text": "second document"}],
+        "[" * _DEEP + "]" * _DEEP,
+        f"JSON nested deeper than {MAX_JSON_DEPTH} levels",
+    ),
+    "deep-text": (
+        [{"text": "first document"}, {"text": "second document"}],
+        '{"text": ' * _DEEP + '"x"' + "}" * _DEEP,
+        f"JSON nested deeper than {MAX_JSON_DEPTH} levels",
+    ),
+    "surrogate-text": (
+        [{"text": "first document"}, {"text": "second document"}],
+        r'{"text": "\ud800"}',
+        r"'text' has a lone surrogate \\ud800 at character 0, not encodable as UTF-8",
+    ),
+    "surrogate-prompt": (
+        [{"prompt": "Q: 1+1?", "completion": " 2"}, {"prompt": "Q: 2+2?", "completion": " 4"}],
+        r'{"prompt": "Q: \udfff?", "completion": " 3"}',
+        r"'prompt' has a lone surrogate \\udfff at character 3, not encodable as UTF-8",
+    ),
+    "surrogate-completion": (
+        [{"prompt": "Q: 1+1?", "completion": " 2"}, {"prompt": "Q: 2+2?", "completion": " 4"}],
+        r'{"prompt": "Q: 3+3?", "completion": " 6 \ud83d"}',
+        r"'completion' has a lone surrogate \\ud83d at character 3, not encodable as UTF-8",
+    ),
+    "surrogate-content": (
+        [{"messages": _CHAT}, {"messages": [*_CHAT, {"role": "assistant", "content": "bye"}]}],
+        r'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a\udc00b"}]}',
+        r"'messages\[1\]\.content' has a lone surrogate \\udc00 at character 1, not encodable as UTF-8",
+    ),
+}
+
+
+@pytest.mark.parametrize(("good", "hostile", "reason"), _HOSTILE.values(), ids=_HOSTILE.keys())
+def test_a_hostile_line_is_skipped_and_its_neighbours_still_train(tmp_path, tokenizer, good, hostile, reason):
+    path = write_jsonl(tmp_path / "hostile.jsonl", [good[0], hostile, good[1]])
+    report = scan_jsonl(path)
+    assert report.usable == 2
+    assert report.bad_lines == 1
+    [(number, why)] = report.first_bad
+    assert number == 2
+    assert re.fullmatch(reason, why)
+    args = _data_args(tmp_path, max_seq_length=64)
+    records = load_records(report, args)
+    assert records.to_list() == good  # the generator drops exactly what the scan skipped
+    data = prepare_datasets(records, report.shape, tokenizer, args, seed=0)
+    assert data.train_examples == (1 if report.shape == "text" else 2)  # two short documents pack into one block
+    assert data.train_tokens > 0
+
+
+@pytest.mark.parametrize(("good", "hostile", "reason"), _HOSTILE.values(), ids=_HOSTILE.keys())
+def test_strict_fails_the_file_on_a_hostile_line_in_one_line(tmp_path, good, hostile, reason):
+    path = write_jsonl(tmp_path / "hostile.jsonl", [good[0], hostile, good[1]])
+    with pytest.raises(DatasetError) as failure:
+        scan_jsonl(path, strict=True)
+    message = str(failure.value)
+    assert re.fullmatch(rf"hostile\.jsonl: line 2: {reason} \(--strict\)", message)
+    assert "\n" not in message
+
+
+def test_nesting_up_to_the_limit_is_kept_and_one_level_more_is_not():
+    def line(levels: int) -> bytes:  # the object itself is the first level
+        return ('{"text": "a", "meta": ' + "[" * (levels - 1) + "]" * (levels - 1) + "}").encode()
+
+    assert parse_line(line(MAX_JSON_DEPTH), "text") == ("text", {"text": "a"})
+    with pytest.raises(ValueError, match=f"nested deeper than {MAX_JSON_DEPTH} levels"):
+        parse_line(line(MAX_JSON_DEPTH + 1), "text")
+
+
+def test_the_nesting_verdict_does_not_depend_on_the_callers_stack():
+    # json.loads recurses against the interpreter's recursion limit, shared with the caller's
+    # frames: without a fixed limit this line parses at the top and fails 200 frames down.
+    line = ('{"text": "a", "meta": ' + "[" * 900 + "]" * 900 + "}").encode()
+
+    def verdict(frames_below: int) -> str:
+        if frames_below:
+            return verdict(frames_below - 1)
+        try:
+            return parse_line(line, "text")[0]
+        except ValueError as e:
+            return str(e)
+
+    assert verdict(0) == verdict(200) == f"JSON nested deeper than {MAX_JSON_DEPTH} levels"
+
+
+def test_an_escaped_surrogate_pair_is_one_valid_character():
+    # json.dumps writes the emoji as the pair \ud83d\ude00, which json.loads joins back into one code point
+    assert parse_line(json.dumps({"text": "smile \U0001f600"}).encode(), "text") == (
+        "text",
+        {"text": "smile \U0001f600"},
+    )
 
 
 @pytest.mark.parametrize(
