@@ -48,6 +48,9 @@ MAX_REPORTED_BAD_LINES = 5
 # from deeper inside `datasets`). A fixed limit far below it gives every caller the same verdict.
 MAX_JSON_DEPTH = 128
 BINARY_SNIFF_BYTES = 8192
+# Part of the records' cache key: bump it whenever parse_line accepts or rejects other lines,
+# so a file cached under the old rules is parsed again (2: depth limit and lone surrogates).
+PARSE_RULES_VERSION = 2
 
 # ChatML, the template of many open chat models. `{% generation %}` is not used:
 # assistant spans are found by rendering prefixes (see `_render_with_assistant_spans`).
@@ -268,7 +271,7 @@ def load_records(report: ScanReport, data_args: DataArguments) -> datasets.Datas
         _generate_records,
         gen_kwargs={"path": str(report.path), "text_field": data_args.text_field, "shape": report.shape},
         cache_dir=data_args.dataset_cache_dir,
-        fingerprint=f"{report.shape}-{data_args.text_field}-{report.sha256}",
+        fingerprint=f"{report.shape}-{data_args.text_field}-{report.sha256}-rules{PARSE_RULES_VERSION}",
     )
 
 
@@ -426,17 +429,17 @@ class PreparedData:
         train: columns ``input_ids``, ``labels``, ``length``; shuffled once with the seed,
             trained in this order.
         eval: the held-out slice, or ``None`` when the file is too small to spare one.
-        train_tokens: tokens in ``train`` (sum of ``length``).
+        tokens: tokens in ``train`` (sum of ``length``).
         dropped: examples with no learnable token left after truncation.
     """
 
     train: datasets.Dataset
     eval: datasets.Dataset | None
-    train_tokens: int
+    tokens: int
     dropped: int
 
     @property
-    def train_examples(self) -> int:
+    def examples(self) -> int:
         return self.train.num_rows
 
     @property
@@ -538,7 +541,7 @@ def prepare_datasets(
         train, heldout = split["train"], split["test"]
     else:
         train, heldout = tokenized.shuffle(seed=seed), None
-    train_tokens = sum(train["length"])
+    tokens = sum(train["length"])
     if dropped:
         logger.warning("dropped %d examples with no learnable token left after truncation", dropped)
-    return PreparedData(train=train, eval=heldout, train_tokens=int(train_tokens), dropped=dropped)
+    return PreparedData(train=train, eval=heldout, tokens=int(tokens), dropped=dropped)

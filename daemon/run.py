@@ -104,7 +104,7 @@ def setup(flags: Flags, ledger: Ledger, heartbeat: Heartbeat | None) -> Prepared
     at_step = checkpoint.global_step if checkpoint else 0
     resumed, abandoned = _recorded_plan(ledger, report, at_step, flags.status.ledger_id)
     start_step = at_step if resumed is None or resumed.start_step is None else resumed.start_step
-    plan = plan_steps(start_step, datasets.train_examples, training_args)
+    plan = plan_steps(start_step, datasets.examples, training_args)
     if resumed and plan.planned_steps != resumed.planned_steps:
         raise ConfigError(
             f"{report.path.name} was planned with {resumed.planned_steps} steps and is half trained; "
@@ -118,9 +118,9 @@ def setup(flags: Flags, ledger: Ledger, heartbeat: Heartbeat | None) -> Prepared
     progress = FileProgress(
         name=report.path.name,
         sha256=report.sha256,
-        examples=datasets.train_examples,
+        examples=datasets.examples,
         eval_examples=datasets.eval_examples,
-        tokens=datasets.train_tokens,
+        tokens=datasets.tokens,
         skipped_lines=report.bad_lines,
         start_step=plan.start_step,
         planned_steps=plan.planned_steps,
@@ -131,8 +131,8 @@ def setup(flags: Flags, ledger: Ledger, heartbeat: Heartbeat | None) -> Prepared
         "steps %d -> %d (%d for this file)",
         report.path.name,
         report.shape,
-        datasets.train_examples,
-        datasets.train_tokens,
+        datasets.examples,
+        datasets.tokens,
         datasets.eval_examples,
         plan.effective_batch,
         plan.per_device_train_batch_size,

@@ -130,8 +130,8 @@ def test_a_hostile_line_is_skipped_and_its_neighbours_still_train(tmp_path, toke
     records = load_records(report, args)
     assert records.to_list() == good  # the generator drops exactly what the scan skipped
     data = prepare_datasets(records, report.shape, tokenizer, args, seed=0)
-    assert data.train_examples == (1 if report.shape == "text" else 2)  # two short documents pack into one block
-    assert data.train_tokens > 0
+    assert data.examples == (1 if report.shape == "text" else 2)  # two short documents pack into one block
+    assert data.tokens > 0
 
 
 @pytest.mark.parametrize(("good", "hostile", "reason"), _HOSTILE.values(), ids=_HOSTILE.keys())
@@ -257,7 +257,7 @@ def test_examples_with_no_learnable_token_after_truncation_are_dropped(tmp_path,
     args = _data_args(tmp_path, max_seq_length=16, min_train_examples_for_eval=100)
     report = scan_jsonl(path)
     data = prepare_datasets(load_records(report, args), report.shape, tokenizer, args, seed=0)
-    assert data.train_examples == 1
+    assert data.examples == 1
     assert data.dropped == 1
 
 
@@ -276,7 +276,7 @@ def test_split_and_order_are_reproducible_with_the_seed(tmp_path, tokenizer):
     b = prepare_datasets(load_records(report, args), report.shape, tokenizer, args, seed=3)
     assert a.train["input_ids"][:5] == b.train["input_ids"][:5]
     assert a.eval is not None and a.eval_examples > 0
-    assert a.train_examples + a.eval_examples == tokenize(load_records(report, args), "text", tokenizer, args).num_rows
+    assert a.examples + a.eval_examples == tokenize(load_records(report, args), "text", tokenizer, args).num_rows
 
 
 def test_tokenization_is_cached_by_content_not_by_path_or_checkpoint(tmp_path, tokenizer):

@@ -96,7 +96,7 @@ def test_naive_resume_trains_zero_steps_and_the_invariant_check_catches_it(tree)
         "outcome": "done",
         "start_step": checkpoint.global_step,
         "end_step": trainer.state.global_step,
-        "planned_steps": math.ceil(data.train_examples / 4),
+        "planned_steps": math.ceil(data.examples / 4),
     }
     assert trainer.state.global_step == checkpoint.global_step  # zero steps: the naive resume is broken
     assert history_violations([*tree.history(), naive_row]) != []
