@@ -3,6 +3,7 @@
 - :class:`PlanCallback` checkpoints and stops at the end of each planned segment,
   or at the next optimizer step after a stop request (all processes at once).
 - :class:`ProgressCallback` feeds the status heartbeat and logs one line per logging step.
+- :class:`CheckpointCallback` makes each saved checkpoint durable and rotates by step.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch.distributed as dist
 from transformers import TrainerCallback, TrainingArguments
 
 from daemon.accumulation import GuardCounters
+from daemon.checkpoints import make_durable, rotate_checkpoints
 from daemon.plan import StepPlan
 from daemon.records import FileProgress
 from daemon.status import Heartbeat
@@ -45,11 +47,38 @@ class PlanCallback(TrainerCallback):
             self.stop_requested.set()
         return self.stop_requested.is_set()
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        # A resumed Trainer takes logging/eval/save_steps from the checkpoint's trainer state, so the
+        # first file's values would hold forever; this run's flags win.
+        state.compute_steps(args, state.max_steps)
+        return control
+
     def on_step_end(self, args, state, control, **kwargs):
         # state.max_steps is the current segment's end (fit() sets args.max_steps per segment).
         if state.global_step >= state.max_steps or self._stop_everywhere(args):
             control.should_save = True
             control.should_training_stop = True
+        return control
+
+
+class CheckpointCallback(TrainerCallback):
+    """After each save (main process): fsync the checkpoint, then rotate by step, keeping the plan's start.
+
+    The Trainer's own rotation is turned off (it orders by modification time).
+
+    Args:
+        keep: complete checkpoints to keep (``--save_total_limit``; None keeps all).
+        protected_steps: checkpoints never rotated away (the file's start checkpoint).
+    """
+
+    def __init__(self, keep: int | None, protected_steps: set[int]) -> None:
+        self.keep = keep
+        self.protected_steps = protected_steps
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            make_durable(f"{args.output_dir}/checkpoint-{state.global_step}")
+            rotate_checkpoints(str(args.output_dir), self.keep, self.protected_steps)
         return control
 
 

@@ -1,14 +1,19 @@
 """Checkpoints and the export: what a run continues from and what users load (README "Operating the daemon").
 
 A checkpoint is the folder ``<output_dir>/checkpoint-<global_step>`` written by
-the Trainer. It is *complete* when it holds a readable ``trainer_state.json``,
-the weights and the optimizer state; anything else is torn (killed mid-save,
-disk full) and is never used: it is set aside as ``torn-checkpoint-<step>-<n>``
-with a warning, so neither the Trainer's rotation nor a later save mixes it up
-with good ones.
+the Trainer. It is *complete* when its ``trainer_state.json`` reads, its weights
+are whole (a safetensors file as long as its header says), and its optimizer and
+scheduler state are whole ``torch.save`` archives; anything else is torn (killed
+mid-save, power loss, disk full) and is never used: it is set aside as
+``torn-checkpoint-<step>[-n]`` with a warning. The product fsyncs each checkpoint
+after the Trainer saved it (:func:`make_durable`) and owns rotation
+(:func:`rotate_checkpoints`): by step number, among complete checkpoints, never the
+newest complete one and never one a recorded plan still needs.
 
 The export is the model and tokenizer at the root of ``output_dir``, loadable with
-``from_pretrained``.
+``from_pretrained``; ``export.json`` beside it names the step it holds.
+:func:`roll_back` undoes a file: its checkpoints go, and the export returns to the
+file's start. Standard library only: the daemon process uses it without torch.
 """
 
 from __future__ import annotations
@@ -18,6 +23,9 @@ import logging
 import os
 import re
 import shutil
+import struct
+import zipfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,14 +36,19 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+TORN_RE = re.compile(r"^torn-checkpoint-(\d+)(?:-\d+)?$")
 TRAINER_STATE = "trainer_state.json"
 OPTIMIZER_FILES = ("optimizer.pt", "optimizer.bin")
+SCHEDULER_FILE = "scheduler.pt"
 WEIGHT_FILES = (
     "model.safetensors",
     "model.safetensors.index.json",
     "pytorch_model.bin",
     "pytorch_model.bin.index.json",
 )
+EXPORT_STATE = "export.json"
+# What an export consists of: a checkpoint's files but the training state.
+TRAINING_STATE_FILES = ("trainer_state.json", "optimizer.pt", "optimizer.bin", "scheduler.pt", "training_args.bin")
 
 
 @dataclass(frozen=True)
@@ -47,7 +60,7 @@ class Checkpoint:
 
 
 def _why_incomplete(folder: Path) -> str | None:
-    """None for a complete checkpoint, else what is missing or broken."""
+    """None for a complete checkpoint, else what is missing or broken (reads headers, not tensors)."""
     state = folder / TRAINER_STATE
     if not state.is_file():
         return f"no {TRAINER_STATE}"
@@ -55,11 +68,36 @@ def _why_incomplete(folder: Path) -> str | None:
         json.loads(state.read_text(encoding="utf-8"))["global_step"]
     except (ValueError, KeyError) as e:
         return f"unreadable {TRAINER_STATE} ({type(e).__name__})"
-    if not any((folder / name).is_file() for name in WEIGHT_FILES):
+    weights = next((folder / name for name in WEIGHT_FILES if (folder / name).is_file()), None)
+    if weights is None:
         return "no model weights"
-    if not any((folder / name).is_file() for name in OPTIMIZER_FILES):
+    if weights.name == "model.safetensors" and not _whole_safetensors(weights):
+        return "model.safetensors is truncated or empty"
+    if weights.suffix == ".bin" and not zipfile.is_zipfile(weights):
+        return f"{weights.name} is truncated or empty"
+    optimizer = next((folder / name for name in OPTIMIZER_FILES if (folder / name).is_file()), None)
+    if optimizer is None:
         return "no optimizer state"
+    # Without the scheduler the Trainer silently skips optimizer and scheduler: warmup again.
+    for part in (optimizer, folder / SCHEDULER_FILE):
+        if not part.is_file():
+            return f"no {part.name}"
+        if not zipfile.is_zipfile(part):  # torch.save writes a zip archive; a torn one lacks its end record
+            return f"{part.name} is truncated or empty"
     return None
+
+
+def _whole_safetensors(path: Path) -> bool:
+    """Whether a safetensors file is as long as its header says (format: 8-byte header size, JSON, data)."""
+    try:
+        with open(path, "rb") as f:
+            (header_size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(header_size))
+            size = os.fstat(f.fileno()).st_size
+    except (OSError, struct.error, ValueError):
+        return False
+    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
+    return size == 8 + header_size + max(ends, default=0)
 
 
 def _checkpoint_folders(root: Path) -> list[tuple[int, Path]]:
@@ -111,17 +149,179 @@ def set_aside_torn_checkpoints(output_dir: str | Path) -> None:
                 break
 
 
-def export_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, output_dir: str | Path) -> None:
+def make_durable(folder: str | Path) -> None:
+    """fsync every file of ``folder``, the folder and its parent, so a power loss keeps what was saved.
+
+    The Trainer writes checkpoints without fsync; until this returns, a checkpoint may
+    come back torn after a power loss (and is then caught by the completeness check).
+    """
+    root = Path(folder)
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and not path.is_symlink():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    for directory in (*sorted({p.parent for p in root.rglob("*")}), root, root.parent):
+        _fsync_dir(directory)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rotate_checkpoints(output_dir: str | Path, keep: int | None, protected_steps: Iterable[int] = ()) -> list[int]:
+    """Delete old checkpoints, by step number, keeping the ``keep`` newest complete ones.
+
+    Replaces the Trainer's rotation, which orders by modification time: a clock stepped
+    backwards there deletes the checkpoint just saved. Never deleted: the newest complete
+    checkpoint, a checkpoint in ``protected_steps`` (the start of a recorded plan, a
+    kept file boundary), and any incomplete ``checkpoint-*`` (torn ones are set aside by
+    :func:`set_aside_torn_checkpoints`). ``torn-checkpoint-<n>`` folders older than the
+    newest complete checkpoint are deleted: training has moved past them.
+
+    Args:
+        output_dir: the running model's folder.
+        keep: complete checkpoints to keep (``--save_total_limit``); None or < 1 keeps all.
+        protected_steps: steps whose checkpoints are kept whatever ``keep`` says.
+
+    Returns:
+        The steps of the deleted checkpoints.
+    """
+    root = Path(output_dir)
+    complete = [(step, p) for step, p in _checkpoint_folders(root) if _why_incomplete(p) is None]
+    if not complete:
+        return []
+    newest = complete[0][0]
+    for torn in root.iterdir():
+        if (m := TORN_RE.match(torn.name)) and int(m.group(1)) < newest and torn.is_dir():
+            _delete_folder(torn)
+    if keep is None or keep < 1:
+        return []
+    protected = set(protected_steps) | {newest}
+    deleted = []
+    for step, folder in complete[keep:]:
+        if step not in protected:
+            _delete_folder(folder)
+            deleted.append(step)
+    return deleted
+
+
+def _delete_folder(folder: Path) -> None:
+    """Delete a checkpoint folder so that a kill half-way never leaves a partial one under its name."""
+    doomed = folder.with_name(f".deleting-{folder.name}")
+    folder.rename(doomed)  # atomic: the checkpoint is gone from the Trainer's and our view at once
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def roll_back(output_dir: str | Path, start_step: int, end_step: int) -> list[int]:
+    """Undo the steps ``start_step < step <= end_step`` of one file: the model is as before the file.
+
+    Its checkpoints are deleted (newest first, each atomically), then the export at the
+    root returns to ``checkpoint-<start_step>`` when the file had already exported
+    (``export.json`` names a step inside the range). Safe to repeat after a kill at any
+    moment: every step leaves either the file's checkpoints or none of them above the start.
+
+    Returns:
+        The steps of the deleted checkpoints.
+    """
+    root = Path(output_dir)
+    deleted = []
+    for step, folder in _checkpoint_folders(root):
+        if start_step < step <= end_step:
+            _delete_folder(folder)
+            deleted.append(step)
+    for leftover in root.glob(".deleting-checkpoint-*"):  # a kill during an earlier roll-back
+        shutil.rmtree(leftover, ignore_errors=True)
+    exported = export_step(root)
+    if exported is not None and start_step < exported <= end_step:
+        start = root / f"checkpoint-{start_step}"
+        if start_step > 0 and _why_incomplete(start) is None:
+            _replace_export(root, start, start_step)
+        else:  # the model before the file was never exported: there is nothing to show
+            _remove_export(root)
+    if deleted:
+        _fsync_dir(root)
+        logger.warning("rolled back steps %d -> %d: deleted checkpoints %s", start_step, end_step, deleted)
+    return deleted
+
+
+def export_step(output_dir: str | Path) -> int | None:
+    """The ``global_step`` of the model exported at the root of ``output_dir`` (None if unknown)."""
+    try:
+        return int(json.loads((Path(output_dir) / EXPORT_STATE).read_text(encoding="utf-8"))["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def export_model(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, output_dir: str | Path, global_step: int
+) -> None:
     """Save model and tokenizer to the root of ``output_dir``, loadable with ``from_pretrained``.
 
-    Files are written to a temporary folder first and moved in one by one with
-    ``os.replace``, so no file is ever half-written at its final name.
+    Written to a temporary folder and fsynced first, then moved in file by file
+    (``os.replace``): no file is ever half-written at its final name, files of the
+    previous export that the new one lacks (stale shards) are removed, and
+    ``export.json`` is replaced last. A reader that loads while an export is being
+    moved in (milliseconds) can still see files of two steps: compare ``export.json``
+    before and after loading to be sure.
     """
     root = Path(output_dir)
     tmp = root / ".export.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    for item in tmp.iterdir():
-        os.replace(item, root / item.name)
-    tmp.rmdir()
+    _replace_export(root, tmp, global_step)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _export_files(folder: Path) -> list[Path]:
+    return [
+        p
+        for p in folder.iterdir()
+        if p.is_file()
+        and not p.name.startswith(".")
+        and p.name not in (*TRAINING_STATE_FILES, EXPORT_STATE)
+        and not p.name.startswith("rng_state")
+    ]
+
+
+def _replace_export(root: Path, source: Path, global_step: int) -> None:
+    """Make the export at ``root`` the model files of ``source`` (an export folder or a checkpoint)."""
+    staged = root / ".export.staged"
+    shutil.rmtree(staged, ignore_errors=True)
+    staged.mkdir()
+    for path in _export_files(source):
+        shutil.copy2(path, staged / path.name)
+    make_durable(staged)
+    old = {p.name for p in _export_files(root)} if (root / "config.json").is_file() else set()
+    new = {p.name for p in staged.iterdir()}
+    for name in sorted(new, key=lambda n: n == "config.json"):  # config.json last: it makes a folder a model
+        os.replace(staged / name, root / name)
+    for name in old - new:
+        (root / name).unlink(missing_ok=True)
+    staged.rmdir()
+    _write_export_state(root, global_step)
+
+
+def _remove_export(root: Path) -> None:
+    (root / "config.json").unlink(missing_ok=True)  # first: without it the folder is no model
+    for path in _export_files(root):
+        path.unlink(missing_ok=True)
+    (root / EXPORT_STATE).unlink(missing_ok=True)
+    _fsync_dir(root)
+
+
+def _write_export_state(root: Path, global_step: int) -> None:
+    tmp = root / f".{EXPORT_STATE}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(json.dumps({"global_step": global_step}) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, root / EXPORT_STATE)
+    _fsync_dir(root)

@@ -87,9 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     except DaemonError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return EXIT_USER_ERROR
+    # train_loss is None when a resumed file had no step left (only its evaluation and export).
+    train_loss = "-" if row.train_loss is None else f"{row.train_loss:.4f}"
     print(
         f"trained {row.file}: steps {row.start_step} -> {row.end_step} "
-        f"({row.planned_steps} steps, {row.examples} examples), train_loss {row.train_loss:.4f}"
+        f"({row.planned_steps} steps, {row.examples} examples), train_loss {train_loss}"
         + (f", eval_loss {row.eval_loss:.4f}" if row.eval_loss is not None else ""),
         flush=True,
     )

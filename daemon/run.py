@@ -43,8 +43,14 @@ from transformers.trainer_callback import PrinterCallback
 
 from daemon.accumulation import ThreadedAccumulationTrainer, resolve_workers
 from daemon.arguments import Flags
-from daemon.callbacks import PlanCallback, ProgressCallback
-from daemon.checkpoints import Checkpoint, export_model, latest_complete_checkpoint, set_aside_torn_checkpoints
+from daemon.callbacks import CheckpointCallback, PlanCallback, ProgressCallback
+from daemon.checkpoints import (
+    Checkpoint,
+    export_model,
+    latest_complete_checkpoint,
+    roll_back,
+    set_aside_torn_checkpoints,
+)
 from daemon.data import IGNORE_INDEX, PreparedData, ScanReport, load_records, prepare_datasets, scan_jsonl
 from daemon.exceptions import ConfigError, DaemonError, TrainingError, TrainingInterrupted
 from daemon.ledger import Entry, Ledger
@@ -204,8 +210,14 @@ def segment_dataset(prepared: PreparedFile, epoch: int, first_batch: int, steps:
 def build_trainer(
     prepared: PreparedFile, flags: Flags, callbacks: list[TrainerCallback]
 ) -> ThreadedAccumulationTrainer:
-    """The ``Trainer`` for one file, with ``--grad_workers`` threads; :func:`fit` sets ``max_steps``."""
+    """The ``Trainer`` for one file, with ``--grad_workers`` threads; :func:`fit` sets ``max_steps``.
+
+    The product owns checkpoint rotation (:class:`CheckpointCallback`): ``--save_total_limit``
+    moves from the Trainer's arguments to that callback.
+    """
     training_args = flags.training
+    keep, training_args.save_total_limit = training_args.save_total_limit, None
+    callbacks = [*callbacks, CheckpointCallback(keep, {prepared.plan.start_step})]
     precision = "bf16 autocast" if training_args.bf16 else "fp16 autocast" if training_args.fp16 else "fp32"
     logger.info("precision: %s (master weights fp32)", precision)
     tokenizer = prepared.tokenizer
@@ -293,7 +305,7 @@ def save(
     )
     samples = generate_samples(prepared.model, prepared.tokenizer, samples_args.sample_prompts, settings)
     output_dir = str(flags.training.output_dir)
-    export_model(prepared.model, prepared.tokenizer, output_dir)
+    export_model(prepared.model, prepared.tokenizer, output_dir, prepared.plan.max_steps)
     folder = write_snapshot(
         flags.status.status_dir,
         prepared.plan.max_steps,
@@ -358,6 +370,8 @@ def train_file(flags: Flags) -> HistoryRow:
         _beat(heartbeat, state=RunState.STOPPED)
         raise
     except DaemonError as e:
+        if is_main and entry is not None and prepared is not None:  # a failed file leaves no step in the model
+            roll_back(str(flags.training.output_dir), prepared.plan.start_step, prepared.plan.max_steps)
         if status is not None:
             progress = prepared.progress if prepared else None
             status.record_outcome(HistoryRow.failed(name, str(e), progress=progress, started=started))

@@ -3,8 +3,22 @@
 from __future__ import annotations
 
 import json
+import struct
+import zipfile
+
+import pytest
 
 from daemon.checkpoints import latest_complete_checkpoint
+
+
+def _safetensors(path, tensor_bytes: int = 16) -> None:
+    header = json.dumps({"w": {"dtype": "F32", "shape": [tensor_bytes // 4], "data_offsets": [0, tensor_bytes]}})
+    path.write_bytes(struct.pack("<Q", len(header)) + header.encode() + b"\0" * tensor_bytes)
+
+
+def _torch_archive(path) -> None:
+    with zipfile.ZipFile(path, "w") as z:  # what torch.save writes
+        z.writestr("archive/data.pkl", b"state")
 
 
 def _checkpoint(root, step: int, *, state: bool = True, weights: bool = True, optimizer: bool = True, torn_state=False):
@@ -13,9 +27,10 @@ def _checkpoint(root, step: int, *, state: bool = True, weights: bool = True, op
     if state:
         (folder / "trainer_state.json").write_text('{"global_st' if torn_state else json.dumps({"global_step": step}))
     if weights:
-        (folder / "model.safetensors").write_bytes(b"w")
+        _safetensors(folder / "model.safetensors")
     if optimizer:
-        (folder / "optimizer.pt").write_bytes(b"o")
+        _torch_archive(folder / "optimizer.pt")
+    _torch_archive(folder / "scheduler.pt")
     return folder
 
 
@@ -50,3 +65,25 @@ def test_looking_without_setting_aside_leaves_the_folders(tmp_path):
     _checkpoint(tmp_path, 20, optimizer=False)
     assert latest_complete_checkpoint(tmp_path, set_aside=False).global_step == 10
     assert (tmp_path / "checkpoint-20").is_dir()
+
+
+def _truncate(path, keep: int) -> None:
+    path.write_bytes(path.read_bytes()[:keep])
+
+
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        (lambda f: (f / "model.safetensors").write_bytes(b""), "model.safetensors is truncated or empty"),
+        (lambda f: _truncate(f / "model.safetensors", 40), "model.safetensors is truncated or empty"),
+        (lambda f: _truncate(f / "optimizer.pt", 30), "optimizer.pt is truncated or empty"),
+        (lambda f: (f / "scheduler.pt").unlink(), "no scheduler.pt"),
+        (lambda f: (f / "scheduler.pt").write_bytes(b""), "scheduler.pt is truncated or empty"),
+    ],
+)
+def test_a_checkpoint_torn_by_a_power_loss_is_not_taken_as_good(tmp_path, caplog, damage, reason):
+    _checkpoint(tmp_path, 10)
+    damage(_checkpoint(tmp_path, 20))
+    found = latest_complete_checkpoint(tmp_path)
+    assert found is not None and found.global_step == 10
+    assert f"checkpoint-20: {reason}" in caplog.text

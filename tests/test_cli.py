@@ -88,3 +88,16 @@ def test_config_file_holds_the_same_keys_as_the_flags(tree):
     yaml_config.write_text("learning_rate: 0.02\nstrict: true\n")
     flags = parse_args(["--config", str(yaml_config)])
     assert flags.training.learning_rate == 0.02 and flags.data.strict is True
+
+
+def test_a_resume_with_no_step_left_exits_zero_and_says_so(tree, monkeypatch):
+    import daemon.run as run
+
+    data = write_jsonl(tree.root / "a.jsonl", [{"text": d} for d in stdlib_documents(limit=8)])
+    with monkeypatch.context() as patch:  # trained to its end, then killed before the export
+        patch.setattr(run, "export_model", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+        with pytest.raises(KeyboardInterrupt):
+            train(tree, data)
+    result = run_cli([str(REPO / "train.py"), "--dataset", str(data), *tree.flags()], cwd=tree.root)
+    assert result.returncode == 0, result.stderr
+    assert "train_loss -" in result.stdout

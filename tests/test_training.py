@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -339,3 +341,70 @@ def test_the_first_step_of_every_file_is_logged(tree, caplog):
     logged = [e["step"] for e in _log_history(tree) if "loss" in e]
     assert logged == [1, first["end_step"] + 1]
     assert any(f"step {first['end_step'] + 1}/" in r.getMessage() and "(1/" in r.getMessage() for r in caplog.records)
+
+
+def test_a_clock_stepped_backwards_never_rotates_away_the_newest_checkpoint(tree):
+    first = train(tree, _text_file(tree.root / "a.jsonl", 12), save_total_limit=1)
+    future = time.time() + 86_400  # the clock was a day ahead when this checkpoint was saved
+    os.utime(tree.output / f"checkpoint-{first['end_step']}", (future, future))
+    second = train(tree, _text_file(tree.root / "b.jsonl", 12, offset=12), save_total_limit=1)
+    found = latest_complete_checkpoint(tree.output, set_aside=False)
+    assert found is not None and found.global_step == second["end_step"]
+    third = train(tree, _text_file(tree.root / "c.jsonl", 12, offset=24), save_total_limit=1)
+    assert third["start_step"] == second["end_step"]
+    assert history_violations(tree.history()) == []
+    kept = sorted(int(p.name.split("-")[1]) for p in tree.output.glob("checkpoint-*"))
+    assert kept == [second["end_step"], third["end_step"]]  # the newest, and the last file's start
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+def test_a_file_that_fails_after_some_of_its_steps_leaves_the_model_as_before_it(tree, monkeypatch):
+    import daemon.run as run
+    from daemon.accumulation import ThreadedAccumulationTrainer
+    from daemon.checkpoints import roll_back
+    from daemon.exceptions import TrainingError
+    from daemon.ledger import Ledger
+
+    first = train(tree, _text_file(tree.root / "a.jsonl", 12))
+    start = tree.output / f"checkpoint-{first['end_step']}"
+    before = {"start": _files(start), "export": _files(tree.output)}
+    original = ThreadedAccumulationTrainer.__init__
+    poison_from = first["end_step"] + 2  # steps start+1 and start+2 train and are checkpointed
+
+    def poison_after_two_steps(trainer, *args, **kwargs):
+        original(trainer, *args, **kwargs)
+
+        def hook(module, args, output):
+            return output * float("nan") if trainer.state.global_step >= poison_from else output
+
+        trainer.model.get_input_embeddings().register_forward_hook(hook)
+
+    seen: dict[str, set[str]] = {}
+
+    def spy_roll_back(output_dir, start_step, end_step):
+        seen["at the failure"] = {p.name for p in tree.output.glob("checkpoint-*")}
+        return roll_back(output_dir, start_step, end_step)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ThreadedAccumulationTrainer, "__init__", poison_after_two_steps)
+        patch.setattr(run, "roll_back", spy_roll_back)
+        with pytest.raises(TrainingError, match="no finite gradient"):
+            train(tree, _text_file(tree.root / "b.jsonl", 30, offset=12), save_steps=1, max_consecutive_skipped_steps=2)
+    assert {f"checkpoint-{poison_from - 1}", f"checkpoint-{poison_from}"} <= seen["at the failure"]
+    assert sorted(p.name for p in tree.output.glob("checkpoint-*")) == [start.name]
+    assert {"start": _files(start), "export": _files(tree.output)} == before  # bitwise the pre-file model
+    failed = Ledger(tree.status).entries()[-1]
+    assert (failed.name, failed.state) == ("b.jsonl", "failed")
+    third = train(tree, _text_file(tree.root / "c.jsonl", 12, offset=42))
+    assert third["start_step"] == first["end_step"]
+    assert history_violations(tree.history()) == []
+
+
+def test_save_and_logging_steps_given_for_a_later_file_apply_to_it(tree):
+    first = train(tree, _text_file(tree.root / "a.jsonl", 12))  # save_steps 1000, logging_steps 1
+    second = train(tree, _text_file(tree.root / "b.jsonl", 12, offset=12), save_steps=1, save_total_limit=100)
+    saved = sorted(int(p.name.split("-")[1]) for p in tree.output.glob("checkpoint-*"))
+    assert saved == list(range(first["end_step"], second["end_step"] + 1))
