@@ -48,6 +48,10 @@ MAX_REPORTED_BAD_LINES = 5
 # from deeper inside `datasets`). A fixed limit far below it gives every caller the same verdict.
 MAX_JSON_DEPTH = 128
 BINARY_SNIFF_BYTES = 8192
+CHANGED_WHILE_READ = (
+    "changed while it was being read: a writer still had it open. Write the file under a name the "
+    "inbox ignores (.name, name.tmp or name.part) and rename it into the inbox when it is complete"
+)
 # Part of the records' cache key: bump it whenever parse_line accepts or rejects other lines,
 # so a file cached under the old rules is parsed again (2: depth limit and lone surrogates).
 PARSE_RULES_VERSION = 2
@@ -245,34 +249,60 @@ def scan_jsonl(path: str | Path, text_field: str = "text", strict: bool = False)
     return report
 
 
-def _generate_records(path: str, text_field: str, shape: str) -> Iterator[dict[str, Any]]:
-    """Yield the normalized records of the usable lines of ``shape`` (for ``Dataset.from_generator``)."""
-    for _, raw in _iter_lines(Path(path)):
+def _generate_records(path: str, text_field: str, shape: str, sha256: str) -> Iterator[dict[str, Any]]:
+    """Yield the normalized records of the usable lines of ``shape`` (for ``Dataset.from_generator``).
+
+    Raises:
+        DatasetError: the bytes read are not the scanned ones (``sha256``): the file changed.
+    """
+    digest = hashlib.sha256()
+    for _, raw in _iter_lines(Path(path), digest):
         try:
             line_shape, record = parse_line(raw, text_field)
         except _BadLine:
             continue
         if line_shape == shape:
             yield record
+    if digest.hexdigest() != sha256:
+        raise DatasetError(f"{Path(path).name} {CHANGED_WHILE_READ}")
 
 
 def load_records(report: ScanReport, data_args: DataArguments) -> datasets.Dataset:
     """The usable rows of a scanned file as an Arrow-backed ``datasets.Dataset``.
 
     The table is written to the datasets cache in batches, never held whole in
-    memory. The cache key is the file's content (sha256), shape and text field, not
-    its path: a file seen before under any name (a retry, a re-drop, ``train.py`` on
-    a copy) loads from the cache, and so does its tokenization (``map`` keys its
-    cache on this fingerprint plus the tokenizer and packing arguments).
+    memory. The bytes read are checked against the scan's sha256, so a file that
+    changes between the scan and this read fails instead of training other content.
+    The cache key is the file's content (sha256), shape and text field, not its
+    path: a file seen before under any name (a retry, a re-drop, ``train.py`` on a
+    copy) loads from the cache, and so does its tokenization (``map`` keys its cache
+    on this fingerprint plus the tokenizer and packing arguments).
+
+    Raises:
+        DatasetError: the file changed while it was read.
     """
     import datasets
 
-    return datasets.Dataset.from_generator(
-        _generate_records,
-        gen_kwargs={"path": str(report.path), "text_field": data_args.text_field, "shape": report.shape},
-        cache_dir=data_args.dataset_cache_dir,
-        fingerprint=f"{report.shape}-{data_args.text_field}-{report.sha256}-rules{PARSE_RULES_VERSION}",
-    )
+    gen_kwargs = {
+        "path": str(report.path),
+        "text_field": data_args.text_field,
+        "shape": report.shape,
+        "sha256": report.sha256,
+    }
+    try:
+        return datasets.Dataset.from_generator(
+            _generate_records,
+            gen_kwargs=gen_kwargs,
+            cache_dir=data_args.dataset_cache_dir,
+            fingerprint=f"{report.shape}-{data_args.text_field}-{report.sha256}-rules{PARSE_RULES_VERSION}",
+        )
+    except datasets.exceptions.DatasetGenerationError as e:
+        cause = e.__cause__
+        while cause is not None and not isinstance(cause, DatasetError):
+            cause = cause.__cause__
+        if isinstance(cause, DatasetError):
+            raise cause from e
+        raise
 
 
 def iter_text(records: datasets.Dataset, shape: str, max_bytes: int, batch_size: int = 1000) -> Iterator[str]:

@@ -51,8 +51,16 @@ from daemon.checkpoints import (
     roll_back,
     set_aside_torn_checkpoints,
 )
-from daemon.data import IGNORE_INDEX, PreparedData, ScanReport, load_records, prepare_datasets, scan_jsonl
-from daemon.exceptions import ConfigError, DaemonError, TrainingError, TrainingInterrupted
+from daemon.data import (
+    CHANGED_WHILE_READ,
+    IGNORE_INDEX,
+    PreparedData,
+    ScanReport,
+    load_records,
+    prepare_datasets,
+    scan_jsonl,
+)
+from daemon.exceptions import ConfigError, DaemonError, DatasetError, TrainingError, TrainingInterrupted
 from daemon.ledger import Entry, Ledger
 from daemon.model import starting_model
 from daemon.plan import StepPlan, plan_steps
@@ -101,6 +109,12 @@ def setup(flags: Flags, ledger: Ledger, heartbeat: Heartbeat | None) -> Prepared
     data_args, training_args = flags.data, flags.training
     assert data_args.dataset is not None
     report = scan_jsonl(data_args.dataset, data_args.text_field, data_args.strict)
+    claim = ledger.get(flags.status.ledger_id) if flags.status.ledger_id is not None else None
+    if claim is not None and claim.sha256 is not None and claim.sha256 != report.sha256:
+        raise DatasetError(
+            f"{report.path.name} changed after the daemon claimed it (sha256 {claim.sha256[:12]}... then, "
+            f"{report.sha256[:12]}... now): {CHANGED_WHILE_READ.split(': ', 1)[1]}"
+        )
     _beat(heartbeat, state=RunState.TOKENIZING)
     records = load_records(report, data_args)
     output_dir = str(training_args.output_dir)
@@ -108,7 +122,7 @@ def setup(flags: Flags, ledger: Ledger, heartbeat: Heartbeat | None) -> Prepared
     model, tokenizer = starting_model(flags.model, output_dir, training_args.seed, checkpoint, records, report.shape)
     datasets = prepare_datasets(records, report.shape, tokenizer, data_args, training_args.seed)
     at_step = checkpoint.global_step if checkpoint else 0
-    resumed, abandoned = _recorded_plan(ledger, report, at_step, flags.status.ledger_id)
+    resumed, abandoned = _recorded_plan(ledger, report, at_step, claim)
     start_step = at_step if resumed is None or resumed.start_step is None else resumed.start_step
     plan = plan_steps(start_step, datasets.examples, training_args)
     if resumed and plan.planned_steps != resumed.planned_steps:
@@ -152,16 +166,16 @@ def setup(flags: Flags, ledger: Ledger, heartbeat: Heartbeat | None) -> Prepared
 
 
 def _recorded_plan(
-    ledger: Ledger, report: ScanReport, at_step: int, ledger_id: int | None
+    ledger: Ledger, report: ScanReport, at_step: int, claim: Entry | None
 ) -> tuple[Entry | None, Entry | None]:
     """``(resumed, abandoned)``: the ledger's plan for this file if training it was interrupted inside it.
 
-    The row is ``ledger_id`` (the daemon's claim) or, for ``train.py`` on its own, the
-    newest ``training`` row with this content. A recorded plan that the running model has
+    The row is ``claim`` (the daemon's) or, for ``train.py`` on its own, the newest
+    ``training`` row with this content. A recorded plan that the running model has
     left (the checkpoint is outside ``[start_step, start_step + planned_steps]``) cannot be
     resumed exactly: it is returned as ``abandoned`` and the file is planned anew.
     """
-    entry = ledger.get(ledger_id) if ledger_id is not None else ledger.find(report.sha256, (FileState.TRAINING,))
+    entry = claim if claim is not None else ledger.find(report.sha256, (FileState.TRAINING,))
     if entry is None or entry.state != FileState.TRAINING or entry.start_step is None or entry.planned_steps is None:
         return None, None
     if entry.start_step <= at_step <= entry.start_step + entry.planned_steps:

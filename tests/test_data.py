@@ -297,3 +297,12 @@ def test_tokenization_is_cached_by_content_not_by_path_or_checkpoint(tmp_path, t
     assert cache_files(copy, reloaded, _data_args(tmp_path, max_seq_length=16)) != original
     write_jsonl(copy, rows[:-1])
     assert cache_files(copy, reloaded, args) != original
+
+
+def test_a_file_that_changes_between_the_scan_and_the_read_fails_instead_of_training_other_content(tmp_path):
+    path = write_jsonl(tmp_path / "a.jsonl", [{"text": d} for d in stdlib_documents(limit=6)])
+    report = scan_jsonl(path)
+    with open(path, "a", encoding="utf-8") as f:  # a writer that paused past the settle time goes on
+        f.write('{"text": "written after the claim"}\n')
+    with pytest.raises(DatasetError, match="changed while it was being read.*rename it into the inbox"):
+        load_records(report, _data_args(tmp_path))

@@ -408,3 +408,15 @@ def test_save_and_logging_steps_given_for_a_later_file_apply_to_it(tree):
     second = train(tree, _text_file(tree.root / "b.jsonl", 12, offset=12), save_steps=1, save_total_limit=100)
     saved = sorted(int(p.name.split("-")[1]) for p in tree.output.glob("checkpoint-*"))
     assert saved == list(range(first["end_step"], second["end_step"] + 1))
+
+
+def test_a_claimed_file_whose_content_changed_is_failed_and_never_trained(tree):
+    from daemon.exceptions import DatasetError
+    from daemon.ledger import Ledger
+
+    data = _text_file(tree.root / "a.jsonl", 12)
+    claim = Ledger(tree.status).add("a.jsonl", "queued", sha256="0" * 64, size=1)  # hashed at the claim
+    with pytest.raises(DatasetError, match="changed after the daemon claimed it"):
+        train(tree, data, ledger_id=claim.id)
+    assert list(tree.output.glob("checkpoint-*")) == []
+    assert Ledger(tree.status).get(claim.id).state == "failed"
