@@ -21,7 +21,7 @@ from daemon.accumulation import GuardCounters
 from daemon.checkpoints import make_durable, rotate_checkpoints
 from daemon.plan import StepPlan
 from daemon.records import FileProgress
-from daemon.status import Heartbeat
+from daemon.status import Heartbeat, mark_progress
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +134,9 @@ class ProgressCallback(TrainerCallback):
     def on_substep_end(self, args, state, control, **kwargs):
         if self.heartbeat is not None:  # a micro-batch done: progress for the daemon's stall detection
             self.heartbeat.set(progress_at=time.time())
+
+    def on_prediction_step(self, args, state, control, **kwargs):
+        mark_progress()  # one evaluation batch: a long evaluation is progress, not a stall
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}

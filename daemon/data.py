@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from daemon.exceptions import DatasetError
+from daemon.status import mark_progress
 
 if TYPE_CHECKING:
     import datasets
@@ -192,6 +193,7 @@ def _iter_lines(path: Path, digest: Any = None) -> Iterator[tuple[int, bytes]]:
     """
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
+            mark_progress()  # reading a big file is a long phase: the daemon must not see a stall
             if digest is not None:
                 digest.update(raw)
             raw = raw.rstrip(b"\r\n")
@@ -362,6 +364,7 @@ def _pack_text(batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, block
         learned) as ``list<int32>`` and ``length``; the last row may be shorter than
         ``block``. The stream is one int32 array (4 bytes a token), not Python lists.
     """
+    mark_progress()  # one map batch
     import numpy as np
     import pyarrow as pa
 
@@ -379,6 +382,7 @@ def _pack_text(batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, block
 def _tokenize_prompt_completion(
     batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, max_len: int
 ) -> dict[str, list]:
+    mark_progress()  # one map batch
     prompts = tokenizer(batch["prompt"], add_special_tokens=True)["input_ids"]
     completions = tokenizer(batch["completion"], add_special_tokens=False)["input_ids"]
     out: dict[str, list] = {"input_ids": [], "labels": [], "length": []}
@@ -426,6 +430,7 @@ def _render_with_assistant_spans(
 def _tokenize_messages(
     batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, max_len: int, template: str
 ) -> dict[str, list]:
+    mark_progress()  # one map batch
     out: dict[str, list] = {"input_ids": [], "labels": [], "length": []}
     for messages in batch["messages"]:
         try:

@@ -12,13 +12,13 @@ inference on the same model object.
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from daemon.records import utc_now
+from daemon.status import mark_progress, perplexity
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -43,16 +43,6 @@ class GenerationSettings:
         }
 
 
-def perplexity(eval_loss: float | None) -> float | None:
-    """``exp(eval_loss)`` (mean token cross-entropy in nats), None when there is no loss, inf on overflow."""
-    if eval_loss is None:
-        return None
-    try:
-        return math.exp(eval_loss)
-    except OverflowError:
-        return float("inf")
-
-
 def generate_samples(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], settings: GenerationSettings
 ) -> list[dict[str, str]]:
@@ -68,6 +58,7 @@ def generate_samples(
     samples = []
     with torch.inference_mode():
         for prompt in prompts:
+            mark_progress()
             torch.manual_seed(settings.seed)
             enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
             if enc["input_ids"].shape[1] == 0:  # an empty prompt starts from EOS, like a new document

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,13 +24,38 @@ from typing import Any
 from filelock import FileLock
 
 from daemon.records import HistoryRow, Outcome, RunState, utc_now
-from daemon.snapshots import perplexity
 
 logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 STATUS_FILE = "training_status.json"
 HISTORY_FILE = "history.jsonl"
+
+
+# The last moment this process made progress (time.time()); see mark_progress.
+_progress_at: float | None = None
+
+
+def mark_progress() -> None:
+    """Record that this process is making progress now; the heartbeat writes it as ``progress_at``.
+
+    Cheap (one float assignment), so long phases call it as they go: the scan per line
+    batch, tokenization per map batch, evaluation per step, sampling per prompt. The
+    daemon's stall detection reads ``progress_at``: a phase that works never looks
+    stalled, and a hung one stops marking even while the heartbeat thread lives.
+    """
+    global _progress_at
+    _progress_at = time.time()
+
+
+def perplexity(eval_loss: float | None) -> float | None:
+    """``exp(eval_loss)`` (mean token cross-entropy in nats), None when there is no loss, inf on overflow."""
+    if eval_loss is None:
+        return None
+    try:
+        return math.exp(eval_loss)
+    except OverflowError:
+        return float("inf")
 
 
 def empty_status() -> dict[str, Any]:
@@ -241,8 +268,10 @@ class Heartbeat(threading.Thread):
             self._fields.update(fields)
 
     def flush(self) -> None:
-        """Write the pending fields now (the heartbeat also refreshes ``updated_at``)."""
+        """Write the pending fields now, with the latest :func:`mark_progress` (also ``updated_at``)."""
         with self._lock:
+            if _progress_at is not None and _progress_at > self._fields.get("progress_at", 0.0):
+                self._fields["progress_at"] = _progress_at
             fields = dict(self._fields)
         self.status.update(**fields)
 

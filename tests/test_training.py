@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Tree, stdlib_documents, train, write_jsonl
+from conftest import Tree, read_status, stdlib_documents, train, write_jsonl
 
 from daemon.checkpoints import latest_complete_checkpoint
 from daemon.config import DEFAULT_SAMPLE_PROMPTS
@@ -420,3 +420,34 @@ def test_a_claimed_file_whose_content_changed_is_failed_and_never_trained(tree):
         train(tree, data, ledger_id=claim.id)
     assert list(tree.output.glob("checkpoint-*")) == []
     assert Ledger(tree.status).get(claim.id).state == "failed"
+
+
+def test_progress_beats_while_a_long_file_is_read_before_training(tree, monkeypatch):
+    import daemon.data as data
+
+    slow_parse = data.parse_line
+
+    def parse_slowly(raw, text_field):
+        time.sleep(0.04)  # a file that takes seconds to read, as a multi-GB one does
+        return slow_parse(raw, text_field)
+
+    seen: list[tuple[str, float]] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            doc = read_status(tree)
+            if doc.get("progress_at"):
+                seen.append((doc["state"], doc["progress_at"]))
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        monkeypatch.setattr(data, "parse_line", parse_slowly)
+        train(tree, _text_file(tree.root / "a.jsonl", 40), status_interval=0.1)
+    finally:
+        done.set()
+        watcher.join()
+    before_training = {at for state, at in seen if state in ("loading", "tokenizing")}
+    assert len(before_training) >= 5  # the stall detector sees the read going on
