@@ -27,14 +27,11 @@ This module imports neither torch nor transformers' model code.
 
 from __future__ import annotations
 
-import hashlib
-import itertools
 import json
 import logging
 import os
 import shlex
 import signal
-import stat
 import subprocess
 import sys
 import threading
@@ -50,168 +47,15 @@ from watchdog.observers import Observer
 from daemon.checkpoints import latest_complete_checkpoint
 from daemon.config import SUPERVISOR_ENV, DaemonArguments, config_file_to_argv
 from daemon.exceptions import ConfigError, DaemonError
+from daemon.inbox import Candidate, Inbox, rejection_reason, sha256_of
 from daemon.ledger import Entry, Ledger
 from daemon.records import HistoryRow, utc_now
 from daemon.status import StatusFile
 
 logger = logging.getLogger(__name__)
 
-PROCESSING, DONE, FAILED = "processing", "done", "failed"
-SUBDIRS = (PROCESSING, DONE, FAILED)
-IGNORED_SUFFIXES = (".tmp", ".part")
 POLL_SECONDS = 0.5
 QUEUE_REFRESH_SECONDS = 2.0
-
-
-def is_ignored_name(name: str) -> bool:
-    """True for names a writer uses while still writing: ``.*``, ``*.tmp``, ``*.part``."""
-    return name.startswith(".") or name.endswith(IGNORED_SUFFIXES)
-
-
-def rejection_reason(st: os.stat_result) -> str | None:
-    """Why an inbox entry (from ``os.lstat``) must not be opened, or None for a plain file."""
-    mode = st.st_mode
-    if stat.S_ISLNK(mode):
-        return "a symbolic link (only regular files are trained)"
-    if stat.S_ISDIR(mode):
-        return "a directory (only regular files are trained)"
-    if stat.S_ISFIFO(mode):
-        return "a FIFO (only regular files are trained)"
-    if not stat.S_ISREG(mode):
-        return "not a regular file (socket or device)"
-    if st.st_nlink > 1:
-        return f"a hard link ({st.st_nlink} names for one file; drop a copy instead)"
-    return None
-
-
-def sha256_of(path: Path) -> tuple[str, int]:
-    """Hash a claimed file without following links or blocking on a FIFO.
-
-    Returns:
-        ``(hex digest, size in bytes)``.
-
-    Raises:
-        OSError: the entry is not a regular file (checked on the open descriptor).
-    """
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        reason = rejection_reason(st)
-        if reason:
-            raise OSError(reason)
-        digest = hashlib.sha256()
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest(), st.st_size
-
-
-@dataclass
-class Candidate:
-    """An entry in the drop zone, in arrival order (``seq``), with its last close event if any."""
-
-    path: Path
-    seq: int
-    closed_mtime: float | None = None
-
-
-class Inbox:
-    """The drop zone and its ``processing/``, ``done/`` and ``failed/`` folders.
-
-    Args:
-        root: the inbox folder (created with its subfolders).
-        settle_seconds: how long size and mtime must stay unchanged before a file
-            counts as completely written (a quarter of it after a close event).
-    """
-
-    def __init__(self, root: str | Path, settle_seconds: float) -> None:
-        self.root = Path(root)
-        self.settle_seconds = settle_seconds
-        for sub in SUBDIRS:
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
-        self._seq = itertools.count()
-        self._known: dict[str, Candidate] = {}
-        self._lock = threading.Lock()
-
-    def note_closed(self, path: Path) -> None:
-        """Record a close-after-write event."""
-        try:
-            mtime = path.stat().st_mtime
-        except OSError:
-            return
-        with self._lock:
-            cand = self._known.get(path.name)
-            if cand is None:
-                cand = self._known[path.name] = Candidate(path, next(self._seq))
-            cand.closed_mtime = mtime
-
-    def scan(self) -> list[Candidate]:
-        """Every entry now in the drop zone (but our subfolders and ignored names), in arrival order.
-
-        Entries first seen in the same scan are ordered by mtime, then name.
-        """
-        entries = []
-        for entry in os.scandir(self.root):
-            if is_ignored_name(entry.name) or (entry.name in SUBDIRS and entry.is_dir(follow_symlinks=False)):
-                continue
-            try:
-                entries.append((entry.stat(follow_symlinks=False).st_mtime, entry.name))
-            except OSError:
-                continue
-        with self._lock:
-            present = {name for _, name in entries}
-            for name in list(self._known):
-                if name not in present:
-                    del self._known[name]
-            for _, name in sorted(entries):
-                if name not in self._known:
-                    self._known[name] = Candidate(self.root / name, next(self._seq))
-            return sorted(self._known.values(), key=lambda c: c.seq)
-
-    def is_complete(self, cand: Candidate, now: float | None = None) -> bool:
-        """Whether the writer is done: unchanged for the settle time (a quarter of it after a close)."""
-        try:
-            mtime = cand.path.stat().st_mtime
-        except OSError:
-            return False
-        quiet = (now if now is not None else time.time()) - mtime
-        closed = cand.closed_mtime is not None and cand.closed_mtime == mtime
-        return quiet >= (self.settle_seconds / 4 if closed else self.settle_seconds)
-
-    def claim(self, cand: Candidate) -> Path:
-        """Move the entry out of the drop zone into ``processing/`` (atomic rename)."""
-        target = _free_name(self.root / PROCESSING / cand.path.name)
-        os.rename(cand.path, target)
-        with self._lock:
-            self._known.pop(cand.path.name, None)
-        return target
-
-    def claimed(self) -> list[Path]:
-        """Entries in ``processing/``: claimed before a stop or a crash, oldest first."""
-        entries = [p for p in (self.root / PROCESSING).iterdir() if not p.name.startswith(".")]
-        return sorted(entries, key=lambda p: (p.lstat().st_ctime, p.name))
-
-    def finish(self, entry: Path, error: str | None) -> Path:
-        """Move an entry to ``done/`` or, with an ``error``, to ``failed/`` beside ``<name>.error.txt``."""
-        folder = self.root / (FAILED if error is not None else DONE)
-        target = _free_name(folder / entry.name)
-        if error is not None:  # the reason first: a crash between the two leaves the file where it was
-            text = f"{target.name} failed at {utc_now()}:\n{error}\n"
-            (folder / f"{target.name}.error.txt").write_text(text, encoding="utf-8")
-        os.rename(entry, target)
-        with self._lock:
-            self._known.pop(entry.name, None)
-        return target
-
-
-def _free_name(path: Path) -> Path:
-    """``path``, or ``stem-1.ext``, ``stem-2.ext``, ... if taken."""
-    if not os.path.lexists(path):
-        return path
-    for n in itertools.count(1):
-        alt = path.with_name(f"{path.stem}-{n}{path.suffix}")
-        if not os.path.lexists(alt):
-            return alt
-    raise AssertionError("unreachable")
 
 
 class _Wake(FileSystemEventHandler):
