@@ -27,16 +27,13 @@ This module imports neither torch nor transformers' model code.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import shlex
 import signal
 import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,16 +42,16 @@ from watchdog.events import FileClosedEvent, FileSystemEvent, FileSystemEventHan
 from watchdog.observers import Observer
 
 from daemon.checkpoints import latest_complete_checkpoint
-from daemon.config import SUPERVISOR_ENV, DaemonArguments, config_file_to_argv
+from daemon.config import DaemonArguments, config_file_to_argv
 from daemon.exceptions import ConfigError, DaemonError
 from daemon.inbox import Candidate, Inbox, rejection_reason, sha256_of
 from daemon.ledger import Entry, Ledger
 from daemon.records import HistoryRow, utc_now
 from daemon.status import StatusFile
+from daemon.supervisor import ProcessSupervisor, Supervisor
 
 logger = logging.getLogger(__name__)
 
-POLL_SECONDS = 0.5
 QUEUE_REFRESH_SECONDS = 2.0
 
 
@@ -71,36 +68,40 @@ class _Wake(FileSystemEventHandler):
         self.wake.set()
 
 
-@dataclass
-class ChildResult:
-    """How a training child ended: its exit code, or that the daemon killed it for stalling."""
-
-    returncode: int
-    stalled: bool = False
-
-
 class Daemon:
-    """The watch loop. ``run()`` returns an exit code.
+    """The watch loop and the per-file policy. ``run()`` returns an exit code.
 
     Args:
         args: the daemon's options.
         train_argv: flags passed through to every training child.
+        supervisor: runs the training processes; default a :class:`ProcessSupervisor`
+            built from ``args`` (the tests pass a fake).
     """
 
-    def __init__(self, args: DaemonArguments, train_argv: list[str]) -> None:
+    def __init__(self, args: DaemonArguments, train_argv: list[str], supervisor: Supervisor | None = None) -> None:
         self.args = args
         self.train_argv = train_argv
         self.inbox = Inbox(args.inbox_dir, args.settle_seconds)
         self.status = StatusFile(args.status_dir)
         self.ledger = Ledger(args.status_dir)
+        self.supervisor = supervisor or ProcessSupervisor(
+            self.status,
+            launcher=args.launcher,
+            prestart=args.prestart,
+            stall_timeout=args.stall_timeout,
+            stop_grace_seconds=args.stop_grace_seconds,
+        )
         self.stop = threading.Event()
         self.wake = threading.Event()
-        self.child: subprocess.Popen[bytes] | None = None
-        self.spare: subprocess.Popen[bytes] | None = None
         self.processed = 0
+        self._queue_published = 0.0
 
     def run(self) -> int:
-        """Drain and watch the inbox until stopped (or drained, with ``--once``)."""
+        """Drain and watch the inbox until stopped (or drained, with ``--once``).
+
+        Returns:
+            The process exit code (0; a stop request also ends in 0).
+        """
         latest = latest_complete_checkpoint(self.args.output_dir, set_aside=False)
         step = latest.global_step if latest else 0
         self.status.update(state="idle", global_step=step, max_steps=step, current_file=None)
@@ -110,7 +111,7 @@ class Daemon:
         try:
             self._loop()
         finally:
-            self._stop_spare()
+            self.supervisor.stop_spare()
             observer.stop()
             observer.join()
             self.status.update(state="stopped" if self.stop.is_set() else "idle")
@@ -134,7 +135,7 @@ class Daemon:
             if self.args.once and not pending:
                 logger.info("inbox drained")
                 return
-            self._start_spare()  # idle: the next training process does its imports now
+            self.supervisor.start_spare()  # idle: the next training process does its imports now
             # Sleep until an event, the next settle check, or the periodic rescan.
             timeout = max(min(self.args.settle_seconds / 4, self.args.rescan_seconds), 0.05) if pending else None
             self.wake.wait(timeout or self.args.rescan_seconds)
@@ -173,6 +174,12 @@ class Daemon:
 
         self.status.update(mutate)
 
+    def _refresh_queue(self) -> None:
+        """While a child trains: show files dropped meanwhile, every ``QUEUE_REFRESH_SECONDS``."""
+        if time.monotonic() - self._queue_published > QUEUE_REFRESH_SECONDS:
+            self._publish_queue(self.inbox.scan(), between_files=False)
+            self._queue_published = time.monotonic()
+
     # ------------------------------------------------------------------ one claimed file
 
     def _process(self, claimed: Path) -> None:
@@ -190,7 +197,8 @@ class Daemon:
             return
         while not self.stop.is_set():
             logger.info("training %s (attempt %d)", claimed.name, entry.attempts + 1)
-            result = self._run_child(claimed, entry.id)
+            self._queue_published = 0.0
+            result = self.supervisor.run(self._train_args(claimed, entry.id), self.stop, self._refresh_queue)
             entry = self.ledger.get(entry.id) or entry
             if self.stop.is_set() and entry.state not in ("done", "failed"):
                 logger.warning("%s stopped mid-file; it resumes on the next start", claimed.name)
@@ -233,9 +241,9 @@ class Daemon:
         else:
             logger.error("failed: %s: %s", target.name, error)
 
-    def _run_child(self, claimed: Path, entry_id: int) -> ChildResult:
-        """Run one training attempt; kill its process group on a stall or a second stop signal."""
-        train_args = [
+    def _train_args(self, claimed: Path, entry_id: int) -> list[str]:
+        """The ``python -m daemon train`` flags of one attempt at a claimed file."""
+        return [
             "--dataset",
             str(claimed),
             "--output_dir",
@@ -246,107 +254,16 @@ class Daemon:
             str(entry_id),
             *self.train_argv,
         ]
-        started = time.time()
-        self.child = child = self._spawn(train_args)
-        term_sent: float | None = None
-        queue_published = 0.0
-        try:
-            while True:
-                try:
-                    return ChildResult(child.wait(timeout=POLL_SECONDS))
-                except subprocess.TimeoutExpired:
-                    pass
-                if time.monotonic() - queue_published > QUEUE_REFRESH_SECONDS:  # files dropped meanwhile
-                    self._publish_queue(self.inbox.scan(), between_files=False)
-                    queue_published = time.monotonic()
-                if self.stop.is_set():
-                    if term_sent is None:
-                        term_sent = time.time()
-                        _signal_group(child, signal.SIGTERM)
-                    elif time.time() - term_sent > self.args.stop_grace_seconds:
-                        logger.error("the training process did not stop within the grace period: killing it")
-                        _signal_group(child, signal.SIGKILL)
-                elif self._stalled(started):
-                    logger.error(
-                        "no training progress for %.0f s: killing the training process", self.args.stall_timeout
-                    )
-                    self.status.update(state="stalled")
-                    _signal_group(child, signal.SIGKILL)
-                    child.wait()
-                    return ChildResult(child.returncode, stalled=True)
-        finally:
-            self.child = None
-
-    def _child_env(self) -> dict[str, str]:
-        return {**os.environ, "PYTHONUNBUFFERED": "1", SUPERVISOR_ENV: str(os.getpid())}
-
-    def _spawn(self, train_args: list[str]) -> subprocess.Popen[bytes]:
-        """The training process for ``train_args``: the prestarted one if it is alive, else a new one.
-
-        Either way it runs in a session of its own: a Ctrl-C in the terminal reaches the daemon,
-        which forwards one SIGTERM, and a stalled launcher is killed with every process it started.
-        """
-        spare, self.spare = self.spare, None
-        if spare is not None and spare.poll() is None and spare.stdin is not None:
-            try:
-                spare.stdin.write(json.dumps(train_args).encode() + b"\n")
-                spare.stdin.close()
-                logger.info("training in the prestarted process %d", spare.pid)
-                return spare
-            except BrokenPipeError:  # it died between the check and the write
-                spare.wait()
-        prefix = shlex.split(self.args.launcher) if self.args.launcher else [sys.executable]
-        return subprocess.Popen(
-            [*prefix, "-m", "daemon", "train", *train_args], env=self._child_env(), start_new_session=True
-        )
-
-    def _start_spare(self) -> None:
-        """Start the next training process ahead (``--prestart``): its imports run while the inbox is idle.
-
-        ``python -m daemon train-spare`` imports torch, transformers and datasets (about 4 s on
-        2 cores), then waits for its flags on stdin. Not with ``--launcher``, which starts
-        processes of its own.
-        """
-        if not self.args.prestart or self.args.launcher or (self.spare is not None and self.spare.poll() is None):
-            return
-        self.spare = subprocess.Popen(
-            [sys.executable, "-m", "daemon", "train-spare"],
-            env=self._child_env(),
-            stdin=subprocess.PIPE,
-            start_new_session=True,
-        )
-
-    def _stop_spare(self) -> None:
-        """Kill the waiting prestarted process (it holds no state: nothing to save)."""
-        spare, self.spare = self.spare, None
-        if spare is not None:
-            _signal_group(spare, signal.SIGKILL)
-            spare.wait()
-            if spare.stdin is not None:
-                spare.stdin.close()
-
-    def _stalled(self, started: float) -> bool:
-        progress_at = self.status.read().get("progress_at") or 0.0
-        return time.time() - max(float(progress_at), started) > self.args.stall_timeout
 
     def request_stop(self, signum: int, frame: Any = None) -> None:
         """Signal handler: the first signal lets the child checkpoint and stop; a second kills it now."""
         if self.stop.is_set():
             logger.warning("second signal: killing the training process and exiting")
-            for process in (self.child, self.spare):
-                if process is not None:
-                    _signal_group(process, signal.SIGKILL)
+            self.supervisor.kill_all()
             os._exit(128 + signum)
         logger.warning("%s: stopping after the current checkpoint", signal.Signals(signum).name)
         self.stop.set()
         self.wake.set()
-
-
-def _signal_group(child: subprocess.Popen[bytes], sig: int) -> None:
-    try:
-        os.killpg(child.pid, sig)
-    except ProcessLookupError:
-        pass
 
 
 def parse_daemon_args(argv: list[str]) -> tuple[DaemonArguments, list[str]]:
