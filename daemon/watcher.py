@@ -1,28 +1,25 @@
-"""The inbox daemon: decides *what* to train and *when*; never touches model APIs.
+"""The inbox daemon's loop and its per-file policy: decides *what* to train and *when*.
 
-``python -m daemon`` watches ``inbox/`` with a watchdog observer, plus a
-start-up scan and a periodic rescan, so files that arrived while it was down,
-or whose events were missed, are not lost. A file is picked once it is
-completely written: renamed in, or unchanged for ``--settle_seconds`` (a quarter
-of that after a close-after-write event). Names starting with ``.`` or ending in
-``.tmp`` / ``.part`` are ignored. Entries that are not regular files (symlinks,
-FIFOs, sockets, devices, directories) or that have other hard links are
-rejected without being opened: moved to ``failed/`` with their reason.
+``python -m daemon`` (README "Operating the daemon") watches the drop zone
+(:mod:`daemon.inbox`) with a watchdog observer, plus a start-up scan and a
+periodic rescan, so files that arrived while it was down, or whose events were
+missed, are not lost. Hostile entries are rejected into ``failed/`` unopened.
+Files train one at a time, in arrival order, each in a training process run by
+a :class:`~daemon.supervisor.Supervisor`. The policy, with the ledger
+(:mod:`daemon.ledger`) as its memory:
 
-Files train one at a time, in arrival order. Each is claimed by an atomic
-rename into ``inbox/processing/`` and recorded in the ledger
-(:mod:`daemon.ledger`); a child process runs the same code path as
-``python train.py --dataset`` (``python -m daemon train``, optionally behind a
-launcher such as ``torchrun``), and the file ends in ``inbox/done/`` or in
-``inbox/failed/`` beside ``<name>.error.txt``.
+- A file still in ``processing/`` (claimed before a stop or a crash) goes first.
+- A claimed file whose ledger row is already ``done`` or ``failed`` (the child
+  finished before a crash) is only filed away; it is not trained again.
+- Content (sha256) already ``done`` is skipped into ``failed/`` with a note,
+  unless ``--allow_duplicates``.
+- A training process that crashes or stalls counts one attempt, and the file is
+  retried (resuming at its latest checkpoint) up to ``--max_attempts``; then it
+  fails with a history row.
+- A stop request mid-file leaves the file claimed: the next start resumes it.
 
-Restart after a crash is exact: a file still in ``processing/`` is taken first;
-its ledger row says whether it is done (then it is only moved) or where its plan
-stands (the child resumes it at its latest checkpoint). A child that crashes or
-stops making progress for ``--stall_timeout`` is killed (its whole process
-group), the attempt counted, and the file retried up to ``--max_attempts``.
-
-This module imports neither torch nor transformers' model code.
+This module never touches model APIs and imports neither torch nor transformers'
+model code.
 """
 
 from __future__ import annotations
@@ -46,13 +43,14 @@ from daemon.config import DaemonArguments, config_file_to_argv
 from daemon.exceptions import ConfigError, DaemonError
 from daemon.inbox import Candidate, Inbox, rejection_reason, sha256_of
 from daemon.ledger import Entry, Ledger
-from daemon.records import HistoryRow, utc_now
+from daemon.records import FileState, HistoryRow, RunState, utc_now
 from daemon.status import StatusFile
-from daemon.supervisor import ProcessSupervisor, Supervisor
+from daemon.supervisor import ChildResult, ProcessSupervisor, Supervisor
 
 logger = logging.getLogger(__name__)
 
 QUEUE_REFRESH_SECONDS = 2.0
+_BETWEEN_FILES = frozenset(state for state in RunState if state.between_files)
 
 
 class _Wake(FileSystemEventHandler):
@@ -84,13 +82,15 @@ class Daemon:
         self.inbox = Inbox(args.inbox_dir, args.settle_seconds)
         self.status = StatusFile(args.status_dir)
         self.ledger = Ledger(args.status_dir)
-        self.supervisor = supervisor or ProcessSupervisor(
-            self.status,
-            launcher=args.launcher,
-            prestart=args.prestart,
-            stall_timeout=args.stall_timeout,
-            stop_grace_seconds=args.stop_grace_seconds,
-        )
+        if supervisor is None:
+            supervisor = ProcessSupervisor(
+                self.status,
+                launcher=args.launcher,
+                prestart=args.prestart,
+                stall_timeout=args.stall_timeout,
+                stop_grace_seconds=args.stop_grace_seconds,
+            )
+        self.supervisor = supervisor
         self.stop = threading.Event()
         self.wake = threading.Event()
         self.processed = 0
@@ -104,7 +104,7 @@ class Daemon:
         """
         latest = latest_complete_checkpoint(self.args.output_dir, set_aside=False)
         step = latest.global_step if latest else 0
-        self.status.update(state="idle", global_step=step, max_steps=step, current_file=None)
+        self.status.update(state=RunState.IDLE, global_step=step, max_steps=step, current_file=None)
         observer = Observer()
         observer.schedule(_Wake(self.inbox, self.wake), str(self.inbox.root), recursive=False)
         observer.start()
@@ -114,7 +114,7 @@ class Daemon:
             self.supervisor.stop_spare()
             observer.stop()
             observer.join()
-            self.status.update(state="stopped" if self.stop.is_set() else "idle")
+            self.status.update(state=RunState.STOPPED if self.stop.is_set() else RunState.IDLE)
         return 0
 
     def _loop(self) -> None:
@@ -156,7 +156,7 @@ class Daemon:
 
     def _reject(self, path: Path, reason: str) -> None:
         logger.error("rejected %s: %s", path.name, reason)
-        self.ledger.add(path.name, "rejected", error=reason)
+        self.ledger.add(path.name, FileState.REJECTED, error=reason)
         try:
             self.inbox.finish(path, f"rejected without opening it: {reason}")
         except OSError as e:  # could not be moved: logged and recorded, never retried in a loop
@@ -169,8 +169,8 @@ class Daemon:
         def mutate(doc: dict[str, Any]) -> None:
             doc["queue"] = names
             doc["files"]["queued"] = len(names)
-            if between_files and doc["state"] not in ("idle", "stopped", "failed", "stalled"):
-                doc["state"] = "idle"  # no child runs now: a crashed child's last state is stale
+            if between_files and doc["state"] not in _BETWEEN_FILES:
+                doc["state"] = RunState.IDLE  # no child runs now: a crashed child's last state is stale
 
         self.status.update(mutate)
 
@@ -192,46 +192,46 @@ class Daemon:
         entry = self._ledger_entry(claimed, sha, size)
         if entry is None:
             return
-        if entry.state in ("done", "failed"):  # finished before a crash, not yet moved
-            self._finish(claimed, None if entry.state == "done" else entry.error)
-            return
-        while not self.stop.is_set():
+        while not entry.state.finished and not self.stop.is_set():
             logger.info("training %s (attempt %d)", claimed.name, entry.attempts + 1)
             self._queue_published = 0.0
             result = self.supervisor.run(self._train_args(claimed, entry.id), self.stop, self._refresh_queue)
             entry = self.ledger.get(entry.id) or entry
-            if self.stop.is_set() and entry.state not in ("done", "failed"):
-                logger.warning("%s stopped mid-file; it resumes on the next start", claimed.name)
-                return
-            if entry.state in ("done", "failed"):
-                self._finish(claimed, None if entry.state == "done" else entry.error)
-                return
-            why = "stalled (no progress)" if result.stalled else f"exited with code {result.returncode}"
-            entry = self.ledger.update(entry.id, attempts=entry.attempts + 1, error=f"training process {why}")
-            logger.error("%s: attempt %d %s", claimed.name, entry.attempts, why)
-            if entry.attempts >= self.args.max_attempts:
-                error = f"training process {why}; gave up after {entry.attempts} attempts (see the daemon's log)"
-                self.ledger.update(entry.id, state="failed", error=error)
-                self.status.record_outcome(HistoryRow.failed(claimed.name, error, sha256=sha))
-                self._finish(claimed, error)
-                return
+            if not entry.state.finished and not self.stop.is_set():
+                entry = self._count_attempt(entry, result)
+        if entry.state.finished:  # the child's outcome, or one recorded before a crash and not yet filed away
+            self._finish(claimed, None if entry.state == FileState.DONE else entry.error)
+        else:
+            logger.warning("%s stopped mid-file; it resumes on the next start", claimed.name)
+
+    def _count_attempt(self, entry: Entry, result: ChildResult) -> Entry:
+        """Count a crashed or stalled attempt; after ``--max_attempts`` the file fails with a history row."""
+        why = "stalled (no progress)" if result.stalled else f"exited with code {result.returncode}"
+        entry = self.ledger.count_attempt(entry.id, f"training process {why}")
+        logger.error("%s: attempt %d %s", entry.name, entry.attempts, why)
+        if entry.attempts < self.args.max_attempts:
+            return entry
+        error = f"training process {why}; gave up after {entry.attempts} attempts (see the daemon's log)"
+        entry = self.ledger.fail(entry.id, error)
+        self.status.record_outcome(HistoryRow.failed(entry.name, error, sha256=entry.sha256))
+        return entry
 
     def _ledger_entry(self, claimed: Path, sha: str, size: int) -> Entry | None:
         """This claim's ledger row (made now for a new claim); None when the file is skipped as a duplicate."""
         entry = self.ledger.find_claim(claimed.name, sha)
-        if entry is not None and entry.state in ("queued", "training", "done", "failed"):
+        if entry is not None and entry.state not in (FileState.DUPLICATE, FileState.REJECTED):
             return entry
-        earlier = self.ledger.find(sha, ("done",))
+        earlier = self.ledger.find(sha, (FileState.DONE,))
         if earlier is not None and not self.args.allow_duplicates:
             note = (
                 f"skipped: same content (sha256 {sha[:12]}...) as {earlier.name}, trained at steps "
                 f"{earlier.start_step} -> {earlier.end_step}; pass --allow_duplicates to train it again"
             )
             logger.warning("%s: %s", claimed.name, note)
-            self.ledger.add(claimed.name, "duplicate", sha, size, error=note)
+            self.ledger.add(claimed.name, FileState.DUPLICATE, sha, size, error=note)
             self._finish(claimed, note)
             return None
-        return self.ledger.add(claimed.name, "queued", sha, size)
+        return self.ledger.add(claimed.name, FileState.QUEUED, sha, size)
 
     def _finish(self, claimed: Path, error: str | None) -> None:
         self.processed += 1
@@ -256,7 +256,12 @@ class Daemon:
         ]
 
     def request_stop(self, signum: int, frame: Any = None) -> None:
-        """Signal handler: the first signal lets the child checkpoint and stop; a second kills it now."""
+        """Signal handler: the first signal lets the child checkpoint and stop; a second kills it now.
+
+        Args:
+            signum: the signal (SIGINT or SIGTERM); a second one exits with ``128 + signum``.
+            frame: unused (the signal module passes the interrupted frame).
+        """
         if self.stop.is_set():
             logger.warning("second signal: killing the training process and exiting")
             self.supervisor.kill_all()
