@@ -111,7 +111,7 @@ def _daemon(tree: Tree, training: FakeTraining, **options: object) -> Daemon:
         output_dir=str(tree.output),
         once=True,
         settle_seconds=0,
-        **options,  # type: ignore[arg-type]
+        **options,
     )
     return Daemon(args, [], supervisor=training)
 
