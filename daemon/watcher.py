@@ -243,17 +243,8 @@ class Daemon:
 
     def _train_args(self, claimed: Path, entry_id: int) -> list[str]:
         """The ``python -m daemon train`` flags of one attempt at a claimed file."""
-        return [
-            "--dataset",
-            str(claimed),
-            "--output_dir",
-            self.args.output_dir,
-            "--status_dir",
-            self.args.status_dir,
-            "--ledger_entry",
-            str(entry_id),
-            *self.train_argv,
-        ]
+        folders = ["--output_dir", self.args.output_dir, "--status_dir", self.args.status_dir]
+        return ["--dataset", str(claimed), *folders, "--ledger_entry", str(entry_id), *self.train_argv]
 
     def request_stop(self, signum: int, frame: Any = None) -> None:
         """Signal handler: the first signal lets the child checkpoint and stop; a second kills it now.
