@@ -1,45 +1,36 @@
-"""The inbox daemon: decides *what* to train and *when*; never touches model APIs.
+"""The inbox daemon's loop and its per-file policy: decides *what* to train and *when*.
 
-``python -m daemon`` watches ``inbox/`` with a watchdog observer, plus a
-start-up scan and a periodic rescan, so files that arrived while it was down,
-or whose events were missed, are not lost. A file is picked once it is
-completely written: renamed in, or unchanged for ``--settle_seconds`` (a quarter
-of that after a close-after-write event). Names starting with ``.`` or ending in
-``.tmp`` / ``.part`` are ignored. Entries that are not regular files (symlinks,
-FIFOs, sockets, devices, directories) or that have other hard links are
-rejected without being opened: moved to ``failed/`` with their reason.
+``python -m daemon`` (README "Operating the daemon") watches the drop zone
+(:mod:`daemon.inbox`) with a watchdog observer, plus a start-up scan and a
+periodic rescan, so files that arrived while it was down, or whose events were
+missed, are not lost. Hostile entries are rejected into ``failed/`` unopened.
+Files train one at a time, in arrival order, each in a training process run by
+a :class:`~daemon.supervisor.Supervisor`. The policy, with the ledger
+(:mod:`daemon.ledger`) as its memory:
 
-Files train one at a time, in arrival order. Each is claimed by an atomic
-rename into ``inbox/processing/`` and recorded in the ledger
-(:mod:`daemon.ledger`); a child process runs the same code path as
-``python train.py --dataset`` (``python -m daemon train``, optionally behind a
-launcher such as ``torchrun``), and the file ends in ``inbox/done/`` or in
-``inbox/failed/`` beside ``<name>.error.txt``.
+- A file still in ``processing/`` (claimed before a stop or a crash) goes first.
+- A claimed file whose ledger row is already ``done`` or ``failed`` (the child
+  finished before a crash) is only filed away; it is not trained again.
+- Content (sha256) already ``done`` is skipped into ``failed/`` with a note,
+  unless ``--allow_duplicates``.
+- A training process that crashes or stalls counts one attempt, and the file is
+  retried (resuming at its latest checkpoint) up to ``--max_attempts``; then it
+  fails with a history row.
+- A stop request mid-file leaves the file claimed: the next start resumes it.
 
-Restart after a crash is exact: a file still in ``processing/`` is taken first;
-its ledger row says whether it is done (then it is only moved) or where its plan
-stands (the child resumes it at its latest checkpoint). A child that crashes or
-stops making progress for ``--stall_timeout`` is killed (its whole process
-group), the attempt counted, and the file retried up to ``--max_attempts``.
-
-This module imports neither torch nor transformers' model code.
+This module never touches model APIs and imports neither torch nor transformers'
+model code.
 """
 
 from __future__ import annotations
 
-import hashlib
-import itertools
-import json
 import logging
 import os
-import shlex
 import signal
-import stat
 import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,170 +39,18 @@ from watchdog.events import FileClosedEvent, FileSystemEvent, FileSystemEventHan
 from watchdog.observers import Observer
 
 from daemon.checkpoints import latest_complete_checkpoint
-from daemon.config import SUPERVISOR_ENV, DaemonArguments, config_file_to_argv
+from daemon.config import DaemonArguments, config_file_to_argv
 from daemon.exceptions import ConfigError, DaemonError
+from daemon.inbox import Candidate, Inbox, rejection_reason, sha256_of
 from daemon.ledger import Entry, Ledger
-from daemon.records import HistoryRow, utc_now
+from daemon.records import FileState, HistoryRow, RunState, utc_now
 from daemon.status import StatusFile
+from daemon.supervisor import ChildResult, ProcessSupervisor, Supervisor
 
 logger = logging.getLogger(__name__)
 
-PROCESSING, DONE, FAILED = "processing", "done", "failed"
-SUBDIRS = (PROCESSING, DONE, FAILED)
-IGNORED_SUFFIXES = (".tmp", ".part")
-POLL_SECONDS = 0.5
 QUEUE_REFRESH_SECONDS = 2.0
-
-
-def is_ignored_name(name: str) -> bool:
-    """True for names a writer uses while still writing: ``.*``, ``*.tmp``, ``*.part``."""
-    return name.startswith(".") or name.endswith(IGNORED_SUFFIXES)
-
-
-def rejection_reason(st: os.stat_result) -> str | None:
-    """Why an inbox entry (from ``os.lstat``) must not be opened, or None for a plain file."""
-    mode = st.st_mode
-    if stat.S_ISLNK(mode):
-        return "a symbolic link (only regular files are trained)"
-    if stat.S_ISDIR(mode):
-        return "a directory (only regular files are trained)"
-    if stat.S_ISFIFO(mode):
-        return "a FIFO (only regular files are trained)"
-    if not stat.S_ISREG(mode):
-        return "not a regular file (socket or device)"
-    if st.st_nlink > 1:
-        return f"a hard link ({st.st_nlink} names for one file; drop a copy instead)"
-    return None
-
-
-def sha256_of(path: Path) -> tuple[str, int]:
-    """Hash a claimed file without following links or blocking on a FIFO.
-
-    Returns:
-        ``(hex digest, size in bytes)``.
-
-    Raises:
-        OSError: the entry is not a regular file (checked on the open descriptor).
-    """
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        reason = rejection_reason(st)
-        if reason:
-            raise OSError(reason)
-        digest = hashlib.sha256()
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest(), st.st_size
-
-
-@dataclass
-class Candidate:
-    """An entry in the drop zone, in arrival order (``seq``), with its last close event if any."""
-
-    path: Path
-    seq: int
-    closed_mtime: float | None = None
-
-
-class Inbox:
-    """The drop zone and its ``processing/``, ``done/`` and ``failed/`` folders.
-
-    Args:
-        root: the inbox folder (created with its subfolders).
-        settle_seconds: how long size and mtime must stay unchanged before a file
-            counts as completely written (a quarter of it after a close event).
-    """
-
-    def __init__(self, root: str | Path, settle_seconds: float) -> None:
-        self.root = Path(root)
-        self.settle_seconds = settle_seconds
-        for sub in SUBDIRS:
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
-        self._seq = itertools.count()
-        self._known: dict[str, Candidate] = {}
-        self._lock = threading.Lock()
-
-    def note_closed(self, path: Path) -> None:
-        """Record a close-after-write event."""
-        try:
-            mtime = path.stat().st_mtime
-        except OSError:
-            return
-        with self._lock:
-            cand = self._known.get(path.name)
-            if cand is None:
-                cand = self._known[path.name] = Candidate(path, next(self._seq))
-            cand.closed_mtime = mtime
-
-    def scan(self) -> list[Candidate]:
-        """Every entry now in the drop zone (but our subfolders and ignored names), in arrival order.
-
-        Entries first seen in the same scan are ordered by mtime, then name.
-        """
-        entries = []
-        for entry in os.scandir(self.root):
-            if is_ignored_name(entry.name) or (entry.name in SUBDIRS and entry.is_dir(follow_symlinks=False)):
-                continue
-            try:
-                entries.append((entry.stat(follow_symlinks=False).st_mtime, entry.name))
-            except OSError:
-                continue
-        with self._lock:
-            present = {name for _, name in entries}
-            for name in list(self._known):
-                if name not in present:
-                    del self._known[name]
-            for _, name in sorted(entries):
-                if name not in self._known:
-                    self._known[name] = Candidate(self.root / name, next(self._seq))
-            return sorted(self._known.values(), key=lambda c: c.seq)
-
-    def is_complete(self, cand: Candidate, now: float | None = None) -> bool:
-        """Whether the writer is done: unchanged for the settle time (a quarter of it after a close)."""
-        try:
-            mtime = cand.path.stat().st_mtime
-        except OSError:
-            return False
-        quiet = (now if now is not None else time.time()) - mtime
-        closed = cand.closed_mtime is not None and cand.closed_mtime == mtime
-        return quiet >= (self.settle_seconds / 4 if closed else self.settle_seconds)
-
-    def claim(self, cand: Candidate) -> Path:
-        """Move the entry out of the drop zone into ``processing/`` (atomic rename)."""
-        target = _free_name(self.root / PROCESSING / cand.path.name)
-        os.rename(cand.path, target)
-        with self._lock:
-            self._known.pop(cand.path.name, None)
-        return target
-
-    def claimed(self) -> list[Path]:
-        """Entries in ``processing/``: claimed before a stop or a crash, oldest first."""
-        entries = [p for p in (self.root / PROCESSING).iterdir() if not p.name.startswith(".")]
-        return sorted(entries, key=lambda p: (p.lstat().st_ctime, p.name))
-
-    def finish(self, entry: Path, error: str | None) -> Path:
-        """Move an entry to ``done/`` or, with an ``error``, to ``failed/`` beside ``<name>.error.txt``."""
-        folder = self.root / (FAILED if error is not None else DONE)
-        target = _free_name(folder / entry.name)
-        if error is not None:  # the reason first: a crash between the two leaves the file where it was
-            text = f"{target.name} failed at {utc_now()}:\n{error}\n"
-            (folder / f"{target.name}.error.txt").write_text(text, encoding="utf-8")
-        os.rename(entry, target)
-        with self._lock:
-            self._known.pop(entry.name, None)
-        return target
-
-
-def _free_name(path: Path) -> Path:
-    """``path``, or ``stem-1.ext``, ``stem-2.ext``, ... if taken."""
-    if not os.path.lexists(path):
-        return path
-    for n in itertools.count(1):
-        alt = path.with_name(f"{path.stem}-{n}{path.suffix}")
-        if not os.path.lexists(alt):
-            return alt
-    raise AssertionError("unreachable")
+_BETWEEN_FILES = frozenset(state for state in RunState if state.between_files)
 
 
 class _Wake(FileSystemEventHandler):
@@ -227,49 +66,55 @@ class _Wake(FileSystemEventHandler):
         self.wake.set()
 
 
-@dataclass
-class ChildResult:
-    """How a training child ended: its exit code, or that the daemon killed it for stalling."""
-
-    returncode: int
-    stalled: bool = False
-
-
 class Daemon:
-    """The watch loop. ``run()`` returns an exit code.
+    """The watch loop and the per-file policy. ``run()`` returns an exit code.
 
     Args:
         args: the daemon's options.
         train_argv: flags passed through to every training child.
+        supervisor: runs the training processes; default a :class:`ProcessSupervisor`
+            built from ``args`` (the tests pass a fake).
     """
 
-    def __init__(self, args: DaemonArguments, train_argv: list[str]) -> None:
+    def __init__(self, args: DaemonArguments, train_argv: list[str], supervisor: Supervisor | None = None) -> None:
         self.args = args
         self.train_argv = train_argv
         self.inbox = Inbox(args.inbox_dir, args.settle_seconds)
         self.status = StatusFile(args.status_dir)
         self.ledger = Ledger(args.status_dir)
+        if supervisor is None:
+            supervisor = ProcessSupervisor(
+                self.status,
+                launcher=args.launcher,
+                prestart=args.prestart,
+                stall_timeout=args.stall_timeout,
+                stop_grace_seconds=args.stop_grace_seconds,
+            )
+        self.supervisor = supervisor
         self.stop = threading.Event()
         self.wake = threading.Event()
-        self.child: subprocess.Popen[bytes] | None = None
-        self.spare: subprocess.Popen[bytes] | None = None
         self.processed = 0
+        self._queue_published = 0.0
 
     def run(self) -> int:
-        """Drain and watch the inbox until stopped (or drained, with ``--once``)."""
+        """Drain and watch the inbox until stopped (or drained, with ``--once``).
+
+        Returns:
+            The process exit code (0; a stop request also ends in 0).
+        """
         latest = latest_complete_checkpoint(self.args.output_dir, set_aside=False)
         step = latest.global_step if latest else 0
-        self.status.update(state="idle", global_step=step, max_steps=step, current_file=None)
+        self.status.update(state=RunState.IDLE, global_step=step, max_steps=step, current_file=None)
         observer = Observer()
         observer.schedule(_Wake(self.inbox, self.wake), str(self.inbox.root), recursive=False)
         observer.start()
         try:
             self._loop()
         finally:
-            self._stop_spare()
+            self.supervisor.stop_spare()
             observer.stop()
             observer.join()
-            self.status.update(state="stopped" if self.stop.is_set() else "idle")
+            self.status.update(state=RunState.STOPPED if self.stop.is_set() else RunState.IDLE)
         return 0
 
     def _loop(self) -> None:
@@ -290,7 +135,7 @@ class Daemon:
             if self.args.once and not pending:
                 logger.info("inbox drained")
                 return
-            self._start_spare()  # idle: the next training process does its imports now
+            self.supervisor.start_spare()  # idle: the next training process does its imports now
             # Sleep until an event, the next settle check, or the periodic rescan.
             timeout = max(min(self.args.settle_seconds / 4, self.args.rescan_seconds), 0.05) if pending else None
             self.wake.wait(timeout or self.args.rescan_seconds)
@@ -311,7 +156,7 @@ class Daemon:
 
     def _reject(self, path: Path, reason: str) -> None:
         logger.error("rejected %s: %s", path.name, reason)
-        self.ledger.add(path.name, "rejected", error=reason)
+        self.ledger.add(path.name, FileState.REJECTED, error=reason)
         try:
             self.inbox.finish(path, f"rejected without opening it: {reason}")
         except OSError as e:  # could not be moved: logged and recorded, never retried in a loop
@@ -324,10 +169,16 @@ class Daemon:
         def mutate(doc: dict[str, Any]) -> None:
             doc["queue"] = names
             doc["files"]["queued"] = len(names)
-            if between_files and doc["state"] not in ("idle", "stopped", "failed", "stalled"):
-                doc["state"] = "idle"  # no child runs now: a crashed child's last state is stale
+            if between_files and doc["state"] not in _BETWEEN_FILES:
+                doc["state"] = RunState.IDLE  # no child runs now: a crashed child's last state is stale
 
         self.status.update(mutate)
+
+    def _refresh_queue(self) -> None:
+        """While a child trains: show files dropped meanwhile, every ``QUEUE_REFRESH_SECONDS``."""
+        if time.monotonic() - self._queue_published > QUEUE_REFRESH_SECONDS:
+            self._publish_queue(self.inbox.scan(), between_files=False)
+            self._queue_published = time.monotonic()
 
     # ------------------------------------------------------------------ one claimed file
 
@@ -341,45 +192,46 @@ class Daemon:
         entry = self._ledger_entry(claimed, sha, size)
         if entry is None:
             return
-        if entry.state in ("done", "failed"):  # finished before a crash, not yet moved
-            self._finish(claimed, None if entry.state == "done" else entry.error)
-            return
-        while not self.stop.is_set():
+        while not entry.state.finished and not self.stop.is_set():
             logger.info("training %s (attempt %d)", claimed.name, entry.attempts + 1)
-            result = self._run_child(claimed, entry.id)
+            self._queue_published = 0.0
+            result = self.supervisor.run(self._train_args(claimed, entry.id), self.stop, self._refresh_queue)
             entry = self.ledger.get(entry.id) or entry
-            if self.stop.is_set() and entry.state not in ("done", "failed"):
-                logger.warning("%s stopped mid-file; it resumes on the next start", claimed.name)
-                return
-            if entry.state in ("done", "failed"):
-                self._finish(claimed, None if entry.state == "done" else entry.error)
-                return
-            why = "stalled (no progress)" if result.stalled else f"exited with code {result.returncode}"
-            entry = self.ledger.update(entry.id, attempts=entry.attempts + 1, error=f"training process {why}")
-            logger.error("%s: attempt %d %s", claimed.name, entry.attempts, why)
-            if entry.attempts >= self.args.max_attempts:
-                error = f"training process {why}; gave up after {entry.attempts} attempts (see the daemon's log)"
-                self.ledger.update(entry.id, state="failed", error=error)
-                self.status.record_outcome(HistoryRow.failed(claimed.name, error, sha256=sha))
-                self._finish(claimed, error)
-                return
+            if not entry.state.finished and not self.stop.is_set():
+                entry = self._count_attempt(entry, result)
+        if entry.state.finished:  # the child's outcome, or one recorded before a crash and not yet filed away
+            self._finish(claimed, None if entry.state == FileState.DONE else entry.error)
+        else:
+            logger.warning("%s stopped mid-file; it resumes on the next start", claimed.name)
+
+    def _count_attempt(self, entry: Entry, result: ChildResult) -> Entry:
+        """Count a crashed or stalled attempt; after ``--max_attempts`` the file fails with a history row."""
+        why = "stalled (no progress)" if result.stalled else f"exited with code {result.returncode}"
+        entry = self.ledger.count_attempt(entry.id, f"training process {why}")
+        logger.error("%s: attempt %d %s", entry.name, entry.attempts, why)
+        if entry.attempts < self.args.max_attempts:
+            return entry
+        error = f"training process {why}; gave up after {entry.attempts} attempts (see the daemon's log)"
+        entry = self.ledger.fail(entry.id, error)
+        self.status.record_outcome(HistoryRow.failed(entry.name, error, sha256=entry.sha256))
+        return entry
 
     def _ledger_entry(self, claimed: Path, sha: str, size: int) -> Entry | None:
         """This claim's ledger row (made now for a new claim); None when the file is skipped as a duplicate."""
         entry = self.ledger.find_claim(claimed.name, sha)
-        if entry is not None and entry.state in ("queued", "training", "done", "failed"):
+        if entry is not None and entry.state not in (FileState.DUPLICATE, FileState.REJECTED):
             return entry
-        earlier = self.ledger.find(sha, ("done",))
+        earlier = self.ledger.find(sha, (FileState.DONE,))
         if earlier is not None and not self.args.allow_duplicates:
             note = (
                 f"skipped: same content (sha256 {sha[:12]}...) as {earlier.name}, trained at steps "
                 f"{earlier.start_step} -> {earlier.end_step}; pass --allow_duplicates to train it again"
             )
             logger.warning("%s: %s", claimed.name, note)
-            self.ledger.add(claimed.name, "duplicate", sha, size, error=note)
+            self.ledger.add(claimed.name, FileState.DUPLICATE, sha, size, error=note)
             self._finish(claimed, note)
             return None
-        return self.ledger.add(claimed.name, "queued", sha, size)
+        return self.ledger.add(claimed.name, FileState.QUEUED, sha, size)
 
     def _finish(self, claimed: Path, error: str | None) -> None:
         self.processed += 1
@@ -389,120 +241,25 @@ class Daemon:
         else:
             logger.error("failed: %s: %s", target.name, error)
 
-    def _run_child(self, claimed: Path, entry_id: int) -> ChildResult:
-        """Run one training attempt; kill its process group on a stall or a second stop signal."""
-        train_args = [
-            "--dataset",
-            str(claimed),
-            "--output_dir",
-            self.args.output_dir,
-            "--status_dir",
-            self.args.status_dir,
-            "--ledger_entry",
-            str(entry_id),
-            *self.train_argv,
-        ]
-        started = time.time()
-        self.child = child = self._spawn(train_args)
-        term_sent: float | None = None
-        queue_published = 0.0
-        try:
-            while True:
-                try:
-                    return ChildResult(child.wait(timeout=POLL_SECONDS))
-                except subprocess.TimeoutExpired:
-                    pass
-                if time.monotonic() - queue_published > QUEUE_REFRESH_SECONDS:  # files dropped meanwhile
-                    self._publish_queue(self.inbox.scan(), between_files=False)
-                    queue_published = time.monotonic()
-                if self.stop.is_set():
-                    if term_sent is None:
-                        term_sent = time.time()
-                        _signal_group(child, signal.SIGTERM)
-                    elif time.time() - term_sent > self.args.stop_grace_seconds:
-                        logger.error("the training process did not stop within the grace period: killing it")
-                        _signal_group(child, signal.SIGKILL)
-                elif self._stalled(started):
-                    logger.error(
-                        "no training progress for %.0f s: killing the training process", self.args.stall_timeout
-                    )
-                    self.status.update(state="stalled")
-                    _signal_group(child, signal.SIGKILL)
-                    child.wait()
-                    return ChildResult(child.returncode, stalled=True)
-        finally:
-            self.child = None
-
-    def _child_env(self) -> dict[str, str]:
-        return {**os.environ, "PYTHONUNBUFFERED": "1", SUPERVISOR_ENV: str(os.getpid())}
-
-    def _spawn(self, train_args: list[str]) -> subprocess.Popen[bytes]:
-        """The training process for ``train_args``: the prestarted one if it is alive, else a new one.
-
-        Either way it runs in a session of its own: a Ctrl-C in the terminal reaches the daemon,
-        which forwards one SIGTERM, and a stalled launcher is killed with every process it started.
-        """
-        spare, self.spare = self.spare, None
-        if spare is not None and spare.poll() is None and spare.stdin is not None:
-            try:
-                spare.stdin.write(json.dumps(train_args).encode() + b"\n")
-                spare.stdin.close()
-                logger.info("training in the prestarted process %d", spare.pid)
-                return spare
-            except BrokenPipeError:  # it died between the check and the write
-                spare.wait()
-        prefix = shlex.split(self.args.launcher) if self.args.launcher else [sys.executable]
-        return subprocess.Popen(
-            [*prefix, "-m", "daemon", "train", *train_args], env=self._child_env(), start_new_session=True
-        )
-
-    def _start_spare(self) -> None:
-        """Start the next training process ahead (``--prestart``): its imports run while the inbox is idle.
-
-        ``python -m daemon train-spare`` imports torch, transformers and datasets (about 4 s on
-        2 cores), then waits for its flags on stdin. Not with ``--launcher``, which starts
-        processes of its own.
-        """
-        if not self.args.prestart or self.args.launcher or (self.spare is not None and self.spare.poll() is None):
-            return
-        self.spare = subprocess.Popen(
-            [sys.executable, "-m", "daemon", "train-spare"],
-            env=self._child_env(),
-            stdin=subprocess.PIPE,
-            start_new_session=True,
-        )
-
-    def _stop_spare(self) -> None:
-        """Kill the waiting prestarted process (it holds no state: nothing to save)."""
-        spare, self.spare = self.spare, None
-        if spare is not None:
-            _signal_group(spare, signal.SIGKILL)
-            spare.wait()
-            if spare.stdin is not None:
-                spare.stdin.close()
-
-    def _stalled(self, started: float) -> bool:
-        progress_at = self.status.read().get("progress_at") or 0.0
-        return time.time() - max(float(progress_at), started) > self.args.stall_timeout
+    def _train_args(self, claimed: Path, entry_id: int) -> list[str]:
+        """The ``python -m daemon train`` flags of one attempt at a claimed file."""
+        folders = ["--output_dir", self.args.output_dir, "--status_dir", self.args.status_dir]
+        return ["--dataset", str(claimed), *folders, "--ledger_entry", str(entry_id), *self.train_argv]
 
     def request_stop(self, signum: int, frame: Any = None) -> None:
-        """Signal handler: the first signal lets the child checkpoint and stop; a second kills it now."""
+        """Signal handler: the first signal lets the child checkpoint and stop; a second kills it now.
+
+        Args:
+            signum: the signal (SIGINT or SIGTERM); a second one exits with ``128 + signum``.
+            frame: unused (the signal module passes the interrupted frame).
+        """
         if self.stop.is_set():
             logger.warning("second signal: killing the training process and exiting")
-            for process in (self.child, self.spare):
-                if process is not None:
-                    _signal_group(process, signal.SIGKILL)
+            self.supervisor.kill_all()
             os._exit(128 + signum)
         logger.warning("%s: stopping after the current checkpoint", signal.Signals(signum).name)
         self.stop.set()
         self.wake.set()
-
-
-def _signal_group(child: subprocess.Popen[bytes], sig: int) -> None:
-    try:
-        os.killpg(child.pid, sig)
-    except ProcessLookupError:
-        pass
 
 
 def parse_daemon_args(argv: list[str]) -> tuple[DaemonArguments, list[str]]:

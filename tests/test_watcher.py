@@ -1,65 +1,293 @@
-"""The inbox daemon's basic loop: pick-up rules, order, done/ and failed/."""
+"""The inbox daemon: its per-file policy against a fake training process, then real daemons end to end.
+
+The policy tests run :class:`~daemon.watcher.Daemon` in this process with
+:class:`FakeTraining` in place of the supervisor: it writes the ledger, the status
+and the history the way the real training child does, in milliseconds.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import threading
 import time
+from collections.abc import Callable
+from pathlib import Path
 
-from conftest import REPO, run_cli, stdlib_documents, write_jsonl
+import pytest
+from conftest import REPO, Tree, run_cli, stdlib_documents, write_jsonl
 
-from daemon.watcher import Inbox, is_ignored_name
+from daemon.config import DaemonArguments
+from daemon.inbox import sha256_of
+from daemon.ledger import Entry, Ledger
+from daemon.records import FileProgress, FileState, HistoryRow
+from daemon.status import StatusFile, history_violations
+from daemon.supervisor import ChildResult
+from daemon.watcher import Daemon
 
-
-def test_names_being_written_are_ignored():
-    assert is_ignored_name(".hidden.jsonl")
-    assert is_ignored_name("drop.jsonl.tmp")
-    assert is_ignored_name("drop.jsonl.part")
-    assert not is_ignored_name("drop.jsonl")
-
-
-def test_scan_orders_entries_by_arrival_and_skips_its_own_folders_and_ignored_names(tmp_path):
-    inbox = Inbox(tmp_path / "inbox", settle_seconds=0)
-    for i, name in enumerate(["b.jsonl", "a.jsonl", "c.jsonl.part", ".d.jsonl"]):
-        path = inbox.root / name
-        path.write_text("{}\n")
-        os.utime(path, (1000 + i, 1000 + i))
-    (inbox.root / "subdir").mkdir()
-    os.utime(inbox.root / "subdir", (2000, 2000))
-    # the directory is listed so that the daemon can reject it; done/, failed/, processing/ are not
-    assert [c.path.name for c in inbox.scan()] == ["b.jsonl", "a.jsonl", "subdir"]
-    later = inbox.root / "0-late.jsonl"
-    later.write_text("{}\n")
-    os.utime(later, (10, 10))  # an old mtime, but it arrived last
-    assert [c.path.name for c in inbox.scan()] == ["b.jsonl", "a.jsonl", "subdir", "0-late.jsonl"]
+PLANNED_STEPS = 3
 
 
-def test_a_file_is_complete_once_unchanged_for_the_settle_time_a_quarter_of_it_after_a_close(tmp_path):
-    inbox = Inbox(tmp_path / "inbox", settle_seconds=30)
-    path = inbox.root / "x.jsonl"
-    path.write_text("{}\n")
-    (cand,) = inbox.scan()
-    assert not inbox.is_complete(cand)
-    assert not inbox.is_complete(cand, now=time.time() + 8)
-    assert inbox.is_complete(cand, now=time.time() + 31)
-    inbox.note_closed(path)
-    assert not inbox.is_complete(cand)
-    assert inbox.is_complete(cand, now=time.time() + 8)
-    time.sleep(0.01)
-    path.write_text('{"text": "more"}\n')  # written again after the close: not complete
-    os.utime(path, (time.time() + 1, time.time() + 1))
-    assert not inbox.is_complete(cand, now=time.time() + 8)
+class FakeTraining:
+    """The supervisor and its training child, played from a script; no process is started.
+
+    Each run plays the next outcome scripted for its file ("done" once the script is
+    used up), leaving the ledger, status and history as the real child does:
+
+    - ``done``: plan recorded (kept when resuming), a done history row, ledger ``done``, exit 0.
+    - ``crash``: plan recorded, then killed (exit -9); the row stays ``training``.
+    - ``stall``: plan recorded, then killed by the supervisor for making no progress.
+    - ``bad``: the content is unusable: a failed history row, ledger ``failed``, exit 1.
+    - ``stop``: a SIGTERM arrives mid-file: plan recorded, the daemon's stop event set,
+      the child checkpoints and exits 3 (interrupted).
+
+    Args:
+        script: outcomes per file name, in attempt order.
+        while_training: called with the file name at the start of each run (to drop files meanwhile).
+    """
+
+    def __init__(
+        self, script: dict[str, list[str]] | None = None, while_training: Callable[[str], None] | None = None
+    ) -> None:
+        self.script = {name: list(outcomes) for name, outcomes in (script or {}).items()}
+        self.while_training = while_training
+        self.runs: list[tuple[str, int]] = []  # (file name, ledger entry) of each attempt
+        self.queues_seen: list[list[str]] = []  # the status queue while each attempt ran
+        self.spares_stopped = 0
+
+    @property
+    def files(self) -> list[str]:
+        return [name for name, _ in self.runs]
+
+    def run(
+        self, train_args: list[str], stop: threading.Event, on_poll: Callable[[], None] | None = None
+    ) -> ChildResult:
+        flags = dict(zip(train_args[::2], train_args[1::2], strict=True))  # the daemon passes --flag value pairs
+        name, entry_id = Path(flags["--dataset"]).name, int(flags["--ledger_entry"])
+        ledger, status = Ledger(flags["--status_dir"]), StatusFile(flags["--status_dir"])
+        self.runs.append((name, entry_id))
+        if self.while_training is not None:
+            self.while_training(name)
+        if on_poll is not None:
+            on_poll()
+        self.queues_seen.append(status.read()["queue"])
+        outcome = self.script[name].pop(0) if self.script.get(name) else "done"
+        if outcome == "bad":
+            ledger.fail(entry_id, "no usable examples")
+            status.record_outcome(HistoryRow.failed(name, "no usable examples"))
+            return ChildResult(1)
+        entry = ledger.get(entry_id)
+        assert entry is not None
+        if entry.state == FileState.QUEUED:
+            entry = ledger.record_plan(entry_id, start_step=status.read()["global_step"], planned_steps=PLANNED_STEPS)
+        assert entry.start_step is not None and entry.planned_steps is not None
+        if outcome == "done":
+            end = entry.start_step + entry.planned_steps
+            progress = FileProgress(name, entry.sha256 or "", 12, 0, 384, 0, entry.start_step, entry.planned_steps)
+            status.record_outcome(HistoryRow.done(progress, time.monotonic(), 0.1, 2.0, None))
+            ledger.finish(entry_id, end)
+            status.update(global_step=end, max_steps=end)
+            return ChildResult(0)
+        if outcome == "stop":
+            stop.set()
+            return ChildResult(3)
+        return ChildResult(-9, stalled=outcome == "stall")
+
+    def start_spare(self) -> None:
+        pass
+
+    def stop_spare(self) -> None:
+        self.spares_stopped += 1
+
+    def kill_all(self) -> None:
+        pass
 
 
-def test_claim_moves_out_of_the_drop_zone_and_finish_files_the_result(tmp_path):
-    inbox = Inbox(tmp_path / "inbox", settle_seconds=0)
-    (inbox.root / "x.jsonl").write_text("{}\n")
-    (cand,) = inbox.scan()
-    claimed = inbox.claim(cand)
-    assert claimed.parent.name == "processing" and inbox.scan() == []
-    failed = inbox.finish(claimed, "no usable examples")
-    assert failed == inbox.root / "failed" / "x.jsonl"
-    assert "no usable examples" in (inbox.root / "failed" / "x.jsonl.error.txt").read_text()
+def _daemon(tree: Tree, training: FakeTraining, **options: object) -> Daemon:
+    """A ``--once`` daemon on ``tree`` that trains with ``training``."""
+    args = DaemonArguments(
+        inbox_dir=str(tree.inbox),
+        status_dir=str(tree.status),
+        output_dir=str(tree.output),
+        once=True,
+        settle_seconds=0,
+        **options,
+    )
+    return Daemon(args, [], supervisor=training)
+
+
+def _drop(tree: Tree, name: str, text: str, arrived: float) -> Path:
+    """A complete file in the drop zone; ``arrived`` (its mtime) orders files dropped together."""
+    path = tree.inbox / name
+    path.write_text(text)
+    os.utime(path, (arrived, arrived))
+    return path
+
+
+def _names(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def _entry(tree: Tree, name: str) -> Entry:
+    (entry,) = [e for e in Ledger(tree.status).entries() if e.name == name]
+    return entry
+
+
+def _status(tree: Tree) -> dict:
+    return json.loads((tree.status / "training_status.json").read_text())
+
+
+def test_a_crashed_attempt_is_counted_and_the_retry_finishes_the_file(tree):
+    _drop(tree, "a.jsonl", '{"text": "a"}\n', arrived=1000)
+    training = FakeTraining({"a.jsonl": ["crash", "done"]})
+    assert _daemon(tree, training).run() == 0
+    first, second = training.runs
+    assert first == second  # the same ledger row: the retry resumes the recorded plan
+    assert _names(tree.inbox / "done") == ["a.jsonl"] and _names(tree.inbox / "failed") == []
+    entry = _entry(tree, "a.jsonl")
+    assert (entry.state, entry.attempts, entry.start_step, entry.end_step) == (FileState.DONE, 1, 0, PLANNED_STEPS)
+    assert [(r["file"], r["outcome"]) for r in tree.history()] == [("a.jsonl", "done")]
+
+
+def test_a_file_that_stalls_on_every_attempt_is_failed_after_max_attempts_and_the_next_file_trains(tree):
+    _drop(tree, "a.jsonl", '{"text": "a"}\n', arrived=1000)
+    _drop(tree, "b.jsonl", '{"text": "b"}\n', arrived=1001)
+    training = FakeTraining({"a.jsonl": ["stall", "stall", "done"]})
+    _daemon(tree, training, max_attempts=2).run()
+    assert training.files == ["a.jsonl", "a.jsonl", "b.jsonl"]
+    assert _names(tree.inbox / "failed") == ["a.jsonl", "a.jsonl.error.txt"]
+    error = (tree.inbox / "failed" / "a.jsonl.error.txt").read_text()
+    assert "stalled" in error and "gave up after 2 attempts" in error
+    entry = _entry(tree, "a.jsonl")
+    assert (entry.state, entry.attempts) == (FileState.FAILED, 2)
+    failed_row, done_row = tree.history()
+    assert (failed_row["file"], failed_row["outcome"], failed_row["sha256"]) == ("a.jsonl", "failed", entry.sha256)
+    assert "gave up after 2 attempts" in failed_row["error"]
+    assert (done_row["file"], done_row["outcome"]) == ("b.jsonl", "done")
+    assert _names(tree.inbox / "done") == ["b.jsonl"]
+    assert _status(tree)["files"] == {"queued": 0, "done": 1, "failed": 1} and _status(tree)["state"] == "idle"
+
+
+def test_a_file_the_training_process_fails_for_its_content_is_not_retried(tree):
+    _drop(tree, "a.jsonl", "{nope\n", arrived=1000)
+    training = FakeTraining({"a.jsonl": ["bad"]})
+    _daemon(tree, training).run()
+    assert training.files == ["a.jsonl"]
+    assert "no usable examples" in (tree.inbox / "failed" / "a.jsonl.error.txt").read_text()
+    entry = _entry(tree, "a.jsonl")
+    assert (entry.state, entry.attempts) == (FileState.FAILED, 0)
+
+
+def test_a_duplicate_is_skipped_into_failed_with_a_note_naming_the_earlier_file(tree):
+    _drop(tree, "a.jsonl", '{"text": "same"}\n', arrived=1000)
+    _drop(tree, "b.jsonl", '{"text": "same"}\n', arrived=1001)
+    training = FakeTraining()
+    _daemon(tree, training).run()
+    assert training.files == ["a.jsonl"]
+    assert _names(tree.inbox / "done") == ["a.jsonl"]
+    note = (tree.inbox / "failed" / "b.jsonl.error.txt").read_text()
+    assert "skipped: same content" in note and "as a.jsonl" in note and "--allow_duplicates" in note
+    assert _entry(tree, "b.jsonl").state == FileState.DUPLICATE
+    assert [r["file"] for r in tree.history()] == ["a.jsonl"]
+
+
+def test_allow_duplicates_trains_the_same_content_again(tree):
+    _drop(tree, "a.jsonl", '{"text": "same"}\n', arrived=1000)
+    _drop(tree, "b.jsonl", '{"text": "same"}\n', arrived=1001)
+    training = FakeTraining()
+    _daemon(tree, training, allow_duplicates=True).run()
+    assert training.files == ["a.jsonl", "b.jsonl"]
+    assert _names(tree.inbox / "done") == ["a.jsonl", "b.jsonl"]
+    assert [(r["start_step"], r["end_step"]) for r in tree.history()] == [(0, 3), (3, 6)]
+
+
+@pytest.mark.parametrize("state", [FileState.DONE, FileState.FAILED])
+def test_a_claimed_file_whose_ledger_row_is_finished_is_only_filed_away(tree, state):
+    """The daemon was killed after the child had finished the file, before the file was moved."""
+    claimed = tree.inbox / "processing" / "a.jsonl"
+    claimed.parent.mkdir()
+    claimed.write_text('{"text": "a"}\n')
+    ledger = Ledger(tree.status)
+    entry = ledger.add("a.jsonl", FileState.QUEUED, *sha256_of(claimed))
+    ledger.record_plan(entry.id, start_step=0, planned_steps=PLANNED_STEPS)
+    if state == FileState.DONE:
+        ledger.finish(entry.id, end_step=PLANNED_STEPS)
+    else:
+        ledger.fail(entry.id, "no usable examples")
+    training = FakeTraining()
+    _daemon(tree, training).run()
+    assert training.runs == []
+    assert [(e.id, e.state, e.attempts) for e in ledger.entries()] == [(entry.id, state, 0)]
+    if state == FileState.DONE:
+        assert _names(tree.inbox / "done") == ["a.jsonl"]
+    else:
+        assert "no usable examples" in (tree.inbox / "failed" / "a.jsonl.error.txt").read_text()
+    assert _names(tree.inbox / "processing") == []
+
+
+def test_a_stop_request_mid_file_leaves_it_claimed_and_the_next_start_resumes_it_first(tree):
+    _drop(tree, "a.jsonl", '{"text": "a"}\n', arrived=1000)
+    daemon = _daemon(tree, FakeTraining({"a.jsonl": ["stop"]}))
+    assert daemon.run() == 0 and daemon.stop.is_set()
+    assert _names(tree.inbox / "processing") == ["a.jsonl"]
+    assert _status(tree)["state"] == "stopped"
+    entry = _entry(tree, "a.jsonl")
+    assert (entry.state, entry.attempts) == (FileState.TRAINING, 0)  # an interrupted attempt is no failure
+
+    _drop(tree, "0-older.jsonl", '{"text": "older"}\n', arrived=10)  # dropped meanwhile, with an older mtime
+    resumed = FakeTraining()
+    _daemon(tree, resumed).run()
+    assert resumed.runs == [("a.jsonl", entry.id), ("0-older.jsonl", entry.id + 1)]
+    assert [(r["file"], r["start_step"], r["end_step"]) for r in tree.history()] == [
+        ("a.jsonl", 0, 3),
+        ("0-older.jsonl", 3, 6),
+    ]
+    assert _names(tree.inbox / "done") == ["0-older.jsonl", "a.jsonl"]
+    assert history_violations(tree.history()) == []
+
+
+def test_hostile_entries_are_rejected_unopened_and_never_reach_training(tree, tmp_path_factory):
+    outside = tmp_path_factory.mktemp("outside") / "secret.jsonl"
+    outside.write_text('{"text": "secret"}\n')
+    (tree.inbox / "a-symlink.jsonl").symlink_to(outside)
+    os.mkfifo(tree.inbox / "b-fifo.jsonl")
+    (tree.inbox / "c-directory").mkdir()
+    os.link(outside, tree.inbox / "d-hardlink.jsonl")
+    _drop(tree, "e-good.jsonl", '{"text": "good"}\n', arrived=2000)
+    training = FakeTraining()
+    _daemon(tree, training).run()
+    assert training.files == ["e-good.jsonl"]
+    reasons = {
+        "a-symlink.jsonl": "symbolic link",
+        "b-fifo.jsonl": "FIFO",
+        "c-directory": "directory",
+        "d-hardlink.jsonl": "hard link",
+    }
+    for name, reason in reasons.items():
+        assert os.path.lexists(tree.inbox / "failed" / name), name
+        error = (tree.inbox / "failed" / f"{name}.error.txt").read_text()
+        assert f"rejected without opening it: a {reason}" in error, name
+        assert _entry(tree, name).state == FileState.REJECTED
+    assert outside.read_text() == '{"text": "secret"}\n'
+    assert _names(tree.inbox / "done") == ["e-good.jsonl"]
+    assert _status(tree)["last_error"]["message"].startswith("rejected: ")
+
+
+def test_files_dropped_while_a_file_trains_show_in_the_status_queue(tree):
+    _drop(tree, "a.jsonl", '{"text": "a"}\n', arrived=1000)
+
+    def drop_next(name: str) -> None:
+        if name == "a.jsonl":
+            _drop(tree, "b.jsonl", '{"text": "b"}\n', arrived=time.time())
+
+    training = FakeTraining(while_training=drop_next)
+    _daemon(tree, training).run()
+    assert training.files == ["a.jsonl", "b.jsonl"]
+    assert training.queues_seen == [["b.jsonl"], []]
+    assert training.spares_stopped == 1  # on the way out the daemon stops its prestarted process
+
+
+# ---------------------------------------------------------------- real daemons (subprocesses)
 
 
 def test_daemon_once_drains_the_inbox_in_order_and_files_each_result(tree):

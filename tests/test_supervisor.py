@@ -1,0 +1,134 @@
+"""The training-process supervisor: exit codes, stall kills, stop forwarding, the prestarted spare.
+
+The children here are a small Python script behind ``--launcher`` (as a launcher
+such as torchrun would be), so no test imports torch; each takes a second or two.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import wait_for
+
+from daemon.config import SUPERVISOR_ENV
+from daemon.status import StatusFile
+from daemon.supervisor import ChildResult, ProcessSupervisor
+
+# Started as ``<launcher> -m daemon train --mode MODE --out FOLDER --status_dir FOLDER``.
+CHILD = r"""
+import json, os, signal, subprocess, sys, time
+args = sys.argv[1:]
+flags = dict(zip(args[3::2], args[4::2]))
+mode, out = flags["--mode"], flags["--out"]
+started = {"argv": args, "supervisor": os.environ.get("SUPERVISOR_ENV_NAME"), "grandchild": None}
+if mode == "hang":  # a launcher that started a worker, then hangs
+    worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    started["grandchild"] = worker.pid
+if mode == "term":
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(3))  # checkpoint and stop, as training does
+if mode == "ignore_term":
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+with open(os.path.join(out, ".started.json"), "w") as f:
+    json.dump(started, f)
+os.rename(os.path.join(out, ".started.json"), os.path.join(out, "started.json"))
+if mode == "exit7":
+    sys.exit(7)
+if mode == "progress":  # the heartbeat of a slow but healthy run
+    from daemon.status import StatusFile
+    status = StatusFile(flags["--status_dir"])
+    for _ in range(20):
+        status.update(progress_at=time.time())
+        time.sleep(0.1)
+    sys.exit(0)
+time.sleep(60)
+""".replace("SUPERVISOR_ENV_NAME", SUPERVISOR_ENV)
+
+
+@pytest.fixture
+def launcher(tmp_path: Path) -> str:
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    return f"{sys.executable} {script}"
+
+
+def _supervisor(tmp_path: Path, launcher: str | None, **options: object) -> ProcessSupervisor:
+    options = {"stall_timeout": 30.0, "stop_grace_seconds": 30.0, "poll_seconds": 0.05, **options}
+    return ProcessSupervisor(StatusFile(tmp_path / "status"), launcher=launcher, **options)
+
+
+def _run(supervisor: ProcessSupervisor, tmp_path: Path, mode: str, stop: threading.Event | None = None, on_poll=None):
+    train_args = ["--mode", mode, "--out", str(tmp_path), "--status_dir", str(tmp_path / "status")]
+    return supervisor.run(train_args, stop or threading.Event(), on_poll)
+
+
+def _started(tmp_path: Path) -> dict:
+    path = tmp_path / "started.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def test_the_child_runs_daemon_train_behind_the_launcher_and_its_exit_code_is_reported(tmp_path, launcher):
+    result = _run(_supervisor(tmp_path, launcher), tmp_path, "exit7")
+    assert result == ChildResult(7, stalled=False)
+    started = _started(tmp_path)
+    assert started["argv"][:5] == ["-m", "daemon", "train", "--mode", "exit7"]
+    assert started["supervisor"] == str(os.getpid())  # so that the child dies with its daemon
+
+
+def test_a_child_without_progress_is_killed_with_its_process_group_and_reported_stalled(tmp_path, launcher):
+    supervisor = _supervisor(tmp_path, launcher, stall_timeout=1.5)
+    result = _run(supervisor, tmp_path, "hang")
+    assert result.stalled and result.returncode == -9
+    assert supervisor.status.read()["state"] == "stalled"
+    worker = _started(tmp_path)["grandchild"]
+    wait_for(lambda: not _alive(worker), timeout=5, what="the launcher's worker to be killed too")
+
+
+def test_progress_in_the_status_file_keeps_a_slow_child_alive(tmp_path, launcher):
+    result = _run(_supervisor(tmp_path, launcher, stall_timeout=1.0), tmp_path, "progress")
+    assert result == ChildResult(0, stalled=False)
+
+
+def test_a_stop_request_forwards_sigterm_and_the_child_stops_on_its_own(tmp_path, launcher):
+    stop = threading.Event()
+
+    def on_poll() -> None:  # the daemon's signal arrives once the child has set up its handler
+        if _started(tmp_path):
+            stop.set()
+
+    result = _run(_supervisor(tmp_path, launcher), tmp_path, "term", stop, on_poll)
+    assert result == ChildResult(3, stalled=False)  # its own exit code, not a kill
+
+
+def test_a_child_that_ignores_sigterm_is_killed_after_the_grace_period(tmp_path, launcher):
+    stop = threading.Event()
+    supervisor = _supervisor(tmp_path, launcher, stop_grace_seconds=0.3)
+    result = _run(supervisor, tmp_path, "ignore_term", stop, lambda: _started(tmp_path) and stop.set())
+    assert result == ChildResult(-9, stalled=False)
+
+
+def test_the_spare_is_started_once_and_stopped_and_never_with_a_launcher(tmp_path, launcher):
+    _supervisor(tmp_path, launcher, prestart=True).start_spare()
+    assert _spares() == []  # a launcher starts processes of its own
+    supervisor = _supervisor(tmp_path, None, prestart=True)
+    supervisor.start_spare()
+    supervisor.start_spare()
+    assert len(_spares()) == 1
+    supervisor.stop_spare()
+    assert _spares() == []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _spares() -> list[psutil.Process]:
+    return [p for p in psutil.Process().children() if "train-spare" in p.cmdline() and _alive(p.pid)]
