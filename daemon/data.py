@@ -1,4 +1,4 @@
-"""From one JSONL file to tokenized training and held-out examples (SPEC section 5).
+"""From one JSONL file to tokenized training and held-out examples (README "Data").
 
 Pipeline: :func:`scan_jsonl` reads the file once as bytes (sha256, shape,
 malformed lines with their numbers, no example kept in memory); then

@@ -38,7 +38,7 @@ from filelock import FileLock, Timeout
 from watchdog.events import FileClosedEvent, FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-from daemon.checkpoints import latest_complete_checkpoint
+from daemon.checkpoints import latest_complete_checkpoint, roll_back
 from daemon.config import DaemonArguments, config_file_to_argv
 from daemon.exceptions import ConfigError, DaemonError
 from daemon.inbox import Candidate, Inbox, rejection_reason, sha256_of
@@ -189,7 +189,7 @@ class Daemon:
         except OSError as e:
             self._reject(claimed, str(e))
             return
-        entry = self._ledger_entry(claimed, sha, size)
+        entry = self._claim_entry(claimed, sha, size)
         if entry is None:
             return
         while not entry.state.finished and not self.stop.is_set():
@@ -212,11 +212,13 @@ class Daemon:
         if entry.attempts < self.args.max_attempts:
             return entry
         error = f"training process {why}; gave up after {entry.attempts} attempts (see the daemon's log)"
+        if entry.start_step is not None and entry.planned_steps is not None:  # never "failed" and in the weights
+            roll_back(self.args.output_dir, entry.start_step, entry.start_step + entry.planned_steps)
         entry = self.ledger.fail(entry.id, error)
         self.status.record_outcome(HistoryRow.failed(entry.name, error, sha256=entry.sha256))
         return entry
 
-    def _ledger_entry(self, claimed: Path, sha: str, size: int) -> Entry | None:
+    def _claim_entry(self, claimed: Path, sha: str, size: int) -> Entry | None:
         """This claim's ledger row (made now for a new claim); None when the file is skipped as a duplicate."""
         entry = self.ledger.find_claim(claimed.name, sha)
         if entry is not None and entry.state not in (FileState.DUPLICATE, FileState.REJECTED):
@@ -241,10 +243,10 @@ class Daemon:
         else:
             logger.error("failed: %s: %s", target.name, error)
 
-    def _train_args(self, claimed: Path, entry_id: int) -> list[str]:
+    def _train_args(self, claimed: Path, ledger_id: int) -> list[str]:
         """The ``python -m daemon train`` flags of one attempt at a claimed file."""
         folders = ["--output_dir", self.args.output_dir, "--status_dir", self.args.status_dir]
-        return ["--dataset", str(claimed), *folders, "--ledger_entry", str(entry_id), *self.train_argv]
+        return ["--dataset", str(claimed), *folders, "--ledger_id", str(ledger_id), *self.train_argv]
 
     def request_stop(self, signum: int, frame: Any = None) -> None:
         """Signal handler: the first signal lets the child checkpoint and stop; a second kills it now.

@@ -1,4 +1,4 @@
-"""Multi-thread CPU gradient accumulation and the gradient guard (SPEC section 7)."""
+"""Multi-thread CPU gradient accumulation and the gradient guard (README "Multi-thread ...")."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import Tree, stdlib_documents, train, write_jsonl
+from helpers import Tree, stdlib_documents, tiny_model, train, write_jsonl
 
 from daemon.accumulation import (
     ThreadedAccumulationTrainer,
@@ -21,19 +21,7 @@ VOCAB = 64
 
 
 def _tiny_model(seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
-    return LlamaForCausalLM(config)
+    return tiny_model(VOCAB, seed)
 
 
 def _micro_batch(rows: int, length: int, seed: int) -> dict[str, torch.Tensor]:

@@ -2,36 +2,14 @@
 
 from __future__ import annotations
 
-import json
-import struct
-import zipfile
-
 import pytest
+from helpers import fake_checkpoint
 
 from daemon.checkpoints import latest_complete_checkpoint
 
 
-def _safetensors(path, tensor_bytes: int = 16) -> None:
-    header = json.dumps({"w": {"dtype": "F32", "shape": [tensor_bytes // 4], "data_offsets": [0, tensor_bytes]}})
-    path.write_bytes(struct.pack("<Q", len(header)) + header.encode() + b"\0" * tensor_bytes)
-
-
-def _torch_archive(path) -> None:
-    with zipfile.ZipFile(path, "w") as z:  # what torch.save writes
-        z.writestr("archive/data.pkl", b"state")
-
-
-def _checkpoint(root, step: int, *, state: bool = True, weights: bool = True, optimizer: bool = True, torn_state=False):
-    folder = root / f"checkpoint-{step}"
-    folder.mkdir(parents=True)
-    if state:
-        (folder / "trainer_state.json").write_text('{"global_st' if torn_state else json.dumps({"global_step": step}))
-    if weights:
-        _safetensors(folder / "model.safetensors")
-    if optimizer:
-        _torch_archive(folder / "optimizer.pt")
-    _torch_archive(folder / "scheduler.pt")
-    return folder
+def _checkpoint(root, step: int, **kw):
+    return fake_checkpoint(root, step, **kw)
 
 
 def test_no_checkpoint_means_start_at_zero(tmp_path):

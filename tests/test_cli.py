@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import REPO, run_cli, stdlib_documents, train, write_jsonl
+from helpers import REPO, run_cli, stdlib_documents, train, write_jsonl
 
 
 def _fingerprint(folder: Path) -> dict[str, str]:

@@ -14,7 +14,7 @@ import threading
 import time
 from pathlib import Path
 
-from conftest import Tree, daemon_argv, read_status, run_cli, start_daemon, stdlib_documents, wait_for, write_jsonl
+from helpers import Tree, daemon_argv, read_status, run_cli, start_daemon, stdlib_documents, wait_for, write_jsonl
 
 from daemon.checkpoints import latest_complete_checkpoint
 from daemon.ledger import Ledger

@@ -1,4 +1,4 @@
-"""JSONL scanning, shapes, packing and label masking (SPEC section 5)."""
+"""JSONL scanning, shapes, packing and label masking (README "Data")."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import re
 
 import pytest
-from conftest import stdlib_documents, write_jsonl
+from helpers import stdlib_documents, write_jsonl
 
 from daemon.config import DataArguments
 from daemon.data import (

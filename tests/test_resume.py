@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import Tree, stdlib_documents, train, write_jsonl
+from helpers import Tree, stdlib_documents, train, write_jsonl
 
 from daemon.callbacks import PlanCallback
 from daemon.exceptions import TrainingInterrupted

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import wait_for
+from helpers import wait_for
 
 from daemon.config import SUPERVISOR_ENV
 from daemon.status import StatusFile

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Tree, read_status, stdlib_documents, train, write_jsonl
+from helpers import Tree, read_status, stdlib_documents, train, write_jsonl
 
 from daemon.checkpoints import latest_complete_checkpoint
 from daemon.config import DEFAULT_SAMPLE_PROMPTS

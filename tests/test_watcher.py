@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import REPO, Tree, run_cli, stdlib_documents, write_jsonl
+from helpers import REPO, Tree, fake_checkpoint, run_cli, stdlib_documents, write_jsonl
 
 from daemon.config import DaemonArguments
 from daemon.inbox import sha256_of
@@ -63,7 +63,7 @@ class FakeTraining:
         self, train_args: list[str], stop: threading.Event, on_poll: Callable[[], None] | None = None
     ) -> ChildResult:
         flags = dict(zip(train_args[::2], train_args[1::2], strict=True))  # the daemon passes --flag value pairs
-        name, entry_id = Path(flags["--dataset"]).name, int(flags["--ledger_entry"])
+        name, entry_id = Path(flags["--dataset"]).name, int(flags["--ledger_id"])
         ledger, status = Ledger(flags["--status_dir"]), StatusFile(flags["--status_dir"])
         self.runs.append((name, entry_id))
         if self.while_training is not None:
@@ -91,6 +91,9 @@ class FakeTraining:
         if outcome == "stop":
             stop.set()
             return ChildResult(3)
+        mid_file = Path(flags["--output_dir"]) / f"checkpoint-{entry.start_step + 1}"
+        if not mid_file.exists():  # the real child checkpoints on its way (--save_steps)
+            fake_checkpoint(mid_file.parent, entry.start_step + 1)
         return ChildResult(-9, stalled=outcome == "stall")
 
     def start_spare(self) -> None:
@@ -166,6 +169,15 @@ def test_a_file_that_stalls_on_every_attempt_is_failed_after_max_attempts_and_th
     assert (done_row["file"], done_row["outcome"]) == ("b.jsonl", "done")
     assert _names(tree.inbox / "done") == ["b.jsonl"]
     assert _status(tree)["files"] == {"queued": 0, "done": 1, "failed": 1} and _status(tree)["state"] == "idle"
+
+
+def test_a_file_given_up_after_max_attempts_leaves_no_step_in_the_model(tree):
+    fake_checkpoint(tree.output, 5)  # the running model before the file
+    StatusFile(tree.status).update(global_step=5)
+    _drop(tree, "a.jsonl", '{"text": "a"}\n', arrived=1000)
+    _daemon(tree, FakeTraining({"a.jsonl": ["crash", "crash"]}), max_attempts=2).run()
+    assert _entry(tree, "a.jsonl").state == FileState.FAILED
+    assert _names(tree.output) == ["checkpoint-5"]  # the crashed attempts' checkpoint-6 is rolled back
 
 
 def test_a_file_the_training_process_fails_for_its_content_is_not_retried(tree):
