@@ -1,12 +1,19 @@
 """Continuous training daemon for causal language models.
 
-Modules, one concept each: ``config`` (flags), ``data`` (JSONL to examples),
-``model`` (bootstrap or load), ``checkpoints`` (latest complete one),
-``training`` (step accounting and the Trainer), ``status`` (status file,
-history, heartbeat), ``snapshots`` (evolution snapshots), ``inbox`` (the drop
-zone and its folders), ``supervisor`` (the training child process), ``watcher``
-(the daemon loop and its per-file policy), ``make_dataset`` (folders of text to
-JSONL), ``exceptions``.
+Modules, one concept each (README "Layout" says the same, with the tests):
+
+- the training process: ``cli`` (entry points), ``arguments`` (TrainingArguments and
+  parsing), ``config`` (the product's own flags), ``run`` (setup -> fit -> evaluate ->
+  save), ``plan`` (step accounting), ``callbacks`` (Trainer callbacks), ``signals``
+  (stopping), ``accumulation`` (multi-thread gradient accumulation), ``jsonl``
+  (reading a drop), ``data`` (tokenization and packing), ``model`` (the starting
+  model), ``checkpoints`` (checkpoints, rotation, roll-back, export), ``snapshots``;
+- shared, torch-free: ``records`` (states, history row, progress), ``status`` (status
+  file, history, heartbeat), ``ledger`` (SQLite ledger and its transitions),
+  ``exceptions``;
+- the daemon process (no torch): ``watcher`` (the loop and per-file policy), ``inbox``
+  (the drop zone and its folders), ``supervisor`` (the training child process);
+- ``make_dataset`` (folders of text to JSONL).
 
 Importing the package imports nothing heavy: the daemon process never loads torch.
 """

@@ -14,8 +14,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from daemon.data import DEFAULT_CHAT_TEMPLATE, iter_text
+from daemon.data import DEFAULT_CHAT_TEMPLATE
 from daemon.exceptions import CheckpointError, ConfigError
+from daemon.jsonl import iter_text
 
 if TYPE_CHECKING:
     import datasets
@@ -179,7 +180,7 @@ def starting_model(
         seed: initialisation seed of a bootstrapped model.
         checkpoint: the latest complete checkpoint in ``output_dir``, if any.
         records: the file's parsed rows; their text trains a bootstrapped tokenizer.
-        shape: the file's data shape (see :mod:`daemon.data`).
+        shape: the file's data shape (see :mod:`daemon.jsonl`).
 
     Raises:
         CheckpointError: a directory does not hold a loadable causal LM.

@@ -23,12 +23,8 @@ This module is the only place that builds a ``Trainer``.
 from __future__ import annotations
 
 import logging
-import os
-import signal
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,20 +47,14 @@ from daemon.checkpoints import (
     roll_back,
     set_aside_torn_checkpoints,
 )
-from daemon.data import (
-    CHANGED_WHILE_READ,
-    IGNORE_INDEX,
-    PreparedData,
-    ScanReport,
-    load_records,
-    prepare_datasets,
-    scan_jsonl,
-)
+from daemon.data import IGNORE_INDEX, PreparedData, prepare_datasets
 from daemon.exceptions import ConfigError, DaemonError, DatasetError, TrainingError, TrainingInterrupted
+from daemon.jsonl import CHANGED_WHILE_READ, ScanReport, load_records, scan_jsonl
 from daemon.ledger import Entry, Ledger
 from daemon.model import starting_model
 from daemon.plan import StepPlan, plan_steps
 from daemon.records import FileProgress, FileState, HistoryRow, RunState
+from daemon.signals import stop_on_signals
 from daemon.snapshots import GenerationSettings, generate_samples, write_snapshot
 from daemon.status import Heartbeat, StatusFile
 
@@ -404,29 +394,3 @@ def _beat(heartbeat: Heartbeat | None, **fields: Any) -> None:
     if heartbeat is not None:
         heartbeat.set(progress_at=time.time(), **fields)
         heartbeat.flush()
-
-
-@contextmanager
-def stop_on_signals(stop_requested: threading.Event) -> Iterator[None]:
-    """During setup and fit, the first SIGINT/SIGTERM sets ``stop_requested`` (checkpoint, then stop).
-
-    A second one exits at once. Outside the main thread (signals cannot be handled there)
-    this does nothing.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        if stop_requested.is_set():
-            logger.warning("second %s: exiting now", signal.Signals(signum).name)
-            os._exit(128 + signum)
-        logger.warning("%s: saving a checkpoint at the next step, then stopping", signal.Signals(signum).name)
-        stop_requested.set()
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)

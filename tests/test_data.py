@@ -1,4 +1,4 @@
-"""JSONL scanning, shapes, packing and label masking (README "Data")."""
+"""Reading JSONL drops (daemon.jsonl) and turning them into examples (daemon.data): README "Data"."""
 
 from __future__ import annotations
 
@@ -10,18 +10,9 @@ import pytest
 from helpers import stdlib_documents, write_jsonl
 
 from daemon.config import DataArguments
-from daemon.data import (
-    DEFAULT_CHAT_TEMPLATE,
-    IGNORE_INDEX,
-    MAX_JSON_DEPTH,
-    heldout_size,
-    load_records,
-    parse_line,
-    prepare_datasets,
-    scan_jsonl,
-    tokenize,
-)
+from daemon.data import DEFAULT_CHAT_TEMPLATE, IGNORE_INDEX, heldout_size, prepare_datasets, tokenize
 from daemon.exceptions import DatasetError
+from daemon.jsonl import MAX_JSON_DEPTH, load_records, parse_line, scan_jsonl
 
 
 @pytest.fixture(scope="module")

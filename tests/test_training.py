@@ -69,7 +69,8 @@ def test_naive_resume_trains_zero_steps_and_the_invariant_check_catches_it(tree)
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
     from daemon.config import DataArguments
-    from daemon.data import load_records, prepare_datasets, scan_jsonl
+    from daemon.data import prepare_datasets
+    from daemon.jsonl import load_records, scan_jsonl
 
     train(tree, _text_file(tree.root / "a.jsonl", 30))
     checkpoint = latest_complete_checkpoint(tree.output)
@@ -423,7 +424,7 @@ def test_a_claimed_file_whose_content_changed_is_failed_and_never_trained(tree):
 
 
 def test_progress_beats_while_a_long_file_is_read_before_training(tree, monkeypatch):
-    import daemon.data as data
+    import daemon.jsonl as data
 
     slow_parse = data.parse_line
 
