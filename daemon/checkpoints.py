@@ -33,6 +33,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+    from daemon.ledger import Entry, Ledger
+
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -249,6 +251,17 @@ def roll_back(output_dir: str | Path, start_step: int, end_step: int) -> list[in
         _fsync_dir(root)
         logger.warning("rolled back steps %d -> %d: deleted checkpoints %s", start_step, end_step, deleted)
     return deleted
+
+
+def fail_file(ledger: Ledger, entry: Entry, error: str, output_dir: str | Path) -> None:
+    """Mark a file failed in the ledger, first rolling back the steps of its recorded plan.
+
+    A file is never both "failed" and in the weights. Used by the training process when a
+    file fails and by the daemon when it gives up on one.
+    """
+    if entry.state == "training" and entry.start_step is not None and entry.planned_steps is not None:
+        roll_back(output_dir, entry.start_step, entry.start_step + entry.planned_steps)
+    ledger.fail(entry.id, error)
 
 
 def export_step(output_dir: str | Path) -> int | None:

@@ -43,8 +43,8 @@ from daemon.callbacks import CheckpointCallback, PlanCallback, ProgressCallback
 from daemon.checkpoints import (
     Checkpoint,
     export_model,
+    fail_file,
     latest_complete_checkpoint,
-    roll_back,
     set_aside_torn_checkpoints,
 )
 from daemon.data import IGNORE_INDEX, PreparedData, prepare_datasets
@@ -374,14 +374,13 @@ def train_file(flags: Flags) -> HistoryRow:
         _beat(heartbeat, state=RunState.STOPPED)
         raise
     except DaemonError as e:
-        if is_main and entry is not None and prepared is not None:  # a failed file leaves no step in the model
-            roll_back(str(flags.training.output_dir), prepared.plan.start_step, prepared.plan.max_steps)
+        if is_main:
+            failing = entry if entry is not None else ledger.get(flags.status.ledger_id or -1)
+            if failing is not None:
+                fail_file(ledger, failing, str(e), str(flags.training.output_dir))
         if status is not None:
             progress = prepared.progress if prepared else None
             status.record_outcome(HistoryRow.failed(name, str(e), progress=progress, started=started))
-        failed_id = entry.id if entry is not None else flags.status.ledger_id
-        if is_main and failed_id is not None:
-            ledger.fail(failed_id, str(e))
         _beat(heartbeat, state=RunState.FAILED)
         raise
     finally:

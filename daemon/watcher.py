@@ -38,7 +38,7 @@ from filelock import FileLock, Timeout
 from watchdog.events import FileClosedEvent, FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-from daemon.checkpoints import latest_complete_checkpoint, roll_back
+from daemon.checkpoints import fail_file, latest_complete_checkpoint
 from daemon.config import DaemonArguments, config_file_to_argv
 from daemon.exceptions import ConfigError, DaemonError
 from daemon.inbox import Candidate, Inbox, rejection_reason, sha256_of
@@ -212,9 +212,8 @@ class Daemon:
         if entry.attempts < self.args.max_attempts:
             return entry
         error = f"training process {why}; gave up after {entry.attempts} attempts (see the daemon's log)"
-        if entry.start_step is not None and entry.planned_steps is not None:  # never "failed" and in the weights
-            roll_back(self.args.output_dir, entry.start_step, entry.start_step + entry.planned_steps)
-        entry = self.ledger.fail(entry.id, error)
+        fail_file(self.ledger, entry, error, self.args.output_dir)
+        entry = self.ledger.get(entry.id) or entry
         self.status.record_outcome(HistoryRow.failed(entry.name, error, sha256=entry.sha256))
         return entry
 
