@@ -184,8 +184,8 @@ def rotate_checkpoints(output_dir: str | Path, keep: int | None, protected_steps
     backwards there deletes the checkpoint just saved. Never deleted: the newest complete
     checkpoint, a checkpoint in ``protected_steps`` (the start of a recorded plan, a
     kept file boundary), and any incomplete ``checkpoint-*`` (torn ones are set aside by
-    :func:`set_aside_torn_checkpoints`). ``torn-checkpoint-<n>`` folders older than the
-    newest complete checkpoint are deleted: training has moved past them.
+    :func:`set_aside_torn_checkpoints`). Of the ``torn-checkpoint-<n>`` folders, the
+    ``keep`` newest stay for inspection and older ones are deleted.
 
     Args:
         output_dir: the running model's folder.
@@ -200,11 +200,13 @@ def rotate_checkpoints(output_dir: str | Path, keep: int | None, protected_steps
     if not complete:
         return []
     newest = complete[0][0]
-    for torn in root.iterdir():
-        if (m := TORN_RE.match(torn.name)) and int(m.group(1)) < newest and torn.is_dir():
-            _delete_folder(torn)
     if keep is None or keep < 1:
         return []
+    torn = sorted(
+        ((int(m.group(1)), p) for p in root.iterdir() if (m := TORN_RE.match(p.name)) and p.is_dir()), reverse=True
+    )
+    for _, folder in torn[keep:]:  # the newest stay for inspection, within the same budget
+        _delete_folder(folder)
     protected = set(protected_steps) | {newest}
     deleted = []
     for step, folder in complete[keep:]:

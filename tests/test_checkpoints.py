@@ -65,3 +65,23 @@ def test_a_checkpoint_torn_by_a_power_loss_is_not_taken_as_good(tmp_path, caplog
     found = latest_complete_checkpoint(tmp_path)
     assert found is not None and found.global_step == 10
     assert f"checkpoint-20: {reason}" in caplog.text
+
+
+def test_rotation_is_by_step_keeps_the_plan_start_and_prunes_old_torn_checkpoints(tmp_path):
+    from daemon.checkpoints import rotate_checkpoints
+
+    for step in (2, 4, 6, 8, 10):
+        _checkpoint(tmp_path, step)
+    _checkpoint(tmp_path, 12, optimizer=False)  # torn, newer than all: never deleted by rotation
+    for step in (1, 3, 5):
+        (tmp_path / f"torn-checkpoint-{step}").mkdir()
+    deleted = rotate_checkpoints(tmp_path, keep=2, protected_steps={4})
+    assert sorted(deleted) == [2, 6]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "checkpoint-10",
+        "checkpoint-12",
+        "checkpoint-4",
+        "checkpoint-8",
+        "torn-checkpoint-3",
+        "torn-checkpoint-5",
+    ]
