@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from daemon.names import NAME_MAX, fit_name
+from daemon.names import NAME_MAX, fit_name, printable
 from daemon.records import utc_now
 from daemon.status import mark_progress, perplexity
 
@@ -113,7 +113,7 @@ def write_snapshot(
     tmp.mkdir(parents=True)
     doc = {
         "step": step,
-        "file": file_name,
+        "file": printable(file_name),  # encodable, and one line in samples.md, whatever the name holds
         "created_at": utc_now(),
         "eval_loss": eval_loss,
         "perplexity": perplexity(eval_loss),

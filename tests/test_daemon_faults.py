@@ -147,6 +147,17 @@ def test_a_snapshot_of_a_file_named_to_the_limit_fits_the_file_system(tree):
     assert write_snapshot(tree.status, 12, name, 1.4, 4, settings, samples) == folder  # rewritten in place
 
 
+def test_a_snapshot_of_a_file_whose_name_is_not_utf8_or_holds_a_newline_is_written_escaped(tree):
+    settings = GenerationSettings(max_new_tokens=4, temperature=0.8, top_k=50, seed=0)
+    for name, shown in [
+        (os.fsdecode(b"caf\xe9.jsonl"), "caf\\xe9.jsonl"),
+        ("a\n# forged.jsonl", "a\\x0a# forged.jsonl"),
+    ]:
+        folder = write_snapshot(tree.status, 3, name, 1.5, 4, settings, [])
+        assert json.loads((folder / "snapshot.json").read_text(encoding="utf-8"))["file"] == shown
+        assert (folder / "samples.md").read_text(encoding="utf-8").splitlines()[0] == f"# Step 3: after `{shown}`"
+
+
 HANG_LAUNCHER = """
 import os, runpy, sys, threading
 args = sys.argv[1:]
