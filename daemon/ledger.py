@@ -25,18 +25,30 @@ training       failed      :meth:`Ledger.fail`          training process; daemon
 
 ``attempts`` (crashed or stalled training processes) is counted by the daemon with
 :meth:`Ledger.count_attempt`, which changes no state.
+
+``filed_at`` is when the daemon moved the file out of ``processing/`` (or the drop
+zone) into ``done/`` or ``failed/``: :meth:`Ledger.mark_filed`, after the move, and
+:meth:`Ledger.mark_filed_unless_claimed` at start-up for a finished row whose file
+is no longer in ``processing/`` (the daemon stopped between the two). Neither
+changes the state. Only a row not yet filed away is the claim of a file in
+``processing/`` (:meth:`Ledger.find_claim`): a file dropped again under the same
+name, with the same content, is a new claim with a new row.
+
+Names are stored as :func:`~daemon.names.printable` text, so any file name can be
+stored and looked up.
 """
 
 from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from daemon.names import printable
 from daemon.records import FileState, utc_now
 
 LEDGER_FILE = "ledger.sqlite"
@@ -65,10 +77,12 @@ CREATE TABLE IF NOT EXISTS files (
     created_at    TEXT NOT NULL,
     updated_at    TEXT NOT NULL,
     finished_at   TEXT,
-    error         TEXT
+    error         TEXT,
+    filed_at      TEXT
 );
 CREATE INDEX IF NOT EXISTS files_sha256 ON files (sha256);
 CREATE INDEX IF NOT EXISTS files_state ON files (state);
+CREATE INDEX IF NOT EXISTS files_name ON files (name);
 """
 
 
@@ -89,6 +103,7 @@ class Entry:
     updated_at: str
     finished_at: str | None
     error: str | None
+    filed_at: str | None = None
 
 
 class Ledger:
@@ -117,8 +132,13 @@ class Ledger:
             try:
                 db.execute("PRAGMA journal_mode=WAL")
                 db.executescript(_SCHEMA)
+                columns = {row[1] for row in db.execute("PRAGMA table_info(files)")}
+                if "filed_at" not in columns:  # a ledger written before filed_at existed
+                    db.execute("ALTER TABLE files ADD COLUMN filed_at TEXT")
                 return
             except sqlite3.OperationalError as e:
+                if "duplicate column" in str(e):  # another process added it first
+                    return
                 if "locked" not in str(e) or time.monotonic() > deadline:
                     raise
             finally:
@@ -148,7 +168,18 @@ class Ledger:
         size: int | None = None,
         error: str | None = None,
     ) -> Entry:
-        """Record a newly seen file (``queued``, ``duplicate`` or ``rejected``) and return its row."""
+        """Record a newly seen file (``queued``, ``duplicate`` or ``rejected``) and return its row.
+
+        Args:
+            name: the file's name (stored :func:`~daemon.names.printable`).
+            state: the new row's state.
+            sha256: the content hash, None for an entry rejected unopened.
+            size: bytes.
+            error: why a ``duplicate`` or ``rejected`` entry is not trained.
+
+        Returns:
+            The new row.
+        """
         state = FileState(state)
         assert state in TRANSITIONS[None], state
         now = utc_now()
@@ -157,7 +188,7 @@ class Ledger:
             cur = db.execute(
                 "INSERT INTO files (name, sha256, size, state, created_at, updated_at, finished_at, error) "
                 "VALUES (?,?,?,?,?,?,?,?)",
-                (name, sha256, size, str(state), now, now, finished_at, error),
+                (printable(name), sha256, size, str(state), now, now, finished_at, error),
             )
             row = db.execute("SELECT * FROM files WHERE id = ?", (cur.lastrowid,)).fetchone()
         return _entry(row)
@@ -173,6 +204,32 @@ class Ledger:
     def fail(self, entry_id: int, error: str) -> Entry:
         """``queued | training -> failed``, with the reason shown to the user."""
         return self.update(entry_id, state=FileState.FAILED, error=error)
+
+    def mark_filed(self, entry_id: int) -> Entry:
+        """The file has been moved into ``done/`` or ``failed/``: its row is no longer a claim (no state change)."""
+        return self.update(entry_id, filed_at=utc_now())
+
+    def mark_filed_unless_claimed(self, claimed: Iterable[str]) -> int:
+        """Mark filed every finished, unfiled row whose file is not among the ``claimed`` names (no state change).
+
+        Run by the daemon at start-up: such a file was filed away just before the
+        daemon stopped, or the row predates ``filed_at``.
+
+        Args:
+            claimed: the names of the entries in ``processing/``.
+
+        Returns:
+            How many rows were marked.
+        """
+        names = [printable(name) for name in claimed]
+        finished = [str(state) for state in FileState if state.finished]
+        with self._connect() as db:
+            cur = db.execute(
+                f"UPDATE files SET filed_at = ?, updated_at = ? WHERE filed_at IS NULL "
+                f"AND state IN ({','.join('?' * len(finished))}) AND name NOT IN ({','.join('?' * len(names))})",
+                (utc_now(), utc_now(), *finished, *names),
+            )
+        return cur.rowcount
 
     def count_attempt(self, entry_id: int, error: str) -> Entry:
         """One more crashed or stalled training attempt (no state change)."""
@@ -224,11 +281,20 @@ class Ledger:
             ).fetchone()
         return _entry(row) if row else None
 
-    def find_claim(self, name: str, sha256: str) -> Entry | None:
-        """The newest row of a claimed file: its name in ``processing/`` and its content hash."""
+    def find_claim(self, name: str, sha256: str | None) -> Entry | None:
+        """The row of a file not yet filed away, by its name and content hash.
+
+        Args:
+            name: its name in ``processing/`` (or in the drop zone, for a rejected entry).
+            sha256: its content hash; None finds an entry rejected unopened.
+
+        Returns:
+            The newest such row, or None: rows of files already filed away never match.
+        """
         with self._connect() as db:
             row = db.execute(
-                "SELECT * FROM files WHERE name = ? AND sha256 = ? ORDER BY id DESC LIMIT 1", (name, sha256)
+                "SELECT * FROM files WHERE name = ? AND sha256 IS ? AND filed_at IS NULL ORDER BY id DESC LIMIT 1",
+                (printable(name), sha256),
             ).fetchone()
         return _entry(row) if row else None
 

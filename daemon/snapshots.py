@@ -1,6 +1,7 @@
 """Evolution snapshots: how the model writes after each file (README "Folders and files").
 
-``<status_dir>/evolution/<global_step:08d>-<file stem>/`` holds ``snapshot.json``
+``<status_dir>/evolution/<global_step:08d>-<file stem>/`` (a long stem cut, with a
+hash: :func:`~daemon.names.fit_name`) holds ``snapshot.json``
 (step, file, held-out eval loss and perplexity, generation settings and seed,
 the samples) and ``samples.md``. The folder is written under a temporary name
 and renamed into place, so a snapshot is either whole or absent.
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from daemon.names import NAME_MAX, fit_name, printable
 from daemon.records import utc_now
 from daemon.status import mark_progress, perplexity
 
@@ -105,13 +107,13 @@ def write_snapshot(
         The snapshot folder.
     """
     root = Path(status_dir) / "evolution"
-    final = root / f"{step:08d}-{Path(file_name).stem}"
+    final = root / fit_name(f"{step:08d}-{Path(file_name).stem}", limit=NAME_MAX - len("..tmp"))  # room for tmp
     tmp = root / f".{final.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     doc = {
         "step": step,
-        "file": file_name,
+        "file": printable(file_name),  # encodable, and one line in samples.md, whatever the name holds
         "created_at": utc_now(),
         "eval_loss": eval_loss,
         "perplexity": perplexity(eval_loss),

@@ -12,7 +12,10 @@ a :class:`~daemon.supervisor.Supervisor`. The policy, with the ledger
 - A claimed file whose ledger row is already ``done`` or ``failed`` (the child
   finished before a crash) is only filed away; it is not trained again.
 - Content (sha256) already ``done`` is skipped into ``failed/`` with a note,
-  unless ``--allow_duplicates``.
+  unless ``--allow_duplicates``. A ledger row stops being a claim once its file
+  is filed away: a file dropped again under the same name is a new claim.
+- An entry that cannot be moved is rejected (one ledger row) and then left
+  alone for a growing while; it blocks neither the loop nor the other files.
 - A training process that crashes or stalls counts one attempt, and the file is
   retried (resuming at its latest checkpoint) up to ``--max_attempts``; then it
   fails with a history row.
@@ -24,6 +27,7 @@ model code.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -41,8 +45,9 @@ from watchdog.observers import Observer
 from daemon.checkpoints import fail_file, latest_complete_checkpoint
 from daemon.config import DaemonArguments, config_file_to_argv
 from daemon.exceptions import ConfigError, DaemonError
-from daemon.inbox import Candidate, Inbox, rejection_reason, sha256_of
+from daemon.inbox import Candidate, Inbox, rejection_reason
 from daemon.ledger import Entry, Ledger
+from daemon.names import printable
 from daemon.records import FileState, HistoryRow, RunState, utc_now
 from daemon.status import StatusFile
 from daemon.supervisor import ChildResult, ProcessSupervisor, Supervisor
@@ -105,6 +110,7 @@ class Daemon:
         latest = latest_complete_checkpoint(self.args.output_dir, set_aside=False)
         step = latest.global_step if latest else 0
         self.status.update(state=RunState.IDLE, global_step=step, max_steps=step, current_file=None)
+        self.ledger.mark_filed_unless_claimed(p.name for p in self.inbox.claimed())
         observer = Observer()
         observer.schedule(_Wake(self.inbox, self.wake), str(self.inbox.root), recursive=False)
         observer.start()
@@ -130,16 +136,23 @@ class Daemon:
             now = time.time()
             ready = [c for c in pending if self.inbox.is_complete(c, now)]
             if ready:
-                self.inbox.claim(ready[0])
+                with contextlib.suppress(OSError):  # gone, or held back for a while (logged)
+                    self.inbox.claim(ready[0])
                 continue
             if self.args.once and not pending:
                 logger.info("inbox drained")
                 return
             self.supervisor.start_spare()  # idle: the next training process does its imports now
-            # Sleep until an event, the next settle check, or the periodic rescan.
-            timeout = max(min(self.args.settle_seconds / 4, self.args.rescan_seconds), 0.05) if pending else None
-            self.wake.wait(timeout or self.args.rescan_seconds)
-            self.wake.clear()
+            self._sleep(bool(pending))
+
+    def _sleep(self, pending: bool) -> None:
+        """Until an event, the next settle check, the next try of a held entry, or the periodic rescan."""
+        timeout = min(self.args.settle_seconds / 4, self.args.rescan_seconds) if pending else self.args.rescan_seconds
+        retry = self.inbox.next_retry_in()
+        if retry is not None:
+            timeout = min(timeout, retry)
+        self.wake.wait(max(timeout, 0.05))
+        self.wake.clear()
 
     def _reject_hostile(self, pending: list[Candidate]) -> list[Candidate]:
         kept = []
@@ -155,13 +168,24 @@ class Daemon:
         return kept
 
     def _reject(self, path: Path, reason: str) -> None:
-        logger.error("rejected %s: %s", path.name, reason)
-        self.ledger.add(path.name, FileState.REJECTED, error=reason)
+        entry = self.ledger.find_claim(path.name, None)  # rejected before, but could not be moved then
+        if entry is None:
+            logger.error("rejected %s: %s", printable(path.name), printable(reason))
+            entry = self.ledger.add(path.name, FileState.REJECTED, error=reason)
+            self.status.update(last_error={"file": path.name, "message": f"rejected: {reason}", "at": utc_now()})
+        self._file_away(path, entry, f"rejected without opening it: {reason}")
+
+    def _file_away(self, path: Path, entry: Entry, error: str | None) -> Path | None:
+        """Move a finished entry to ``done/`` or ``failed/`` and mark its row filed; None if it cannot be moved now."""
+        target: Path | None = None
         try:
-            self.inbox.finish(path, f"rejected without opening it: {reason}")
-        except OSError as e:  # could not be moved: logged and recorded, never retried in a loop
-            logger.error("could not move %s to failed/: %s", path.name, e)
-        self.status.update(last_error={"file": path.name, "message": f"rejected: {reason}", "at": utc_now()})
+            target = self.inbox.finish(path, error)
+        except FileNotFoundError:  # gone: nothing left to file away
+            logger.warning("%s was gone before it could be filed away", printable(path.name))
+        except OSError:  # logged by the inbox, which holds it back and tries again later
+            return None
+        self.ledger.mark_filed(entry.id)
+        return target
 
     def _publish_queue(self, pending: list[Candidate], between_files: bool = True) -> None:
         names = [c.path.name for c in pending]
@@ -185,7 +209,9 @@ class Daemon:
     def _process(self, claimed: Path) -> None:
         """Train a claimed file to its end (done, failed, or left claimed when the daemon stops)."""
         try:
-            sha, size = sha256_of(claimed)
+            sha, size = self.inbox.sha256(claimed)
+        except FileNotFoundError:
+            return
         except OSError as e:
             self._reject(claimed, str(e))
             return
@@ -193,16 +219,16 @@ class Daemon:
         if entry is None:
             return
         while not entry.state.finished and not self.stop.is_set():
-            logger.info("training %s (attempt %d)", claimed.name, entry.attempts + 1)
+            logger.info("training %s (attempt %d)", printable(claimed.name), entry.attempts + 1)
             self._queue_published = 0.0
             result = self.supervisor.run(self._train_args(claimed, entry.id), self.stop, self._refresh_queue)
             entry = self.ledger.get(entry.id) or entry
             if not entry.state.finished and not self.stop.is_set():
                 entry = self._count_attempt(entry, result)
         if entry.state.finished:  # the child's outcome, or one recorded before a crash and not yet filed away
-            self._finish(claimed, None if entry.state == FileState.DONE else entry.error)
+            self._finish(claimed, entry, None if entry.state == FileState.DONE else entry.error)
         else:
-            logger.warning("%s stopped mid-file; it resumes on the next start", claimed.name)
+            logger.warning("%s stopped mid-file; it resumes on the next start", printable(claimed.name))
 
     def _count_attempt(self, entry: Entry, result: ChildResult) -> Entry:
         """Count a crashed or stalled attempt; after ``--max_attempts`` the file fails with a history row."""
@@ -219,8 +245,8 @@ class Daemon:
 
     def _claim_entry(self, claimed: Path, sha: str, size: int) -> Entry | None:
         """This claim's ledger row (made now for a new claim); None when the file is skipped as a duplicate."""
-        entry = self.ledger.find_claim(claimed.name, sha)
-        if entry is not None and entry.state not in (FileState.DUPLICATE, FileState.REJECTED):
+        entry = self.ledger.find_claim(claimed.name, sha)  # only a row not yet filed away: this very claim
+        if entry is not None:
             return entry
         earlier = self.ledger.find(sha, (FileState.DONE,))
         if earlier is not None and not self.args.allow_duplicates:
@@ -228,19 +254,21 @@ class Daemon:
                 f"skipped: same content (sha256 {sha[:12]}...) as {earlier.name}, trained at steps "
                 f"{earlier.start_step} -> {earlier.end_step}; pass --allow_duplicates to train it again"
             )
-            logger.warning("%s: %s", claimed.name, note)
-            self.ledger.add(claimed.name, FileState.DUPLICATE, sha, size, error=note)
-            self._finish(claimed, note)
+            logger.warning("%s: %s", printable(claimed.name), note)
+            entry = self.ledger.add(claimed.name, FileState.DUPLICATE, sha, size, error=note)
+            self._finish(claimed, entry, note)
             return None
         return self.ledger.add(claimed.name, FileState.QUEUED, sha, size)
 
-    def _finish(self, claimed: Path, error: str | None) -> None:
+    def _finish(self, claimed: Path, entry: Entry, error: str | None) -> None:
+        target = self._file_away(claimed, entry, error)
+        if target is None:
+            return
         self.processed += 1
-        target = self.inbox.finish(claimed, error)
         if error is None:
-            logger.info("done: %s", target)
+            logger.info("done: %s", printable(str(target)))
         else:
-            logger.error("failed: %s: %s", target.name, error)
+            logger.error("failed: %s: %s", printable(target.name), printable(error))
 
     def _train_args(self, claimed: Path, ledger_id: int) -> list[str]:
         """The ``python -m daemon train`` flags of one attempt at a claimed file."""

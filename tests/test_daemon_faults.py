@@ -1,6 +1,7 @@
 """The daemon under faults: kills at random moments, hostile and bad input, hangs, SIGTERM, torchrun.
 
-Each test runs real daemon processes on a tiny model; together they take a few minutes.
+Each test runs real daemon processes on a tiny model; together they take a few minutes. A few
+check one piece of the training child's path directly, where a real run would only add time.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from helpers import Tree, daemon_argv, read_status, run_cli, start_daemon, stdli
 
 from daemon.checkpoints import latest_complete_checkpoint
 from daemon.ledger import Ledger
+from daemon.snapshots import GenerationSettings, write_snapshot
 from daemon.status import history_violations
 
 
@@ -132,6 +134,28 @@ def test_bad_and_hostile_entries_end_with_their_reason_and_the_daemon_trains_the
     states = {e.name: e.state for e in Ledger(tree.status).entries()}
     assert states["f-symlink.jsonl"] == "rejected" and states["i-duplicate.jsonl"] == "duplicate"
     assert states["j-next-good.jsonl"] == "done"
+
+
+def test_a_snapshot_of_a_file_named_to_the_limit_fits_the_file_system(tree):
+    name = "é" * 124 + ".jsonl"  # 254 bytes: a legal name, too long once the step is put before it
+    settings = GenerationSettings(max_new_tokens=4, temperature=0.8, top_k=50, seed=0)
+    samples = [{"prompt": "def ", "completion": "f(x):"}]
+    folder = write_snapshot(tree.status, 12, name, 1.5, 4, settings, samples)
+    assert folder.parent == tree.status / "evolution" and folder.name.startswith("00000012-" + "é" * 100)
+    assert len(os.fsencode(folder.name)) <= 250  # room for the temporary name it is written under
+    assert json.loads((folder / "snapshot.json").read_text(encoding="utf-8"))["file"] == name
+    assert write_snapshot(tree.status, 12, name, 1.4, 4, settings, samples) == folder  # rewritten in place
+
+
+def test_a_snapshot_of_a_file_whose_name_is_not_utf8_or_holds_a_newline_is_written_escaped(tree):
+    settings = GenerationSettings(max_new_tokens=4, temperature=0.8, top_k=50, seed=0)
+    for name, shown in [
+        (os.fsdecode(b"caf\xe9.jsonl"), "caf\\xe9.jsonl"),
+        ("a\n# forged.jsonl", "a\\x0a# forged.jsonl"),
+    ]:
+        folder = write_snapshot(tree.status, 3, name, 1.5, 4, settings, [])
+        assert json.loads((folder / "snapshot.json").read_text(encoding="utf-8"))["file"] == shown
+        assert (folder / "samples.md").read_text(encoding="utf-8").splitlines()[0] == f"# Step 3: after `{shown}`"
 
 
 HANG_LAUNCHER = """

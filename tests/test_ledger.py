@@ -42,3 +42,16 @@ def test_concurrent_writers_do_not_lose_rows(tmp_path):
     for t in threads:
         t.join()
     assert len(ledger.entries()) == 60
+
+
+def test_a_row_is_the_claim_of_its_file_only_until_the_file_is_filed_away(tmp_path):
+    ledger = Ledger(tmp_path)
+    done = ledger.add("a.jsonl", "queued", sha256="ab" * 32, size=10)
+    ledger.finish(ledger.record_plan(done.id, 0, 3).id, 3)
+    assert ledger.find_claim("a.jsonl", "ab" * 32) == ledger.get(done.id)  # finished, not yet moved to done/
+    ledger.mark_filed(done.id)
+    assert ledger.find_claim("a.jsonl", "ab" * 32) is None  # the same file dropped again is a new claim
+    rejected = ledger.add("b\nforged", "rejected", error="a FIFO")
+    assert rejected.name == "b\\x0aforged" and ledger.find_claim("b\nforged", None) == rejected
+    assert ledger.mark_filed_unless_claimed(["b\nforged"]) == 0  # still there: still its row
+    assert ledger.mark_filed_unless_claimed([]) == 1

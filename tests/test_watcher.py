@@ -7,15 +7,19 @@ and the history the way the real training child does, in milliseconds.
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
+import logging
 import os
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from helpers import REPO, Tree, fake_checkpoint, run_cli, stdlib_documents, write_jsonl
+from helpers import REPO, Tree, fake_checkpoint, run_cli, stdlib_documents, wait_for, write_jsonl
 
 from daemon.config import DaemonArguments
 from daemon.inbox import sha256_of
@@ -107,14 +111,12 @@ class FakeTraining:
 
 
 def _daemon(tree: Tree, training: FakeTraining, **options: object) -> Daemon:
-    """A ``--once`` daemon on ``tree`` that trains with ``training``."""
+    """A daemon on ``tree`` that trains with ``training``: ``--once`` unless ``options`` say otherwise."""
     args = DaemonArguments(
         inbox_dir=str(tree.inbox),
         status_dir=str(tree.status),
         output_dir=str(tree.output),
-        once=True,
-        settle_seconds=0,
-        **options,
+        **{"once": True, "settle_seconds": 0, **options},  # type: ignore[arg-type]
     )
     return Daemon(args, [], supervisor=training)
 
@@ -297,6 +299,174 @@ def test_files_dropped_while_a_file_trains_show_in_the_status_queue(tree):
     assert training.files == ["a.jsonl", "b.jsonl"]
     assert training.queues_seen == [["b.jsonl"], []]
     assert training.spares_stopped == 1  # on the way out the daemon stops its prestarted process
+
+
+def test_a_failed_file_moved_back_unchanged_is_trained_again_not_refiled_with_its_old_error(tree):
+    _drop(tree, "a.jsonl", '{"text": "a"}\n', arrived=1000)
+    _daemon(tree, FakeTraining({"a.jsonl": ["stall"]}), max_attempts=1).run()
+    assert _names(tree.inbox / "failed") == ["a.jsonl", "a.jsonl.error.txt"]
+    (tree.inbox / "failed" / "a.jsonl").rename(tree.inbox / "a.jsonl")  # as README "Re-queueing a failed file" says
+    training = FakeTraining()
+    _daemon(tree, training, max_attempts=1).run()
+    assert training.files == ["a.jsonl"]
+    assert _names(tree.inbox / "done") == ["a.jsonl"]
+    assert [e.state for e in Ledger(tree.status).entries()] == [FileState.FAILED, FileState.DONE]
+
+
+def test_a_done_file_dropped_again_under_its_name_with_allow_duplicates_is_trained_again(tree):
+    _drop(tree, "a.jsonl", '{"text": "a"}\n', arrived=1000)
+    _daemon(tree, FakeTraining(), allow_duplicates=True).run()
+    fake_checkpoint(tree.output, 3)  # what the real child leaves at the end of the file
+    (tree.inbox / "done" / "a.jsonl").rename(tree.inbox / "a.jsonl")
+    training = FakeTraining()
+    _daemon(tree, training, allow_duplicates=True).run()
+    assert training.files == ["a.jsonl"]
+    assert [(r["file"], r["start_step"], r["end_step"]) for r in tree.history()] == [
+        ("a.jsonl", 0, 3),
+        ("a.jsonl", 3, 6),
+    ]
+    assert _names(tree.inbox / "done") == ["a.jsonl"]
+
+
+def test_a_done_row_of_a_file_already_filed_by_an_older_daemon_does_not_answer_a_new_drop(tree):
+    """A ledger written before rows were marked filed (or a crash between the move and the mark)."""
+    text = '{"text": "a"}\n'
+    old_schema = (
+        "CREATE TABLE files (id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL, sha256 TEXT, size INTEGER, "
+        "state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, start_step INTEGER, planned_steps INTEGER, "
+        "end_step INTEGER, created_at TEXT NOT NULL, updated_at TEXT NOT NULL, finished_at TEXT, error TEXT)"
+    )
+    with sqlite3.connect(tree.status / "ledger.sqlite") as db:
+        db.execute(old_schema)
+        db.execute(
+            "INSERT INTO files (name, sha256, size, state, start_step, planned_steps, end_step, created_at, "
+            "updated_at, finished_at) VALUES ('a.jsonl', ?, ?, 'done', 0, 3, 3, 'then', 'then', 'then')",
+            (hashlib.sha256(text.encode()).hexdigest(), len(text)),
+        )
+    db.close()
+    _drop(tree, "a.jsonl", text, arrived=1000)
+    training = FakeTraining()
+    _daemon(tree, training, allow_duplicates=True).run()
+    assert training.files == ["a.jsonl"]
+    assert [(e.state, e.filed_at is not None) for e in Ledger(tree.status).entries()] == [
+        (FileState.DONE, True),
+        (FileState.DONE, True),
+    ]
+
+
+def test_a_processing_folder_replaced_by_a_symlink_is_rejected_and_nothing_outside_is_trained(tree, tmp_path_factory):
+    outside = tmp_path_factory.mktemp("outside")
+    (outside / "secret.jsonl").write_text('{"text": "secret"}\n')
+    (tree.inbox / "processing").symlink_to(outside)
+    _drop(tree, "a.jsonl", '{"text": "a"}\n', arrived=1000)
+    training = FakeTraining()
+    _daemon(tree, training).run()
+    assert training.files == ["a.jsonl"]
+    assert _names(outside) == ["secret.jsonl"] and (outside / "secret.jsonl").read_text() == '{"text": "secret"}\n'
+    assert (tree.inbox / "failed" / "processing.not-a-folder").is_symlink()
+    assert "a symbolic link" in (tree.inbox / "failed" / "processing.not-a-folder.error.txt").read_text()
+    assert _names(tree.inbox / "done") == ["a.jsonl"] and not (tree.inbox / "processing").is_symlink()
+
+
+@pytest.mark.parametrize(("folder", "outcome"), [("done", "done"), ("failed", "bad")])
+def test_a_done_or_failed_folder_replaced_by_a_symlink_receives_nothing_outside_the_inbox(
+    tree, tmp_path_factory, folder, outcome
+):
+    outside = tmp_path_factory.mktemp("outside")
+
+    def swap(name: str) -> None:  # while the file trains, someone replaces the folder it will be filed into
+        (tree.inbox / folder).rmdir()
+        (tree.inbox / folder).symlink_to(outside)
+
+    _drop(tree, "a.jsonl", '{"text": "a"}\n', arrived=1000)
+    _daemon(tree, FakeTraining({"a.jsonl": [outcome]}, while_training=swap)).run()
+    assert _names(outside) == []
+    assert (tree.inbox / folder / "a.jsonl").exists() and not (tree.inbox / folder).is_symlink()
+    assert (tree.inbox / "failed" / f"{folder}.not-a-folder").is_symlink()  # moved aside, then rejected
+
+
+def test_a_name_too_long_for_its_error_file_is_failed_with_its_reason_and_the_next_file_trains(tree):
+    long_name = "x" * 245 + ".jsonl"
+    _drop(tree, long_name, "{nope\n", arrived=1000)
+    _drop(tree, "b.jsonl", '{"text": "b"}\n', arrived=1001)
+    training = FakeTraining({long_name: ["bad"]})
+    assert _daemon(tree, training).run() == 0
+    assert training.files == [long_name, "b.jsonl"]
+    (reason,) = [p for p in (tree.inbox / "failed").iterdir() if p.name.endswith(".error.txt")]
+    assert reason.name.startswith("x" * 200) and "no usable examples" in reason.read_text()
+    assert long_name in _names(tree.inbox / "failed") and _names(tree.inbox / "processing") == []
+
+
+def _unmovable(monkeypatch: pytest.MonkeyPatch, *names: str) -> None:
+    """Renaming an entry with one of these names fails, as on a folder the daemon may not write."""
+    real_rename = os.rename
+
+    def rename(src, dst, *args, **kwargs):
+        if os.fsdecode(src).endswith(names):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+        return real_rename(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "rename", rename)
+
+
+def test_a_claimed_file_that_cannot_be_filed_away_is_left_for_later_and_the_next_file_trains(tree, monkeypatch):
+    claimed = tree.inbox / "processing" / "a.jsonl"
+    claimed.parent.mkdir()
+    claimed.write_text('{"text": "a"}\n')
+    ledger = Ledger(tree.status)
+    entry = ledger.add("a.jsonl", FileState.QUEUED, *sha256_of(claimed))
+    ledger.record_plan(entry.id, start_step=0, planned_steps=PLANNED_STEPS)
+    ledger.finish(entry.id, end_step=PLANNED_STEPS)
+    _drop(tree, "b.jsonl", '{"text": "b"}\n', arrived=1000)
+    _unmovable(monkeypatch, "a.jsonl")
+    training = FakeTraining()
+    assert _daemon(tree, training).run() == 0
+    assert training.files == ["b.jsonl"]
+    assert _names(tree.inbox / "processing") == ["a.jsonl"] and _names(tree.inbox / "done") == ["b.jsonl"]
+    row = ledger.get(entry.id)
+    assert row is not None and (row.state, row.filed_at) == (FileState.DONE, None)  # still the claim, filed later
+
+
+def test_unmovable_entries_are_rejected_once_and_retried_later_without_spinning(tree, monkeypatch, caplog):
+    os.mkfifo(tree.inbox / "x-fifo.jsonl")
+    (tree.inbox / "processing").mkdir()
+    os.mkfifo(tree.inbox / "processing" / "y-fifo.jsonl")
+    _drop(tree, "b.jsonl", '{"text": "b"}\n', arrived=1000)
+    _unmovable(monkeypatch, "x-fifo.jsonl", "y-fifo.jsonl")
+    training = FakeTraining()
+    daemon = _daemon(tree, training, once=False, rescan_seconds=0.05)
+    thread = threading.Thread(target=daemon.run)
+    thread.start()
+    try:
+        wait_for(lambda: training.files == ["b.jsonl"], timeout=10, what="b.jsonl to train")
+        wait_for(lambda: caplog.text.count("y-fifo.jsonl: [Errno 13]") >= 2, timeout=10, what="a retry of y-fifo")
+        wait_for(lambda: caplog.text.count("x-fifo.jsonl: [Errno 13]") >= 2, timeout=10, what="a retry of x-fifo")
+    finally:
+        daemon.stop.set()
+        daemon.wake.set()
+        thread.join(timeout=10)
+    rejected = [e.name for e in Ledger(tree.status).entries(FileState.REJECTED)]
+    assert sorted(rejected) == ["x-fifo.jsonl", "y-fifo.jsonl"]  # one row each, however often tried
+    assert caplog.text.count("y-fifo.jsonl: [Errno 13]") <= 3  # 1 s, then 2 s, ...: no spinning
+
+
+def test_names_with_control_characters_or_undecodable_bytes_train_and_are_logged_escaped(tree, caplog):
+    caplog.set_level(logging.INFO)
+    forged = "a.jsonl\nERROR forged line"
+    latin1 = os.fsdecode(b"caf\xe9.jsonl")
+    _drop(tree, forged, '{"text": "a"}\n', arrived=1000)
+    _drop(tree, latin1, '{"text": "b"}\n', arrived=1001)
+    training = FakeTraining({latin1: ["bad"]})
+    assert _daemon(tree, training).run() == 0
+    assert training.files == [forged, latin1]
+    assert _names(tree.inbox / "done") == [forged]
+    assert all("\n" not in r.getMessage() for r in caplog.records)
+    assert "done: " in caplog.text and "a.jsonl\\x0aERROR forged line" in caplog.text
+    assert "failed: caf\\xe9.jsonl" in caplog.text
+    names = [e.name for e in Ledger(tree.status).entries()]
+    assert names == ["a.jsonl\\x0aERROR forged line", "caf\\xe9.jsonl"]
+    reason = (tree.inbox / "failed" / f"{latin1}.error.txt").read_text(encoding="utf-8")
+    assert reason.startswith("caf\\xe9.jsonl failed at ")
 
 
 # ---------------------------------------------------------------- real daemons (subprocesses)
