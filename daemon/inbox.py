@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import itertools
 import logging
@@ -104,6 +105,31 @@ def sha256_of(path: str | Path, dir_fd: int | None = None) -> tuple[str, int]:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest(), st.st_size
+
+
+def open_for_writing(path: Path) -> bool:
+    """Whether a process holds ``path`` open for writing, as far as a Linux read lease can tell.
+
+    A read lease (``fcntl(F_SETLEASE, F_RDLCK)``) is refused with EAGAIN while any process
+    has the file open for writing (fcntl(2), "Leases"); it is released at once. Where
+    leases are not available (another system, a filesystem without them, a file owned by
+    another user without CAP_LEASE) the answer is False and the settle time alone decides.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    else:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+        return False
+    finally:
+        os.close(fd)
 
 
 @dataclass
@@ -234,7 +260,8 @@ class Inbox:
             return sorted(self._known.values(), key=lambda c: c.seq)
 
     def is_complete(self, cand: Candidate, now: float | None = None) -> bool:
-        """Whether the writer is done: unchanged for the settle time (a quarter of it after a close).
+        """Whether the writer is done: unchanged for the settle time (a quarter of it after a close),
+        and, where Linux can tell (:func:`open_for_writing`), open for writing nowhere.
 
         Args:
             cand: a candidate from :meth:`scan`.
@@ -246,7 +273,9 @@ class Inbox:
             return False
         quiet = (now if now is not None else time.time()) - mtime
         closed = cand.closed_mtime is not None and cand.closed_mtime == mtime
-        return quiet >= (self.settle_seconds / 4 if closed else self.settle_seconds)
+        if quiet < (self.settle_seconds / 4 if closed else self.settle_seconds):
+            return False
+        return not open_for_writing(cand.path)  # a writer that only paused has not finished
 
     def claim(self, cand: Candidate) -> Path:
         """Move the entry out of the drop zone into ``processing/`` (atomic rename).

@@ -176,3 +176,14 @@ def test_a_name_with_a_newline_cannot_forge_lines_in_its_error_file(tmp_path):
     assert len(lines) == 2
     assert lines[0].startswith("x.jsonl\\x0aforged: done failed at ")
     assert lines[1] == "x.jsonl\\x0aforged: done: no usable examples"
+
+
+def test_a_writer_that_paused_past_the_settle_time_but_still_has_the_file_open_is_not_claimed(tmp_path):
+    inbox = Inbox(tmp_path / "inbox", settle_seconds=1)
+    path = inbox.root / "slow.jsonl"
+    with open(path, "w") as writer:
+        writer.write('{"text": "half of it"}\n')
+        writer.flush()
+        (cand,) = inbox.scan()
+        assert not inbox.is_complete(cand, now=time.time() + 60)  # quiet for a minute, still open
+    assert inbox.is_complete(cand, now=time.time() + 60)  # closed: complete
