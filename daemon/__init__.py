@@ -12,7 +12,8 @@ Modules, one concept each (README "Layout" says the same, with the tests):
   file, history, heartbeat), ``ledger`` (SQLite ledger and its transitions),
   ``exceptions``;
 - the daemon process (no torch): ``watcher`` (the loop and per-file policy), ``inbox``
-  (the drop zone and its folders), ``supervisor`` (the training child process);
+  (the drop zone and its folders), ``entries`` (one inbox entry), ``names`` (escaping and
+  shortening names), ``supervisor`` (the training child process);
 - ``make_dataset`` (folders of text to JSONL).
 
 Importing the package imports nothing heavy: the daemon process never loads torch.

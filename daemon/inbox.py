@@ -5,10 +5,9 @@ decides when to take one. This module holds the folder rules of README
 "Operating the daemon" ("Lifecycle of a file"):
 
 - Names starting with ``.`` or ending in ``.tmp`` / ``.part`` are being written
-  and are ignored (:func:`is_ignored_name`).
-- Entries that are not regular files (symlinks, FIFOs, sockets, devices,
-  directories) or that have other hard links are never opened
-  (:func:`rejection_reason`, :func:`sha256_of`).
+  and are ignored; entries that are not regular files (symlinks, FIFOs, sockets,
+  devices, directories) or that have other hard links are never opened; a file
+  still open for writing is not complete (:mod:`daemon.entries`).
 - A file is claimed by an atomic rename into ``inbox/processing/`` and filed
   away into ``inbox/done/``, or ``inbox/failed/`` beside ``<name>.error.txt``
   (:class:`Inbox`); a taken name gets a ``-1``, ``-2``, ... suffix.
@@ -27,8 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
-import hashlib
 import itertools
 import logging
 import os
@@ -40,6 +37,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from daemon.entries import is_ignored_name, open_for_writing, sha256_of
 from daemon.names import fit_name, printable
 from daemon.records import utc_now
 
@@ -47,89 +45,10 @@ logger = logging.getLogger(__name__)
 
 PROCESSING, DONE, FAILED = "processing", "done", "failed"
 SUBDIRS = (PROCESSING, DONE, FAILED)
-IGNORED_SUFFIXES = (".tmp", ".part")
 ERROR_SUFFIX = ".error.txt"
 ASIDE_SUFFIX = ".not-a-folder"  # a planted subfolder replacement, moved aside into the drop zone
 FIRST_RETRY_SECONDS, MAX_RETRY_SECONDS = 1.0, 300.0  # backoff of an entry that could not be moved
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
-
-
-def is_ignored_name(name: str) -> bool:
-    """True for names a writer uses while still writing: ``.*``, ``*.tmp``, ``*.part``."""
-    return name.startswith(".") or name.endswith(IGNORED_SUFFIXES)
-
-
-def rejection_reason(st: os.stat_result) -> str | None:
-    """Why an inbox entry must not be opened.
-
-    Args:
-        st: the entry's ``os.lstat`` (or ``os.fstat`` of an open descriptor).
-
-    Returns:
-        The reason shown to the user, or None for a plain regular file with one name.
-    """
-    mode = st.st_mode
-    if stat.S_ISLNK(mode):
-        return "a symbolic link (only regular files are trained)"
-    if stat.S_ISDIR(mode):
-        return "a directory (only regular files are trained)"
-    if stat.S_ISFIFO(mode):
-        return "a FIFO (only regular files are trained)"
-    if not stat.S_ISREG(mode):
-        return "not a regular file (socket or device)"
-    if st.st_nlink > 1:
-        return f"a hard link ({st.st_nlink} names for one file; drop a copy instead)"
-    return None
-
-
-def sha256_of(path: str | Path, dir_fd: int | None = None) -> tuple[str, int]:
-    """Hash a claimed file without following links or blocking on a FIFO.
-
-    Args:
-        path: the claimed entry (a name relative to ``dir_fd`` if given).
-        dir_fd: a descriptor of the folder holding it, or None.
-
-    Returns:
-        ``(hex digest, size in bytes)``.
-
-    Raises:
-        OSError: the entry is not a regular file (checked on the open descriptor).
-    """
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        reason = rejection_reason(st)
-        if reason:
-            raise OSError(reason)
-        digest = hashlib.sha256()
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest(), st.st_size
-
-
-def open_for_writing(path: Path) -> bool:
-    """Whether a process holds ``path`` open for writing, as far as a Linux read lease can tell.
-
-    A read lease (``fcntl(F_SETLEASE, F_RDLCK)``) is refused with EAGAIN while any process
-    has the file open for writing (fcntl(2), "Leases"); it is released at once. Where
-    leases are not available (another system, a filesystem without them, a file owned by
-    another user without CAP_LEASE) the answer is False and the settle time alone decides.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError:
-        return False
-    try:
-        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
-    except BlockingIOError:
-        return True
-    except OSError:
-        return False
-    else:
-        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
-        return False
-    finally:
-        os.close(fd)
 
 
 @dataclass

@@ -44,8 +44,9 @@ from watchdog.observers import Observer
 
 from daemon.checkpoints import fail_file, latest_complete_checkpoint
 from daemon.config import DaemonArguments, config_file_to_argv
+from daemon.entries import rejection_reason
 from daemon.exceptions import ConfigError, DaemonError
-from daemon.inbox import Candidate, Inbox, rejection_reason
+from daemon.inbox import Candidate, Inbox
 from daemon.ledger import Entry, Ledger
 from daemon.names import printable
 from daemon.records import FileState, HistoryRow, RunState, utc_now

@@ -10,7 +10,8 @@ import time
 import pytest
 
 import daemon.inbox as inbox_module
-from daemon.inbox import Inbox, is_ignored_name
+from daemon.entries import is_ignored_name
+from daemon.inbox import Inbox
 
 
 def test_names_being_written_are_ignored():

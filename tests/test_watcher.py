@@ -22,7 +22,7 @@ import pytest
 from helpers import REPO, Tree, fake_checkpoint, run_cli, stdlib_documents, wait_for, write_jsonl
 
 from daemon.config import DaemonArguments
-from daemon.inbox import sha256_of
+from daemon.entries import sha256_of
 from daemon.ledger import Entry, Ledger
 from daemon.records import FileProgress, FileState, HistoryRow
 from daemon.status import StatusFile, history_violations
