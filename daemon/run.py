@@ -51,6 +51,7 @@ from daemon.checkpoints import (
     roll_back,
     set_aside_torn_checkpoints,
 )
+from daemon.config import LEDGER_ENV
 from daemon.data import (
     CHANGED_WHILE_READ,
     IGNORE_INDEX,
@@ -350,7 +351,7 @@ def train_file(flags: Flags) -> HistoryRow:
     name = Path(flags.data.dataset or "").name
     started = time.monotonic()
     stop_requested = threading.Event()
-    ledger = Ledger(flags.status.status_dir)
+    ledger = Ledger(flags.status.status_dir, instance=os.environ.get(LEDGER_ENV))  # the daemon's, for its child
     prepared: PreparedFile | None = None
     entry: Entry | None = None
     try:

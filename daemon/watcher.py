@@ -39,7 +39,7 @@ from watchdog.events import FileClosedEvent, FileSystemEvent, FileSystemEventHan
 from watchdog.observers import Observer
 
 from daemon.checkpoints import latest_complete_checkpoint, roll_back
-from daemon.config import DaemonArguments, config_file_to_argv
+from daemon.config import LEDGER_ENV, DaemonArguments, config_file_to_argv
 from daemon.exceptions import ConfigError, DaemonError
 from daemon.inbox import Candidate, Inbox, rejection_reason, sha256_of
 from daemon.ledger import Entry, Ledger
@@ -306,6 +306,8 @@ def main(argv: list[str]) -> int:
             raise DaemonError(f"another daemon is already training {daemon_args.output_dir}") from e
         try:
             daemon = Daemon(daemon_args, train_argv)
+            # Inherited by every training child: it refuses a ledger other than this one.
+            os.environ[LEDGER_ENV] = daemon.ledger.instance
             signal.signal(signal.SIGINT, daemon.request_stop)
             signal.signal(signal.SIGTERM, daemon.request_stop)
             logger.info("watching %s (output %s)", daemon_args.inbox_dir, daemon_args.output_dir)

@@ -9,6 +9,9 @@ from pathlib import Path
 import pytest
 from helpers import REPO, run_cli, stdlib_documents, train, write_jsonl
 
+from daemon.config import LEDGER_ENV
+from daemon.ledger import Ledger
+
 
 def _fingerprint(folder: Path) -> dict[str, str]:
     return {
@@ -101,3 +104,27 @@ def test_a_resume_with_no_step_left_exits_zero_and_says_so(tree, monkeypatch):
     result = run_cli([str(REPO / "train.py"), "--dataset", str(data), *tree.flags()], cwd=tree.root)
     assert result.returncode == 0, result.stderr
     assert "train_loss -" in result.stdout
+
+
+def _tree_files(root: Path) -> dict[str, str]:
+    """Every path under ``root`` (folders too) with a hash of its content, lock files left out."""
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+        for p in sorted(root.rglob("*"))
+        if not p.name.endswith(".lock")
+    }
+
+
+def test_a_training_child_refuses_a_ledger_other_than_its_daemons(tree, monkeypatch):
+    data = write_jsonl(tree.root / "d.jsonl", [{"text": d} for d in stdlib_documents(limit=8)])
+    claim = Ledger(tree.status).add("d.jsonl", "queued", sha256=hashlib.sha256(data.read_bytes()).hexdigest())
+    before = _tree_files(tree.status), _tree_files(tree.output)
+    # The daemon's ledger was deleted, and another one now has a row with this id.
+    monkeypatch.setenv(LEDGER_ENV, "0" * 32)
+    result = run_cli(
+        ["-m", "daemon", "train", "--dataset", str(data), "--ledger_id", str(claim.id), *tree.flags()], cwd=tree.root
+    )
+    assert result.returncode == 1, result.stderr
+    assert "not the daemon's ledger" in result.stderr and "Traceback" not in result.stderr
+    assert (_tree_files(tree.status), _tree_files(tree.output)) == before
+    assert Ledger(tree.status).get(claim.id).state == "queued"
