@@ -5,6 +5,7 @@
 - :func:`train_spare_main`: the daemon's prestarted training process (``--prestart``).
 - :func:`check_args_main`: validates the training flags once when the daemon starts.
 - :func:`exit_with_supervisor`: a training child dies with its daemon.
+- :func:`claim_folders`: a training process owns its status and output folders while it runs.
 """
 
 from __future__ import annotations
@@ -17,10 +18,13 @@ import sys
 import threading
 import time
 
-from daemon.arguments import parse_args
+from filelock import FileLock
+
+from daemon.arguments import Flags, parse_args
 from daemon.config import SUPERVISOR_ENV, configure_logging
 from daemon.exceptions import ConfigError, DaemonError, TrainingInterrupted
 from daemon.run import train_file
+from daemon.supervisor import FolderBusy, lock_folders, release_folders
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +54,42 @@ def exit_with_supervisor(pid: int) -> None:
     threading.Thread(target=watch, name="supervisor-watch", daemon=True).start()
 
 
+def claim_folders(flags: Flags, supervised: bool) -> list[FileLock]:
+    """Lock the run's output and status folders (``.daemon.lock``), as a daemon does, or refuse to run.
+
+    Under ``torchrun`` rank 0 locks and every rank learns its answer, so all stop together.
+
+    Args:
+        flags: the run's flags (``--output_dir``, ``--status_dir``, the world).
+        supervised: this is a daemon's training child: its daemon holds these locks for it.
+
+    Returns:
+        The locks this process holds (none on ranks other than 0, nor in a daemon's child).
+
+    Raises:
+        FolderBusy: another daemon or ``train.py`` owns a folder; nothing has been written.
+    """
+    folders = [("output", str(flags.training.output_dir)), ("status", flags.status.status_dir)]
+    locks: list[FileLock] = []
+    error: str | None = None
+    if flags.training.process_index == 0:
+        try:
+            locks = lock_folders(folders, trust_supervisor=supervised)
+        except FolderBusy as e:
+            error = str(e)
+    if flags.training.world_size > 1:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            answer = [error]
+            dist.broadcast_object_list(answer, src=0)
+            error = answer[0]
+    if error is not None:
+        release_folders(locks)
+        raise FolderBusy(error)
+    return locks
+
+
 def check_args_main(argv: list[str]) -> int:
     """``python -m daemon check-args [flags]``: validate training flags only (the daemon calls it at start)."""
     try:
@@ -68,12 +108,15 @@ def main(argv: list[str] | None = None) -> int:
     """
     configure_logging()
     argv = sys.argv[1:] if argv is None else argv
-    if os.environ.get(SUPERVISOR_ENV):
+    supervised = bool(os.environ.get(SUPERVISOR_ENV))
+    if supervised:
         exit_with_supervisor(int(os.environ[SUPERVISOR_ENV]))
+    locks: list[FileLock] = []
     try:
         flags = parse_args(argv)
         if not flags.data.dataset:
             raise ConfigError("--dataset FILE.jsonl is required")
+        locks = claim_folders(flags, supervised)  # before anything is written
         if not sys.stderr.isatty():  # \r-progress bars are noise in a log file or a pipe
             import datasets
             import transformers
@@ -87,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     except DaemonError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return EXIT_USER_ERROR
+    finally:
+        release_folders(locks)
     # train_loss is None when a resumed file had no step left (only its evaluation and export).
     train_loss = "-" if row.train_loss is None else f"{row.train_loss:.4f}"
     print(

@@ -20,11 +20,16 @@ the inbox's folders.
   when it last saw the stamp *change*, so a wall-clock step (NTP, a resumed VM) can
   neither kill a working child nor hide a hung one. A child whose stamp has not
   changed for that long is killed with its group and reported ``stalled``.
+- **Folder locks** (:func:`lock_folders`). A daemon holds a ``flock`` on
+  ``.daemon.lock`` in its inbox, status and output folders, and ``train.py`` on
+  its status and output folders, so no two of them share a ledger, snapshots,
+  ``processing/`` or checkpoints. The kernel drops a flock when its holder dies.
+  A training child of a daemon does not wait for the locks its daemon holds.
 - **Stopping** (README "Operating the daemon", "Stopping"). When the daemon's stop
   event is set the child gets one SIGTERM (it checkpoints and exits), then SIGKILL
   after ``--stop_grace_seconds``.
 
-Standard library only (and :mod:`daemon.status`): the daemon process never imports torch.
+Standard library, ``filelock`` and :mod:`daemon.status` only: the daemon process never imports torch.
 """
 
 from __future__ import annotations
@@ -40,15 +45,30 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
+from filelock import FileLock, Timeout
+
 from daemon.config import SUPERVISOR_ENV
+from daemon.exceptions import DaemonError
 from daemon.records import RunState
 from daemon.status import StatusFile
 
 logger = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.5
+LOCK_FILE = ".daemon.lock"
+# Who else holds a busy folder's lock, by the folder's role; the output folder's message is the README's.
+_BUSY = {
+    "inbox": "another daemon is already watching the inbox {folder} ({lock} is locked)",
+    "status": "another daemon is already reporting into {folder}, or a train.py is ({lock} is locked)",
+    "output": "another daemon is already training {folder}, or a train.py is ({lock} is locked)",
+}
+
+
+class FolderBusy(DaemonError):
+    """A folder this process must own is locked by another daemon or ``train.py``."""
 
 
 @dataclass
@@ -252,3 +272,48 @@ def _signal_group(child: subprocess.Popen[bytes], sig: int) -> None:
         os.killpg(child.pid, sig)
     except ProcessLookupError:
         pass
+
+
+def lock_folders(folders: list[tuple[str, str]], *, trust_supervisor: bool = False) -> list[FileLock]:
+    """Take the ``flock`` on ``<folder>/.daemon.lock`` of each folder, without waiting.
+
+    Args:
+        folders: ``(role, folder)`` pairs; role ``inbox``, ``status`` or ``output`` (names the
+            folder in the error). Missing folders are created; a folder named twice is locked once.
+        trust_supervisor: this is a daemon's training child: a folder whose lock is held is
+            taken to be held by that daemon (which never lets two children run), not refused.
+
+    Returns:
+        The locks taken; pass them to :func:`release_folders`.
+
+    Raises:
+        FolderBusy: one line naming the first folder another process holds (nothing is held then).
+    """
+    locks: list[FileLock] = []
+    seen: set[Path] = set()
+    try:
+        for role, name in folders:
+            folder = Path(name)
+            folder.mkdir(parents=True, exist_ok=True)
+            if folder.resolve() in seen:
+                continue
+            seen.add(folder.resolve())
+            lock = FileLock(str(folder / LOCK_FILE))
+            try:
+                lock.acquire(timeout=0)
+            except Timeout as e:
+                if trust_supervisor:
+                    logger.debug("%s is locked by the daemon that started this process", folder)
+                    continue
+                raise FolderBusy(_BUSY[role].format(folder=folder, lock=folder / LOCK_FILE)) from e
+            locks.append(lock)
+    except BaseException:
+        release_folders(locks)
+        raise
+    return locks
+
+
+def release_folders(locks: list[FileLock]) -> None:
+    """Release the locks of :func:`lock_folders` (the kernel also does when the process ends)."""
+    for lock in reversed(locks):
+        lock.release()

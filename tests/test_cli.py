@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 from helpers import REPO, run_cli, stdlib_documents, train, write_jsonl
 
 from daemon.config import LEDGER_ENV
@@ -113,6 +114,20 @@ def _tree_files(root: Path) -> dict[str, str]:
         for p in sorted(root.rglob("*"))
         if not p.name.endswith(".lock")
     }
+
+
+@pytest.mark.parametrize("owned", ["current_model", "status"])
+def test_train_py_on_folders_a_daemon_owns_exits_with_one_line_and_touches_nothing(tree, owned):
+    data = write_jsonl(tree.root / "d.jsonl", [{"text": d} for d in stdlib_documents(limit=8)])
+    before = _tree_files(tree.root)
+    with FileLock(str(tree.root / owned / ".daemon.lock")):  # what a running daemon holds
+        result = run_cli([str(REPO / "train.py"), "--dataset", str(data), *tree.flags()], cwd=tree.root)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(error_lines) == 1, result.stderr
+    assert str(tree.root / owned) in error_lines[0]
+    assert _tree_files(tree.root) == before
 
 
 def test_a_training_child_refuses_a_ledger_other_than_its_daemons(tree, monkeypatch):

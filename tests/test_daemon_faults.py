@@ -219,6 +219,24 @@ def test_a_second_daemon_exits_and_a_killed_daemons_lock_is_recovered(tree):
     assert (tree.inbox / "done" / "a.jsonl").exists()
 
 
+def test_a_second_daemon_on_the_same_inbox_or_status_folder_exits_naming_it(tree):
+    first = start_daemon(tree, "--prestart", "False")
+    try:
+        wait_for(lambda: read_status(tree).get("state") == "idle", timeout=60, what="the first daemon to start")
+        other = tree.root / "other"
+        same_inbox = daemon_argv(tree, "--once", output_dir=other / "model", status_dir=other / "status")
+        same_status = daemon_argv(tree, "--once", "--inbox_dir", str(other / "inbox"), output_dir=other / "model")
+        for argv, folder in ((same_inbox, tree.inbox), (same_status, tree.status)):
+            result = run_cli(argv, cwd=tree.root, timeout=60)
+            assert result.returncode == 1, result.stderr
+            (line,) = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+            assert "another daemon is already " in line and str(folder) in line, line
+        assert [p.name for p in other.rglob("*") if p.is_file() and p.name != ".daemon.lock"] == []
+    finally:
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=60) == 0
+
+
 def test_a_file_trains_under_torchrun_with_two_cpu_processes(tree):
     rows = [{"text": d} for d in stdlib_documents(limit=24)]
     _drop(tree, "ddp.jsonl", rows)
