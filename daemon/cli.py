@@ -5,18 +5,26 @@
 - :func:`train_spare_main`: the daemon's prestarted training process (``--prestart``).
 - :func:`check_args_main`: validates the training flags once when the daemon starts.
 - :func:`exit_with_supervisor`: a training child dies with its daemon.
-- :func:`claim_folders`: a training process owns its status and output folders while it runs.
+- :func:`claim_folders` and :func:`dataset_cache_claim`: what a training process owns
+  while it runs (its status and output folders; a shared claim on the Arrow cache, whose
+  leftovers from killed runs it removes when no other run of the product uses the cache).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
+import re
+import shutil
 import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 from filelock import FileLock
 
@@ -30,6 +38,12 @@ logger = logging.getLogger(__name__)
 
 EXIT_USER_ERROR = 1
 EXIT_INTERRUPTED = 3
+CACHE_LOCK = ".continual-daemon.lock"
+# The Arrow folders of this product's files in the datasets cache: load_records names them by its fingerprint
+# "<shape>-<text_field>-<sha256>-rules<N>", under generator/ with "default-fingerprint=" (Dataset.from_generator).
+# A killed run leaves "<version>.incomplete/" there (from_generator) or "<version>/tmpXXXXXXXX" (map, shuffle,
+# train_test_split write a NamedTemporaryFile beside their cache file, renamed only when complete).
+_PRODUCT_FOLDER = re.compile(r"default-fingerprint=.+-[0-9a-f]{64}-rules\d+")
 
 
 def exit_with_supervisor(pid: int) -> None:
@@ -90,6 +104,66 @@ def claim_folders(flags: Flags, supervised: bool) -> list[FileLock]:
     return locks
 
 
+@contextmanager
+def dataset_cache_claim(cache_dir: str | None) -> Iterator[Path]:
+    """Hold a shared ``flock`` on the Arrow cache while this run may write it; clean it first if no run holds one.
+
+    Every training process of the product holds the shared lock from before its first
+    cache write until it ends (the kernel drops it when the process is killed). One that
+    finds the lock free (no other run of the product uses the cache) first takes it
+    exclusively and removes the temporary files killed runs left in the product's folders
+    (see :data:`_PRODUCT_FOLDER`), which no live process can be writing then.
+
+    Args:
+        cache_dir: ``--dataset_cache_dir``; None for the datasets cache.
+
+    Yields:
+        The cache folder.
+    """
+    import datasets
+
+    root = Path(cache_dir or datasets.config.HF_DATASETS_CACHE)
+    root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(root / CACHE_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.info("another run uses the dataset cache %s: its temporary files are left to it", root)
+        else:
+            remove_cache_leftovers(root)
+        fcntl.flock(fd, fcntl.LOCK_SH)  # exclusive -> shared, or wait for another run's cleaning to end
+        yield root
+    finally:
+        os.close(fd)
+
+
+def remove_cache_leftovers(root: Path) -> list[Path]:
+    """Delete what killed runs left in the product's Arrow folders under ``root``; call only under the exclusive lock.
+
+    Lock files (``*.lock``) stay: datasets keeps them after every run, and deleting a lock
+    file another process may hold would break its lock.
+
+    Returns:
+        The paths removed.
+    """
+    removed = []
+    folders = [f for f in root.glob("generator/default-fingerprint=*") if _PRODUCT_FOLDER.fullmatch(f.name)]
+    for folder in folders:
+        for path in [*folder.glob("*.incomplete"), *folder.glob("*/tmp????????")]:
+            try:
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+            except FileNotFoundError:
+                continue
+            removed.append(path)
+    if removed:
+        logger.info("removed %d temporary files killed runs left in %s", len(removed), root)
+    return removed
+
+
 def check_args_main(argv: list[str]) -> int:
     """``python -m daemon check-args [flags]``: validate training flags only (the daemon calls it at start)."""
     try:
@@ -123,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
 
             datasets.disable_progress_bars()
             transformers.utils.logging.disable_progress_bar()
-        row = train_file(flags)
+        with dataset_cache_claim(flags.data.dataset_cache_dir):
+            row = train_file(flags)
     except TrainingInterrupted as e:
         print(f"interrupted: {e}", file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -143,3 +145,26 @@ def test_a_training_child_refuses_a_ledger_other_than_its_daemons(tree, monkeypa
     assert "not the daemon's ledger" in result.stderr and "Traceback" not in result.stderr
     assert (_tree_files(tree.status), _tree_files(tree.output)) == before
     assert Ledger(tree.status).get(claim.id).state == "queued"
+
+
+def test_the_cache_is_cleaned_only_while_no_other_run_holds_it_and_only_in_the_products_folders(tmp_path):
+    from daemon.cli import CACHE_LOCK, dataset_cache_claim
+
+    ours = tmp_path / "generator" / f"default-fingerprint=text-text-{'ab' * 32}-rules2"
+    foreign = tmp_path / "generator" / "default-fingerprint=someone-elses-dataset"
+    for folder in (ours, foreign):
+        (folder / "0.0.0").mkdir(parents=True)
+        (folder / "0.0.0" / "tmpab12cd34").write_bytes(b"partial arrow")
+        (folder / "0.0.0.incomplete").mkdir()
+        (folder / "0.0.0_builder.lock").touch()
+    other_run = os.open(tmp_path / CACHE_LOCK, os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(other_run, fcntl.LOCK_SH)  # a live run: its temporary files may be being written
+        with dataset_cache_claim(str(tmp_path)):
+            assert (ours / "0.0.0" / "tmpab12cd34").exists() and (ours / "0.0.0.incomplete").exists()
+    finally:
+        os.close(other_run)
+    with dataset_cache_claim(str(tmp_path)):  # no other run: what killed runs left goes
+        assert not (ours / "0.0.0" / "tmpab12cd34").exists() and not (ours / "0.0.0.incomplete").exists()
+    assert (ours / "0.0.0_builder.lock").exists()  # lock files stay: another process may hold one
+    assert (foreign / "0.0.0" / "tmpab12cd34").exists() and (foreign / "0.0.0.incomplete").exists()
