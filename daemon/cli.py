@@ -5,8 +5,8 @@
 - :func:`train_spare_main`: the daemon's prestarted training process (``--prestart``).
 - :func:`check_args_main`: validates the training flags once when the daemon starts.
 - :func:`exit_with_supervisor`: a training child dies with its daemon.
-- :func:`claim_folders` and :func:`dataset_cache_claim`: what a training process owns
-  while it runs (its status and output folders; a shared claim on the Arrow cache, whose
+- :func:`owning`: what a training run owns while it runs (:func:`claim_folders`: its status
+  and output folders; :func:`dataset_cache_claim`: a shared claim on the Arrow cache, whose
   leftovers from killed runs it removes when no other run of the product uses the cache).
 """
 
@@ -66,6 +66,26 @@ def exit_with_supervisor(pid: int) -> None:
                 pass
 
     threading.Thread(target=watch, name="supervisor-watch", daemon=True).start()
+
+
+@contextmanager
+def owning(flags: Flags) -> Iterator[None]:
+    """What a training run owns while it runs: its output and status folders, and a claim on the Arrow cache.
+
+    Entered by :func:`daemon.run.train_file` before it writes anything.
+
+    Args:
+        flags: the run's flags.
+
+    Raises:
+        FolderBusy: another daemon or ``train.py`` owns a folder.
+    """
+    locks = claim_folders(flags, supervised=bool(os.environ.get(SUPERVISOR_ENV)))
+    try:
+        with dataset_cache_claim(flags.data.dataset_cache_dir):
+            yield
+    finally:
+        release_folders(locks)
 
 
 def claim_folders(flags: Flags, supervised: bool) -> list[FileLock]:
@@ -182,31 +202,25 @@ def main(argv: list[str] | None = None) -> int:
     """
     configure_logging()
     argv = sys.argv[1:] if argv is None else argv
-    supervised = bool(os.environ.get(SUPERVISOR_ENV))
-    if supervised:
+    if os.environ.get(SUPERVISOR_ENV):
         exit_with_supervisor(int(os.environ[SUPERVISOR_ENV]))
-    locks: list[FileLock] = []
     try:
         flags = parse_args(argv)
         if not flags.data.dataset:
             raise ConfigError("--dataset FILE.jsonl is required")
-        locks = claim_folders(flags, supervised)  # before anything is written
         if not sys.stderr.isatty():  # \r-progress bars are noise in a log file or a pipe
             import datasets
             import transformers
 
             datasets.disable_progress_bars()
             transformers.utils.logging.disable_progress_bar()
-        with dataset_cache_claim(flags.data.dataset_cache_dir):
-            row = train_file(flags)
+        row = train_file(flags)  # owns its folders and its cache claim meanwhile (owning)
     except TrainingInterrupted as e:
         print(f"interrupted: {e}", file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
     except DaemonError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return EXIT_USER_ERROR
-    finally:
-        release_folders(locks)
     # train_loss is None when a resumed file had no step left (only its evaluation and export).
     train_loss = "-" if row.train_loss is None else f"{row.train_loss:.4f}"
     print(

@@ -338,13 +338,25 @@ def save(
 def train_file(flags: Flags) -> HistoryRow:
     """Train one file end to end and record it (status, history, snapshot).
 
+    The run owns its output and status folders and holds its claim on the Arrow cache
+    meanwhile (:func:`daemon.cli.owning`), whoever calls it: ``train.py``, the daemon's
+    child, or a program in-process.
+
     Returns:
         The file's ``history.jsonl`` row.
 
     Raises:
+        FolderBusy: another daemon or ``train.py`` owns a folder; nothing was written.
         DaemonError: a user-facing failure; a ``failed`` history row has been written
             (except for :class:`TrainingInterrupted`, which leaves the file unfinished).
     """
+    from daemon.cli import owning  # daemon.cli, the entry points, imports this module at its top
+
+    with owning(flags):
+        return _train_file(flags)
+
+
+def _train_file(flags: Flags) -> HistoryRow:
     is_main = flags.training.process_index == 0
     status = StatusFile(flags.status.status_dir) if is_main else None
     heartbeat = Heartbeat(status, flags.status.status_interval) if status else None
