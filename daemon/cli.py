@@ -26,13 +26,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from filelock import FileLock
-
 from daemon.arguments import Flags, parse_args
 from daemon.config import SUPERVISOR_ENV, configure_logging
 from daemon.exceptions import ConfigError, DaemonError, TrainingInterrupted
 from daemon.run import train_file
-from daemon.supervisor import FolderBusy, lock_folders, release_folders
+from daemon.supervisor import FolderBusy, FolderLock, lock_folders, release_folders
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +86,7 @@ def owning(flags: Flags) -> Iterator[None]:
         release_folders(locks)
 
 
-def claim_folders(flags: Flags, supervised: bool) -> list[FileLock]:
+def claim_folders(flags: Flags, supervised: bool) -> list[FolderLock]:
     """Lock the run's output and status folders (``.daemon.lock``), as a daemon does, or refuse to run.
 
     Under ``torchrun`` rank 0 locks and every rank learns its answer, so all stop together.
@@ -104,7 +102,7 @@ def claim_folders(flags: Flags, supervised: bool) -> list[FileLock]:
         FolderBusy: another daemon or ``train.py`` owns a folder; nothing has been written.
     """
     folders = [("output", str(flags.training.output_dir)), ("status", flags.status.status_dir)]
-    locks: list[FileLock] = []
+    locks: list[FolderLock] = []
     error: str | None = None
     if flags.training.process_index == 0:
         try:

@@ -21,10 +21,10 @@ the inbox's folders.
   neither kill a working child nor hide a hung one. A child whose stamp has not
   changed for that long is killed with its group and reported ``stalled``.
 - **Folder locks** (:func:`lock_folders`). A daemon holds a ``flock`` on
-  ``.daemon.lock`` in its inbox, status and output folders, and ``train.py`` on
-  its status and output folders, so no two of them share a ledger, snapshots,
-  ``processing/`` or checkpoints. The kernel drops a flock when its holder dies.
-  A training child of a daemon does not wait for the locks its daemon holds.
+  ``.daemon.lock`` in its output and status folders and on its inbox folder itself,
+  and a training run on its output and status folders, so no two of them share a
+  ledger, snapshots, ``processing/`` or checkpoints. The kernel drops a flock when
+  its holder dies. A daemon's training child does not wait for its daemon's locks.
 - **Stopping** (README "Operating the daemon", "Stopping"). When the daemon's stop
   event is set the child gets one SIGTERM (it checkpoints and exits), then SIGKILL
   after ``--stop_grace_seconds``.
@@ -34,6 +34,7 @@ Standard library, ``filelock`` and :mod:`daemon.status` only: the daemon process
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -61,7 +62,7 @@ POLL_SECONDS = 0.5
 LOCK_FILE = ".daemon.lock"
 # Who else holds a busy folder's lock, by the folder's role; the output folder's message is the README's.
 _BUSY = {
-    "inbox": "another daemon is already watching the inbox {folder} ({lock} is locked)",
+    "inbox": "another daemon is already watching the inbox {folder} (the folder is locked)",
     "status": "another daemon is already reporting into {folder}, or a train.py is ({lock} is locked)",
     "output": "another daemon is already training {folder}, or a train.py is ({lock} is locked)",
 }
@@ -274,8 +275,65 @@ def _signal_group(child: subprocess.Popen[bytes], sig: int) -> None:
         pass
 
 
-def lock_folders(folders: list[tuple[str, str]], *, trust_supervisor: bool = False) -> list[FileLock]:
-    """Take the ``flock`` on ``<folder>/.daemon.lock`` of each folder, without waiting.
+class FolderLock(Protocol):
+    """A held folder lock: a ``filelock.FileLock`` or a flock on the folder itself."""
+
+    def release(self) -> None:
+        """Give the lock back."""
+        ...
+
+
+class _DirectoryFlock:
+    """A ``flock`` on a folder itself, which adds nothing to it: for the inbox, which holds only the user's files.
+
+    Raises:
+        BlockingIOError: another process holds it.
+        OSError: the filesystem cannot lock a folder (some network filesystems).
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self._fd: int | None = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the only descriptor of the open file drops its flock
+            self._fd = None
+
+
+class _Unlocked:
+    """Stands for an inbox lock the filesystem could not take."""
+
+    def release(self) -> None:
+        pass
+
+
+def _take(role: str, folder: Path) -> FolderLock | None:
+    """The lock of one folder, or None when another process holds it."""
+    if role == "inbox":
+        try:
+            return _DirectoryFlock(folder)
+        except BlockingIOError:
+            return None
+        except OSError as e:  # not worth refusing to start: the inbox had no lock before
+            logger.warning("cannot lock the inbox %s on this filesystem (%s): run one daemon per inbox", folder, e)
+            return _Unlocked()
+    lock = FileLock(str(folder / LOCK_FILE))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return None
+    return lock
+
+
+def lock_folders(folders: list[tuple[str, str]], *, trust_supervisor: bool = False) -> list[FolderLock]:
+    """Lock each folder without waiting: ``<folder>/.daemon.lock`` (``filelock``), the inbox folder itself.
+
+    The inbox gets a ``flock`` on the folder, so that nothing but the user's files is ever in it.
 
     Args:
         folders: ``(role, folder)`` pairs; role ``inbox``, ``status`` or ``output`` (names the
@@ -289,7 +347,7 @@ def lock_folders(folders: list[tuple[str, str]], *, trust_supervisor: bool = Fal
     Raises:
         FolderBusy: one line naming the first folder another process holds (nothing is held then).
     """
-    locks: list[FileLock] = []
+    locks: list[FolderLock] = []
     seen: set[Path] = set()
     try:
         for role, name in folders:
@@ -298,22 +356,20 @@ def lock_folders(folders: list[tuple[str, str]], *, trust_supervisor: bool = Fal
             if folder.resolve() in seen:
                 continue
             seen.add(folder.resolve())
-            lock = FileLock(str(folder / LOCK_FILE))
-            try:
-                lock.acquire(timeout=0)
-            except Timeout as e:
-                if trust_supervisor:
-                    logger.debug("%s is locked by the daemon that started this process", folder)
-                    continue
-                raise FolderBusy(_BUSY[role].format(folder=folder, lock=folder / LOCK_FILE)) from e
-            locks.append(lock)
+            lock = _take(role, folder)
+            if lock is not None:
+                locks.append(lock)
+            elif trust_supervisor:
+                logger.debug("%s is locked by the daemon that started this process", folder)
+            else:
+                raise FolderBusy(_BUSY[role].format(folder=folder, lock=folder / LOCK_FILE))
     except BaseException:
         release_folders(locks)
         raise
     return locks
 
 
-def release_folders(locks: list[FileLock]) -> None:
+def release_folders(locks: list[FolderLock]) -> None:
     """Release the locks of :func:`lock_folders` (the kernel also does when the process ends)."""
     for lock in reversed(locks):
         lock.release()
