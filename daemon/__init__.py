@@ -9,8 +9,8 @@ Modules, one concept each (README "Layout" says the same, with the tests):
   (reading a drop), ``data`` (tokenization and packing), ``model`` (the starting
   model), ``checkpoints`` (checkpoints, rotation, roll-back, export), ``snapshots``;
 - shared, torch-free: ``records`` (states, history row, progress), ``status`` (status
-  file, history, heartbeat), ``ledger`` (SQLite ledger and its transitions),
-  ``exceptions``;
+  file, history, heartbeat), ``ledger`` (SQLite ledger and its transitions), ``locks``
+  (folder locks, the cache claim), ``exceptions``;
 - the daemon process (no torch): ``watcher`` (the loop and per-file policy), ``inbox``
   (the drop zone and its folders), ``entries`` (one inbox entry), ``names`` (escaping and
   shortening names), ``supervisor`` (the training child process);

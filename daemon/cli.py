@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
 
             datasets.disable_progress_bars()
             transformers.utils.logging.disable_progress_bar()
-        row = train_file(flags)
+        row = train_file(flags)  # owns its folders and its cache claim meanwhile (owning)
     except TrainingInterrupted as e:
         print(f"interrupted: {e}", file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED

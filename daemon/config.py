@@ -19,6 +19,9 @@ from daemon.exceptions import ConfigError
 DEFAULT_SAMPLE_PROMPTS = ["def ", "import ", "class ", "The ", "# "]
 # The daemon's pid, set for its training children so that they die with it (see cli.exit_with_supervisor).
 SUPERVISOR_ENV = "CONTINUAL_DAEMON_PID"
+# The daemon's ledger instance id, set for its training children so that they refuse any other ledger
+# (a ledger.sqlite deleted or replaced meanwhile would give their --ledger_id to another file's row).
+LEDGER_ENV = "CONTINUAL_LEDGER_INSTANCE"
 
 
 @dataclass

@@ -29,3 +29,11 @@ class TrainingError(DaemonError):
 
 class TrainingInterrupted(DaemonError):
     """SIGINT/SIGTERM arrived; the run checkpointed and stopped before finishing the file."""
+
+
+class FolderBusy(DaemonError):
+    """A folder this process must own is locked by another daemon or ``train.py``."""
+
+
+class LedgerReplaced(DaemonError):
+    """The ledger file is gone or is another ledger than the one this process (or its daemon) opened."""

@@ -36,18 +36,28 @@ name, with the same content, is a new claim with a new row.
 
 Names are stored as :func:`~daemon.names.printable` text, so any file name can be
 stored and looked up.
+
+Row ids are only meaningful within one ledger file: a ``ledger.sqlite`` deleted
+while the daemon runs would restart them at 1 and hand the daemon, or its child's
+``--ledger_id``, another file's row. So each ledger holds a random *instance* id
+(table ``meta``), every transaction checks that it is still the one this
+:class:`Ledger` opened, a ledger in use is never re-created, and the daemon hands
+its instance to its training children (:data:`~daemon.config.LEDGER_ENV`), which
+refuse any other ledger. A mismatch raises :class:`LedgerReplaced`.
 """
 
 from __future__ import annotations
 
 import sqlite3
 import time
+import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from daemon.exceptions import LedgerReplaced
 from daemon.names import printable
 from daemon.records import FileState, utc_now
 
@@ -83,7 +93,9 @@ CREATE TABLE IF NOT EXISTS files (
 CREATE INDEX IF NOT EXISTS files_sha256 ON files (sha256);
 CREATE INDEX IF NOT EXISTS files_state ON files (state);
 CREATE INDEX IF NOT EXISTS files_name ON files (name);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+_INSTANCE = "SELECT value FROM meta WHERE key = 'instance'"
 
 
 @dataclass(frozen=True)
@@ -115,14 +127,27 @@ class Ledger:
 
     Args:
         status_dir: the status folder (created if missing).
+        instance: the instance id the ledger must have (a training child gets its
+            daemon's); None opens or creates whatever ledger is there.
+
+    Attributes:
+        instance: the random id of the ledger file this object reads and writes.
+
+    Raises:
+        LedgerReplaced: ``instance`` is given and the ledger is missing or another one.
     """
 
-    def __init__(self, status_dir: str | Path) -> None:
+    def __init__(self, status_dir: str | Path, instance: str | None = None) -> None:
         self.path = Path(status_dir) / LEDGER_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._initialise()
+        if instance is not None and not self.path.exists():
+            raise LedgerReplaced(f"{self.path} is missing: the daemon's ledger was deleted while it ran")
+        self.instance = self._initialise()
+        if instance is not None and instance != self.instance:
+            raise LedgerReplaced(f"{self.path} is not the daemon's ledger any more: it was replaced while it ran")
 
-    def _initialise(self, timeout: float = 30.0) -> None:
+    def _initialise(self, timeout: float = 30.0) -> str:
+        """Create the schema (and the instance id) if missing; returns the ledger's instance id."""
         # Outside a transaction: journal_mode cannot change inside one, and executescript commits.
         # Several processes (the ranks of a torchrun child) may open a new ledger at once; switching
         # to WAL then answers "locked" without waiting on the busy timeout, so retry for a while.
@@ -135,11 +160,12 @@ class Ledger:
                 columns = {row[1] for row in db.execute("PRAGMA table_info(files)")}
                 if "filed_at" not in columns:  # a ledger written before filed_at existed
                     db.execute("ALTER TABLE files ADD COLUMN filed_at TEXT")
-                return
+                with db:  # of two processes creating the ledger at once, the first id wins for both
+                    db.execute("INSERT OR IGNORE INTO meta VALUES ('instance', ?)", (uuid.uuid4().hex,))
+                return str(db.execute(_INSTANCE).fetchone()[0])
             except sqlite3.OperationalError as e:
-                if "duplicate column" in str(e):  # another process added it first
-                    return
-                if "locked" not in str(e) or time.monotonic() > deadline:
+                # "duplicate column": another process added filed_at first; go round again.
+                if ("locked" not in str(e) and "duplicate column" not in str(e)) or time.monotonic() > deadline:
                     raise
             finally:
                 db.close()
@@ -147,10 +173,28 @@ class Ledger:
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        """One transaction on this ledger's file; never creates the file.
+
+        Raises:
+            LedgerReplaced: the file was deleted, or replaced by another ledger.
+        """
+        gone = LedgerReplaced(
+            f"{self.path} was deleted or replaced while in use, so its row ids may name other files now; "
+            "stopping rather than reading or writing the wrong rows (restart to use the ledger that is there)"
+        )
+        try:  # mode=rw: a deleted ledger is an error here, not an empty new one
+            db = sqlite3.connect(f"{self.path.absolute().as_uri()}?mode=rw", timeout=30, isolation_level=None, uri=True)
+        except sqlite3.OperationalError as e:
+            raise gone from e
         db.row_factory = sqlite3.Row
         try:
             db.execute("BEGIN IMMEDIATE")
+            try:
+                row = db.execute(_INSTANCE).fetchone()
+            except sqlite3.OperationalError as e:  # no meta table: another ledger, or an emptied file
+                raise gone from e
+            if row is None or row[0] != self.instance:
+                raise gone
             yield db
             db.execute("COMMIT")
         except BaseException:

@@ -23,6 +23,7 @@ This module is the only place that builds a ``Trainer``.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -47,10 +48,12 @@ from daemon.checkpoints import (
     latest_complete_checkpoint,
     set_aside_torn_checkpoints,
 )
+from daemon.config import LEDGER_ENV
 from daemon.data import IGNORE_INDEX, PreparedData, prepare_datasets
 from daemon.exceptions import ConfigError, DaemonError, DatasetError, TrainingError, TrainingInterrupted
 from daemon.jsonl import CHANGED_WHILE_READ, ScanReport, load_records, scan_jsonl
 from daemon.ledger import Entry, Ledger
+from daemon.locks import owning
 from daemon.model import starting_model
 from daemon.plan import StepPlan, plan_steps
 from daemon.records import FileProgress, FileState, HistoryRow, RunState
@@ -327,20 +330,30 @@ def save(
 def train_file(flags: Flags) -> HistoryRow:
     """Train one file end to end and record it (status, history, snapshot).
 
+    The run owns its output and status folders and holds its claim on the Arrow cache
+    meanwhile (:func:`daemon.locks.owning`), whoever calls it: ``train.py``, the daemon's
+    child, or a program in-process.
+
     Returns:
         The file's ``history.jsonl`` row.
 
     Raises:
+        FolderBusy: another daemon or ``train.py`` owns a folder; nothing was written.
         DaemonError: a user-facing failure; a ``failed`` history row has been written
             (except for :class:`TrainingInterrupted`, which leaves the file unfinished).
     """
+    with owning(flags):
+        return _train_file(flags)
+
+
+def _train_file(flags: Flags) -> HistoryRow:
     is_main = flags.training.process_index == 0
     status = StatusFile(flags.status.status_dir) if is_main else None
     heartbeat = Heartbeat(status, flags.status.status_interval) if status else None
     name = Path(flags.data.dataset or "").name
     started = time.monotonic()
     stop_requested = threading.Event()
-    ledger = Ledger(flags.status.status_dir)
+    ledger = Ledger(flags.status.status_dir, instance=os.environ.get(LEDGER_ENV))  # the daemon's, for its child
     prepared: PreparedFile | None = None
     entry: Entry | None = None
     try:

@@ -14,7 +14,7 @@ import json
 import logging
 import math
 import os
-import tempfile
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -82,20 +82,43 @@ def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` so that readers see the old or the new content, never a mix.
 
     The text goes to a temporary file in the same folder, is fsynced, then renamed
-    over ``path`` (``os.replace`` is atomic on POSIX within one filesystem).
+    over ``path`` (``os.replace`` is atomic on POSIX within one filesystem). The file
+    gets the mode a plain ``open`` would give it (``0o666`` less the umask): a service
+    run with ``UMask=0077`` keeps its status private.
+
+    Args:
+        path: the file to replace.
+        text: its new content (UTF-8).
+
+    Raises:
+        OSError: the folder cannot be written; ``path`` is unchanged and no temporary file is left.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _create_temporary(path)
     try:
-        os.fchmod(fd, 0o644)  # mkstemp creates 0600; status files are meant to be read by others
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def _create_temporary(path: Path) -> tuple[int, Path]:
+    """A new, exclusively created ``.<name>.<random>.tmp`` beside ``path``: ``(fd, its path)``.
+
+    Not ``tempfile.mkstemp``, which forces mode 0600: ``os.open`` with 0o666 lets the
+    kernel apply the umask, without reading or changing it (``os.umask`` is process-wide).
+    """
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name beside {path}")
 
 
 class StatusFile:

@@ -15,13 +15,17 @@ the inbox's folders.
   ``python -m daemon train-spare`` does its imports (torch, transformers: seconds)
   and waits for its flags on stdin; the next file trains in it.
 - **Stall detection** (``--stall_timeout``). The child's heartbeat writes
-  ``progress_at`` (Unix time of its last progress) into the status file; a child
-  without progress for that long is killed with its group and reported ``stalled``.
+  ``progress_at`` (a stamp of its last progress) into the status file. The daemon
+  never compares that stamp with its own clock: it notes, on ``time.monotonic()``,
+  when it last saw the stamp *change*, so a wall-clock step (NTP, a resumed VM) can
+  neither kill a working child nor hide a hung one. A child whose stamp has not
+  changed for that long is killed with its group and reported ``stalled``.
 - **Stopping** (README "Operating the daemon", "Stopping"). When the daemon's stop
   event is set the child gets one SIGTERM (it checkpoints and exits), then SIGKILL
   after ``--stop_grace_seconds``.
 
-Standard library only (and :mod:`daemon.status`): the daemon process never imports torch.
+Standard library and :mod:`daemon.status` only: the daemon process never imports torch.
+Folder locks are in :mod:`daemon.locks`.
 """
 
 from __future__ import annotations
@@ -129,7 +133,7 @@ class ProcessSupervisor:
             The child's exit code, or ``stalled`` when it was killed for making no progress
             (its state ``stalled`` is then in the status file).
         """
-        started = time.time()
+        progress = ProgressWatch(self.status, self.stall_timeout)  # before the spawn: the old stamp is not progress
         self._child = child = self._spawn(train_args)
         term_sent: float | None = None
         try:
@@ -142,12 +146,12 @@ class ProcessSupervisor:
                     on_poll()
                 if stop.is_set():
                     if term_sent is None:
-                        term_sent = time.time()
+                        term_sent = time.monotonic()
                         _signal_group(child, signal.SIGTERM)
-                    elif time.time() - term_sent > self.stop_grace_seconds:
+                    elif time.monotonic() - term_sent > self.stop_grace_seconds:
                         logger.error("the training process did not stop within the grace period: killing it")
                         _signal_group(child, signal.SIGKILL)
-                elif self._stalled(started):
+                elif progress.stalled():
                     logger.error("no training progress for %.0f s: killing the training process", self.stall_timeout)
                     self.status.update(state=RunState.STALLED)
                     _signal_group(child, signal.SIGKILL)
@@ -155,10 +159,6 @@ class ProcessSupervisor:
                     return ChildResult(child.returncode, stalled=True)
         finally:
             self._child = None
-
-    def _stalled(self, started: float) -> bool:
-        progress_at = self.status.read().get("progress_at") or 0.0
-        return time.time() - max(float(progress_at), started) > self.stall_timeout
 
     def _child_env(self) -> dict[str, str]:
         # SUPERVISOR_ENV: a child whose daemon is gone kills its own group (training._exit_with_supervisor).
@@ -213,6 +213,39 @@ class ProcessSupervisor:
         for process in (self._child, self._spare):
             if process is not None:
                 _signal_group(process, signal.SIGKILL)
+
+
+class ProgressWatch:
+    """Stall detection on the daemon's monotonic clock: how long since ``progress_at`` last changed.
+
+    The stamp is only compared with its previous value, never with ``time.time()``, so
+    a wall-clock step in either direction changes nothing. Build one just before the
+    child starts: the stamp left by an earlier child is the baseline, not progress.
+
+    Args:
+        status: the status file the child's heartbeat writes.
+        timeout: seconds of monotonic time without a change before :meth:`stalled` is True.
+    """
+
+    def __init__(self, status: StatusFile, timeout: float) -> None:
+        self.status = status
+        self.timeout = timeout
+        self._seen = self._stamp()
+        self._changed_at = time.monotonic()
+
+    def _stamp(self) -> object:
+        return self.status.read().get("progress_at")
+
+    def stalled(self) -> bool:
+        """Read the stamp; True when it has not changed for ``timeout`` seconds.
+
+        Returns:
+            Whether the child counts as stalled now.
+        """
+        stamp, now = self._stamp(), time.monotonic()
+        if stamp is not None and stamp != self._seen:
+            self._seen, self._changed_at = stamp, now
+        return now - self._changed_at > self.timeout
 
 
 def _signal_group(child: subprocess.Popen[bytes], sig: int) -> None:

@@ -38,16 +38,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock, Timeout
 from watchdog.events import FileClosedEvent, FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 from daemon.checkpoints import fail_file, latest_complete_checkpoint
-from daemon.config import DaemonArguments, config_file_to_argv
+from daemon.config import LEDGER_ENV, DaemonArguments, config_file_to_argv
 from daemon.entries import rejection_reason
 from daemon.exceptions import ConfigError, DaemonError
 from daemon.inbox import Candidate, Inbox
 from daemon.ledger import Entry, Ledger
+from daemon.locks import lock_folders, release_folders
 from daemon.names import printable
 from daemon.records import FileState, HistoryRow, RunState, utc_now
 from daemon.status import StatusFile
@@ -321,25 +321,30 @@ def check_training_flags(daemon_args: DaemonArguments, train_argv: list[str]) ->
 
 
 def main(argv: list[str]) -> int:
-    """``python -m daemon [--once] [--inbox_dir inbox] [training flags...]``."""
+    """``python -m daemon [--once] [--inbox_dir inbox] [training flags...]``.
+
+    Locks the inbox, status and output folders first (flock, released by the kernel even
+    when the daemon is killed), so a second daemon on any of them exits at once with one line.
+    """
     try:
         daemon_args, train_argv = parse_daemon_args(argv)
-        check_training_flags(daemon_args, train_argv)
-        Path(daemon_args.output_dir).mkdir(parents=True, exist_ok=True)
-        # flock-based: released by the kernel when the holder dies, so a killed daemon leaves no stale lock.
-        lock = FileLock(str(Path(daemon_args.output_dir) / ".daemon.lock"))
+        folders = [
+            ("output", daemon_args.output_dir),  # first: a second daemon on the same tree is told about it
+            ("status", daemon_args.status_dir),
+            ("inbox", daemon_args.inbox_dir),
+        ]
+        locks = lock_folders(folders)
         try:
-            lock.acquire(timeout=0)
-        except Timeout as e:
-            raise DaemonError(f"another daemon is already training {daemon_args.output_dir}") from e
-        try:
+            check_training_flags(daemon_args, train_argv)
             daemon = Daemon(daemon_args, train_argv)
+            # Inherited by every training child: it refuses a ledger other than this one.
+            os.environ[LEDGER_ENV] = daemon.ledger.instance
             signal.signal(signal.SIGINT, daemon.request_stop)
             signal.signal(signal.SIGTERM, daemon.request_stop)
             logger.info("watching %s (output %s)", daemon_args.inbox_dir, daemon_args.output_dir)
             return daemon.run()
         finally:
-            lock.release()
+            release_folders(locks)
     except DaemonError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1

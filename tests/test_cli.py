@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 from helpers import REPO, run_cli, stdlib_documents, train, write_jsonl
+
+from daemon.config import LEDGER_ENV
+from daemon.ledger import Ledger
 
 
 def _fingerprint(folder: Path) -> dict[str, str]:
@@ -101,3 +107,64 @@ def test_a_resume_with_no_step_left_exits_zero_and_says_so(tree, monkeypatch):
     result = run_cli([str(REPO / "train.py"), "--dataset", str(data), *tree.flags()], cwd=tree.root)
     assert result.returncode == 0, result.stderr
     assert "train_loss -" in result.stdout
+
+
+def _tree_files(root: Path) -> dict[str, str]:
+    """Every path under ``root`` (folders too) with a hash of its content, lock files left out."""
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+        for p in sorted(root.rglob("*"))
+        if not p.name.endswith(".lock")
+    }
+
+
+@pytest.mark.parametrize("owned", ["current_model", "status"])
+def test_train_py_on_folders_a_daemon_owns_exits_with_one_line_and_touches_nothing(tree, owned):
+    data = write_jsonl(tree.root / "d.jsonl", [{"text": d} for d in stdlib_documents(limit=8)])
+    before = _tree_files(tree.root)
+    with FileLock(str(tree.root / owned / ".daemon.lock")):  # what a running daemon holds
+        result = run_cli([str(REPO / "train.py"), "--dataset", str(data), *tree.flags()], cwd=tree.root)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(error_lines) == 1, result.stderr
+    assert str(tree.root / owned) in error_lines[0]
+    assert _tree_files(tree.root) == before
+
+
+def test_a_training_child_refuses_a_ledger_other_than_its_daemons(tree, monkeypatch):
+    data = write_jsonl(tree.root / "d.jsonl", [{"text": d} for d in stdlib_documents(limit=8)])
+    claim = Ledger(tree.status).add("d.jsonl", "queued", sha256=hashlib.sha256(data.read_bytes()).hexdigest())
+    before = _tree_files(tree.status), _tree_files(tree.output)
+    # The daemon's ledger was deleted, and another one now has a row with this id.
+    monkeypatch.setenv(LEDGER_ENV, "0" * 32)
+    result = run_cli(
+        ["-m", "daemon", "train", "--dataset", str(data), "--ledger_id", str(claim.id), *tree.flags()], cwd=tree.root
+    )
+    assert result.returncode == 1, result.stderr
+    assert "not the daemon's ledger" in result.stderr and "Traceback" not in result.stderr
+    assert (_tree_files(tree.status), _tree_files(tree.output)) == before
+    assert Ledger(tree.status).get(claim.id).state == "queued"
+
+
+def test_the_cache_is_cleaned_only_while_no_other_run_holds_it_and_only_in_the_products_folders(tmp_path):
+    from daemon.locks import CACHE_LOCK, dataset_cache_claim
+
+    ours = tmp_path / "generator" / f"default-fingerprint=text-text-{'ab' * 32}-rules2"
+    foreign = tmp_path / "generator" / "default-fingerprint=someone-elses-dataset"
+    for folder in (ours, foreign):
+        (folder / "0.0.0").mkdir(parents=True)
+        (folder / "0.0.0" / "tmpab12cd34").write_bytes(b"partial arrow")
+        (folder / "0.0.0.incomplete").mkdir()
+        (folder / "0.0.0_builder.lock").touch()
+    other_run = os.open(tmp_path / CACHE_LOCK, os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(other_run, fcntl.LOCK_SH)  # a live run: its temporary files may be being written
+        with dataset_cache_claim(str(tmp_path)):
+            assert (ours / "0.0.0" / "tmpab12cd34").exists() and (ours / "0.0.0.incomplete").exists()
+    finally:
+        os.close(other_run)
+    with dataset_cache_claim(str(tmp_path)):  # no other run: what killed runs left goes
+        assert not (ours / "0.0.0" / "tmpab12cd34").exists() and not (ours / "0.0.0.incomplete").exists()
+    assert (ours / "0.0.0_builder.lock").exists()  # lock files stay: another process may hold one
+    assert (foreign / "0.0.0" / "tmpab12cd34").exists() and (foreign / "0.0.0.incomplete").exists()

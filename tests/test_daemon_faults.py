@@ -10,11 +10,13 @@ import json
 import os
 import random
 import signal
+import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
+from helpers import REPO as REPO_ROOT
 from helpers import Tree, daemon_argv, read_status, run_cli, start_daemon, stdlib_documents, wait_for, write_jsonl
 
 from daemon.checkpoints import latest_complete_checkpoint
@@ -241,6 +243,94 @@ def test_a_second_daemon_exits_and_a_killed_daemons_lock_is_recovered(tree):
     _drop(tree, "a.jsonl", [{"text": d} for d in stdlib_documents(limit=8)])
     _drain(tree)  # the lock of the killed daemon does not block it
     assert (tree.inbox / "done" / "a.jsonl").exists()
+
+
+def test_a_second_daemon_on_the_same_inbox_or_status_folder_exits_naming_it(tree):
+    first = start_daemon(tree, "--prestart", "False")
+    try:
+        wait_for(lambda: read_status(tree).get("state") == "idle", timeout=60, what="the first daemon to start")
+        other = tree.root / "other"
+        same_inbox = daemon_argv(tree, "--once", output_dir=other / "model", status_dir=other / "status")
+        same_status = daemon_argv(tree, "--once", "--inbox_dir", str(other / "inbox"), output_dir=other / "model")
+        for argv, folder in ((same_inbox, tree.inbox), (same_status, tree.status)):
+            result = run_cli(argv, cwd=tree.root, timeout=60)
+            assert result.returncode == 1, result.stderr
+            (line,) = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+            assert "another daemon is already " in line and str(folder) in line, line
+        assert [p.name for p in other.rglob("*") if p.is_file() and p.name != ".daemon.lock"] == []
+    finally:
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=60) == 0
+
+
+HANG_IN = r"""
+import sys, threading
+from pathlib import Path
+import datasets
+phase, marker, argv = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
+
+def hang():
+    marker.touch()
+    threading.Event().wait()  # until SIGKILL
+
+if phase == "generation":  # mid Dataset.from_generator: the parse of the file into Arrow
+    from_generator = datasets.Dataset.from_generator
+    def hanging_from_generator(generator, *args, **kwargs):
+        def records(**gen_kwargs):
+            for i, record in enumerate(generator(**gen_kwargs)):
+                if i == 8:
+                    hang()
+                yield record
+        return from_generator(records, *args, **kwargs)
+    datasets.Dataset.from_generator = hanging_from_generator
+else:  # mid Dataset.map: tokenization, its third batch
+    map_ = datasets.Dataset.map
+    def hanging_map(self, function, *args, **kwargs):
+        calls = []
+        def batch(*a, **k):
+            calls.append(1)
+            if len(calls) == 3:
+                hang()
+            return function(*a, **k)
+        return map_(self, batch, *args, **kwargs)
+    datasets.Dataset.map = hanging_map
+from daemon.cli import main
+sys.exit(main(argv))
+"""
+
+
+def _leftovers(cache: Path) -> list[str]:
+    return sorted(
+        str(p.relative_to(cache))
+        for p in cache.rglob("*")
+        if p.name.startswith("tmp") or p.name.endswith(".incomplete")
+    )
+
+
+def test_runs_killed_mid_parse_or_mid_tokenization_leave_no_temporary_files_once_the_next_run_starts(tree):
+    script = tree.root / "hang_in.py"
+    script.write_text(HANG_IN)
+    docs = stdlib_documents(limit=48)
+    first = write_jsonl(tree.root / "first.jsonl", [{"text": d} for d in docs[:24]])
+    second = write_jsonl(tree.root / "second.jsonl", [{"text": d} for d in docs[24:]])
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    for phase, data, left in (("generation", first, ".incomplete"), ("map", second, "/tmp")):
+        marker = tree.root / f"hanging-{phase}"
+        argv = [sys.executable, str(script), phase, str(marker), "--dataset", str(data)]
+        child = subprocess.Popen(
+            [*argv, *tree.flags(preprocessing_batch_size=4)], cwd=tree.root, env=env, stderr=subprocess.DEVNULL
+        )
+        try:
+            wait_for(marker.exists, timeout=120, what=f"the run to hang mid-{phase}")
+        finally:
+            child.kill()
+            child.wait()
+        assert any(left in path for path in _leftovers(tree.cache)), _leftovers(tree.cache)  # what datasets leaves
+    result = run_cli(
+        [str(REPO_ROOT / "train.py"), "--dataset", str(second), *tree.flags(preprocessing_batch_size=4)], cwd=tree.root
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _leftovers(tree.cache) == []
 
 
 def test_a_file_trains_under_torchrun_with_two_cpu_processes(tree):

@@ -5,7 +5,10 @@ from __future__ import annotations
 import sqlite3
 import threading
 
-from daemon.ledger import Ledger
+import pytest
+
+from daemon.exceptions import DaemonError
+from daemon.ledger import LEDGER_FILE, Ledger
 
 
 def test_a_file_moves_through_its_states_and_keeps_its_plan(tmp_path):
@@ -55,3 +58,53 @@ def test_a_row_is_the_claim_of_its_file_only_until_the_file_is_filed_away(tmp_pa
     assert rejected.name == "b\\x0aforged" and ledger.find_claim("b\nforged", None) == rejected
     assert ledger.mark_filed_unless_claimed(["b\nforged"]) == 0  # still there: still its row
     assert ledger.mark_filed_unless_claimed([]) == 1
+
+
+def _delete_ledger(folder) -> None:
+    for suffix in ("", "-wal", "-shm"):
+        (folder / f"{LEDGER_FILE}{suffix}").unlink(missing_ok=True)
+
+
+def test_a_ledger_deleted_while_in_use_is_refused_instead_of_read_under_reused_row_ids(tmp_path):
+    daemons = Ledger(tmp_path)
+    claim = daemons.add("a.jsonl", "queued", sha256="ab" * 32, size=10)
+    _delete_ledger(tmp_path)
+    other = Ledger(tmp_path).add("other.jsonl", "queued", sha256="cd" * 32, size=3)  # a new file: ids restart
+    assert other.id == claim.id
+    with pytest.raises(DaemonError, match="ledger.sqlite was deleted or replaced"):
+        daemons.get(claim.id)  # never the unrelated row that now has this id
+    with pytest.raises(DaemonError, match="ledger.sqlite was deleted or replaced"):
+        daemons.fail(claim.id, "boom")
+    assert Ledger(tmp_path).get(other.id).state == "queued"  # the other file's row is left alone
+
+
+def test_a_deleted_ledger_is_not_silently_recreated_by_the_process_using_it(tmp_path):
+    ledger = Ledger(tmp_path)
+    ledger.add("a.jsonl", "queued")
+    _delete_ledger(tmp_path)
+    with pytest.raises(DaemonError, match="ledger.sqlite was deleted or replaced"):
+        ledger.entries()
+    assert not (tmp_path / LEDGER_FILE).exists()
+
+
+def test_a_training_process_refuses_a_ledger_other_than_its_daemons(tmp_path):
+    daemons = Ledger(tmp_path)
+    assert Ledger(tmp_path, instance=daemons.instance).instance == daemons.instance
+    with pytest.raises(DaemonError, match="not the daemon's"):
+        Ledger(tmp_path, instance="0" * 32)
+    _delete_ledger(tmp_path)
+    with pytest.raises(DaemonError, match="missing"):
+        Ledger(tmp_path, instance=daemons.instance)
+    assert not (tmp_path / LEDGER_FILE).exists()  # the child does not create one
+
+
+def test_a_ledger_made_before_instance_ids_gets_one(tmp_path):
+    with sqlite3.connect(tmp_path / LEDGER_FILE) as db:
+        db.execute(
+            "CREATE TABLE files (id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL, sha256 TEXT, "
+            "size INTEGER, state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, start_step INTEGER, "
+            "planned_steps INTEGER, end_step INTEGER, created_at TEXT NOT NULL, updated_at TEXT NOT NULL, "
+            "finished_at TEXT, error TEXT)"
+        )
+    first, second = Ledger(tmp_path), Ledger(tmp_path)
+    assert first.instance and first.instance == second.instance

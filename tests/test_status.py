@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import pytest
 
@@ -115,3 +117,15 @@ def test_a_history_line_torn_by_a_kill_is_skipped_and_does_not_swallow_the_next_
     assert [r["file"] for r in read_history(tmp_path)] == ["a.jsonl", "b.jsonl"]
     status.record_outcome(_row("b.jsonl", 4, 6, 2))  # finished again after a crash: not repeated
     assert len(read_history(tmp_path)) == 2
+
+
+@pytest.mark.parametrize(
+    ("umask", "mode"), [(0o077, 0o600), (0o027, 0o640), (0o022, 0o644)], ids=["umask077", "umask027", "umask022"]
+)
+def test_status_files_get_the_mode_the_umask_gives_a_plain_open(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        StatusFile(tmp_path).update(state="training")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "training_status.json").stat().st_mode) == mode

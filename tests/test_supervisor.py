@@ -39,12 +39,16 @@ with open(os.path.join(out, ".started.json"), "w") as f:
 os.rename(os.path.join(out, ".started.json"), os.path.join(out, "started.json"))
 if mode == "exit7":
     sys.exit(7)
-if mode == "progress":  # the heartbeat of a slow but healthy run
+if mode in ("progress", "progress_then_hang"):  # the heartbeat of a slow but healthy run
     from daemon.status import StatusFile
     status = StatusFile(flags["--status_dir"])
-    for _ in range(20):
-        status.update(progress_at=time.time())
+    offset = float(flags.get("--offset", 0))  # the child's clock stepped by this much
+    for _ in range(20 if mode == "progress" else 1):
+        status.update(progress_at=time.time() + offset)
         time.sleep(0.1)
+    if mode == "progress":
+        sys.exit(0)
+    time.sleep(4)  # hung, heartbeat stamp frozen: a stall unless the stamp is misread
     sys.exit(0)
 time.sleep(60)
 """.replace("SUPERVISOR_ENV_NAME", SUPERVISOR_ENV)
@@ -62,8 +66,16 @@ def _supervisor(tmp_path: Path, launcher: str | None, **options: object) -> Proc
     return ProcessSupervisor(StatusFile(tmp_path / "status"), launcher=launcher, **options)
 
 
-def _run(supervisor: ProcessSupervisor, tmp_path: Path, mode: str, stop: threading.Event | None = None, on_poll=None):
+def _run(
+    supervisor: ProcessSupervisor,
+    tmp_path: Path,
+    mode: str,
+    stop: threading.Event | None = None,
+    on_poll=None,
+    offset: float = 0.0,
+):
     train_args = ["--mode", mode, "--out", str(tmp_path), "--status_dir", str(tmp_path / "status")]
+    train_args += ["--offset", str(offset)]
     return supervisor.run(train_args, stop or threading.Event(), on_poll)
 
 
@@ -92,6 +104,20 @@ def test_a_child_without_progress_is_killed_with_its_process_group_and_reported_
 def test_progress_in_the_status_file_keeps_a_slow_child_alive(tmp_path, launcher):
     result = _run(_supervisor(tmp_path, launcher, stall_timeout=1.0), tmp_path, "progress")
     assert result == ChildResult(0, stalled=False)
+
+
+@pytest.mark.parametrize("offset", [-3600.0, 3600.0], ids=["clock-behind", "clock-ahead"])
+def test_progress_stamps_far_from_the_daemons_clock_keep_a_changing_child_alive(tmp_path, launcher, offset):
+    # A clock step (NTP, a VM resume) moves time.time(); only a *change* of progress_at counts as progress.
+    result = _run(_supervisor(tmp_path, launcher, stall_timeout=1.0), tmp_path, "progress", offset=offset)
+    assert result == ChildResult(0, stalled=False)
+
+
+@pytest.mark.parametrize("offset", [0.0, 3600.0], ids=["same-clock", "clock-ahead"])
+def test_a_child_whose_progress_stamp_stops_changing_is_killed_whatever_the_stamp_says(tmp_path, launcher, offset):
+    supervisor = _supervisor(tmp_path, launcher, stall_timeout=1.0)
+    result = _run(supervisor, tmp_path, "progress_then_hang", offset=offset)
+    assert result.stalled and result.returncode == -9
 
 
 def test_a_stop_request_forwards_sigterm_and_the_child_stops_on_its_own(tmp_path, launcher):
