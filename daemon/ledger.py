@@ -11,17 +11,22 @@ States (:class:`~daemon.records.FileState`) and who moves a row between them; ea
 transition is one method of :class:`Ledger`, and :data:`TRANSITIONS` is checked on
 every write:
 
-=============  ==========  ===========================  ===========================
-from           to          method                       written by
-=============  ==========  ===========================  ===========================
-(new row)      queued      :meth:`Ledger.add`           daemon claim; ``train.py``
-(new row)      duplicate   :meth:`Ledger.add`           daemon (content already done)
-(new row)      rejected    :meth:`Ledger.add`           daemon (not a regular file)
-queued         training    :meth:`Ledger.record_plan`   training process
-training       done        :meth:`Ledger.finish`        training process
-queued         failed      :meth:`Ledger.fail`          training process; daemon
-training       failed      :meth:`Ledger.fail`          training process; daemon
-=============  ==========  ===========================  ===========================
+=============  ===========  ===========================  =============================
+from           to           method                       written by
+=============  ===========  ===========================  =============================
+(new row)      queued       :meth:`Ledger.add`           daemon claim; ``train.py``
+(new row)      duplicate    :meth:`Ledger.add`           daemon (content already done)
+(new row)      rejected     :meth:`Ledger.add`           daemon (not a regular file)
+queued         training     :meth:`Ledger.record_plan`   training process
+training       done         :meth:`Ledger.finish`        training process
+queued         failed       :meth:`Ledger.fail`          training process; daemon
+training       failed       :meth:`Ledger.fail`          training process; daemon
+done           rolled_back  :meth:`Ledger.roll_back`     ``python -m daemon rollback``
+=============  ===========  ===========================  =============================
+
+A ``rolled_back`` row keeps its plan and ``end_step`` (the steps it had added) and its
+``finished_at``; ``error`` says to which step it was rolled back. Its content is no
+longer in the model, so dropping the file again trains it again.
 
 ``attempts`` (crashed or stalled training processes) is counted by the daemon with
 :meth:`Ledger.count_attempt`, which changes no state.
@@ -67,10 +72,11 @@ TRANSITIONS: dict[FileState | None, frozenset[FileState]] = {
     None: frozenset({FileState.QUEUED, FileState.DUPLICATE, FileState.REJECTED}),
     FileState.QUEUED: frozenset({FileState.TRAINING, FileState.FAILED}),
     FileState.TRAINING: frozenset({FileState.DONE, FileState.FAILED}),
-    FileState.DONE: frozenset(),
+    FileState.DONE: frozenset({FileState.ROLLED_BACK}),
     FileState.FAILED: frozenset(),
     FileState.DUPLICATE: frozenset(),
     FileState.REJECTED: frozenset(),
+    FileState.ROLLED_BACK: frozenset(),
 }
 
 _SCHEMA = """
@@ -248,6 +254,40 @@ class Ledger:
     def fail(self, entry_id: int, error: str) -> Entry:
         """``queued | training -> failed``, with the reason shown to the user."""
         return self.update(entry_id, state=FileState.FAILED, error=error)
+
+    def roll_back(self, entry_ids: Iterable[int], to_step: int) -> list[Entry]:
+        """``done -> rolled_back`` for each of ``entry_ids``, in one transaction: all of them or none.
+
+        A row already ``rolled_back`` is left as it is, so a rollback finished again after a
+        kill changes nothing more. ``finished_at`` stays when the file finished training.
+
+        Args:
+            entry_ids: the rows of the done files whose steps the rollback removes.
+            to_step: the ``global_step`` the model was rolled back to (written into ``error``).
+
+        Returns:
+            The rows as written.
+
+        Raises:
+            ValueError: a row is missing, or in another state than ``done`` or ``rolled_back``
+                (nothing is changed then).
+        """
+        ids = list(entry_ids)
+        with self._connect() as db:
+            for entry_id in ids:
+                old = db.execute("SELECT state FROM files WHERE id = ?", (entry_id,)).fetchone()
+                if old is None:
+                    raise ValueError(f"ledger row {entry_id} does not exist")
+                if old["state"] == FileState.ROLLED_BACK:
+                    continue
+                if FileState.ROLLED_BACK not in TRANSITIONS[FileState(old["state"])]:
+                    raise ValueError(f"ledger row {entry_id}: {old['state']} -> rolled_back is not allowed")
+                db.execute(
+                    "UPDATE files SET state = ?, error = ?, updated_at = ? WHERE id = ?",
+                    (str(FileState.ROLLED_BACK), f"rolled back to step {to_step}", utc_now(), entry_id),
+                )
+            rows = [db.execute("SELECT * FROM files WHERE id = ?", (i,)).fetchone() for i in ids]
+        return [_entry(row) for row in rows]
 
     def mark_filed(self, entry_id: int) -> Entry:
         """The file has been moved into ``done/`` or ``failed/``: its row is no longer a claim (no state change)."""

@@ -5,7 +5,7 @@ read lives here:
 
 - :class:`RunState`: ``state`` of ``status/training_status.json``.
 - :class:`FileState`: ``state`` of a ledger row (its transitions: :mod:`daemon.ledger`).
-- :class:`Outcome`: ``outcome`` of a ``status/history.jsonl`` row.
+- :class:`Outcome`: ``outcome`` of a ``status/history.jsonl`` row (``done``, ``failed``, ``rolled_back``).
 - :class:`FileProgress`: the status's ``current_file``.
 - :class:`HistoryRow`: one ``history.jsonl`` row; the only place a row is built.
 
@@ -57,11 +57,18 @@ class FileState(StrEnum):
     FAILED = "failed"
     DUPLICATE = "duplicate"
     REJECTED = "rejected"
+    ROLLED_BACK = "rolled_back"  # was done; its steps left the model by ``python -m daemon rollback``
 
     @property
     def finished(self) -> bool:
         """True once nothing more happens to the file: it only has to be filed away."""
-        return self in (FileState.DONE, FileState.FAILED, FileState.DUPLICATE, FileState.REJECTED)
+        return self in (
+            FileState.DONE,
+            FileState.FAILED,
+            FileState.DUPLICATE,
+            FileState.REJECTED,
+            FileState.ROLLED_BACK,
+        )
 
 
 class Outcome(StrEnum):
@@ -69,6 +76,7 @@ class Outcome(StrEnum):
 
     DONE = "done"
     FAILED = "failed"
+    ROLLED_BACK = "rolled_back"  # a later row cancelling an earlier done row of the same sha256 and start_step
 
 
 @dataclass
@@ -120,7 +128,9 @@ class HistoryRow:
     """One row of ``status/history.jsonl`` (README "Folders and files").
 
     For a done file ``end_step - start_step == planned_steps``; a failed file has no
-    ``end_step`` and an ``error``. ``wall_seconds`` is the file's whole run in the
+    ``end_step`` and an ``error``. A ``rolled_back`` row repeats the steps of a done row
+    written before it (same ``sha256`` and ``start_step``) whose steps a rollback took out
+    of the model; its ``error`` says to which step. ``wall_seconds`` is the file's whole run in the
     training process, ``train_seconds`` the part inside the optimizer loop (seconds).
     Losses are mean token cross-entropy in nats.
     """
@@ -191,6 +201,34 @@ class HistoryRow:
             eval_loss=None,
             outcome=Outcome.FAILED,
             error=error,
+            finished_at=utc_now(),
+        )
+
+    @classmethod
+    def rolled_back(
+        cls,
+        name: str,
+        sha256: str | None,
+        start_step: int | None,
+        end_step: int | None,
+        planned_steps: int | None,
+        to_step: int,
+    ) -> HistoryRow:
+        """The row of a done file (steps ``start_step -> end_step``) rolled back to step ``to_step``."""
+        return cls(
+            file=name,
+            sha256=sha256,
+            start_step=start_step,
+            end_step=end_step,
+            planned_steps=planned_steps,
+            examples=None,
+            tokens=None,
+            wall_seconds=None,
+            train_seconds=None,
+            train_loss=None,
+            eval_loss=None,
+            outcome=Outcome.ROLLED_BACK,
+            error=f"rolled back to step {to_step}",
             finished_at=utc_now(),
         )
 

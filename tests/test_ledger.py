@@ -108,3 +108,27 @@ def test_a_ledger_made_before_instance_ids_gets_one(tmp_path):
         )
     first, second = Ledger(tmp_path), Ledger(tmp_path)
     assert first.instance and first.instance == second.instance
+
+
+def test_only_done_rows_are_rolled_back_and_all_of_them_or_none(tmp_path):
+    ledger = Ledger(tmp_path)
+    done = [
+        ledger.finish(ledger.record_plan(ledger.add(f"{n}.jsonl", "queued").id, 3 * i, 3).id, 3 * i + 3)
+        for i, n in enumerate("ab")
+    ]
+    training = ledger.record_plan(ledger.add("c.jsonl", "queued").id, 6, 3)
+    with pytest.raises(ValueError, match="training -> rolled_back is not allowed"):
+        ledger.roll_back([done[1].id, training.id], to_step=3)
+    assert ledger.get(done[1].id) == done[1]  # the transaction wrote nothing
+    with pytest.raises(ValueError, match="is not allowed"):
+        ledger.update(training.id, state="rolled_back")
+    (rolled,) = ledger.roll_back([done[1].id], to_step=3)
+    assert (rolled.state, rolled.error, rolled.end_step, rolled.finished_at) == (
+        "rolled_back",
+        "rolled back to step 3",
+        6,
+        done[1].finished_at,
+    )
+    assert ledger.roll_back([done[1].id], to_step=3) == [rolled]  # finished again after a kill: no change
+    with pytest.raises(ValueError, match="rolled_back -> done is not allowed"):
+        ledger.finish(rolled.id, 6)
