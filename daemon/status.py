@@ -177,20 +177,24 @@ class StatusFile:
         ``files`` counters never disagree.
 
         A ``done`` row is appended once: the same content (sha256) done from the
-        same start step again is not repeated, so a run that is finished a second
-        time after a crash keeps the history exact.
+        same start step again is not repeated while that row stands (is not rolled
+        back), so a run that is finished a second time after a crash keeps the history
+        exact. A ``rolled_back`` row is appended only while the done row it cancels
+        stands, so a rollback finished again after a kill adds nothing either.
 
         Args:
             row: the history row. A failed row's ``error`` becomes the status's ``last_error``.
         """
         with self._lock:
-            if row.outcome == Outcome.DONE and any(
-                old["outcome"] == Outcome.DONE and (old["sha256"], old["start_step"]) == (row.sha256, row.start_step)
-                for old in read_history(self.dir)
-            ):
-                # A run killed after this append but before the ledger said "done" finishes again.
-                logger.info("history already has %s from step %s", row.file, row.start_step)
-                return
+            if row.outcome != Outcome.FAILED:
+                key = (row.sha256, row.start_step)
+                rows = standing_done_rows(read_history(self.dir))
+                standing = any((o["sha256"], o["start_step"]) == key for o in rows)
+                # A run killed after this append but before the ledger said "done" finishes again;
+                # a rollback killed after this append finishes again (nothing left to cancel).
+                if standing if row.outcome == Outcome.DONE else not standing:
+                    logger.info("history already has %s %s from step %s", row.outcome, row.file, row.start_step)
+                    return
             path = self.dir / HISTORY_FILE
             # A torn last line (killed mid-append) must not glue onto this row.
             lead = "" if _ends_with_newline(path) else "\n"
@@ -201,6 +205,8 @@ class StatusFile:
 
         def count(doc: dict[str, Any]) -> None:
             doc["files"][row.outcome] = doc["files"].get(row.outcome, 0) + 1
+            if row.outcome == Outcome.ROLLED_BACK:
+                doc["files"]["done"] = max(0, doc["files"].get("done", 0) - 1)
             if row.outcome == Outcome.FAILED:
                 doc["last_error"] = {"file": row.file, "message": row.error, "at": row.finished_at}
 
@@ -219,18 +225,36 @@ def _ends_with_newline(path: Path) -> bool:
         return True
 
 
+def standing_done_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The ``done`` rows (oldest first) of history ``rows`` whose steps no rollback took out of the model.
+
+    A ``rolled_back`` row cancels the latest earlier done row with its ``sha256`` and
+    ``start_step``; the same file trained again after the rollback has a new done row, which stands.
+    """
+    standing: list[dict[str, Any]] = []
+    for row in rows:
+        if row.get("outcome") == Outcome.DONE:
+            standing.append(row)
+        elif row.get("outcome") == Outcome.ROLLED_BACK:
+            key = (row.get("sha256"), row.get("start_step"))
+            match = [i for i, old in enumerate(standing) if (old.get("sha256"), old.get("start_step")) == key]
+            if match:
+                del standing[match[-1]]
+    return standing
+
+
 def history_violations(rows: list[dict[str, Any]]) -> list[str]:
     """Check the step invariant (README "Data", step accounting) over ``history.jsonl`` rows.
 
-    For every ``done`` row, ``end_step - start_step == planned_steps > 0``, and each
-    done file starts where the previous done file ended.
+    Over the standing done rows (:func:`standing_done_rows`: rolled-back steps never count),
+    ``end_step - start_step == planned_steps > 0``, and each starts where the previous one ended.
 
     Returns:
         One message per violation (empty when the history is consistent).
     """
     problems = []
     previous_end: int | None = None
-    for row in (r for r in rows if r.get("outcome") == "done"):
+    for row in standing_done_rows(rows):
         name, start, end, planned = row["file"], row["start_step"], row["end_step"], row["planned_steps"]
         if not planned or planned <= 0:
             problems.append(f"{name}: done with {planned} planned steps")
@@ -361,7 +385,8 @@ def format_summary(
             f"perplexity {ev['perplexity']:.2f} ({doc['total_evals']} evals)"
         )
     files = doc["files"]
-    lines.append(f"files        {files['queued']} queued, {files['done']} done, {files['failed']} failed")
+    rolled = f", {files['rolled_back']} rolled back" if files.get("rolled_back") else ""
+    lines.append(f"files        {files['queued']} queued, {files['done']} done, {files['failed']} failed{rolled}")
     if doc.get("queue"):
         lines.append(f"queue        {', '.join(doc['queue'])}")
     g = doc["gradient_guard"]
@@ -379,6 +404,6 @@ def format_summary(
                 f"train_loss {num(row['train_loss'], '.3f')}, eval_loss {num(row['eval_loss'], '.3f')}, "
                 f"{num(row['wall_seconds'], '.0f')} s"
             )
-        else:
-            lines.append(f"  failed {row['file']}: {row['error']}")
+        else:  # failed, or rolled_back (its error says to which step)
+            lines.append(f"  {row['outcome']} {row['file']}: {row['error']}")
     return "\n".join(lines)

@@ -85,6 +85,34 @@ def test_history_violations_catch_zero_steps_gaps_and_miscounts():
     assert history_violations([_row("a", 0, 3, 4).as_dict()]) == ["a: trained 3 steps (0 -> 3), planned 4"]
 
 
+def test_rolled_back_steps_never_count_and_the_same_file_may_train_again_after_a_rollback(tmp_path):
+    status = StatusFile(tmp_path)
+    a, b, c = _row("a", 0, 4, 4), _row("b", 4, 9, 5), _row("c", 9, 12, 3)
+    for row in (a, b, c):
+        status.record_outcome(row)
+    for row in (c, b):  # what a rollback to step 4 appends, twice when it is finished again after a kill
+        for _ in range(2):
+            status.record_outcome(HistoryRow.rolled_back(row.file, row.sha256, row.start_step, row.end_step, 0, 4))
+    status.record_outcome(b)  # b dropped again: trained again from step 4, a new done row
+    status.record_outcome(b)  # ... and finished a second time after a crash: not repeated
+    rows = read_history(tmp_path)
+    assert [(r["file"], r["outcome"]) for r in rows] == [
+        ("a", "done"),
+        ("b", "done"),
+        ("c", "done"),
+        ("c", "rolled_back"),
+        ("b", "rolled_back"),
+        ("b", "done"),
+    ]
+    assert rows[3]["error"] == "rolled back to step 4"
+    assert history_violations(rows) == []
+    assert history_violations(rows[:5] + [_row("d", 9, 12, 3).as_dict()]) == [
+        "d: starts at step 9, the previous file ended at 4"
+    ]
+    assert status.read()["files"] == {"queued": 0, "done": 2, "failed": 0, "rolled_back": 2}
+    assert "  rolled_back c: rolled back to step 4" in format_summary(status.read(), history=rows)
+
+
 @pytest.mark.parametrize("state", ["idle", "training"])
 def test_summary_names_state_step_files_and_recent_history(state):
     doc = empty_status()
