@@ -12,8 +12,9 @@ newest complete one and never one a recorded plan still needs.
 
 The export is the model and tokenizer at the root of ``output_dir``, loadable with
 ``from_pretrained``; ``export.json`` beside it names the step it holds.
-:func:`roll_back` undoes a file: its checkpoints go, and the export returns to the
-file's start. Standard library only: the daemon process uses it without torch.
+:func:`roll_back` undoes the steps above a start: their checkpoints go, and the export
+returns to the start (a failed file, or ``python -m daemon rollback``, :mod:`daemon.rollback`).
+Standard library only: the daemon process uses it without torch.
 """
 
 from __future__ import annotations
@@ -135,6 +136,11 @@ def latest_complete_checkpoint(output_dir: str | Path, set_aside: bool = True) -
     return found
 
 
+def complete_checkpoint_steps(output_dir: str | Path) -> list[int]:
+    """The steps of the complete checkpoints in ``output_dir``, newest first; nothing on disk changes."""
+    return [step for step, folder in _checkpoint_folders(Path(output_dir)) if _why_incomplete(folder) is None]
+
+
 def set_aside_torn_checkpoints(output_dir: str | Path) -> None:
     """Rename incomplete checkpoints newer than the latest complete one to ``torn-checkpoint-<step>[-n]``.
 
@@ -223,13 +229,20 @@ def _delete_folder(folder: Path) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
 
 
-def roll_back(output_dir: str | Path, start_step: int, end_step: int) -> list[int]:
-    """Undo the steps ``start_step < step <= end_step`` of one file: the model is as before the file.
+def roll_back(output_dir: str | Path, start_step: int, end_step: int | None = None) -> list[int]:
+    """Undo the steps ``start_step < step <= end_step``: the model is as it was at ``start_step``.
 
-    Its checkpoints are deleted (newest first, each atomically), then the export at the
-    root returns to ``checkpoint-<start_step>`` when the file had already exported
-    (``export.json`` names a step inside the range). Safe to repeat after a kill at any
-    moment: every step leaves either the file's checkpoints or none of them above the start.
+    The checkpoints of those steps are deleted (newest first, each atomically), then the
+    export at the root returns to ``checkpoint-<start_step>`` when it holds a step inside
+    the range (``export.json``). With ``end_step`` None every step above ``start_step`` is
+    undone (a rollback to a file boundary), and the export becomes ``checkpoint-<start_step>``
+    whatever step it held. Safe to repeat after a kill at any moment: a checkpoint is there
+    whole or gone, and ``export.json`` names the new step only once the export is replaced.
+
+    Args:
+        output_dir: the running model's folder.
+        start_step: the step the model returns to.
+        end_step: the last step undone; None for all of them.
 
     Returns:
         The steps of the deleted checkpoints.
@@ -237,13 +250,17 @@ def roll_back(output_dir: str | Path, start_step: int, end_step: int) -> list[in
     root = Path(output_dir)
     deleted = []
     for step, folder in _checkpoint_folders(root):
-        if start_step < step <= end_step:
+        if start_step < step and (end_step is None or step <= end_step):
             _delete_folder(folder)
             deleted.append(step)
     for leftover in root.glob(".deleting-checkpoint-*"):  # a kill during an earlier roll-back
         shutil.rmtree(leftover, ignore_errors=True)
     exported = export_step(root)
-    if exported is not None and start_step < exported <= end_step:
+    if end_step is None:
+        stale = exported != start_step
+    else:
+        stale = exported is not None and start_step < exported <= end_step
+    if stale:
         start = root / f"checkpoint-{start_step}"
         if start_step > 0 and _why_incomplete(start) is None:
             _replace_export(root, start, start_step)
@@ -251,7 +268,7 @@ def roll_back(output_dir: str | Path, start_step: int, end_step: int) -> list[in
             _remove_export(root)
     if deleted:
         _fsync_dir(root)
-        logger.warning("rolled back steps %d -> %d: deleted checkpoints %s", start_step, end_step, deleted)
+        logger.warning("rolled back to step %d: deleted checkpoints %s", start_step, deleted)
     return deleted
 
 

@@ -37,3 +37,7 @@ class FolderBusy(DaemonError):
 
 class LedgerReplaced(DaemonError):
     """The ledger file is gone or is another ledger than the one this process (or its daemon) opened."""
+
+
+class RollbackError(DaemonError):
+    """A rollback cannot be done: the step is not a kept file boundary, or a pending one is another folder's."""
