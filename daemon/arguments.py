@@ -85,6 +85,14 @@ class ContinualTrainingArguments(TrainingArguments):
         default=200, metadata={"help": "Checkpoint every X optimizer steps (the end of a file always checkpoints)."}
     )
     save_total_limit: int | None = field(default=3, metadata={"help": "Checkpoints kept in output_dir."})
+    # Not a TrainingArguments name: the product's own rotation (CheckpointCallback) reads it.
+    keep_file_checkpoints: int = field(
+        default=3,
+        metadata={
+            "help": "The checkpoints at the end of the last N done files are kept out of --save_total_limit's "
+            "rotation, so `python -m daemon rollback` can return to them. 0 keeps only the current file's start."
+        },
+    )
     # bf16 autocast through accelerate: the matmuls run in bf16, the master weights, optimizer
     # state and loss stay fp32. About 1.7x the fp32 training loop on an AVX512-BF16 CPU (BENCHMARKS.md).
     bf16: bool = field(
@@ -156,7 +164,7 @@ def _apply_owned_flags(argv: list[str], args: TrainingArguments) -> None:
     args.max_steps = -1  # not known before the plan: run.fit() sets it for each segment
 
 
-def _validate_training_args(args: TrainingArguments) -> None:
+def _validate_training_args(args: ContinualTrainingArguments) -> None:
     problems = []
     if args.num_train_epochs <= 0:
         problems.append("--num_train_epochs must be > 0")
@@ -164,6 +172,8 @@ def _validate_training_args(args: TrainingArguments) -> None:
         problems.append(
             "--warmup_steps must be a whole number of steps: a ratio of max_steps would move with every file"
         )
+    if args.keep_file_checkpoints < 0:
+        problems.append("--keep_file_checkpoints must be >= 0")
     if args.save_only_model:
         problems.append("--save_only_model cannot be used: checkpoints must hold the optimizer state to continue")
     if problems:

@@ -62,13 +62,14 @@ class PlanCallback(TrainerCallback):
 
 
 class CheckpointCallback(TrainerCallback):
-    """After each save (main process): fsync the checkpoint, then rotate by step, keeping the plan's start.
+    """After each save (main process): fsync the checkpoint, then rotate by step, keeping protected steps.
 
     The Trainer's own rotation is turned off (it orders by modification time).
 
     Args:
         keep: complete checkpoints to keep (``--save_total_limit``; None keeps all).
-        protected_steps: checkpoints never rotated away (the file's start checkpoint).
+        protected_steps: checkpoints never rotated away: the file's start and the ends of
+            the last ``--keep_file_checkpoints`` done files (the kept file boundaries).
     """
 
     def __init__(self, keep: int | None, protected_steps: set[int]) -> None:

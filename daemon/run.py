@@ -26,6 +26,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,7 @@ from daemon.locks import owning
 from daemon.model import starting_model
 from daemon.plan import StepPlan, plan_steps
 from daemon.records import FileProgress, FileState, HistoryRow, RunState
+from daemon.rollback import kept_file_ends
 from daemon.signals import stop_on_signals
 from daemon.snapshots import GenerationSettings, generate_samples, write_snapshot
 from daemon.status import Heartbeat, StatusFile
@@ -215,16 +217,17 @@ def segment_dataset(prepared: PreparedFile, epoch: int, first_batch: int, steps:
 
 
 def build_trainer(
-    prepared: PreparedFile, flags: Flags, callbacks: list[TrainerCallback]
+    prepared: PreparedFile, flags: Flags, callbacks: list[TrainerCallback], kept_steps: Iterable[int] = ()
 ) -> ThreadedAccumulationTrainer:
     """The ``Trainer`` for one file, with ``--grad_workers`` threads; :func:`fit` sets ``max_steps``.
 
     The product owns checkpoint rotation (:class:`CheckpointCallback`): ``--save_total_limit``
-    moves from the Trainer's arguments to that callback.
+    moves from the Trainer's arguments to that callback, which never deletes the plan's start
+    nor ``kept_steps`` (the kept file boundaries, :func:`~daemon.rollback.kept_file_ends`).
     """
     training_args = flags.training
     keep, training_args.save_total_limit = training_args.save_total_limit, None
-    callbacks = [*callbacks, CheckpointCallback(keep, {prepared.plan.start_step})]
+    callbacks = [*callbacks, CheckpointCallback(keep, {prepared.plan.start_step, *kept_steps})]
     precision = "bf16 autocast" if training_args.bf16 else "fp16 autocast" if training_args.fp16 else "fp32"
     logger.info("precision: %s (master weights fp32)", precision)
     tokenizer = prepared.tokenizer
@@ -371,7 +374,8 @@ def _train_file(flags: Flags) -> HistoryRow:
                 max_steps=prepared.plan.max_steps,
                 current_file=prepared.progress.as_dict(),
             )
-            trainer = build_trainer(prepared, flags, [PlanCallback(stop_requested)])
+            kept = kept_file_ends(ledger, flags.training.keep_file_checkpoints)
+            trainer = build_trainer(prepared, flags, [PlanCallback(stop_requested)], kept)
             trainer.add_callback(ProgressCallback(heartbeat, prepared.plan, prepared.progress, trainer.guard))
             train_loss, train_seconds = fit(trainer, prepared, stop_requested, flags.training.seed)
         _beat(heartbeat, state=RunState.EVALUATING)
