@@ -2,6 +2,7 @@
 
 python -m daemon [--once] [--inbox_dir inbox] [--status_dir status] [--output_dir current_model] [training flags]
 python -m daemon status [--json] [--samples] [--status_dir status]
+python -m daemon rollback (--to_step N | --list) [--output_dir current_model] [--status_dir status]
 python -m daemon train --dataset FILE.jsonl [flags]      (same as python train.py)
 python -m daemon train-spare                              (the daemon's prestarted training process)
 """
@@ -39,6 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     command = argv[0] if argv else ""
     if command == "status":
         return status_main(argv[1:])
+    if command == "rollback":  # moves files only: no torch
+        from daemon import rollback
+        from daemon.config import configure_logging
+
+        configure_logging()
+        return rollback.main(argv[1:])
     if command in ("train", "train-spare", "check-args"):
         from daemon import cli
 

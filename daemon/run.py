@@ -58,7 +58,7 @@ from daemon.locks import owning
 from daemon.model import starting_model
 from daemon.plan import StepPlan, plan_steps
 from daemon.records import FileProgress, FileState, HistoryRow, RunState
-from daemon.rollback import kept_file_ends
+from daemon.rollback import finish_interrupted_rollback, kept_file_ends
 from daemon.signals import stop_on_signals
 from daemon.snapshots import GenerationSettings, generate_samples, write_snapshot
 from daemon.status import Heartbeat, StatusFile
@@ -346,6 +346,7 @@ def train_file(flags: Flags) -> HistoryRow:
             (except for :class:`TrainingInterrupted`, which leaves the file unfinished).
     """
     with owning(flags):
+        finish_interrupted_rollback(str(flags.training.output_dir), flags.status.status_dir)
         return _train_file(flags)
 
 

@@ -50,6 +50,7 @@ from daemon.ledger import Entry, Ledger
 from daemon.locks import lock_folders, release_folders
 from daemon.names import printable
 from daemon.records import FileState, HistoryRow, RunState, utc_now
+from daemon.rollback import finish_interrupted_rollback
 from daemon.status import StatusFile
 from daemon.supervisor import ChildResult, ProcessSupervisor, Supervisor
 
@@ -107,7 +108,11 @@ class Daemon:
 
         Returns:
             The process exit code (0; a stop request also ends in 0).
+
+        Raises:
+            RollbackError: an interrupted rollback in the status folder is another output folder's.
         """
+        finish_interrupted_rollback(self.args.output_dir, self.args.status_dir)  # before anything reads the model
         latest = latest_complete_checkpoint(self.args.output_dir, set_aside=False)
         step = latest.global_step if latest else 0
         self.status.update(state=RunState.IDLE, global_step=step, max_steps=step, current_file=None)
