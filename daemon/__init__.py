@@ -14,6 +14,8 @@ Modules, one concept each (README "Layout" says the same, with the tests):
 - the daemon process (no torch): ``watcher`` (the loop and per-file policy), ``inbox``
   (the drop zone and its folders), ``entries`` (one inbox entry), ``names`` (escaping and
   shortening names), ``supervisor`` (the training child process);
+- ``rollback`` (no torch): kept file boundaries, ``python -m daemon rollback``, and
+  finishing a rollback a kill interrupted;
 - ``make_dataset`` (folders of text to JSONL).
 
 Importing the package imports nothing heavy: the daemon process never loads torch.
