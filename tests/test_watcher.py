@@ -138,6 +138,16 @@ def _entry(tree: Tree, name: str) -> Entry:
     return entry
 
 
+def _claimed_with_a_plan(tree: Tree) -> tuple[Ledger, Entry]:
+    """``processing/a.jsonl`` with its ledger row and plan, as a daemon killed mid-file leaves them."""
+    claimed = tree.inbox / "processing" / "a.jsonl"
+    claimed.parent.mkdir()
+    claimed.write_text('{"text": "a"}\n')
+    ledger = Ledger(tree.status)
+    entry = ledger.add("a.jsonl", FileState.QUEUED, *sha256_of(claimed))
+    return ledger, ledger.record_plan(entry.id, start_step=0, planned_steps=PLANNED_STEPS)
+
+
 def _status(tree: Tree) -> dict:
     return json.loads((tree.status / "training_status.json").read_text())
 
@@ -218,12 +228,7 @@ def test_allow_duplicates_trains_the_same_content_again(tree):
 @pytest.mark.parametrize("state", [FileState.DONE, FileState.FAILED])
 def test_a_claimed_file_whose_ledger_row_is_finished_is_only_filed_away(tree, state):
     """The daemon was killed after the child had finished the file, before the file was moved."""
-    claimed = tree.inbox / "processing" / "a.jsonl"
-    claimed.parent.mkdir()
-    claimed.write_text('{"text": "a"}\n')
-    ledger = Ledger(tree.status)
-    entry = ledger.add("a.jsonl", FileState.QUEUED, *sha256_of(claimed))
-    ledger.record_plan(entry.id, start_step=0, planned_steps=PLANNED_STEPS)
+    ledger, entry = _claimed_with_a_plan(tree)
     if state == FileState.DONE:
         ledger.finish(entry.id, end_step=PLANNED_STEPS)
     else:
@@ -410,12 +415,7 @@ def _unmovable(monkeypatch: pytest.MonkeyPatch, *names: str) -> None:
 
 
 def test_a_claimed_file_that_cannot_be_filed_away_is_left_for_later_and_the_next_file_trains(tree, monkeypatch):
-    claimed = tree.inbox / "processing" / "a.jsonl"
-    claimed.parent.mkdir()
-    claimed.write_text('{"text": "a"}\n')
-    ledger = Ledger(tree.status)
-    entry = ledger.add("a.jsonl", FileState.QUEUED, *sha256_of(claimed))
-    ledger.record_plan(entry.id, start_step=0, planned_steps=PLANNED_STEPS)
+    ledger, entry = _claimed_with_a_plan(tree)
     ledger.finish(entry.id, end_step=PLANNED_STEPS)
     _drop(tree, "b.jsonl", '{"text": "b"}\n', arrived=1000)
     _unmovable(monkeypatch, "a.jsonl")
