@@ -20,6 +20,7 @@ from transformers.trainer_utils import SchedulerType
 from daemon.config import (
     AccumulationArguments,
     DataArguments,
+    EvaluationArguments,
     ModelArguments,
     SampleArguments,
     StatusArguments,
@@ -111,6 +112,7 @@ class Flags:
     status: StatusArguments
     accumulation: AccumulationArguments
     samples: SampleArguments
+    evaluation: EvaluationArguments
     training: ContinualTrainingArguments
 
 
@@ -130,6 +132,7 @@ def parse_args(argv: list[str]) -> Flags:
         StatusArguments,
         AccumulationArguments,
         SampleArguments,
+        EvaluationArguments,
         ContinualTrainingArguments,
     )
     parser = HfArgumentParser(groups)  # type: ignore[arg-type]
