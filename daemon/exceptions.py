@@ -37,3 +37,15 @@ class FolderBusy(DaemonError):
 
 class LedgerReplaced(DaemonError):
     """The ledger file is gone or is another ledger than the one this process (or its daemon) opened."""
+
+
+class RegressionError(DaemonError):
+    """The quality gate rolls a file back: it raised the loss on earlier slices beyond ``--max_regression``.
+
+    Attributes:
+        quality_gate: the gate's figures (:func:`daemon.forgetting.quality_gate`), for the history row.
+    """
+
+    def __init__(self, message: str, quality_gate: dict) -> None:
+        super().__init__(message)
+        self.quality_gate = quality_gate
