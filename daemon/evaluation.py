@@ -189,12 +189,14 @@ class Scorer:
             into.example_tokens[example] += window_tokens
 
 
-def plan_examples(slices: list[Slice], tokens_per_example: float, seconds_left: float, seconds_per_token: float) -> int:
+def plan_examples(
+    slices: list[Slice], tokens_per_example: list[float], seconds_left: float, seconds_per_token: float
+) -> int:
     """The ``k`` of the subset: :data:`MIN_EXAMPLES` times the largest power of two whose extra examples fit.
 
     Args:
         slices: the slices other than the file's own.
-        tokens_per_example: mean learned tokens per example, measured so far.
+        tokens_per_example: of each slice, the mean learned tokens of its examples scored so far.
         seconds_left: budget left once the first :data:`MIN_EXAMPLES` of every slice are scored.
         seconds_per_token: measured so far.
 
@@ -205,8 +207,9 @@ def plan_examples(slices: list[Slice], tokens_per_example: float, seconds_left: 
     largest = max((len(s.records) for s in slices), default=0)
     k = MIN_EXAMPLES
     while k < largest:
-        extra = sum(max(0, min(2 * k, len(s.records)) - MIN_EXAMPLES) for s in slices)
-        if extra * tokens_per_example * seconds_per_token > seconds_left:
+        extra = [max(0, min(2 * k, len(s.records)) - MIN_EXAMPLES) for s in slices]
+        tokens = sum(n * size for n, size in zip(extra, tokens_per_example, strict=True))
+        if tokens * seconds_per_token > seconds_left:
             break
         k *= 2
     return k
@@ -245,10 +248,11 @@ def evaluate_suite(scorer: Scorer, own: Slice | None, others: list[Slice], budge
     for piece in others:
         run(piece, 0, MIN_EXAMPLES)
     tokens = sum(s.tokens for s in scores.values())
-    examples = sum(s.examples for s in scores.values())
     if others and tokens:
         elapsed = time.monotonic() - started
-        k = plan_examples(others, tokens / examples, budget_seconds - elapsed, elapsed / tokens)
+        mean = tokens / sum(s.examples for s in scores.values())
+        sizes = [s.tokens / s.examples if s.tokens else mean for s in (scores[p.name] for p in others)]
+        k = plan_examples(others, sizes, budget_seconds - elapsed, elapsed / tokens)
         for piece in others:
             run(piece, MIN_EXAMPLES, k)
         result.examples_per_slice = k
