@@ -329,14 +329,14 @@ def format_figures(doc: dict[str, Any], width: int = 100) -> list[str]:
     if f:
         lines.append(
             f"forgetting   mean {f['mean']:+.3f}, backward transfer {f['backward_transfer']:+.3f} "
-            f"over {f['slices']} slices; max {f['max']:+.3f} on {_abbreviate(f['worst_slice'], 28)}"
+            f"over {f['slices']} slices; max {f['max']:+.3f} on {_short(f['worst_slice'])}"
         )
     gate = doc.get("quality_gate")
     if gate and (gate.get("regression") is not None or gate.get("errors")):
-        limit = "off" if gate["max_regression"] is None else f"limit {gate['max_regression']}"
-        found = "none" if gate["regression"] is None else f"{gate['regression']:+.3f} over {gate['slices']} slices"
-        worst = gate["worst_slice"] and f"; worst {_abbreviate(gate['worst_slice'], 28)} {gate['worst_change']:+.3f}"
-        lines.append(f"quality gate {gate['action']}: regression {found} ({limit}){worst}")
+        limit = "gate off" if gate["max_regression"] is None else f"limit {gate['max_regression']}"
+        found = "-" if gate["regression"] is None else f"{gate['regression']:+.3f}"
+        worst = gate["worst_slice"] and f", worst {_short(gate['worst_slice'])} {gate['worst_change']:+.3f}"
+        lines.append(f"quality gate {gate['action']}: regression {found} ({limit}, {gate['slices']} slices){worst}")
     ev = doc.get("evaluation")
     if ev:
         lines.append(
@@ -345,6 +345,11 @@ def format_figures(doc: dict[str, Any], width: int = 100) -> list[str]:
         )
         lines += [f"  failed {e['slice']}: {e['error']}" for e in ev["errors"]]
     return [_fit(line, width) for line in lines]
+
+
+def _short(slice_name: str, width: int = 22) -> str:
+    """A slice's name for a summary line: its step without leading zeros, abbreviated to ``width``."""
+    return _abbreviate(slice_name.lstrip("0") if slice_name[:1].isdigit() else slice_name, width)
 
 
 def _fit(line: str, width: int) -> str:
