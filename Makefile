@@ -4,6 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 STDLIB := $(shell $(PYTHON) -c "import sysconfig; print(sysconfig.get_paths()['stdlib'])")
+DOC_PACKAGES := http logging urllib concurrent importlib asyncio
 DEMO_FLAGS := --num_train_epochs 3 --learning_rate 2e-3 --warmup_steps 30 --per_device_train_batch_size 8 --max_seq_length 256 \
               --sample_prompts "def " "import " "class " "    return " "The "
 
@@ -16,17 +17,18 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-# Two drops of real text from Python's own standard library, drained by the daemon.
+# Three drops of different kinds of real text from Python's own standard library (code, docstrings,
+# IDLE's release notes), drained by the daemon; xml's docstrings are a fixed evaluation file (a golden set).
 demo: install
 	mkdir -p demo_data inbox
-	$(PY) -m daemon.make_dataset $(STDLIB)/json $(STDLIB)/email demo_data/stdlib-json-email.jsonl
-	$(PY) -m daemon.make_dataset $(STDLIB)/http $(STDLIB)/logging demo_data/stdlib-http-logging.jsonl
-	cp demo_data/stdlib-json-email.jsonl inbox/.stdlib-json-email.jsonl.part
-	mv inbox/.stdlib-json-email.jsonl.part inbox/stdlib-json-email.jsonl
-	sleep 1
-	cp demo_data/stdlib-http-logging.jsonl inbox/.stdlib-http-logging.jsonl.part
-	mv inbox/.stdlib-http-logging.jsonl.part inbox/stdlib-http-logging.jsonl
-	$(PY) -m daemon --once $(DEMO_FLAGS)
+	$(PY) -m daemon.make_dataset $(STDLIB)/json $(STDLIB)/email demo_data/stdlib-code.jsonl
+	$(PY) -m daemon.make_dataset --docstrings $(addprefix $(STDLIB)/,$(DOC_PACKAGES)) demo_data/stdlib-docstrings.jsonl
+	$(PY) -m daemon.make_dataset --glob '*.txt' $(STDLIB)/idlelib demo_data/idle-news.jsonl
+	$(PY) -m daemon.make_dataset --docstrings --max_chars 2000 $(STDLIB)/xml demo_data/golden-xml-docstrings.jsonl
+	for name in stdlib-code stdlib-docstrings idle-news; do \
+	  cp demo_data/$$name.jsonl inbox/.$$name.jsonl.part && mv inbox/.$$name.jsonl.part inbox/$$name.jsonl && sleep 1; \
+	done
+	$(PY) -m daemon --once $(DEMO_FLAGS) --eval_files demo_data/golden-xml-docstrings.jsonl --max_regression 0.25
 	$(PY) -m daemon status --samples
 
 test: install
@@ -38,11 +40,12 @@ lint: install
 	$(PY) -m mypy daemon
 
 # Benchmarks (not tests: these machines are shared and noisy); each updates its section of BENCHMARKS.md.
-# About 20 min on 2 cores. end_to_end.py fails (after writing) if the identical-settings overhead exceeds 10 %.
+# About 25 min on 2 cores. end_to_end.py fails (after writing) if the identical-settings overhead exceeds 10 %.
 bench: install
 	$(PY) bench/accumulation.py --repeats 2 --steps 5
 	$(PY) bench/daemon_latency.py
 	$(PY) bench/pipeline.py
+	$(PY) bench/evaluation.py
 	$(PY) bench/end_to_end.py
 
 # Removes the run-time state (inbox contents, status, checkpoints and the exported model).

@@ -15,20 +15,26 @@ import sys
 
 
 def status_main(argv: list[str]) -> int:
-    """Print the status summary (or the raw document with ``--json``)."""
+    """Print the status summary and the forgetting matrix (or the raw document and matrix with ``--json``)."""
+    from daemon.forgetting import build_matrix, format_figures, format_matrix, read_rows
     from daemon.status import StatusFile, format_summary, latest_snapshot, read_history
 
     parser = argparse.ArgumentParser(prog="python -m daemon status", description="Show the training status.")
     parser.add_argument("--status_dir", default="status", help="Status folder (default: status).")
-    parser.add_argument("--json", action="store_true", help="Print the raw training_status.json document.")
+    parser.add_argument(
+        "--json", action="store_true", help="Print training_status.json with the forgetting matrix as 'matrix'."
+    )
     parser.add_argument("--samples", action="store_true", help="Also print the latest snapshot's samples.md.")
     args = parser.parse_args(argv)
     status = StatusFile(args.status_dir)
+    doc, rows = status.read(), read_rows(args.status_dir)
     if args.json:
-        print(json.dumps(status.read(), indent=2))
+        print(json.dumps({**doc, "matrix": build_matrix(rows).as_dict()}, indent=2))
         return 0
     snapshot = latest_snapshot(args.status_dir)
-    print(format_summary(status.read(), snapshot, read_history(args.status_dir)))
+    print(format_summary(doc, snapshot, read_history(args.status_dir)))
+    for line in format_figures(doc) + format_matrix(rows):
+        print(line)
     if args.samples and snapshot is not None:
         print()
         print((snapshot / "samples.md").read_text(encoding="utf-8"))

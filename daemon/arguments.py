@@ -20,6 +20,7 @@ from transformers.trainer_utils import SchedulerType
 from daemon.config import (
     AccumulationArguments,
     DataArguments,
+    EvaluationArguments,
     ModelArguments,
     SampleArguments,
     StatusArguments,
@@ -119,6 +120,7 @@ class Flags:
     status: StatusArguments
     accumulation: AccumulationArguments
     samples: SampleArguments
+    evaluation: EvaluationArguments
     training: ContinualTrainingArguments
 
 
@@ -138,6 +140,7 @@ def parse_args(argv: list[str]) -> Flags:
         StatusArguments,
         AccumulationArguments,
         SampleArguments,
+        EvaluationArguments,
         ContinualTrainingArguments,
     )
     parser = HfArgumentParser(groups)  # type: ignore[arg-type]

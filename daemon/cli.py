@@ -53,7 +53,7 @@ def exit_with_supervisor(pid: int) -> None:
 def check_args_main(argv: list[str]) -> int:
     """``python -m daemon check-args [flags]``: validate training flags only (the daemon calls it at start)."""
     try:
-        parse_args(argv)
+        parse_args(argv).evaluation.check_eval_files()
     except DaemonError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return EXIT_USER_ERROR
@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         flags = parse_args(argv)
         if not flags.data.dataset:
             raise ConfigError("--dataset FILE.jsonl is required")
+        if not os.environ.get(SUPERVISOR_ENV):
+            flags.evaluation.check_eval_files()
         if not sys.stderr.isatty():  # \r-progress bars are noise in a log file or a pipe
             import datasets
             import transformers

@@ -73,9 +73,13 @@ class DataArguments:
     max_seq_length: int = field(default=256, metadata={"help": "Tokens per training sequence (packing block size)."})
     strict: bool = field(default=False, metadata={"help": "Fail the whole file on the first malformed line."})
     eval_fraction: float = field(
-        default=0.05, metadata={"help": "Fraction of a file's examples held out for its evaluation snapshot."}
+        default=0.05,
+        metadata={"help": "Fraction of a file's examples held out: its slice of the evaluation suite."},
     )
-    max_eval_examples: int = field(default=64, metadata={"help": "Upper bound on held-out examples per file."})
+    max_eval_examples: int = field(
+        default=64,
+        metadata={"help": "Upper bound on held-out examples per file, and on examples per --eval_files file."},
+    )
     min_train_examples_for_eval: int = field(
         default=16, metadata={"help": "Files with fewer examples than this keep all of them for training."}
     )
@@ -159,6 +163,65 @@ class SampleArguments:
         if self.sample_temperature <= 0:
             problems.append("--sample_temperature must be > 0")
         _raise_all(problems)
+
+
+ON_REGRESSION_CHOICES = ("warn", "rollback")
+
+
+@dataclass
+class EvaluationArguments:
+    """The evaluation suite after each file and its quality gate (README "Knowing what each file did")."""
+
+    eval_files: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Fixed evaluation files (JSONL, any of the three shapes) evaluated after every file as slices "
+            "of their own, on a fixed seeded subset of at most --max_eval_examples examples each."
+        },
+    )
+    eval_budget: float = field(
+        default=0.1,
+        metadata={
+            "help": "Evaluation time after a file, as a fraction of its training time: each slice is evaluated on "
+            "the same seeded subset, cut to fit (never below a few examples per slice)."
+        },
+    )
+    max_regression: float | None = field(
+        default=None,
+        metadata={
+            "help": "Quality gate, in nats: a file that raises the mean loss over the earlier slices and eval files "
+            "by more than this, against the model before it, is handled as --on_regression says. Default: off."
+        },
+    )
+    on_regression: str = field(
+        default="warn",
+        metadata={
+            "help": "What a regression above --max_regression does: 'warn' records it and keeps the file; "
+            "'rollback' undoes the file (model, optimizer, scheduler, export) and moves it to inbox/failed/.",
+            "choices": list(ON_REGRESSION_CHOICES),
+        },
+    )
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not self.eval_budget >= 0:
+            problems.append("--eval_budget must be >= 0 (a fraction of the file's training time)")
+        if self.max_regression is not None and not self.max_regression >= 0:
+            problems.append("--max_regression must be >= 0 nats")
+        if self.on_regression not in ON_REGRESSION_CHOICES:
+            problems.append(f"--on_regression must be one of {', '.join(ON_REGRESSION_CHOICES)}")
+        elif self.on_regression == "rollback" and self.max_regression is None:
+            problems.append("--on_regression rollback needs --max_regression NATS")
+        _raise_all(problems)
+
+    def check_eval_files(self) -> None:
+        """Refuse ``--eval_files`` that are not files: before a daemon starts or ``train.py`` trains.
+
+        Not checked in a daemon's training child: a file that disappears later is reported
+        by each evaluation (and makes the quality gate warn), not a reason to fail drops.
+        """
+        missing = [path for path in self.eval_files if not Path(path).is_file()]
+        _raise_all([f"--eval_files: no such file: {', '.join(missing)}"] if missing else [])
 
 
 @dataclass

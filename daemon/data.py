@@ -10,13 +10,17 @@ batched ``map`` (cached by content) and splits off the held-out slice:
   are learned.
 - ``messages``: rendered with the tokenizer's chat template
   (:data:`DEFAULT_CHAT_TEMPLATE` when it has none); only assistant turns are learned.
+
+For the evaluation suite, :func:`heldout_records` turns the held-out slice back into raw
+records, and :func:`encode_example` / :func:`windows` tokenize one record the same way,
+without truncation, into windows in which every learned token is predicted once.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from daemon.exceptions import DatasetError
@@ -34,7 +38,7 @@ logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100  # labels with this value are left out of the loss (torch CrossEntropyLoss ignore_index)
 
 # ChatML, the template of many open chat models. `{% generation %}` is not used:
-# assistant spans are found by rendering prefixes (see `_render_with_assistant_spans`).
+# assistant spans are found by rendering prefixes (see `render_with_assistant_spans`).
 DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
@@ -99,20 +103,20 @@ def _pack_text(batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, block
 
 
 def _tokenize_prompt_completion(
-    batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, max_len: int
+    batch: dict[str, list], indices: list[int], tokenizer: PreTrainedTokenizerBase, max_len: int
 ) -> dict[str, list]:
     mark_progress()  # one map batch
     prompts = tokenizer(batch["prompt"], add_special_tokens=True)["input_ids"]
     completions = tokenizer(batch["completion"], add_special_tokens=False)["input_ids"]
-    out: dict[str, list] = {"input_ids": [], "labels": [], "length": []}
-    for p, c in zip(prompts, completions, strict=True):
+    out: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "record": []}
+    for p, c, record in zip(prompts, completions, indices, strict=True):
         ids = (p + c + [tokenizer.eos_token_id])[:max_len]
         labels = ([IGNORE_INDEX] * len(p) + c + [tokenizer.eos_token_id])[:max_len]
-        _append_if_learnable(out, ids, labels)
+        _append_if_learnable(out, ids, labels, record)
     return out
 
 
-def _render_with_assistant_spans(
+def render_with_assistant_spans(
     tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], template: str
 ) -> tuple[str, list[tuple[int, int]]]:
     """Render a conversation and the character spans of its assistant turns.
@@ -147,29 +151,31 @@ def _render_with_assistant_spans(
 
 
 def _tokenize_messages(
-    batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, max_len: int, template: str
+    batch: dict[str, list], indices: list[int], tokenizer: PreTrainedTokenizerBase, max_len: int, template: str
 ) -> dict[str, list]:
     mark_progress()  # one map batch
-    out: dict[str, list] = {"input_ids": [], "labels": [], "length": []}
-    for messages in batch["messages"]:
-        text, spans = _render_with_assistant_spans(tokenizer, messages, template)
+    out: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "record": []}
+    for messages, record in zip(batch["messages"], indices, strict=True):
+        text, spans = render_with_assistant_spans(tokenizer, messages, template)
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids = enc["input_ids"][:max_len]
         labels = [
             tid if any(s <= start < e for s, e in spans) else IGNORE_INDEX
             for tid, (start, _) in zip(ids, enc["offset_mapping"], strict=False)
         ]
-        _append_if_learnable(out, ids, labels)
+        _append_if_learnable(out, ids, labels, record)
     return out
 
 
-def _append_if_learnable(out: dict[str, list], ids: list[int], labels: list[int]) -> None:
+def _append_if_learnable(out: dict[str, list], ids: list[int], labels: list[int], record: int) -> None:
     # An example truncated before its first learned token would add a zero-token
     # micro-batch to the loss normalisation; it is dropped (and counted by the caller).
+    # `record` (the row's index in the file's records) finds the raw held-out records.
     if any(label != IGNORE_INDEX for label in labels):
         out["input_ids"].append(ids)
         out["labels"].append(labels)
         out["length"].append(len(ids))
+        out["record"].append(record)
 
 
 @dataclass
@@ -182,12 +188,15 @@ class PreparedData:
         eval: the held-out slice, or ``None`` when the file is too small to spare one.
         tokens: tokens in ``train`` (sum of ``length``).
         dropped: examples with no learnable token left after truncation.
+        heldout_records: the held-out slice as raw records of the file's shape, for the
+            evaluation suite (:func:`heldout_records`); empty without a held-out slice.
     """
 
     train: datasets.Dataset
     eval: datasets.Dataset | None
     tokens: int
     dropped: int
+    heldout_records: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def examples(self) -> int:
@@ -227,6 +236,7 @@ def tokenize(
     return records.map(
         fn,
         fn_kwargs={"tokenizer": tokenizer, **kwargs},
+        with_indices=shape != "text",  # a packed block has no one record; other rows keep theirs
         batched=True,
         batch_size=data_args.preprocessing_batch_size,
         remove_columns=records.column_names,
@@ -292,7 +302,85 @@ def prepare_datasets(
         train, heldout = split["train"], split["test"]
     else:
         train, heldout = tokenized.shuffle(seed=seed), None
+    raw = heldout_records(heldout, records, shape, tokenizer) if heldout is not None else []
+    if "record" in tokenized.column_names:
+        train = train.remove_columns("record")
+        heldout = heldout.remove_columns("record") if heldout is not None else None
     tokens = sum(train["length"])
     if dropped:
         logger.warning("dropped %d examples with no learnable token left after truncation", dropped)
-    return PreparedData(train=train, eval=heldout, tokens=int(tokens), dropped=dropped)
+    return PreparedData(train=train, eval=heldout, tokens=int(tokens), dropped=dropped, heldout_records=raw)
+
+
+def heldout_records(
+    heldout: datasets.Dataset, records: datasets.Dataset, shape: str, tokenizer: PreTrainedTokenizerBase
+) -> list[dict[str, Any]]:
+    """The held-out examples as raw records of ``shape``, so a tokenizer change cannot invalidate them.
+
+    A ``prompt_completion`` or ``messages`` row is one record, found by its ``record``
+    index. A ``text`` row is a packed block: its tokens are cut at each EOS and every
+    piece decoded back to text, one ``{"text": piece}`` per piece (a piece that is only
+    whitespace is left out). For byte-level BPE tokenizers (the embedded one, GPT-2's)
+    decoding gives back the exact characters, except a multi-byte character cut by a
+    block boundary, which decodes to U+FFFD.
+
+    Returns:
+        Records in held-out order, as :func:`daemon.jsonl.parse_line` normalises them.
+    """
+    if shape != "text":
+        return list(records.select(heldout["record"]))
+    pieces: list[dict[str, Any]] = []
+    eos = tokenizer.eos_token_id
+    for ids in heldout["input_ids"]:
+        start = 0
+        for end in [i for i, token in enumerate(ids) if token == eos] + [len(ids)]:
+            text = str(tokenizer.decode(ids[start:end], clean_up_tokenization_spaces=False)) if end > start else ""
+            if text.strip():
+                pieces.append({"text": text})
+            start = end + 1
+    return pieces
+
+
+def encode_example(
+    record: dict[str, Any], shape: str, tokenizer: PreTrainedTokenizerBase, template: str
+) -> tuple[list[int], list[int], int]:
+    """One raw record as ``(input_ids, labels, bytes)``; labels are -100 where not learned.
+
+    Tokenized as in training (:mod:`daemon.data`), without truncation. The first
+    position is never learned (nothing predicts it): a text starts after an EOS, as a
+    packed document does in training. ``bytes`` are the UTF-8 bytes the learned tokens cover.
+    """
+    eos = tokenizer.eos_token_id
+    if shape == "text":
+        ids = tokenizer(record["text"], add_special_tokens=False)["input_ids"]
+        input_ids, labels, covered = [*ids, eos], [*ids, eos], len(record["text"].encode("utf-8"))
+    elif shape == "prompt_completion":
+        prompt = tokenizer(record["prompt"], add_special_tokens=True)["input_ids"]
+        ids = tokenizer(record["completion"], add_special_tokens=False)["input_ids"]
+        input_ids, labels = [*prompt, *ids, eos], [IGNORE_INDEX] * len(prompt) + [*ids, eos]
+        covered = len(record["completion"].encode("utf-8"))
+    else:
+        text, spans = render_with_assistant_spans(tokenizer, record["messages"], template)
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        input_ids = enc["input_ids"]
+        learned = [any(s <= start < e for s, e in spans) for start, _ in enc["offset_mapping"]]
+        labels = [t if keep else IGNORE_INDEX for t, keep in zip(input_ids, learned, strict=True)]
+        covered = sum(len(text[s:e].encode("utf-8")) for s, e in spans)
+    if not labels or labels[0] != IGNORE_INDEX:
+        input_ids, labels = [eos, *input_ids], [IGNORE_INDEX, *labels]
+    return input_ids, labels, covered
+
+
+def windows(input_ids: list[int], labels: list[int], length: int) -> Iterator[tuple[list[int], list[int]]]:
+    """Windows of at most ``length`` tokens overlapping by one, so each position but the first is predicted once.
+
+    A window's first label is left out (nothing in the window predicts it; the previous
+    window's last position did). Windows without a learned label are skipped.
+    """
+    start = 0
+    while start < len(input_ids) - 1:
+        stop = min(start + length, len(input_ids))
+        window_labels = [IGNORE_INDEX, *labels[start + 1 : stop]]
+        if any(label != IGNORE_INDEX for label in window_labels):
+            yield input_ids[start:stop], window_labels
+        start = stop - 1

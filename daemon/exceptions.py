@@ -41,3 +41,15 @@ class LedgerReplaced(DaemonError):
 
 class RollbackError(DaemonError):
     """A rollback cannot be done: the step is not a kept file boundary, or a pending one is another folder's."""
+
+
+class RegressionError(DaemonError):
+    """The quality gate rolls a file back: it raised the loss on earlier slices beyond ``--max_regression``.
+
+    Attributes:
+        quality_gate: the gate's figures (:func:`daemon.forgetting.quality_gate`), for the history row.
+    """
+
+    def __init__(self, message: str, quality_gate: dict) -> None:
+        super().__init__(message)
+        self.quality_gate = quality_gate

@@ -251,6 +251,15 @@ def _generate_records(path: str, text_field: str, shape: str, sha256: str) -> It
         raise DatasetError(f"{Path(path).name} {CHANGED_WHILE_READ}")
 
 
+def iter_records(report: ScanReport, text_field: str = "text") -> Iterator[dict[str, Any]]:
+    """The normalized records of a scanned file, streamed without a cache (small files, e.g. evaluation sets).
+
+    Raises:
+        DatasetError: the file changed since the scan (checked once the last line is read).
+    """
+    return _generate_records(str(report.path), text_field, report.shape, report.sha256)
+
+
 def load_records(report: ScanReport, data_args: DataArguments) -> datasets.Dataset:
     """The usable rows of a scanned file as an Arrow-backed ``datasets.Dataset``.
 

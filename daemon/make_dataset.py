@@ -1,16 +1,20 @@
 """Turn folders of text files (a source repository, notes) into ``{"text": ...}`` JSON lines.
 
-    python -m daemon.make_dataset DIR [DIR ...] OUT.jsonl [--max_chars 16000]
+    python -m daemon.make_dataset DIR [DIR ...] OUT.jsonl [--max_chars 16000] [--glob '*.txt'] [--docstrings]
 
 Files are read in sorted order; hidden folders and ``__pycache__`` are skipped,
-so are binary files (a NUL byte in the first 8 KiB, or not UTF-8). A file longer
-than ``--max_chars`` is split at line boundaries into several documents. The
-output is written to a temporary file and renamed, so it is never seen half-written.
+so are binary files (a NUL byte in the first 8 KiB, or not UTF-8). ``--glob`` keeps
+only the files whose name matches; ``--docstrings`` keeps only the docstrings of
+Python files (module, classes, functions: prose, not code). A file longer than
+``--max_chars`` is split at line boundaries into several documents. The output is
+written to a temporary file and renamed, so it is never seen half-written.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import fnmatch
 import json
 import os
 import sys
@@ -21,14 +25,28 @@ from pathlib import Path
 SKIPPED_DIRS = {"__pycache__", "node_modules"}
 
 
-def iter_text_files(root: Path) -> Iterator[Path]:
-    """Regular files below ``root`` in sorted order, without hidden or cache folders."""
+def iter_text_files(root: Path, pattern: str = "*") -> Iterator[Path]:
+    """Regular files below ``root`` whose name matches ``pattern``, in sorted order, without hidden or cache folders."""
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in SKIPPED_DIRS)
         for name in sorted(filenames):
             path = Path(dirpath) / name
-            if not name.startswith(".") and path.is_file() and not path.is_symlink():
+            if not name.startswith(".") and fnmatch.fnmatch(name, pattern) and path.is_file() and not path.is_symlink():
                 yield path
+
+
+def docstrings(source: str) -> str | None:
+    """The docstrings of a Python module (its own, its classes' and functions'), blank-line separated.
+
+    None when the source does not parse.
+    """
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return None
+    kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+    found = [ast.get_docstring(node) for node in ast.walk(tree) if isinstance(node, kinds)]
+    return "\n\n".join(doc for doc in found if doc)
 
 
 def read_text(path: Path) -> str | None:
@@ -61,11 +79,21 @@ def split_text(text: str, max_chars: int) -> list[str]:
     return [p for p in pieces if p.strip()]
 
 
-def make_dataset(roots: list[Path], out: Path, max_chars: int) -> tuple[int, int, int]:
+def make_dataset(
+    roots: list[Path], out: Path, max_chars: int, pattern: str = "*", only_docstrings: bool = False
+) -> tuple[int, int, int]:
     """Write the JSONL file, one file's documents at a time (memory bounded by the largest file).
 
+    Args:
+        roots: folders to read.
+        out: the JSONL file.
+        max_chars: longest document, in characters.
+        pattern: only files whose name matches (``fnmatch``).
+        only_docstrings: keep the docstrings of ``.py`` files only (other files are skipped).
+
     Returns:
-        ``(documents, files used, binary files skipped)``.
+        ``(documents, files used, files skipped)``: binary files, or with ``only_docstrings``
+        files that are not Python or do not parse.
     """
     docs = used = skipped = 0
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -74,8 +102,10 @@ def make_dataset(roots: list[Path], out: Path, max_chars: int) -> tuple[int, int
         os.fchmod(fd, 0o644)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             for root in roots:
-                for path in iter_text_files(root):
+                for path in iter_text_files(root, pattern):
                     text = read_text(path)
+                    if only_docstrings and text is not None:
+                        text = docstrings(text) if path.suffix == ".py" else None
                     if text is None:
                         skipped += 1
                         continue
@@ -94,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m daemon.make_dataset", description=__doc__.splitlines()[0])
     parser.add_argument("paths", nargs="+", help="DIR [DIR ...] OUT.jsonl")
     parser.add_argument("--max_chars", type=int, default=16000, help="Longest document, in characters.")
+    parser.add_argument("--glob", default="*", help="Only files whose name matches, e.g. '*.txt' (default: all).")
+    parser.add_argument("--docstrings", action="store_true", help="Only the docstrings of Python files (prose).")
     args = parser.parse_args(argv)
     if len(args.paths) < 2:
         parser.error("give at least one DIR and the OUT.jsonl file")
@@ -104,8 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.max_chars < 1:
         parser.error("--max_chars must be >= 1")
-    docs, used, skipped = make_dataset(roots, out, args.max_chars)
-    print(f"wrote {docs} documents from {used} files to {out} (skipped {skipped} binary files)")
+    docs, used, skipped = make_dataset(roots, out, args.max_chars, args.glob, args.docstrings)
+    what = "files without docstrings" if args.docstrings else "binary files"
+    print(f"wrote {docs} documents from {used} files to {out} (skipped {skipped} {what})")
     return 0 if docs else 1
 
 

@@ -10,18 +10,31 @@ Pure arithmetic (README "Data", step accounting)::
 the ``global_step`` of the latest complete checkpoint. ``planned_steps`` is what the
 specification's formula calls ``steps_for_file``; the product uses one name for it in
 code, status, history and ledger.
+
+Where a plan is kept: :func:`recorded_plan` finds the ledger's plan of an interrupted
+file (resumed exactly), and :func:`commit_plan` writes a new plan to the ledger before
+the file's first step.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from daemon.checkpoints import set_aside_torn_checkpoints
 from daemon.exceptions import TrainingError
+from daemon.records import FileState
 
 if TYPE_CHECKING:
     from transformers import TrainingArguments
+
+    from daemon.jsonl import ScanReport
+    from daemon.ledger import Entry, Ledger
+    from daemon.run import PreparedFile
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -108,3 +121,47 @@ def plan_steps(start_step: int, examples: int, args: TrainingArguments) -> StepP
     if plan.planned_steps <= 0:
         raise TrainingError(f"the plan has no step ({examples} examples, {plan.epochs} epochs)")
     return plan
+
+
+def recorded_plan(
+    ledger: Ledger, report: ScanReport, at_step: int, claim: Entry | None
+) -> tuple[Entry | None, Entry | None]:
+    """``(resumed, abandoned)``: the ledger's plan for this file if training it was interrupted inside it.
+
+    The row is ``claim`` (the daemon's) or, for ``train.py`` on its own, the newest
+    ``training`` row with this content. A recorded plan that the running model has
+    left (the checkpoint is outside ``[start_step, start_step + planned_steps]``) cannot be
+    resumed exactly: it is returned as ``abandoned`` and the file is planned anew.
+    """
+    entry = claim if claim is not None else ledger.find(report.sha256, (FileState.TRAINING,))
+    if entry is None or entry.state != FileState.TRAINING or entry.start_step is None or entry.planned_steps is None:
+        return None, None
+    if entry.start_step <= at_step <= entry.start_step + entry.planned_steps:
+        return entry, None
+    logger.warning(
+        "%s: its recorded plan %d -> %d no longer matches the latest checkpoint (step %d); planning anew",
+        report.path.name,
+        entry.start_step,
+        entry.start_step + entry.planned_steps,
+        at_step,
+    )
+    return None, entry
+
+
+def commit_plan(ledger: Ledger, prepared: PreparedFile, ledger_id: int | None, output_dir: str) -> Entry:
+    """Set torn checkpoints aside and write the file's plan to the ledger (main process, before step one).
+
+    Uses the interrupted run's row, or the daemon's claim ``ledger_id``, or adds a row
+    (``train.py`` used on its own). An abandoned plan of another row is marked failed.
+    """
+    set_aside_torn_checkpoints(output_dir)
+    if prepared.resumed is not None:
+        return prepared.resumed
+    abandoned = prepared.abandoned
+    if abandoned is not None and abandoned.id != ledger_id:
+        ledger.fail(abandoned.id, f"abandoned: the running model is at step {prepared.plan.start_step}")
+    row = ledger.get(ledger_id) if ledger_id is not None else None
+    if row is None:
+        report = prepared.report
+        row = ledger.add(report.path.name, FileState.QUEUED, report.sha256, report.size_bytes)
+    return ledger.record_plan(row.id, prepared.plan.start_step, prepared.plan.planned_steps)

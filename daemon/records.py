@@ -130,9 +130,11 @@ class HistoryRow:
     For a done file ``end_step - start_step == planned_steps``; a failed file has no
     ``end_step`` and an ``error``. A ``rolled_back`` row repeats the steps of a done row
     written before it (same ``sha256`` and ``start_step``) whose steps a rollback took out
-    of the model; its ``error`` says to which step. ``wall_seconds`` is the file's whole run in the
-    training process, ``train_seconds`` the part inside the optimizer loop (seconds).
-    Losses are mean token cross-entropy in nats.
+    of the model; its ``error`` says to which step. ``wall_seconds`` is the file's whole run
+    in the training process, ``train_seconds`` the part inside the optimizer loop and
+    ``eval_seconds`` the evaluation suite's (seconds). Losses are mean token cross-entropy
+    in nats; ``eval_loss`` is the loss on the file's held-out slice. ``quality_gate`` is
+    what the gate found (:func:`daemon.forgetting.quality_gate`), also on a file it rolled back.
     """
 
     file: str
@@ -149,6 +151,8 @@ class HistoryRow:
     outcome: Outcome
     error: str | None
     finished_at: str
+    eval_seconds: float | None = None
+    quality_gate: dict[str, Any] | None = None
 
     @classmethod
     def done(
@@ -158,6 +162,8 @@ class HistoryRow:
         train_seconds: float,
         train_loss: float | None,
         eval_loss: float | None,
+        eval_seconds: float | None = None,
+        quality_gate: dict[str, Any] | None = None,
     ) -> HistoryRow:
         """The row of a file trained to its end; ``started`` is a ``time.monotonic()`` value."""
         return cls(
@@ -175,6 +181,8 @@ class HistoryRow:
             outcome=Outcome.DONE,
             error=None,
             finished_at=utc_now(),
+            eval_seconds=None if eval_seconds is None else round(eval_seconds, 2),
+            quality_gate=quality_gate,
         )
 
     @classmethod
@@ -185,6 +193,7 @@ class HistoryRow:
         sha256: str | None = None,
         progress: FileProgress | None = None,
         started: float | None = None,
+        quality_gate: dict[str, Any] | None = None,
     ) -> HistoryRow:
         """The row of a failed file; what is known of its plan (``progress``) is kept."""
         return cls(
@@ -202,6 +211,7 @@ class HistoryRow:
             outcome=Outcome.FAILED,
             error=error,
             finished_at=utc_now(),
+            quality_gate=quality_gate,
         )
 
     @classmethod

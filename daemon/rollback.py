@@ -38,6 +38,7 @@ from filelock import FileLock
 
 from daemon.checkpoints import CHECKPOINT_RE, complete_checkpoint_steps, export_step, roll_back
 from daemon.exceptions import DaemonError, RollbackError
+from daemon.forgetting import discard_after
 from daemon.ledger import LEDGER_FILE, Ledger
 from daemon.locks import lock_folders, release_folders
 from daemon.records import FileState, HistoryRow, utc_now
@@ -165,6 +166,7 @@ def _carry_out(intent: RollbackIntent, status_dir: str | Path) -> None:
         status.record_outcome(row)
         _reached(f"history:{n}")
     status.update(global_step=intent.to_step, max_steps=intent.to_step, current_file=None)
+    discard_after(status_dir, intent.to_step)  # the evaluation rows and held-out slices of the undone files
     _reached("status")
     (Path(status_dir) / INTENT_FILE).unlink(missing_ok=True)
     logger.info("rolled back to step %d", intent.to_step)

@@ -13,9 +13,11 @@ through :mod:`daemon.cli`. :func:`train_file` reads as:
    segment (one per epoch, :meth:`StepPlan.segments`) with ``max_steps`` at the
    segment's end and ``ignore_data_skip=True``; every end is checked and
    checkpointed, the last one being ``max_steps = start_step + planned_steps``.
-4. :func:`evaluate`: held-out loss, once training and its threads have stopped.
+4. :func:`evaluate`: once training and its threads have stopped, the model is scored on
+   every slice of the evaluation suite and the quality gate may roll the file back
+   (:mod:`daemon.evaluation`); nothing is written before :func:`save`.
 5. :func:`save`: samples, export to the root of ``output_dir``, evolution snapshot,
-   history row, ledger ``done``; each may be repeated after a crash.
+   evaluation rows and slice, history row, ledger ``done``; each may be repeated after a crash.
 
 This module is the only place that builds a ``Trainer``.
 """
@@ -47,17 +49,24 @@ from daemon.checkpoints import (
     export_model,
     fail_file,
     latest_complete_checkpoint,
-    set_aside_torn_checkpoints,
 )
 from daemon.config import LEDGER_ENV
 from daemon.data import IGNORE_INDEX, PreparedData, prepare_datasets
-from daemon.exceptions import ConfigError, DaemonError, DatasetError, TrainingError, TrainingInterrupted
+from daemon.evaluation import FileEvaluation, evaluate_file
+from daemon.exceptions import (
+    ConfigError,
+    DaemonError,
+    DatasetError,
+    RegressionError,
+    TrainingError,
+    TrainingInterrupted,
+)
 from daemon.jsonl import CHANGED_WHILE_READ, ScanReport, load_records, scan_jsonl
 from daemon.ledger import Entry, Ledger
 from daemon.locks import owning
 from daemon.model import starting_model
-from daemon.plan import StepPlan, plan_steps
-from daemon.records import FileProgress, FileState, HistoryRow, RunState
+from daemon.plan import StepPlan, commit_plan, plan_steps, recorded_plan
+from daemon.records import FileProgress, HistoryRow, RunState
 from daemon.rollback import finish_interrupted_rollback, kept_file_ends
 from daemon.signals import stop_on_signals
 from daemon.snapshots import GenerationSettings, generate_samples, write_snapshot
@@ -117,7 +126,7 @@ def setup(flags: Flags, ledger: Ledger, heartbeat: Heartbeat | None) -> Prepared
     model, tokenizer = starting_model(flags.model, output_dir, training_args.seed, checkpoint, records, report.shape)
     datasets = prepare_datasets(records, report.shape, tokenizer, data_args, training_args.seed)
     at_step = checkpoint.global_step if checkpoint else 0
-    resumed, abandoned = _recorded_plan(ledger, report, at_step, claim)
+    resumed, abandoned = recorded_plan(ledger, report, at_step, claim)
     start_step = at_step if resumed is None or resumed.start_step is None else resumed.start_step
     plan = plan_steps(start_step, datasets.examples, training_args)
     if resumed and plan.planned_steps != resumed.planned_steps:
@@ -158,50 +167,6 @@ def setup(flags: Flags, ledger: Ledger, heartbeat: Heartbeat | None) -> Prepared
         plan.planned_steps,
     )
     return PreparedFile(model, tokenizer, datasets, report, checkpoint, plan, steps_done, resumed, abandoned, progress)
-
-
-def _recorded_plan(
-    ledger: Ledger, report: ScanReport, at_step: int, claim: Entry | None
-) -> tuple[Entry | None, Entry | None]:
-    """``(resumed, abandoned)``: the ledger's plan for this file if training it was interrupted inside it.
-
-    The row is ``claim`` (the daemon's) or, for ``train.py`` on its own, the newest
-    ``training`` row with this content. A recorded plan that the running model has
-    left (the checkpoint is outside ``[start_step, start_step + planned_steps]``) cannot be
-    resumed exactly: it is returned as ``abandoned`` and the file is planned anew.
-    """
-    entry = claim if claim is not None else ledger.find(report.sha256, (FileState.TRAINING,))
-    if entry is None or entry.state != FileState.TRAINING or entry.start_step is None or entry.planned_steps is None:
-        return None, None
-    if entry.start_step <= at_step <= entry.start_step + entry.planned_steps:
-        return entry, None
-    logger.warning(
-        "%s: its recorded plan %d -> %d no longer matches the latest checkpoint (step %d); planning anew",
-        report.path.name,
-        entry.start_step,
-        entry.start_step + entry.planned_steps,
-        at_step,
-    )
-    return None, entry
-
-
-def commit_plan(ledger: Ledger, prepared: PreparedFile, ledger_id: int | None, output_dir: str) -> Entry:
-    """Set torn checkpoints aside and write the file's plan to the ledger (main process, before step one).
-
-    Uses the interrupted run's row, or the daemon's claim ``ledger_id``, or adds a row
-    (``train.py`` used on its own). An abandoned plan of another row is marked failed.
-    """
-    set_aside_torn_checkpoints(output_dir)
-    if prepared.resumed is not None:
-        return prepared.resumed
-    abandoned = prepared.abandoned
-    if abandoned is not None and abandoned.id != ledger_id:
-        ledger.fail(abandoned.id, f"abandoned: the running model is at step {prepared.plan.start_step}")
-    row = ledger.get(ledger_id) if ledger_id is not None else None
-    if row is None:
-        report = prepared.report
-        row = ledger.add(report.path.name, FileState.QUEUED, report.sha256, report.size_bytes)
-    return ledger.record_plan(row.id, prepared.plan.start_step, prepared.plan.planned_steps)
 
 
 def segment_dataset(prepared: PreparedFile, epoch: int, first_batch: int, steps: int, seed: int) -> Any:
@@ -295,15 +260,25 @@ def fit(
     return (loss_sum / trained if trained else None), seconds
 
 
-def evaluate(trainer: ThreadedAccumulationTrainer, prepared: PreparedFile) -> float | None:
-    """Mean held-out token loss in nats, or None when the file was too small to spare a held-out slice."""
-    return trainer.evaluate()["eval_loss"] if prepared.datasets.eval is not None else None
+def evaluate(prepared: PreparedFile, flags: Flags, train_seconds: float, is_main: bool) -> FileEvaluation:
+    """Score the model on the evaluation suite (main process; other ranks have nothing to record).
+
+    Raises:
+        RegressionError: ``--on_regression rollback`` and the file raised the loss on earlier slices.
+    """
+    return evaluate_file(prepared, flags, train_seconds) if is_main else FileEvaluation()
 
 
 def save(
-    prepared: PreparedFile, row: HistoryRow, status: StatusFile, ledger: Ledger, entry: Entry, flags: Flags
+    prepared: PreparedFile,
+    row: HistoryRow,
+    status: StatusFile,
+    ledger: Ledger,
+    entry: Entry,
+    flags: Flags,
+    scored: FileEvaluation,
 ) -> None:
-    """Samples, export, snapshot, then the records; each step may be repeated after a crash."""
+    """Samples, export, snapshot, evaluations, then the records; each step may be repeated after a crash."""
     if row.eval_loss is not None:
         status.record_eval(prepared.plan.max_steps, row.file, row.eval_loss)
     samples_args = flags.samples
@@ -324,7 +299,10 @@ def save(
         prepared.datasets.eval_examples,
         settings,
         samples,
+        scored.snapshot_fields(),
     )
+    scored.record(flags.status.status_dir, prepared.plan.start_step)
+    status.update(**scored.status_fields())
     logger.info("exported the model to %s; snapshot in %s", output_dir, folder)
     status.record_outcome(row)  # before the ledger: a crash in between finishes again without a second row
     ledger.finish(entry.id, prepared.plan.max_steps)
@@ -380,12 +358,14 @@ def _train_file(flags: Flags) -> HistoryRow:
             trainer.add_callback(ProgressCallback(heartbeat, prepared.plan, prepared.progress, trainer.guard))
             train_loss, train_seconds = fit(trainer, prepared, stop_requested, flags.training.seed)
         _beat(heartbeat, state=RunState.EVALUATING)
-        eval_loss = evaluate(trainer, prepared)
-        row = HistoryRow.done(prepared.progress, started, train_seconds, train_loss, eval_loss)
+        scored = evaluate(prepared, flags, train_seconds, is_main)
+        row = HistoryRow.done(
+            prepared.progress, started, train_seconds, train_loss, scored.eval_loss, scored.seconds, scored.quality_gate
+        )
         if is_main:
             assert status is not None and entry is not None
             _beat(heartbeat, state=RunState.SAVING)
-            save(prepared, row, status, ledger, entry, flags)
+            save(prepared, row, status, ledger, entry, flags, scored)
             _beat(heartbeat, state=RunState.IDLE, global_step=prepared.plan.max_steps, current_file=None)
         return row
     except TrainingInterrupted:
@@ -398,8 +378,12 @@ def _train_file(flags: Flags) -> HistoryRow:
                 fail_file(ledger, failing, str(e), str(flags.training.output_dir))
         if status is not None:
             progress = prepared.progress if prepared else None
-            status.record_outcome(HistoryRow.failed(name, str(e), progress=progress, started=started))
-        _beat(heartbeat, state=RunState.FAILED)
+            gate = e.quality_gate if isinstance(e, RegressionError) else None
+            status.record_outcome(
+                HistoryRow.failed(name, str(e), progress=progress, started=started, quality_gate=gate)
+            )
+        undone = {"global_step": prepared.plan.start_step} if prepared is not None and entry is not None else {}
+        _beat(heartbeat, state=RunState.FAILED, **undone)  # fail_file took the model back to the plan's start
         raise
     finally:
         if heartbeat:

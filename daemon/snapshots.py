@@ -3,7 +3,8 @@
 ``<status_dir>/evolution/<global_step:08d>-<file stem>/`` (a long stem cut, with a
 hash: :func:`~daemon.names.fit_name`) holds ``snapshot.json``
 (step, file, held-out eval loss and perplexity, generation settings and seed,
-the samples) and ``samples.md``. The folder is written under a temporary name
+the samples, the evaluation suite's rows, forgetting and quality gate) and
+``samples.md``. The folder is written under a temporary name
 and renamed into place, so a snapshot is either whole or absent.
 
 Callers must have stopped every training thread first: generation here is
@@ -91,6 +92,7 @@ def write_snapshot(
     eval_examples: int,
     settings: GenerationSettings,
     samples: list[dict[str, str]],
+    evaluation: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``snapshot.json`` and ``samples.md`` for one finished file.
 
@@ -102,6 +104,8 @@ def write_snapshot(
         eval_examples: held-out examples evaluated.
         settings: generation settings used for ``samples``.
         samples: from :func:`generate_samples`.
+        evaluation: ``evaluations`` (the model's rows on every slice), ``forgetting``,
+            ``quality_gate`` and ``evaluation`` (:meth:`daemon.evaluation.FileEvaluation.snapshot_fields`).
 
     Returns:
         The snapshot folder.
@@ -121,6 +125,7 @@ def write_snapshot(
         "eval_note": None if eval_loss is not None else "file too small to spare a held-out slice; no evaluation",
         "generation": settings.as_dict(),
         "samples": samples,
+        **(evaluation or {}),
     }
     (tmp / "snapshot.json").write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     (tmp / "samples.md").write_text(_markdown(doc), encoding="utf-8")
@@ -141,6 +146,13 @@ def _markdown(doc: dict[str, Any]) -> str:
         f"- generation: {json.dumps(doc['generation'])}",
         "",
     ]
+    if doc.get("evaluations"):
+        lines += ["| slice | examples | loss (nats) | perplexity | bits per byte |", "|---|---|---|---|---|"]
+        lines += [
+            f"| {r['slice']} | {r['examples']} | {r['loss']:.4f} | {r['perplexity']:.2f} | {r['bits_per_byte']:.4f} |"
+            for r in doc["evaluations"]
+        ]
+        lines.append("")
     for i, s in enumerate(doc["samples"], start=1):
         lines += [f"## Sample {i}: prompt `{s['prompt']!r}`", "", "```", s["prompt"] + s["completion"], "```", ""]
     return "\n".join(lines)

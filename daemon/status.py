@@ -75,6 +75,9 @@ def empty_status() -> dict[str, Any]:
         "queue": [],
         "gradient_guard": {"workers": 0, "dropped_shards": 0, "skipped_steps": 0, "last_grad_norm": None},
         "last_error": None,
+        "evaluation": None,
+        "forgetting": None,
+        "quality_gate": None,
     }
 
 

@@ -297,3 +297,22 @@ def test_a_file_that_changes_between_the_scan_and_the_read_fails_instead_of_trai
         f.write('{"text": "written after the claim"}\n')
     with pytest.raises(DatasetError, match="changed while it was being read.*rename it into the inbox"):
         load_records(report, _data_args(tmp_path))
+
+
+def test_the_heldout_slice_is_kept_as_raw_records_of_the_files_shape(tmp_path, tokenizer):
+    args = _data_args(tmp_path, eval_fraction=0.25, min_train_examples_for_eval=1, max_seq_length=64)
+    rows = [{"prompt": f"Q{i}: what is {i} squared?\nA:", "completion": f" {i * i}"} for i in range(40)]
+    report = scan_jsonl(write_jsonl(tmp_path / "pc.jsonl", rows))
+    data = prepare_datasets(load_records(report, args), report.shape, tokenizer, args, seed=0)
+    assert data.eval is not None and len(data.heldout_records) == data.eval_examples == 10
+    eos = [tokenizer.eos_token_id]
+    encoded = [tokenizer(r["prompt"])["input_ids"] + tokenizer(r["completion"])["input_ids"] + eos for r in rows]
+    heldout = [rows.index(r) for r in data.heldout_records]  # each is one of the file's records, as written
+    assert sorted(map(tuple, data.eval["input_ids"])) == sorted(tuple(encoded[i]) for i in heldout)
+    assert "record" not in data.train.column_names  # training rows are as before
+
+    docs = stdlib_documents(limit=30)
+    report = scan_jsonl(write_jsonl(tmp_path / "t.jsonl", [{"text": d} for d in docs]))
+    data = prepare_datasets(load_records(report, args), "text", tokenizer, args, seed=0)
+    assert data.heldout_records and len(data.heldout_records) >= data.eval_examples
+    assert all(any(r["text"] in d for d in docs) for r in data.heldout_records)  # pieces of the documents, exact
