@@ -296,7 +296,7 @@ def export_model(
 ) -> None:
     """Save model and tokenizer to the root of ``output_dir``, loadable with ``from_pretrained``.
 
-    Written to a temporary folder and fsynced first, then moved in file by file
+    Written to a staging folder and fsynced first, then moved in file by file
     (``os.replace``): no file is ever half-written at its final name, files of the
     previous export that the new one lacks (stale shards) are removed, and
     ``export.json`` is replaced last. A reader that loads while an export is being
@@ -304,12 +304,10 @@ def export_model(
     before and after loading to be sure.
     """
     root = Path(output_dir)
-    tmp = root / ".export.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    _replace_export(root, tmp, global_step)
-    shutil.rmtree(tmp, ignore_errors=True)
+    staged = _empty_stage(root)
+    model.save_pretrained(staged, safe_serialization=True)  # straight into the stage: no second copy
+    tokenizer.save_pretrained(staged)
+    _install_stage(root, staged, global_step)
 
 
 def _export_files(folder: Path) -> list[Path]:
@@ -324,12 +322,23 @@ def _export_files(folder: Path) -> list[Path]:
 
 
 def _replace_export(root: Path, source: Path, global_step: int) -> None:
-    """Make the export at ``root`` the model files of ``source`` (an export folder or a checkpoint)."""
+    """Make the export at ``root`` a copy of the model files of ``source`` (a checkpoint)."""
+    staged = _empty_stage(root)
+    for path in _export_files(source):
+        shutil.copy2(path, staged / path.name)
+    _install_stage(root, staged, global_step)
+
+
+def _empty_stage(root: Path) -> Path:
+    """``<root>/.export.staged``, empty: where the next export is written before it is moved in."""
     staged = root / ".export.staged"
     shutil.rmtree(staged, ignore_errors=True)
     staged.mkdir()
-    for path in _export_files(source):
-        shutil.copy2(path, staged / path.name)
+    return staged
+
+
+def _install_stage(root: Path, staged: Path, global_step: int) -> None:
+    """Move the staged export in (fsynced first, ``config.json`` last), remove stale files, then ``export.json``."""
     make_durable(staged)
     old = {p.name for p in _export_files(root)} if (root / "config.json").is_file() else set()
     new = {p.name for p in staged.iterdir()}
