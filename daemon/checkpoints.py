@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from daemon.status import atomic_write_text
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -359,10 +361,5 @@ def _remove_export(root: Path) -> None:
 
 
 def _write_export_state(root: Path, global_step: int) -> None:
-    tmp = root / f".{EXPORT_STATE}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(json.dumps({"global_step": global_step}) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, root / EXPORT_STATE)
+    atomic_write_text(root / EXPORT_STATE, json.dumps({"global_step": global_step}) + "\n")
     _fsync_dir(root)
