@@ -56,6 +56,21 @@ def cpu_has_fast_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def default_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
+    """The ``--bf16`` default: whether the device training runs on computes bf16 natively.
+
+    - A CUDA GPU: ``torch.cuda.is_bf16_supported()`` (Ampere and newer; with bf16 an H100 runs
+      its tensor cores at twice the TF32 rate, NVIDIA's H100 datasheet).
+    - Another accelerator (MPS, XPU, ...): off; pass ``--bf16`` where it pays.
+    - A CPU: :func:`cpu_has_fast_bf16`. Without AVX512-BF16 or AMX, bf16 autocast is far slower
+      than fp32 (README "Speed", BENCHMARKS.md), so training stays fp32.
+    """
+    accelerator = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+    if accelerator is None:
+        return cpu_has_fast_bf16(cpuinfo)
+    return accelerator.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
 @dataclass
 class ContinualTrainingArguments(TrainingArguments):
     """``TrainingArguments`` with the product's defaults (as TRL's ``SFTConfig`` does).
@@ -97,10 +112,10 @@ class ContinualTrainingArguments(TrainingArguments):
     # bf16 autocast through accelerate: the matmuls run in bf16, the master weights, optimizer
     # state and loss stay fp32. About 1.7x the fp32 training loop on an AVX512-BF16 CPU (BENCHMARKS.md).
     bf16: bool = field(
-        default=not torch.accelerator.is_available() and cpu_has_fast_bf16(),
+        default=default_bf16(),
         metadata={
-            "help": "bf16 autocast with fp32 master weights. Default: on when training on a CPU with "
-            "AVX512-BF16 or AMX, off otherwise (pass --bf16 on a GPU that supports it)."
+            "help": "bf16 autocast with fp32 master weights. Default: on for a CUDA GPU with bf16 (Ampere "
+            "and newer) and a CPU with AVX512-BF16 or AMX, off otherwise."
         },
     )
     # accelerate runs DDP over gloo (MULTI_CPU) under torchrun only with use_cpu, and the device is

@@ -294,13 +294,37 @@ def test_fast_bf16_is_detected_from_the_cpu_flags(tmp_path, flags, expected):
     assert cpu_has_fast_bf16(tmp_path / "missing") is False
 
 
-def test_bf16_is_the_default_on_a_cpu_that_has_it_and_fp16_replaces_it(tree):
+@pytest.mark.parametrize(
+    ("accelerator", "gpu_bf16", "cpu_flags", "expected"),
+    [
+        (None, False, "fpu avx2", False),  # fp32-only CPU
+        (None, False, "fpu avx512_bf16", True),
+        ("cuda", True, "fpu avx2", True),  # Ampere or newer: bf16 whatever the host CPU
+        ("cuda", False, "fpu avx512_bf16", False),  # an older GPU: the host CPU's flags do not matter
+        ("mps", False, "fpu amx_bf16", False),
+    ],
+)
+def test_the_bf16_default_follows_the_device_that_trains(
+    tmp_path, monkeypatch, accelerator, gpu_bf16, cpu_flags, expected
+):
+    """The GPU path of the precision default, exercised on a CPU machine with the device queries faked."""
     import torch
 
-    from daemon.arguments import cpu_has_fast_bf16, parse_args
+    from daemon.arguments import default_bf16
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {cpu_flags}\n")
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: accelerator is not None)
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda: torch.device(accelerator or "cpu"))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: gpu_bf16)
+    assert default_bf16(cpuinfo) is expected
+
+
+def test_bf16_is_the_default_on_a_cpu_that_has_it_and_fp16_replaces_it(tree):
+    from daemon.arguments import default_bf16, parse_args
 
     defaults = parse_args(["--dataset", "x.jsonl", *tree.flags()]).training
-    assert defaults.bf16 is (not torch.accelerator.is_available() and cpu_has_fast_bf16())
+    assert defaults.bf16 is default_bf16()
     fp16 = parse_args(["--dataset", "x.jsonl", *tree.flags(), "--fp16"]).training
     assert (fp16.fp16, fp16.bf16) == (True, False)
 
