@@ -102,6 +102,7 @@ class Daemon:
         self.wake = threading.Event()
         self.processed = 0
         self._queue_published = 0.0
+        self._queued = 0  # files waiting behind the one in training, as last published
 
     def run(self) -> int:
         """Drain and watch the inbox until stopped (or drained, with ``--once``).
@@ -204,11 +205,20 @@ class Daemon:
 
         self.status.update(mutate)
 
-    def _refresh_queue(self) -> None:
-        """While a child trains: show files dropped meanwhile, every ``QUEUE_REFRESH_SECONDS``."""
+    def _while_training(self) -> None:
+        """Every poll while a child trains: show files dropped meanwhile (every ``QUEUE_REFRESH_SECONDS``),
+        and prestart the next file's training process, so that a queue pays the start-up once.
+
+        The spare's imports run on one core while the child does its own (README "Speed"). With
+        ``--once`` it is started only when another file waits: a last file needs none.
+        """
         if time.monotonic() - self._queue_published > QUEUE_REFRESH_SECONDS:
-            self._publish_queue(self.inbox.scan(), between_files=False)
+            pending = self.inbox.scan()
+            self._queued = len(pending)
+            self._publish_queue(pending, between_files=False)
             self._queue_published = time.monotonic()
+        if self._queued or not self.args.once:
+            self.supervisor.start_spare()
 
     # ------------------------------------------------------------------ one claimed file
 
@@ -227,7 +237,7 @@ class Daemon:
         while not entry.state.finished and not self.stop.is_set():
             logger.info("training %s (attempt %d)", printable(claimed.name), entry.attempts + 1)
             self._queue_published = 0.0
-            result = self.supervisor.run(self._train_args(claimed, entry.id), self.stop, self._refresh_queue)
+            result = self.supervisor.run(self._train_args(claimed, entry.id), self.stop, self._while_training)
             entry = self.ledger.get(entry.id) or entry
             if not entry.state.finished and not self.stop.is_set():
                 entry = self._count_attempt(entry, result)

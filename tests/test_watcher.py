@@ -58,6 +58,8 @@ class FakeTraining:
         self.runs: list[tuple[str, int]] = []  # (file name, ledger entry) of each attempt
         self.queues_seen: list[list[str]] = []  # the status queue while each attempt ran
         self.spares_stopped = 0
+        self.spares_started: list[str | None] = []  # the file training at each start_spare call (None: idle)
+        self._training: str | None = None
 
     @property
     def files(self) -> list[str]:
@@ -72,8 +74,10 @@ class FakeTraining:
         self.runs.append((name, entry_id))
         if self.while_training is not None:
             self.while_training(name)
+        self._training = name
         if on_poll is not None:
             on_poll()
+        self._training = None
         self.queues_seen.append(status.read()["queue"])
         outcome = self.script[name].pop(0) if self.script.get(name) else "done"
         if outcome == "bad":
@@ -101,7 +105,7 @@ class FakeTraining:
         return ChildResult(-9, stalled=outcome == "stall")
 
     def start_spare(self) -> None:
-        pass
+        self.spares_started.append(self._training)
 
     def stop_spare(self) -> None:
         self.spares_stopped += 1
@@ -303,6 +307,8 @@ def test_files_dropped_while_a_file_trains_show_in_the_status_queue(tree):
     _daemon(tree, training).run()
     assert training.files == ["a.jsonl", "b.jsonl"]
     assert training.queues_seen == [["b.jsonl"], []]
+    # b's process is prestarted while a trains; with --once, the last file prestarts nothing
+    assert training.spares_started == ["a.jsonl"]
     assert training.spares_stopped == 1  # on the way out the daemon stops its prestarted process
 
 
