@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -40,25 +41,36 @@ from daemon.exceptions import ConfigError, TrainingError
 logger = logging.getLogger(__name__)
 
 WORKER_THREAD_PREFIX = "grad-worker"
-# What `--grad_workers auto` picks on a CPU run, from bench/accumulation.py (BENCHMARKS.md,
-# 2-core AMD EPYC): 2 workers beat the stock step on the 4.2M-parameter embedded model
-# (1.14x fp32, 1.19x bf16) and lose on a 20M one (0.85x, 0.93x), where each op is large
-# enough for torch's own intra-op threads. So: 2 workers up to 10M parameters, else stock.
+# What `--grad_workers auto` tries on a CPU run, from bench/accumulation.py (BENCHMARKS.md):
+# 2 workers beat the stock step on the 4.2M-parameter embedded model on an AVX512-BF16 EPYC
+# (1.14x fp32, 1.19x bf16), lost on an AVX2-only one (0.96x fp32), and lost on a 20M model
+# (0.85x, 0.93x), where each op is large enough for torch's own intra-op threads. So models
+# over 10M parameters take the stock step; below, a measurement on the machine decides
+# (:func:`daemon.autotune.choose_workers`).
 AUTO_WORKERS = 2
 AUTO_MAX_PARAMETERS = 10_000_000
 
 
-def resolve_workers(spec: str, device_type: str, world_size: int, num_parameters: int, cores: int | None = None) -> int:
+def resolve_workers(
+    spec: str,
+    device_type: str,
+    world_size: int,
+    num_parameters: int,
+    cores: int | None = None,
+    measure: Callable[[int], int] | None = None,
+) -> int:
     """The number of gradient worker threads for ``--grad_workers spec``.
 
     Args:
-        spec: ``"auto"`` (:data:`AUTO_WORKERS` for models up to :data:`AUTO_MAX_PARAMETERS`
-            parameters, else 0) or a whole number (0 = the stock Trainer path).
+        spec: ``"auto"`` or a whole number (0 = the stock Trainer path). ``auto``: 0 above
+            :data:`AUTO_MAX_PARAMETERS` parameters; else ``n = min(AUTO_WORKERS, cores)``,
+            or what ``measure(n)`` returns (``n`` or 0) when given and ``n >= 2``.
         device_type: ``"cpu"``, ``"cuda"``, ...; any accelerator uses the stock path.
         world_size: processes in the run; distributed runs use the stock path (DDP
             reduces gradients in ``backward``, which ``torch.autograd.grad`` bypasses).
         num_parameters: the model's parameter count.
         cores: CPU cores to share (default: ``torch.get_num_threads()``).
+        measure: decides between ``n`` workers and the stock step on this machine.
 
     Raises:
         ConfigError: ``spec`` is not ``auto`` or a whole number.
@@ -67,9 +79,12 @@ def resolve_workers(spec: str, device_type: str, world_size: int, num_parameters
         raise ConfigError("--grad_workers must be a whole number or 'auto'")
     if device_type != "cpu" or world_size > 1:
         return 0
-    if spec == "auto":
-        return min(AUTO_WORKERS, cores or torch.get_num_threads()) if num_parameters <= AUTO_MAX_PARAMETERS else 0
-    return int(spec)
+    if spec != "auto":
+        return int(spec)
+    if num_parameters > AUTO_MAX_PARAMETERS:
+        return 0
+    workers = min(AUTO_WORKERS, cores or torch.get_num_threads())
+    return measure(workers) if measure is not None and workers >= 2 else workers
 
 
 def split_batch(inputs: dict[str, Any], shards: int) -> list[dict[str, Any]]:

@@ -43,6 +43,7 @@ from transformers.trainer_callback import PrinterCallback
 
 from daemon.accumulation import ThreadedAccumulationTrainer, resolve_workers
 from daemon.arguments import Flags
+from daemon.autotune import choose_workers
 from daemon.callbacks import CheckpointCallback, PlanCallback, ProgressCallback
 from daemon.checkpoints import (
     Checkpoint,
@@ -209,6 +210,13 @@ def build_trainer(
             training_args.device.type,
             training_args.world_size,
             prepared.model.num_parameters(),
+            measure=lambda workers: choose_workers(
+                prepared.model,
+                training_args.per_device_train_batch_size,
+                flags.data.max_seq_length,
+                training_args.bf16,
+                workers,
+            ),
         ),
         max_consecutive_skipped_steps=flags.accumulation.max_consecutive_skipped_steps,
     )

@@ -5,6 +5,7 @@ Helpers (the tree, real text, the tiny model, CLI and daemon runners) are in ``h
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -12,6 +13,18 @@ from pathlib import Path
 import psutil
 import pytest
 from helpers import Tree
+
+
+@pytest.fixture(autouse=True, scope="session")
+def private_cache(tmp_path_factory: pytest.TempPathFactory):
+    """``--grad_workers auto`` caches its measurement under ``$XDG_CACHE_HOME``: never the tester's home."""
+    before = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))  # child processes inherit it
+    yield
+    if before is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = before
 
 
 @pytest.fixture

@@ -84,6 +84,41 @@ def test_workers_are_resolved_per_device_world_size_and_model_size():
     assert resolve_workers("4", "cpu", 2, small) == 0
     with pytest.raises(ConfigError, match="--grad_workers"):
         resolve_workers("many", "cpu", 1, small)
+    asked = []
+    measured = lambda n: asked.append(n) or 0  # noqa: E731  # the machine says: stock
+    assert resolve_workers("auto", "cpu", 1, small, cores=8, measure=measured) == 0 and asked == [2]
+    assert resolve_workers("auto", "cpu", 1, large, cores=8, measure=measured) == 0 and asked == [2]  # not measured
+    assert resolve_workers("3", "cpu", 1, small, measure=measured) == 3 and asked == [2]  # a number is obeyed
+
+
+def test_auto_workers_are_measured_once_per_shape_and_leave_the_model_untouched(monkeypatch):
+    from daemon import autotune
+
+    model = _tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.eval()
+    rng = torch.random.get_rng_state()
+    timings = iter([(1.0, 0.5), (0.5, 1.0), (0.5, 1.0)])  # first shape: threads win; then stock wins
+    real = autotune.measure_seconds
+    calls = []
+
+    def measure(*args):
+        calls.append(args[1:])
+        real(*args)  # the real passes run, so that their side effects are checked below
+        return next(timings)
+
+    monkeypatch.setattr(autotune, "measure_seconds", measure)
+    assert autotune.choose_workers(model, 4, 16, False, 2) == 2
+    assert autotune.choose_workers(model, 4, 16, False, 2) == 2  # cached: not measured again
+    assert autotune.choose_workers(model, 2, 16, False, 2) == 0  # another micro-batch shape is measured
+    assert calls == [(4, 16, False, 2), (2, 16, False, 2)]
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters()) and not model.training
+    assert torch.equal(torch.random.get_rng_state(), rng)
+    cache = json.loads(autotune.cache_path().read_text())
+    assert sorted(r["workers"] for r in cache.values()) == [0, 2] and all("micro-batch" in k for k in cache)
+    autotune.cache_path().write_text("not json")
+    assert autotune.choose_workers(model, 4, 16, False, 2) == 0  # an unreadable cache is measured again (stock wins)
 
 
 @pytest.mark.parametrize("workers", [1, 2, 3, 4, 8])
