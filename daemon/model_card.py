@@ -223,7 +223,9 @@ def _usage(model_path: str) -> list[str]:
         "print(tokenizer.decode(output[0], skip_special_tokens=True))",
         "```",
         "",
-        f'From the command line: `python -m daemon generate "def " --output_dir {model_path}`.',
+        f'From the command line: `python -m daemon generate "def " --output_dir {model_path}`. As an',
+        "OpenAI-compatible server (`/v1/completions`, `/v1/chat/completions`), given this folder's absolute path:",
+        f"`HF_HUB_OFFLINE=1 transformers serve /abs/path/to/{model_path} --host 127.0.0.1 --port 8000`.",
         "",
     ]
 
