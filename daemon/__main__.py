@@ -3,6 +3,7 @@
 python -m daemon [--once] [--inbox_dir inbox] [--status_dir status] [--output_dir current_model] [training flags]
 python -m daemon status [--json] [--samples] [--status_dir status]
 python -m daemon rollback (--to_step N | --list) [--output_dir current_model] [--status_dir status]
+python -m daemon generate "PROMPT" [--output_dir current_model] [--max_new_tokens N] [--temperature T] [--seed S]
 python -m daemon train --dataset FILE.jsonl [flags]      (same as python train.py)
 python -m daemon train-spare                              (the daemon's prestarted training process)
 """
@@ -52,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
 
         configure_logging()
         return rollback.main(argv[1:])
+    if command == "generate":
+        from daemon import generate
+
+        return generate.main(argv[1:])
     if command in ("train", "train-spare", "check-args"):
         from daemon import cli
 

@@ -11,7 +11,8 @@ after the Trainer saved it (:func:`make_durable`) and owns rotation
 newest complete one and never one a recorded plan still needs.
 
 The export is the model and tokenizer at the root of ``output_dir``, loadable with
-``from_pretrained``; ``export.json`` beside it names the step it holds.
+``from_pretrained``, and its model card ``README.md`` (:mod:`daemon.model_card`);
+``export.json`` beside it names the step it holds.
 :func:`roll_back` undoes the steps above a start: their checkpoints go, and the export
 returns to the start (a failed file, or ``python -m daemon rollback``, :mod:`daemon.rollback`).
 Standard library only: the daemon process uses it without torch.
@@ -29,8 +30,9 @@ import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from daemon.model_card import write_card
 from daemon.status import atomic_write_text
 
 if TYPE_CHECKING:
@@ -231,7 +233,9 @@ def _delete_folder(folder: Path) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
 
 
-def roll_back(output_dir: str | Path, start_step: int, end_step: int | None = None) -> list[int]:
+def roll_back(
+    output_dir: str | Path, start_step: int, end_step: int | None = None, status_dir: str | Path | None = None
+) -> list[int]:
     """Undo the steps ``start_step < step <= end_step``: the model is as it was at ``start_step``.
 
     The checkpoints of those steps are deleted (newest first, each atomically), then the
@@ -245,6 +249,8 @@ def roll_back(output_dir: str | Path, start_step: int, end_step: int | None = No
         output_dir: the running model's folder.
         start_step: the step the model returns to.
         end_step: the last step undone; None for all of them.
+        status_dir: the status folder whose history the restored export's model card lists
+            (:mod:`daemon.model_card`); None lists no files.
 
     Returns:
         The steps of the deleted checkpoints.
@@ -265,7 +271,7 @@ def roll_back(output_dir: str | Path, start_step: int, end_step: int | None = No
     if stale:
         start = root / f"checkpoint-{start_step}"
         if start_step > 0 and _why_incomplete(start) is None:
-            _replace_export(root, start, start_step)
+            _replace_export(root, start, start_step, status_dir)
         else:  # the model before the file was never exported: there is nothing to show
             _remove_export(root)
     if deleted:
@@ -281,7 +287,7 @@ def fail_file(ledger: Ledger, entry: Entry, error: str, output_dir: str | Path) 
     file fails and by the daemon when it gives up on one.
     """
     if entry.state == "training" and entry.start_step is not None and entry.planned_steps is not None:
-        roll_back(output_dir, entry.start_step, entry.start_step + entry.planned_steps)
+        roll_back(output_dir, entry.start_step, entry.start_step + entry.planned_steps, ledger.path.parent)
     ledger.fail(entry.id, error)
 
 
@@ -294,9 +300,14 @@ def export_step(output_dir: str | Path) -> int | None:
 
 
 def export_model(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, output_dir: str | Path, global_step: int
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    output_dir: str | Path,
+    global_step: int,
+    status_dir: str | Path | None = None,
+    finishing: dict[str, Any] | None = None,
 ) -> None:
-    """Save model and tokenizer to the root of ``output_dir``, loadable with ``from_pretrained``.
+    """Save model, tokenizer and model card to the root of ``output_dir``, loadable with ``from_pretrained``.
 
     Written to a staging folder and fsynced first, then moved in file by file
     (``os.replace``): no file is ever half-written at its final name, files of the
@@ -304,11 +315,19 @@ def export_model(
     ``export.json`` is replaced last. A reader that loads while an export is being
     moved in (milliseconds) can still see files of two steps: compare ``export.json``
     before and after loading to be sure.
+
+    Args:
+        model, tokenizer: what to save.
+        output_dir: the running model's folder.
+        global_step: the step the model holds (``export.json``, the card).
+        status_dir, finishing: the training history the model card lists and the done row
+            of the file being saved, not yet in it (:func:`daemon.model_card.write_card`).
     """
     root = Path(output_dir)
     staged = _empty_stage(root)
     model.save_pretrained(staged, safe_serialization=True)  # straight into the stage: no second copy
     tokenizer.save_pretrained(staged)
+    write_card(staged, global_step, status_dir, root.resolve().name, finishing)  # in the stage: moved in with it
     _install_stage(root, staged, global_step)
 
 
@@ -323,11 +342,12 @@ def _export_files(folder: Path) -> list[Path]:
     ]
 
 
-def _replace_export(root: Path, source: Path, global_step: int) -> None:
-    """Make the export at ``root`` a copy of the model files of ``source`` (a checkpoint)."""
+def _replace_export(root: Path, source: Path, global_step: int, status_dir: str | Path | None) -> None:
+    """Make the export at ``root`` a copy of the model files of ``source`` (a checkpoint), with its card."""
     staged = _empty_stage(root)
     for path in _export_files(source):
         shutil.copy2(path, staged / path.name)
+    write_card(staged, global_step, status_dir, root.resolve().name)
     _install_stage(root, staged, global_step)
 
 

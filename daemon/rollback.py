@@ -9,8 +9,8 @@ A rollback to step N (:func:`roll_back_to`), with the output and status folders 
 
 1. writes its intent, ``<status_dir>/rollback.json`` (atomically): N, the output folder,
    and the done files that ended after N;
-2. deletes the checkpoints above N and makes the export ``checkpoint-N``'s model
-   (:func:`daemon.checkpoints.roll_back`);
+2. deletes the checkpoints above N and makes the export ``checkpoint-N``'s model, with a
+   model card listing the files up to N (:func:`daemon.checkpoints.roll_back`);
 3. marks those files ``rolled_back`` in the ledger, in one transaction;
 4. appends one ``rolled_back`` row per file to ``history.jsonl``;
 5. sets the status's ``global_step`` to N;
@@ -156,7 +156,7 @@ def roll_back_to(output_dir: str | Path, status_dir: str | Path, to_step: int) -
 
 def _carry_out(intent: RollbackIntent, status_dir: str | Path) -> None:
     """Steps 2 to 6 of a rollback (module docstring); each may be repeated after a kill."""
-    roll_back(intent.output_dir, intent.to_step)
+    roll_back(intent.output_dir, intent.to_step, status_dir=status_dir)
     _reached("checkpoints")
     Ledger(status_dir).roll_back([f.id for f in intent.files], intent.to_step)
     _reached("ledger")

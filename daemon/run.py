@@ -298,7 +298,14 @@ def save(
     )
     samples = generate_samples(prepared.model, prepared.tokenizer, samples_args.sample_prompts, settings)
     output_dir = str(flags.training.output_dir)
-    export_model(prepared.model, prepared.tokenizer, output_dir, prepared.plan.max_steps)
+    export_model(
+        prepared.model,
+        prepared.tokenizer,
+        output_dir,
+        prepared.plan.max_steps,
+        status_dir=flags.status.status_dir,
+        finishing=row.as_dict(),  # its history row comes after the export
+    )
     folder = write_snapshot(
         flags.status.status_dir,
         prepared.plan.max_steps,

@@ -2,8 +2,8 @@
 
 ``<status_dir>/evolution/<global_step:08d>-<file stem>/`` (a long stem cut, with a
 hash: :func:`~daemon.names.fit_name`) holds ``snapshot.json``
-(step, file, held-out eval loss and perplexity, generation settings and seed,
-the samples, the evaluation suite's rows, forgetting and quality gate) and
+(step, file, held-out eval loss and perplexity, the sampling settings and seed
+rule, the samples with their seeds, the evaluation suite's rows, forgetting and quality gate) and
 ``samples.md``. The folder is written under a temporary name
 and renamed into place, so a snapshot is either whole or absent.
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,14 +28,29 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
+# How each prompt's seed follows from GenerationSettings.seed, as recorded in every snapshot.
+SEED_RULE = "seed + prompt index (0-based)"
+
+
 @dataclass(frozen=True)
 class GenerationSettings:
-    """Sampling settings recorded with every snapshot (``model.generate`` arguments)."""
+    """Sampling settings recorded with every snapshot (``model.generate`` arguments).
+
+    Attributes:
+        max_new_tokens: tokens sampled per prompt.
+        temperature: softmax temperature (> 0).
+        top_k: tokens kept at each step before sampling.
+        seed: the base seed; prompt ``i`` (0-based) samples from ``seed + i`` (:data:`SEED_RULE`).
+    """
 
     max_new_tokens: int
     temperature: float
     top_k: int
     seed: int
+
+    def prompt_seed(self, index: int) -> int:
+        """The seed of the ``index``-th prompt (0-based): distinct per prompt, reproducible from the settings."""
+        return self.seed + index
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -43,45 +59,96 @@ class GenerationSettings:
             "temperature": self.temperature,
             "top_k": self.top_k,
             "seed": self.seed,
+            "seed_rule": SEED_RULE,
         }
 
 
 def generate_samples(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], settings: GenerationSettings
-) -> list[dict[str, str]]:
-    """Sample one continuation per prompt, each from ``torch.manual_seed(settings.seed)``.
+) -> list[dict[str, Any]]:
+    """Sample one continuation per prompt; prompt ``i`` samples from ``torch.manual_seed(settings.seed + i)``.
+
+    Each prompt has its own seed (:meth:`GenerationSettings.prompt_seed`), so two prompts
+    never share their random draws, and a snapshot is reproducible from its settings and
+    prompt list. The seed depends on the prompt's position, not its text.
+
+    A prompt ending in whitespace (``"import "``) is fed without that whitespace, and the
+    first sampled token must start with it (token healing, for trailing whitespace only):
+    a byte-level BPE glues a space to the word after it (``"Ġjson"``), so a trailing space
+    tokenized alone (``"Ġ"``) is a context the model has barely seen, after which it
+    continues with another space-led token and the sample reads ``"import  json"``.
+
+    Args:
+        model: a causal LM, in any mode (set to eval here).
+        tokenizer: its tokenizer.
+        prompts: the prompts; an empty one starts from EOS, like a new document.
+        settings: sampling settings.
 
     Returns:
-        ``[{"prompt": str, "completion": str}, ...]`` in prompt order; the completion
-        excludes the prompt and special tokens.
+        ``[{"prompt": str, "completion": str, "seed": int}, ...]`` in prompt order. The
+        completion is the text after the prompt in the decoding of the whole sequence
+        (special tokens skipped), so ``prompt + completion`` is what the tokens read.
     """
     import torch
 
     model.eval()
     samples = []
     with torch.inference_mode():
-        for prompt in prompts:
+        for index, prompt in enumerate(prompts):
             mark_progress()
-            torch.manual_seed(settings.seed)
-            enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
-            if enc["input_ids"].shape[1] == 0:  # an empty prompt starts from EOS, like a new document
-                enc = {
-                    "input_ids": torch.tensor([[tokenizer.eos_token_id]]),
-                    "attention_mask": torch.ones(1, 1, dtype=torch.long),
-                }
-            enc = {k: v.to(model.device) for k, v in enc.items()}
+            seed = settings.prompt_seed(index)
+            torch.manual_seed(seed)
+            ids, held_back, first = _prompt_ids(tokenizer, prompt)
+            input_ids = torch.tensor([ids], device=model.device)
             out = model.generate(  # type: ignore[operator]
-                **enc,
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
                 do_sample=True,
                 max_new_tokens=settings.max_new_tokens,
                 temperature=settings.temperature,
                 top_k=settings.top_k,
                 pad_token_id=tokenizer.pad_token_id,
+                prefix_allowed_tokens_fn=_first_token_in(first, len(ids), model) if first else None,
             )
-            new_tokens = out[0, enc["input_ids"].shape[1] :]
-            completion = str(tokenizer.decode(new_tokens, skip_special_tokens=True))
-            samples.append({"prompt": prompt, "completion": completion})
+            fed = str(tokenizer.decode(ids, skip_special_tokens=True)) + held_back
+            text = str(tokenizer.decode(out[0], skip_special_tokens=True))
+            completion = text[len(fed) :] if text.startswith(fed) else text[len(fed) - len(held_back) :]
+            samples.append({"prompt": prompt, "completion": completion, "seed": seed})
     return samples
+
+
+def _prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> tuple[list[int], str, list[int]]:
+    """``(token ids to feed, trailing whitespace held back, the tokens allowed first)`` for one prompt.
+
+    Nothing is held back (and any token may come first) when the prompt does not end in
+    whitespace, is only whitespace, or no token continues the whitespace.
+    """
+    stem = prompt.rstrip()
+    held_back = prompt[len(stem) :]
+    ids: list[int] = tokenizer(stem, add_special_tokens=False)["input_ids"]
+    first: list[int] = []
+    if stem and held_back and ids:
+        # Each token's text after the prompt's last token: decoded in context, since some
+        # tokenizers (SentencePiece) drop the leading space of a sequence's first token.
+        context = str(tokenizer.decode(ids[-1:]))
+        texts = tokenizer.batch_decode([[ids[-1], t] for t in range(len(tokenizer))])
+        first = [t for t, text in enumerate(texts) if str(text).startswith(context + held_back)]
+    if not first:
+        held_back = ""
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if not ids:  # an empty prompt starts from EOS, like a new document
+        ids = [tokenizer.eos_token_id]
+    return ids, held_back, first
+
+
+def _first_token_in(allowed: list[int], prompt_length: int, model: PreTrainedModel) -> Callable[[int, Any], list[int]]:
+    """A ``prefix_allowed_tokens_fn``: ``allowed`` for the first new token, any token after it."""
+    anything = list(range(model.config.get_text_config().vocab_size))
+
+    def allowed_tokens(batch_id: int, input_ids: Any) -> list[int]:
+        return allowed if input_ids.shape[-1] == prompt_length else anything
+
+    return allowed_tokens
 
 
 def write_snapshot(
@@ -91,7 +158,7 @@ def write_snapshot(
     eval_loss: float | None,
     eval_examples: int,
     settings: GenerationSettings,
-    samples: list[dict[str, str]],
+    samples: list[dict[str, Any]],
     evaluation: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``snapshot.json`` and ``samples.md`` for one finished file.
@@ -143,7 +210,7 @@ def _markdown(doc: dict[str, Any]) -> str:
         f"- held-out eval loss: {doc['eval_loss']:.4f}, perplexity: {ppl:.2f} ({doc['eval_examples']} examples)"
         if doc["eval_loss"] is not None
         else f"- {doc['eval_note']}",
-        f"- generation: {json.dumps(doc['generation'])}",
+        _sampling_line(doc["generation"]),
         "",
     ]
     if doc.get("evaluations"):
@@ -154,5 +221,15 @@ def _markdown(doc: dict[str, Any]) -> str:
         ]
         lines.append("")
     for i, s in enumerate(doc["samples"], start=1):
-        lines += [f"## Sample {i}: prompt `{s['prompt']!r}`", "", "```", s["prompt"] + s["completion"], "```", ""]
+        seed = f" (seed {s['seed']})" if "seed" in s else ""
+        lines += [f"## Sample {i}{seed}: prompt `{s['prompt']!r}`", "", "```", s["prompt"] + s["completion"], "```", ""]
     return "\n".join(lines)
+
+
+def _sampling_line(generation: dict[str, Any]) -> str:
+    """The settings of ``snapshot.json``'s ``generation`` as one readable line of samples.md."""
+    rule = generation.get("seed_rule", "the same seed for every prompt")
+    return (
+        f"- sampling: temperature {generation['temperature']}, top_k {generation['top_k']}, "
+        f"max_new_tokens {generation['max_new_tokens']}, seed {generation['seed']} (each prompt: {rule})"
+    )

@@ -410,9 +410,9 @@ def test_a_file_that_fails_after_some_of_its_steps_leaves_the_model_as_before_it
 
     seen: dict[str, set[str]] = {}
 
-    def spy_roll_back(output_dir, start_step, end_step):
+    def spy_roll_back(output_dir, start_step, end_step, *rest):
         seen["at the failure"] = {p.name for p in tree.output.glob("checkpoint-*")}
-        return roll_back(output_dir, start_step, end_step)
+        return roll_back(output_dir, start_step, end_step, *rest)
 
     with monkeypatch.context() as patch:
         patch.setattr(ThreadedAccumulationTrainer, "__init__", poison_after_two_steps)
