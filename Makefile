@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 STDLIB := $(shell $(PYTHON) -c "import sysconfig; print(sysconfig.get_paths()['stdlib'])")
 DOC_PACKAGES := http logging urllib concurrent importlib asyncio
-DEMO_FLAGS := --num_train_epochs 3 --learning_rate 2e-3 --warmup_steps 30 --per_device_train_batch_size 8 --max_seq_length 256 \
+DEMO_FLAGS := --report_to tensorboard --num_train_epochs 3 --learning_rate 2e-3 --warmup_steps 30 --per_device_train_batch_size 8 --max_seq_length 256 \
               --sample_prompts "def " "import " "class " "    return " "The "
 
 .PHONY: install demo test lint bench clean-state
@@ -30,6 +30,9 @@ demo: install
 	done
 	$(PY) -m daemon --once $(DEMO_FLAGS) --eval_files demo_data/golden-xml-docstrings.jsonl --max_regression 0.25
 	$(PY) -m daemon status --samples
+	@echo "report:      open status/report.html in a browser (python -m daemon report rewrites it)"
+	@echo "tensorboard: $(VENV)/bin/tensorboard --logdir status/tensorboard"
+	@echo "live view:   $(PY) -m daemon status --watch"
 
 test: install
 	$(PY) -m pytest -q $(if $(SLOW),,-m "not slow")

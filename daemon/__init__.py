@@ -8,11 +8,13 @@ Modules, one concept each (README "Layout" says the same, with the tests):
   (stopping), ``accumulation`` (multi-thread gradient accumulation), ``jsonl``
   (reading a drop), ``data`` (tokenization and packing), ``model`` (the starting
   model), ``checkpoints`` (checkpoints, rotation, roll-back, export), ``snapshots``,
-  ``evaluation`` (scoring every slice within the budget);
+  ``evaluation`` (scoring every slice within the budget), ``tensorboard_run`` (one
+  TensorBoard run across files);
 - shared, torch-free: ``records`` (states, history row, progress), ``status`` (status
   file, history, heartbeat), ``ledger`` (SQLite ledger and its transitions), ``locks``
   (folder locks, the cache claim), ``suite`` (the evaluation suite on disk),
-  ``forgetting`` (evaluations.jsonl, the matrix, the quality gate), ``exceptions``;
+  ``forgetting`` (evaluations.jsonl, the matrix, the quality gate), ``report`` (status/report.html;
+  matplotlib only when drawing), ``live`` (``status --watch``), ``exceptions``;
 - the daemon process (no torch): ``watcher`` (the loop and per-file policy), ``inbox``
   (the drop zone and its folders), ``entries`` (one inbox entry), ``names`` (escaping and
   shortening names), ``supervisor`` (the training child process);

@@ -1,7 +1,8 @@
 """``python -m daemon``: the inbox daemon and its companions.
 
 python -m daemon [--once] [--inbox_dir inbox] [--status_dir status] [--output_dir current_model] [training flags]
-python -m daemon status [--json] [--samples] [--status_dir status]
+python -m daemon status [--json | --watch] [--samples] [--status_dir status]
+python -m daemon report [--status_dir status]             (writes status/report.html)
 python -m daemon rollback (--to_step N | --list) [--output_dir current_model] [--status_dir status]
 python -m daemon generate "PROMPT" [--output_dir current_model] [--max_new_tokens N] [--temperature T] [--seed S]
 python -m daemon train --dataset FILE.jsonl [flags]      (same as python train.py)
@@ -26,7 +27,12 @@ def status_main(argv: list[str]) -> int:
         "--json", action="store_true", help="Print training_status.json with the forgetting matrix as 'matrix'."
     )
     parser.add_argument("--samples", action="store_true", help="Also print the latest snapshot's samples.md.")
+    parser.add_argument("--watch", action="store_true", help="A live view, refreshed every second; Ctrl-C ends it.")
     args = parser.parse_args(argv)
+    if args.watch:
+        from daemon.live import watch
+
+        return watch(args.status_dir)
     status = StatusFile(args.status_dir)
     doc, rows = status.read(), read_rows(args.status_dir)
     if args.json:
@@ -47,6 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     command = argv[0] if argv else ""
     if command == "status":
         return status_main(argv[1:])
+    if command == "report":  # reads the status folder only: no torch
+        from daemon import report
+        from daemon.config import configure_logging
+
+        configure_logging()
+        return report.main(argv[1:])
     if command == "rollback":  # moves files only: no torch
         from daemon import rollback
         from daemon.config import configure_logging

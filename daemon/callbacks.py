@@ -86,7 +86,8 @@ class CheckpointCallback(TrainerCallback):
 class ProgressCallback(TrainerCallback):
     """Feeds the heartbeat with progress and metrics, and logs one line per logging step.
 
-    Only in-memory updates happen here; the heartbeat thread writes the file.
+    Only in-memory updates happen here; the heartbeat thread writes the status file and
+    appends each logged loss to ``status/loss.jsonl``.
     """
 
     def __init__(
@@ -159,3 +160,14 @@ class ProgressCallback(TrainerCallback):
             )
         if self.heartbeat is not None:
             self.heartbeat.set(metrics=dict(self.metrics))
+            if "loss" in logs:  # the report's loss curve (status/loss.jsonl), written by the heartbeat thread
+                self.heartbeat.add_loss_point(
+                    {
+                        "step": state.global_step,
+                        "file": self.progress.name,
+                        "loss": logs["loss"],
+                        "learning_rate": logs.get("learning_rate"),
+                        "grad_norm": logs.get("grad_norm"),
+                        "tokens_per_second": self.metrics["tokens_per_second"],
+                    }
+                )

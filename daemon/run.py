@@ -18,6 +18,8 @@ through :mod:`daemon.cli`. :func:`train_file` reads as:
    (:mod:`daemon.evaluation`); nothing is written before :func:`save`.
 5. :func:`save`: samples, export to the root of ``output_dir``, evolution snapshot,
    evaluation rows and slice, history row, ledger ``done``; each may be repeated after a crash.
+6. :func:`publish`: the evaluation in TensorBoard (``--report_to tensorboard``) and
+   ``status/report.html``; a failed file rewrites the report too. Errors there are logged only.
 
 This module is the only place that builds a ``Trainer``.
 """
@@ -68,10 +70,12 @@ from daemon.locks import owning
 from daemon.model import starting_model
 from daemon.plan import StepPlan, commit_plan, plan_steps, recorded_plan
 from daemon.records import FileProgress, HistoryRow, RunState
+from daemon.report import write_report_logged
 from daemon.rollback import finish_interrupted_rollback, kept_file_ends
 from daemon.signals import stop_on_signals
 from daemon.snapshots import GenerationSettings, generate_samples, write_snapshot
 from daemon.status import Heartbeat, StatusFile
+from daemon.tensorboard_run import log_file_end, tensorboard_enabled, use_fixed_log_dir
 
 logger = logging.getLogger(__name__)
 
@@ -223,6 +227,9 @@ def build_trainer(
     # ProgressCallback logs one readable line per logging step; the Trainer's
     # printer (used when tqdm is off) would repeat it as a raw dict on stdout.
     trainer.remove_callback(PrinterCallback)
+    if tensorboard_enabled(training_args):  # one run across files, in status/tensorboard
+        step = prepared.plan.start_step + prepared.steps_done
+        use_fixed_log_dir(trainer, flags.status.status_dir, prepared.progress.name, step)
     return trainer
 
 
@@ -382,6 +389,7 @@ def _train_file(flags: Flags) -> HistoryRow:
             _beat(heartbeat, state=RunState.SAVING)
             save(prepared, row, status, ledger, entry, flags, scored)
             _beat(heartbeat, state=RunState.IDLE, global_step=prepared.plan.max_steps, current_file=None)
+            publish(flags, prepared.plan.max_steps, scored)
         return row
     except TrainingInterrupted:
         _beat(heartbeat, state=RunState.STOPPED)
@@ -399,10 +407,22 @@ def _train_file(flags: Flags) -> HistoryRow:
             )
         undone = {"global_step": prepared.plan.start_step} if prepared is not None and entry is not None else {}
         _beat(heartbeat, state=RunState.FAILED, **undone)  # fail_file took the model back to the plan's start
+        if status is not None:
+            write_report_logged(status.dir)
         raise
     finally:
         if heartbeat:
             heartbeat.stop()
+
+
+def publish(flags: Flags, step: int, scored: FileEvaluation) -> None:
+    """After a done file (main process): its evaluation in TensorBoard (``--report_to tensorboard``), the report.
+
+    Neither may fail the file, which is recorded by now: their errors are logged.
+    """
+    if tensorboard_enabled(flags.training):
+        log_file_end(flags.status.status_dir, step, scored)
+    write_report_logged(flags.status.status_dir)
 
 
 def _beat(heartbeat: Heartbeat | None, **fields: Any) -> None:

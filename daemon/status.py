@@ -1,4 +1,6 @@
-"""``status/training_status.json``, ``status/history.jsonl`` and the heartbeat (README "Folders and files").
+"""``status/training_status.json``, ``status/history.jsonl``, ``status/loss.jsonl`` and the heartbeat.
+
+README "Folders and files" lists them.
 
 Two processes write the status document: the training run (progress, metrics)
 and the daemon (queue, between files). Each write is a read-modify-write of the
@@ -30,6 +32,7 @@ logger = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 STATUS_FILE = "training_status.json"
 HISTORY_FILE = "history.jsonl"
+LOSS_FILE = "loss.jsonl"
 
 
 # The last moment this process made progress (time.time()); see mark_progress.
@@ -289,6 +292,46 @@ def read_history(status_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return rows
 
 
+def append_loss_points(status_dir: str | os.PathLike[str], points: list[dict[str, Any]]) -> None:
+    """Append training-loss points to ``<status_dir>/loss.jsonl``, one JSON line each.
+
+    A point is one logging step (``--logging_steps``) of the Trainer: ``step`` (``global_step``),
+    ``file``, ``loss`` (nats, mean over the steps since the previous point), ``learning_rate``,
+    ``grad_norm`` and ``tokens_per_second`` (this file's rate so far). Not fsynced: a point lost
+    to a power cut is only a gap in a plot.
+    """
+    path = Path(status_dir) / LOSS_FILE
+    lead = "" if _ends_with_newline(path) else "\n"  # a torn last line must not glue onto these
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(lead + "".join(json.dumps(p, sort_keys=False) + "\n" for p in points))
+
+
+def read_loss_series(status_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The running model's training-loss points from ``loss.jsonl``, in step order.
+
+    A point whose step is not above the previous one means the model went back (a resume
+    from an earlier checkpoint, a failed file, a rollback) and trained those steps again:
+    the points it replaces are dropped, as TensorBoard purges a restarted run. Torn or
+    unreadable lines are skipped.
+    """
+    path = Path(status_dir) / LOSS_FILE
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return []
+    series: list[dict[str, Any]] = []
+    for line in lines:
+        try:
+            point = json.loads(line)
+            step = int(point["step"])
+        except (ValueError, TypeError, KeyError):
+            continue
+        while series and series[-1]["step"] >= step:
+            series.pop()
+        series.append(point)
+    return series
+
+
 class Heartbeat(threading.Thread):
     """Writes the live progress into the status file every ``interval`` seconds.
 
@@ -311,18 +354,28 @@ class Heartbeat(threading.Thread):
         self._stop_event = threading.Event()
         self._lock = threading.Lock()
         self._fields: dict[str, Any] = {}
+        self._loss_points: list[dict[str, Any]] = []
 
     def set(self, **fields: Any) -> None:
         """Replace top-level fields of the next write (cheap; no I/O)."""
         with self._lock:
             self._fields.update(fields)
 
+    def add_loss_point(self, point: dict[str, Any]) -> None:
+        """Queue one logging step's point for ``loss.jsonl`` (cheap; the next write appends it)."""
+        with self._lock:
+            self._loss_points.append(point)
+
     def flush(self) -> None:
-        """Write the pending fields now, with the latest :func:`mark_progress` (also ``updated_at``)."""
+        """Write the pending fields now, with the latest :func:`mark_progress` (also ``updated_at``),
+        and append the queued loss points to ``loss.jsonl``."""
         with self._lock:
             if _progress_at is not None and _progress_at > self._fields.get("progress_at", 0.0):
                 self._fields["progress_at"] = _progress_at
             fields = dict(self._fields)
+            points, self._loss_points = self._loss_points, []
+        if points:
+            append_loss_points(self.status.dir, points)
         self.status.update(**fields)
 
     def run(self) -> None:

@@ -50,6 +50,7 @@ from daemon.ledger import Entry, Ledger
 from daemon.locks import lock_folders, release_folders
 from daemon.names import printable
 from daemon.records import FileState, HistoryRow, RunState, utc_now
+from daemon.report import write_report_logged
 from daemon.rollback import finish_interrupted_rollback
 from daemon.status import StatusFile
 from daemon.supervisor import ChildResult, ProcessSupervisor, Supervisor
@@ -257,6 +258,7 @@ class Daemon:
         fail_file(self.ledger, entry, error, self.args.output_dir)
         entry = self.ledger.get(entry.id) or entry
         self.status.record_outcome(HistoryRow.failed(entry.name, error, sha256=entry.sha256))
+        write_report_logged(self.args.status_dir)  # the child, which rewrites it after a file, died
         return entry
 
     def _claim_entry(self, claimed: Path, sha: str, size: int) -> Entry | None:

@@ -208,3 +208,156 @@ def fake_checkpoint(
         with zipfile.ZipFile(folder / name, "w") as z:  # what torch.save writes
             z.writestr("archive/data.pkl", b"state")
     return folder
+
+
+def fake_status_folder(status_dir: Path, files: int = 3, steps_per_file: int = 40) -> Path:
+    """A status folder as a daemon leaves it after ``files`` done files, one failed file and an eval file.
+
+    Written with the product's own writers (history rows, loss points, evaluation rows, a
+    snapshot), with made-up but plausible figures: the report and the live view read it
+    without any training. The failed file's reason and a sample hold HTML to be escaped.
+    """
+    import math
+
+    from daemon.forgetting import write_rows
+    from daemon.records import HistoryRow, Outcome
+    from daemon.snapshots import GenerationSettings, write_snapshot
+    from daemon.status import StatusFile, append_loss_points
+
+    status = StatusFile(status_dir)
+    names = [f"drop-2026-01-{day:02d}.jsonl" for day in range(1, files + 1)]
+    rows: list[dict] = []
+    for i, name in enumerate(names):
+        start, end = i * steps_per_file, (i + 1) * steps_per_file
+        points = [
+            {
+                "step": step,
+                "file": name,
+                "loss": 6.0 * math.exp(-step / 60) + 1.5 + 0.4 * (step == start + 1),
+                "learning_rate": 5e-4,
+                "grad_norm": 1.0,
+                "tokens_per_second": 2000.0 + 150 * i,
+            }
+            for step in range(start + 1, end + 1, 2)
+        ]
+        append_loss_points(status_dir, points)
+        slices = [f"{(j + 1) * steps_per_file:08d}-{Path(names[j]).stem}" for j in range(i + 1)]
+        model_rows = [
+            {
+                "step": end,
+                "after_file": name,
+                "sha256": f"{i:064x}",
+                "slice": s,
+                "kind": "held_out",
+                "examples": 16,
+                "tokens": 512,
+                "bytes": 2048,
+                "loss": 2.4 + 0.1 * (i - j) - 0.05 * j,
+                "perplexity": math.exp(2.4),
+                "bits_per_byte": 0.9,
+                "prefix_loss": {"16": 2.4 + 0.1 * (i - j) - 0.05 * j},
+            }
+            for j, s in enumerate(slices)
+        ]
+        model_rows.append({**model_rows[0], "slice": "eval:golden.jsonl", "kind": "eval_file", "loss": 3.0 - 0.2 * i})
+        model_rows[-1]["prefix_loss"] = {"16": 3.0 - 0.2 * i}
+        write_rows(status_dir, start, model_rows)
+        rows += model_rows
+        row = HistoryRow(
+            file=name,
+            sha256=f"{i:064x}",
+            start_step=start,
+            end_step=end,
+            planned_steps=steps_per_file,
+            examples=steps_per_file * 8,
+            tokens=steps_per_file * 8 * 256,
+            wall_seconds=60.0 + i,
+            train_seconds=50.0,
+            train_loss=points[-1]["loss"] + 0.1,
+            eval_loss=model_rows[i]["loss"],
+            outcome=Outcome.DONE,
+            error=None,
+            finished_at="2026-01-01T00:00:00Z",
+        )
+        status.record_outcome(row)
+    status.record_outcome(HistoryRow.failed("bad<script>.jsonl", "no usable examples: <b>not JSON</b> & empty"))
+    settings = GenerationSettings(max_new_tokens=16, temperature=0.8, top_k=50, seed=0)
+    samples = [
+        {"prompt": "def ", "completion": "parse(s):\n    return <tag> & 'x'"},
+        {"prompt": "The ", "completion": " encoder returns a str."},
+    ]
+    end = files * steps_per_file
+    write_snapshot(status_dir, end, names[-1], rows[-2]["loss"], 16, settings, samples)
+    status.update(
+        state="training",
+        global_step=end + 7,
+        max_steps=end + steps_per_file,
+        queue=["drop-2026-01-09.jsonl", "drop-2026-01-10.jsonl"],
+        current_file={
+            "name": "drop-2026-01-08.jsonl",
+            "sha256": "f" * 64,
+            "examples": 320,
+            "eval_examples": 16,
+            "tokens": 81920,
+            "skipped_lines": 0,
+            "start_step": end,
+            "planned_steps": steps_per_file,
+            "steps_done": 7,
+            "progress": round(7 / steps_per_file, 4),
+            "eta_seconds": 41.5,
+        },
+        metrics={"loss": 2.31, "learning_rate": 5e-4, "grad_norm": 0.9, "tokens_per_second": 2410.5},
+        forgetting={"mean": 0.1, "max": 0.2, "worst_slice": slices[0], "backward_transfer": -0.1, "slices": files - 1},
+    )
+    status.update(lambda doc: doc["files"].update(queued=2))
+    return status_dir
+
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+
+
+def missing_browser() -> str | None:
+    """Why the headless browser cannot run here (one line); None when chromium, chromedriver and selenium are there."""
+    import shutil
+
+    for path in (CHROMIUM, CHROMEDRIVER):
+        if shutil.which(path) is None:
+            return f"{path} not found (install Debian's chromium and chromium-driver; .ci/run does)"
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        return "selenium is not installed (pip install -e '.[dev]')"
+    return None
+
+
+def headless_chromium(user_data_dir: Path, width: int = 1000, height: int = 800):
+    """A selenium driver for headless Debian chromium, offline, with a fresh profile in ``user_data_dir``.
+
+    The caller quits it. Page loads time out after 20 s, so a test stays bounded.
+    """
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        "--hide-scrollbars",
+        f"--window-size={width},{height}",
+        f"--user-data-dir={user_data_dir}",
+    ):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(20)
+    driver.set_script_timeout(20)
+    return driver

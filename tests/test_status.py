@@ -157,3 +157,16 @@ def test_status_files_get_the_mode_the_umask_gives_a_plain_open(tmp_path, umask,
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "training_status.json").stat().st_mode) == mode
+
+
+def test_the_loss_series_keeps_the_running_line_when_steps_are_trained_again(tmp_path):
+    from daemon.status import append_loss_points, read_loss_series
+
+    beat = Heartbeat(StatusFile(tmp_path), interval=60)
+    for step in (1, 2, 3, 4):  # a file, then a resume from the checkpoint at step 2
+        beat.add_loss_point({"step": step, "file": "a", "loss": 9.0})
+    beat.flush()
+    with open(tmp_path / "loss.jsonl", "a") as f:
+        f.write('{"step": 5, "lo')  # torn by a kill
+    append_loss_points(tmp_path, [{"step": 3, "file": "a", "loss": 1.0}, {"step": 4, "file": "b", "loss": 1.0}])
+    assert [(p["step"], p["loss"]) for p in read_loss_series(tmp_path)] == [(1, 9.0), (2, 9.0), (3, 1.0), (4, 1.0)]
