@@ -153,7 +153,7 @@ def main() -> int:
             *rows,
             "",
             "The file's own held-out slice is scored whole (its `eval_loss`), every other slice on the first k "
-            "examples of its fixed subset, k = 4, 8, 16... as the budget allows, never fewer than 4; `evaluation` "
+            "examples of its fixed subset, k = 1, 2, 4, 8... as the budget allows, never fewer than 1; `evaluation` "
             "includes reading the slices.",
         ]
     )
