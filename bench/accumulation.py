@@ -45,8 +45,39 @@ MODELS = {
 WORKERS = (0, 1, 2, 4)
 
 
+def _cpu_flag_set(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
+    try:
+        line = next(x for x in cpuinfo.read_text().splitlines() if x.startswith("flags"))
+    except (OSError, StopIteration):
+        return set()
+    return set(line.split(":", 1)[1].split())
+
+
+def cpu_flags() -> str:
+    """Which of avx2, avx512f, avx512_bf16 and the AMX flags this CPU has (``/proc/cpuinfo``)."""
+    flags = _cpu_flag_set()
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
+    return ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in wanted) if flags else "unknown"
+
+
+def hardware_class() -> str:
+    """The class a result belongs to: a GPU, or a CPU by its native matmul precisions.
+
+    Each benchmark keeps one section per class in BENCHMARKS.md (``<!-- name class:start -->``),
+    so a run on one class of machine never overwrites another's figures.
+    """
+    if torch.cuda.is_available():
+        return "gpu"
+    flags = _cpu_flag_set()
+    if "amx_bf16" in flags:
+        return "cpu-amx"
+    if "avx512_bf16" in flags:
+        return "cpu-avx512bf16"
+    return "cpu-avx512" if "avx512f" in flags else "cpu-avx2" if "avx2" in flags else "cpu"
+
+
 def machine() -> str:
-    """CPU model line, core count and torch version."""
+    """CPU model line, core count, CPU flags and torch version."""
     try:
         model = next(
             line.split(":", 1)[1].strip()
@@ -55,7 +86,8 @@ def machine() -> str:
         )
     except (StopIteration, OSError):
         model = platform.processor() or "unknown CPU"
-    return f"{model}, {torch.get_num_threads()} cores, torch {torch.__version__}, Python {platform.python_version()}"
+    threads, version = torch.get_num_threads(), platform.python_version()
+    return f"{model}, {threads} cores (CPU flags: {cpu_flags()}), torch {torch.__version__}, Python {version}"
 
 
 def tokens_per_second(config: dict, workers: int, bf16: bool, steps: int, warmup: int) -> float:
@@ -124,7 +156,12 @@ def run(steps: int, warmup: int, repeats: int) -> list[str]:
 
 
 def write_section(path: Path, marker: str, body: str) -> None:
-    """Replace the text between ``<!-- marker:start -->`` and ``<!-- marker:end -->`` (append if absent)."""
+    """Replace this hardware class's section of ``marker`` (append it if absent).
+
+    The section is the text between ``<!-- marker class:start -->`` and ``<!-- marker class:end -->``,
+    ``class`` being :func:`hardware_class`.
+    """
+    marker = f"{marker} {hardware_class()}"
     start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
     text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
     block = f"{start}\n{body.rstrip()}\n{end}"

@@ -38,17 +38,6 @@ FILLER = ("asyncio", "unittest", "xml")  # text of the synthetic slices
 PIECE_CHARS, PIECES = 900, 64
 
 
-def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
-    """Which of avx2, avx512_bf16 and the AMX flags this CPU has (``/proc/cpuinfo``)."""
-    try:
-        line = next(x for x in cpuinfo.read_text().splitlines() if x.startswith("flags"))
-    except (OSError, StopIteration):
-        return "unknown"
-    flags = set(line.split(":", 1)[1].split())
-    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
-    return ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in wanted)
-
-
 def make_jsonl(packages: tuple[str, ...], out: Path) -> None:
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     args = [*(str(stdlib / p) for p in packages), str(out)]
@@ -143,7 +132,7 @@ def main() -> int:
         [
             "## The evaluation suite's cost (`bench/evaluation.py`)",
             "",
-            f"Machine: {machine()}; CPU flags: {cpu_flags()} (so `--bf16` defaults to {precision}). "
+            f"Machine: {machine()} (so `--bf16` defaults to {precision}). "
             f"Run on {time.strftime('%Y-%m-%d')} in "
             f"{(time.perf_counter() - started) / 60:.1f} min. `train.py` with its defaults (embedded model, "
             f"`--eval_budget 0.1`) on one file of {row['tokens']:,} tokens, {row['planned_steps']} optimizer steps "
