@@ -22,6 +22,7 @@ from daemon.config import (
     DataArguments,
     EvaluationArguments,
     ModelArguments,
+    ReplayArguments,
     SampleArguments,
     StatusArguments,
     config_file_to_argv,
@@ -137,6 +138,7 @@ class Flags:
     samples: SampleArguments
     evaluation: EvaluationArguments
     training: ContinualTrainingArguments
+    replay: ReplayArguments
 
 
 def parse_args(argv: list[str]) -> Flags:
@@ -157,6 +159,7 @@ def parse_args(argv: list[str]) -> Flags:
         SampleArguments,
         EvaluationArguments,
         ContinualTrainingArguments,
+        ReplayArguments,
     )
     parser = HfArgumentParser(groups)  # type: ignore[arg-type]
     try:

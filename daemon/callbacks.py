@@ -61,6 +61,24 @@ class PlanCallback(TrainerCallback):
         return control
 
 
+class BranchCallback(TrainerCallback):
+    """The cooldown branch's callback: marks progress every step and stops on a stop request, never saving.
+
+    Args:
+        stop_requested: set by the SIGINT/SIGTERM handler.
+    """
+
+    def __init__(self, stop_requested: threading.Event) -> None:
+        self.stop_requested = stop_requested
+
+    def on_step_end(self, args, state, control, **kwargs):
+        mark_progress()
+        control.should_save = False  # the branch lives only in memory until it is exported
+        if self.stop_requested.is_set():
+            control.should_training_stop = True
+        return control
+
+
 class CheckpointCallback(TrainerCallback):
     """After each save (main process): fsync the checkpoint, then rotate by step, keeping protected steps.
 

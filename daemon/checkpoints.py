@@ -283,11 +283,15 @@ def roll_back(
 def fail_file(ledger: Ledger, entry: Entry, error: str, output_dir: str | Path) -> None:
     """Mark a file failed in the ledger, first rolling back the steps of its recorded plan.
 
-    A file is never both "failed" and in the weights. Used by the training process when a
-    file fails and by the daemon when it gives up on one.
+    A file is never both "failed" and in the weights, nor in the replay store: shares of files
+    that ended after its start are dropped (:func:`daemon.replay.drop_after`). Used by the
+    training process when a file fails and by the daemon when it gives up on one.
     """
+    from daemon.replay import drop_after
+
     if entry.state == "training" and entry.start_step is not None and entry.planned_steps is not None:
         roll_back(output_dir, entry.start_step, entry.start_step + entry.planned_steps, ledger.path.parent)
+        drop_after(ledger.path.parent, entry.start_step)
     ledger.fail(entry.id, error)
 
 
@@ -304,10 +308,14 @@ def export_model(
     tokenizer: PreTrainedTokenizerBase,
     output_dir: str | Path,
     global_step: int,
+    cooldown_steps: int = 0,
     status_dir: str | Path | None = None,
     finishing: dict[str, Any] | None = None,
 ) -> None:
     """Save model, tokenizer and model card to the root of ``output_dir``, loadable with ``from_pretrained``.
+
+    ``export.json`` holds ``global_step`` (the main line's step the model comes from) and,
+    for a cooled model (:mod:`daemon.cooldown`), the ``cooldown_steps`` of its branch.
 
     Written to a staging folder and fsynced first, then moved in file by file
     (``os.replace``): no file is ever half-written at its final name, files of the
@@ -328,7 +336,7 @@ def export_model(
     model.save_pretrained(staged, safe_serialization=True)  # straight into the stage: no second copy
     tokenizer.save_pretrained(staged)
     write_card(staged, global_step, status_dir, root.resolve().name, finishing)  # in the stage: moved in with it
-    _install_stage(root, staged, global_step)
+    _install_stage(root, staged, global_step, cooldown_steps)
 
 
 def _export_files(folder: Path) -> list[Path]:
@@ -359,7 +367,7 @@ def _empty_stage(root: Path) -> Path:
     return staged
 
 
-def _install_stage(root: Path, staged: Path, global_step: int) -> None:
+def _install_stage(root: Path, staged: Path, global_step: int, cooldown_steps: int = 0) -> None:
     """Move the staged export in (fsynced first, ``config.json`` last), remove stale files, then ``export.json``."""
     make_durable(staged)
     old = {p.name for p in _export_files(root)} if (root / "config.json").is_file() else set()
@@ -369,7 +377,7 @@ def _install_stage(root: Path, staged: Path, global_step: int) -> None:
     for name in old - new:
         (root / name).unlink(missing_ok=True)
     staged.rmdir()
-    _write_export_state(root, global_step)
+    _write_export_state(root, global_step, cooldown_steps)
 
 
 def _remove_export(root: Path) -> None:
@@ -380,6 +388,7 @@ def _remove_export(root: Path) -> None:
     _fsync_dir(root)
 
 
-def _write_export_state(root: Path, global_step: int) -> None:
-    atomic_write_text(root / EXPORT_STATE, json.dumps({"global_step": global_step}) + "\n")
+def _write_export_state(root: Path, global_step: int, cooldown_steps: int = 0) -> None:
+    state = {"global_step": global_step, **({"cooldown_steps": cooldown_steps} if cooldown_steps else {})}
+    atomic_write_text(root / EXPORT_STATE, json.dumps(state) + "\n")
     _fsync_dir(root)

@@ -224,6 +224,57 @@ class EvaluationArguments:
         _raise_all([f"--eval_files: no such file: {', '.join(missing)}"] if missing else [])
 
 
+COOLDOWN_SHAPES = ("linear", "1-sqrt")
+
+
+@dataclass
+class ReplayArguments:
+    """Replay of earlier files and cooldown exports (README "Replay and cooldown exports")."""
+
+    replay_fraction: float = field(
+        default=0.05,
+        metadata={
+            "help": "Fraction of the examples trained for a file that are replayed from earlier files' training "
+            "examples (the replay store); 0 turns replay off. Each file adds fraction / (1 - fraction) x its "
+            "examples of replay."
+        },
+    )
+    replay_buffer_tokens: int = field(
+        default=1_000_000,
+        metadata={
+            "help": "Tokens the replay store keeps over all earlier files (a fair share each: buffer / files); "
+            "about 5 bytes a token on disk, in <status_dir>/replay/."
+        },
+    )
+    cooldown_fraction: float = field(
+        default=0.0,
+        metadata={
+            "help": "After each file, train a branch from its end checkpoint for this fraction of the file's steps "
+            "with the learning rate decaying to zero, and export that model; the main line continues from the "
+            "checkpoint before the branch. 0 (default) exports the main line's model."
+        },
+    )
+    cooldown_shape: str = field(
+        default="1-sqrt",
+        metadata={
+            "help": "Shape of the cooldown's decay: 'linear' or '1-sqrt' (Hagele et al. 2024).",
+            "choices": list(COOLDOWN_SHAPES),
+        },
+    )
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not 0.0 <= self.replay_fraction < 1.0:
+            problems.append("--replay_fraction must be in [0, 1)")
+        if self.replay_buffer_tokens < 0:
+            problems.append("--replay_buffer_tokens must be >= 0")
+        if not 0.0 <= self.cooldown_fraction <= 1.0:
+            problems.append("--cooldown_fraction must be in [0, 1] (a fraction of the file's steps)")
+        if self.cooldown_shape not in COOLDOWN_SHAPES:
+            problems.append(f"--cooldown_shape must be one of {', '.join(COOLDOWN_SHAPES)}")
+        _raise_all(problems)
+
+
 @dataclass
 class DaemonArguments:
     """Options of ``python -m daemon`` itself; every other flag is passed on to the training child."""

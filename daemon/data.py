@@ -18,6 +18,7 @@ without truncation, into windows in which every learned token is predicted once.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -190,6 +191,9 @@ class PreparedData:
         dropped: examples with no learnable token left after truncation.
         heldout_records: the held-out slice as raw records of the file's shape, for the
             evaluation suite (:func:`heldout_records`); empty without a held-out slice.
+        replayed: examples of ``train`` replayed from earlier files (:func:`mix_replay`).
+        own_train: the file's own training examples before replay was mixed in (``train``
+            when nothing is replayed): what the replay store samples once the file is done.
     """
 
     train: datasets.Dataset
@@ -197,10 +201,18 @@ class PreparedData:
     tokens: int
     dropped: int
     heldout_records: list[dict[str, Any]] = field(default_factory=list)
+    replayed: int = 0
+    own_train: datasets.Dataset | None = None
 
     @property
     def examples(self) -> int:
-        return self.train.num_rows
+        """The file's own training examples (replayed ones excluded)."""
+        return self.train.num_rows - self.replayed
+
+    @property
+    def own(self) -> datasets.Dataset:
+        """The file's own training examples, without replay."""
+        return self.own_train if self.own_train is not None else self.train
 
     @property
     def eval_examples(self) -> int:
@@ -310,6 +322,53 @@ def prepare_datasets(
     if dropped:
         logger.warning("dropped %d examples with no learnable token left after truncation", dropped)
     return PreparedData(train=train, eval=heldout, tokens=int(tokens), dropped=dropped, heldout_records=raw)
+
+
+def mix_replay(data: PreparedData, replayed: list[dict[str, list[int]]], seed: int) -> PreparedData:
+    """Mix replayed examples into a file's training examples, in one seeded order.
+
+    Args:
+        data: the file's prepared examples (from :func:`prepare_datasets`).
+        replayed: ``{"input_ids", "labels"?}`` examples from :func:`daemon.replay.select_replay`;
+            a missing ``labels`` means every token is learned.
+        seed: fixes the mixed order (the file's ``--seed``), so a resumed file sees the same order.
+
+    Returns:
+        ``data`` with ``train`` = own + replayed examples shuffled together, ``replayed`` and
+        ``own_train`` set; ``tokens`` stays the file's own.
+    """
+    if not replayed:
+        return data
+    import datasets as ds
+
+    rows = {
+        "input_ids": [e["input_ids"] for e in replayed],
+        "labels": [e.get("labels", e["input_ids"]) for e in replayed],
+        "length": [len(e["input_ids"]) for e in replayed],
+    }
+    own = data.train
+    extra = ds.Dataset.from_dict(rows, features=own.features)
+    train = ds.concatenate_datasets([own, extra]).shuffle(seed=seed, keep_in_memory=True)
+    return PreparedData(train, data.eval, data.tokens, data.dropped, data.heldout_records, len(replayed), own)
+
+
+def replay_examples(train: datasets.Dataset, indices: list[int]) -> list[dict[str, list[int]]]:
+    """Rows ``indices`` of a training dataset as replay-store examples (``labels`` only where they differ)."""
+    rows = train.select(indices)
+    out = []
+    for ids, labels in zip(rows["input_ids"], rows["labels"], strict=True):
+        ids, labels = [int(t) for t in ids], [int(t) for t in labels]
+        out.append({"input_ids": ids} if ids == labels else {"input_ids": ids, "labels": labels})
+    return out
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A fingerprint of the tokenizer's vocabulary and rules (16 hex digits), to tell two tokenizers apart."""
+    from daemon.replay import tokenizer_digest
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    rules = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    return tokenizer_digest(rules + str(tokenizer.eos_token_id))
 
 
 def heldout_records(

@@ -85,11 +85,14 @@ def write_rows(status_dir: str | Path, start_step: int, rows: list[dict[str, Any
 
 
 def discard_after(status_dir: str | Path, step: int) -> None:
-    """Forget the models after ``step``: their rows and their files' held-out slices (a roll-back to ``step``)."""
+    """Forget the models after ``step``: their rows, their files' held-out slices and replay shares (a roll-back)."""
+    from daemon.replay import drop_after
+
     rows = read_rows(status_dir)
     if any(row["step"] > step for row in rows):
         write_rows(status_dir, step, [])
     drop_slices_after(status_dir, step)
+    drop_after(status_dir, step)
 
 
 def rows_at(rows: list[dict[str, Any]], step: int) -> list[dict[str, Any]]:

@@ -94,7 +94,8 @@ CREATE TABLE IF NOT EXISTS files (
     updated_at    TEXT NOT NULL,
     finished_at   TEXT,
     error         TEXT,
-    filed_at      TEXT
+    filed_at      TEXT,
+    replayed_examples INTEGER
 );
 CREATE INDEX IF NOT EXISTS files_sha256 ON files (sha256);
 CREATE INDEX IF NOT EXISTS files_state ON files (state);
@@ -122,6 +123,7 @@ class Entry:
     finished_at: str | None
     error: str | None
     filed_at: str | None = None
+    replayed_examples: int | None = None
 
 
 class Ledger:
@@ -166,6 +168,8 @@ class Ledger:
                 columns = {row[1] for row in db.execute("PRAGMA table_info(files)")}
                 if "filed_at" not in columns:  # a ledger written before filed_at existed
                     db.execute("ALTER TABLE files ADD COLUMN filed_at TEXT")
+                if "replayed_examples" not in columns:  # a ledger written before replay existed
+                    db.execute("ALTER TABLE files ADD COLUMN replayed_examples INTEGER")
                 with db:  # of two processes creating the ledger at once, the first id wins for both
                     db.execute("INSERT OR IGNORE INTO meta VALUES ('instance', ?)", (uuid.uuid4().hex,))
                 return str(db.execute(_INSTANCE).fetchone()[0])
@@ -243,9 +247,18 @@ class Ledger:
             row = db.execute("SELECT * FROM files WHERE id = ?", (cur.lastrowid,)).fetchone()
         return _entry(row)
 
-    def record_plan(self, entry_id: int, start_step: int, planned_steps: int) -> Entry:
-        """``queued -> training``: the file's plan, written before its first optimizer step."""
-        return self.update(entry_id, state=FileState.TRAINING, start_step=start_step, planned_steps=planned_steps)
+    def record_plan(self, entry_id: int, start_step: int, planned_steps: int, replayed_examples: int = 0) -> Entry:
+        """``queued -> training``: the file's plan, written before its first optimizer step.
+
+        ``planned_steps`` counts the file's own and its ``replayed_examples`` (:mod:`daemon.replay`).
+        """
+        return self.update(
+            entry_id,
+            state=FileState.TRAINING,
+            start_step=start_step,
+            planned_steps=planned_steps,
+            replayed_examples=replayed_examples,
+        )
 
     def finish(self, entry_id: int, end_step: int) -> Entry:
         """``training -> done``: the file is trained, exported and recorded in the history."""

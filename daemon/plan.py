@@ -3,10 +3,11 @@
 Pure arithmetic (README "Data", step accounting)::
 
     effective_batch = per_device_train_batch_size * gradient_accumulation_steps * world_size
-    planned_steps   = ceil(num_train_epochs * ceil(examples / effective_batch))
+    planned_steps   = ceil(num_train_epochs * ceil((examples + replayed_examples) / effective_batch))
     max_steps       = start_step + planned_steps
 
-``examples`` are counted after packing and after the held-out split; ``start_step`` is
+``examples`` are counted after packing and after the held-out split; ``replayed_examples``
+are the earlier files' examples mixed in by replay (:mod:`daemon.replay`); ``start_step`` is
 the ``global_step`` of the latest complete checkpoint. ``planned_steps`` is what the
 specification's formula calls ``steps_for_file``; the product uses one name for it in
 code, status, history and ledger.
@@ -41,7 +42,7 @@ logger = logging.getLogger(__name__)
 class StepPlan:
     """The step accounting of one file.
 
-    ``planned_steps = ceil(epochs * ceil(examples / effective_batch))``: whole epochs give
+    ``planned_steps = ceil(epochs * ceil((examples + replayed_examples) / effective_batch))``: whole epochs give
     ``epochs * ceil(...)``; the rounding matches ``Trainer.set_initial_training_values``,
     which counts a last partial accumulation as a step.
 
@@ -50,6 +51,7 @@ class StepPlan:
         examples: training examples of the file (after packing, held-out slice excluded).
         per_device_train_batch_size, gradient_accumulation_steps, world_size: as in ``TrainingArguments``.
         epochs: passes over the file (``--num_train_epochs``; may be fractional).
+        replayed_examples: earlier files' examples replayed with this file's (``--replay_fraction``).
     """
 
     start_step: int
@@ -58,6 +60,7 @@ class StepPlan:
     gradient_accumulation_steps: int
     world_size: int
     epochs: float
+    replayed_examples: int = 0
 
     @property
     def effective_batch(self) -> int:
@@ -65,8 +68,13 @@ class StepPlan:
         return self.per_device_train_batch_size * self.gradient_accumulation_steps * self.world_size
 
     @property
+    def trained_examples(self) -> int:
+        """Examples of one epoch: the file's own and the replayed ones."""
+        return self.examples + self.replayed_examples
+
+    @property
     def steps_per_epoch(self) -> int:
-        return math.ceil(self.examples / self.effective_batch)
+        return math.ceil(self.trained_examples / self.effective_batch)
 
     @property
     def planned_steps(self) -> int:
@@ -101,11 +109,11 @@ class StepPlan:
     def segment_rows(self, first_batch: int, steps: int) -> range:
         """Indices, in one epoch's order, of the examples of ``steps`` batches from ``first_batch``."""
         eb = self.effective_batch
-        return range(first_batch * eb, min(self.examples, (first_batch + steps) * eb))
+        return range(first_batch * eb, min(self.trained_examples, (first_batch + steps) * eb))
 
 
-def plan_steps(start_step: int, examples: int, args: TrainingArguments) -> StepPlan:
-    """Build the :class:`StepPlan` for a file of ``examples`` starting at ``start_step``.
+def plan_steps(start_step: int, examples: int, args: TrainingArguments, replayed_examples: int = 0) -> StepPlan:
+    """Build the :class:`StepPlan` for a file of ``examples`` (plus ``replayed_examples``) starting at ``start_step``.
 
     Raises:
         TrainingError: the plan would train zero steps (never reported as done).
@@ -117,6 +125,7 @@ def plan_steps(start_step: int, examples: int, args: TrainingArguments) -> StepP
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         world_size=max(1, args.world_size),
         epochs=args.num_train_epochs,
+        replayed_examples=replayed_examples,
     )
     if plan.planned_steps <= 0:
         raise TrainingError(f"the plan has no step ({examples} examples, {plan.epochs} epochs)")
@@ -164,4 +173,5 @@ def commit_plan(ledger: Ledger, prepared: PreparedFile, ledger_id: int | None, o
     if row is None:
         report = prepared.report
         row = ledger.add(report.path.name, FileState.QUEUED, report.sha256, report.size_bytes)
-    return ledger.record_plan(row.id, prepared.plan.start_step, prepared.plan.planned_steps)
+    plan = prepared.plan
+    return ledger.record_plan(row.id, plan.start_step, plan.planned_steps, plan.replayed_examples)

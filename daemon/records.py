@@ -12,6 +12,8 @@ read lives here:
 Names are the public ones (README "Folders and files"), one per quantity:
 ``planned_steps`` (optimizer steps this file adds), ``steps_done`` (of them, trained so
 far), ``examples`` (training examples after packing, held-out slice excluded),
+``replayed_examples`` (earlier files' examples trained with them, counted in ``planned_steps``),
+``cooldown_steps`` (steps of the cooldown branch, never in ``global_step``),
 ``start_step`` / ``end_step`` (``global_step`` before and after a done file).
 """
 
@@ -95,6 +97,8 @@ class FileProgress:
         steps_done: of them, trained so far.
         progress: ``steps_done / planned_steps`` in [0, 1].
         eta_seconds: estimated seconds to the end of the plan, None before a rate is known.
+        replayed_examples: earlier files' examples replayed with this file's (in ``planned_steps``).
+        cooldown_steps: steps of the cooldown branch after the file (apart from ``planned_steps``).
     """
 
     name: str
@@ -108,6 +112,8 @@ class FileProgress:
     steps_done: int = 0
     progress: float = 0.0
     eta_seconds: float | None = None
+    replayed_examples: int = 0
+    cooldown_steps: int = 0
 
     def __post_init__(self) -> None:
         self.advance(self.steps_done, None)
@@ -135,6 +141,9 @@ class HistoryRow:
     ``eval_seconds`` the evaluation suite's (seconds). Losses are mean token cross-entropy
     in nats; ``eval_loss`` is the loss on the file's held-out slice. ``quality_gate`` is
     what the gate found (:func:`daemon.forgetting.quality_gate`), also on a file it rolled back.
+    ``replayed_examples`` are the earlier files' examples trained with the file's ``examples``
+    (both counted in ``planned_steps``); ``cooldown_steps`` / ``cooldown_seconds`` are the
+    cooldown branch's (never in ``end_step``), whose model was evaluated and exported.
     """
 
     file: str
@@ -153,6 +162,9 @@ class HistoryRow:
     finished_at: str
     eval_seconds: float | None = None
     quality_gate: dict[str, Any] | None = None
+    replayed_examples: int | None = None
+    cooldown_steps: int | None = None
+    cooldown_seconds: float | None = None
 
     @classmethod
     def done(
@@ -164,6 +176,7 @@ class HistoryRow:
         eval_loss: float | None,
         eval_seconds: float | None = None,
         quality_gate: dict[str, Any] | None = None,
+        cooldown_seconds: float | None = None,
     ) -> HistoryRow:
         """The row of a file trained to its end; ``started`` is a ``time.monotonic()`` value."""
         return cls(
@@ -183,6 +196,9 @@ class HistoryRow:
             finished_at=utc_now(),
             eval_seconds=None if eval_seconds is None else round(eval_seconds, 2),
             quality_gate=quality_gate,
+            replayed_examples=progress.replayed_examples,
+            cooldown_steps=progress.cooldown_steps,
+            cooldown_seconds=None if cooldown_seconds is None else round(cooldown_seconds, 2),
         )
 
     @classmethod
@@ -212,6 +228,7 @@ class HistoryRow:
             error=error,
             finished_at=utc_now(),
             quality_gate=quality_gate,
+            replayed_examples=progress.replayed_examples if progress else None,
         )
 
     @classmethod

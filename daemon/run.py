@@ -26,8 +26,10 @@ This module is the only place that builds a ``Trainer``.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
+import shutil
 import threading
 import time
 from collections.abc import Iterable
@@ -46,7 +48,7 @@ from transformers.trainer_callback import PrinterCallback
 from daemon.accumulation import ThreadedAccumulationTrainer, resolve_workers
 from daemon.arguments import Flags
 from daemon.autotune import choose_workers
-from daemon.callbacks import CheckpointCallback, PlanCallback, ProgressCallback
+from daemon.callbacks import BranchCallback, CheckpointCallback, PlanCallback, ProgressCallback
 from daemon.checkpoints import (
     Checkpoint,
     export_model,
@@ -54,7 +56,15 @@ from daemon.checkpoints import (
     latest_complete_checkpoint,
 )
 from daemon.config import LEDGER_ENV
-from daemon.data import IGNORE_INDEX, PreparedData, prepare_datasets
+from daemon.cooldown import COOLDOWN_DIR, branch_lambda, cooldown_steps, main_factor
+from daemon.data import (
+    IGNORE_INDEX,
+    PreparedData,
+    mix_replay,
+    prepare_datasets,
+    replay_examples,
+    tokenizer_fingerprint,
+)
 from daemon.evaluation import FileEvaluation, evaluate_file
 from daemon.exceptions import (
     ConfigError,
@@ -70,6 +80,7 @@ from daemon.locks import owning
 from daemon.model import starting_model
 from daemon.plan import StepPlan, commit_plan, plan_steps, recorded_plan
 from daemon.records import FileProgress, HistoryRow, RunState
+from daemon.replay import add_file, drop_after, replay_count, select_replay
 from daemon.report import write_report_logged
 from daemon.rollback import finish_interrupted_rollback, kept_file_ends
 from daemon.signals import stop_on_signals
@@ -133,11 +144,16 @@ def setup(flags: Flags, ledger: Ledger, heartbeat: Heartbeat | None) -> Prepared
     at_step = checkpoint.global_step if checkpoint else 0
     resumed, abandoned = recorded_plan(ledger, report, at_step, claim)
     start_step = at_step if resumed is None or resumed.start_step is None else resumed.start_step
-    plan = plan_steps(start_step, datasets.examples, training_args)
-    if resumed and plan.planned_steps != resumed.planned_steps:
+    datasets = with_replay(datasets, flags, report, start_step, tokenizer)
+    plan = plan_steps(start_step, datasets.examples, training_args, datasets.replayed)
+    if resumed and (plan.planned_steps, plan.replayed_examples) != (
+        resumed.planned_steps,
+        resumed.replayed_examples or 0,
+    ):
         raise ConfigError(
-            f"{report.path.name} was planned with {resumed.planned_steps} steps and is half trained; "
-            f"these flags give {plan.planned_steps}: resume it with the batch and epoch flags it started with"
+            f"{report.path.name} was planned with {resumed.planned_steps} steps ({resumed.replayed_examples or 0} "
+            f"replayed examples) and is half trained; these flags give {plan.planned_steps} "
+            f"({plan.replayed_examples}): resume it with the batch, epoch and replay flags it started with"
         )
     steps_done = at_step - plan.start_step
     if resumed:
@@ -154,14 +170,17 @@ def setup(flags: Flags, ledger: Ledger, heartbeat: Heartbeat | None) -> Prepared
         start_step=plan.start_step,
         planned_steps=plan.planned_steps,
         steps_done=steps_done,
+        replayed_examples=plan.replayed_examples,
+        cooldown_steps=cooldown_steps(plan.planned_steps, flags.replay.cooldown_fraction),
     )
     logger.info(
-        "%s: %s, %d train examples (%d tokens), %d held out; effective batch %d = %d x %d x world %d; "
+        "%s: %s, %d train examples (%d tokens) + %d replayed, %d held out; effective batch %d = %d x %d x world %d; "
         "steps %d -> %d (%d for this file)",
         report.path.name,
         report.shape,
         datasets.examples,
         datasets.tokens,
+        datasets.replayed,
         datasets.eval_examples,
         plan.effective_batch,
         plan.per_device_train_batch_size,
@@ -172,6 +191,26 @@ def setup(flags: Flags, ledger: Ledger, heartbeat: Heartbeat | None) -> Prepared
         plan.planned_steps,
     )
     return PreparedFile(model, tokenizer, datasets, report, checkpoint, plan, steps_done, resumed, abandoned, progress)
+
+
+def with_replay(
+    datasets: PreparedData, flags: Flags, report: ScanReport, start_step: int, tokenizer: PreTrainedTokenizerBase
+) -> PreparedData:
+    """Mix ``--replay_fraction`` of replayed examples into the file's training examples (:mod:`daemon.replay`).
+
+    The selection reads the shares of files done up to ``start_step`` (the ledger plan's, for a
+    resumed file) and is seeded by ``--seed``, the file's sha256 and ``start_step``: a resumed
+    file replays the same examples in the same order.
+    """
+    count = replay_count(datasets.examples, flags.replay.replay_fraction)
+    if count == 0:
+        return datasets
+    seed = flags.training.seed
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    chosen = select_replay(
+        flags.status.status_dir, start_step, count, f"{seed}:{report.sha256}:{start_step}", fingerprint
+    )
+    return mix_replay(datasets, chosen, seed)
 
 
 def segment_dataset(prepared: PreparedFile, epoch: int, first_batch: int, steps: int, seed: int) -> Any:
@@ -310,6 +349,7 @@ def save(
         prepared.tokenizer,
         output_dir,
         prepared.plan.max_steps,
+        prepared.progress.cooldown_steps,
         status_dir=flags.status.status_dir,
         finishing=row.as_dict(),  # its history row comes after the export
     )
@@ -323,11 +363,128 @@ def save(
         samples,
         scored.snapshot_fields(),
     )
-    scored.record(flags.status.status_dir, prepared.plan.start_step)
+    scored.record(flags.status.status_dir, prepared.plan.start_step)  # also drops replay shares above the start
+    remember_file(prepared, flags)
     status.update(**scored.status_fields())
     logger.info("exported the model to %s; snapshot in %s", output_dir, folder)
     status.record_outcome(row)  # before the ledger: a crash in between finishes again without a second row
     ledger.finish(entry.id, prepared.plan.max_steps)
+
+
+def remember_file(prepared: PreparedFile, flags: Flags) -> None:
+    """Add the done file's share of its own training examples to the replay store (:func:`daemon.replay.add_file`).
+
+    Called only once the file is trained and evaluated (a failed or rolled-back file never
+    enters the store); shares of files that ended after the file's start are dropped first.
+    """
+    status_dir, plan, report = flags.status.status_dir, prepared.plan, prepared.report
+    drop_after(status_dir, plan.start_step)
+    own = prepared.datasets.own
+    add_file(
+        status_dir,
+        plan.max_steps,
+        report.path.name,
+        report.sha256,
+        tokenizer_fingerprint(prepared.tokenizer),
+        own["length"],
+        lambda indices: replay_examples(own, indices),
+        flags.replay.replay_buffer_tokens,
+        flags.training.seed,
+    )
+
+
+class CooldownTrainer(ThreadedAccumulationTrainer):
+    """The branch's Trainer: the main line's optimizer state, a learning rate decaying to zero.
+
+    Args:
+        lr_lambda: the factor of ``--learning_rate`` at each ``global_step``
+            (:func:`daemon.cooldown.branch_lambda`).
+    """
+
+    def __init__(self, *args: Any, lr_lambda: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lr_lambda = lr_lambda
+
+    def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
+        import torch
+
+        if self.lr_scheduler is None:
+            target = optimizer or self.optimizer
+            assert target is not None
+            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(target, self.lr_lambda)
+        return self.lr_scheduler
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        # The checkpoint's optimizer holds the main line's rate, used by the first step before the
+        # scheduler steps; set it to the branch's own (the lambdas of a LambdaLR are not saved).
+        super()._load_optimizer_and_scheduler(checkpoint)
+        step = self.state.global_step
+        assert self.optimizer is not None and self.lr_scheduler is not None
+        for group, base in zip(self.optimizer.param_groups, self.lr_scheduler.base_lrs, strict=True):
+            group["lr"] = base * self.lr_lambda(step)
+
+
+def cool_down(prepared: PreparedFile, flags: Flags, stop_requested: threading.Event) -> float:
+    """Train the cooldown branch from the file's end checkpoint; ``prepared.model`` becomes the cooled model.
+
+    The branch trains ``prepared.progress.cooldown_steps`` steps on a seeded sample of the
+    file's training examples (its own and replayed ones) into ``<output_dir>/.cooldown``, which
+    is deleted afterwards: the main line's checkpoints and ``global_step`` never change.
+
+    Returns:
+        Seconds inside ``Trainer.train`` (0 with no branch).
+
+    Raises:
+        TrainingInterrupted: a stop was requested (the main line's end is checkpointed: a rerun redoes the branch).
+        TrainingError: the branch ended at another step than planned.
+    """
+    steps, plan = prepared.progress.cooldown_steps, prepared.plan
+    if steps == 0:
+        return 0.0
+    if stop_requested.is_set():
+        raise TrainingInterrupted(f"stopped before the cooldown; the file ended at step {plan.max_steps}")
+    main_args = flags.training
+    scratch = Path(str(main_args.output_dir)) / COOLDOWN_DIR
+    shutil.rmtree(scratch, ignore_errors=True)
+    args = copy.copy(main_args)
+    args.output_dir, args.max_steps, args.save_strategy = str(scratch), plan.max_steps + steps, "no"
+    factor = branch_lambda(main_factor(main_args, plan.max_steps), plan.max_steps, steps, flags.replay.cooldown_shape)
+    train = prepared.datasets.train.shuffle(seed=main_args.seed + 1, keep_in_memory=True)
+    train = train.select(range(min(train.num_rows, steps * plan.effective_batch)))
+    trainer = CooldownTrainer(
+        model=copy.deepcopy(prepared.model),
+        args=args,
+        train_dataset=train,
+        processing_class=prepared.tokenizer,
+        data_collator=DataCollatorForSeq2Seq(prepared.tokenizer, label_pad_token_id=IGNORE_INDEX, padding=True),
+        callbacks=[BranchCallback(stop_requested)],
+        grad_workers=resolve_workers(
+            flags.accumulation.grad_workers, args.device.type, args.world_size, prepared.model.num_parameters()
+        ),
+        max_consecutive_skipped_steps=flags.accumulation.max_consecutive_skipped_steps,
+        lr_lambda=factor,
+    )
+    trainer.remove_callback(PrinterCallback)
+    try:
+        output = trainer.train(
+            resume_from_checkpoint=str(Path(str(main_args.output_dir)) / f"checkpoint-{plan.max_steps}")
+        )
+    finally:
+        trainer.shutdown_workers()
+        shutil.rmtree(scratch, ignore_errors=True)
+    if trainer.state.global_step != plan.max_steps + steps:
+        if stop_requested.is_set():
+            raise TrainingInterrupted(f"stopped during the cooldown; the file ended at step {plan.max_steps}")
+        raise TrainingError(f"the cooldown ended at step {trainer.state.global_step}, planned {plan.max_steps + steps}")
+    assert isinstance(trainer.model, PreTrainedModel)
+    prepared.model = trainer.model
+    logger.info(
+        "cooldown: %d steps (%s) from step %d; exporting the cooled model",
+        steps,
+        flags.replay.cooldown_shape,
+        plan.max_steps,
+    )
+    return float(output.metrics.get("train_runtime", 0.0))
 
 
 def train_file(flags: Flags) -> HistoryRow:
@@ -379,10 +536,19 @@ def _train_file(flags: Flags) -> HistoryRow:
             trainer = build_trainer(prepared, flags, [PlanCallback(stop_requested)], kept)
             trainer.add_callback(ProgressCallback(heartbeat, prepared.plan, prepared.progress, trainer.guard))
             train_loss, train_seconds = fit(trainer, prepared, stop_requested, flags.training.seed)
+            del trainer  # the main line's Trainer holds the model; the branch copies it
+            cooldown_seconds = cool_down(prepared, flags, stop_requested)
         _beat(heartbeat, state=RunState.EVALUATING)
         scored = evaluate(prepared, flags, train_seconds, is_main)
         row = HistoryRow.done(
-            prepared.progress, started, train_seconds, train_loss, scored.eval_loss, scored.seconds, scored.quality_gate
+            prepared.progress,
+            started,
+            train_seconds,
+            train_loss,
+            scored.eval_loss,
+            scored.seconds,
+            scored.quality_gate,
+            cooldown_seconds if prepared.progress.cooldown_steps else None,
         )
         if is_main:
             assert status is not None and entry is not None

@@ -58,7 +58,7 @@ def test_second_file_trains_its_own_steps_and_starts_where_the_first_ended(tree)
     assert second["end_step"] - second["start_step"] == second["planned_steps"]
     # the planned steps follow the formula over the examples counted after packing
     for row in rows:
-        assert row["planned_steps"] == math.ceil(row["examples"] / 4)
+        assert row["planned_steps"] == math.ceil((row["examples"] + row["replayed_examples"]) / 4)
     checkpoint = latest_complete_checkpoint(tree.output)
     assert checkpoint is not None
     assert checkpoint.global_step == first["planned_steps"] + second["planned_steps"]
