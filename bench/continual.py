@@ -43,7 +43,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.accumulation import machine, write_section  # noqa: E402
-from bench.evaluation import cpu_flags  # noqa: E402
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 SOURCES = {  # name -> make_dataset arguments
@@ -249,7 +248,7 @@ def write_report(out: Path, results: list[dict], baseline: dict, names: list[str
         [
             "## Replay and cooldown exports over a stream of files (`bench/continual.py`)",
             "",
-            f"Machine: {machine()}; CPU flags: {cpu_flags()} (fp32). Run on {time.strftime('%Y-%m-%d')} in "
+            f"Machine: {machine()}. Run on {time.strftime('%Y-%m-%d')} in "
             f"{seconds / 60:.1f} min. The embedded model (same bootstrap for every setting), "
             f"`{' '.join(COMMON)}`; four files in this order: {', '.join(names)} "
             "(module docstring: Python's json/email source, stdlib docstrings, `/usr/share/common-licenses`, "
