@@ -35,7 +35,7 @@ demo: install
 	@echo "live view:   $(PY) -m daemon status --watch"
 
 test: install
-	$(PY) -m pytest -q $(if $(SLOW),,-m "not slow")
+	$(PY) -m pytest -q -n 2 $(if $(SLOW),,-m "not slow")
 
 lint: install
 	$(PY) -m ruff check daemon tests bench train.py
