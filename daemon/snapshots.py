@@ -207,7 +207,7 @@ def _markdown(doc: dict[str, Any]) -> str:
     lines = [
         f"# Step {doc['step']}: after `{doc['file']}`",
         "",
-        f"- held-out eval loss: {doc['eval_loss']:.4f}, perplexity: {ppl:.2f} ({doc['eval_examples']} examples)"
+        f"- held-out eval loss: {doc['eval_loss']:.4f}, perplexity: {ppl:.2f} (the file's own slice, below)"
         if doc["eval_loss"] is not None
         else f"- {doc['eval_note']}",
         _sampling_line(doc["generation"]),
