@@ -28,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from daemon.accumulation import AUTO_MAX_PARAMETERS, AUTO_WORKERS, ThreadedAccumulationTrainer  # noqa: E402
+from daemon.arguments import default_bf16  # noqa: E402
 from daemon.model import DEFAULT_LLAMA_CONFIG  # noqa: E402
 
 BATCH, SEQ, VOCAB = 8, 256, 4096
@@ -136,8 +137,11 @@ def run(steps: int, warmup: int, repeats: int) -> list[str]:
         "|---|---|---|---|---|---|",
     ]
     cores = torch.get_num_threads()
+    # bf16 only where the CPU computes it natively: elsewhere it is many times slower than fp32 and
+    # never the default (daemon.arguments.default_bf16), so its rows would only cost minutes.
+    precisions = (False, True) if default_bf16() else (False,)
     for name, config in MODELS.items():
-        for bf16 in (False, True):
+        for bf16 in precisions:
             results: dict[int, list[float]] = {w: [] for w in WORKERS}
             for _ in range(repeats):
                 for workers in WORKERS:
@@ -191,8 +195,10 @@ def main() -> int:
             "",
             f"Machine: {machine()}. Run on {started}: batch {BATCH} x {SEQ} tokens, {args.warmup} warmup + "
             f"{args.steps} timed optimizer steps per run, {args.repeats} alternating repeats, medians. "
-            f"`--grad_workers auto` picks {AUTO_WORKERS} workers (capped at the core count) for models of up to "
-            f"{AUTO_MAX_PARAMETERS / 1e6:.0f}M parameters and the stock step above that.",
+            f"`--grad_workers auto` takes the stock step above {AUTO_MAX_PARAMETERS / 1e6:.0f}M parameters; up to "
+            f"that, {AUTO_WORKERS} workers (capped at the core count) or the stock step, whichever a short "
+            "measurement on the machine finds faster (`daemon/autotune.py`)."
+            + ("" if default_bf16() else " No bf16 rows: this CPU has no native bf16, so training is fp32."),
             "",
             *rows,
         ]
