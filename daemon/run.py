@@ -55,7 +55,7 @@ from daemon.checkpoints import (
     fail_file,
     latest_complete_checkpoint,
 )
-from daemon.config import LEDGER_ENV
+from daemon.config import LEDGER_ENV, SUPERVISOR_ENV
 from daemon.cooldown import COOLDOWN_DIR, branch_lambda, cooldown_steps, main_factor
 from daemon.data import (
     IGNORE_INDEX,
@@ -573,7 +573,7 @@ def _train_file(flags: Flags) -> HistoryRow:
             )
         undone = {"global_step": prepared.plan.start_step} if prepared is not None and entry is not None else {}
         _beat(heartbeat, state=RunState.FAILED, **undone)  # fail_file took the model back to the plan's start
-        if status is not None:
+        if status is not None and not os.environ.get(SUPERVISOR_ENV):  # under the daemon, the daemon draws it
             write_report_logged(status.dir)
         raise
     finally:
@@ -584,11 +584,14 @@ def _train_file(flags: Flags) -> HistoryRow:
 def publish(flags: Flags, step: int, scored: FileEvaluation) -> None:
     """After a done file (main process): its evaluation in TensorBoard (``--report_to tensorboard``), the report.
 
-    Neither may fail the file, which is recorded by now: their errors are logged.
+    Neither may fail the file, which is recorded by now: their errors are logged. Under the
+    daemon the report is left to it (:meth:`~daemon.supervisor.ProcessSupervisor.refresh_report`),
+    so that the next file does not wait for the plots.
     """
     if tensorboard_enabled(flags.training):
         log_file_end(flags.status.status_dir, step, scored)
-    write_report_logged(flags.status.status_dir)
+    if not os.environ.get(SUPERVISOR_ENV):
+        write_report_logged(flags.status.status_dir)
 
 
 def _beat(heartbeat: Heartbeat | None, **fields: Any) -> None:

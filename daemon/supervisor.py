@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -50,6 +51,7 @@ from daemon.status import StatusFile
 logger = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.5
+REPORT_TIMEOUT_SECONDS = 120.0
 
 
 @dataclass
@@ -80,6 +82,14 @@ class Supervisor(Protocol):
 
     def stop_spare(self) -> None:
         """Kill the waiting spare process, if any."""
+        ...
+
+    def refresh_report(self) -> None:
+        """Rewrite ``status/report.html`` in the background (after a file is filed away)."""
+        ...
+
+    def wait_report(self) -> None:
+        """Wait for the background report, if one is being written."""
         ...
 
     def kill_all(self) -> None:
@@ -117,6 +127,7 @@ class ProcessSupervisor:
         self.poll_seconds = poll_seconds
         self._child: subprocess.Popen[bytes] | None = None
         self._spare: subprocess.Popen[bytes] | None = None
+        self._report: subprocess.Popen[bytes] | None = None
 
     def run(
         self, train_args: list[str], stop: threading.Event, on_poll: Callable[[], None] | None = None
@@ -205,12 +216,41 @@ class ProcessSupervisor:
             if spare.stdin is not None:
                 spare.stdin.close()
 
+    def refresh_report(self) -> None:
+        """Start ``python -m daemon report`` at ``nice`` 10 for this status folder, after the previous one ends.
+
+        The report (matplotlib: about 2 s on 2 cores) is drawn here rather than by the training
+        process, so that the next file's start-up and training do not wait for it; at a lower
+        priority it takes what training leaves of the CPU. Its errors go to the daemon's log.
+        """
+        self.wait_report()
+        nice = shutil.which("nice")
+        command = [sys.executable, "-m", "daemon", "report", "--status_dir", str(self.status.dir)]
+        self._report = subprocess.Popen(
+            [nice, "-n", "10", *command] if nice else command,
+            env=self._child_env(),
+            stdout=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+    def wait_report(self, timeout: float = REPORT_TIMEOUT_SECONDS) -> None:
+        """Wait for the background report (killed after ``timeout`` seconds: a hung plot never holds the daemon)."""
+        report, self._report = self._report, None
+        if report is None:
+            return
+        try:
+            report.wait(timeout)
+        except subprocess.TimeoutExpired:
+            logger.error("the report took over %.0f s: killed", timeout)
+            _signal_group(report, signal.SIGKILL)
+            report.wait()
+
     def kill_all(self) -> None:
-        """SIGKILL the running child and the spare with their process groups, without waiting.
+        """SIGKILL the running child, the spare and the report with their process groups, without waiting.
 
         For a second stop signal, right before the daemon exits: safe to call from a signal handler.
         """
-        for process in (self._child, self._spare):
+        for process in (self._child, self._spare, self._report):
             if process is not None:
                 _signal_group(process, signal.SIGKILL)
 

@@ -50,7 +50,6 @@ from daemon.ledger import Entry, Ledger
 from daemon.locks import lock_folders, release_folders
 from daemon.names import printable
 from daemon.records import FileState, HistoryRow, RunState, utc_now
-from daemon.report import write_report_logged
 from daemon.rollback import finish_interrupted_rollback
 from daemon.status import StatusFile
 from daemon.supervisor import ChildResult, ProcessSupervisor, Supervisor
@@ -126,6 +125,7 @@ class Daemon:
             self._loop()
         finally:
             self.supervisor.stop_spare()
+            self.supervisor.wait_report()
             observer.stop()
             observer.join()
             self.status.update(state=RunState.STOPPED if self.stop.is_set() else RunState.IDLE)
@@ -258,7 +258,6 @@ class Daemon:
         fail_file(self.ledger, entry, error, self.args.output_dir)
         entry = self.ledger.get(entry.id) or entry
         self.status.record_outcome(HistoryRow.failed(entry.name, error, sha256=entry.sha256))
-        write_report_logged(self.args.status_dir)  # the child, which rewrites it after a file, died
         return entry
 
     def _claim_entry(self, claimed: Path, sha: str, size: int) -> Entry | None:
@@ -280,6 +279,7 @@ class Daemon:
 
     def _finish(self, claimed: Path, entry: Entry, error: str | None) -> None:
         target = self._file_away(claimed, entry, error)
+        self.supervisor.refresh_report()  # the training process left it to the daemon (README "Seeing it")
         if target is None:
             return
         self.processed += 1

@@ -58,6 +58,7 @@ class FakeTraining:
         self.runs: list[tuple[str, int]] = []  # (file name, ledger entry) of each attempt
         self.queues_seen: list[list[str]] = []  # the status queue while each attempt ran
         self.spares_stopped = 0
+        self.reports = 0  # refresh_report calls: one per filed-away file
         self.spares_started: list[str | None] = []  # the file training at each start_spare call (None: idle)
         self._training: str | None = None
 
@@ -109,6 +110,12 @@ class FakeTraining:
 
     def stop_spare(self) -> None:
         self.spares_stopped += 1
+
+    def refresh_report(self) -> None:
+        self.reports += 1
+
+    def wait_report(self) -> None:
+        pass
 
     def kill_all(self) -> None:
         pass
@@ -310,6 +317,7 @@ def test_files_dropped_while_a_file_trains_show_in_the_status_queue(tree):
     # b's process is prestarted while a trains; with --once, the last file prestarts nothing
     assert training.spares_started == ["a.jsonl"]
     assert training.spares_stopped == 1  # on the way out the daemon stops its prestarted process
+    assert training.reports == 2  # the daemon, not the training process, redraws the report after each file
 
 
 def test_a_failed_file_moved_back_unchanged_is_trained_again_not_refiled_with_its_old_error(tree):
@@ -506,6 +514,8 @@ def test_daemon_once_drains_the_inbox_in_order_and_files_each_result(tree):
     status = json.loads((tree.status / "training_status.json").read_text())
     assert status["files"]["done"] == 2 and status["files"]["failed"] == 1
     assert status["state"] == "idle" and status["global_step"] == rows[2]["end_step"]
+    report = (tree.status / "report.html").read_text()  # drawn by the daemon, waited for before it exits
+    assert "3-second.jsonl" in report and "no usable examples" in report
     summary = run_cli(["-m", "daemon", "status", "--status_dir", str(tree.status)], cwd=tree.root)
     assert "2 done, 1 failed" in summary.stdout
     assert f"global_step  {rows[2]['end_step']}" in summary.stdout
