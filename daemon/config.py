@@ -232,7 +232,7 @@ class ReplayArguments:
     """Replay of earlier files and cooldown exports (README "Replay and cooldown exports")."""
 
     replay_fraction: float = field(
-        default=0.05,
+        default=0.09,  # the least forgetting within 1.1x the no-replay compute (bench/continual.py, BENCHMARKS.md)
         metadata={
             "help": "Fraction of the examples trained for a file that are replayed from earlier files' training "
             "examples (the replay store); 0 turns replay off. Each file adds fraction / (1 - fraction) x its "
