@@ -30,7 +30,7 @@ import torch
 from filelock import FileLock
 
 from daemon.accumulation import ShardPool, split_batch
-from daemon.status import atomic_write_text
+from daemon.status import atomic_write_text, mark_progress
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +124,7 @@ def measure_seconds(
                 run()
                 if repeat:  # the first pass of each warms caches and the allocator
                     times[name].append(time.perf_counter() - started)
+                mark_progress()  # a measurement is progress: the daemon's stall detection reads it
                 for param in params:
                     param.grad = None
     finally:

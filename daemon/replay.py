@@ -54,7 +54,7 @@ from typing import Any
 
 from daemon.names import printable
 from daemon.status import atomic_write_text
-from daemon.suite import slice_name
+from daemon.suite import delete_after, slice_name, step_files
 
 logger = logging.getLogger(__name__)
 
@@ -100,10 +100,7 @@ def fair_share(budget_tokens: int, files: int) -> int:
 
 def store_files(status_dir: str | Path) -> list[tuple[int, Path]]:
     """``(end step, path)`` of every share on disk, oldest first."""
-    root = Path(status_dir) / REPLAY_DIR
-    if not root.is_dir():
-        return []
-    return sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _SHARE_RE.match(p.name)))
+    return step_files(Path(status_dir) / REPLAY_DIR, _SHARE_RE)
 
 
 def read_share(step: int, path: Path) -> Share:
@@ -216,12 +213,7 @@ def add_file(
 
 def drop_after(status_dir: str | Path, step: int) -> list[str]:
     """Delete the shares of files that ended after ``step`` (failed, rolled back); their names."""
-    dropped = []
-    for share_step, path in store_files(status_dir):
-        if share_step > step:
-            path.unlink(missing_ok=True)
-            dropped.append(printable(path.stem))
-    return dropped
+    return delete_after(store_files(status_dir), step)
 
 
 def select_replay(

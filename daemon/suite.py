@@ -89,22 +89,31 @@ def write_slice(status_dir: str | Path, name: str, records: list[dict[str, Any]]
     return path
 
 
+def step_files(folder: Path, pattern: re.Pattern[str]) -> list[tuple[int, Path]]:
+    """``(end step, path)`` of the files in ``folder`` named ``<end step>-...`` by ``pattern``, oldest first."""
+    if not folder.is_dir():
+        return []
+    return sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := pattern.match(p.name)))
+
+
+def delete_after(files: Iterable[tuple[int, Path]], step: int) -> list[str]:
+    """Delete the files (``(end step, path)``) of files that ended after ``step``; their printable stems."""
+    dropped = []
+    for end_step, path in files:
+        if end_step > step:
+            path.unlink(missing_ok=True)
+            dropped.append(printable(path.stem))
+    return dropped
+
+
 def suite_files(status_dir: str | Path) -> list[tuple[int, Path]]:
     """``(end step, path)`` of every held-out slice on disk, oldest first."""
-    root = Path(status_dir) / SUITE_DIR
-    if not root.is_dir():
-        return []
-    return sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _SLICE_RE.match(p.name)))
+    return step_files(Path(status_dir) / SUITE_DIR, _SLICE_RE)
 
 
 def drop_slices_after(status_dir: str | Path, step: int) -> list[str]:
     """Delete the held-out slices of files that ended after ``step`` (rolled back or failed); their names."""
-    dropped = []
-    for slice_step, path in suite_files(status_dir):
-        if slice_step > step:
-            path.unlink(missing_ok=True)
-            dropped.append(printable(path.stem))
-    return dropped
+    return delete_after(suite_files(status_dir), step)
 
 
 def load_slice(path: str | Path, kind: str, text_field: str = "text", cap: int | None = None) -> Slice:
