@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from daemon.accumulation import AUTO_MAX_PARAMETERS, AUTO_WORKERS, ThreadedAccumulationTrainer  # noqa: E402
-from daemon.arguments import default_bf16  # noqa: E402
+from daemon.arguments import cpu_info, default_bf16  # noqa: E402
 from daemon.model import DEFAULT_LLAMA_CONFIG  # noqa: E402
 
 BATCH, SEQ, VOCAB = 8, 256, 4096
@@ -46,17 +46,9 @@ MODELS = {
 WORKERS = (0, 1, 2, 4)
 
 
-def _cpu_flag_set(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
-    try:
-        line = next(x for x in cpuinfo.read_text().splitlines() if x.startswith("flags"))
-    except (OSError, StopIteration):
-        return set()
-    return set(line.split(":", 1)[1].split())
-
-
 def cpu_flags() -> str:
     """Which of avx2, avx512f, avx512_bf16 and the AMX flags this CPU has (``/proc/cpuinfo``)."""
-    flags = _cpu_flag_set()
+    flags = cpu_info()[1]
     wanted = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
     return ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in wanted) if flags else "unknown"
 
@@ -69,7 +61,7 @@ def hardware_class() -> str:
     """
     if torch.cuda.is_available():
         return "gpu"
-    flags = _cpu_flag_set()
+    flags = cpu_info()[1]
     if "amx_bf16" in flags:
         return "cpu-amx"
     if "avx512_bf16" in flags:

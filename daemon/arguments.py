@@ -42,6 +42,20 @@ OWNED_FLAGS = {
 }
 
 
+def cpu_info(cpuinfo: str | Path = "/proc/cpuinfo") -> tuple[str, set[str]]:
+    """The first CPU's ``model name`` and ``flags`` from the Linux kernel's ``/proc/cpuinfo``.
+
+    ``("", set())`` where it cannot be read (another OS).
+    """
+    try:
+        lines = Path(cpuinfo).read_text(errors="replace").splitlines()
+    except OSError:
+        return "", set()
+    name = next((x.split(":", 1)[1].strip() for x in lines if x.startswith("model name")), "")
+    flags = next((x.split(":", 1)[1].split() for x in lines if x.startswith("flags")), [])
+    return name, set(flags)
+
+
 def cpu_has_fast_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
     """Whether this CPU computes bf16 matmuls natively: AVX512-BF16 or AMX (Linux x86 flags).
 
@@ -49,11 +63,7 @@ def cpu_has_fast_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
     ("AVX512"), not these extensions, so the kernel's flag list is read. Where it
     cannot be read (another OS), the answer is ``False`` and training stays fp32.
     """
-    try:
-        text = Path(cpuinfo).read_text(errors="replace")
-    except OSError:
-        return False
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    flags = cpu_info(cpuinfo)[1]
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 

@@ -30,6 +30,7 @@ import torch
 from filelock import FileLock
 
 from daemon.accumulation import ShardPool, split_batch
+from daemon.arguments import cpu_info
 from daemon.status import atomic_write_text, mark_progress
 
 logger = logging.getLogger(__name__)
@@ -46,14 +47,9 @@ def cache_path() -> Path:
     return Path(root) / "continual-daemon" / "grad_workers.json"
 
 
-def _cpu_name_and_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
-    try:
-        lines = cpuinfo.read_text(errors="replace").splitlines()
-    except OSError:
-        return platform.processor() or platform.machine()
-    name = next((x.split(":", 1)[1].strip() for x in lines if x.startswith("model name")), platform.machine())
-    flags = next((x.split(":", 1)[1].split() for x in lines if x.startswith("flags")), [])
-    return " ".join([name, *(f for f in CPU_FLAGS if f in flags)])
+def _cpu_name_and_flags() -> str:
+    name, flags = cpu_info()
+    return " ".join([name or platform.processor() or platform.machine(), *(f for f in CPU_FLAGS if f in flags)])
 
 
 def shape_key(model: torch.nn.Module, batch_size: int, seq_len: int, bf16: bool, workers: int) -> str:

@@ -183,7 +183,7 @@ class EvaluationArguments:
         default=0.1,
         metadata={
             "help": "Evaluation time after a file, as a fraction of its training time: each slice is evaluated on "
-            "the same seeded subset, cut to fit (never below a few examples per slice)."
+            "the same seeded subset, cut to fit (never below one example per slice)."
         },
     )
     max_regression: float | None = field(
