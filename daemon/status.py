@@ -201,13 +201,7 @@ class StatusFile:
                 if standing if row.outcome == Outcome.DONE else not standing:
                     logger.info("history already has %s %s from step %s", row.outcome, row.file, row.start_step)
                     return
-            path = self.dir / HISTORY_FILE
-            # A torn last line (killed mid-append) must not glue onto this row.
-            lead = "" if _ends_with_newline(path) else "\n"
-            with open(path, "a", encoding="utf-8") as f:
-                f.write(lead + json.dumps(row.as_dict(), sort_keys=False) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
+            append_json_lines(self.dir / HISTORY_FILE, [row.as_dict()], durable=True)
 
         def count(doc: dict[str, Any]) -> None:
             doc["files"][row.outcome] = doc["files"].get(row.outcome, 0) + 1
@@ -217,6 +211,20 @@ class StatusFile:
                 doc["last_error"] = {"file": row.file, "message": row.error, "at": row.finished_at}
 
         self.update(count)
+
+
+def append_json_lines(path: Path, rows: list[dict[str, Any]], durable: bool = False) -> None:
+    """Append ``rows`` to ``path``, one JSON line each; ``durable``: fsynced before returning.
+
+    A torn last line (a process killed mid-append) gets its newline first, so it never glues
+    onto the new rows: readers skip it alone.
+    """
+    lead = "" if _ends_with_newline(path) else "\n"
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(lead + "".join(json.dumps(row, sort_keys=False) + "\n" for row in rows))
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def _ends_with_newline(path: Path) -> bool:
@@ -300,10 +308,7 @@ def append_loss_points(status_dir: str | os.PathLike[str], points: list[dict[str
     ``grad_norm`` and ``tokens_per_second`` (this file's rate so far). Not fsynced: a point lost
     to a power cut is only a gap in a plot.
     """
-    path = Path(status_dir) / LOSS_FILE
-    lead = "" if _ends_with_newline(path) else "\n"  # a torn last line must not glue onto these
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(lead + "".join(json.dumps(p, sort_keys=False) + "\n" for p in points))
+    append_json_lines(Path(status_dir) / LOSS_FILE, points)
 
 
 def read_loss_series(status_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
