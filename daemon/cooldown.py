@@ -25,12 +25,28 @@ the same way). ``lr_main(end)`` is the main schedule's own value at ``end``, wha
 
 from __future__ import annotations
 
+import copy
+import logging
 import math
+import shutil
+import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from transformers import DataCollatorForSeq2Seq, PreTrainedModel, TrainingArguments
+from transformers.trainer_callback import PrinterCallback
+
+from daemon.accumulation import ThreadedAccumulationTrainer, resolve_workers
+from daemon.callbacks import BranchCallback
+from daemon.data import IGNORE_INDEX
+from daemon.exceptions import TrainingError, TrainingInterrupted
 
 if TYPE_CHECKING:
-    from transformers import TrainingArguments
+    from daemon.arguments import Flags
+    from daemon.run import PreparedFile
+
+logger = logging.getLogger(__name__)
 
 COOLDOWN_DIR = ".cooldown"  # scratch folder of the branch inside --output_dir (not a checkpoint name)
 
@@ -92,3 +108,97 @@ def branch_lambda(start: float, end_step: int, steps: int, shape: str) -> Callab
         return start * decay((step - end_step + 1) / (max(1, steps) + 1), shape)
 
     return factor
+
+
+class CooldownTrainer(ThreadedAccumulationTrainer):
+    """The branch's Trainer: the main line's optimizer state, a learning rate decaying to zero.
+
+    Args:
+        lr_lambda: the factor of ``--learning_rate`` at each ``global_step``
+            (:func:`daemon.cooldown.branch_lambda`).
+    """
+
+    def __init__(self, *args: Any, lr_lambda: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lr_lambda = lr_lambda
+
+    def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
+        import torch
+
+        if self.lr_scheduler is None:
+            target = optimizer or self.optimizer
+            assert target is not None
+            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(target, self.lr_lambda)
+        return self.lr_scheduler
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        # The checkpoint's optimizer holds the main line's rate, used by the first step before the
+        # scheduler steps; set it to the branch's own (the lambdas of a LambdaLR are not saved).
+        super()._load_optimizer_and_scheduler(checkpoint)
+        step = self.state.global_step
+        assert self.optimizer is not None and self.lr_scheduler is not None
+        for group, base in zip(self.optimizer.param_groups, self.lr_scheduler.base_lrs, strict=True):
+            group["lr"] = base * self.lr_lambda(step)
+
+
+def cool_down(prepared: PreparedFile, flags: Flags, stop_requested: threading.Event) -> float:
+    """Train the cooldown branch from the file's end checkpoint; ``prepared.model`` becomes the cooled model.
+
+    The branch trains ``prepared.progress.cooldown_steps`` steps on a seeded sample of the
+    file's training examples (its own and replayed ones) into ``<output_dir>/.cooldown``, which
+    is deleted afterwards: the main line's checkpoints and ``global_step`` never change.
+
+    Returns:
+        Seconds inside ``Trainer.train`` (0 with no branch).
+
+    Raises:
+        TrainingInterrupted: a stop was requested (the main line's end is checkpointed: a rerun redoes the branch).
+        TrainingError: the branch ended at another step than planned.
+    """
+    steps, plan = prepared.progress.cooldown_steps, prepared.plan
+    if steps == 0:
+        return 0.0
+    if stop_requested.is_set():
+        raise TrainingInterrupted(f"stopped before the cooldown; the file ended at step {plan.max_steps}")
+    main_args = flags.training
+    scratch = Path(str(main_args.output_dir)) / COOLDOWN_DIR
+    shutil.rmtree(scratch, ignore_errors=True)
+    args = copy.copy(main_args)
+    args.output_dir, args.max_steps, args.save_strategy = str(scratch), plan.max_steps + steps, "no"
+    factor = branch_lambda(main_factor(main_args, plan.max_steps), plan.max_steps, steps, flags.replay.cooldown_shape)
+    train = prepared.datasets.train.shuffle(seed=main_args.seed + 1, keep_in_memory=True)
+    train = train.select(range(min(train.num_rows, steps * plan.effective_batch)))
+    trainer = CooldownTrainer(
+        model=copy.deepcopy(prepared.model),
+        args=args,
+        train_dataset=train,
+        processing_class=prepared.tokenizer,
+        data_collator=DataCollatorForSeq2Seq(prepared.tokenizer, label_pad_token_id=IGNORE_INDEX, padding=True),
+        callbacks=[BranchCallback(stop_requested)],
+        grad_workers=resolve_workers(
+            flags.accumulation.grad_workers, args.device.type, args.world_size, prepared.model.num_parameters()
+        ),
+        max_consecutive_skipped_steps=flags.accumulation.max_consecutive_skipped_steps,
+        lr_lambda=factor,
+    )
+    trainer.remove_callback(PrinterCallback)
+    try:
+        output = trainer.train(
+            resume_from_checkpoint=str(Path(str(main_args.output_dir)) / f"checkpoint-{plan.max_steps}")
+        )
+    finally:
+        trainer.shutdown_workers()
+        shutil.rmtree(scratch, ignore_errors=True)
+    if trainer.state.global_step != plan.max_steps + steps:
+        if stop_requested.is_set():
+            raise TrainingInterrupted(f"stopped during the cooldown; the file ended at step {plan.max_steps}")
+        raise TrainingError(f"the cooldown ended at step {trainer.state.global_step}, planned {plan.max_steps + steps}")
+    assert isinstance(trainer.model, PreTrainedModel)
+    prepared.model = trainer.model
+    logger.info(
+        "cooldown: %d steps (%s) from step %d; exporting the cooled model",
+        steps,
+        flags.replay.cooldown_shape,
+        plan.max_steps,
+    )
+    return float(output.metrics.get("train_runtime", 0.0))

@@ -26,10 +26,8 @@ This module is the only place that builds a ``Trainer``.
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
-import shutil
 import threading
 import time
 from collections.abc import Iterable
@@ -48,7 +46,7 @@ from transformers.trainer_callback import PrinterCallback
 from daemon.accumulation import ThreadedAccumulationTrainer, resolve_workers
 from daemon.arguments import Flags
 from daemon.autotune import choose_workers
-from daemon.callbacks import BranchCallback, CheckpointCallback, PlanCallback, ProgressCallback
+from daemon.callbacks import CheckpointCallback, PlanCallback, ProgressCallback
 from daemon.checkpoints import (
     Checkpoint,
     export_model,
@@ -56,7 +54,7 @@ from daemon.checkpoints import (
     latest_complete_checkpoint,
 )
 from daemon.config import LEDGER_ENV, SUPERVISOR_ENV
-from daemon.cooldown import COOLDOWN_DIR, branch_lambda, cooldown_steps, main_factor
+from daemon.cooldown import cool_down, cooldown_steps
 from daemon.data import (
     IGNORE_INDEX,
     PreparedData,
@@ -391,100 +389,6 @@ def remember_file(prepared: PreparedFile, flags: Flags) -> None:
         flags.replay.replay_buffer_tokens,
         flags.training.seed,
     )
-
-
-class CooldownTrainer(ThreadedAccumulationTrainer):
-    """The branch's Trainer: the main line's optimizer state, a learning rate decaying to zero.
-
-    Args:
-        lr_lambda: the factor of ``--learning_rate`` at each ``global_step``
-            (:func:`daemon.cooldown.branch_lambda`).
-    """
-
-    def __init__(self, *args: Any, lr_lambda: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.lr_lambda = lr_lambda
-
-    def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
-        import torch
-
-        if self.lr_scheduler is None:
-            target = optimizer or self.optimizer
-            assert target is not None
-            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(target, self.lr_lambda)
-        return self.lr_scheduler
-
-    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        # The checkpoint's optimizer holds the main line's rate, used by the first step before the
-        # scheduler steps; set it to the branch's own (the lambdas of a LambdaLR are not saved).
-        super()._load_optimizer_and_scheduler(checkpoint)
-        step = self.state.global_step
-        assert self.optimizer is not None and self.lr_scheduler is not None
-        for group, base in zip(self.optimizer.param_groups, self.lr_scheduler.base_lrs, strict=True):
-            group["lr"] = base * self.lr_lambda(step)
-
-
-def cool_down(prepared: PreparedFile, flags: Flags, stop_requested: threading.Event) -> float:
-    """Train the cooldown branch from the file's end checkpoint; ``prepared.model`` becomes the cooled model.
-
-    The branch trains ``prepared.progress.cooldown_steps`` steps on a seeded sample of the
-    file's training examples (its own and replayed ones) into ``<output_dir>/.cooldown``, which
-    is deleted afterwards: the main line's checkpoints and ``global_step`` never change.
-
-    Returns:
-        Seconds inside ``Trainer.train`` (0 with no branch).
-
-    Raises:
-        TrainingInterrupted: a stop was requested (the main line's end is checkpointed: a rerun redoes the branch).
-        TrainingError: the branch ended at another step than planned.
-    """
-    steps, plan = prepared.progress.cooldown_steps, prepared.plan
-    if steps == 0:
-        return 0.0
-    if stop_requested.is_set():
-        raise TrainingInterrupted(f"stopped before the cooldown; the file ended at step {plan.max_steps}")
-    main_args = flags.training
-    scratch = Path(str(main_args.output_dir)) / COOLDOWN_DIR
-    shutil.rmtree(scratch, ignore_errors=True)
-    args = copy.copy(main_args)
-    args.output_dir, args.max_steps, args.save_strategy = str(scratch), plan.max_steps + steps, "no"
-    factor = branch_lambda(main_factor(main_args, plan.max_steps), plan.max_steps, steps, flags.replay.cooldown_shape)
-    train = prepared.datasets.train.shuffle(seed=main_args.seed + 1, keep_in_memory=True)
-    train = train.select(range(min(train.num_rows, steps * plan.effective_batch)))
-    trainer = CooldownTrainer(
-        model=copy.deepcopy(prepared.model),
-        args=args,
-        train_dataset=train,
-        processing_class=prepared.tokenizer,
-        data_collator=DataCollatorForSeq2Seq(prepared.tokenizer, label_pad_token_id=IGNORE_INDEX, padding=True),
-        callbacks=[BranchCallback(stop_requested)],
-        grad_workers=resolve_workers(
-            flags.accumulation.grad_workers, args.device.type, args.world_size, prepared.model.num_parameters()
-        ),
-        max_consecutive_skipped_steps=flags.accumulation.max_consecutive_skipped_steps,
-        lr_lambda=factor,
-    )
-    trainer.remove_callback(PrinterCallback)
-    try:
-        output = trainer.train(
-            resume_from_checkpoint=str(Path(str(main_args.output_dir)) / f"checkpoint-{plan.max_steps}")
-        )
-    finally:
-        trainer.shutdown_workers()
-        shutil.rmtree(scratch, ignore_errors=True)
-    if trainer.state.global_step != plan.max_steps + steps:
-        if stop_requested.is_set():
-            raise TrainingInterrupted(f"stopped during the cooldown; the file ended at step {plan.max_steps}")
-        raise TrainingError(f"the cooldown ended at step {trainer.state.global_step}, planned {plan.max_steps + steps}")
-    assert isinstance(trainer.model, PreTrainedModel)
-    prepared.model = trainer.model
-    logger.info(
-        "cooldown: %d steps (%s) from step %d; exporting the cooled model",
-        steps,
-        flags.replay.cooldown_shape,
-        plan.max_steps,
-    )
-    return float(output.metrics.get("train_runtime", 0.0))
 
 
 def train_file(flags: Flags) -> HistoryRow:
