@@ -6,13 +6,20 @@ Helpers (the tree, real text, the tiny model, CLI and daemon runners) are in ``h
 from __future__ import annotations
 
 import os
-import threading
-import time
-from pathlib import Path
 
-import psutil
-import pytest
-from helpers import Tree
+# `make test` runs two pytest-xdist workers on two cores: with torch's default of one OpenMP thread
+# per core each, two training processes oversubscribe the cores and their OpenMP barriers spin
+# against each other (a tiny model's step measured 10x slower). One intra-op thread per process
+# (inherited by every child) keeps each worker on its core; the tiny models gain nothing from more.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import threading  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import psutil  # noqa: E402
+import pytest  # noqa: E402
+from helpers import Tree  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="session")

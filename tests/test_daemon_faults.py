@@ -46,7 +46,7 @@ def _done_rows(tree: Tree) -> dict[str, list[dict]]:
     return rows
 
 
-# It takes about 250 s on 2 busy cores: the suite's 300 s hang guard is too close for it.
+# About 2 minutes beside another test; it took 250 s when the test processes oversubscribed the cores.
 @pytest.mark.timeout(600)
 def test_sigkill_at_random_moments_never_loses_or_repeats_a_file(tree):
     rng = random.Random(20261122)
