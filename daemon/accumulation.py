@@ -58,6 +58,7 @@ def resolve_workers(
     num_parameters: int,
     cores: int | None = None,
     measure: Callable[[int], int] | None = None,
+    compiled: bool = False,
 ) -> int:
     """The number of gradient worker threads for ``--grad_workers spec``.
 
@@ -71,6 +72,10 @@ def resolve_workers(
         num_parameters: the model's parameter count.
         cores: CPU cores to share (default: ``torch.get_num_threads()``).
         measure: decides between ``n`` workers and the stock step on this machine.
+        compiled: ``--torch_compile`` is on: ``auto`` takes the stock step. Compiled code is
+            not shared between the worker threads' half batches and the whole micro-batch (other
+            shapes), and dynamo compiles one thread at a time: a file compiled on 2 workers
+            trained 110 s against 46 s on the stock step (AVX2 EPYC, BENCHMARKS.md).
 
     Raises:
         ConfigError: ``spec`` is not ``auto`` or a whole number.
@@ -81,7 +86,7 @@ def resolve_workers(
         return 0
     if spec != "auto":
         return int(spec)
-    if num_parameters > AUTO_MAX_PARAMETERS:
+    if compiled or num_parameters > AUTO_MAX_PARAMETERS:
         return 0
     workers = min(AUTO_WORKERS, cores or torch.get_num_threads())
     return measure(workers) if measure is not None and workers >= 2 else workers

@@ -47,6 +47,23 @@ def cache_path() -> Path:
     return Path(root) / "continual-daemon" / "grad_workers.json"
 
 
+def use_compile_cache() -> Path:
+    """Point inductor's compile cache at ``$XDG_CACHE_HOME/continual-daemon/inductor`` and return it.
+
+    Each file trains in a new process, and ``torch.compile`` compiles again in every process
+    unless the compiled kernels and graphs are found on disk (inductor's FX graph and
+    autograd caches, on by default). Its own default, ``/tmp/torchinductor_<user>``, is lost at
+    a reboot; this folder is kept, so only the first file of a model shape pays for compiling.
+    ``TORCHINDUCTOR_CACHE_DIR`` set to another folder is kept (importing transformers already
+    sets it to inductor's default, which is replaced). Must run before the first compilation.
+    """
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR", default_cache_dir()) == default_cache_dir():
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_path().parent / "inductor")
+    return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+
+
 def _cpu_name_and_flags() -> str:
     name, flags = cpu_info()
     return " ".join([name or platform.processor() or platform.machine(), *(f for f in CPU_FLAGS if f in flags)])

@@ -176,7 +176,11 @@ def cool_down(prepared: PreparedFile, flags: Flags, stop_requested: threading.Ev
         data_collator=DataCollatorForSeq2Seq(prepared.tokenizer, label_pad_token_id=IGNORE_INDEX, padding=True),
         callbacks=[BranchCallback(stop_requested)],
         grad_workers=resolve_workers(
-            flags.accumulation.grad_workers, args.device.type, args.world_size, prepared.model.num_parameters()
+            flags.accumulation.grad_workers,
+            args.device.type,
+            args.world_size,
+            prepared.model.num_parameters(),
+            compiled=args.torch_compile,
         ),
         max_consecutive_skipped_steps=flags.accumulation.max_consecutive_skipped_steps,
         lr_lambda=factor,

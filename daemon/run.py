@@ -45,7 +45,7 @@ from transformers.trainer_callback import PrinterCallback
 
 from daemon.accumulation import ThreadedAccumulationTrainer, resolve_workers
 from daemon.arguments import Flags
-from daemon.autotune import choose_workers
+from daemon.autotune import choose_workers, use_compile_cache
 from daemon.callbacks import CheckpointCallback, PlanCallback, ProgressCallback
 from daemon.checkpoints import (
     Checkpoint,
@@ -237,6 +237,9 @@ def build_trainer(
     callbacks = [*callbacks, CheckpointCallback(keep, {prepared.plan.start_step, *kept_steps})]
     precision = "bf16 autocast" if training_args.bf16 else "fp16 autocast" if training_args.fp16 else "fp32"
     logger.info("precision: %s (master weights fp32)", precision)
+    if training_args.torch_compile:
+        cache = use_compile_cache()
+        logger.info("torch.compile: inductor's cache in %s (a model shape's first file compiles)", cache)
     tokenizer = prepared.tokenizer
     trainer = ThreadedAccumulationTrainer(
         model=prepared.model,
@@ -258,6 +261,7 @@ def build_trainer(
                 training_args.bf16,
                 workers,
             ),
+            compiled=training_args.torch_compile,
         ),
         max_consecutive_skipped_steps=flags.accumulation.max_consecutive_skipped_steps,
     )

@@ -89,6 +89,9 @@ def test_workers_are_resolved_per_device_world_size_and_model_size():
     assert resolve_workers("auto", "cpu", 1, small, cores=8, measure=measured) == 0 and asked == [2]
     assert resolve_workers("auto", "cpu", 1, large, cores=8, measure=measured) == 0 and asked == [2]  # not measured
     assert resolve_workers("3", "cpu", 1, small, measure=measured) == 3 and asked == [2]  # a number is obeyed
+    # A compiled model takes the stock step without a measurement; a number is still obeyed.
+    assert resolve_workers("auto", "cpu", 1, small, cores=8, measure=measured, compiled=True) == 0 and asked == [2]
+    assert resolve_workers("2", "cpu", 1, small, compiled=True) == 2
 
 
 def test_auto_workers_are_measured_once_per_shape_and_leave_the_model_untouched(monkeypatch):

@@ -65,6 +65,27 @@ def test_train_script_trains_and_reports(tree):
     assert 0 < row["train_seconds"] < row["wall_seconds"]
 
 
+# A cold compile takes tens of seconds: `make test SLOW=1` runs it.
+@pytest.mark.slow
+def test_a_compiled_run_trains_its_planned_steps_on_the_stock_step_with_its_cache_in_a_known_folder(tree, monkeypatch):
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    docs = [{"text": d} for d in stdlib_documents(limit=16)]
+    for name, rows in (("a.jsonl", docs[:8]), ("b.jsonl", docs[8:])):  # two processes: the second reads the cache
+        data = write_jsonl(tree.root / name, rows)
+        argv = [str(REPO / "train.py"), "--dataset", str(data), "--torch_compile", "True", *tree.flags()]
+        result = run_cli(argv, cwd=tree.root)
+        assert result.returncode == 0, result.stderr[-3000:]
+        status = json.loads((tree.status / "training_status.json").read_text())
+        assert status["gradient_guard"]["workers"] == 0  # --grad_workers auto: the stock step under compile
+    cache = Path(os.environ["XDG_CACHE_HOME"]) / "continual-daemon" / "inductor"
+    assert f"torch.compile: inductor's cache in {cache}" in result.stderr
+    assert any(cache.rglob("*")), "nothing compiled into the cache"
+    first, second = tree.history()
+    assert [r["outcome"] for r in (first, second)] == ["done", "done"]
+    assert second["start_step"] == first["end_step"]
+    assert second["end_step"] - second["start_step"] == second["planned_steps"]
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
