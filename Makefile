@@ -50,6 +50,7 @@ bench: install
 	$(PY) bench/pipeline.py
 	$(PY) bench/evaluation.py
 	$(PY) bench/end_to_end.py
+	$(PY) bench/compile.py
 	$(PY) bench/continual.py
 
 # Removes the run-time state (inbox contents, status, checkpoints and the exported model).

@@ -75,7 +75,7 @@ def resolve_workers(
         compiled: ``--torch_compile`` is on: ``auto`` takes the stock step. Compiled code is
             not shared between the worker threads' half batches and the whole micro-batch (other
             shapes), and dynamo compiles one thread at a time: a file compiled on 2 workers
-            trained 110 s against 46 s on the stock step (AVX2 EPYC, BENCHMARKS.md).
+            trained 110 s against 39 to 46 s on the stock step (AVX2 EPYC).
 
     Raises:
         ConfigError: ``spec`` is not ``auto`` or a whole number.
