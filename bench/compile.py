@@ -26,7 +26,6 @@ import os
 import statistics
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import time
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.accumulation import machine, write_section  # noqa: E402
-from bench.end_to_end import run  # noqa: E402
+from bench.end_to_end import stdlib_file_and_base  # noqa: E402
 
 SHARED = ["--max_seq_length", "256", "--per_device_train_batch_size", "8", "--logging_steps", "10"]
 COMPILE = ["--grad_workers", "0", "--torch_compile", "True"]
@@ -98,21 +97,10 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=2, help="Alternating eager/compiled warm repeats.")
     parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md", help="Markdown file to update.")
     args = parser.parse_args()
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        data = work / "code.jsonl"
-        subprocess.run(
-            [sys.executable, "-m", "daemon.make_dataset", str(stdlib / "json"), str(stdlib / "email"), str(data)],
-            cwd=ROOT,
-            check=True,
-        )
-        seed = work / "seed.jsonl"
-        seed.write_text("".join(data.read_text().splitlines(keepends=True)[:20]))
-        base = work / "base"
-        run([sys.executable, str(ROOT / "train.py"), "--dataset", str(seed), "--output_dir", str(base),
-             "--status_dir", str(work / "seed-status"), *SHARED], cwd=work)  # fmt: skip
+        data, base = stdlib_file_and_base(work, ("json", "email"), seed_lines=20)
         inductor = work / "inductor"
         runs: dict[str, list[Run]] = {"defaults": [], "stock": [], "cold": [], "warm": []}
         runs["defaults"].append(product(work, data, base, "defaults", [], inductor))

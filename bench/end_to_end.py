@@ -105,6 +105,27 @@ def curve_gap(a: ProductRun, b: ProductRun) -> float:
     return statistics.fmean(abs(a.losses[s] - b.losses[s]) for s in steps)
 
 
+def stdlib_file_and_base(work: Path, packages: tuple[str, ...], seed_lines: int) -> tuple[Path, Path]:
+    """The benchmark's data and starting model, in ``work``: ``(stdlib.jsonl, base)``.
+
+    ``stdlib.jsonl`` holds the standard library's ``packages`` as ``{"text"}`` lines; ``base`` is
+    the embedded model bootstrapped by ``train.py`` on its first ``seed_lines`` lines and exported.
+    """
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    data = work / "stdlib.jsonl"
+    subprocess.run(
+        [sys.executable, "-m", "daemon.make_dataset", *(str(stdlib / p) for p in packages), str(data)],
+        cwd=ROOT,
+        check=True,
+    )
+    seed = work / "seed.jsonl"
+    seed.write_text("".join(data.read_text().splitlines(keepends=True)[:seed_lines]))
+    base = work / "base"
+    run([sys.executable, str(ROOT / "train.py"), "--dataset", str(seed), "--output_dir", str(base),
+         "--status_dir", str(work / "seed-status"), *SHARED], cwd=work)  # fmt: skip
+    return data, base
+
+
 def peer(work: Path, data: Path, base: Path, name: str) -> float:
     """Wall seconds of one run of the plain Trainer script."""
     return run(
@@ -182,20 +203,9 @@ def main() -> int:
         help=f"Only the identical-settings pair; exit 1 when the overhead exceeds {MAX_OVERHEAD:.0%}. Writes nothing.",
     )
     args = parser.parse_args()
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        data = work / "stdlib.jsonl"
-        subprocess.run(
-            [sys.executable, "-m", "daemon.make_dataset", *(str(stdlib / p) for p in PACKAGES), str(data)],
-            cwd=ROOT,
-            check=True,
-        )
-        seed = work / "seed.jsonl"
-        seed.write_text("".join(data.read_text().splitlines(keepends=True)[:200]))
-        base = work / "base"
-        run([sys.executable, str(ROOT / "train.py"), "--dataset", str(seed), "--output_dir", str(base),
-             "--status_dir", str(work / "seed-status"), *SHARED], cwd=work)  # fmt: skip
+        data, base = stdlib_file_and_base(work, PACKAGES, seed_lines=200)
         peer_trained = peer_tokens(data, base)
         n_params, layers, hidden, intermediate, heads, vocab = parameters_and_shape(base)
         runs: dict[str, list[ProductRun]] = {"product": [], "product-same": []}

@@ -21,7 +21,7 @@ through :mod:`daemon.cli`. :func:`train_file` reads as:
 6. :func:`publish`: the evaluation in TensorBoard (``--report_to tensorboard``) and
    ``status/report.html``; a failed file rewrites the report too. Errors there are logged only.
 
-This module is the only place that builds a ``Trainer``.
+This module builds the main line's ``Trainer``; the only other is the cooldown branch's (:mod:`daemon.cooldown`).
 """
 
 from __future__ import annotations
