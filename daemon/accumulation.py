@@ -185,6 +185,23 @@ class ThreadedAccumulationTrainer(Trainer):
         self.shard_pool: ShardPool | None = None
         self._reset_step()
 
+    def _issue_warnings_after_load(self, load_result: Any) -> None:
+        # A checkpoint stores a tied weight once (safetensors keeps one copy of shared tensors),
+        # so lm_head.weight is "missing" from it while it shares the loaded embedding. transformers
+        # 5's Trainer only recognises ``_keys_to_ignore_on_save`` and warned on every resume. A
+        # missing key is dropped from the warning only while its tie is in effect (same tensor).
+        model = self.accelerator.unwrap_model(self.model)
+        tied = getattr(model, "all_tied_weights_keys", None) or {}
+
+        def shares_its_source(key: str) -> bool:
+            try:
+                return key in tied and model.get_parameter(key) is model.get_parameter(tied[key])
+            except AttributeError:
+                return False
+
+        missing = [key for key in load_result.missing_keys if not shares_its_source(key)]
+        super()._issue_warnings_after_load(load_result._replace(missing_keys=missing))
+
     def _reset_step(self) -> None:
         self._micro_batches = 0
         self._step_items = 0

@@ -65,6 +65,15 @@ def test_train_script_trains_and_reports(tree):
     assert 0 < row["train_seconds"] < row["wall_seconds"]
 
 
+def test_resuming_a_model_with_tied_embeddings_does_not_warn_of_a_missing_lm_head(tree):
+    # Each epoch is a segment resumed from the checkpoint before it; the checkpoint stores the tied
+    # embedding once, and transformers' Trainer warned on every resume that lm_head.weight was missing.
+    data = write_jsonl(tree.root / "d.jsonl", [{"text": d} for d in stdlib_documents(limit=4)])
+    result = run_cli([str(REPO / "train.py"), "--dataset", str(data), *tree.flags(num_train_epochs=2)], cwd=tree.root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "missing keys" not in result.stderr, result.stderr[-3000:]
+
+
 # A cold compile takes tens of seconds: `make test SLOW=1` runs it.
 @pytest.mark.slow
 def test_a_compiled_run_trains_its_planned_steps_on_the_stock_step_with_its_cache_in_a_known_folder(tree, monkeypatch):
