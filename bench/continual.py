@@ -198,9 +198,9 @@ def main() -> int:
 
         def label(f: float) -> str:
             notes = [marks[f]] if f in marks else []
-            return f"replay {f:.0%}" + (
-                f" ({', '.join([*notes, 'default'] if f == default else notes)})" if notes or f == default else ""
-            )
+            if f == default:
+                notes.append("default")
+            return f"replay {f:.0%}" + (f" ({', '.join(notes)})" if notes else "")
 
         settings = [
             ("no replay", ["--replay_fraction", "0"]),

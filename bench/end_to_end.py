@@ -213,9 +213,13 @@ def main() -> int:
         # The peak is the best of measurements spread over the run: a shared machine's load only lowers it.
         bf16 = default_bf16()  # what train.py's --bf16 defaults to on this machine
         # bf16 only where the CPU computes it natively: elsewhere a 2048^3 bf16 matmul takes minutes.
-        peaks = {"float32": [matmul_flops("float32")], **({"bfloat16": [matmul_flops("bfloat16")]} if bf16 else {})}
         shape = (layers, hidden, intermediate, heads, vocab)
-        peaks["model"] = [model_shape_flops(*shape)]  # the ceiling for this model size (fp32)
+        measures = {
+            "float32": lambda: matmul_flops("float32"),
+            **({"bfloat16": lambda: matmul_flops("bfloat16")} if bf16 else {}),
+            "model": lambda: model_shape_flops(*shape),  # the ceiling for this model size (fp32)
+        }
+        peaks = {name: [measure()] for name, measure in measures.items()}
         for i in range(args.repeats):
             if not args.guard:
                 runs["product"].append(product(work, data, base, f"p{i}", []))
@@ -223,8 +227,8 @@ def main() -> int:
             runs["product-same"].append(product(work, data, base, f"ps{i}", IDENTICAL))
             peer_walls["peer-same"].append(peer(work, data, base, f"qs{i}"))
             print({k: v[-1].wall for k, v in runs.items() if v}, peer_walls, flush=True)
-            for dtype, measured in peaks.items():
-                measured.append(model_shape_flops(*shape) if dtype == "model" else matmul_flops(dtype))
+            for name, measure in measures.items():
+                peaks[name].append(measure())
         # The noise a precision change must stay within: the same fp32 run with another seed (data order, split).
         reseeded = None if args.guard else product(work, data, base, "seed1", [*IDENTICAL, "--seed", "1"])
         fp32_peak, bf16_peak, model_peak = max(peaks["float32"]), max(peaks.get("bfloat16", [0.0])), max(peaks["model"])

@@ -481,8 +481,8 @@ def _train_file(flags: Flags) -> HistoryRow:
             )
         undone = {"global_step": prepared.plan.start_step} if prepared is not None and entry is not None else {}
         _beat(heartbeat, state=RunState.FAILED, **undone)  # fail_file took the model back to the plan's start
-        if status is not None and not os.environ.get(SUPERVISOR_ENV):  # under the daemon, the daemon draws it
-            write_report_logged(status.dir)
+        if status is not None:
+            _draw_report_unless_supervised(status.dir)
         raise
     finally:
         if heartbeat:
@@ -498,8 +498,13 @@ def publish(flags: Flags, step: int, scored: FileEvaluation) -> None:
     """
     if tensorboard_enabled(flags.training):
         log_file_end(flags.status.status_dir, step, scored)
+    _draw_report_unless_supervised(flags.status.status_dir)
+
+
+def _draw_report_unless_supervised(status_dir: str | os.PathLike[str]) -> None:
+    """Rewrite ``status/report.html`` here, unless a daemon runs this process: it draws the report itself."""
     if not os.environ.get(SUPERVISOR_ENV):
-        write_report_logged(flags.status.status_dir)
+        write_report_logged(status_dir)
 
 
 def _beat(heartbeat: Heartbeat | None, **fields: Any) -> None:
