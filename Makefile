@@ -52,6 +52,7 @@ bench: install
 	$(PY) bench/end_to_end.py
 	$(PY) bench/compile.py
 	$(PY) bench/continual.py
+	$(PY) bench/gpu.py
 
 # Removes the run-time state (inbox contents, status, checkpoints and the exported model).
 clean-state:

@@ -1,0 +1,327 @@
+"""Benchmark: ``python train.py`` against the plain Trainer script on a CUDA GPU, ~100M-parameter Llama.
+
+    python bench/gpu.py [--megabytes 32] [--repeats 2]   # the table into BENCHMARKS.md (section gpu)
+    python bench/gpu.py --tiny                           # the same pipeline, a 2-layer model: runs anywhere
+
+1. Data: every Python file of the standard library as ``{"text"}`` lines
+   (``daemon.make_dataset``), repeated until the file holds ``--megabytes``.
+2. Model: a Llama of about 110M parameters (12 layers, hidden 768, MLP 2048, 12 heads,
+   tied embeddings, a 32,000-token byte-level BPE trained on the file's first 8 MB,
+   SDPA attention), saved once; both contenders start from it.
+3. Runs alternate, ``repeats`` times: the product with its defaults (on a GPU: bf16
+   autocast, the stock Trainer step, chosen by itself), and the peer
+   (``bench/plain_trainer.py``) with ``--bf16 True`` (its own default is fp32, which no one
+   trains a GPU model in). Same batch (16 x 1024 tokens), one pass over the file.
+4. Reported: medians of whole-process wall time and trained tokens per wall second, the
+   ratio product / peer, and for each training loop its tokens/s and model FLOPs
+   utilisation: ``tokens/s x (6N + 12 L d T)`` (Chowdhery et al. 2022, PaLM, Appendix B)
+   over the GPU's dense bf16 peak (the datasheet's, where the GPU is known, and the best
+   8192^3 bf16 matmul measured in the same go).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.accumulation import write_section  # noqa: E402
+
+MODEL = {  # about 110M parameters with the 32,000-token vocabulary (24.6M of them the tied embedding)
+    "hidden_size": 768,
+    "intermediate_size": 2048,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "num_key_value_heads": 12,
+    "max_position_embeddings": 2048,
+    "tie_word_embeddings": True,
+}
+TINY = {**MODEL, "hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 4}  # fmt: skip
+VOCAB = 32000
+# Dense bf16 tensor-core peaks, TFLOP/s, from NVIDIA's datasheets (SXM parts; "with sparsity" halved).
+DATASHEET_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
+
+
+@dataclass
+class Run:
+    """One whole process: wall seconds, trained tokens and the seconds inside the training loop."""
+
+    wall: float
+    tokens: int
+    train_seconds: float
+    detail: str  # what the run decided (product: precision and workers) or reported
+
+
+def run(cmd: list[str], cwd: Path, log: Path, env: dict[str, str] | None = None) -> float:
+    """Run a whole process, its output into ``log``; its wall time in seconds (fails loudly)."""
+    started = time.perf_counter()
+    with log.open("w") as out:
+        result = subprocess.run(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, text=True, env=env)
+    wall = time.perf_counter() - started
+    if result.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd[:3])} failed:\n{log.read_text()[-3000:]}")
+    return wall
+
+
+def corpus(work: Path, megabytes: float) -> Path:
+    """The standard library's Python files as JSON lines, repeated up to ``megabytes`` MB."""
+    from daemon.make_dataset import make_dataset
+
+    lines_file, stdlib = work / "stdlib-all.jsonl", Path(sysconfig.get_paths()["stdlib"])
+    packages = sorted(p for p in stdlib.iterdir() if p.is_dir() and p.name not in ("site-packages", "dist-packages"))
+    make_dataset(packages, lines_file, max_chars=16000, pattern="*.py")
+    lines = lines_file.read_bytes().splitlines(keepends=True)
+    data, size, target = work / "data.jsonl", 0, int(megabytes * 1e6)
+    with data.open("wb") as out:
+        while size < target:
+            for line in lines:
+                out.write(line)
+                size += len(line)
+                if size >= target:
+                    break
+    return data
+
+
+def base_model(work: Path, data: Path, config: dict) -> Path:
+    """A freshly initialised Llama of ``config`` and a BPE tokenizer trained on ``data``'s first 8 MB."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from daemon.model import train_tokenizer
+
+    def first_megabytes(limit: int = 8_000_000):
+        seen = 0
+        with data.open(encoding="utf-8") as lines:
+            for line in lines:
+                yield json.loads(line)["text"]
+                seen += len(line)
+                if seen >= limit:
+                    return
+
+    tokenizer = train_tokenizer(first_megabytes(), VOCAB)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            attn_implementation="sdpa",
+            **config,
+        )
+    )
+    base = work / "base"
+    model.save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    return base
+
+
+def flops_per_token(base: Path, seq: int) -> tuple[int, float]:
+    """``(parameters, 6N + 12 L d T)``: training FLOPs per token (PaLM, Appendix B)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(base)
+    with __import__("torch").device("meta"):
+        n = AutoModelForCausalLM.from_config(config).num_parameters()
+    return n, 6 * n + 12 * config.num_hidden_layers * config.hidden_size * seq
+
+
+def bf16_matmul_flops(n: int = 8192, repeats: int = 20) -> float:
+    """FLOP/s of an ``n^3`` bf16 matmul on the GPU: the median of ``repeats`` event-timed products."""
+    import torch
+
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    return 2 * n**3 / statistics.median(times)
+
+
+def product(work: Path, data: Path, base: Path, name: str, shared: list[str], logs: Path, env=None) -> Run:
+    """One ``train.py`` run; ``detail`` says what its defaults decided and where its time went outside the loop."""
+    out = work / name
+    log = logs / f"{name}.log"
+    launched = time.time()
+    wall = run(
+        [sys.executable, str(ROOT / "train.py"), "--dataset", str(data), "--model_name_or_path", str(base),
+         "--output_dir", str(out / "model"), "--status_dir", str(out / "status"), *shared],
+        cwd=work,
+        log=log,
+        env=env,
+    )  # fmt: skip
+    row = json.loads((out / "status" / "history.jsonl").read_text().splitlines()[-1])
+    workers = json.loads((out / "status" / "training_status.json").read_text())["gradient_guard"]["workers"]
+    lines = log.read_text().splitlines()
+    precision = next((line.split("precision: ", 1)[1].split(" (")[0] for line in lines if "precision: " in line), "?")
+    stamped = [line for line in lines if line[:4].isdigit() and line[4:5] == "-"]
+    first_log = datetime.strptime(stamped[0][:23], "%Y-%m-%d %H:%M:%S,%f").timestamp() if stamped else launched
+    phases = next((line.rsplit("(", 1)[1].rstrip(")") for line in lines if "exported the model to" in line), "?")
+    detail = (
+        f"{precision}, {f'{workers} gradient workers' if workers else 'stock step'}; start-up to the first log "
+        f"line {first_log - launched:.1f} s, evaluation {row.get('eval_seconds') or 0:.1f} s, {phases}"
+    )
+    return Run(wall, row["tokens"], row["train_seconds"], detail)
+
+
+def peer(work: Path, data: Path, base: Path, name: str, shared: list[str], logs: Path, bf16: bool) -> Run:
+    """One run of the plain Trainer script (``--bf16 True`` where the GPU has bf16)."""
+    log = logs / f"{name}.log"
+    wall = run(
+        [sys.executable, str(ROOT / "bench" / "plain_trainer.py"), "--model_name_or_path", str(base),
+         "--dataset", str(data), "--output_dir", str(work / name), "--num_train_epochs", "1",
+         "--report_to", "none", *(["--bf16", "True"] if bf16 else []), *shared],
+        cwd=work,
+        log=log,
+    )  # fmt: skip
+    line = next(line for line in log.read_text().splitlines() if line.startswith("peer trained "))
+    tokens = int(line.split()[2])
+    metrics = ast.literal_eval(line.split("; ", 1)[1])
+    return Run(wall, tokens, float(metrics["train_runtime"]), "bf16 autocast" if bf16 else "fp32")
+
+
+def gpu_line() -> str:
+    """The GPU, its memory, the host's cores and the software versions."""
+    import torch
+    import transformers
+
+    if not torch.cuda.is_available():
+        return f"no GPU (CPU: {platform.processor() or platform.machine()}), torch {torch.__version__}"
+    props = torch.cuda.get_device_properties(0)
+    return (
+        f"{props.name}, {props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs; "
+        f"{os.cpu_count()} CPU cores; torch {torch.__version__} (CUDA {torch.version.cuda}), "
+        f"transformers {transformers.__version__}, Python {platform.python_version()}"
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--megabytes", type=float, default=32, help="Size of the training file.")
+    parser.add_argument("--repeats", type=int, default=2, help="Alternating repeats; the table shows medians.")
+    parser.add_argument("--tiny", action="store_true", help="A 2-layer model, 1 MB, batch 4 x 128: a check anywhere.")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="Two more product runs with --torch_compile True: inductor's cache empty, then filled by the first.",
+    )
+    parser.add_argument("--logs", type=Path, default=None, help="Keep every run's output in this folder.")
+    parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md", help="Markdown file to update.")
+    args = parser.parse_args()
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.tiny:
+        print("bench/gpu.py: no CUDA GPU here, nothing to measure (--tiny checks the pipeline on any machine)")
+        return 0
+    config, seq, batch = (TINY, 128, 4) if args.tiny else (MODEL, 1024, 16)
+    megabytes = 1.0 if args.tiny else args.megabytes
+    shared = ["--max_seq_length", str(seq), "--per_device_train_batch_size", str(batch)]
+    bf16 = cuda and torch.cuda.is_bf16_supported()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        logs = args.logs or work / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        data = corpus(work, megabytes)
+        base = base_model(work, data, config)
+        n_params, per_token = flops_per_token(base, seq)
+        peaks = [bf16_matmul_flops()] if cuda else []
+        runs: dict[str, list[Run]] = {"product": [], "peer": []}
+        for i in range(args.repeats):
+            runs["product"].append(product(work, data, base, f"product{i}", shared, logs))
+            runs["peer"].append(peer(work, data, base, f"peer{i}", shared, logs, bf16))
+            print({k: round(v[-1].wall, 1) for k, v in runs.items()}, flush=True)
+            if cuda:
+                peaks.append(bf16_matmul_flops())
+        if args.compile:  # a cache of this run's own: the first compiles, the second loads what it left
+            env = {**os.environ, "XDG_CACHE_HOME": str(work / "cache")}
+            compiled = [*shared, "--torch_compile", "True"]
+            runs["compiled, cache empty"] = [product(work, data, base, "compiled0", compiled, logs, env)]
+            runs["compiled, cache filled"] = [product(work, data, base, "compiled1", compiled, logs, env)]
+
+    def median(key: str, of) -> float:
+        return statistics.median(of(r) for r in runs[key])
+
+    name = torch.cuda.get_device_properties(0).name if cuda else ""
+    datasheet = next((tf * 1e12 for gpu, tf in DATASHEET_BF16_TFLOPS.items() if gpu in name), None)
+    measured = max(peaks) if peaks else None
+    rows = [
+        "| run | settings | wall s | trained tokens | tokens / wall s | ratio to the peer | training loop tokens/s "
+        "| loop TFLOP/s | MFU (datasheet) | of the measured matmul peak |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    peer_tps = median("peer", lambda r: r.tokens / r.wall)
+    labels = {
+        "product": "`train.py`, defaults",
+        "peer": "plain Trainer script, `--bf16 True`",
+        "compiled, cache empty": "`train.py --torch_compile True`, inductor's cache empty",
+        "compiled, cache filled": "`train.py --torch_compile True`, the cache filled by the run above",
+    }
+    for key, label in labels.items():
+        if key not in runs:
+            continue
+        tps = median(key, lambda r: r.tokens / r.wall)
+        loop = median(key, lambda r: r.tokens / r.train_seconds)
+        flops = loop * per_token
+        rows.append(
+            f"| {label} | {runs[key][0].detail} | {median(key, lambda r: r.wall):.1f} | {runs[key][0].tokens:,} "
+            f"| {tps:,.0f} | **{tps / peer_tps:.2f}x** | {loop:,.0f} | {flops / 1e12:.1f} "
+            f"| {f'{flops / datasheet:.0%}' if datasheet else 'n/a'} "
+            f"| {f'{flops / measured:.0%}' if measured else 'n/a'} |"
+        )
+    body = "\n".join(
+        [
+            "## `train.py` against a plain Trainer script on a GPU (`bench/gpu.py`)",
+            "",
+            f"Machine: {gpu_line()}. Run on {time.strftime('%Y-%m-%d')}, {args.repeats} alternating repeats "
+            f"(medians), whole processes. A Llama of {n_params / 1e6:.0f}M parameters "
+            f"({config['num_hidden_layers']} layers, hidden {config['hidden_size']}, SDPA attention, a "
+            f"{VOCAB:,}-token BPE), batch {batch} x {seq} tokens, one pass over {megabytes:g} MB of the standard "
+            "library's Python files. FLOPs per token 6N + 12LdT = "
+            f"{per_token / 1e6:.0f} M (Chowdhery et al. 2022, PaLM, Appendix B). Peak: "
+            + (f"the datasheet's dense bf16 {datasheet / 1e12:.0f} TFLOP/s; " if datasheet else "")
+            + (f"measured 8192^3 bf16 matmul, best of the go, {measured / 1e12:.0f} TFLOP/s." if measured else "none."),
+            "",
+            *rows,
+            "",
+            "Per run: "
+            + "; ".join(
+                f"{key} {i}: {r.wall:.1f} s wall, {r.train_seconds:.1f} s in the loop ({r.detail})"
+                for key, rs in runs.items()
+                for i, r in enumerate(rs)
+            )
+            + ".",
+        ]
+    )
+    if args.tiny:
+        print(body)
+        return 0
+    write_section(args.out, "gpu", body)
+    print(body)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
