@@ -34,12 +34,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from transformers import DataCollatorForSeq2Seq, PreTrainedModel, TrainingArguments
+from transformers import PreTrainedModel, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
 
 from daemon.accumulation import ThreadedAccumulationTrainer, resolve_workers
 from daemon.callbacks import BranchCallback
-from daemon.data import IGNORE_INDEX
+from daemon.data import PaddingCollator
 from daemon.exceptions import TrainingError, TrainingInterrupted
 
 if TYPE_CHECKING:
@@ -167,13 +167,13 @@ def cool_down(prepared: PreparedFile, flags: Flags, stop_requested: threading.Ev
     args.output_dir, args.max_steps, args.save_strategy = str(scratch), plan.max_steps + steps, "no"
     factor = branch_lambda(main_factor(main_args, plan.max_steps), plan.max_steps, steps, flags.replay.cooldown_shape)
     train = prepared.datasets.train.shuffle(seed=main_args.seed + 1, keep_in_memory=True)
-    train = train.select(range(min(train.num_rows, steps * plan.effective_batch)))
+    train = train.select(range(min(train.num_rows, steps * plan.effective_batch))).with_format("torch")
     trainer = CooldownTrainer(
         model=copy.deepcopy(prepared.model),
         args=args,
         train_dataset=train,
         processing_class=prepared.tokenizer,
-        data_collator=DataCollatorForSeq2Seq(prepared.tokenizer, label_pad_token_id=IGNORE_INDEX, padding=True),
+        data_collator=PaddingCollator.for_tokenizer(prepared.tokenizer),
         callbacks=[BranchCallback(stop_requested)],
         grad_workers=resolve_workers(
             flags.accumulation.grad_workers,

@@ -219,6 +219,52 @@ class PreparedData:
         return 0 if self.eval is None else self.eval.num_rows
 
 
+@dataclass(frozen=True)
+class PaddingCollator:
+    """The Trainer's collator: examples stacked into one micro-batch, right-padded to the longest.
+
+    Takes the product's examples (``input_ids`` and ``labels`` of any length, as 1-D tensors
+    from a dataset in torch format, or as lists); other columns are left out. It replaces
+    ``DataCollatorForSeq2Seq``, whose ``tokenizer.pad`` turns every token id into a Python int
+    and back: 12.5 ms for a 16 x 1024 micro-batch against 2 ms here (rows in torch format, timed
+    on an AVX2 EPYC), time in which a GPU waits, since the Trainer synchronises with it at every
+    step (BENCHMARKS.md, GPU).
+
+    Args:
+        pad_token_id: the id written after each example's end (never attended to, never learned).
+
+    Returns:
+        ``input_ids`` ``[rows, longest]`` (int64), ``labels`` ``[rows, longest]`` (-100 on padding),
+        and, only when some example is shorter than the longest, ``attention_mask`` ``[rows, longest]``
+        (1 on tokens, 0 on padding). A full micro-batch (every packed one) goes without: attention
+        then takes its causal kernel instead of first checking a mask of ones.
+    """
+
+    pad_token_id: int
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer: PreTrainedTokenizerBase) -> PaddingCollator:
+        """Padding with the tokenizer's pad token, or its EOS token when it has none."""
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        return cls(int(pad))
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+        from torch.nn.utils.rnn import pad_sequence
+
+        ids = [torch.as_tensor(f["input_ids"], dtype=torch.long) for f in features]
+        labels = [torch.as_tensor(f["labels"], dtype=torch.long) for f in features]
+        lengths = torch.tensor([len(x) for x in ids])
+        longest = int(lengths.max())
+        batch = {
+            "input_ids": pad_sequence(ids, batch_first=True, padding_value=self.pad_token_id),
+            "labels": pad_sequence(labels, batch_first=True, padding_value=IGNORE_INDEX),
+        }
+        if int(lengths.min()) < longest:
+            batch["attention_mask"] = (torch.arange(longest)[None, :] < lengths[:, None]).long()
+        return batch
+
+
 def chat_template_of(tokenizer: PreTrainedTokenizerBase) -> str:
     """The tokenizer's own chat template, or :data:`DEFAULT_CHAT_TEMPLATE` when it has none."""
     template = getattr(tokenizer, "chat_template", None)

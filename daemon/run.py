@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any
 
 from transformers import (
-    DataCollatorForSeq2Seq,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     TrainerCallback,
@@ -56,7 +55,7 @@ from daemon.checkpoints import (
 from daemon.config import LEDGER_ENV, SUPERVISOR_ENV
 from daemon.cooldown import cool_down, cooldown_steps
 from daemon.data import (
-    IGNORE_INDEX,
+    PaddingCollator,
     PreparedData,
     mix_replay,
     prepare_datasets,
@@ -215,12 +214,14 @@ def segment_dataset(prepared: PreparedFile, epoch: int, first_batch: int, steps:
     """The examples of one segment: epoch ``epoch``'s order, batches ``first_batch`` to ``+steps``.
 
     Epoch 0 is the prepared order (shuffled once with ``seed``); epoch ``e`` reshuffles
-    it with ``seed + e``. Both are deterministic, so a restart sees the same order.
+    it with ``seed + e``. Both are deterministic, so a restart sees the same order. Rows come
+    as tensors (torch format), which :class:`~daemon.data.PaddingCollator` stacks without a copy through Python.
     """
     train = prepared.datasets.train
     data = train if epoch == 0 else train.shuffle(seed=seed + epoch)
     rows = prepared.plan.segment_rows(first_batch, steps)
-    return data if (rows.start, rows.stop) == (0, data.num_rows) else data.select(rows)
+    data = data if (rows.start, rows.stop) == (0, data.num_rows) else data.select(rows)
+    return data.with_format("torch")
 
 
 def build_trainer(
@@ -247,7 +248,7 @@ def build_trainer(
         train_dataset=prepared.datasets.train,
         eval_dataset=prepared.datasets.eval,
         processing_class=tokenizer,
-        data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, padding=True),
+        data_collator=PaddingCollator.for_tokenizer(tokenizer),
         callbacks=callbacks,
         grad_workers=resolve_workers(
             flags.accumulation.grad_workers,

@@ -168,8 +168,8 @@ import os, runpy, sys, threading
 args = sys.argv[1:]
 dataset = os.path.basename(args[args.index("--dataset") + 1])
 if dataset.startswith("1-hang"):  # block forever in the data collator, as a stuck input pipeline would
-    import transformers
-    transformers.DataCollatorForSeq2Seq.__call__ = lambda self, features: threading.Event().wait()
+    import daemon.data
+    daemon.data.PaddingCollator.__call__ = lambda self, features: threading.Event().wait()
 assert args[:2] == ["-m", "daemon"]
 sys.argv = ["daemon", *args[2:]]
 runpy.run_module("daemon", run_name="__main__")

@@ -316,3 +316,24 @@ def test_the_heldout_slice_is_kept_as_raw_records_of_the_files_shape(tmp_path, t
     data = prepare_datasets(load_records(report, args), "text", tokenizer, args, seed=0)
     assert data.heldout_records and len(data.heldout_records) >= data.eval_examples
     assert all(any(r["text"] in d for d in docs) for r in data.heldout_records)  # pieces of the documents, exact
+
+
+def test_the_collator_right_pads_and_adds_a_mask_only_when_a_row_is_short():
+    import torch
+    from transformers import DataCollatorForSeq2Seq
+
+    from daemon.data import PaddingCollator
+    from daemon.model import train_tokenizer
+
+    tokenizer = train_tokenizer(stdlib_documents(limit=20), vocab_size=300)
+    collate = PaddingCollator.for_tokenizer(tokenizer)
+    short = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}]
+    batch = collate([{k: torch.tensor(v) for k, v in row.items()} for row in short])  # torch format
+    pad = tokenizer.pad_token_id
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, pad, pad]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    reference = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True)(short)
+    assert all(torch.equal(batch[key], reference[key]) for key in batch)  # the collator it replaces
+    full = collate([{"input_ids": [1, 2], "labels": [1, 2]}, {"input_ids": [3, 4], "labels": [-100, 4]}])
+    assert sorted(full) == ["input_ids", "labels"]  # packed rows: nothing to mask
