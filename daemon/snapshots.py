@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -66,11 +65,15 @@ class GenerationSettings:
 def generate_samples(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], settings: GenerationSettings
 ) -> list[dict[str, Any]]:
-    """Sample one continuation per prompt; prompt ``i`` samples from ``torch.manual_seed(settings.seed + i)``.
+    """Sample one continuation per prompt, all prompts at once; prompt ``i`` draws from its own seed ``seed + i``.
 
-    Each prompt has its own seed (:meth:`GenerationSettings.prompt_seed`), so two prompts
-    never share their random draws, and a snapshot is reproducible from its settings and
-    prompt list. The seed depends on the prompt's position, not its text.
+    The prompts go through one ``generate`` call, left-padded: one forward pass per new token
+    for all of them, not one per prompt and token (the product's per-file work is mostly this
+    forward pass's launch and Python overhead, on a GPU as on a CPU). Each prompt still has its
+    own ``torch.Generator`` (:meth:`GenerationSettings.prompt_seed`), so two prompts never share
+    their random draws, a snapshot is reproducible from its settings and prompt list, and a
+    prompt's sample does not depend on the other prompts (up to float rounding of the padded
+    batch). The seed depends on the prompt's position, not its text.
 
     A prompt ending in whitespace (``"import "``) is fed without that whitespace, and the
     first sampled token must start with it (token healing, for trailing whitespace only):
@@ -90,65 +93,117 @@ def generate_samples(
         (special tokens skipped), so ``prompt + completion`` is what the tokens read.
     """
     import torch
+    from transformers import GenerationConfig, LogitsProcessorList
 
+    if not prompts:
+        return []
     model.eval()
-    samples = []
+    healed = any(prompt.strip() and prompt != prompt.rstrip() for prompt in prompts)
+    continuations = _continuation_texts(tokenizer) if healed else []
+    fed = [_prompt_ids(tokenizer, prompt, continuations) for prompt in prompts]
+    longest = max(len(ids) for ids, _, _ in fed)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    input_ids = torch.tensor([[pad] * (longest - len(ids)) + ids for ids, _, _ in fed], device=model.device)
+    mask = torch.tensor([[0] * (longest - len(ids)) + [1] * len(ids) for ids, _, _ in fed], device=model.device)
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    config = GenerationConfig(  # greedy over the scores _SeededSampling leaves: exactly its draw
+        do_sample=False,
+        max_new_tokens=settings.max_new_tokens,
+        pad_token_id=pad,
+        eos_token_id=eos if eos is not None else tokenizer.eos_token_id,
+    )
+    sampling = _SeededSampling(settings, [first for _, _, first in fed], longest, model.device)
     with torch.inference_mode():
-        for index, prompt in enumerate(prompts):
-            mark_progress()
-            seed = settings.prompt_seed(index)
-            torch.manual_seed(seed)
-            ids, held_back, first = _prompt_ids(tokenizer, prompt)
-            input_ids = torch.tensor([ids], device=model.device)
-            out = model.generate(  # type: ignore[operator]
-                input_ids=input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                do_sample=True,
-                max_new_tokens=settings.max_new_tokens,
-                temperature=settings.temperature,
-                top_k=settings.top_k,
-                pad_token_id=tokenizer.pad_token_id,
-                prefix_allowed_tokens_fn=_first_token_in(first, len(ids), model) if first else None,
-            )
-            fed = str(tokenizer.decode(ids, skip_special_tokens=True)) + held_back
-            text = str(tokenizer.decode(out[0], skip_special_tokens=True))
-            completion = text[len(fed) :] if text.startswith(fed) else text[len(fed) - len(held_back) :]
-            samples.append({"prompt": prompt, "completion": completion, "seed": seed})
+        out = model.generate(  # type: ignore[operator]
+            input_ids=input_ids,
+            attention_mask=mask,
+            generation_config=config,
+            logits_processor=LogitsProcessorList([sampling]),
+        )
+    samples = []
+    for index, (prompt, (ids, held_back, _)) in enumerate(zip(prompts, fed, strict=True)):
+        prefix = str(tokenizer.decode(ids, skip_special_tokens=True)) + held_back
+        text = str(tokenizer.decode(out[index, longest - len(ids) :], skip_special_tokens=True))
+        completion = text[len(prefix) :] if text.startswith(prefix) else text[len(prefix) - len(held_back) :]
+        samples.append({"prompt": prompt, "completion": completion, "seed": settings.prompt_seed(index)})
     return samples
 
 
-def _prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> tuple[list[int], str, list[int]]:
+class _SeededSampling:
+    """A logits processor that samples each row from its own generator and leaves only its draw.
+
+    Per row, as ``generate(do_sample=True)`` would: the first new token restricted to the
+    row's allowed tokens (token healing), then temperature, then top-k, then a draw from the
+    softmax, from ``torch.Generator`` seeded with the row's prompt seed. The scores returned are
+    -inf except 0 at the drawn token, so greedy decoding takes it. Each call marks progress.
+
+    Args:
+        settings: temperature, top-k and the seeds.
+        first: per row, the tokens allowed first (empty: any).
+        prompt_length: the padded prompts' length (the first new token is predicted there).
+        device: where the scores are.
+    """
+
+    def __init__(self, settings: GenerationSettings, first: list[list[int]], prompt_length: int, device: Any) -> None:
+        import torch
+
+        self.settings = settings
+        self.first = first
+        self.prompt_length = prompt_length
+        self.generators = [
+            torch.Generator(device=device).manual_seed(settings.prompt_seed(i)) for i in range(len(first))
+        ]
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        mark_progress()
+        chosen = torch.full_like(scores, -torch.inf)
+        for row, generator in enumerate(self.generators):
+            logits = scores[row]
+            if input_ids.shape[-1] == self.prompt_length and self.first[row]:
+                allowed = torch.full_like(logits, -torch.inf)
+                allowed[self.first[row]] = 0
+                logits = logits + allowed
+            top = torch.topk(logits / self.settings.temperature, min(self.settings.top_k, logits.shape[-1]))
+            pick = torch.multinomial(torch.softmax(top.values, dim=-1), 1, generator=generator)
+            chosen[row, top.indices[pick]] = 0
+        return chosen
+
+
+def _continuation_texts(tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    """Each token's text where it follows a word: decoded after the token of ``"a"``, which is then cut off.
+
+    Decoded in context, since some tokenizers (SentencePiece) drop the leading space of a
+    sequence's first token. One decode of the vocabulary serves every prompt.
+    """
+    context = tokenizer("a", add_special_tokens=False)["input_ids"][-1:]
+    prefix = str(tokenizer.decode(context))
+    texts = [str(text) for text in tokenizer.batch_decode([[*context, t] for t in range(len(tokenizer))])]
+    return [text[len(prefix) :] if text.startswith(prefix) else "" for text in texts]
+
+
+def _prompt_ids(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, continuations: list[str]
+) -> tuple[list[int], str, list[int]]:
     """``(token ids to feed, trailing whitespace held back, the tokens allowed first)`` for one prompt.
 
     Nothing is held back (and any token may come first) when the prompt does not end in
-    whitespace, is only whitespace, or no token continues the whitespace.
+    whitespace, is only whitespace, or no token continues the whitespace (``continuations``:
+    :func:`_continuation_texts`, or empty when no prompt ends in whitespace).
     """
     stem = prompt.rstrip()
     held_back = prompt[len(stem) :]
     ids: list[int] = tokenizer(stem, add_special_tokens=False)["input_ids"]
     first: list[int] = []
     if stem and held_back and ids:
-        # Each token's text after the prompt's last token: decoded in context, since some
-        # tokenizers (SentencePiece) drop the leading space of a sequence's first token.
-        context = str(tokenizer.decode(ids[-1:]))
-        texts = tokenizer.batch_decode([[ids[-1], t] for t in range(len(tokenizer))])
-        first = [t for t, text in enumerate(texts) if str(text).startswith(context + held_back)]
+        first = [t for t, text in enumerate(continuations) if text.startswith(held_back)]
     if not first:
         held_back = ""
         ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     if not ids:  # an empty prompt starts from EOS, like a new document
         ids = [tokenizer.eos_token_id]
     return ids, held_back, first
-
-
-def _first_token_in(allowed: list[int], prompt_length: int, model: PreTrainedModel) -> Callable[[int, Any], list[int]]:
-    """A ``prefix_allowed_tokens_fn``: ``allowed`` for the first new token, any token after it."""
-    anything = list(range(model.config.get_text_config().vocab_size))
-
-    def allowed_tokens(batch_id: int, input_ids: Any) -> list[int]:
-        return allowed if input_ids.shape[-1] == prompt_length else anything
-
-    return allowed_tokens
 
 
 def write_snapshot(

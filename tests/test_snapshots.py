@@ -28,33 +28,41 @@ def test_each_prompt_samples_from_its_own_seed(tokenizer):
 
 
 class _SpaceLedModel(torch.nn.Module):
-    """A stand-in causal LM that always continues with one token, ``"Ġis"`` (a space glued to a word)."""
+    """A stand-in causal LM whose scores favour ``"i"`` (no space) over ``"Ġis"`` (a space glued to a word)."""
 
     device = torch.device("cpu")
 
-    def __init__(self, token_id: int, vocab_size: int) -> None:
+    def __init__(self, tokenizer) -> None:
         from transformers import PretrainedConfig
 
         super().__init__()
-        self.config = PretrainedConfig(vocab_size=vocab_size)
-        self.token_id = token_id
+        self.config = PretrainedConfig(vocab_size=len(tokenizer))
+        self.space_is, self.bare_i = tokenizer.convert_tokens_to_ids(["Ġis", "i"])
+        assert None not in (self.space_is, self.bare_i)
         self.fed: list[list[int]] = []
-        self.allowed_first: list[int] | None = None
 
-    def generate(self, input_ids, prefix_allowed_tokens_fn=None, **kwargs):
+    def generate(self, input_ids, logits_processor, generation_config, **kwargs):
         self.fed.append(input_ids[0].tolist())
-        if prefix_allowed_tokens_fn is not None:
-            self.allowed_first = prefix_allowed_tokens_fn(0, input_ids[0])
-        return torch.cat([input_ids, torch.tensor([[self.token_id]])], dim=1)
+        scores = torch.full((1, self.config.vocab_size), -10.0)
+        scores[0, self.bare_i], scores[0, self.space_is] = 10.0, 0.0  # "i" wins unless it is not allowed
+        picked = int(logits_processor(input_ids, scores).argmax())  # greedy over what the processor leaves
+        return torch.cat([input_ids, torch.tensor([[picked]])], dim=1)
 
 
 def test_a_prompt_ending_in_a_space_reads_with_one_space_before_the_next_word(tokenizer):
-    space_is = tokenizer.convert_tokens_to_ids("Ġis")
-    model = _SpaceLedModel(space_is, len(tokenizer))
+    model = _SpaceLedModel(tokenizer)
     (sample,) = generate_samples(model, tokenizer, ["import "], SETTINGS)
-    assert sample["prompt"] + sample["completion"] == "import is"
+    assert sample["prompt"] + sample["completion"] == "import is"  # "Ġis": the only allowed first token of the two
     assert tokenizer.convert_ids_to_tokens(model.fed[0])[-1] != "Ġ"  # the space is not fed alone
-    assert space_is in model.allowed_first and tokenizer.convert_tokens_to_ids("is") not in model.allowed_first
+
+
+def test_a_prompt_samples_the_same_alone_and_beside_other_prompts(tokenizer):
+    # One batch, left-padded to the longest prompt: prompt 0's draws come from its own generator only.
+    model = tiny_model(len(tokenizer))
+    (alone,) = generate_samples(model, tokenizer, ["def "], SETTINGS)
+    together = generate_samples(model, tokenizer, ["def ", "class Parser(object):\n    "], SETTINGS)
+    assert together[0] == alone
+    assert together[1]["seed"] == 8 and together[1]["completion"]
 
 
 def test_a_real_model_continues_a_trailing_space_with_a_space_led_token(tokenizer):
@@ -64,9 +72,14 @@ def test_a_real_model_continues_a_trailing_space_with_a_space_led_token(tokenize
     model.generate = lambda **kwargs: outputs.append(generate(**kwargs)) or outputs[-1]
     prompts = ["import ", "x = 1\n", "class"]
     samples = generate_samples(model, tokenizer, prompts, SETTINGS)
-    for sample, out in zip(samples, outputs, strict=True):
-        assert sample["prompt"] + sample["completion"] == tokenizer.decode(out[0], skip_special_tokens=True)
-    first_new = tokenizer.convert_ids_to_tokens(int(outputs[0][0, len(tokenizer("import")["input_ids"])]))
+    (out,) = outputs  # one batch for all the prompts
+    pad = tokenizer.pad_token_id
+    for sample, row in zip(samples, out, strict=True):
+        tokens = row[(row != pad).nonzero()[0, 0] :]  # without the left padding
+        assert sample["prompt"] + sample["completion"] == tokenizer.decode(tokens, skip_special_tokens=True)
+    prompt = tokenizer("import")["input_ids"]
+    first_new = tokenizer.convert_ids_to_tokens(int(out[0, out.shape[1] - SETTINGS.max_new_tokens]))
+    assert out[0, out.shape[1] - SETTINGS.max_new_tokens - 1] == prompt[-1]
     assert first_new.startswith("Ġ")  # the held-back space, glued to what follows
 
 
