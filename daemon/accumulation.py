@@ -226,6 +226,18 @@ class ThreadedAccumulationTrainer(Trainer):
             self.shard_pool.shutdown()
             self.shard_pool = None
 
+    def release_model(self) -> None:
+        """Once training is over: join the worker threads and take autocast off the model's ``forward``.
+
+        For bf16/fp16 training accelerate's ``prepare_model`` replaces ``model.forward`` with one
+        that runs under autocast, and leaves it there after training; every later forward would
+        run under the training's autocast. The snapshot samples then took 4 to 6 times as long
+        on an H100 (every weight cast to bf16 again for every new token; BENCHMARKS.md, GPU).
+        The evaluation suite enters the training precision's autocast itself.
+        """
+        self.shutdown_workers()
+        self.accelerator.unwrap_model(self.model, keep_fp32_wrapper=False)
+
     def training_step(
         self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None = None
     ) -> torch.Tensor:

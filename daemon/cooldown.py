@@ -191,7 +191,7 @@ def cool_down(prepared: PreparedFile, flags: Flags, stop_requested: threading.Ev
             resume_from_checkpoint=str(Path(str(main_args.output_dir)) / f"checkpoint-{plan.max_steps}")
         )
     finally:
-        trainer.shutdown_workers()
+        trainer.release_model()
         shutil.rmtree(scratch, ignore_errors=True)
     if trainer.state.global_step != plan.max_steps + steps:
         if stop_requested.is_set():

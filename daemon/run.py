@@ -282,7 +282,7 @@ def fit(
 
     The only place ``max_steps`` is set. The gradient worker threads are joined before
     this returns or raises, so nothing after it (evaluation, generation, export) runs
-    beside them.
+    beside them, and the model's ``forward`` is its own again (no training autocast).
 
     Returns:
         ``(mean training loss over the steps trained by this call or None if none were
@@ -313,7 +313,7 @@ def fit(
             if stop_requested.is_set() and step < plan.max_steps:
                 raise TrainingInterrupted(f"stopped at step {step} of {plan.max_steps}; checkpoint saved")
     finally:
-        trainer.shutdown_workers()
+        trainer.release_model()
     return (loss_sum / trained if trained else None), seconds
 
 

@@ -266,3 +266,26 @@ def test_inference_never_runs_while_worker_threads_are_alive(tree, monkeypatch):
     assert row["eval_loss"] is not None  # evaluation ran ...
     assert len(seen) > 5  # ... and so did generation, one forward per new token
     assert all(alive == [] for alive in seen)
+
+
+def test_the_samples_run_without_the_training_autocast(tree, monkeypatch):
+    # accelerate wraps model.forward in the training's bf16 autocast and leaves it there after
+    # training; the samples (and anything after fit) must run the model's own forward.
+    import daemon.run
+
+    autocast_in_samples: list[bool] = []
+    original = daemon.run.generate_samples
+
+    def watched(model, *args, **kwargs):
+        hook = model.lm_head.register_forward_pre_hook(
+            lambda module, inputs: autocast_in_samples.append(torch.is_autocast_enabled("cpu"))
+        )
+        try:
+            return original(model, *args, **kwargs)
+        finally:
+            hook.remove()
+
+    monkeypatch.setattr(daemon.run, "generate_samples", watched)
+    data = write_jsonl(tree.root / "a.jsonl", [{"text": d} for d in stdlib_documents(limit=10)])
+    train(tree, data, bf16=True)
+    assert autocast_in_samples and not any(autocast_in_samples)
