@@ -112,6 +112,15 @@ class ContinualTrainingArguments(TrainingArguments):
         default=200, metadata={"help": "Checkpoint every X optimizer steps (the end of a file always checkpoints)."}
     )
     save_total_limit: int | None = field(default=3, metadata={"help": "Checkpoints kept in output_dir."})
+    # Not a TrainingArguments name: PlanCallback reads it.
+    max_save_overhead: float = field(
+        default=0.02,
+        metadata={
+            "help": "Most of the training time the --save_steps checkpoints may take: one is skipped while the last "
+            "checkpoint took longer than this share of the time trained since it. 0: every --save_steps. The end "
+            "of a file or epoch and a stop request always checkpoint; a run of several processes keeps every one."
+        },
+    )
     # Not a TrainingArguments name: the product's own rotation (CheckpointCallback) reads it.
     keep_file_checkpoints: int = field(
         default=3,
@@ -205,6 +214,8 @@ def _validate_training_args(args: ContinualTrainingArguments) -> None:
         )
     if args.keep_file_checkpoints < 0:
         problems.append("--keep_file_checkpoints must be >= 0")
+    if not 0 <= args.max_save_overhead < 1:
+        problems.append("--max_save_overhead must be >= 0 and < 1 (a share of the training time)")
     if args.save_only_model:
         problems.append("--save_only_model cannot be used: checkpoints must hold the optimizer state to continue")
     if problems:

@@ -442,7 +442,8 @@ def _train_file(flags: Flags) -> HistoryRow:
                 current_file=prepared.progress.as_dict(),
             )
             kept = kept_file_ends(ledger, flags.training.keep_file_checkpoints)
-            trainer = build_trainer(prepared, flags, [PlanCallback(stop_requested)], kept)
+            saving = PlanCallback(stop_requested, flags.training.max_save_overhead)
+            trainer = build_trainer(prepared, flags, [saving], kept)
             trainer.add_callback(ProgressCallback(heartbeat, prepared.plan, prepared.progress, trainer.guard))
             train_loss, train_seconds = fit(trainer, prepared, stop_requested, flags.training.seed)
             del trainer  # the main line's Trainer holds the model; the branch copies it

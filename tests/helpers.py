@@ -113,6 +113,9 @@ class Tree:
             "warmup_steps": 0,
             "logging_steps": 1,
             "save_steps": 1000,
+            # Every --save_steps checkpoint, as the tests of mid-file checkpoints need (tiny steps are
+            # shorter than a checkpoint); tests/test_training.py tests the default's rule.
+            "max_save_overhead": 0,
             "status_interval": 0.1,
             "sample_max_new_tokens": 4,
             "seed": 0,

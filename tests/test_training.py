@@ -477,3 +477,41 @@ def test_progress_beats_while_a_long_file_is_read_before_training(tree, monkeypa
         watcher.join()
     before_training = {at for state, at in seen if state in ("loading", "tokenizing")}
     assert len(before_training) >= 5  # the stall detector sees the read going on
+
+
+def test_periodic_checkpoints_are_held_to_their_share_of_training_time(monkeypatch):
+    import threading
+
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    import daemon.callbacks
+    from daemon.callbacks import PlanCallback
+
+    clock = [0.0]
+    monkeypatch.setattr(daemon.callbacks.time, "monotonic", lambda: clock[0])
+    args = TrainingArguments(output_dir="unused", report_to="none", use_cpu=True)
+    state = TrainerState(max_steps=1000)
+    stop = threading.Event()
+    callback = PlanCallback(stop, max_save_overhead=0.02)
+    callback.on_train_begin(args, state, TrainerControl())
+
+    def step(at: float, global_step: int, save_steps_due: bool, save_seconds: float = 1.7) -> bool:
+        """One optimizer step ending at ``at``; whether it checkpoints (the write takes ``save_seconds``)."""
+        clock[0], state.global_step = at, global_step
+        control = TrainerControl(should_save=save_steps_due)  # as DefaultFlowCallback sets it
+        saved = callback.on_step_end(args, state, control).should_save
+        clock[0] = at + (save_seconds if saved else 0.0)
+        callback.on_step_begin(args, state, TrainerControl())
+        return saved
+
+    assert step(18.0, 200, True)  # the first one measures what a checkpoint costs here
+    assert not step(37.7, 400, True)  # 1.7 s > 2 % of the 18 s trained since
+    assert not step(38.0, 401, False)  # nothing is due
+    assert step(106.0, 600, True)  # 1.7 s <= 2 % of the 86.3 s trained since
+    assert step(107.0, 1000, False)  # the segment's end always checkpoints
+    state.max_steps = 2000
+    assert not step(115.0, 1200, True)
+    stop.set()
+    assert step(116.0, 1201, False)  # a stop request always checkpoints
+    callback = PlanCallback(threading.Event(), max_save_overhead=0)
+    assert [step(120.0 + i, 1300 + i, True) for i in range(3)] == [True, True, True]  # 0: every --save_steps
