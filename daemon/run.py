@@ -345,7 +345,9 @@ def save(
         top_k=samples_args.sample_top_k,
         seed=flags.training.seed,
     )
+    started = time.monotonic()
     samples = generate_samples(prepared.model, prepared.tokenizer, samples_args.sample_prompts, settings)
+    sampled = time.monotonic()
     output_dir = str(flags.training.output_dir)
     export_model(
         prepared.model,
@@ -356,6 +358,7 @@ def save(
         status_dir=flags.status.status_dir,
         finishing=row.as_dict(),  # its history row comes after the export
     )
+    exported = time.monotonic()
     folder = write_snapshot(
         flags.status.status_dir,
         prepared.plan.max_steps,
@@ -369,7 +372,14 @@ def save(
     scored.record(flags.status.status_dir, prepared.plan.start_step)  # also drops replay shares above the start
     remember_file(prepared, flags)
     status.update(**scored.status_fields())
-    logger.info("exported the model to %s; snapshot in %s", output_dir, folder)
+    logger.info(
+        "exported the model to %s; snapshot in %s (samples %.1f s, export %.1f s, snapshot and replay store %.1f s)",
+        output_dir,
+        folder,
+        sampled - started,
+        exported - sampled,
+        time.monotonic() - exported,
+    )
     status.record_outcome(row)  # before the ledger: a crash in between finishes again without a second row
     ledger.finish(entry.id, prepared.plan.max_steps)
 
