@@ -33,7 +33,7 @@ class PlanCallback(TrainerCallback):
     time: one is skipped while the last checkpoint (its write, fsync and rotation, timed up to the
     next step) took longer than that share of the time trained since it. On a CPU a checkpoint of
     the embedded model takes a fraction of a second and none is skipped; on an H100 one of a
-    110M-parameter model (1.3 GB with the optimizer state) took 1.7 s, every 18 s of training at
+    110M-parameter model (1.3 GB with the optimizer state) took 1.7 to 1.9 s, every 18 s of training at
     ``--save_steps 200``, 9 % of the loop (BENCHMARKS.md, GPU). A crash loses at most the steps
     since the last checkpoint, as before; only their number now follows the machine's cost.
 

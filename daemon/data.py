@@ -219,6 +219,11 @@ class PreparedData:
         return 0 if self.eval is None else self.eval.num_rows
 
 
+def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id padding is written with: the tokenizer's pad token, or its EOS token when it has none."""
+    return int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+
+
 @dataclass(frozen=True)
 class PaddingCollator:
     """The Trainer's collator: examples stacked into one micro-batch, right-padded to the longest.
@@ -244,9 +249,8 @@ class PaddingCollator:
 
     @classmethod
     def for_tokenizer(cls, tokenizer: PreTrainedTokenizerBase) -> PaddingCollator:
-        """Padding with the tokenizer's pad token, or its EOS token when it has none."""
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        return cls(int(pad))
+        """Padding with :func:`pad_token_id`."""
+        return cls(pad_token_id(tokenizer))
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         import torch

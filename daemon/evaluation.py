@@ -140,12 +140,12 @@ class Scorer:
         batch_size: int,
         autocast: Any,
     ) -> None:
-        from daemon.data import chat_template_of
+        from daemon.data import chat_template_of, pad_token_id
 
         self.model, self.tokenizer, self.autocast = model, tokenizer, autocast
         self.max_length, self.batch_size = max(2, max_length), max(1, batch_size)
         self.template = chat_template_of(tokenizer)
-        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad = pad_token_id(tokenizer)
 
     def score(self, piece: Slice, start: int, stop: int, into: SliceScore) -> None:
         """Add examples ``[start, stop)`` of ``piece`` (subset order) to ``into``, one entry each."""

@@ -95,6 +95,8 @@ def generate_samples(
     import torch
     from transformers import GenerationConfig, LogitsProcessorList
 
+    from daemon.data import pad_token_id
+
     if not prompts:
         return []
     model.eval()
@@ -102,7 +104,7 @@ def generate_samples(
     continuations = _continuation_texts(tokenizer) if healed else []
     fed = [_prompt_ids(tokenizer, prompt, continuations) for prompt in prompts]
     longest = max(len(ids) for ids, _, _ in fed)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_token_id(tokenizer)
     input_ids = torch.tensor([[pad] * (longest - len(ids)) + ids for ids, _, _ in fed], device=model.device)
     mask = torch.tensor([[0] * (longest - len(ids)) + [1] * len(ids) for ids, _, _ in fed], device=model.device)
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
