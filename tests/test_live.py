@@ -7,7 +7,9 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+import pytest
 from helpers import REPO, fake_status_folder, wait_for
 from rich.console import Console
 
@@ -53,7 +55,12 @@ def test_watch_exits_cleanly_on_ctrl_c(tmp_path):
         wait_for(lambda: "step 127 of 160" in out_path.read_text(), 20, "the first view")
         started = time.monotonic()
         proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=5)
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:  # say what the process was doing (state, signal masks, output)
+            states = [line for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines()
+                      if line.startswith(("State", "SigBlk", "SigIgn", "SigCgt", "Threads"))]  # fmt: skip
+            pytest.fail(f"no exit 5 s after SIGINT: {states}; stderr: {err_path.read_text()[-2000:]!r}")
     finally:
         if proc.poll() is None:
             proc.kill()
