@@ -48,7 +48,11 @@ def test_watch_exits_cleanly_on_ctrl_c(tmp_path):
     out_path, err_path = tmp_path / "out.txt", tmp_path / "err.txt"
     # A terminal (not dumb) as rich sees it, so Live redraws into the file while it runs.
     env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "80", "TERM": "xterm", "FORCE_COLOR": "1"}
-    argv = [sys.executable, "-m", "daemon", "status", "--watch", "--status_dir", str(tmp_path / "status")]
+    # SIGINT at its default, as in a terminal, whatever this test run inherited: a shell ignores SIGINT
+    # in what it starts with `cmd &` (and nohup SIGHUP), and an ignored signal stays ignored across exec.
+    reset = "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler)"
+    run = "sys.argv[0] = 'daemon'; runpy.run_module('daemon', run_name='__main__')"
+    argv = [sys.executable, "-c", f"{reset}; {run}", "status", "--watch", "--status_dir", str(tmp_path / "status")]
     with open(out_path, "w") as out, open(err_path, "w") as err:
         proc = subprocess.Popen(argv, cwd=REPO, stdout=out, stderr=err, env=env)
     try:
