@@ -86,6 +86,8 @@ def corpus(work: Path, megabytes: float) -> Path:
     packages = sorted(p for p in stdlib.iterdir() if p.is_dir() and p.name not in ("site-packages", "dist-packages"))
     make_dataset(packages, lines_file, max_chars=16000, pattern="*.py")
     lines = lines_file.read_bytes().splitlines(keepends=True)
+    if not lines:
+        raise SystemExit(f"no Python files under {stdlib}")
     data, size, target = work / "data.jsonl", 0, int(megabytes * 1e6)
     with data.open("wb") as out:
         while size < target:
@@ -133,10 +135,11 @@ def base_model(work: Path, data: Path, config: dict) -> Path:
 
 def flops_per_token(base: Path, seq: int) -> tuple[int, float]:
     """``(parameters, 6N + 12 L d T)``: training FLOPs per token (PaLM, Appendix B)."""
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(base)
-    with __import__("torch").device("meta"):
+    with torch.device("meta"):  # the shapes only, no memory
         n = AutoModelForCausalLM.from_config(config).num_parameters()
     return n, 6 * n + 12 * config.num_hidden_layers * config.hidden_size * seq
 
@@ -160,7 +163,9 @@ def bf16_matmul_flops(n: int = 8192, repeats: int = 20) -> float:
     return 2 * n**3 / statistics.median(times)
 
 
-def product(work: Path, data: Path, base: Path, name: str, shared: list[str], logs: Path, env=None) -> Run:
+def product(
+    work: Path, data: Path, base: Path, name: str, shared: list[str], logs: Path, env: dict[str, str] | None = None
+) -> Run:
     """One ``train.py`` run; ``detail`` says what its defaults decided and where its time went outside the loop."""
     out = work / name
     log = logs / f"{name}.log"
