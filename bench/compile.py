@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.accumulation import machine, write_section  # noqa: E402
-from bench.end_to_end import stdlib_file_and_base  # noqa: E402
+from bench.end_to_end import run, stdlib_file_and_base  # noqa: E402
 
 SHARED = ["--max_seq_length", "256", "--per_device_train_batch_size", "8", "--logging_steps", "10"]
 COMPILE = ["--grad_workers", "0", "--torch_compile", "True"]
@@ -75,15 +74,12 @@ def product(work: Path, data: Path, base: Path, name: str, extra: list[str], ind
     """Run ``train.py`` once on ``data`` from ``base``, inductor's cache in ``inductor``."""
     out = work / name
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(inductor)}
-    started = time.perf_counter()
-    result = subprocess.run(
+    wall = run(
         [sys.executable, str(ROOT / "train.py"), "--dataset", str(data), "--model_name_or_path", str(base),
          "--output_dir", str(out / "model"), "--status_dir", str(out / "status"), *SHARED, *extra],
-        cwd=work, capture_output=True, text=True, env=env,
+        cwd=work,
+        env=env,
     )  # fmt: skip
-    wall = time.perf_counter() - started
-    if result.returncode != 0:
-        raise SystemExit(f"train.py {' '.join(extra)} failed:\n{result.stderr[-3000:]}")
     row = json.loads((out / "status" / "history.jsonl").read_text().splitlines()[-1])
     points = [json.loads(line) for line in (out / "status" / "loss.jsonl").read_text().splitlines()]
     workers = json.loads((out / "status" / "training_status.json").read_text())["gradient_guard"]["workers"]

@@ -48,13 +48,21 @@ MAX_OVERHEAD = 0.10  # --guard fails above this identical-settings overhead (iss
 PACKAGES = ("json", "email", "http", "logging")
 
 
-def run(cmd: list[str], cwd: Path) -> float:
-    """Run a whole process; its wall time in seconds (fails loudly on a non-zero exit)."""
+def run(cmd: list[str], cwd: Path, log: Path | None = None, env: dict[str, str] | None = None) -> float:
+    """Run a whole process; its wall time in seconds (fails loudly on a non-zero exit, with its output's end).
+
+    Its stdout and stderr go to ``log`` when given (kept for reading), else they are captured.
+    """
     started = time.perf_counter()
-    result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    if log is None:
+        result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env)
+    else:
+        with log.open("w") as out:
+            result = subprocess.run(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, text=True, env=env)
     wall = time.perf_counter() - started
     if result.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd[:3])} failed:\n{result.stderr[-3000:]}")
+        output = result.stderr if log is None else log.read_text()
+        raise SystemExit(f"{' '.join(cmd[:3])} failed:\n{output[-3000:]}")
     return wall
 
 

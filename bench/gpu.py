@@ -27,7 +27,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import sysconfig
 import tempfile
@@ -40,6 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.accumulation import write_section  # noqa: E402
+from bench.end_to_end import run  # noqa: E402
 
 MODEL = {  # about 110M parameters with the 32,000-token vocabulary (24.6M of them the tied embedding)
     "hidden_size": 768,
@@ -65,17 +65,6 @@ class Run:
     tokens: int
     train_seconds: float
     detail: str  # what the run decided (product: precision and workers) or reported
-
-
-def run(cmd: list[str], cwd: Path, log: Path, env: dict[str, str] | None = None) -> float:
-    """Run a whole process, its output into ``log``; its wall time in seconds (fails loudly)."""
-    started = time.perf_counter()
-    with log.open("w") as out:
-        result = subprocess.run(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, text=True, env=env)
-    wall = time.perf_counter() - started
-    if result.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd[:3])} failed:\n{log.read_text()[-3000:]}")
-    return wall
 
 
 def corpus(work: Path, megabytes: float) -> Path:
