@@ -53,11 +53,12 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 @dataclass
 class Candidate:
-    """An entry in the drop zone, in arrival order (``seq``), with its last close event if any."""
+    """An entry in the drop zone, in arrival order (``seq``), with the mtime at its last close or rename event."""
 
     path: Path
     seq: int
     closed_mtime: float | None = None
+    renamed_mtime: float | None = None
 
 
 @dataclass
@@ -133,6 +134,13 @@ class Inbox:
 
     def note_closed(self, path: Path) -> None:
         """Record a close-after-write event for ``path`` (a file in the drop zone)."""
+        self._note(path, "closed_mtime")
+
+    def note_renamed(self, path: Path) -> None:
+        """Record that ``path`` was renamed into the drop zone: its writer says it is finished (SPEC section 9)."""
+        self._note(path, "renamed_mtime")
+
+    def _note(self, path: Path, event: str) -> None:
         try:
             mtime = path.lstat().st_mtime
         except OSError:
@@ -141,7 +149,7 @@ class Inbox:
             cand = self._known.get(path.name)
             if cand is None:
                 cand = self._known[path.name] = Candidate(path, next(self._seq))
-            cand.closed_mtime = mtime
+            setattr(cand, event, mtime)
 
     def scan(self) -> list[Candidate]:
         """Every entry now in the drop zone (but our subfolders, ignored names and held entries), in arrival order.
@@ -179,8 +187,9 @@ class Inbox:
             return sorted(self._known.values(), key=lambda c: c.seq)
 
     def is_complete(self, cand: Candidate, now: float | None = None) -> bool:
-        """Whether the writer is done: unchanged for the settle time (a quarter of it after a close),
-        and, where Linux can tell (:func:`open_for_writing`), open for writing nowhere.
+        """Whether the writer is done: renamed into the drop zone, or unchanged for the settle time (a
+        quarter of it after a close); and, where Linux can tell (:func:`open_for_writing`), open for
+        writing nowhere. A file changed after its rename or close waits the whole settle time.
 
         Args:
             cand: a candidate from :meth:`scan`.
@@ -191,8 +200,13 @@ class Inbox:
         except OSError:
             return False
         quiet = (now if now is not None else time.time()) - mtime
-        closed = cand.closed_mtime is not None and cand.closed_mtime == mtime
-        if quiet < (self.settle_seconds / 4 if closed else self.settle_seconds):
+        if cand.renamed_mtime == mtime:
+            settle = 0.0
+        elif cand.closed_mtime == mtime:
+            settle = self.settle_seconds / 4
+        else:
+            settle = self.settle_seconds
+        if quiet < settle:
             return False
         return not open_for_writing(cand.path)  # a writer that only paused has not finished
 

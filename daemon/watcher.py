@@ -38,8 +38,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from watchdog.events import FileClosedEvent, FileSystemEvent, FileSystemEventHandler
+from watchdog.events import FileClosedEvent, FileMovedEvent, FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver
 
 from daemon.checkpoints import fail_file, latest_complete_checkpoint
 from daemon.config import LEDGER_ENV, DaemonArguments, config_file_to_argv
@@ -61,7 +62,7 @@ _BETWEEN_FILES = frozenset(state for state in RunState if state.between_files)
 
 
 class _Wake(FileSystemEventHandler):
-    """watchdog handler: any change in the inbox wakes the loop; close events are noted."""
+    """watchdog handler: any change in the inbox wakes the loop; close events and renames into it are noted."""
 
     def __init__(self, inbox: Inbox, wake: threading.Event) -> None:
         self.inbox = inbox
@@ -70,7 +71,21 @@ class _Wake(FileSystemEventHandler):
     def on_any_event(self, event: FileSystemEvent) -> None:
         if isinstance(event, FileClosedEvent) and not event.is_directory:
             self.inbox.note_closed(Path(os.fsdecode(event.src_path)))
+        elif isinstance(event, FileMovedEvent) and event.dest_path and not event.is_directory:
+            dest = Path(os.fsdecode(event.dest_path))
+            if dest.parent == self.inbox.root:
+                self.inbox.note_renamed(dest)
         self.wake.set()
+
+
+def _observer() -> BaseObserver:
+    """watchdog's observer for this system. On Linux, one that reports a file renamed into the inbox from
+    another folder as a move (the default reports it as a creation, like a file opened there)."""
+    if Observer.__module__ == "watchdog.observers.inotify":  # Linux: importable, since Observer is its class
+        from watchdog.observers.inotify import InotifyObserver
+
+        return InotifyObserver(generate_full_events=True)
+    return Observer()
 
 
 class Daemon:
@@ -118,7 +133,7 @@ class Daemon:
         step = latest.global_step if latest else 0
         self.status.update(state=RunState.IDLE, global_step=step, max_steps=step, current_file=None)
         self.ledger.mark_filed_unless_claimed(p.name for p in self.inbox.claimed())
-        observer = Observer()
+        observer = _observer()
         observer.schedule(_Wake(self.inbox, self.wake), str(self.inbox.root), recursive=False)
         observer.start()
         try:

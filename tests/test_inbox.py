@@ -54,6 +54,21 @@ def test_a_file_is_complete_once_unchanged_for_the_settle_time_a_quarter_of_it_a
     assert not inbox.is_complete(cand, now=time.time() + 8)
 
 
+def test_a_file_renamed_into_the_drop_zone_is_complete_at_once_unless_changed_after_the_rename(tmp_path):
+    inbox = Inbox(tmp_path / "inbox", settle_seconds=30)
+    path = inbox.root / "x.jsonl"
+    path.write_text("{}\n")
+    (cand,) = inbox.scan()
+    assert not inbox.is_complete(cand)
+    inbox.note_renamed(path)
+    assert inbox.is_complete(cand)  # no settle time: the writer said it is finished
+    time.sleep(0.01)
+    path.write_text('{"text": "more"}\n')  # written again after the rename: the settle time again
+    os.utime(path, (time.time() + 1, time.time() + 1))
+    assert not inbox.is_complete(cand, now=time.time() + 8)
+    assert inbox.is_complete(cand, now=time.time() + 32)
+
+
 def test_claim_moves_out_of_the_drop_zone_and_finish_files_the_result(tmp_path):
     inbox = Inbox(tmp_path / "inbox", settle_seconds=0)
     (inbox.root / "x.jsonl").write_text("{}\n")

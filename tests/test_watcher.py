@@ -23,11 +23,12 @@ from helpers import REPO, Tree, fake_checkpoint, run_cli, stdlib_documents, wait
 
 from daemon.config import DaemonArguments
 from daemon.entries import sha256_of
+from daemon.inbox import Inbox
 from daemon.ledger import Entry, Ledger
 from daemon.records import FileProgress, FileState, HistoryRow
 from daemon.status import StatusFile, history_violations
 from daemon.supervisor import ChildResult
-from daemon.watcher import Daemon
+from daemon.watcher import Daemon, _observer, _Wake
 
 PLANNED_STEPS = 3
 
@@ -484,6 +485,32 @@ def test_names_with_control_characters_or_undecodable_bytes_train_and_are_logged
 
 
 # ---------------------------------------------------------------- real daemons (subprocesses)
+
+
+def test_a_file_renamed_into_the_inbox_is_taken_without_waiting_for_the_settle_time(tmp_path):
+    """The watchdog events of a rename from a ``.part`` name and from another folder mark the file finished."""
+
+    def complete(inbox: Inbox) -> set[str]:
+        return {c.path.name for c in inbox.scan() if inbox.is_complete(c)}
+
+    inbox = Inbox(tmp_path / "inbox", settle_seconds=30)
+    wake = threading.Event()
+    observer = _observer()
+    observer.schedule(_Wake(inbox, wake), str(inbox.root), recursive=False)
+    observer.start()
+    try:
+        (inbox.root / ".inside.jsonl.part").write_text('{"text": "a"}\n')
+        os.replace(inbox.root / ".inside.jsonl.part", inbox.root / "inside.jsonl")
+        (tmp_path / "outside.jsonl").write_text('{"text": "b"}\n')
+        os.replace(tmp_path / "outside.jsonl", inbox.root / "outside.jsonl")
+        (inbox.root / "in-place.jsonl").write_text('{"text": "c"}\n')  # written in place: it settles
+        renamed = {"inside.jsonl", "outside.jsonl"}
+        wait_for(lambda: complete(inbox) == renamed, 10, "the renamed files to count as complete")
+        (in_place,) = [c for c in inbox.scan() if c.path.name == "in-place.jsonl"]
+        assert not inbox.is_complete(in_place)
+    finally:
+        observer.stop()
+        observer.join()
 
 
 def test_daemon_once_drains_the_inbox_in_order_and_files_each_result(tree):
