@@ -404,12 +404,11 @@ def mix_replay(data: PreparedData, replayed: list[dict[str, list[int]]], seed: i
 
 def replay_examples(train: datasets.Dataset, indices: list[int]) -> list[dict[str, list[int]]]:
     """Rows ``indices`` of a training dataset as replay-store examples (``labels`` only where they differ)."""
-    rows = train.select(indices)
-    out = []
-    for ids, labels in zip(rows["input_ids"], rows["labels"], strict=True):
-        ids, labels = [int(t) for t in ids], [int(t) for t in labels]
-        out.append({"input_ids": ids} if ids == labels else {"input_ids": ids, "labels": labels})
-    return out
+    rows = train.select(indices).with_format(None)[:]  # one read into lists of ints, not row by row
+    return [
+        {"input_ids": ids} if ids == labels else {"input_ids": ids, "labels": labels}
+        for ids, labels in zip(rows["input_ids"], rows["labels"], strict=True)
+    ]
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:

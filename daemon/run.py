@@ -399,7 +399,7 @@ def remember_file(prepared: PreparedFile, flags: Flags) -> None:
         report.path.name,
         report.sha256,
         tokenizer_fingerprint(prepared.tokenizer),
-        own["length"],
+        own.with_format(None)["length"][:],  # a list: indexing a Column reads one row per lookup
         lambda indices: replay_examples(own, indices),
         flags.replay.replay_buffer_tokens,
         flags.training.seed,
