@@ -46,6 +46,7 @@ class LogWatch:
         self.seen: dict[str, list[float]] = {}
         self.awaited: list[str] = []
         self.lines: list[str] = []
+        self.timeline: list[tuple[float, str]] = []  # every line with its time, for --log
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
         self._thread.start()
@@ -59,6 +60,7 @@ class LogWatch:
             now = time.perf_counter()
             with self._lock:
                 self.lines = [*self.lines[-60:], line]
+                self.timeline.append((now, line))
                 for text in self.awaited:
                     if text in line:
                         self.seen.setdefault(text, []).append(now)
@@ -100,7 +102,9 @@ def wait_rows(status: Path, count: int, timeout: float) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--packages", nargs="+", default=list(PACKAGES), help="stdlib packages in the file.")
-    packages = parser.parse_args().packages
+    parser.add_argument("--log", type=Path, help="write the daemon's log here, each line timed from the drop.")
+    args = parser.parse_args()
+    packages = args.packages
     out = ROOT / "BENCHMARKS.md"
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     with tempfile.TemporaryDirectory() as tmp:
@@ -126,8 +130,9 @@ def main() -> int:
             env=env,
             start_new_session=True,
         )
+        log = LogWatch(daemon.stdout)
+        dropped = 0.0  # the file's drop, once made: the zero of --log's times
         try:
-            log = LogWatch(daemon.stdout)
             drop(work / "inbox", seed, "seed.jsonl")
             wait_rows(work / "status", 1, timeout=600)
             time.sleep(IDLE_SECONDS)  # the daemon is idle again, waiting on the inbox
@@ -153,6 +158,8 @@ def main() -> int:
         finally:
             daemon.send_signal(signal.SIGTERM)
             daemon.wait(timeout=120)
+            if args.log:
+                args.log.write_text("".join(f"{t - dropped:9.2f} {line}" for t, line in log.timeline))
     if any(r["outcome"] != "done" for r in [row, *queue_rows]):
         raise SystemExit(f"a file failed: {[row, *queue_rows]}")
     ratio = finished / row["train_seconds"]
