@@ -148,18 +148,29 @@ class Scorer:
         self.pad = pad_token_id(tokenizer)
 
     def score(self, piece: Slice, start: int, stop: int, into: SliceScore) -> None:
-        """Add examples ``[start, stop)`` of ``piece`` (subset order) to ``into``, one entry each."""
-        batch: list[tuple[list[int], list[int], int]] = []
+        """Add examples ``[start, stop)`` of ``piece`` (subset order) to ``into``, one entry each.
+
+        The windows of these examples are batched longest first, and a window shorter than half
+        of its batch's widest starts a new batch: no window is padded to more than twice its
+        length. (A held-out block of ``max_seq_length`` tokens is one full window and a window
+        of 2 tokens, since its text starts after an EOS; batched in order, every such pair
+        padded the 2-token one to a full window and doubled the evaluation's cost.)
+        """
+        pending: list[tuple[list[int], list[int], int]] = []
         for record in piece.records[start:stop]:
             input_ids, labels, covered = encode_example(record, piece.shape, self.tokenizer, self.template)
             into.example_nats.append(0.0)
             into.example_tokens.append(0)
             into.bytes += covered
             for window_ids, window_labels in windows(input_ids, labels, self.max_length):
-                batch.append((window_ids, window_labels, into.examples - 1))
-                if len(batch) == self.batch_size:
-                    self._forward(batch, into)
-                    batch = []
+                pending.append((window_ids, window_labels, into.examples - 1))
+        pending.sort(key=lambda window: len(window[0]), reverse=True)
+        batch: list[tuple[list[int], list[int], int]] = []
+        for window in pending:
+            if batch and (len(batch) == self.batch_size or 2 * len(window[0]) <= len(batch[0][0])):
+                self._forward(batch, into)
+                batch = []
+            batch.append(window)
         if batch:
             self._forward(batch, into)
 

@@ -155,6 +155,35 @@ def test_bits_per_byte_of_a_model_that_predicts_uniformly_is_log2_vocab_per_toke
     assert chat["bits_per_byte"] == pytest.approx(chat["tokens"] * math.log2(vocab) / chat["bytes"], rel=1e-6)
 
 
+def test_windows_are_batched_by_length_and_the_scores_do_not_depend_on_the_batches(monkeypatch):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from daemon.model import train_tokenizer
+
+    tokenizer = train_tokenizer(stdlib_documents(limit=20), vocab_size=320)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), **TINY_CONFIG))
+    texts = ["def f(x):\n    return x * 2\n", "a", "héllo wörld, ünïcode"]  # windows of 8 and short ones
+    records = [{"text": t} for t in texts]
+    piece = Slice("s", HELD_OUT, "text", records)
+    batches: list[list[int]] = []
+    forward = Scorer._forward
+
+    def recording(self, batch, into):
+        batches.append([len(ids) for ids, _, _ in batch])
+        forward(self, batch, into)
+
+    monkeypatch.setattr(Scorer, "_forward", recording)
+    one_by_one, grouped = SliceScore("s", HELD_OUT), SliceScore("s", HELD_OUT)
+    Scorer(model, tokenizer, max_length=8, batch_size=1, autocast=None).score(piece, 0, len(records), one_by_one)
+    batches.clear()
+    Scorer(model, tokenizer, max_length=8, batch_size=8, autocast=None).score(piece, 0, len(records), grouped)
+    lengths = [n for batch in batches for n in batch]
+    assert max(lengths) == 8 and 2 * min(lengths) <= 8  # mixed: batched in order, short ones would be padded
+    assert all(2 * n > max(batch) for batch in batches for n in batch), batches  # no window padded to twice its length
+    assert grouped.example_tokens == one_by_one.example_tokens
+    assert grouped.example_nats == pytest.approx(one_by_one.example_nats, rel=1e-5)
+
+
 class _Recorder:
     """A scorer that records which records it scored (one learned token each)."""
 
