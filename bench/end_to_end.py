@@ -208,7 +208,7 @@ def main() -> int:
     parser.add_argument(
         "--guard",
         action="store_true",
-        help=f"Only the identical-settings pair; exit 1 when the overhead exceeds {MAX_OVERHEAD:.0%}. Writes nothing.",
+        help=f"Only the identical-settings pair; exit 1 when the overhead exceeds {MAX_OVERHEAD:.0%}%. Writes nothing.",
     )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
