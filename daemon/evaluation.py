@@ -56,6 +56,10 @@ logger = logging.getLogger(__name__)
 # BENCHMARKS.md); the budget doubles it for every slice alike while it fits.
 MIN_EXAMPLES = 1
 
+# Windows a scorer holds and sorts by length at a time: a few MB of token lists, however long the
+# records of a slice (an eval file may hold documents of thousands of windows).
+SORTED_WINDOWS = 256
+
 
 @dataclass
 class SliceScore:
@@ -150,11 +154,11 @@ class Scorer:
     def score(self, piece: Slice, start: int, stop: int, into: SliceScore) -> None:
         """Add examples ``[start, stop)`` of ``piece`` (subset order) to ``into``, one entry each.
 
-        The windows of these examples are batched longest first, and a window shorter than half
-        of its batch's widest starts a new batch: no window is padded to more than twice its
-        length. (A held-out block of ``max_seq_length`` tokens is one full window and a window
-        of 2 tokens, since its text starts after an EOS; batched in order, every such pair
-        padded the 2-token one to a full window and doubled the evaluation's cost.)
+        The windows of up to :data:`SORTED_WINDOWS` at a time are batched longest first, and a
+        window shorter than half of its batch's widest starts a new batch: no window is padded to
+        more than twice its length. (A held-out block of ``max_seq_length`` tokens is one full
+        window and a window of 2 tokens, since its text starts after an EOS; batched in order,
+        every such pair padded the 2-token one to a full window and doubled the evaluation's cost.)
         """
         pending: list[tuple[list[int], list[int], int]] = []
         for record in piece.records[start:stop]:
@@ -164,6 +168,13 @@ class Scorer:
             into.bytes += covered
             for window_ids, window_labels in windows(input_ids, labels, self.max_length):
                 pending.append((window_ids, window_labels, into.examples - 1))
+            if len(pending) >= SORTED_WINDOWS:
+                self._forward_by_length(pending, into)
+                pending = []
+        self._forward_by_length(pending, into)
+
+    def _forward_by_length(self, pending: list[tuple[list[int], list[int], int]], into: SliceScore) -> None:
+        """Forward ``pending`` windows ``(ids, labels, example)`` in batches of similar length (see :meth:`score`)."""
         pending.sort(key=lambda window: len(window[0]), reverse=True)
         batch: list[tuple[list[int], list[int], int]] = []
         for window in pending:

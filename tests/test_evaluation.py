@@ -182,6 +182,10 @@ def test_windows_are_batched_by_length_and_the_scores_do_not_depend_on_the_batch
     assert all(2 * n > max(batch) for batch in batches for n in batch), batches  # no window padded to twice its length
     assert grouped.example_tokens == one_by_one.example_tokens
     assert grouped.example_nats == pytest.approx(one_by_one.example_nats, rel=1e-5)
+    monkeypatch.setattr("daemon.evaluation.SORTED_WINDOWS", 2)  # sorted a few at a time: the same scores
+    bounded = SliceScore("s", HELD_OUT)
+    Scorer(model, tokenizer, max_length=8, batch_size=8, autocast=None).score(piece, 0, len(records), bounded)
+    assert bounded.example_nats == pytest.approx(one_by_one.example_nats, rel=1e-5)
 
 
 class _Recorder:
