@@ -37,6 +37,13 @@ def test_scan_orders_entries_by_arrival_and_skips_its_own_folders_and_ignored_na
     assert [c.path.name for c in inbox.scan()] == ["b.jsonl", "a.jsonl", "subdir", "0-late.jsonl"]
 
 
+def _write_again(path) -> None:
+    """Write ``path`` again, its mtime a second later than now: changed after any event noted before."""
+    time.sleep(0.01)
+    path.write_text('{"text": "more"}\n')
+    os.utime(path, (time.time() + 1, time.time() + 1))
+
+
 def test_a_file_is_complete_once_unchanged_for_the_settle_time_a_quarter_of_it_after_a_close(tmp_path):
     inbox = Inbox(tmp_path / "inbox", settle_seconds=30)
     path = inbox.root / "x.jsonl"
@@ -48,9 +55,7 @@ def test_a_file_is_complete_once_unchanged_for_the_settle_time_a_quarter_of_it_a
     inbox.note_closed(path)
     assert not inbox.is_complete(cand)
     assert inbox.is_complete(cand, now=time.time() + 8)
-    time.sleep(0.01)
-    path.write_text('{"text": "more"}\n')  # written again after the close: not complete
-    os.utime(path, (time.time() + 1, time.time() + 1))
+    _write_again(path)  # after the close: not complete
     assert not inbox.is_complete(cand, now=time.time() + 8)
 
 
@@ -62,9 +67,7 @@ def test_a_file_renamed_into_the_drop_zone_is_complete_at_once_unless_changed_af
     assert not inbox.is_complete(cand)
     inbox.note_renamed(path)
     assert inbox.is_complete(cand)  # no settle time: the writer said it is finished
-    time.sleep(0.01)
-    path.write_text('{"text": "more"}\n')  # written again after the rename: the settle time again
-    os.utime(path, (time.time() + 1, time.time() + 1))
+    _write_again(path)  # after the rename: the settle time again
     assert not inbox.is_complete(cand, now=time.time() + 8)
     assert inbox.is_complete(cand, now=time.time() + 32)
 
