@@ -10,7 +10,7 @@ import pytest
 from helpers import stdlib_documents, write_jsonl
 
 from daemon.config import DataArguments
-from daemon.data import DEFAULT_CHAT_TEMPLATE, IGNORE_INDEX, heldout_size, prepare_datasets, tokenize
+from daemon.data import DEFAULT_CHAT_TEMPLATE, IGNORE_INDEX, PaddingCollator, heldout_size, prepare_datasets, tokenize
 from daemon.exceptions import DatasetError
 from daemon.jsonl import MAX_JSON_DEPTH, load_records, parse_line, scan_jsonl
 
@@ -199,7 +199,29 @@ def test_text_is_packed_into_blocks_with_eos_between_documents(tmp_path, tokeniz
     assert stream == expected
     assert all(len(r["input_ids"]) == 16 for r in list(rows)[:-1])
     assert 0 < len(rows[-1]["input_ids"]) <= 16  # the last partial block is kept
-    assert all(r["labels"] == r["input_ids"] for r in rows)  # every token is learned
+    assert all(r["labels"] is None for r in rows)  # every token is learned: the ids are stored once
+    batch = PaddingCollator.for_tokenizer(tokenizer)(list(rows.with_format("torch")))
+    learned = batch["labels"][batch["labels"] != IGNORE_INDEX]
+    assert learned.tolist() == expected  # the collator learns each token of the stream
+
+
+def test_replayed_examples_keep_their_masks_in_a_packed_file_and_the_file_learns_every_token(tmp_path, tokenizer):
+    from daemon.data import mix_replay, replay_examples
+
+    path = write_jsonl(tmp_path / "t.jsonl", [{"text": "x = [1, 2, 3]\n" * 4}])
+    args = _data_args(tmp_path, max_seq_length=8)
+    report = scan_jsonl(path)
+    data = prepare_datasets(load_records(report, args), report.shape, tokenizer, args, seed=0)
+    masked = {"input_ids": [5, 6, 7], "labels": [IGNORE_INDEX, 6, 7]}
+    mixed = mix_replay(data, [masked, {"input_ids": [8, 9]}], seed=0)
+    rows = list(mixed.train.with_format("torch"))
+    collate = PaddingCollator.for_tokenizer(tokenizer)
+    by_ids = {tuple(r["input_ids"].tolist()): collate([r])["labels"][0].tolist() for r in rows}
+    assert by_ids.pop((5, 6, 7)) == masked["labels"]
+    assert by_ids.pop((8, 9)) == [8, 9]
+    assert by_ids and all(labels == list(ids) for ids, labels in by_ids.items())  # the file's own blocks
+    own = replay_examples(mixed.own, list(range(mixed.examples)))
+    assert all(set(e) == {"input_ids"} for e in own)  # stored as "every token learned"
 
 
 def test_prompt_tokens_are_masked_out_of_the_labels(tmp_path, tokenizer):
