@@ -378,7 +378,7 @@ def prepare_datasets(
     if "record" in tokenized.column_names:
         train = train.remove_columns("record")
         heldout = heldout.remove_columns("record") if heldout is not None else None
-    tokens = sum(train["length"])
+    tokens = sum(train.with_format(None)["length"][:])  # one read: iterating the Column reads row by row
     if dropped:
         logger.warning("dropped %d examples with no learnable token left after truncation", dropped)
     return PreparedData(train=train, eval=heldout, tokens=int(tokens), dropped=dropped, heldout_records=raw)
