@@ -13,6 +13,8 @@
    second of that time, the seconds to the first optimizer step, and the child's peak
    resident memory (``VmHWM``, sampled until it exits). The target is a peak RSS under 2 GB:
    the file goes through the Arrow cache in ``map`` batches and is never held whole.
+   Also: the progress updates the log showed while tokenizing and the longest silence
+   between two of them, and the size of the dataset cache on disk.
 """
 
 from __future__ import annotations
@@ -104,12 +106,17 @@ def run_until_first_step(work: Path, data: Path) -> dict[str, float]:
     started = time.perf_counter()
     child = subprocess.Popen(cmd, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     assert child.stdout is not None
-    marks: dict[str, float] = {}
+    marks: dict[str, float] = {"progress_updates": 0, "longest_silence": 0.0}
     tail: list[str] = []
     peak = PeakWatch(child.pid)
-    for line in child.stdout:
+    last = 0.0
+    for line in child.stdout:  # text mode: a progress bar's carriage returns end lines too
         tail = [*tail[-40:], line]
         now = time.perf_counter() - started
+        if "tokenizer" in marks and "planned" not in marks:
+            marks["longest_silence"] = max(marks["longest_silence"], now - last)
+            marks["progress_updates"] += "tokenizing" in line
+        last = now
         if "bootstrapping the embedded model" in line:
             marks["parsed"] = now  # scanned, hashed and written to Arrow
         if "bootstrapped a" in line:
@@ -163,6 +170,7 @@ def main() -> int:
         size, rows = generate(data, args.megabytes)
         generated = time.perf_counter() - generated
         marks = run_until_first_step(work, data)
+        cache_gb = sum(f.stat().st_size for f in (work / "cache").rglob("*") if f.is_file()) / 1024**3
         alone, alone_mb = tokenizer_alone(work / "model", data)
     mb = size / MB
     tokenizing = mb / (marks["planned"] - marks["tokenizer"])
@@ -182,10 +190,13 @@ def main() -> int:
             f"| the same tokenizer alone on the file's first {alone_mb:.0f} MB (`encode_batch_fast`, one process, "
             f"{os.cpu_count()} cores) | {alone:.1f} MB/s: the pipeline's tokenization at "
             f"**{tokenizing / alone:.0%}** of it |",
+            f"| progress while tokenizing | {marks['progress_updates']:,} updates in the log, at most "
+            f"{marks['longest_silence']:.0f} s without a line |",
             f"| start to plan: the data pipeline | {marks['planned']:.0f} s, **{mb / marks['planned']:.1f} MB/s** |",
             f"| start to first optimizer step | {marks['first_step']:.0f} s |",
             f"| peak RSS of the process (`VmHWM`) | **{marks['peak_rss_mb']:,.0f} MB** (target < 2,048 MB) |",
             f"| peak anonymous RSS (without the mapped Arrow cache) | {marks['peak_anon_mb']:,.0f} MB |",
+            f"| dataset cache on disk (parsed records and tokens) | {cache_gb:.1f} GB |",
         ]
     )
     write_section(args.out, "pipeline", body)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from daemon.exceptions import DatasetError
-from daemon.status import mark_progress
+from daemon.status import PhaseProgress
 
 if TYPE_CHECKING:
     import datasets
@@ -80,7 +80,9 @@ def _chunks(texts: list[str], max_chars: int) -> Iterator[list[str]]:
         yield chunk
 
 
-def _pack_text(batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, block: int) -> pa.Table:
+def _pack_text(
+    batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, block: int, progress: PhaseProgress
+) -> pa.Table:
     """Concatenate a batch's documents, EOS after each, and cut the stream into ``block``-token rows.
 
     Returns:
@@ -90,7 +92,6 @@ def _pack_text(batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, block
         stream is one int32 array, written to the cache once: 4 bytes a token, not 8 (a
         10 GB file's tokens take about 12 GB of disk, not 24) and not Python lists.
     """
-    mark_progress()  # one map batch
     import numpy as np
     import pyarrow as pa
 
@@ -103,13 +104,17 @@ def _pack_text(batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, block
     offsets = np.append(np.arange(0, len(stream), block, dtype=np.int32), np.int32(len(stream)))
     rows = pa.ListArray.from_arrays(pa.array(offsets), pa.array(stream))
     labels = pa.nulls(len(rows), type=rows.type)
+    progress.advance(len(batch["text"]))
     return pa.table({"input_ids": rows, "labels": labels, "length": pa.array(np.diff(offsets))})
 
 
 def _tokenize_prompt_completion(
-    batch: dict[str, list], indices: list[int], tokenizer: PreTrainedTokenizerBase, max_len: int
+    batch: dict[str, list],
+    indices: list[int],
+    tokenizer: PreTrainedTokenizerBase,
+    max_len: int,
+    progress: PhaseProgress,
 ) -> dict[str, list]:
-    mark_progress()  # one map batch
     prompts = tokenizer(batch["prompt"], add_special_tokens=True)["input_ids"]
     completions = tokenizer(batch["completion"], add_special_tokens=False)["input_ids"]
     out: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "record": []}
@@ -117,6 +122,7 @@ def _tokenize_prompt_completion(
         ids = (p + c + [tokenizer.eos_token_id])[:max_len]
         labels = ([IGNORE_INDEX] * len(p) + c + [tokenizer.eos_token_id])[:max_len]
         _append_if_learnable(out, ids, labels, record)
+    progress.advance(len(indices))
     return out
 
 
@@ -155,9 +161,13 @@ def render_with_assistant_spans(
 
 
 def _tokenize_messages(
-    batch: dict[str, list], indices: list[int], tokenizer: PreTrainedTokenizerBase, max_len: int, template: str
+    batch: dict[str, list],
+    indices: list[int],
+    tokenizer: PreTrainedTokenizerBase,
+    max_len: int,
+    template: str,
+    progress: PhaseProgress,
 ) -> dict[str, list]:
-    mark_progress()  # one map batch
     out: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "record": []}
     for messages, record in zip(batch["messages"], indices, strict=True):
         text, spans = render_with_assistant_spans(tokenizer, messages, template)
@@ -168,6 +178,7 @@ def _tokenize_messages(
             for tid, (start, _) in zip(ids, enc["offset_mapping"], strict=False)
         ]
         _append_if_learnable(out, ids, labels, record)
+    progress.advance(len(indices))
     return out
 
 
@@ -290,6 +301,9 @@ def tokenize(
 ) -> datasets.Dataset:
     """Tokenize records of ``shape`` into ``input_ids``/``labels``/``length`` rows (batched ``map``).
 
+    A big file's tokenization logs its progress (records done, records a second) every
+    10 seconds (:class:`PhaseProgress`); a cached one is loaded without a line.
+
     Returns:
         Rows of at most ``data_args.max_seq_length`` tokens each; labels are -100 where not learned.
     """
@@ -305,9 +319,10 @@ def tokenize(
         if not getattr(tokenizer, "is_fast", False):
             raise DatasetError("conversational files need a fast tokenizer (offset mapping)")
         fn, kwargs = _tokenize_messages, {"max_len": data_args.max_seq_length, "template": chat_template_of(tokenizer)}
+    progress = PhaseProgress(f"tokenizing ({shape})", records.num_rows, "records")
     return records.map(
         fn,
-        fn_kwargs={"tokenizer": tokenizer, **kwargs},
+        fn_kwargs={"tokenizer": tokenizer, **kwargs, "progress": progress},  # the cache key: new_fingerprint
         with_indices=shape != "text",  # a packed block has no one record; other rows keep theirs
         batched=True,
         batch_size=data_args.preprocessing_batch_size,

@@ -17,13 +17,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from daemon.exceptions import DatasetError
-from daemon.status import mark_progress
+from daemon.status import PhaseProgress
 
 if TYPE_CHECKING:
     import datasets
@@ -166,16 +167,19 @@ def _check_messages(messages: Any) -> list[dict[str, str]]:
     return out
 
 
-def _iter_lines(path: Path, digest: Any = None) -> Iterator[tuple[int, bytes]]:
+def _iter_lines(path: Path, digest: Any = None, phase: str = "reading") -> Iterator[tuple[int, bytes]]:
     """``(1-based line number, bytes)`` of each non-blank line, read in binary, streaming.
 
     Args:
         path: the file.
         digest: a ``hashlib`` object fed every byte of the file on the way (blank lines too).
+        phase: names the reading in the progress lines of a big file (:class:`PhaseProgress`).
     """
     with open(path, "rb") as f:
+        # reading a big file is a long phase: the daemon must not see a stall, and the log shows it move
+        progress = PhaseProgress(f"{phase} {path.name}", os.fstat(f.fileno()).st_size, "MB")
         for number, raw in enumerate(f, start=1):
-            mark_progress()  # reading a big file is a long phase: the daemon must not see a stall
+            progress.advance(len(raw))
             if digest is not None:
                 digest.update(raw)
             raw = raw.rstrip(b"\r\n")
@@ -209,7 +213,7 @@ def scan_jsonl(path: str | Path, text_field: str = "text", strict: bool = False)
     shape: str | None = None
     usable = bad = 0
     first_bad: list[tuple[int, str]] = []
-    for number, raw in _iter_lines(path, digest):
+    for number, raw in _iter_lines(path, digest, "scanning"):
         try:
             line_shape, _ = parse_line(raw, text_field)
             if shape is not None and line_shape != shape:
@@ -240,7 +244,7 @@ def _generate_records(path: str, text_field: str, shape: str, sha256: str) -> It
         DatasetError: the bytes read are not the scanned ones (``sha256``): the file changed.
     """
     digest = hashlib.sha256()
-    for _, raw in _iter_lines(Path(path), digest):
+    for _, raw in _iter_lines(Path(path), digest, "parsing"):
         try:
             line_shape, record = parse_line(raw, text_field)
         except _BadLine:

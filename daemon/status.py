@@ -35,6 +35,9 @@ HISTORY_FILE = "history.jsonl"
 LOSS_FILE = "loss.jsonl"
 
 
+# Seconds between two progress lines of a long phase (PhaseProgress).
+PROGRESS_EVERY_SECONDS = 10.0
+
 # The last moment this process made progress (time.time()); see mark_progress.
 _progress_at: float | None = None
 
@@ -49,6 +52,42 @@ def mark_progress() -> None:
     """
     global _progress_at
     _progress_at = time.time()
+
+
+class PhaseProgress:
+    """Log lines that show a long phase moving: ``"{phase}: {done} of {total} {unit} ({pct}%), {rate} {unit}/s"``.
+
+    A line at most every :data:`PROGRESS_EVERY_SECONDS` (10 s), the first once the phase
+    has run that long, so a phase of a small file prints nothing and one of a 10 GB file
+    a line every 10 s (the progress bars of ``datasets`` are off when stderr is a log
+    file or a pipe). Each :meth:`advance` also calls :func:`mark_progress`.
+
+    Args:
+        phase: what is being done, e.g. ``"scanning big.jsonl"``.
+        total: the amount of the whole phase, in ``unit`` (a file's bytes, its records).
+        unit: the unit's name in the line; ``"MB"`` counts bytes and shows them in MiB.
+    """
+
+    def __init__(self, phase: str, total: int, unit: str) -> None:
+        self.phase, self.total, self.unit, self.every = phase, total, unit, PROGRESS_EVERY_SECONDS
+        self.done = 0
+        self.started = self.last = time.monotonic()
+
+    def advance(self, amount: int) -> None:
+        """Count ``amount`` more units done; log a line when ``every`` seconds have passed since the last."""
+        mark_progress()
+        self.done += amount
+        now = time.monotonic()
+        if now - self.last < self.every:
+            return
+        self.last = now
+        scale, digits = (1024 * 1024, 1) if self.unit == "MB" else (1, 0)
+        done, total, rate = (x / scale for x in (self.done, self.total, self.done / max(now - self.started, 1e-9)))
+        percent = 100 * self.done / max(self.total, 1)
+        logger.info(
+            f"%s: {done:,.{digits}f} of {total:,.{digits}f} %s (%.0f%%), {rate:,.{digits}f} %s/s",
+            self.phase, self.unit, percent, self.unit,
+        )  # fmt: skip
 
 
 def perplexity(eval_loss: float | None) -> float | None:

@@ -186,6 +186,35 @@ def test_files_without_usable_examples_fail_with_a_reason(tmp_path, content, mes
         scan_jsonl(path)
 
 
+def test_a_long_scan_parse_and_tokenization_log_their_progress(tmp_path, tokenizer, monkeypatch, caplog):
+    import logging
+
+    import daemon.status
+
+    monkeypatch.setattr(daemon.status, "PROGRESS_EVERY_SECONDS", 0.0)  # a line at every step, as a big file's
+    docs = [{"text": f"x = {i}\n" * 50} for i in range(30)]
+    path = write_jsonl(tmp_path / "big.jsonl", docs)
+    args = _data_args(tmp_path, max_seq_length=16, preprocessing_batch_size=10)
+    with caplog.at_level(logging.INFO, logger="daemon.status"):
+        report = scan_jsonl(path)
+        tokenize(load_records(report, args), report.shape, tokenizer, args)
+    lines = [r.getMessage() for r in caplog.records if r.name == "daemon.status"]
+    size = path.stat().st_size / 2**20
+    assert any(line.startswith(f"scanning big.jsonl: {size:.1f} of {size:.1f} MB (100%)") for line in lines)
+    assert any(line.startswith(f"parsing big.jsonl: {size:.1f} of {size:.1f} MB (100%)") for line in lines)
+    tokenizing = [line.split(",")[0] for line in lines if line.startswith("tokenizing (text)")]
+    assert tokenizing == [f"tokenizing (text): {n} of 30 records ({p}%)" for n, p in ((10, 33), (20, 67), (30, 100))]
+
+
+def test_a_short_phase_logs_no_progress(tmp_path, caplog):
+    import logging
+
+    path = write_jsonl(tmp_path / "small.jsonl", [{"text": "x = 1\n"}])
+    with caplog.at_level(logging.INFO, logger="daemon.status"):
+        scan_jsonl(path)
+    assert not [r for r in caplog.records if r.name == "daemon.status"]  # under 10 s: silent
+
+
 def test_text_is_packed_into_blocks_with_eos_between_documents(tmp_path, tokenizer):
     docs = ["def a():\n    return 1\n", "import os\n", "x = [1, 2, 3]\n" * 5]
     path = write_jsonl(tmp_path / "t.jsonl", [{"text": d} for d in docs])
