@@ -74,6 +74,7 @@ class PeakWatch:
 
     def __init__(self, pid: int) -> None:
         self.pid, self.peak, self.peak_anon = pid, 0.0, 0.0
+        self.samples: list[tuple[float, float]] = []  # (time.perf_counter(), RssAnon MB)
         self.thread = threading.Thread(target=self._sample, daemon=True)
         self.thread.start()
 
@@ -87,13 +88,21 @@ class PeakWatch:
             if not fields.get("VmHWM"):  # a zombie: exited, not yet reaped
                 return
             self.peak = max(self.peak, int(fields["VmHWM"][0]) / 1024)
-            self.peak_anon = max(self.peak_anon, int(fields["RssAnon"][0]) / 1024)
+            self.samples.append((time.perf_counter(), int(fields["RssAnon"][0]) / 1024))
+            self.peak_anon = max(self.peak_anon, self.samples[-1][1])
             time.sleep(0.02)
 
     def result(self) -> tuple[float, float]:
         """``(peak RSS MB, peak anonymous RSS MB)``."""
         self.thread.join(timeout=5)
         return self.peak, self.peak_anon
+
+    def peak_anon_between(self, start: float, end: float) -> float:
+        """The highest anonymous RSS (MB) sampled between two ``time.perf_counter()`` times."""
+        return max((anon for t, anon in self.samples if start <= t <= end), default=0.0)
+
+
+PHASES = ("parsed", "tokenizer", "planned", "first_step")  # the marks, in the order the log reaches them
 
 
 def run_until_first_step(work: Path, data: Path) -> dict[str, float]:
@@ -128,6 +137,9 @@ def run_until_first_step(work: Path, data: Path) -> dict[str, float]:
             child.send_signal(signal.SIGTERM)
     child.wait()
     marks["peak_rss_mb"], marks["peak_anon_mb"] = peak.result()
+    bounds = [0.0, *(marks.get(k, 0.0) for k in PHASES), time.perf_counter() - started]
+    for name, start, end in zip(["start", *PHASES], bounds, bounds[1:], strict=False):
+        marks[f"anon_mb_to_{name}"] = peak.peak_anon_between(started + start, started + end)
     if "first_step" not in marks or child.returncode != 3:
         raise SystemExit(f"train.py did not reach its first step (exit {child.returncode}):\n{''.join(tail)}")
     return marks
@@ -195,7 +207,11 @@ def main() -> int:
             f"| start to plan: the data pipeline | {marks['planned']:.0f} s, **{mb / marks['planned']:.1f} MB/s** |",
             f"| start to first optimizer step | {marks['first_step']:.0f} s |",
             f"| peak RSS of the process (`VmHWM`) | **{marks['peak_rss_mb']:,.0f} MB** (target < 2,048 MB) |",
-            f"| peak anonymous RSS (without the mapped Arrow cache) | {marks['peak_anon_mb']:,.0f} MB |",
+            f"| peak anonymous RSS (without the mapped Arrow cache) | {marks['peak_anon_mb']:,.0f} MB: "
+            f"{marks['anon_mb_to_start']:,.0f} MB to the parse's end, {marks['anon_mb_to_parsed']:,.0f} MB "
+            f"training the tokenizer, {marks['anon_mb_to_tokenizer']:,.0f} MB tokenizing, packing and splitting, "
+            f"{marks['anon_mb_to_planned']:,.0f} MB to the first step, {marks['anon_mb_to_first_step']:,.0f} MB "
+            "checkpointing and exiting |",
             f"| dataset cache on disk (parsed records and tokens) | {cache_gb:.1f} GB |",
         ]
     )

@@ -29,6 +29,7 @@ from daemon.status import PhaseProgress
 
 if TYPE_CHECKING:
     import datasets
+    import numpy as np
     import pyarrow as pa
     from transformers import PreTrainedTokenizerBase
 
@@ -393,10 +394,25 @@ def prepare_datasets(
     if "record" in tokenized.column_names:
         train = train.remove_columns("record")
         heldout = heldout.remove_columns("record") if heldout is not None else None
-    tokens = sum(train.with_format(None)["length"][:])  # one read: iterating the Column reads row by row
+    tokens = int(example_lengths(train).sum())
     if dropped:
         logger.warning("dropped %d examples with no learnable token left after truncation", dropped)
     return PreparedData(train=train, eval=heldout, tokens=int(tokens), dropped=dropped, heldout_records=raw)
+
+
+def example_lengths(rows: datasets.Dataset) -> np.ndarray:
+    """The ``length`` column of ``rows`` in their order, shape ``[num_rows]`` (int64 tokens), read by Arrow.
+
+    A shuffle or a split leaves an indices mapping over the map's table; through it
+    ``rows["length"][:]`` takes whole rows, about 430 bytes of memory each (6 GB for the 14M
+    blocks of a 10 GB file, measured with ``datasets`` 5.2). This takes the one column by the
+    mapping (``Dataset._indices``, the mapping ``datasets`` itself applies): 8 bytes a row.
+    """
+    column = rows.data.column("length")
+    mapping = rows._indices  # None when the rows are the table's own, in order
+    if mapping is not None:
+        column = column.take(mapping.column(0))
+    return column.to_numpy()
 
 
 def mix_replay(data: PreparedData, replayed: list[dict[str, list[int]]], seed: int) -> PreparedData:

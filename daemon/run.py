@@ -57,6 +57,7 @@ from daemon.cooldown import cool_down, cooldown_steps
 from daemon.data import (
     PaddingCollator,
     PreparedData,
+    example_lengths,
     mix_replay,
     prepare_datasets,
     replay_examples,
@@ -399,7 +400,7 @@ def remember_file(prepared: PreparedFile, flags: Flags) -> None:
         report.path.name,
         report.sha256,
         tokenizer_fingerprint(prepared.tokenizer),
-        own.with_format(None)["length"][:],  # a list: indexing a Column reads one row per lookup
+        example_lengths(own).tolist(),
         lambda indices: replay_examples(own, indices),
         flags.replay.replay_buffer_tokens,
         flags.training.seed,

@@ -215,6 +215,20 @@ def test_a_short_phase_logs_no_progress(tmp_path, caplog):
     assert not [r for r in caplog.records if r.name == "daemon.status"]  # under 10 s: silent
 
 
+def test_example_lengths_follow_a_shuffle_and_a_split_and_count_the_trained_tokens(tmp_path, tokenizer):
+    from daemon.data import example_lengths
+
+    docs = [{"text": f"x = {i}\n" * (i % 7 + 1)} for i in range(60)]
+    path = write_jsonl(tmp_path / "t.jsonl", docs)
+    args = _data_args(tmp_path, max_seq_length=8, eval_fraction=0.2, min_train_examples_for_eval=2)
+    report = scan_jsonl(path)
+    data = prepare_datasets(load_records(report, args), report.shape, tokenizer, args, seed=3)
+    assert data.eval is not None  # a split: both sides read through an indices mapping
+    for rows in (data.train, data.eval, data.train.shuffle(seed=1), data.train.select([5, 2, 2])):
+        assert example_lengths(rows).tolist() == [len(r["input_ids"]) for r in rows.with_format(None)]
+    assert data.tokens == sum(len(r["input_ids"]) for r in data.train.with_format(None))
+
+
 def test_text_is_packed_into_blocks_with_eos_between_documents(tmp_path, tokenizer):
     docs = ["def a():\n    return 1\n", "import os\n", "x = [1, 2, 3]\n" * 5]
     path = write_jsonl(tmp_path / "t.jsonl", [{"text": d} for d in docs])
