@@ -125,6 +125,8 @@ def run_until_first_step(work: Path, data: Path) -> dict[str, float]:
         if "tokenizer" in marks and "planned" not in marks:
             marks["longest_silence"] = max(marks["longest_silence"], now - last)
             marks["progress_updates"] += "tokenizing" in line
+        if "daemon.status:" in line:
+            print(f"{now:7.0f} s  {line.split('daemon.status: ')[-1]}", end="", flush=True)  # the phases' progress
         last = now
         if "bootstrapping the embedded model" in line:
             marks["parsed"] = now  # scanned, hashed and written to Arrow
