@@ -82,12 +82,11 @@ class PhaseProgress:
             return
         self.last = now
         scale, digits = (1024 * 1024, 1) if self.unit == "MB" else (1, 0)
-        done, total, rate = (x / scale for x in (self.done, self.total, self.done / max(now - self.started, 1e-9)))
+        done, total = self.done / scale, self.total / scale
+        rate = done / max(now - self.started, 1e-9)
+        so_far = f"{done:,.{digits}f} of {total:,.{digits}f} {self.unit}"
         percent = 100 * self.done / max(self.total, 1)
-        logger.info(
-            f"%s: {done:,.{digits}f} of {total:,.{digits}f} %s (%.0f%%), {rate:,.{digits}f} %s/s",
-            self.phase, self.unit, percent, self.unit,
-        )  # fmt: skip
+        logger.info("%s: %s (%.0f%%), %s %s/s", self.phase, so_far, percent, f"{rate:,.{digits}f}", self.unit)
 
 
 def perplexity(eval_loss: float | None) -> float | None:
