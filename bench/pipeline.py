@@ -208,8 +208,9 @@ def main() -> int:
             f"{marks['longest_silence']:.0f} s without a line |",
             f"| start to plan: the data pipeline | {marks['planned']:.0f} s, **{mb / marks['planned']:.1f} MB/s** |",
             f"| start to first optimizer step | {marks['first_step']:.0f} s |",
-            f"| peak RSS of the process (`VmHWM`) | **{marks['peak_rss_mb']:,.0f} MB** (target < 2,048 MB) |",
-            f"| peak anonymous RSS (without the mapped Arrow cache) | {marks['peak_anon_mb']:,.0f} MB: "
+            f"| peak RSS of the process (`VmHWM`, with the mapped Arrow pages) | {marks['peak_rss_mb']:,.0f} MB |",
+            f"| peak anonymous RSS (without the mapped Arrow cache; target < 2,048 MB) | "
+            f"**{marks['peak_anon_mb']:,.0f} MB**: "
             f"{marks['anon_mb_to_start']:,.0f} MB to the parse's end, {marks['anon_mb_to_parsed']:,.0f} MB "
             f"training the tokenizer, {marks['anon_mb_to_tokenizer']:,.0f} MB tokenizing, packing and splitting, "
             f"{marks['anon_mb_to_planned']:,.0f} MB to the first step, {marks['anon_mb_to_first_step']:,.0f} MB "
