@@ -90,8 +90,8 @@ def _pack_text(
         An Arrow table with ``input_ids`` (``list<int32>``), ``labels`` (null in every row:
         every token is learned, and :class:`PaddingCollator` learns the ids where a row's
         labels are null) and ``length``; the last row may be shorter than ``block``. The
-        stream is one int32 array, written to the cache once: 4 bytes a token, not 8 (a
-        10 GB file's tokens take about 12 GB of disk, not 24) and not Python lists.
+        stream is one int32 array, written to the cache once: 4 bytes a token, not 8, and
+        not Python lists (a 10 GB file's whole cache, records and tokens: 24 GB, BENCHMARKS.md).
     """
     import numpy as np
     import pyarrow as pa
@@ -306,7 +306,8 @@ def tokenize(
     10 seconds (:class:`PhaseProgress`); a cached one is loaded without a line.
 
     Returns:
-        Rows of at most ``data_args.max_seq_length`` tokens each; labels are -100 where not learned.
+        Rows of at most ``data_args.max_seq_length`` tokens each; labels are -100 where not learned
+        (null for packed text: every token learned).
     """
     if tokenizer.eos_token_id is None:
         raise DatasetError("the tokenizer has no EOS token; documents cannot be separated")
@@ -394,14 +395,14 @@ def prepare_datasets(
     if "record" in tokenized.column_names:
         train = train.remove_columns("record")
         heldout = heldout.remove_columns("record") if heldout is not None else None
-    tokens = int(example_lengths(train).sum())
+    tokens = int(example_lengths(train).sum())  # numpy sums int32 lengths in int64
     if dropped:
         logger.warning("dropped %d examples with no learnable token left after truncation", dropped)
-    return PreparedData(train=train, eval=heldout, tokens=int(tokens), dropped=dropped, heldout_records=raw)
+    return PreparedData(train=train, eval=heldout, tokens=tokens, dropped=dropped, heldout_records=raw)
 
 
 def example_lengths(rows: datasets.Dataset) -> np.ndarray:
-    """The ``length`` column of ``rows`` in their order, shape ``[num_rows]`` (int64 tokens), read by Arrow.
+    """The ``length`` column of ``rows`` in their order, shape ``[num_rows]`` (integer tokens), read by Arrow.
 
     A shuffle or a split leaves an indices mapping over the map's table; through it
     ``rows["length"][:]`` takes whole rows, about 430 bytes of memory each (6 GB for the 14M
