@@ -168,20 +168,21 @@ def cool_down(prepared: PreparedFile, flags: Flags, stop_requested: threading.Ev
     factor = branch_lambda(main_factor(main_args, plan.max_steps), plan.max_steps, steps, flags.replay.cooldown_shape)
     train = prepared.datasets.train.shuffle(seed=main_args.seed + 1, keep_in_memory=True)
     train = train.select(range(min(train.num_rows, steps * plan.effective_batch))).with_format("torch")
+    workers = resolve_workers(
+        flags.accumulation.grad_workers,
+        args.device.type,
+        args.world_size,
+        prepared.model.num_parameters(),
+        compiled=args.torch_compile,
+    )
     trainer = CooldownTrainer(
         model=copy.deepcopy(prepared.model),
         args=args,
         train_dataset=train,
         processing_class=prepared.tokenizer,
-        data_collator=PaddingCollator.for_tokenizer(prepared.tokenizer),
+        data_collator=PaddingCollator.for_training(prepared.tokenizer, args, workers),
         callbacks=[BranchCallback(stop_requested)],
-        grad_workers=resolve_workers(
-            flags.accumulation.grad_workers,
-            args.device.type,
-            args.world_size,
-            prepared.model.num_parameters(),
-            compiled=args.torch_compile,
-        ),
+        grad_workers=workers,
         max_consecutive_skipped_steps=flags.accumulation.max_consecutive_skipped_steps,
         lr_lambda=factor,
     )

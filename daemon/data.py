@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     import datasets
     import numpy as np
     import pyarrow as pa
-    from transformers import PreTrainedTokenizerBase
+    from transformers import PreTrainedTokenizerBase, TrainingArguments
 
     from daemon.config import DataArguments
 
@@ -251,22 +251,43 @@ class PaddingCollator:
     on an AVX2 EPYC), time in which a GPU waits, since the Trainer synchronises with it at every
     step (BENCHMARKS.md, GPU).
 
+    **No attention mask.** The padding is on the right and the model is causal: a token attends
+    only to itself and the tokens before it, all real, so a mask changes nothing a label is
+    computed from (the padding's own outputs are never learned: their labels are ``-100``).
+    Without it every micro-batch takes attention's causal kernel, and under ``torch.compile``
+    the model is called with the same arguments at every step: a mask present in some
+    micro-batches only (those holding a packed file's short last block of a batch of records)
+    recompiled the training graph in the middle of a file (33 s on an H100, BENCHMARKS.md, GPU).
+
     Args:
-        pad_token_id: the id written after each example's end (never attended to, never learned).
+        pad_token_id: the id written after each example's end (never learned).
+        rows: pad every micro-batch to this many rows with rows of padding (nothing learned:
+            the loss and gradients are those of the real rows), so that a file's last,
+            smaller micro-batch has the shape of the others; a compiled model otherwise compiles
+            that shape again at the end of every file. None: a micro-batch has its own rows.
 
     Returns:
-        ``input_ids`` ``[rows, longest]`` (int64), ``labels`` ``[rows, longest]`` (-100 on padding),
-        and, only when some example is shorter than the longest, ``attention_mask`` ``[rows, longest]``
-        (1 on tokens, 0 on padding). A full micro-batch (every packed one) goes without: attention
-        then takes its causal kernel instead of first checking a mask of ones.
+        ``input_ids`` ``[rows, longest]`` (int64) and ``labels`` ``[rows, longest]`` (-100 on padding).
     """
 
     pad_token_id: int
+    rows: int | None = None
 
     @classmethod
-    def for_tokenizer(cls, tokenizer: PreTrainedTokenizerBase) -> PaddingCollator:
-        """Padding with :func:`pad_token_id`."""
-        return cls(pad_token_id(tokenizer))
+    def for_tokenizer(cls, tokenizer: PreTrainedTokenizerBase, rows: int | None = None) -> PaddingCollator:
+        """Padding with :func:`pad_token_id`; ``rows`` as in the class."""
+        return cls(pad_token_id(tokenizer), rows)
+
+    @classmethod
+    def for_training(
+        cls, tokenizer: PreTrainedTokenizerBase, args: TrainingArguments, grad_workers: int
+    ) -> PaddingCollator:
+        """The training collator: ``rows`` is the batch size where a compiled model takes the stock step.
+
+        Eager, or on gradient workers, a micro-batch keeps its own rows.
+        """
+        compiled_stock_step = args.torch_compile and grad_workers == 0
+        return cls.for_tokenizer(tokenizer, args.per_device_train_batch_size if compiled_stock_step else None)
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         import torch
@@ -274,15 +295,13 @@ class PaddingCollator:
 
         ids = [torch.as_tensor(f["input_ids"], dtype=torch.long) for f in features]
         labels = [torch.as_tensor(_labels(f), dtype=torch.long) for f in features]
-        lengths = torch.tensor([len(x) for x in ids])
-        longest = int(lengths.max())
-        batch = {
+        missing = max(0, (self.rows or 0) - len(ids))
+        ids += [torch.zeros(0, dtype=torch.long)] * missing
+        labels += [torch.zeros(0, dtype=torch.long)] * missing
+        return {
             "input_ids": pad_sequence(ids, batch_first=True, padding_value=self.pad_token_id),
             "labels": pad_sequence(labels, batch_first=True, padding_value=IGNORE_INDEX),
         }
-        if int(lengths.min()) < longest:
-            batch["attention_mask"] = (torch.arange(longest)[None, :] < lengths[:, None]).long()
-        return batch
 
 
 def _labels(example: dict[str, Any]) -> Any:

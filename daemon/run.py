@@ -243,28 +243,29 @@ def build_trainer(
         cache = use_compile_cache()
         logger.info("torch.compile: inductor's cache in %s (a model shape's first file compiles)", cache)
     tokenizer = prepared.tokenizer
+    workers = resolve_workers(
+        flags.accumulation.grad_workers,
+        training_args.device.type,
+        training_args.world_size,
+        prepared.model.num_parameters(),
+        measure=lambda workers: choose_workers(
+            prepared.model,
+            training_args.per_device_train_batch_size,
+            flags.data.max_seq_length,
+            training_args.bf16,
+            workers,
+        ),
+        compiled=training_args.torch_compile,
+    )
     trainer = ThreadedAccumulationTrainer(
         model=prepared.model,
         args=training_args,
         train_dataset=prepared.datasets.train,
         eval_dataset=prepared.datasets.eval,
         processing_class=tokenizer,
-        data_collator=PaddingCollator.for_tokenizer(tokenizer),
+        data_collator=PaddingCollator.for_training(tokenizer, training_args, workers),
         callbacks=callbacks,
-        grad_workers=resolve_workers(
-            flags.accumulation.grad_workers,
-            training_args.device.type,
-            training_args.world_size,
-            prepared.model.num_parameters(),
-            measure=lambda workers: choose_workers(
-                prepared.model,
-                training_args.per_device_train_batch_size,
-                flags.data.max_seq_length,
-                training_args.bf16,
-                workers,
-            ),
-            compiled=training_args.torch_compile,
-        ),
+        grad_workers=workers,
         max_consecutive_skipped_steps=flags.accumulation.max_consecutive_skipped_steps,
     )
     # ProgressCallback logs one readable line per logging step; the Trainer's

@@ -383,7 +383,7 @@ def test_the_heldout_slice_is_kept_as_raw_records_of_the_files_shape(tmp_path, t
     assert all(any(r["text"] in d for d in docs) for r in data.heldout_records)  # pieces of the documents, exact
 
 
-def test_the_collator_right_pads_and_adds_a_mask_only_when_a_row_is_short():
+def test_the_collator_right_pads_without_a_mask_and_pads_rows_on_request():
     import torch
     from transformers import DataCollatorForSeq2Seq
 
@@ -395,10 +395,56 @@ def test_the_collator_right_pads_and_adds_a_mask_only_when_a_row_is_short():
     short = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}]
     batch = collate([{k: torch.tensor(v) for k, v in row.items()} for row in short])  # torch format
     pad = tokenizer.pad_token_id
+    assert sorted(batch) == ["input_ids", "labels"]  # right padding in a causal model: nothing to mask
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, pad, pad]]
     assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     reference = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True)(short)
     assert all(torch.equal(batch[key], reference[key]) for key in batch)  # the collator it replaces
-    full = collate([{"input_ids": [1, 2], "labels": [1, 2]}, {"input_ids": [3, 4], "labels": [-100, 4]}])
-    assert sorted(full) == ["input_ids", "labels"]  # packed rows: nothing to mask
+    four = PaddingCollator.for_tokenizer(tokenizer, rows=4)(short)
+    assert four["input_ids"].tolist() == [[5, 6, 7], [8, pad, pad], [pad] * 3, [pad] * 3]
+    assert four["labels"].tolist() == [[-100, 6, 7], [8, -100, -100], [-100] * 3, [-100] * 3]
+
+
+def test_a_right_padded_batch_without_a_mask_has_the_masked_batchs_loss_and_gradients(tokenizer):
+    import torch
+    from helpers import tiny_model
+
+    from daemon.data import PaddingCollator
+
+    rows = [{"input_ids": list(range(5, 17))}, {"input_ids": [20, 21, 22]}, {"input_ids": [30, 31, 32, 33, 34]}]
+    batch = PaddingCollator.for_tokenizer(tokenizer, rows=4)(rows)  # a padded row, like a file's last micro-batch
+    lengths = torch.tensor([len(r["input_ids"]) for r in rows] + [0])
+    mask = (torch.arange(batch["input_ids"].shape[1])[None, :] < lengths[:, None]).long()
+
+    def loss_and_grads(**inputs):
+        model = tiny_model(len(tokenizer), seed=3)
+        loss = model(**inputs).loss
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    loss, grads = loss_and_grads(**batch)
+    masked_loss, masked_grads = loss_and_grads(**batch, attention_mask=mask)
+    other_loss, _ = loss_and_grads(**PaddingCollator.for_tokenizer(tokenizer)(rows[:1]))
+    assert torch.allclose(loss, masked_loss, atol=1e-6)
+    assert all(torch.allclose(g, m, atol=1e-6) for g, m in zip(grads, masked_grads, strict=True))
+    assert not torch.allclose(loss, other_loss)  # the comparison can fail: another batch differs
+
+
+def test_a_compiled_model_sees_one_shape_through_short_rows_and_a_files_smaller_last_micro_batch(tokenizer):
+    import torch
+    from helpers import tiny_model
+    from transformers import TrainingArguments
+
+    from daemon.data import PaddingCollator
+
+    args = TrainingArguments(output_dir="unused", per_device_train_batch_size=3, torch_compile=True, use_cpu=True)
+    collate = PaddingCollator.for_training(tokenizer, args, grad_workers=0)
+    full = [{"input_ids": list(range(5, 13))}] * 3
+    with_short = [*full[:2], {"input_ids": [5, 6]}]  # a packed file's short last block of a map batch
+    last = full[:1]  # the file's last micro-batch: one example
+    model = torch.compile(tiny_model(len(tokenizer)), backend="eager")  # dynamo's guards, no inductor
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for examples in (full, with_short, last):
+            model(**collate(examples)).loss.backward()  # a recompile raises
+    assert PaddingCollator.for_training(tokenizer, args, grad_workers=2).rows is None  # workers: own rows
