@@ -329,6 +329,40 @@ def test_bf16_is_the_default_on_a_cpu_that_has_it_and_fp16_replaces_it(tree):
     assert (fp16.fp16, fp16.bf16) == (True, False)
 
 
+@pytest.mark.parametrize(
+    ("device", "capability", "triton", "expected"),
+    [
+        ("cpu", None, True, False),  # measured: no file of the AVX2 EPYC pays for compiling
+        ("cuda", (9, 0), True, True),  # an H100: 50 ms a step against 90 eager
+        ("cuda", (8, 0), False, False),  # no Triton, no inductor on a GPU
+        ("cuda", (7, 5), True, False),  # before Ampere
+        ("mps", None, True, False),
+    ],
+)
+def test_the_compile_default_follows_the_device_that_trains(monkeypatch, device, capability, triton, expected):
+    """The GPU path of the torch.compile default, exercised on a CPU machine with the device queries faked."""
+    import torch
+    import torch.utils._triton
+
+    from daemon.arguments import default_torch_compile
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
+    monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: triton)
+    assert default_torch_compile(torch.device(device)) is expected
+
+
+def test_parse_args_compiles_where_the_default_says_so_and_an_explicit_flag_wins(tree, monkeypatch):
+    import daemon.arguments
+    from daemon.arguments import parse_args
+
+    flags = ["--dataset", "x.jsonl", *tree.flags()]
+    assert parse_args(flags).training.torch_compile is False  # this machine: a CPU
+    monkeypatch.setattr(daemon.arguments, "default_torch_compile", lambda device: True)
+    compiled = parse_args(flags).training
+    assert (compiled.torch_compile, compiled.torch_compile_backend) == (True, "inductor")  # set up by __post_init__
+    assert parse_args([*flags, "--torch_compile", "False"]).training.torch_compile is False
+
+
 def test_bf16_autocasts_every_worker_and_keeps_fp32_master_weights(tree):
     """Each worker thread's forward runs its matmuls in bf16; parameters and the export stay fp32."""
     import torch
