@@ -8,10 +8,12 @@
 2. Model: a Llama of about 110M parameters (12 layers, hidden 768, MLP 2048, 12 heads,
    tied embeddings, a 32,000-token byte-level BPE trained on the file's first 8 MB,
    SDPA attention), saved once; both contenders start from it.
-3. Runs alternate, ``repeats`` times: the product with its defaults (on a GPU: bf16
-   autocast, the stock Trainer step, chosen by itself), and the peer
-   (``bench/plain_trainer.py``) with ``--bf16 True`` (its own default is fp32, which no one
-   trains a GPU model in). Same batch (16 x 1024 tokens), one pass over the file.
+3. Runs: first the product with its defaults and inductor's cache empty (on a GPU: bf16
+   autocast, the stock Trainer step, compiled, all chosen by itself: a model shape's first
+   file). Then, alternating ``repeats`` times: the product with its defaults (the cache now
+   filled: every later file), the peer (``bench/plain_trainer.py``) with ``--bf16 True``
+   (its own default is fp32, which no one trains a GPU model in), and the product with
+   ``--torch_compile False`` (eager). Same batch (16 x 1024 tokens), one pass over the file.
 4. Reported: medians of whole-process wall time and trained tokens per wall second, the
    ratio product / peer, and for each training loop its tokens/s and model FLOPs
    utilisation: ``tokens/s x (6N + 12 L d T)`` (Chowdhery et al. 2022, PaLM, Appendix B)
@@ -170,11 +172,13 @@ def product(
     workers = json.loads((out / "status" / "training_status.json").read_text())["gradient_guard"]["workers"]
     lines = log.read_text().splitlines()
     precision = next((line.split("precision: ", 1)[1].split(" (")[0] for line in lines if "precision: " in line), "?")
+    compiled = any("torch.compile: inductor's cache" in line for line in lines)
     stamped = [line for line in lines if line[:4].isdigit() and line[4:5] == "-"]
     first_log = datetime.strptime(stamped[0][:23], "%Y-%m-%d %H:%M:%S,%f").timestamp() if stamped else launched
     phases = next((line.rsplit("(", 1)[1].rstrip(")") for line in lines if "exported the model to" in line), "?")
     detail = (
-        f"{precision}, {f'{workers} gradient workers' if workers else 'stock step'}; start-up to the first log "
+        f"{precision}, {'compiled, ' if compiled else ''}{f'{workers} gradient workers' if workers else 'stock step'}; "
+        f"start-up to the first log "
         f"line {first_log - launched:.1f} s, evaluation {row.get('eval_seconds') or 0:.1f} s, {phases}"
     )
     return Run(wall, row["tokens"], row["train_seconds"], detail)
@@ -216,11 +220,6 @@ def main() -> int:
     parser.add_argument("--megabytes", type=float, default=32, help="Size of the training file.")
     parser.add_argument("--repeats", type=int, default=2, help="Alternating repeats; the table shows medians.")
     parser.add_argument("--tiny", action="store_true", help="A 2-layer model, 1 MB, batch 4 x 128: a check anywhere.")
-    parser.add_argument(
-        "--compile",
-        action="store_true",
-        help="Two more product runs with --torch_compile True: inductor's cache empty, then filled by the first.",
-    )
     parser.add_argument("--logs", type=Path, default=None, help="Keep every run's output in this folder.")
     parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md", help="Markdown file to update.")
     args = parser.parse_args()
@@ -242,18 +241,18 @@ def main() -> int:
         base = base_model(work, data, config)
         n_params, per_token = flops_per_token(base, seq)
         peaks = [bf16_matmul_flops()] if cuda else []
-        runs: dict[str, list[Run]] = {"product": [], "peer": []}
+        env = {**os.environ, "XDG_CACHE_HOME": str(work / "cache")}  # inductor's cache of this go only
+        runs: dict[str, list[Run]] = {"first": [], "product": [], "peer": [], "eager": []}
+        runs["first"].append(product(work, data, base, "first", shared, logs, env))
         for i in range(args.repeats):
-            runs["product"].append(product(work, data, base, f"product{i}", shared, logs))
+            runs["product"].append(product(work, data, base, f"product{i}", shared, logs, env))
             runs["peer"].append(peer(work, data, base, f"peer{i}", shared, logs, bf16))
+            runs["eager"].append(
+                product(work, data, base, f"eager{i}", [*shared, "--torch_compile", "False"], logs, env)
+            )
             print({k: round(v[-1].wall, 1) for k, v in runs.items()}, flush=True)
             if cuda:
                 peaks.append(bf16_matmul_flops())
-        if args.compile:  # a cache of this run's own: the first compiles, the second loads what it left
-            env = {**os.environ, "XDG_CACHE_HOME": str(work / "cache")}
-            compiled = [*shared, "--torch_compile", "True"]
-            runs["compiled, cache empty"] = [product(work, data, base, "compiled0", compiled, logs, env)]
-            runs["compiled, cache filled"] = [product(work, data, base, "compiled1", compiled, logs, env)]
 
     def median(key: str, of) -> float:
         return statistics.median(of(r) for r in runs[key])
@@ -268,10 +267,10 @@ def main() -> int:
     ]
     peer_tps = median("peer", lambda r: r.tokens / r.wall)
     labels = {
-        "product": "`train.py`, defaults",
+        "first": "`train.py`, defaults, a model shape's first file (inductor's cache empty)",
+        "product": "`train.py`, defaults, every later file",
+        "eager": "`train.py --torch_compile False`",
         "peer": "plain Trainer script, `--bf16 True`",
-        "compiled, cache empty": "`train.py --torch_compile True`, inductor's cache empty",
-        "compiled, cache filled": "`train.py --torch_compile True`, the cache filled by the run above",
     }
     for key, label in labels.items():
         if key not in runs:
