@@ -10,8 +10,9 @@
 All logic lives in daemon/ (the run: daemon/run.py); this is the same code path the daemon's child runs.
 """
 
-from daemon.__main__ import exit_process
-from daemon.cli import main
+import sys
+
+from daemon.__main__ import exit_process, main
 
 if __name__ == "__main__":
-    exit_process(main())
+    exit_process(main(["train", *sys.argv[1:]]))

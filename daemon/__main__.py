@@ -72,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
 
         return generate.main(argv[1:])
     if command in ("train", "train-spare", "check-args"):
+        if command != "check-args":
+            from daemon.allocator import keep_freed_memory
+
+            keep_freed_memory()  # before torch is imported (its docstring says why)
         from daemon import cli
 
         if command == "train-spare":

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from filelock import FileLock
 
+from daemon import allocator
 from daemon.accumulation import ShardPool, split_batch
 from daemon.arguments import cpu_info
 from daemon.status import atomic_write_text, mark_progress
@@ -71,7 +72,8 @@ def _cpu_name_and_flags() -> str:
 
 def shape_key(model: torch.nn.Module, batch_size: int, seq_len: int, bf16: bool, workers: int) -> str:
     """What the measured choice depends on: the CPU (name and vector flags), torch and its thread
-    count, the model's shape, the micro-batch (rows x tokens), the precision and the worker count tried.
+    count, the model's shape, the micro-batch (rows x tokens), the precision, the worker count tried
+    and the allocator (:mod:`daemon.allocator` speeds the stock step more than the workers).
     """
     config = getattr(model, "config", None)
     shape = [getattr(config, name, None) for name in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")]
@@ -84,6 +86,7 @@ def shape_key(model: torch.nn.Module, batch_size: int, seq_len: int, bf16: bool,
             f"micro-batch {batch_size}x{seq_len}",
             "bf16" if bf16 else "fp32",
             f"{workers} workers",
+            "malloc keeps freed memory" if allocator.kept else "malloc defaults",
         ]
     )
 

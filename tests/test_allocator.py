@@ -1,0 +1,82 @@
+"""The training process's glibc malloc settings: freed memory stays mapped, a user's own settings win."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+
+from daemon.allocator import user_malloc_settings
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A step's small blocks grow the heap first (a 1 MiB one here); then allocate, touch and free a
+# 48 MiB block (over glibc's largest mmap threshold) five times, the way a training step allocates
+# and frees its logits, and count the minor page faults of the last four rounds.
+_PROBE = """
+import ctypes, json, resource, sys
+from daemon.allocator import keep_freed_memory
+kept = keep_freed_memory() if sys.argv[1] == "keep" else False
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+libc.free(libc.malloc(1 << 20))
+size = 48 << 20
+faults = []
+for _ in range(5):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    block = libc.malloc(size)
+    ctypes.memset(block, 1, size)
+    libc.free(block)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(json.dumps({"kept": kept, "faults": sum(faults[1:])}))
+"""
+
+
+def _probe(mode: str, **env: str) -> dict:
+    clean = {k: v for k, v in os.environ.items() if not user_malloc_settings({k: v})}
+    result = subprocess.run(
+        [sys.executable, "-c", _PROBE, mode],
+        env={**clean, "PYTHONPATH": REPO, **env},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(result.stdout)
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_freed_blocks_stay_mapped_unless_the_user_set_malloc_up():
+    pages = (48 << 20) // 4096
+    default = _probe("default")
+    assert not default["kept"] and default["faults"] >= 4 * pages * 0.9  # glibc's default: unmapped, faulted again
+    kept = _probe("keep")
+    assert kept["kept"] and kept["faults"] < pages // 10  # reused from the heap: no new pages
+    theirs = _probe("keep", GLIBC_TUNABLES="glibc.malloc.perturb=0")
+    assert not theirs["kept"] and theirs["faults"] >= 4 * pages * 0.9
+
+
+def test_a_users_malloc_settings_are_recognised():
+    assert user_malloc_settings({"MALLOC_ARENA_MAX": "2"})
+    assert user_malloc_settings({"GLIBC_TUNABLES": "glibc.rtld.optional_static_tls=512:glibc.malloc.tcache_count=0"})
+    assert not user_malloc_settings({"GLIBC_TUNABLES": "glibc.rtld.optional_static_tls=512", "PATH": "/bin"})
+    assert not user_malloc_settings({})
+
+
+def test_the_training_entry_points_set_malloc_up_before_training(monkeypatch):
+    import daemon.__main__ as entry
+    from daemon import allocator, cli
+
+    calls: list[str] = []
+    monkeypatch.setattr(allocator, "keep_freed_memory", lambda: calls.append("malloc") or True)
+    monkeypatch.setattr(cli, "main", lambda argv: calls.append(f"train {argv}") or 0)
+    monkeypatch.setattr(cli, "train_spare_main", lambda: calls.append("spare") or 0)
+    monkeypatch.setattr(cli, "check_args_main", lambda argv: calls.append("check") or 0)
+    assert entry.main(["train", "--dataset", "a.jsonl"]) == 0
+    assert entry.main(["train-spare"]) == 0
+    assert entry.main(["check-args"]) == 0
+    assert calls == ["malloc", "train ['--dataset', 'a.jsonl']", "malloc", "spare", "check"]
