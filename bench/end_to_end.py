@@ -10,7 +10,10 @@
    ``train.py`` on a slice of that file and exported; both contenders start from it.
 3. Runs alternate, ``repeats`` times: the product with its defaults, the peer
    (``bench/plain_trainer.py``) with its defaults, then both with identical settings
-   (the product with ``--grad_workers 0 --bf16 False``: the stock Trainer step in fp32, as the peer).
+   (the product with ``--grad_workers 0 --bf16 False``: the stock Trainer step in fp32, as the peer),
+   and the product's defaults once more with glibc's malloc defaults (``GLIBC_TUNABLES`` names
+   a malloc tunable, so :func:`daemon.allocator.keep_freed_memory` changes nothing): what keeping
+   a step's freed memory mapped is worth. ``--defaults_only`` runs the defaults' pair and that row.
    Same model, data, batch size (8) and sequence length (256); one pass over the file.
    Then one more fp32 product run with ``--seed 1``: the noise against which the bf16
    loss curve is compared with the fp32 one.
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -45,6 +49,8 @@ from daemon.arguments import default_bf16  # noqa: E402
 
 SHARED = ["--max_seq_length", "256", "--per_device_train_batch_size", "8"]
 IDENTICAL = ["--grad_workers", "0", "--bf16", "False"]  # the peer's settings: the stock step in fp32
+# A malloc tunable at its default value: the product then leaves glibc's malloc as it is (daemon/allocator.py).
+GLIBC_MALLOC_DEFAULTS = {"GLIBC_TUNABLES": "glibc.malloc.perturb=0"}
 MAX_OVERHEAD = 0.10  # --guard fails above this identical-settings overhead (issue 5)
 PACKAGES = ("json", "email", "http", "logging")
 
@@ -93,13 +99,16 @@ class ProductRun:
     workers: int  # gradient worker threads the run used (0: the stock step)
 
 
-def product(work: Path, data: Path, base: Path, name: str, extra: list[str]) -> ProductRun:
-    """Run ``train.py`` once on ``data`` from the model in ``base``."""
+def product(
+    work: Path, data: Path, base: Path, name: str, extra: list[str], env: dict[str, str] | None = None
+) -> ProductRun:
+    """Run ``train.py`` once on ``data`` from the model in ``base`` (``env``: added to the environment)."""
     out = work / name
     wall = run(
         [sys.executable, str(ROOT / "train.py"), "--dataset", str(data), "--model_name_or_path", str(base),
          "--output_dir", str(out / "model"), "--status_dir", str(out / "status"), *SHARED, *extra],
         cwd=work,
+        env={**os.environ, **env} if env else None,
     )  # fmt: skip
     row = json.loads((out / "status" / "history.jsonl").read_text().splitlines()[-1])
     state = json.loads((out / "model" / f"checkpoint-{row['end_step']}" / "trainer_state.json").read_text())
@@ -212,6 +221,11 @@ def main() -> int:
         help=f"Only the identical-settings pair; exit 1 when the overhead exceeds {MAX_OVERHEAD:.0%}%. Writes nothing.",
     )
     parser.add_argument(
+        "--defaults_only",
+        action="store_true",
+        help="Only the defaults' pair and the malloc row (no identical pair, no loss-curve comparison).",
+    )
+    parser.add_argument(
         "--packages", nargs="+", default=list(PACKAGES), help="stdlib packages in the file (default: a 1-minute file)."
     )
     parser.add_argument(
@@ -225,7 +239,7 @@ def main() -> int:
         data_mb = data.stat().st_size / 1e6
         peer_trained = peer_tokens(data, base)
         n_params, layers, hidden, intermediate, heads, vocab = parameters_and_shape(base)
-        runs: dict[str, list[ProductRun]] = {"product": [], "product-same": []}
+        runs: dict[str, list[ProductRun]] = {"product": [], "product-same": [], "product-glibc": []}
         peer_walls: dict[str, list[float]] = {"peer": [], "peer-same": []}
         # The peak is the best of measurements spread over the run: a shared machine's load only lowers it.
         bf16 = default_bf16()  # what train.py's --bf16 defaults to on this machine
@@ -241,13 +255,17 @@ def main() -> int:
             if not args.guard:
                 runs["product"].append(product(work, data, base, f"p{i}", []))
                 peer_walls["peer"].append(peer(work, data, base, f"q{i}"))
-            runs["product-same"].append(product(work, data, base, f"ps{i}", IDENTICAL))
-            peer_walls["peer-same"].append(peer(work, data, base, f"qs{i}"))
+            if not args.defaults_only:
+                runs["product-same"].append(product(work, data, base, f"ps{i}", IDENTICAL))
+                peer_walls["peer-same"].append(peer(work, data, base, f"qs{i}"))
+            if not args.guard:
+                runs["product-glibc"].append(product(work, data, base, f"pg{i}", [], GLIBC_MALLOC_DEFAULTS))
             print({k: v[-1].wall for k, v in runs.items() if v}, peer_walls, flush=True)
             for name, measure in measures.items():
                 peaks[name].append(measure())
         # The noise a precision change must stay within: the same fp32 run with another seed (data order, split).
-        reseeded = None if args.guard else product(work, data, base, "seed1", [*IDENTICAL, "--seed", "1"])
+        compare_curves = not (args.guard or args.defaults_only)
+        reseeded = product(work, data, base, "seed1", [*IDENTICAL, "--seed", "1"]) if compare_curves else None
         fp32_peak, bf16_peak, model_peak = max(peaks["float32"]), max(peaks.get("bfloat16", [0.0])), max(peaks["model"])
 
     def tps(key: str) -> float:
@@ -259,28 +277,37 @@ def main() -> int:
     def wall(key: str) -> float:
         return statistics.median([r.wall for r in runs[key]] if key in runs else peer_walls[key])
 
-    overhead = tps("peer-same") / tps("product-same") - 1
+    overhead = 0.0 if args.defaults_only else tps("peer-same") / tps("product-same") - 1
     if args.guard:
         print(f"identical-settings overhead {overhead:+.1%} (limit {MAX_OVERHEAD:.0%})")
         return 1 if overhead > MAX_OVERHEAD else 0
-    assert reseeded is not None
     rows = [
         "| run | settings | wall s (median) | trained tokens / wall s (median) | ratio to the peer |",
         "|---|---|---|---|---|",
     ]
     for key, peer_key, label in (
         ("product", "peer", "defaults of each"),
+        ("product-glibc", "peer", "defaults, glibc's malloc defaults"),
         ("product-same", "peer-same", "identical (fp32, stock Trainer step)"),
     ):
+        if not runs[key]:
+            continue
         rows.append(
             f"| `train.py` | {label} | {wall(key):.1f} | {tps(key):,.0f} | **{tps(key) / tps(peer_key):.2f}x** |"
         )
-        rows.append(f"| plain Trainer script | {label} | {wall(peer_key):.1f} | {tps(peer_key):,.0f} | 1.00x |")
+        if key != "product-glibc":
+            rows.append(f"| plain Trainer script | {label} | {wall(peer_key):.1f} | {tps(peer_key):,.0f} | 1.00x |")
     flops_per_token = 6 * n_params + 12 * layers * hidden * 256
     loops = []
     workers = runs["product"][0].workers
     decided = f"{'bf16 autocast' if bf16 else 'fp32'}, {f'{workers} workers' if workers else 'stock step'}"
-    for key, label in (("product", f"defaults: {decided}"), ("product-same", "fp32, stock step")):
+    for key, label in (
+        ("product", f"defaults: {decided}"),
+        ("product-glibc", f"{decided}, glibc's malloc defaults"),
+        ("product-same", "fp32, stock step"),
+    ):
+        if not runs[key]:
+            continue
         loop_tps = statistics.median(r.tokens / r.train_seconds for r in runs[key])
         flops = loop_tps * flops_per_token
         of_bf16 = f"{flops / bf16_peak:.0%}" if bf16_peak else "n/a (no native bf16)"
@@ -288,9 +315,23 @@ def main() -> int:
             f"| {label} | {loop_tps:,.0f} | {flops / 1e9:.0f} | {flops / fp32_peak:.0%} | **{flops / model_peak:.0%}** "
             f"| {of_bf16} |"
         )
-    default, fp32, other_seed = runs["product"][0], runs["product-same"][0], reseeded
-    precision_gap, seed_gap = curve_gap(default, fp32), curve_gap(fp32, other_seed)
-    within = precision_gap <= seed_gap
+    curves: list[str] = []
+    if reseeded is not None:
+        default, fp32 = runs["product"][0], runs["product-same"][0]
+        precision_gap, seed_gap = curve_gap(default, fp32), curve_gap(fp32, reseeded)
+        curves = [
+            "",
+            f"Loss curve, the defaults ({decided}) against fp32 on the stock step (first repeat; training loss "
+            f"logged every 10 steps, {len(set(default.losses) & set(fp32.losses))} points): mean |defaults - fp32| "
+            f"= {precision_gap:.4f}, against {seed_gap:.4f} between two fp32 runs that differ only in `--seed` (data "
+            f"order and held-out split). Held-out loss: defaults {default.eval_loss:.4f}, fp32 "
+            f"{fp32.eval_loss:.4f}, fp32 with seed 1 {reseeded.eval_loss:.4f} (another held-out slice). "
+            + (
+                "**The defaults' curve matches fp32 within the seed-to-seed noise.**"
+                if precision_gap <= seed_gap
+                else "**The defaults' curve departs from fp32 by more than the seed-to-seed noise.**"
+            ),
+        ]
     body = "\n".join(
         [
             "## `train.py` against a plain Trainer script (`bench/end_to_end.py`)",
@@ -323,17 +364,7 @@ def main() -> int:
             "| of the bf16 peak |",
             "|---|---|---|---|---|---|",
             *loops,
-            "",
-            f"Loss curve, the defaults ({decided}) against fp32 on the stock step (first repeat; training loss "
-            f"logged every 10 steps, {len(set(default.losses) & set(fp32.losses))} points): mean |defaults - fp32| "
-            f"= {precision_gap:.4f}, against {seed_gap:.4f} between two fp32 runs that differ only in `--seed` (data "
-            f"order and held-out split). Held-out loss: defaults {default.eval_loss:.4f}, fp32 "
-            f"{fp32.eval_loss:.4f}, fp32 with seed 1 {other_seed.eval_loss:.4f} (another held-out slice). "
-            + (
-                "**The defaults' curve matches fp32 within the seed-to-seed noise.**"
-                if within
-                else "**The defaults' curve departs from fp32 by more than the seed-to-seed noise.**"
-            ),
+            *curves,
         ]
     )
     write_section(args.out, args.section, body)
