@@ -299,15 +299,20 @@ def main() -> int:
             rows.append(f"| plain Trainer script | {label} | {wall(peer_key):.1f} | {tps(peer_key):,.0f} | 1.00x |")
     flops_per_token = 6 * n_params + 12 * layers * hidden * 256
     loops = []
-    workers = runs["product"][0].workers
-    decided = f"{'bf16 autocast' if bf16 else 'fp32'}, {f'{workers} workers' if workers else 'stock step'}"
+
+    def decided(key: str) -> str:
+        """What a defaults run took (each allocator setting has its own cached ``--grad_workers auto`` choice)."""
+        workers = runs[key][0].workers
+        return f"{'bf16 autocast' if bf16 else 'fp32'}, {f'{workers} workers' if workers else 'stock step'}"
+
     for key, label in (
-        ("product", f"defaults: {decided}"),
-        ("product-glibc", f"{decided}, glibc's malloc defaults"),
+        ("product", "defaults: {}"),
+        ("product-glibc", "defaults under glibc's malloc defaults: {}"),
         ("product-same", "fp32, stock step"),
     ):
         if not runs[key]:
             continue
+        label = label.format(decided(key))
         loop_tps = statistics.median(r.tokens / r.train_seconds for r in runs[key])
         flops = loop_tps * flops_per_token
         of_bf16 = f"{flops / bf16_peak:.0%}" if bf16_peak else "n/a (no native bf16)"
@@ -321,10 +326,10 @@ def main() -> int:
         precision_gap, seed_gap = curve_gap(default, fp32), curve_gap(fp32, reseeded)
         curves = [
             "",
-            f"Loss curve, the defaults ({decided}) against fp32 on the stock step (first repeat; training loss "
-            f"logged every 10 steps, {len(set(default.losses) & set(fp32.losses))} points): mean |defaults - fp32| "
-            f"= {precision_gap:.4f}, against {seed_gap:.4f} between two fp32 runs that differ only in `--seed` (data "
-            f"order and held-out split). Held-out loss: defaults {default.eval_loss:.4f}, fp32 "
+            f"Loss curve, the defaults ({decided('product')}) against fp32 on the stock step (first repeat; "
+            f"training loss logged every 10 steps, {len(set(default.losses) & set(fp32.losses))} points): mean "
+            f"|defaults - fp32| = {precision_gap:.4f}, against {seed_gap:.4f} between two fp32 runs that differ "
+            f"only in `--seed` (data order and held-out split). Held-out loss: defaults {default.eval_loss:.4f}, fp32 "
             f"{fp32.eval_loss:.4f}, fp32 with seed 1 {reseeded.eval_loss:.4f} (another held-out slice). "
             + (
                 "**The defaults' curve matches fp32 within the seed-to-seed noise.**"
