@@ -10,6 +10,12 @@ answer is cached in ``$XDG_CACHE_HOME/continual-daemon/grad_workers.json`` (defa
 ``~/.cache``), keyed by :func:`shape_key`, so later files and runs read it. Delete the file
 to measure again.
 
+A measurement taken while other work held the CPU is used but not cached: on a 2-core AVX2 EPYC
+a training process left running beside one cached the stock step (0.772 s against 0.753 s a
+micro-batch), where six measurements on the quiet machine had 2 workers 1.06x to 1.26x faster
+(BENCHMARKS.md). :class:`OtherLoad` reads the share of the CPU that went elsewhere from the
+kernel's counters.
+
 The measurement leaves the model as it found it: no gradient, the same train/eval mode and
 the same torch RNG state (dropout draws from it), so training after it is the same as without.
 """
@@ -39,6 +45,9 @@ logger = logging.getLogger(__name__)
 MEASURED_MICRO_BATCHES = 3  # timed passes per path, after one warm-up each; the fastest counts
 # Worker threads must win by this much: within it, the stock step (the peer's path) is kept.
 MIN_GAIN = 1.05
+# Above this share of the CPU time going to other processes or the hypervisor during the
+# measurement, its choice is not cached (the next training process measures again).
+MAX_OTHER_LOAD = 0.10
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
 
 
@@ -70,6 +79,53 @@ def _cpu_name_and_flags() -> str:
     return " ".join([name or platform.processor() or platform.machine(), *(f for f in CPU_FLAGS if f in flags)])
 
 
+class OtherLoad:
+    """The share of this process's CPUs that went to other work while a block ran.
+
+    Use as ``with OtherLoad() as load: ...``; afterwards ``load.share`` is in [0, 1], or ``None``
+    where the kernel's counters cannot be read (not Linux). Other work is the CPUs' busy time
+    (``/proc/stat``: every state but idle and iowait, the hypervisor's steal included) minus this
+    process's own CPU time (:func:`time.process_time`, all its threads), over the CPUs' total time.
+    The CPUs are those the process may run on (``os.sched_getaffinity``): a container's cpuset, not
+    the whole host. Counters tick at ``USER_HZ`` (100 Hz), so a block of a few seconds on 2 cores
+    measures it to within about 1 %.
+    """
+
+    def __init__(self, stat: str | Path = "/proc/stat") -> None:
+        self.stat = Path(stat)
+        self.share: float | None = None
+        self._start: tuple[int, int, float] | None = None
+
+    def _read(self) -> tuple[int, int, float] | None:
+        """``(total ticks, busy ticks, own CPU seconds)`` now, or ``None``."""
+        try:
+            cpus = {f"cpu{n}" for n in os.sched_getaffinity(0)}
+            lines = self.stat.read_text().splitlines()
+        except (OSError, AttributeError):  # no /proc, or no sched_getaffinity (macOS)
+            return None
+        total = busy = 0
+        for line in lines:
+            name, *fields = line.split()
+            if name in cpus:
+                # user nice system idle iowait irq softirq steal (guest time is inside user)
+                ticks = [int(x) for x in fields[:8]]
+                total += sum(ticks)
+                busy += sum(ticks) - ticks[3] - ticks[4]
+        return (total, busy, time.process_time()) if total else None
+
+    def __enter__(self) -> OtherLoad:
+        self._start = self._read()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        end = self._read()
+        if self._start is None or end is None or end[0] <= self._start[0]:
+            return
+        total, busy, own = (b - a for a, b in zip(self._start, end, strict=True))
+        own_ticks = own * os.sysconf("SC_CLK_TCK")
+        self.share = min(1.0, max(0.0, (busy - own_ticks) / total))
+
+
 def shape_key(model: torch.nn.Module, batch_size: int, seq_len: int, bf16: bool, workers: int) -> str:
     """What the measured choice depends on: the CPU (name and vector flags), torch and its thread
     count, the model's shape, the micro-batch (rows x tokens), the precision, the worker count tried
@@ -93,7 +149,7 @@ def shape_key(model: torch.nn.Module, batch_size: int, seq_len: int, bf16: bool,
 
 def measure_seconds(
     model: torch.nn.Module, batch_size: int, seq_len: int, bf16: bool, workers: int
-) -> tuple[float, float]:
+) -> tuple[float, float, float | None]:
     """Seconds of one micro-batch's forward and backward: the stock step's, then ``workers`` threads'.
 
     Args:
@@ -103,8 +159,9 @@ def measure_seconds(
         workers: worker threads of the threaded path (>= 2).
 
     Returns:
-        ``(stock, threaded)``: the fastest of :data:`MEASURED_MICRO_BATCHES` timed passes each,
-        alternated so that a noisy neighbour slows both alike.
+        ``(stock, threaded, other_load)``: the fastest of :data:`MEASURED_MICRO_BATCHES` timed
+        passes each, alternated so that a noisy neighbour slows both alike, and the share of the
+        CPU that other work took meanwhile (:class:`OtherLoad`; ``None`` where unknown).
     """
     vocab = int(getattr(model.config, "vocab_size", 2))  # type: ignore[union-attr]
     params = [p for p in model.parameters() if p.requires_grad]
@@ -134,28 +191,30 @@ def measure_seconds(
     times: dict[str, list[float]] = {"stock": [], "threaded": []}
     try:
         model.train()
-        for repeat in range(MEASURED_MICRO_BATCHES + 1):
-            for name, run in (("stock", stock), ("threaded", threaded)):
-                started = time.perf_counter()
-                run()
-                if repeat:  # the first pass of each warms caches and the allocator
-                    times[name].append(time.perf_counter() - started)
-                mark_progress()  # a measurement is progress: the daemon's stall detection reads it
-                for param in params:
-                    param.grad = None
+        with OtherLoad() as load:
+            for repeat in range(MEASURED_MICRO_BATCHES + 1):
+                for name, run in (("stock", stock), ("threaded", threaded)):
+                    started = time.perf_counter()
+                    run()
+                    if repeat:  # the first pass of each warms caches and the allocator
+                        times[name].append(time.perf_counter() - started)
+                    mark_progress()  # a measurement is progress: the daemon's stall detection reads it
+                    for param in params:
+                        param.grad = None
     finally:
         pool.shutdown()
         model.train(was_training)
         torch.random.set_rng_state(rng)
-    return min(times["stock"]), min(times["threaded"])
+    return min(times["stock"]), min(times["threaded"]), load.share
 
 
 def choose_workers(model: torch.nn.Module, batch_size: int, seq_len: int, bf16: bool, workers: int) -> int:
     """``workers`` if they beat the stock step by :data:`MIN_GAIN` on this machine and shape, else 0.
 
     Read from :func:`cache_path` when this :func:`shape_key` was measured before; else measured
-    (:func:`measure_seconds`) and cached. An unreadable or unwritable cache only costs a new
-    measurement: it never fails a file.
+    (:func:`measure_seconds`) and cached, unless other work took over :data:`MAX_OTHER_LOAD` of the
+    CPU during the measurement: then the choice serves this process only. An unreadable or
+    unwritable cache only costs a new measurement: it never fails a file.
     """
     key, path = shape_key(model, batch_size, seq_len, bf16, workers), cache_path()
     try:
@@ -165,18 +224,25 @@ def choose_workers(model: torch.nn.Module, batch_size: int, seq_len: int, bf16: 
     if isinstance(cached, dict) and isinstance(cached.get("workers"), int):
         logger.info("--grad_workers auto: %d (measured %s, cached in %s)", cached["workers"], cached["at"], path)
         return int(cached["workers"])
-    stock, threaded = measure_seconds(model, batch_size, seq_len, bf16, workers)
+    stock, threaded, other_load = measure_seconds(model, batch_size, seq_len, bf16, workers)
     chosen = workers if stock > threaded * MIN_GAIN else 0
-    logger.info(
-        "--grad_workers auto: %d (a micro-batch took %.3f s on the stock step, %.3f s on %d workers; cached in %s)",
-        chosen,
-        stock,
-        threaded,
-        workers,
-        path,
-    )
-    at = datetime.now(UTC).isoformat(timespec="seconds")
-    record = {"workers": chosen, "stock_seconds": stock, "threaded_seconds": threaded, "at": at}
+    measured = f"a micro-batch took {stock:.3f} s on the stock step, {threaded:.3f} s on {workers} workers"
+    if other_load is not None and other_load > MAX_OTHER_LOAD:
+        logger.warning(
+            "--grad_workers auto: %d (%s, while other work took %.0f%% of the CPU: not cached, measured next time)",
+            chosen,
+            measured,
+            100 * other_load,
+        )
+        return chosen
+    logger.info("--grad_workers auto: %d (%s; cached in %s)", chosen, measured, path)
+    record = {
+        "workers": chosen,
+        "stock_seconds": stock,
+        "threaded_seconds": threaded,
+        "other_load": other_load,
+        "at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(path) + ".lock"):

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -101,7 +105,7 @@ def test_auto_workers_are_measured_once_per_shape_and_leave_the_model_untouched(
     before = {k: v.clone() for k, v in model.state_dict().items()}
     model.eval()
     rng = torch.random.get_rng_state()
-    timings = iter([(1.0, 0.5), (0.5, 1.0), (0.5, 1.0)])  # first shape: threads win; then stock wins
+    timings = iter([(1.0, 0.5, 0.0), (0.5, 1.0, None), (0.5, 1.0, 0.01)])  # first shape: threads win; then stock
     real = autotune.measure_seconds
     calls = []
 
@@ -122,6 +126,49 @@ def test_auto_workers_are_measured_once_per_shape_and_leave_the_model_untouched(
     assert sorted(r["workers"] for r in cache.values()) == [0, 2] and all("micro-batch" in k for k in cache)
     autotune.cache_path().write_text("not json")
     assert autotune.choose_workers(model, 4, 16, False, 2) == 0  # an unreadable cache is measured again (stock wins)
+
+
+def test_other_load_is_the_busy_time_that_was_not_this_process(tmp_path):
+    from daemon.autotune import OtherLoad
+
+    stat = tmp_path / "stat"
+    cpus = sorted(os.sched_getaffinity(0))
+
+    def write(user: int, idle: int, steal: int) -> None:
+        # user nice system idle iowait irq softirq steal guest guest_nice, per CPU, and a CPU this process may not use
+        lines = [f"cpu{n} {user} 0 0 {idle} 0 0 0 {steal} 0 0" for n in [*cpus, max(cpus) + 1]]
+        stat.write_text("\n".join(["cpu 1 2 3 4 5 6 7 8 0 0", *lines, "intr 1 2"]) + "\n")
+
+    write(user=1000, idle=1000, steal=0)
+    with OtherLoad(stat) as load:
+        write(user=1300, idle=1600, steal=100)  # per CPU: 300 busy + 100 stolen of 1000 ticks
+    assert load.share == pytest.approx(0.4, abs=0.01)  # this process used (next to) no CPU meanwhile
+    with OtherLoad(tmp_path / "absent") as unknown:
+        pass
+    assert unknown.share is None
+
+
+def test_a_measurement_while_other_work_holds_the_cpu_is_used_but_not_cached(monkeypatch, caplog, tmp_path):
+    from daemon import autotune
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    model = _tiny_model()
+    spinners = [
+        subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(len(os.sched_getaffinity(0)))
+    ]
+    try:
+        time.sleep(0.5)  # the spinners are running
+        with caplog.at_level("WARNING", logger="daemon.autotune"):
+            chosen = autotune.choose_workers(model, 4, 64, False, 2)
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()
+    assert chosen in (0, 2) and "not cached" in caplog.text
+    assert not autotune.cache_path().exists()
+    monkeypatch.setattr(autotune, "measure_seconds", lambda *args: (1.0, 0.5, 0.02))  # a quiet machine
+    assert autotune.choose_workers(model, 4, 64, False, 2) == 2
+    assert [r["other_load"] for r in json.loads(autotune.cache_path().read_text()).values()] == [0.02]
 
 
 @pytest.mark.parametrize("workers", [1, 2, 3, 4, 8])
