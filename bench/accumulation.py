@@ -8,7 +8,11 @@ Each configuration trains a freshly initialised Llama model through the real
 step) on random token blocks: batch 8 x 256 tokens, fp32 or bf16 autocast.
 The first steps are warmup and not timed. Configurations alternate within each
 repeat (0, 1, 2, 4 workers, then again), and the table reports medians and the
-ratio to the stock path measured in the same go.
+ratio to the stock path measured in the same go. In fp32 it also gives each configuration's
+FLOP/s (``6 N + 12 L d T`` a token, Chowdhery et al. 2022, PaLM, Appendix B) over the
+model-shape peak: the bare matmuls of one micro-batch at the model's own shapes, measured just
+before and just after each run (:func:`model_shape_flops`), the training loop's physical limit.
+The training process's allocator settings (:mod:`daemon.allocator`) are applied here too.
 """
 
 from __future__ import annotations
@@ -23,9 +27,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from daemon import allocator  # noqa: E402
+
+allocator.keep_freed_memory()  # as in the training process: before torch is imported
+
+import torch  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from daemon.accumulation import AUTO_MAX_PARAMETERS, AUTO_WORKERS, ThreadedAccumulationTrainer  # noqa: E402
 from daemon.arguments import cpu_info, default_bf16  # noqa: E402
@@ -86,7 +95,7 @@ def machine() -> str:
 def tokens_per_second(config: dict, workers: int, bf16: bool, steps: int, warmup: int) -> float:
     """Train ``warmup + steps`` optimizer steps; tokens/s over the last ``steps``."""
     import datasets
-    from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback, TrainingArguments
+    from transformers import TrainerCallback, TrainingArguments
     from transformers.trainer_callback import PrinterCallback
 
     torch.manual_seed(0)
@@ -123,29 +132,80 @@ def tokens_per_second(config: dict, workers: int, bf16: bool, steps: int, warmup
     return steps * BATCH * SEQ / (stamps[-1] - stamps[warmup - 1])
 
 
+def model_shape_flops(
+    layers: int, hidden: int, intermediate: int, heads: int, vocab: int, rows: int = 8, seq: int = 256, repeats: int = 5
+) -> float:
+    """FLOP/s of the matmuls of one fp32 micro-batch's forward and backward at the model's own shapes.
+
+    The physical limit of the training loop for this model size: the same matrix products a
+    Llama decoder computes for ``rows x seq`` tokens (q, k, v, o: ``d x d``; gate, up: ``d x ff``;
+    down: ``ff x d``; the attention scores and values per head; the LM head ``d x V``), each
+    forward product with its two backward ones (the input's and the weight's gradient), timed
+    as bare ``torch.matmul`` calls with no other op between them. Small shapes run far below
+    the 2048x2048 peak, so this is the ceiling a loop of this model can be held to.
+    """
+    m, head = rows * seq, hidden // heads
+    linear = [(hidden, hidden)] * 4 + [(hidden, intermediate)] * 2 + [(intermediate, hidden)]
+    ops: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for k, n in linear * layers + [(hidden, vocab)]:
+        x, w, g = torch.randn(m, k), torch.randn(k, n), torch.randn(m, n)
+        ops += [(x, w), (g, w.T), (x.T, g)]  # forward, input gradient, weight gradient
+    q = torch.randn(rows * heads, seq, head)
+    scores = torch.randn(rows * heads, seq, seq)
+    for _ in range(layers):  # scores = q k^T and out = p v, each with its two gradients
+        ops += [(q, q.transpose(1, 2)), (scores, q), (q, q.transpose(1, 2))]
+        ops += [(scores, q), (scores, q), (scores.transpose(1, 2), q)]
+    flops = sum(2 * a.shape[-2] * a.shape[-1] * b.shape[-1] * (a.shape[0] if a.dim() == 3 else 1) for a, b in ops)
+    for a, b in ops:  # warm-up
+        torch.matmul(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        for a, b in ops:
+            torch.matmul(a, b)
+        best = min(best, time.perf_counter() - started)
+    return flops / best
+
+
 def run(steps: int, warmup: int, repeats: int) -> list[str]:
+    """The table's rows: each configuration's median tokens/s, its ratio to the stock step and, in
+    fp32, its FLOP/s over the model-shape peak (:func:`model_shape_flops`) measured between runs.
+
+    Each fp32 run's peak is the mean of the measurements just before and just after it (a few
+    seconds apart), so a machine whose speed drifts over minutes moves both alike.
+    """
     rows = [
-        "| model | precision | workers | intra-op threads each | tokens/s (median) | vs stock |",
-        "|---|---|---|---|---|---|",
+        "| model | precision | workers | intra-op threads each | tokens/s (median) | vs stock "
+        "| of the model-shape peak |",
+        "|---|---|---|---|---|---|---|",
     ]
     cores = torch.get_num_threads()
     # bf16 only where the CPU computes it natively: elsewhere it is many times slower than fp32 and
     # never the default (daemon.arguments.default_bf16), so its rows would only cost minutes.
     precisions = (False, True) if default_bf16() else (False,)
     for name, config in MODELS.items():
+        c = LlamaConfig(vocab_size=VOCAB, **config)
+        shape = (c.num_hidden_layers, c.hidden_size, c.intermediate_size, c.num_attention_heads, VOCAB)
+        flops_per_token = 6 * LlamaForCausalLM(c).num_parameters() + 12 * c.num_hidden_layers * c.hidden_size * SEQ
         for bf16 in precisions:
             results: dict[int, list[float]] = {w: [] for w in WORKERS}
+            of_peak: dict[int, list[float]] = {w: [] for w in WORKERS}
+            peak = None if bf16 else model_shape_flops(*shape, repeats=3)
             for _ in range(repeats):
                 for workers in WORKERS:
                     results[workers].append(tokens_per_second(config, workers, bf16, steps, warmup))
+                    if peak is not None:
+                        before, peak = peak, model_shape_flops(*shape, repeats=3)
+                        of_peak[workers].append(results[workers][-1] * flops_per_token / ((before + peak) / 2))
             stock = statistics.median(results[0])
             for workers in WORKERS:
                 tps = statistics.median(results[workers])
                 label = "stock Trainer step" if workers == 0 else str(workers)
                 intra = cores if workers == 0 else max(1, cores // workers)
+                fraction = f"{statistics.median(of_peak[workers]):.0%}" if of_peak[workers] else "n/a (bf16)"
                 rows.append(
                     f"| {name} | {'bf16 autocast' if bf16 else 'fp32'} | {label} | {intra} | {tps:,.0f} | "
-                    f"{tps / stock:.2f}x |"
+                    f"{tps / stock:.2f}x | {fraction} |"
                 )
                 print(rows[-1], flush=True)
     return rows

@@ -44,7 +44,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.accumulation import machine, write_section  # noqa: E402
+from bench.accumulation import machine, model_shape_flops, write_section  # noqa: E402
 from daemon.arguments import default_bf16  # noqa: E402
 
 SHARED = ["--max_seq_length", "256", "--per_device_train_batch_size", "8"]
@@ -172,43 +172,6 @@ def parameters_and_shape(base: Path) -> tuple[int, int, int, int, int, int]:
     c = model.config
     return (model.num_parameters(), c.num_hidden_layers, c.hidden_size, c.intermediate_size,
             c.num_attention_heads, c.vocab_size)  # fmt: skip
-
-
-def model_shape_flops(
-    layers: int, hidden: int, intermediate: int, heads: int, vocab: int, rows: int = 8, seq: int = 256, repeats: int = 5
-) -> float:
-    """FLOP/s of the matmuls of one fp32 micro-batch's forward and backward at the model's own shapes.
-
-    The physical limit of the training loop for this model size: the same matrix products a
-    Llama decoder computes for ``rows x seq`` tokens (q, k, v, o: ``d x d``; gate, up: ``d x ff``;
-    down: ``ff x d``; the attention scores and values per head; the LM head ``d x V``), each
-    forward product with its two backward ones (the input's and the weight's gradient), timed
-    as bare ``torch.matmul`` calls with no other op between them. Small shapes run far below
-    the 2048x2048 peak, so this is the ceiling a loop of this model can be held to.
-    """
-    import torch
-
-    m, head = rows * seq, hidden // heads
-    linear = [(hidden, hidden)] * 4 + [(hidden, intermediate)] * 2 + [(intermediate, hidden)]
-    ops: list[tuple[torch.Tensor, torch.Tensor]] = []
-    for k, n in linear * layers + [(hidden, vocab)]:
-        x, w, g = torch.randn(m, k), torch.randn(k, n), torch.randn(m, n)
-        ops += [(x, w), (g, w.T), (x.T, g)]  # forward, input gradient, weight gradient
-    q = torch.randn(rows * heads, seq, head)
-    scores = torch.randn(rows * heads, seq, seq)
-    for _ in range(layers):  # scores = q k^T and out = p v, each with its two gradients
-        ops += [(q, q.transpose(1, 2)), (scores, q), (q, q.transpose(1, 2))]
-        ops += [(scores, q), (scores, q), (scores.transpose(1, 2), q)]
-    flops = sum(2 * a.shape[-2] * a.shape[-1] * b.shape[-1] * (a.shape[0] if a.dim() == 3 else 1) for a, b in ops)
-    for a, b in ops:  # warm-up
-        torch.matmul(a, b)
-    best = float("inf")
-    for _ in range(repeats):
-        started = time.perf_counter()
-        for a, b in ops:
-            torch.matmul(a, b)
-        best = min(best, time.perf_counter() - started)
-    return flops / best
 
 
 def main() -> int:
