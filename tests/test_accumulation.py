@@ -15,6 +15,7 @@ from helpers import Tree, stdlib_documents, tiny_model, train, write_jsonl
 
 from daemon.accumulation import (
     ThreadedAccumulationTrainer,
+    all_finite,
     resolve_workers,
     split_batch,
     worker_threads_alive,
@@ -196,6 +197,20 @@ class _PoisonRows:
         if self.marker is None or bool((args[0][:, 0] == self.marker).any()):
             return output * float("nan")
         return output
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_all_finite_finds_one_bad_element_among_tensors_of_several_dtypes_and_changes_none(bad):
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(300, 7, generator=g) * 1e30, torch.randn(5, generator=g).bfloat16(), torch.randn(64, 3)]
+    before = [t.clone() for t in tensors]
+    assert all_finite(tensors) and all(torch.equal(a, b) for a, b in zip(tensors, before, strict=True))
+    for tensor in tensors:
+        flat = tensor.view(-1)
+        flat[len(flat) // 2] = bad
+        assert not all_finite(tensors)
+        flat[len(flat) // 2] = 1.0
+    assert all_finite(tensors) and all_finite([])
 
 
 def test_a_non_finite_shard_is_dropped_and_its_tokens_leave_the_normalisation(tmp_path):
