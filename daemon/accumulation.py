@@ -42,13 +42,14 @@ logger = logging.getLogger(__name__)
 
 WORKER_THREAD_PREFIX = "grad-worker"
 # What `--grad_workers auto` tries on a CPU run, from bench/accumulation.py (BENCHMARKS.md):
-# 2 workers beat the stock step on the 4.2M-parameter embedded model on an AVX512-BF16 EPYC
-# (1.14x fp32, 1.19x bf16), lost on an AVX2-only one (0.96x fp32), and lost on a 20M model
-# (0.85x, 0.93x), where each op is large enough for torch's own intra-op threads. So models
-# over 10M parameters take the stock step; below, a measurement on the machine decides
-# (:func:`daemon.autotune.choose_workers`).
+# 2 workers against the stock step went either way on the same model and CPU: on the 4.2M-parameter
+# embedded model 1.14x (fp32) and 1.19x (bf16) on an AVX512-BF16 EPYC, 0.96x to 1.26x on an AVX2-only
+# one; on a 21M model 0.94x (fp32) and 1.15x (bf16) on the first, 1.06x to 1.30x (fp32) on the
+# second. So a measurement on the machine decides (:func:`daemon.autotune.choose_workers`), up to
+# the size where it would take over a minute on 2 cores (22 s at 21M on the AVX2 EPYC); larger
+# models, measured nowhere, take the stock step.
 AUTO_WORKERS = 2
-AUTO_MAX_PARAMETERS = 10_000_000
+AUTO_MAX_PARAMETERS = 50_000_000
 
 
 def resolve_workers(

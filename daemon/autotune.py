@@ -3,9 +3,10 @@
 Whether worker threads beat the stock Trainer step depends on the CPU and the size of each
 op, not on anything a flag or ``/proc/cpuinfo`` says: 2 workers measured 1.14x the stock step
 on a 4.2M-parameter model on an AVX512-BF16 EPYC, 0.96x on a 3.9M one on an AVX2-only EPYC,
-and 0.85x on a 20M one (BENCHMARKS.md). So, the first time a machine trains a model shape,
-:func:`choose_workers` times a few forward and backward passes of one micro-batch of random
-tokens each way (about 2 s for the embedded model on 2 cores) and keeps the faster; the
+and on a 21M one 0.94x on the first and 1.06x to 1.30x on the second (fp32; BENCHMARKS.md).
+So, the first time a machine trains a model shape, :func:`choose_workers` times a few forward
+and backward passes of one micro-batch of random tokens each way (about 2 s for the embedded
+model on 2 cores, 22 s for the 21M one) and keeps the faster; the
 answer is cached in ``$XDG_CACHE_HOME/continual-daemon/grad_workers.json`` (default
 ``~/.cache``), keyed by :func:`shape_key`, so later files and runs read it. Delete the file
 to measure again.
