@@ -44,7 +44,7 @@ WORKER_THREAD_PREFIX = "grad-worker"
 # What `--grad_workers auto` tries on a CPU run, from bench/accumulation.py (BENCHMARKS.md):
 # 2 workers against the stock step went either way on the same model and CPU: on the 4.2M-parameter
 # embedded model 1.14x (fp32) and 1.19x (bf16) on an AVX512-BF16 EPYC, 0.96x to 1.26x on an AVX2-only
-# one; on a 21M model 0.94x (fp32) and 1.15x (bf16) on the first, 1.06x to 1.30x (fp32) on the
+# one; on a 21M model 0.94x (fp32) and 1.15x (bf16) on the first, 0.94x to 1.30x (fp32) on the
 # second. So a measurement on the machine decides (:func:`daemon.autotune.choose_workers`), up to
 # the size where it would take over a minute on 2 cores (22 s at 21M on the AVX2 EPYC); larger
 # models, measured nowhere, take the stock step.

@@ -90,7 +90,8 @@ def default_torch_compile(device: torch.device) -> bool:
       the compiled step took 50 ms against eager's 90 ms; a model shape's first file pays about
       40 s of compiling, every later one loads inductor's cache in seconds (BENCHMARKS.md, GPU).
     - A CPU: off. On the AVX2 EPYC the compiled stock step trained no faster than the eager
-      defaults (1.01x) for 70 s of compiling a shape's first file (BENCHMARKS.md, compile).
+      defaults (0.89x and 1.01x in two goes) for 37 s of compiling a shape's first file
+      (BENCHMARKS.md, compile).
     - Another accelerator: off, as in transformers.
     """
     if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 0):

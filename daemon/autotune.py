@@ -3,7 +3,7 @@
 Whether worker threads beat the stock Trainer step depends on the CPU and the size of each
 op, not on anything a flag or ``/proc/cpuinfo`` says: 2 workers measured 1.14x the stock step
 on a 4.2M-parameter model on an AVX512-BF16 EPYC, 0.96x on a 3.9M one on an AVX2-only EPYC,
-and on a 21M one 0.94x on the first and 1.06x to 1.30x on the second (fp32; BENCHMARKS.md).
+and on a 21M one 0.94x on the first and 0.94x to 1.30x on the second (fp32; BENCHMARKS.md).
 So, the first time a machine trains a model shape, :func:`choose_workers` times a few forward
 and backward passes of one micro-batch of random tokens each way (about 2 s for the embedded
 model on 2 cores, 22 s for the 21M one) and keeps the faster; the
