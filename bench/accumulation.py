@@ -141,8 +141,8 @@ def model_shape_flops(
     Llama decoder computes for ``rows x seq`` tokens (q, k, v, o: ``d x d``; gate, up: ``d x ff``;
     down: ``ff x d``; the attention scores and values per head; the LM head ``d x V``), each
     forward product with its two backward ones (the input's and the weight's gradient), timed
-    as bare ``torch.matmul`` calls with no other op between them. Small shapes run far below
-    the 2048x2048 peak, so this is the ceiling a loop of this model can be held to.
+    as bare ``torch.matmul`` calls with no other op between them. Small shapes can run below the
+    2048x2048 peak, so this is the ceiling a loop of this model can be held to.
     """
     m, head = rows * seq, hidden // heads
     linear = [(hidden, hidden)] * 4 + [(hidden, intermediate)] * 2 + [(intermediate, hidden)]

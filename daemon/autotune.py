@@ -3,11 +3,11 @@
 Whether worker threads beat the stock Trainer step depends on the CPU and the size of each
 op, not on anything a flag or ``/proc/cpuinfo`` says: 2 workers measured 1.14x the stock step
 on a 4.2M-parameter model on an AVX512-BF16 EPYC, 0.96x on a 3.9M one on an AVX2-only EPYC,
-and on a 21M one 0.94x on the first and 0.94x to 1.30x on the second (fp32; BENCHMARKS.md).
-So, the first time a machine trains a model shape, :func:`choose_workers` times a few forward
-and backward passes of one micro-batch of random tokens each way (about 2 s for the embedded
-model on 2 cores, 22 s for the 21M one) and keeps the faster; the
-answer is cached in ``$XDG_CACHE_HOME/continual-daemon/grad_workers.json`` (default
+and for a 21M one (fp32) 0.94x on the first and 0.94x to 1.30x between goes on the second
+(BENCHMARKS.md). So, the first time a machine trains a model shape, :func:`choose_workers`
+times a few forward and backward passes of one micro-batch of random tokens each way (about
+2 s for the embedded model on 2 cores, 22 s for the 21M one) and keeps the faster; the answer
+is cached in ``$XDG_CACHE_HOME/continual-daemon/grad_workers.json`` (default
 ``~/.cache``), keyed by :func:`shape_key`, so later files and runs read it. Delete the file
 to measure again.
 
@@ -105,11 +105,10 @@ class OtherLoad:
         except (OSError, AttributeError):  # no /proc, or no sched_getaffinity (macOS)
             return None
         total = busy = 0
-        for line in lines:
-            name, *fields = line.split()
-            if name in cpus:
+        for fields in map(str.split, lines):
+            if fields and fields[0] in cpus:
                 # user nice system idle iowait irq softirq steal (guest time is inside user)
-                ticks = [int(x) for x in fields[:8]]
+                ticks = [int(x) for x in fields[1:9]]
                 total += sum(ticks)
                 busy += sum(ticks) - ticks[3] - ticks[4]
         return (total, busy, time.process_time()) if total else None
