@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from daemon import allocator  # noqa: E402
 
-allocator.keep_freed_memory()  # as in the training process: before torch is imported
+if __name__ == "__main__":  # as in the training process, before torch is imported; not in the benches importing this
+    allocator.keep_freed_memory()
 
 import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
