@@ -35,7 +35,7 @@ if __name__ == "__main__":  # as in the training process, before torch is import
     allocator.keep_freed_memory()
 
 import torch  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PretrainedConfig  # noqa: E402
 
 from daemon.accumulation import AUTO_MAX_PARAMETERS, AUTO_WORKERS, ThreadedAccumulationTrainer  # noqa: E402
 from daemon.arguments import cpu_info, default_bf16  # noqa: E402
@@ -133,6 +133,15 @@ def tokens_per_second(config: dict, workers: int, bf16: bool, steps: int, warmup
     return steps * BATCH * SEQ / (stamps[-1] - stamps[warmup - 1])
 
 
+def flops_per_token(config: PretrainedConfig, seq: int) -> tuple[int, float]:
+    """``(parameters, 6N + 12 L d T)``: training FLOPs per token of a ``seq``-token sequence
+    (Chowdhery et al. 2022, PaLM, Appendix B). The model is built on the meta device: shapes only.
+    """
+    with torch.device("meta"):
+        n = AutoModelForCausalLM.from_config(config).num_parameters()
+    return n, 6 * n + 12 * config.num_hidden_layers * config.hidden_size * seq
+
+
 def model_shape_flops(
     layers: int, hidden: int, intermediate: int, heads: int, vocab: int, rows: int = 8, seq: int = 256, repeats: int = 5
 ) -> float:
@@ -187,7 +196,7 @@ def run(steps: int, warmup: int, repeats: int) -> list[str]:
     for name, config in MODELS.items():
         c = LlamaConfig(vocab_size=VOCAB, **config)
         shape = (c.num_hidden_layers, c.hidden_size, c.intermediate_size, c.num_attention_heads, VOCAB)
-        flops_per_token = 6 * LlamaForCausalLM(c).num_parameters() + 12 * c.num_hidden_layers * c.hidden_size * SEQ
+        per_token = flops_per_token(c, SEQ)[1]
         for bf16 in precisions:
             results: dict[int, list[float]] = {w: [] for w in WORKERS}
             of_peak: dict[int, list[float]] = {w: [] for w in WORKERS}
@@ -197,7 +206,7 @@ def run(steps: int, warmup: int, repeats: int) -> list[str]:
                     results[workers].append(tokens_per_second(config, workers, bf16, steps, warmup))
                     if peak is not None:
                         before, peak = peak, model_shape_flops(*shape, repeats=3)
-                        of_peak[workers].append(results[workers][-1] * flops_per_token / ((before + peak) / 2))
+                        of_peak[workers].append(results[workers][-1] * per_token / ((before + peak) / 2))
             stock = statistics.median(results[0])
             for workers in WORKERS:
                 tps = statistics.median(results[workers])

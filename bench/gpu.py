@@ -40,7 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.accumulation import write_section  # noqa: E402
+from bench.accumulation import flops_per_token, write_section  # noqa: E402
 from bench.end_to_end import run  # noqa: E402
 
 MODEL = {  # about 110M parameters with the 32,000-token vocabulary (24.6M of them the tied embedding)
@@ -122,17 +122,6 @@ def base_model(work: Path, data: Path, config: dict) -> Path:
     model.save_pretrained(base)
     tokenizer.save_pretrained(base)
     return base
-
-
-def flops_per_token(base: Path, seq: int) -> tuple[int, float]:
-    """``(parameters, 6N + 12 L d T)``: training FLOPs per token (PaLM, Appendix B)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(base)
-    with torch.device("meta"):  # the shapes only, no memory
-        n = AutoModelForCausalLM.from_config(config).num_parameters()
-    return n, 6 * n + 12 * config.num_hidden_layers * config.hidden_size * seq
 
 
 def bf16_matmul_flops(n: int = 8192, repeats: int = 20) -> float:
@@ -224,6 +213,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md", help="Markdown file to update.")
     args = parser.parse_args()
     import torch
+    from transformers import AutoConfig
 
     cuda = torch.cuda.is_available()
     if not cuda and not args.tiny:
@@ -239,7 +229,7 @@ def main() -> int:
         logs.mkdir(parents=True, exist_ok=True)
         data = corpus(work, megabytes)
         base = base_model(work, data, config)
-        n_params, per_token = flops_per_token(base, seq)
+        n_params, per_token = flops_per_token(AutoConfig.from_pretrained(base), seq)
         peaks = [bf16_matmul_flops()] if cuda else []
         env = {**os.environ, "XDG_CACHE_HOME": str(work / "cache")}  # inductor's cache of this go only
         runs: dict[str, list[Run]] = {"first": [], "product": [], "peer": [], "eager": []}
