@@ -43,13 +43,14 @@ lint: install
 	$(PY) -m mypy daemon
 
 # Benchmarks (not tests: these machines are shared and noisy); each updates its section of BENCHMARKS.md.
-# About 25 min on 2 cores. end_to_end.py fails (after writing) if the identical-settings overhead exceeds 10 %.
+# About 35 min on 2 cores. end_to_end.py fails (after writing) if the identical-settings overhead exceeds 10 %.
 bench: install
 	$(PY) bench/accumulation.py --repeats 2 --steps 5
 	$(PY) bench/daemon_latency.py
 	$(PY) bench/pipeline.py
 	$(PY) bench/evaluation.py
 	$(PY) bench/end_to_end.py
+	$(PY) bench/small_files.py
 	$(PY) bench/compile.py
 	$(PY) bench/continual.py
 	$(PY) bench/gpu.py
