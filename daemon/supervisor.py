@@ -11,8 +11,7 @@ the inbox's folders.
 - **Process groups.** Every child starts in a session of its own: a Ctrl-C in the
   terminal reaches only the daemon, which forwards one SIGTERM, and a kill takes
   the launcher with every process it started.
-- **Prestart** (``--prestart``). While the inbox is idle, or while the running child
-  imports, evaluates or exports (the daemon loop decides when), a spare
+- **Prestart** (``--prestart``). While the inbox is idle a spare
   ``python -m daemon train-spare`` does its imports (torch, transformers: seconds)
   and waits for its flags on stdin; the next file trains in it.
 - **Stall detection** (``--stall_timeout``). The child's heartbeat writes
@@ -193,7 +192,7 @@ class ProcessSupervisor:
         )
 
     def start_spare(self) -> None:
-        """Start the next training process ahead (``--prestart``), for its imports to be done when a file comes.
+        """Start the next training process ahead (``--prestart``): its imports run while the inbox is idle.
 
         ``python -m daemon train-spare`` imports torch, transformers and datasets (about 4 s on
         2 cores), then waits for its flags on stdin. Not with ``--launcher``, which starts

@@ -59,11 +59,6 @@ logger = logging.getLogger(__name__)
 
 QUEUE_REFRESH_SECONDS = 2.0
 _BETWEEN_FILES = frozenset(state for state in RunState if state.between_files)
-# The running training process's states in which the next one may be prestarted beside it: its
-# own imports (the daemon's between-files state is still in the status file then), its evaluation
-# and its export. Not while it loads, tokenizes or takes training steps: there the spare's imports
-# (about 5 s of one core) take a core from training (README "Speed").
-_SPARE_BESIDE = _BETWEEN_FILES | {RunState.EVALUATING, RunState.SAVING}
 
 
 class _Wake(FileSystemEventHandler):
@@ -227,19 +222,18 @@ class Daemon:
         self.status.update(mutate)
 
     def _while_training(self) -> None:
-        """Every poll while a child runs: show files dropped meanwhile (every ``QUEUE_REFRESH_SECONDS``),
+        """Every poll while a child trains: show files dropped meanwhile (every ``QUEUE_REFRESH_SECONDS``),
         and prestart the next file's training process, so that a queue pays the start-up once.
 
-        The spare is started only in the child's states of :data:`_SPARE_BESIDE`: while the child
-        does its own imports, or once its training steps are over (README "Speed"). With ``--once``
-        it is started only when another file waits: a last file needs none.
+        The spare's imports run on one core while the child does its own (README "Speed"). With
+        ``--once`` it is started only when another file waits: a last file needs none.
         """
         if time.monotonic() - self._queue_published > QUEUE_REFRESH_SECONDS:
             pending = self.inbox.scan()
             self._queued = len(pending)
             self._publish_queue(pending, between_files=False)
             self._queue_published = time.monotonic()
-        if (self._queued or not self.args.once) and self.status.read()["state"] in _SPARE_BESIDE:
+        if self._queued or not self.args.once:
             self.supervisor.start_spare()
 
     # ------------------------------------------------------------------ one claimed file

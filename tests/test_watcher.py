@@ -25,7 +25,7 @@ from daemon.config import DaemonArguments
 from daemon.entries import sha256_of
 from daemon.inbox import Inbox
 from daemon.ledger import Entry, Ledger
-from daemon.records import FileProgress, FileState, HistoryRow, RunState
+from daemon.records import FileProgress, FileState, HistoryRow
 from daemon.status import StatusFile, history_violations
 from daemon.supervisor import ChildResult
 from daemon.watcher import Daemon, _observer, _Wake
@@ -49,27 +49,19 @@ class FakeTraining:
     Args:
         script: outcomes per file name, in attempt order.
         while_training: called with the file name at the start of each run (to drop files meanwhile).
-        poll_states: the daemon polls once per entry while a child runs, after the child wrote that
-            state into the status file (``None``: nothing written yet, as while a new child imports).
     """
 
     def __init__(
-        self,
-        script: dict[str, list[str]] | None = None,
-        while_training: Callable[[str], None] | None = None,
-        poll_states: list[RunState | None] | None = None,
+        self, script: dict[str, list[str]] | None = None, while_training: Callable[[str], None] | None = None
     ) -> None:
         self.script = {name: list(outcomes) for name, outcomes in (script or {}).items()}
         self.while_training = while_training
-        self.poll_states = poll_states or [None]
         self.runs: list[tuple[str, int]] = []  # (file name, ledger entry) of each attempt
         self.queues_seen: list[list[str]] = []  # the status queue while each attempt ran
         self.spares_stopped = 0
         self.reports = 0  # refresh_report calls: one per filed-away file
         self.spares_started: list[str | None] = []  # the file training at each start_spare call (None: idle)
-        self.spare_states: list[str] = []  # the status state at each start_spare call
         self._training: str | None = None
-        self._status: StatusFile | None = None
 
     @property
     def files(self) -> list[str]:
@@ -84,12 +76,9 @@ class FakeTraining:
         self.runs.append((name, entry_id))
         if self.while_training is not None:
             self.while_training(name)
-        self._training, self._status = name, status
-        for state in self.poll_states:
-            if state is not None:
-                status.update(state=state)
-            if on_poll is not None:
-                on_poll()
+        self._training = name
+        if on_poll is not None:
+            on_poll()
         self._training = None
         self.queues_seen.append(status.read()["queue"])
         outcome = self.script[name].pop(0) if self.script.get(name) else "done"
@@ -119,8 +108,6 @@ class FakeTraining:
 
     def start_spare(self) -> None:
         self.spares_started.append(self._training)
-        if self._status is not None:
-            self.spare_states.append(self._status.read()["state"])
 
     def stop_spare(self) -> None:
         self.spares_stopped += 1
@@ -332,18 +319,6 @@ def test_files_dropped_while_a_file_trains_show_in_the_status_queue(tree):
     assert training.spares_started == ["a.jsonl"]
     assert training.spares_stopped == 1  # on the way out the daemon stops its prestarted process
     assert training.reports == 2  # the daemon, not the training process, redraws the report after each file
-
-
-def test_the_next_process_is_prestarted_beside_a_childs_imports_or_evaluation_never_its_training_steps(tree):
-    """A spare's imports (about 5 s of one core) beside training steps take a core from them (README "Speed")."""
-    _drop(tree, "a.jsonl", '{"text": "a"}\n', arrived=1000)
-    _drop(tree, "b.jsonl", '{"text": "b"}\n', arrived=1000)
-    states = [None, RunState.LOADING, RunState.TOKENIZING, RunState.TRAINING, RunState.EVALUATING, RunState.SAVING]
-    training = FakeTraining(poll_states=states)
-    _daemon(tree, training).run()
-    assert training.files == ["a.jsonl", "b.jsonl"]
-    # a's polls: its imports (the daemon's idle state still in the status file), then its evaluation and export
-    assert training.spare_states == [RunState.IDLE, RunState.EVALUATING, RunState.SAVING]
 
 
 def test_a_failed_file_moved_back_unchanged_is_trained_again_not_refiled_with_its_old_error(tree):
