@@ -43,7 +43,7 @@ lint: install
 	$(PY) -m mypy daemon
 
 # Benchmarks (not tests: these machines are shared and noisy); each updates its section of BENCHMARKS.md.
-# About 35 min on 2 cores. end_to_end.py fails (after writing) if the identical-settings overhead exceeds 10 %.
+# 40 min or so on 2 cores (the sum of its parts). end_to_end.py fails (after writing) if the identical-settings overhead exceeds 10 %.
 bench: install
 	$(PY) bench/accumulation.py --repeats 2 --steps 5
 	$(PY) bench/daemon_latency.py
