@@ -156,5 +156,20 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _command_line(process: psutil.Process) -> list[str] | None:
+    try:
+        return process.cmdline()
+    except psutil.NoSuchProcess:
+        return None
+
+
 def _spares() -> list[psutil.Process]:
-    return [p for p in psutil.Process().children() if "train-spare" in p.cmdline() and _alive(p.pid)]
+    """This process's live children that are prestarted spares (``python -m daemon train-spare``).
+
+    Waits for each child's exec first: between fork and exec a child's command line is still this
+    process's, so a spare read too soon looked like no spare (seen once in ``make test``).
+    """
+    me = psutil.Process()
+    children = [p for p in me.children() if _alive(p.pid)]
+    wait_for(lambda: all(_command_line(p) != me.cmdline() for p in children), timeout=30, what="the children's exec")
+    return [p for p in children if "train-spare" in (_command_line(p) or []) and _alive(p.pid)]
