@@ -94,6 +94,7 @@ class ProductRun:
     wall: float
     tokens: int
     train_seconds: float
+    file_seconds: float  # the history row's wall_seconds: from reading the file to its snapshot
     eval_loss: float
     losses: dict[int, float]  # logged training loss by global_step (every 10 steps)
     workers: int  # gradient worker threads the run used (0: the stock step)
@@ -114,7 +115,7 @@ def product(
     state = json.loads((out / "model" / f"checkpoint-{row['end_step']}" / "trainer_state.json").read_text())
     losses = {e["step"]: e["loss"] for e in state["log_history"] if "loss" in e}
     workers = json.loads((out / "status" / "training_status.json").read_text())["gradient_guard"]["workers"]
-    return ProductRun(wall, row["tokens"], row["train_seconds"], row["eval_loss"], losses, workers)
+    return ProductRun(wall, row["tokens"], row["train_seconds"], row["wall_seconds"], row["eval_loss"], losses, workers)
 
 
 def curve_gap(a: ProductRun, b: ProductRun) -> float:

@@ -18,7 +18,7 @@ and longer; this one measures files of ``--batches`` batches.
    measurement, cached per machine and model shape), then the product's defaults and the peer's
    alternate, ``repeats`` times per file size. One pass over each file.
 4. Reported: median whole-process wall seconds, trained tokens (the product's history row; the
-   peer's own count), tokens per wall second and their ratio, and where the product's wall time
+   peer's whole 256-token blocks), tokens per wall second and their ratio, and where the product's wall time
    went: outside the file (imports, the report, exit), training, and the rest of the file's work
    (reading and tokenizing it, loading the model, evaluating, sampling, exporting, the snapshot).
 """
@@ -31,27 +31,16 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.accumulation import machine, write_section  # noqa: E402
-from bench.end_to_end import SHARED, run, stdlib_file_and_base  # noqa: E402
+from bench.end_to_end import ProductRun, peer, peer_tokens, product, stdlib_file_and_base  # noqa: E402
 
-BATCH_TOKENS = 8 * 256  # SHARED: 8 rows of 256 tokens
+BATCH_TOKENS = 8 * 256  # bench.end_to_end.SHARED: 8 rows of 256 tokens
 PIECE_LINES = 4  # source lines per JSONL line: pieces well under 256 tokens, so a file overshoots by less than a block
-
-
-@dataclass
-class Run:
-    """One whole process: wall seconds, trained tokens, and (the product only) its file's own seconds."""
-
-    wall: float
-    tokens: int
-    file_seconds: float = 0.0  # the history row's wall_seconds: from reading the file to its snapshot
-    train_seconds: float = 0.0
 
 
 def file_of_batches(work: Path, source: Path, base: Path, batches: int) -> Path:
@@ -79,32 +68,6 @@ def file_of_batches(work: Path, source: Path, base: Path, batches: int) -> Path:
     raise SystemExit(f"{source} holds fewer than {batches} batches")
 
 
-def product(work: Path, data: Path, base: Path, name: str) -> Run:
-    """One ``train.py`` run with its defaults."""
-    out = work / name
-    wall = run(
-        [sys.executable, str(ROOT / "train.py"), "--dataset", str(data), "--model_name_or_path", str(base),
-         "--output_dir", str(out / "model"), "--status_dir", str(out / "status"), *SHARED],
-        cwd=work,
-    )  # fmt: skip
-    row = json.loads((out / "status" / "history.jsonl").read_text().splitlines()[-1])
-    return Run(wall, row["tokens"], row["wall_seconds"], row["train_seconds"])
-
-
-def peer(work: Path, data: Path, base: Path, name: str) -> Run:
-    """One run of the plain Trainer script; its tokens as it counts them (whole 256-token blocks)."""
-    log = work / f"{name}.log"
-    wall = run(
-        [sys.executable, str(ROOT / "bench" / "plain_trainer.py"), "--model_name_or_path", str(base),
-         "--dataset", str(data), "--output_dir", str(work / name), "--num_train_epochs", "1",
-         "--report_to", "none", *SHARED],
-        cwd=work,
-        log=log,
-    )  # fmt: skip
-    line = next(line for line in log.read_text().splitlines() if line.startswith("peer trained "))
-    return Run(wall, int(line.split()[2]))
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16], help="File sizes, in batches.")
@@ -115,17 +78,19 @@ def main() -> int:
         work = Path(tmp)
         source, base = stdlib_file_and_base(work, ("json", "email"), seed_lines=20)
         files = {b: file_of_batches(work, source, base, b) for b in args.batches}
-        product(work, files[args.batches[0]], base, "warm-product")
+        trained = {b: peer_tokens(data, base) for b, data in files.items()}  # what the peer trains of each
+        product(work, files[args.batches[0]], base, "warm-product", [])
         peer(work, files[args.batches[0]], base, "warm-peer")
-        runs: dict[tuple[int, str], list[Run]] = {}
+        products: dict[int, list[ProductRun]] = {b: [] for b in files}
+        peer_walls: dict[int, list[float]] = {b: [] for b in files}
         for i in range(args.repeats):
             for b, data in files.items():
-                runs.setdefault((b, "product"), []).append(product(work, data, base, f"p{b}-{i}"))
-                runs.setdefault((b, "peer"), []).append(peer(work, data, base, f"q{b}-{i}"))
-                print(b, i, runs[b, "product"][-1], runs[b, "peer"][-1], flush=True)
+                products[b].append(product(work, data, base, f"p{b}-{i}", []))
+                peer_walls[b].append(peer(work, data, base, f"q{b}-{i}"))
+                print(b, i, f"product {products[b][-1].wall:.1f} s, peer {peer_walls[b][-1]:.1f} s", flush=True)
 
-    def median(key: tuple[int, str], of) -> float:
-        return statistics.median(of(r) for r in runs[key])
+    def median(b: int, of) -> float:
+        return statistics.median(of(r) for r in products[b])
 
     rows = [
         "| file | run | wall s (median) | trained tokens | tokens / wall s (median) | ratio to the peer "
@@ -133,18 +98,19 @@ def main() -> int:
         "|---|---|---|---|---|---|---|",
     ]
     for b in args.batches:
-        rate = {who: median((b, who), lambda r: r.tokens / r.wall) for who in ("product", "peer")}
-        p = (b, "product")
+        size = f"{b} batch{'es' if b > 1 else ''}"
+        rate = median(b, lambda r: r.tokens / r.wall)
+        peer_rate = statistics.median(trained[b] / w for w in peer_walls[b])
         split = (
-            f"{median(p, lambda r: r.wall - r.file_seconds):.1f}, {median(p, lambda r: r.train_seconds):.1f}, "
-            f"{median(p, lambda r: r.file_seconds - r.train_seconds):.1f}"
+            f"{median(b, lambda r: r.wall - r.file_seconds):.1f}, {median(b, lambda r: r.train_seconds):.1f}, "
+            f"{median(b, lambda r: r.file_seconds - r.train_seconds):.1f}"
         )
-        for who, label in (("product", "`train.py` defaults"), ("peer", "plain Trainer script")):
-            rows.append(
-                f"| {b} batch{'es' if b > 1 else ''} | {label} | {median((b, who), lambda r: r.wall):.1f} "
-                f"| {runs[b, who][0].tokens:,} | {rate[who]:,.0f} | "
-                + (f"**{rate['product'] / rate['peer']:.2f}x** | {split} |" if who == "product" else "1.00x | |")
-            )
+        rows += [
+            f"| {size} | `train.py` defaults | {median(b, lambda r: r.wall):.1f} | {products[b][0].tokens:,} "
+            f"| {rate:,.0f} | **{rate / peer_rate:.2f}x** | {split} |",
+            f"| {size} | plain Trainer script | {statistics.median(peer_walls[b]):.1f} | {trained[b]:,} "
+            f"| {peer_rate:,.0f} | 1.00x | |",
+        ]
     body = "\n".join(
         [
             "## Small files: `train.py` against a plain Trainer script (`bench/small_files.py`)",
