@@ -170,6 +170,6 @@ def _spares() -> list[psutil.Process]:
     process's, so a spare read too soon looked like no spare (seen once in ``make test``).
     """
     me = psutil.Process()
-    children = [p for p in me.children() if _alive(p.pid)]
-    wait_for(lambda: all(_command_line(p) != me.cmdline() for p in children), timeout=30, what="the children's exec")
+    mine, children = me.cmdline(), [p for p in me.children() if _alive(p.pid)]
+    wait_for(lambda: all(_command_line(p) != mine for p in children), timeout=30, what="the children's exec")
     return [p for p in children if "train-spare" in (_command_line(p) or []) and _alive(p.pid)]
