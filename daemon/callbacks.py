@@ -88,7 +88,8 @@ class PlanCallback(TrainerCallback):
         elif control.should_save and self._save_too_costly(args):  # a --save_steps checkpoint
             control.should_save = False
             logger.info(
-                "step %d: no checkpoint (the last took %.1f s: over --max_save_overhead %g of the %.0f s since)",
+                "step %d: no checkpoint (the last one took %.1f s: over --max_save_overhead %g "
+                "of the %.0f s trained since it)",
                 state.global_step,
                 self._last_save_seconds,
                 self.max_save_overhead,
