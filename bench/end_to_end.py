@@ -47,7 +47,8 @@ sys.path.insert(0, str(ROOT))
 from bench.accumulation import machine, model_shape_flops, write_section  # noqa: E402
 from daemon.arguments import default_bf16  # noqa: E402
 
-SHARED = ["--max_seq_length", "256", "--per_device_train_batch_size", "8"]
+ROWS, SEQ = 8, 256  # the micro-batch both sides train: rows of SEQ-token blocks
+SHARED = ["--max_seq_length", str(SEQ), "--per_device_train_batch_size", str(ROWS)]
 IDENTICAL = ["--grad_workers", "0", "--bf16", "False"]  # the peer's settings: the stock step in fp32
 # A malloc tunable at its default value: the product then leaves glibc's malloc as it is (daemon/allocator.py).
 GLIBC_MALLOC_DEFAULTS = {"GLIBC_TUNABLES": "glibc.malloc.perturb=0"}
@@ -162,7 +163,7 @@ def peer_tokens(data: Path, base: Path) -> int:
     tokenizer = AutoTokenizer.from_pretrained(base)
     texts = [json.loads(line)["text"] for line in data.read_text().splitlines()]
     total = sum(len(ids) for ids in tokenizer(texts)["input_ids"])
-    return (total // 256) * 256  # run_clm.py drops the remainder
+    return (total // SEQ) * SEQ  # run_clm.py drops the remainder
 
 
 def parameters_and_shape(base: Path) -> tuple[int, int, int, int, int, int]:
@@ -261,7 +262,7 @@ def main() -> int:
         )
         if key != "product-glibc":
             rows.append(f"| plain Trainer script | {label} | {wall(peer_key):.1f} | {tps(peer_key):,.0f} | 1.00x |")
-    flops_per_token = 6 * n_params + 12 * layers * hidden * 256
+    flops_per_token = 6 * n_params + 12 * layers * hidden * SEQ
     loops = []
 
     def decided(key: str) -> str:

@@ -37,9 +37,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.accumulation import machine, write_section  # noqa: E402
-from bench.end_to_end import ProductRun, peer, peer_tokens, product, stdlib_file_and_base  # noqa: E402
+from bench.end_to_end import ROWS, SEQ, ProductRun, peer, peer_tokens, product, stdlib_file_and_base  # noqa: E402
 
-BATCH_TOKENS = 8 * 256  # bench.end_to_end.SHARED: 8 rows of 256 tokens
+BATCH_TOKENS = ROWS * SEQ  # one micro-batch of both sides
 PIECE_LINES = 4  # source lines per JSONL line: pieces well under 256 tokens, so a file overshoots by less than a block
 
 
