@@ -39,7 +39,7 @@ from transformers.trainer_callback import PrinterCallback
 
 from daemon.accumulation import ThreadedAccumulationTrainer, resolve_workers
 from daemon.callbacks import BranchCallback
-from daemon.data import PaddingCollator
+from daemon.data import PaddingCollator, torch_rows
 from daemon.exceptions import TrainingError, TrainingInterrupted
 
 if TYPE_CHECKING:
@@ -167,7 +167,7 @@ def cool_down(prepared: PreparedFile, flags: Flags, stop_requested: threading.Ev
     args.output_dir, args.max_steps, args.save_strategy = str(scratch), plan.max_steps + steps, "no"
     factor = branch_lambda(main_factor(main_args, plan.max_steps), plan.max_steps, steps, flags.replay.cooldown_shape)
     train = prepared.datasets.train.shuffle(seed=main_args.seed + 1, keep_in_memory=True)
-    train = train.select(range(min(train.num_rows, steps * plan.effective_batch))).with_format("torch")
+    train = torch_rows(train.select(range(min(train.num_rows, steps * plan.effective_batch))))
     workers = resolve_workers(
         flags.accumulation.grad_workers,
         args.device.type,

@@ -304,6 +304,18 @@ class PaddingCollator:
         }
 
 
+def torch_rows(rows: datasets.Dataset) -> datasets.Dataset:
+    """``rows`` as the Trainer reads them: ``input_ids`` and ``length`` as tensors, ``labels`` as stored.
+
+    ``labels`` stays out of the torch format (a list of ids, or null where every token is
+    learned): replay mixes examples of packed text (null) with prompt-completion and chat
+    examples (-100 masks) in one micro-batch, and datasets' torch formatter stacks a column's
+    values and fails on the null (``AttributeError: 'NoneType' object has no attribute
+    'shape'``). :class:`PaddingCollator` reads either.
+    """
+    return rows.with_format("torch", columns=["input_ids", "length"], output_all_columns=True)
+
+
 def _labels(example: dict[str, Any]) -> Any:
     """An example's labels: its ``labels``, or its ``input_ids`` where those are null or missing (all learned)."""
     labels = example.get("labels")

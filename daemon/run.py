@@ -62,6 +62,7 @@ from daemon.data import (
     prepare_datasets,
     replay_examples,
     tokenizer_fingerprint,
+    torch_rows,
 )
 from daemon.evaluation import FileEvaluation, evaluate_file
 from daemon.exceptions import (
@@ -222,7 +223,7 @@ def segment_dataset(prepared: PreparedFile, epoch: int, first_batch: int, steps:
     data = train if epoch == 0 else train.shuffle(seed=seed + epoch)
     rows = prepared.plan.segment_rows(first_batch, steps)
     data = data if (rows.start, rows.stop) == (0, data.num_rows) else data.select(rows)
-    return data.with_format("torch")
+    return torch_rows(data)
 
 
 def build_trainer(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from pathlib import Path
@@ -160,3 +161,64 @@ def test_cooldown_learning_rate_decays_towards_zero(tree):
     rates = [factor(s) for s in range(100, 104)]  # the four steps of the branch
     assert rates == sorted(rates, reverse=True) and 0 < rates[-1] < rates[0] < 1
     assert decay(1.0, "linear") == decay(1.0, "1-sqrt") == 0.0
+
+
+def _shape_rows(shape: str, docs: list[str]) -> list[dict]:
+    """The same documents as records of ``shape``: the product's three data shapes (TRL's conventions)."""
+    if shape == "text":
+        return [{"text": d} for d in docs]
+    if shape == "prompt_completion":
+        return [{"prompt": d[:16], "completion": d[16:200]} for d in docs]
+    return [
+        {"messages": [{"role": "user", "content": d[:16]}, {"role": "assistant", "content": d[16:200]}]} for d in docs
+    ]
+
+
+SHAPES = ("text", "prompt_completion", "messages")
+
+
+@pytest.mark.parametrize(("first", "second"), list(itertools.product(SHAPES, repeat=2)))
+def test_every_ordered_pair_of_shapes_trains_with_the_default_replay(tree, first, second):
+    from daemon.arguments import parse_args
+    from daemon.ledger import Ledger
+    from daemon.run import setup
+
+    docs = stdlib_documents(limit=60)
+    train(tree, write_jsonl(tree.root / f"a-{first}.jsonl", _shape_rows(first, docs[:30])))
+    b = write_jsonl(tree.root / f"b-{second}.jsonl", _shape_rows(second, docs[30:]))
+    # The replayed examples keep their own label masks beside the new file's.
+    prepared = setup(parse_args(["--dataset", str(b), *tree.flags()]), Ledger(tree.status), None)
+    assert prepared.plan.replayed_examples > 0
+    stored = {
+        tuple(e["input_ids"]): e.get("labels", e["input_ids"])
+        for s, p in store_files(tree.status)
+        for e in read_share(s, p).examples
+    }
+    mixed = prepared.datasets.train.with_format(None)
+    replayed = {
+        tuple(ids): labels
+        for ids, labels in zip(mixed["input_ids"], mixed["labels"], strict=True)
+        if tuple(ids) in stored
+    }
+    assert replayed and all(
+        (list(ids) if labels is None else labels) == stored[ids] for ids, labels in replayed.items()
+    )
+    row = train(tree, b)
+    assert row["outcome"] == "done" and row["replayed_examples"] > 0
+    assert row["end_step"] - row["start_step"] == row["planned_steps"]
+
+
+def test_a_stream_of_the_three_shapes_trains_every_file_with_replay_and_a_cooldown(tree):
+    docs = stdlib_documents(limit=90)
+    rows = [
+        train(
+            tree,
+            write_jsonl(tree.root / f"{n}-{shape}.jsonl", _shape_rows(shape, docs[30 * n : 30 * (n + 1)])),
+            cooldown_fraction=0.5,  # the cooled branch trains on the mixed examples too
+        )
+        for n, shape in enumerate(SHAPES[::-1])
+    ]
+    assert [r["outcome"] for r in rows] == ["done"] * 3
+    assert rows[1]["replayed_examples"] > 0 and rows[2]["replayed_examples"] > 0
+    assert [r["start_step"] for r in rows[1:]] == [r["end_step"] for r in rows[:-1]]
+    assert latest_complete_checkpoint(tree.output).global_step == sum(r["planned_steps"] for r in rows)
