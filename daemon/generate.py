@@ -54,7 +54,7 @@ def load_export(output_dir: str | Path) -> tuple[PreTrainedModel, PreTrainedToke
 
 
 def main(argv: list[str]) -> int:
-    """Parse the arguments, sample once, print ``prompt + completion``.
+    """Parse the arguments, sample once, print ``prompt + completion`` (a chat model: its answer).
 
     Returns:
         The exit code: 0 printed, 1 no loadable exported model (one line on stderr), 2 bad usage.
@@ -88,5 +88,5 @@ def main(argv: list[str]) -> int:
         return 1
     settings = GenerationSettings(args.max_new_tokens, args.temperature, args.top_k, args.seed)
     (sample,) = generate_samples(model, tokenizer, [args.prompt], settings)
-    print(sample["prompt"] + sample["completion"], flush=True)
+    print(sample["completion"] if sample.get("chat") else sample["prompt"] + sample["completion"], flush=True)
     return 0

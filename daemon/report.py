@@ -386,7 +386,8 @@ def _samples(snapshot: dict[str, Any] | None) -> str:
         return '<p class="note">No samples yet.</p>'
     settings = json.dumps(snapshot.get("generation"))
     head = f"<p>After {_e(snapshot.get('file'))} (step {_e(snapshot.get('step'))}), settings {_e(settings)}</p>"
-    blocks = [f"<pre><b>{_e(s.get('prompt'))}</b>{_e(s.get('completion'))}</pre>" for s in snapshot["samples"]]
+    joint = "\n" if any(s.get("chat") for s in snapshot["samples"]) else ""  # a chat answer below its prompt
+    blocks = [f"<pre><b>{_e(s.get('prompt'))}</b>{joint}{_e(s.get('completion'))}</pre>" for s in snapshot["samples"]]
     return head + "\n".join(blocks)
 
 

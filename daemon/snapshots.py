@@ -87,10 +87,14 @@ def generate_samples(
         prompts: the prompts; an empty one starts from EOS, like a new document.
         settings: sampling settings.
 
+    A chat model (:func:`is_chat_model`) is asked each prompt as a user turn in its chat
+    template, and its completion is the assistant's answer.
+
     Returns:
-        ``[{"prompt": str, "completion": str, "seed": int}, ...]`` in prompt order. The
-        completion is the text after the prompt in the decoding of the whole sequence
-        (special tokens skipped), so ``prompt + completion`` is what the tokens read.
+        ``[{"prompt": str, "completion": str, "seed": int}, ...]`` in prompt order (plus
+        ``"chat": True`` for a chat model's answers). The completion is the text after the
+        prompt in the decoding of the whole sequence (special tokens skipped), so ``prompt +
+        completion`` is what the tokens read; a chat answer is the new tokens alone.
     """
     import torch
     from transformers import GenerationConfig, LogitsProcessorList
@@ -100,9 +104,10 @@ def generate_samples(
     if not prompts:
         return []
     model.eval()
-    healed = any(prompt.strip() and prompt != prompt.rstrip() for prompt in prompts)
+    chat = is_chat_model(tokenizer)
+    healed = not chat and any(prompt.strip() and prompt != prompt.rstrip() for prompt in prompts)
     continuations = _continuation_texts(tokenizer) if healed else []
-    fed = [_prompt_ids(tokenizer, prompt, continuations) for prompt in prompts]
+    fed = [_chat_ids(tokenizer, p) if chat else _prompt_ids(tokenizer, p, continuations) for p in prompts]
     longest = max(len(ids) for ids, _, _ in fed)
     pad = pad_token_id(tokenizer)
     input_ids = torch.tensor([[pad] * (longest - len(ids)) + ids for ids, _, _ in fed], device=model.device)
@@ -124,11 +129,36 @@ def generate_samples(
         )
     samples = []
     for index, (prompt, (ids, held_back, _)) in enumerate(zip(prompts, fed, strict=True)):
-        prefix = str(tokenizer.decode(ids, skip_special_tokens=True)) + held_back
-        text = str(tokenizer.decode(out[index, longest - len(ids) :], skip_special_tokens=True))
-        completion = text[len(prefix) :] if text.startswith(prefix) else text[len(prefix) - len(held_back) :]
-        samples.append({"prompt": prompt, "completion": completion, "seed": settings.prompt_seed(index)})
+        if chat:  # the assistant's answer: the new tokens alone
+            completion = str(tokenizer.decode(out[index, longest:], skip_special_tokens=True))
+        else:
+            prefix = str(tokenizer.decode(ids, skip_special_tokens=True)) + held_back
+            text = str(tokenizer.decode(out[index, longest - len(ids) :], skip_special_tokens=True))
+            completion = text[len(prefix) :] if text.startswith(prefix) else text[len(prefix) - len(held_back) :]
+        sample = {"prompt": prompt, "completion": completion, "seed": settings.prompt_seed(index)}
+        samples.append({**sample, "chat": True} if chat else sample)
     return samples
+
+
+def is_chat_model(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether samples are chat turns: the tokenizer has a chat template of its own.
+
+    The embedded model's tokenizer carries :data:`daemon.data.DEFAULT_CHAT_TEMPLATE` only so
+    that chat files can be rendered; it was never taught to answer, and its samples stay
+    continuations of the prompt.
+    """
+    from daemon.data import DEFAULT_CHAT_TEMPLATE
+
+    template = getattr(tokenizer, "chat_template", None)
+    return isinstance(template, str) and bool(template) and template != DEFAULT_CHAT_TEMPLATE
+
+
+def _chat_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> tuple[list[int], str, list[int]]:
+    """A prompt as one user turn in the model's chat template, up to the assistant's turn; as :func:`_prompt_ids`."""
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+    )
+    return list(tokenizer(str(text), add_special_tokens=False)["input_ids"]), "", []
 
 
 class _SeededSampling:
@@ -185,6 +215,17 @@ def _continuation_texts(tokenizer: PreTrainedTokenizerBase) -> list[str]:
     return [text[len(prefix) :] if text.startswith(prefix) else "" for text in texts]
 
 
+def _heals(text: str, held_back: str) -> bool:
+    """Whether a token reading ``text`` may come first after a prompt whose ``held_back`` whitespace was cut.
+
+    It must give back exactly that whitespace and then something else: a token of whitespace
+    alone (``"Ġ"``, ``"ĠĠ"``), which every byte-level BPE has for indentation, would be
+    followed by a space-led word and the sample would read ``"def  name"``.
+    """
+    rest = text[len(held_back) :]
+    return text.startswith(held_back) and bool(rest) and not rest[0].isspace()
+
+
 def _prompt_ids(
     tokenizer: PreTrainedTokenizerBase, prompt: str, continuations: list[str]
 ) -> tuple[list[int], str, list[int]]:
@@ -199,7 +240,7 @@ def _prompt_ids(
     ids: list[int] = tokenizer(stem, add_special_tokens=False)["input_ids"]
     first: list[int] = []
     if stem and held_back and ids:
-        first = [t for t, text in enumerate(continuations) if text.startswith(held_back)]
+        first = [t for t, text in enumerate(continuations) if _heals(text, held_back)]
     if not first:
         held_back = ""
         ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -279,7 +320,8 @@ def _markdown(doc: dict[str, Any]) -> str:
         lines.append("")
     for i, s in enumerate(doc["samples"], start=1):
         seed = f" (seed {s['seed']})" if "seed" in s else ""
-        lines += [f"## Sample {i}{seed}: prompt `{s['prompt']!r}`", "", "```", s["prompt"] + s["completion"], "```", ""]
+        text = s["completion"] if s.get("chat") else s["prompt"] + s["completion"]  # a chat answer stands alone
+        lines += [f"## Sample {i}{seed}: prompt `{s['prompt']!r}`", "", "```", text, "```", ""]
     return "\n".join(lines)
 
 

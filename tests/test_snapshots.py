@@ -28,16 +28,16 @@ def test_each_prompt_samples_from_its_own_seed(tokenizer):
 
 
 class _SpaceLedModel(torch.nn.Module):
-    """A stand-in causal LM whose scores favour ``"i"`` (no space) over ``"Ġis"`` (a space glued to a word)."""
+    """A stand-in causal LM whose scores favour ``favoured`` (``"i"``) over ``"Ġis"`` (a space glued to a word)."""
 
     device = torch.device("cpu")
 
-    def __init__(self, tokenizer) -> None:
+    def __init__(self, tokenizer, favoured: str = "i") -> None:
         from transformers import PretrainedConfig
 
         super().__init__()
         self.config = PretrainedConfig(vocab_size=len(tokenizer))
-        self.space_is, self.bare_i = tokenizer.convert_tokens_to_ids(["Ġis", "i"])
+        self.space_is, self.bare_i = tokenizer.convert_tokens_to_ids(["Ġis", favoured])
         assert None not in (self.space_is, self.bare_i)
         self.fed: list[list[int]] = []
 
@@ -54,6 +54,37 @@ def test_a_prompt_ending_in_a_space_reads_with_one_space_before_the_next_word(to
     (sample,) = generate_samples(model, tokenizer, ["import "], SETTINGS)
     assert sample["prompt"] + sample["completion"] == "import is"  # "Ġis": the only allowed first token of the two
     assert tokenizer.convert_ids_to_tokens(model.fed[0])[-1] != "Ġ"  # the space is not fed alone
+
+
+@pytest.mark.parametrize("whitespace", ["Ġ", "ĠĠ"])
+def test_a_whitespace_only_token_never_follows_a_prompt_ending_in_a_space(tokenizer, whitespace):
+    assert whitespace in tokenizer.get_vocab()  # a byte-level BPE trained on code has both
+    model = _SpaceLedModel(tokenizer, favoured=whitespace)
+    (sample,) = generate_samples(model, tokenizer, ["def "], SETTINGS)
+    assert sample["prompt"] + sample["completion"] == "def is"  # one space, then the word; never "def  is"
+
+
+def test_a_chat_model_answers_each_prompt_as_a_user_turn_of_its_own_template(tokenizer):
+    import copy
+
+    chat = copy.deepcopy(tokenizer)
+    chat.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    model = tiny_model(len(chat))
+    outputs = []
+    generate = model.generate
+    model.generate = lambda **kwargs: outputs.append(generate(**kwargs)) or outputs[-1]
+    (sample,) = generate_samples(model, chat, ["What is JSON?"], SETTINGS)
+    (out,) = outputs
+    rendered = chat("<|im_start|>user\nWhat is JSON?<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)
+    prompt_ids = rendered["input_ids"]
+    assert out[0, : len(prompt_ids)].tolist() == prompt_ids  # the template's turn, up to the assistant's
+    assert sample["chat"] is True
+    assert sample["completion"] == chat.decode(out[0, len(prompt_ids) :], skip_special_tokens=True)
+    # the embedded tokenizer's own default template does not make a chat model: its samples continue the prompt
+    assert "chat" not in generate_samples(tiny_model(len(tokenizer)), tokenizer, ["def "], SETTINGS)[0]
 
 
 def test_a_prompt_samples_the_same_alone_and_beside_other_prompts(tokenizer):
