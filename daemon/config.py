@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from daemon.exceptions import ConfigError
+from daemon.pretrained import pretrained_problems
 
 DEFAULT_SAMPLE_PROMPTS = ["def ", "import ", "class ", "The ", "# "]
 # The daemon's pid, set for its training children so that they die with it (see cli.exit_with_supervisor).
@@ -57,10 +58,8 @@ class ModelArguments:
         problems = []
         if self.tokenizer_vocab_size < 300:
             problems.append("--tokenizer_vocab_size must be at least 300 (256 byte symbols plus merges)")
-        if self.model_name_or_path and not Path(self.model_name_or_path).is_dir():
-            problems.append(
-                f"--model_name_or_path {self.model_name_or_path}: not a local directory (nothing is downloaded)"
-            )
+        if self.model_name_or_path:
+            problems += pretrained_problems(self.model_name_or_path, self.trust_remote_code)
         _raise_all(problems)
 
 

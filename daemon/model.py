@@ -140,7 +140,9 @@ def load_pretrained(
     """Load a local causal LM and its tokenizer (safetensors preferred, never downloads).
 
     A tokenizer without a pad token gets its EOS as pad (padding is masked by the
-    attention mask and -100 labels, so EOS stays learned).
+    attention mask and -100 labels, so EOS stays learned); one without a chat template gets
+    :data:`daemon.data.DEFAULT_CHAT_TEMPLATE`, with which chat files are then rendered and
+    which the export keeps. Both are said in the log.
 
     Raises:
         CheckpointError: the directory does not hold a loadable causal LM and tokenizer.
@@ -156,6 +158,10 @@ def load_pretrained(
         raise CheckpointError(f"cannot load a causal LM from {path}: {str(e).splitlines()[0]}") from e
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+        logger.info("%s: the tokenizer has no pad token; padding with its EOS token %r", path, tokenizer.eos_token)
+    if not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+        logger.info("%s: the tokenizer has no chat template; chat files are rendered in ChatML (README 'Data')", path)
     return model, tokenizer
 
 

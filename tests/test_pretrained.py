@@ -1,0 +1,70 @@
+"""Starting from a pretrained model: what a --model_name_or_path folder must hold, refused in one line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from helpers import REPO, export_tiny, run_cli, stdlib_documents, write_jsonl
+
+
+def _folder(root: Path, config: dict | None, tokenizer: bool = True) -> Path:
+    folder = root / "model"
+    folder.mkdir()
+    if config is not None:
+        (folder / "config.json").write_text(json.dumps(config))
+    if tokenizer:
+        (folder / "tokenizer.json").write_text("{}")
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("config", "tokenizer", "message"),
+    [
+        ({"architectures": ["BertForMaskedLM"]}, True, "BertForMaskedLM is not a causal language model"),
+        (
+            {"architectures": ["MyForCausalLM"], "auto_map": {"AutoModelForCausalLM": "my.MyForCausalLM"}},
+            True,
+            "needs its own code; pass --trust_remote_code",
+        ),
+        ({"architectures": ["LlamaForCausalLM"]}, False, "no tokenizer"),
+        (None, True, "no readable config.json"),
+    ],
+)
+def test_a_folder_that_cannot_start_a_run_is_refused_in_one_line_before_anything_is_written(
+    tree, config, tokenizer, message
+):
+    model = _folder(tree.root, config, tokenizer)
+    data = write_jsonl(tree.root / "a.jsonl", [{"text": d} for d in stdlib_documents(limit=8)])
+    result = run_cli(["train.py", "--dataset", str(data), "--model_name_or_path", str(model), *tree.flags()], cwd=REPO)
+    assert result.returncode == 1
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert [p for p in tree.status.iterdir()] == [] and [p for p in tree.output.iterdir()] == []
+
+
+def test_custom_code_is_accepted_with_trust_remote_code_and_a_plain_export_passes(tree):
+    from daemon.pretrained import pretrained_problems
+
+    model = _folder(
+        tree.root, {"architectures": ["MyForCausalLM"], "auto_map": {"AutoModelForCausalLM": "my.MyForCausalLM"}}
+    )
+    assert pretrained_problems(model, trust_remote_code=True) == []
+    assert pretrained_problems(export_tiny(tree.root / "tiny"), trust_remote_code=False) == []
+
+
+def test_a_tokenizer_without_pad_token_or_chat_template_is_completed_and_said_in_the_log(tree, caplog):
+    from transformers import AutoTokenizer
+
+    from daemon.data import DEFAULT_CHAT_TEMPLATE
+    from daemon.model import load_pretrained
+
+    folder = export_tiny(tree.root / "tiny")
+    bare = AutoTokenizer.from_pretrained(folder)
+    bare.pad_token, bare.chat_template = None, None
+    bare.save_pretrained(folder)
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    with caplog.at_level("INFO", logger="daemon.model"):
+        _, tokenizer = load_pretrained(folder)
+    assert tokenizer.pad_token == tokenizer.eos_token and tokenizer.chat_template == DEFAULT_CHAT_TEMPLATE
+    assert "has no pad token" in caplog.text and "has no chat template" in caplog.text
