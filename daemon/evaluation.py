@@ -349,7 +349,7 @@ def evaluate_file(prepared: PreparedFile, flags: Flags, train_seconds: float) ->
         status_dir, plan.start_step, flags.evaluation.eval_files, flags.data.text_field, flags.data.max_eval_examples
     )
     args = flags.training
-    autocast = _autocast_dtype(args.bf16, args.fp16)
+    autocast = autocast_dtype(args.bf16, args.fp16)
     scorer = Scorer(
         prepared.model, prepared.tokenizer, flags.data.max_seq_length, args.per_device_eval_batch_size, autocast
     )
@@ -385,7 +385,7 @@ def evaluate_file(prepared: PreparedFile, flags: Flags, train_seconds: float) ->
     return FileEvaluation(rows, own, own_loss, result.seconds, fgt, gate, evaluation)
 
 
-def _autocast_dtype(bf16: bool, fp16: bool) -> Any:
+def autocast_dtype(bf16: bool, fp16: bool) -> Any:
     """The autocast dtype of the training precision (None: fp32), so scores match what training computes."""
     import torch
 

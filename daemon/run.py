@@ -45,6 +45,7 @@ from transformers.trainer_callback import PrinterCallback
 from daemon.accumulation import ThreadedAccumulationTrainer, resolve_workers
 from daemon.arguments import Flags
 from daemon.autotune import choose_workers, use_compile_cache
+from daemon.base_slice import keep_base_slice
 from daemon.callbacks import CheckpointCallback, PlanCallback, ProgressCallback
 from daemon.checkpoints import (
     Checkpoint,
@@ -64,7 +65,7 @@ from daemon.data import (
     tokenizer_fingerprint,
     torch_rows,
 )
-from daemon.evaluation import FileEvaluation, evaluate_file
+from daemon.evaluation import FileEvaluation, autocast_dtype, evaluate_file
 from daemon.exceptions import (
     ConfigError,
     DaemonError,
@@ -448,6 +449,11 @@ def _train_file(flags: Flags) -> HistoryRow:
             prepared = setup(flags, ledger, heartbeat)
             if is_main:
                 entry = commit_plan(ledger, prepared, flags.status.ledger_id, str(flags.training.output_dir))
+                if prepared.checkpoint is None and flags.model.model_name_or_path:
+                    autocast = autocast_dtype(flags.training.bf16, flags.training.fp16)
+                    keep_base_slice(
+                        prepared.model, prepared.tokenizer, flags.status.status_dir, flags.data.max_seq_length, autocast
+                    )
             _beat(
                 heartbeat,
                 state=RunState.TRAINING,

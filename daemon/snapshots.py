@@ -153,12 +153,16 @@ def is_chat_model(tokenizer: PreTrainedTokenizerBase) -> bool:
     return isinstance(template, str) and bool(template) and template != DEFAULT_CHAT_TEMPLATE
 
 
+def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
+    """Token ids of ``prompt`` as one user turn in the tokenizer's chat template, up to the assistant's turn."""
+    messages = [{"role": "user", "content": prompt}]
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return list(tokenizer(str(text), add_special_tokens=False)["input_ids"])
+
+
 def _chat_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> tuple[list[int], str, list[int]]:
-    """A prompt as one user turn in the model's chat template, up to the assistant's turn; as :func:`_prompt_ids`."""
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
-    )
-    return list(tokenizer(str(text), add_special_tokens=False)["input_ids"]), "", []
+    """:func:`chat_prompt_ids` as :func:`_prompt_ids` returns a prompt: nothing held back, any token first."""
+    return chat_prompt_ids(tokenizer, prompt), "", []
 
 
 class _SeededSampling:

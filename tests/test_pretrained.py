@@ -68,3 +68,23 @@ def test_a_tokenizer_without_pad_token_or_chat_template_is_completed_and_said_in
         _, tokenizer = load_pretrained(folder)
     assert tokenizer.pad_token == tokenizer.eos_token and tokenizer.chat_template == DEFAULT_CHAT_TEMPLATE
     assert "has no pad token" in caplog.text and "has no chat template" in caplog.text
+
+
+def test_a_pretrained_start_keeps_the_base_models_answers_as_a_slice_scored_after_every_file(tree):
+    from helpers import train
+
+    from daemon.base_slice import TEXT_PROMPTS, base_slice_path
+    from daemon.forgetting import read_rows
+
+    base = export_tiny(tree.root / "base")
+    docs = stdlib_documents(limit=60)
+    first = train(tree, write_jsonl(tree.root / "a.jsonl", [{"text": d} for d in docs[:30]]), model_name_or_path=base)
+    records = [json.loads(line) for line in base_slice_path(tree.status).read_text().splitlines()]
+    assert records and all(r["prompt"] in TEXT_PROMPTS and r["completion"] for r in records)  # not a chat model
+    second = train(tree, write_jsonl(tree.root / "b.jsonl", [{"text": d} for d in docs[30:]]), model_name_or_path=base)
+    base_rows = [r for r in read_rows(tree.status) if r["slice"] == "00000000-base-model"]
+    # scored by the base model itself (step 0), then after each file, on the same examples
+    assert [r["step"] for r in base_rows] == [0, first["end_step"], second["end_step"]]
+    assert base_rows[0]["examples"] == len(records) and all(r["loss"] > 0 for r in base_rows)
+    status = json.loads((tree.status / "training_status.json").read_text())
+    assert status["forgetting"]["slices"] == 2  # the first file's slice and the base model's: drift from the base
