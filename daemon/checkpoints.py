@@ -333,6 +333,9 @@ def export_model(
     """
     root = Path(output_dir)
     staged = _empty_stage(root)
+    # The Trainer turns the KV cache off for training (TrainingArguments.use_cache is False in
+    # transformers 5) and the config is saved as it is: an export is for inference, with the cache.
+    model.config.use_cache = True
     model.save_pretrained(staged, safe_serialization=True)  # straight into the stage: no second copy
     tokenizer.save_pretrained(staged)
     write_card(staged, global_step, status_dir, root.resolve().name, finishing)  # in the stage: moved in with it

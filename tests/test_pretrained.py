@@ -86,5 +86,8 @@ def test_a_pretrained_start_keeps_the_base_models_answers_as_a_slice_scored_afte
     # scored by the base model itself (step 0), then after each file, on the same examples
     assert [r["step"] for r in base_rows] == [0, first["end_step"], second["end_step"]]
     assert base_rows[0]["examples"] == len(records) and all(r["loss"] > 0 for r in base_rows)
+    from transformers import AutoConfig
+
+    assert AutoConfig.from_pretrained(tree.output).use_cache  # the export generates with its KV cache
     status = json.loads((tree.status / "training_status.json").read_text())
     assert status["forgetting"]["slices"] == 2  # the first file's slice and the base model's: drift from the base
