@@ -203,6 +203,38 @@ def test_a_hanging_child_is_killed_retried_then_failed_and_the_next_file_trains(
     assert history_violations(tree.history()) == []
 
 
+RAISE_LAUNCHER = """
+import os, runpy, sys
+args = sys.argv[1:]
+dataset = os.path.basename(args[args.index("--dataset") + 1])
+if dataset.startswith("1-raise"):  # a bug in tokenization, the same on every attempt
+    import daemon.run
+    def broken(*args, **kwargs):
+        raise RuntimeError("the tokenizer exploded on purpose\\nwith a second line nobody needs")
+    daemon.run.prepare_datasets = broken
+assert args[:2] == ["-m", "daemon"]
+sys.argv = ["daemon", *args[2:]]
+runpy.run_module("daemon", run_name="__main__")
+"""
+
+
+def test_a_child_that_raises_fails_its_file_with_the_exceptions_reason_without_a_third_attempt(tree):
+    launcher = tree.root / "raise_launcher.py"
+    launcher.write_text(RAISE_LAUNCHER)
+    _drop(tree, "1-raise.jsonl", [{"text": d} for d in stdlib_documents(limit=8)])
+    os.utime(tree.inbox / "1-raise.jsonl", (1000, 1000))
+    result = _drain(tree, "--launcher", f"{sys.executable} {launcher}", "--max_attempts", "3")
+    reason = "RuntimeError: the tokenizer exploded on purpose"
+    assert result.stderr.count("Traceback") == 2  # the bug's traceback stays in the daemon's log, once an attempt
+    error = (tree.inbox / "failed" / "1-raise.jsonl.error.txt").read_text()
+    assert reason in error and "second line" not in error
+    assert reason in read_status(tree)["last_error"]["message"]
+    (entry,) = Ledger(tree.status).entries()
+    assert (entry.state, entry.attempts) == ("failed", 2) and reason in (entry.error or "")
+    (row,) = tree.history()
+    assert row["outcome"] == "failed" and reason in row["error"]
+
+
 def test_sigterm_mid_file_checkpoints_exits_and_the_restart_finishes_the_file(tree):
     flags = {"num_train_epochs": 30, "save_steps": 1000}
     _drop(tree, "long.jsonl", [{"text": d} for d in stdlib_documents(limit=12)])
