@@ -51,7 +51,30 @@ def status_main(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    """Run the subcommand of ``argv`` (default ``sys.argv[1:]``); returns the exit code.
+
+    A user-facing error (:class:`~daemon.exceptions.DaemonError`) or a fault of the machine (a
+    folder read-only, not writable, full: :func:`~daemon.failures.fault_message`) that reaches
+    here ends in one line on stderr and exit code 1; any other exception is a bug and keeps its
+    traceback.
+    """
+    from daemon.exceptions import DaemonError
+    from daemon.failures import fault_message
+
+    try:
+        return _dispatch(sys.argv[1:] if argv is None else argv)
+    except DaemonError as e:
+        message = str(e)
+    except OSError as e:
+        fault = fault_message(e)
+        if fault is None:
+            raise
+        message = fault
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    return 1
+
+
+def _dispatch(argv: list[str]) -> int:
     command = argv[0] if argv else ""
     if command == "status":
         return status_main(argv[1:])

@@ -30,9 +30,10 @@ import errno
 import json
 import logging
 import os
+import sqlite3
 from pathlib import Path
 
-from daemon.exceptions import DaemonError
+from daemon.exceptions import DaemonError, LedgerError
 from daemon.status import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -115,24 +116,26 @@ def clear_reason(path: Path) -> None:
 
 # What to do about each fault of the machine, by errno; {path} is the path the system call named.
 _FAULT_ADVICE = {
-    errno.EROFS: "is on a read-only file system: remount it read-write, or point the folder flag "
-    "(--status_dir, --output_dir, --inbox_dir) at a writable folder",
-    errno.EACCES: "is not accessible to this user: give it write access (chown/chmod), or point the folder flag "
-    "(--status_dir, --output_dir, --inbox_dir) at a folder it owns",
+    errno.EROFS: "is on a read-only file system: remount it read-write, or point {flag} at a writable folder",
+    errno.EACCES: "is not writable by this user: give it write access (chown, chmod) or point {flag} elsewhere",
     errno.ENOSPC: "is on a full disk: free space there (old checkpoints, the datasets cache), then start again",
     errno.EDQUOT: "is over its disk quota: free space there or raise the quota, then start again",
     errno.EIO: "could not be read or written (input/output error): the disk may be failing; check it (dmesg)",
-    errno.ENOTDIR: "has a file where a folder belongs: move that file away, or point the folder flag elsewhere",
-    errno.EEXIST: "is a file where a folder belongs: move that file away, or point the folder flag elsewhere",
+    errno.ENOTDIR: "has a file where a folder belongs: move that file away, or point {flag} elsewhere",
+    errno.EEXIST: "is a file where a folder belongs: move that file away, or point {flag} elsewhere",
 }
 _FAULT_ADVICE[errno.EPERM] = _FAULT_ADVICE[errno.EACCES]
 
 
-def fault_message(error: OSError) -> str | None:
+ANY_FOLDER_FLAG = "the folder flag (--status_dir, --output_dir or --inbox_dir)"
+
+
+def fault_message(error: OSError, flag: str = ANY_FOLDER_FLAG) -> str | None:
     """One line for a fault of the machine: the path, what happened and what to do.
 
     Args:
         error: an ``OSError`` that reached an entry point.
+        flag: the flag that names the folder, where the caller knows it (``--status_dir``).
 
     Returns:
         The line (without ``error:``), or None when ``error`` is no fault of the machine (no
@@ -145,4 +148,54 @@ def fault_message(error: OSError) -> str | None:
     path = os.fsdecode(error.filename)
     if error.errno == errno.EEXIST and (os.path.isdir(path) or not os.path.lexists(path)):
         return None
-    return f"{path} {advice} ({error.strerror})"
+    return f"{path} {advice.format(flag=flag)} ({error.strerror})"
+
+
+LEDGER_BUSY_SECONDS = 30.0  # how long a ledger transaction waits for another process's
+LEDGER_REBUILD = "python -m daemon rebuild-ledger"
+# SQLite's messages for faults of the ledger's file or of the machine (the sqlite3 module of Python 3.11
+# has sqlite_errorname, but not for every error raised at connect): what happened, what to do.
+_LEDGER_FAULTS = (
+    (
+        ("file is not a database", "database disk image is malformed"),
+        "is damaged ({error})",
+        "with no daemon running, rebuild it from history.jsonl, the checkpoints and the inbox: "
+        + LEDGER_REBUILD
+        + " --status_dir {folder} (README 'When the machine fails')",
+    ),
+    (
+        ("database is locked", "database table is locked"),
+        "stayed locked by another program for over {busy:.0f} s",
+        "close whatever holds it open (a sqlite3 shell, a backup or sync tool), then start again",
+    ),
+    (
+        ("readonly database", "unable to open database file"),
+        "cannot be written ({error})",
+        "make {folder} and the ledger writable by this user, or point --status_dir at a writable folder",
+    ),
+    (("database or disk is full",), "cannot grow ({error})", "free space on its disk, then start again"),
+    (
+        ("disk I/O error",),
+        "could not be read or written ({error})",
+        "the disk may be failing: check it (dmesg), copy the status folder to a sound disk and use the copy",
+    ),
+)
+
+
+def ledger_fault(path: Path, error: sqlite3.Error) -> LedgerError | None:
+    """The one-line :class:`LedgerError` for a fault of the ledger's file or of the machine.
+
+    Args:
+        path: the ledger file (``status/ledger.sqlite``).
+        error: what ``sqlite3`` raised.
+
+    Returns:
+        The error to raise ``from error``, naming ``path`` and what to do; None when ``error``
+        is none of those faults (a bug, which keeps its traceback).
+    """
+    text = str(error)
+    for needles, what, todo in _LEDGER_FAULTS:
+        if any(needle in text for needle in needles):
+            fields = {"error": text, "folder": path.parent, "busy": LEDGER_BUSY_SECONDS}
+            return LedgerError(f"{path} {what.format(**fields)}: {todo.format(**fields)}")
+    return None
