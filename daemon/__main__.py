@@ -4,6 +4,7 @@ python -m daemon [--once] [--inbox_dir inbox] [--status_dir status] [--output_di
 python -m daemon status [--json | --watch] [--samples] [--status_dir status]
 python -m daemon report [--status_dir status]             (writes status/report.html)
 python -m daemon rollback (--to_step N | --list) [--output_dir current_model] [--status_dir status]
+python -m daemon rebuild-ledger [--status_dir status] [--output_dir current_model] [--inbox_dir inbox] [--force]
 python -m daemon generate "PROMPT" [--output_dir current_model] [--max_new_tokens N] [--temperature T] [--seed S]
 python -m daemon train --dataset FILE.jsonl [flags]      (same as python train.py)
 python -m daemon train-spare                              (the daemon's prestarted training process)
@@ -90,6 +91,12 @@ def _dispatch(argv: list[str]) -> int:
 
         configure_logging()
         return rollback.main(argv[1:])
+    if command == "rebuild-ledger":  # rewrites the ledger from the history: no torch
+        from daemon import rebuild
+        from daemon.config import configure_logging
+
+        configure_logging()
+        return rebuild.main(argv[1:])
     if command == "generate":
         from daemon import generate
 
