@@ -19,7 +19,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 from daemon.exceptions import DatasetError
 
@@ -27,6 +27,10 @@ GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 BUFFER_BYTES = 1 << 20
 ZSTD_READ_BYTES = 4096
+
+
+class _Readable(Protocol):
+    def read(self, size: int = -1, /) -> bytes: ...
 
 
 def compression_of(head: bytes) -> str | None:
@@ -58,7 +62,7 @@ class _Tap(io.RawIOBase):
 class _Decompressing(io.RawIOBase):
     """A decompressing stream whose errors on damaged data become one :class:`DatasetError` naming the file."""
 
-    def __init__(self, stream: BinaryIO, name: str, kind: str, errors: tuple[type[BaseException], ...]) -> None:
+    def __init__(self, stream: _Readable, name: str, kind: str, errors: tuple[type[BaseException], ...]) -> None:
         self._stream, self._name, self._kind, self._errors = stream, name, kind, errors
 
     def readable(self) -> bool:
@@ -86,7 +90,7 @@ class _ZstdFrames(io.RawIOBase):
     gives 128 KiB, RFC 8878 section 3.1.1.2), which bounds the memory a hostile file can take.
     """
 
-    def __init__(self, raw: BinaryIO) -> None:
+    def __init__(self, raw: _Readable) -> None:
         import zstandard
 
         self._raw, self._new = raw, zstandard.ZstdDecompressor().decompressobj
@@ -119,9 +123,9 @@ class _ZstdFrames(io.RawIOBase):
         return b"".join(out)
 
 
-def _decompressor(raw: io.BufferedReader, name: str, kind: str) -> io.RawIOBase:
+def _decompressor(raw: io.BufferedIOBase, name: str, kind: str) -> io.RawIOBase:
     if kind == "gzip":
-        stream: BinaryIO = gzip.GzipFile(fileobj=raw, mode="rb")
+        stream = gzip.GzipFile(fileobj=raw, mode="rb")
         return _Decompressing(stream, name, kind, (gzip.BadGzipFile, EOFError, zlib.error))
     import zstandard
 
@@ -129,7 +133,7 @@ def _decompressor(raw: io.BufferedReader, name: str, kind: str) -> io.RawIOBase:
 
 
 @contextmanager
-def open_content(path: Path, on_read: Callable[[bytes], None] | None = None) -> Iterator[io.BufferedReader]:
+def open_content(path: Path, on_read: Callable[[bytes], None] | None = None) -> Iterator[io.BufferedIOBase]:
     """A file's content, decompressed when it is gzip or zstd (by its first bytes), as a buffered binary stream.
 
     Args:
@@ -148,7 +152,7 @@ def open_content(path: Path, on_read: Callable[[bytes], None] | None = None) -> 
     """
     with open(path, "rb") as f:
         head = f.peek(4)[:4]
-        tap = io.BufferedReader(_Tap(f, on_read or (lambda _: None)), BUFFER_BYTES)
+        tap: io.BufferedIOBase = io.BufferedReader(_Tap(f, on_read or (lambda _: None)), BUFFER_BYTES)
         kind = compression_of(head)
         content = tap if kind is None else io.BufferedReader(_decompressor(tap, path.name, kind), BUFFER_BYTES)
         yield content
