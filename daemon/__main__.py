@@ -4,6 +4,7 @@ python -m daemon [--once] [--inbox_dir inbox] [--status_dir status] [--output_di
 python -m daemon status [--json | --watch] [--samples] [--status_dir status]
 python -m daemon report [--status_dir status]             (writes status/report.html)
 python -m daemon rollback (--to_step N | --list) [--output_dir current_model] [--status_dir status]
+python -m daemon rebuild-ledger [--status_dir status] [--output_dir current_model] [--inbox_dir inbox] [--force]
 python -m daemon generate "PROMPT" [--output_dir current_model] [--max_new_tokens N] [--temperature T] [--seed S]
 python -m daemon train --dataset FILE.jsonl [flags]      (same as python train.py)
 python -m daemon train-spare                              (the daemon's prestarted training process)
@@ -51,7 +52,30 @@ def status_main(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    """Run the subcommand of ``argv`` (default ``sys.argv[1:]``); returns the exit code.
+
+    A user-facing error (:class:`~daemon.exceptions.DaemonError`) or a fault of the machine (a
+    folder read-only, not writable, full: :func:`~daemon.failures.fault_message`) that reaches
+    here ends in one line on stderr and exit code 1; any other exception is a bug and keeps its
+    traceback.
+    """
+    from daemon.exceptions import DaemonError
+    from daemon.failures import fault_message
+
+    try:
+        return _dispatch(sys.argv[1:] if argv is None else argv)
+    except DaemonError as e:
+        message = str(e)
+    except OSError as e:
+        fault = fault_message(e)
+        if fault is None:
+            raise
+        message = fault
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    return 1
+
+
+def _dispatch(argv: list[str]) -> int:
     command = argv[0] if argv else ""
     if command == "status":
         return status_main(argv[1:])
@@ -67,6 +91,12 @@ def main(argv: list[str] | None = None) -> int:
 
         configure_logging()
         return rollback.main(argv[1:])
+    if command == "rebuild-ledger":  # rewrites the ledger from the history: no torch
+        from daemon import rebuild
+        from daemon.config import configure_logging
+
+        configure_logging()
+        return rebuild.main(argv[1:])
     if command == "generate":
         from daemon import generate
 

@@ -20,6 +20,7 @@ import time
 from daemon.arguments import parse_args
 from daemon.config import SUPERVISOR_ENV, configure_logging
 from daemon.exceptions import ConfigError, DaemonError, TrainingInterrupted
+from daemon.failures import leave_reason
 from daemon.run import train_file
 
 logger = logging.getLogger(__name__)
@@ -64,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     """``python train.py --dataset FILE.jsonl [flags]``: train one file; returns the exit code.
 
     Exit codes: 0 trained, 1 a user-facing error (one line on stderr), 2 bad usage
-    (argparse), 3 interrupted by a signal after checkpointing.
+    (argparse), 3 interrupted by a signal after checkpointing. A failing child of the daemon
+    leaves its reason for it (:func:`daemon.failures.leave_reason`); any other exception
+    propagates (:func:`daemon.__main__.main` prints a fault of the machine as one line).
     """
     configure_logging()
     argv = sys.argv[1:] if argv is None else argv
@@ -87,8 +90,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"interrupted: {e}", file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
     except DaemonError as e:
+        leave_reason(e)
         print(f"error: {e}", file=sys.stderr, flush=True)
         return EXIT_USER_ERROR
+    except Exception as e:  # a bug or a fault of the machine: the daemon learns why, the entry point reports it
+        leave_reason(e)
+        raise
     # train_loss is None when a resumed file had no step left (only its evaluation and export).
     train_loss = "-" if row.train_loss is None else f"{row.train_loss:.4f}"
     print(

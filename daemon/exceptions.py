@@ -35,6 +35,17 @@ class FolderBusy(DaemonError):
     """A folder this process must own is locked by another daemon or ``train.py``."""
 
 
+class MachineFault(DaemonError):
+    """The machine refuses what a run needs: a folder read-only, not writable, full, or not a folder.
+
+    The message names the path and what to do (:func:`daemon.failures.fault_message`).
+    """
+
+
+class LedgerError(MachineFault):
+    """``ledger.sqlite`` cannot be used: damaged (not a database), locked too long, or not writable."""
+
+
 class LedgerReplaced(DaemonError):
     """The ledger file is gone or is another ledger than the one this process (or its daemon) opened."""
 

@@ -1,5 +1,8 @@
 """Reading one JSONL drop: its hash, shape and malformed lines, then its usable rows (README "Data").
 
+A gzip or zstd file is read as its content (:mod:`daemon.compressed`); its sha256 is of the
+file as dropped. Line numbers are the content's.
+
 :func:`scan_jsonl` reads the file once as bytes (sha256, shape, malformed lines with
 their numbers, no example kept in memory); :func:`load_records` streams the usable
 rows into a ``datasets`` Arrow table (``Dataset.from_generator``), checking that the
@@ -17,12 +20,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from daemon.compressed import open_content
 from daemon.exceptions import DatasetError
 from daemon.status import PhaseProgress
 
@@ -175,13 +178,16 @@ def _iter_lines(path: Path, digest: Any = None, phase: str = "reading") -> Itera
         digest: a ``hashlib`` object fed every byte of the file on the way (blank lines too).
         phase: names the reading in the progress lines of a big file (:class:`PhaseProgress`).
     """
-    with open(path, "rb") as f:
-        # reading a big file is a long phase: the daemon must not see a stall, and the log shows it move
-        progress = PhaseProgress(f"{phase} {path.name}", os.fstat(f.fileno()).st_size, "MB")
-        for number, raw in enumerate(f, start=1):
-            progress.advance(len(raw))
-            if digest is not None:
-                digest.update(raw)
+    # reading a big file is a long phase: the daemon must not see a stall, and the log shows it move
+    progress = PhaseProgress(f"{phase} {path.name}", path.stat().st_size, "MB")
+
+    def on_read(chunk: bytes) -> None:  # the bytes as stored: a compressed file's hash is of the file as dropped
+        progress.advance(len(chunk))
+        if digest is not None:
+            digest.update(chunk)
+
+    with open_content(path, on_read) as content:
+        for number, raw in enumerate(content, start=1):
             raw = raw.rstrip(b"\r\n")
             if raw.strip():
                 yield number, raw
@@ -199,16 +205,17 @@ def scan_jsonl(path: str | Path, text_field: str = "text", strict: bool = False)
         The report; malformed lines are logged as one warning naming their numbers.
 
     Raises:
-        DatasetError: the file is missing, not a regular file, binary, empty,
-            has no usable line, or (with ``strict``) has a malformed line.
+        DatasetError: the file is missing, not a regular file, binary, empty, damaged
+            compressed data, has no usable line, or (with ``strict``) has a malformed line.
     """
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"{path}: no such file")
-    with open(path, "rb") as f:
-        head = f.read(BINARY_SNIFF_BYTES)
+    with open_content(path) as content:  # a gzip or zstd file is sniffed in its content
+        head = content.read(BINARY_SNIFF_BYTES)
     if b"\x00" in head:
-        raise DatasetError(f"{path.name}: looks like a binary file (NUL bytes); expected UTF-8 JSON lines")
+        expected = "expected UTF-8 JSON lines, plain or compressed with gzip or zstd"
+        raise DatasetError(f"{path.name}: looks like a binary file (NUL bytes); {expected}")
     digest = hashlib.sha256()
     shape: str | None = None
     usable = bad = 0

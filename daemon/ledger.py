@@ -63,6 +63,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.exceptions import LedgerReplaced
+from daemon.failures import LEDGER_BUSY_SECONDS, ledger_fault
 from daemon.names import printable
 from daemon.records import FileState, utc_now
 
@@ -154,8 +155,20 @@ class Ledger:
         if instance is not None and instance != self.instance:
             raise LedgerReplaced(f"{self.path} is not the daemon's ledger any more: it was replaced while it ran")
 
-    def _initialise(self, timeout: float = 30.0) -> str:
-        """Create the schema (and the instance id) if missing; returns the ledger's instance id."""
+    def _initialise(self, timeout: float = LEDGER_BUSY_SECONDS) -> str:
+        """Create the schema (and the instance id) if missing; returns the ledger's instance id.
+
+        Raises:
+            LedgerError: the file is damaged, stays locked for ``timeout`` seconds, or cannot be written.
+        """
+        try:
+            return self._create_schema(timeout)
+        except sqlite3.Error as e:
+            if (fault := ledger_fault(self.path, e)) is None:
+                raise
+            raise fault from e
+
+    def _create_schema(self, timeout: float) -> str:
         # Outside a transaction: journal_mode cannot change inside one, and executescript commits.
         # Several processes (the ranks of a torchrun child) may open a new ledger at once; switching
         # to WAL then answers "locked" without waiting on the busy timeout, so retry for a while.
@@ -192,9 +205,12 @@ class Ledger:
             f"{self.path} was deleted or replaced while in use, so its row ids may name other files now; "
             "stopping rather than reading or writing the wrong rows (restart to use the ledger that is there)"
         )
+        uri = f"{self.path.absolute().as_uri()}?mode=rw"
         try:  # mode=rw: a deleted ledger is an error here, not an empty new one
-            db = sqlite3.connect(f"{self.path.absolute().as_uri()}?mode=rw", timeout=30, isolation_level=None, uri=True)
+            db = sqlite3.connect(uri, timeout=LEDGER_BUSY_SECONDS, isolation_level=None, uri=True)
         except sqlite3.OperationalError as e:
+            if self.path.exists() and (fault := ledger_fault(self.path, e)) is not None:
+                raise fault from e
             raise gone from e
         db.row_factory = sqlite3.Row
         try:
@@ -202,14 +218,18 @@ class Ledger:
             try:
                 row = db.execute(_INSTANCE).fetchone()
             except sqlite3.OperationalError as e:  # no meta table: another ledger, or an emptied file
-                raise gone from e
+                raise (ledger_fault(self.path, e) or gone) from e
             if row is None or row[0] != self.instance:
                 raise gone
             yield db
             db.execute("COMMIT")
+        except sqlite3.Error as e:
+            _roll_back_quietly(db)
+            if (fault := ledger_fault(self.path, e)) is None:
+                raise
+            raise fault from e
         except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
+            _roll_back_quietly(db)
             raise
         finally:
             db.close()
@@ -403,6 +423,15 @@ class Ledger:
             else:
                 rows = db.execute("SELECT * FROM files WHERE state = ? ORDER BY id", (str(state),)).fetchall()
         return [_entry(r) for r in rows]
+
+
+def _roll_back_quietly(db: sqlite3.Connection) -> None:
+    """End an open transaction after a failure; a damaged or unwritable file may refuse that too."""
+    try:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+    except sqlite3.Error:
+        pass
 
 
 def _entry(row: sqlite3.Row) -> Entry:

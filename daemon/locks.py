@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Protocol
 from filelock import FileLock, Timeout
 
 from daemon.config import SUPERVISOR_ENV
-from daemon.exceptions import FolderBusy
+from daemon.exceptions import FolderBusy, MachineFault
+from daemon.failures import fault_message
 
 if TYPE_CHECKING:
     from daemon.arguments import Flags
@@ -102,6 +103,22 @@ def _take(role: str, folder: Path) -> FolderLock | None:
     return lock
 
 
+def _take_usable(role: str, folder: Path) -> FolderLock | None:
+    """:func:`_take` on ``folder``, made first if missing; a fault of the machine becomes one line.
+
+    Raises:
+        MachineFault: the folder cannot be made or its lock file created.
+    """
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        return _take(role, folder)
+    except OSError as e:
+        fault = fault_message(e, f"--{role}_dir")
+        if fault is None:
+            raise
+        raise MachineFault(f"cannot use the {role} folder {folder}: {fault}") from e
+
+
 def lock_folders(folders: list[tuple[str, str]], *, trust_supervisor: bool = False) -> list[FolderLock]:
     """Lock each folder without waiting: ``<folder>/.daemon.lock`` (``filelock``), the inbox folder itself.
 
@@ -118,17 +135,18 @@ def lock_folders(folders: list[tuple[str, str]], *, trust_supervisor: bool = Fal
 
     Raises:
         FolderBusy: one line naming the first folder another process holds (nothing is held then).
+        MachineFault: a folder cannot be made or locked: read-only, not writable, a file, a full
+            disk (one line naming it and what to do; nothing is held then).
     """
     locks: list[FolderLock] = []
     seen: set[Path] = set()
     try:
         for role, name in folders:
             folder = Path(name)
-            folder.mkdir(parents=True, exist_ok=True)
             if folder.resolve() in seen:
                 continue
             seen.add(folder.resolve())
-            lock = _take(role, folder)
+            lock = _take_usable(role, folder)
             if lock is not None:
                 locks.append(lock)
             elif trust_supervisor:
@@ -158,6 +176,7 @@ def owning(flags: Flags) -> Iterator[None]:
 
     Raises:
         FolderBusy: another daemon or ``train.py`` owns a folder.
+        MachineFault: a folder cannot be made or locked (read-only, not writable, full).
     """
     locks = claim_folders(flags, supervised=bool(os.environ.get(SUPERVISOR_ENV)))
     try:
@@ -181,15 +200,16 @@ def claim_folders(flags: Flags, supervised: bool) -> list[FolderLock]:
 
     Raises:
         FolderBusy: another daemon or ``train.py`` owns a folder; nothing has been written.
+        MachineFault: a folder cannot be made or locked (read-only, not writable, full).
     """
     folders = [("output", str(flags.training.output_dir)), ("status", flags.status.status_dir)]
     locks: list[FolderLock] = []
-    error: str | None = None
+    error: FolderBusy | MachineFault | None = None
     if flags.training.process_index == 0:
         try:
             locks = lock_folders(folders, trust_supervisor=supervised)
-        except FolderBusy as e:
-            error = str(e)
+        except (FolderBusy, MachineFault) as e:
+            error = e
     if flags.training.world_size > 1:
         import torch.distributed as dist
 
@@ -199,7 +219,7 @@ def claim_folders(flags: Flags, supervised: bool) -> list[FolderLock]:
             error = answer[0]
     if error is not None:
         release_folders(locks)
-        raise FolderBusy(error)
+        raise type(error)(str(error))
     return locks
 
 

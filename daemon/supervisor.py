@@ -20,6 +20,9 @@ the inbox's folders.
   when it last saw the stamp *change*, so a wall-clock step (NTP, a resumed VM) can
   neither kill a working child nor hide a hung one. A child whose stamp has not
   changed for that long is killed with its group and reported ``stalled``.
+- **Reasons** (:mod:`daemon.failures`). A child that fails leaves its reason (the
+  exception's type and first line) in ``status/.training-failure.json``; the file is
+  removed before each attempt and read after it, into :attr:`ChildResult.reason`.
 - **Stopping** (README "Operating the daemon", "Stopping"). When the daemon's stop
   event is set the child gets one SIGTERM (it checkpoints and exits), then SIGKILL
   after ``--stop_grace_seconds``.
@@ -42,9 +45,11 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 from daemon.config import SUPERVISOR_ENV
+from daemon.failures import FAILURE_FILE, FAILURE_FILE_ENV, clear_reason, take_reason
 from daemon.records import RunState
 from daemon.status import StatusFile
 
@@ -61,10 +66,24 @@ class ChildResult:
     Attributes:
         returncode: the child's exit status (negative: the signal that ended it).
         stalled: True when it was killed for making no progress for ``stall_timeout``.
+        reason: why it failed, as the child said (:func:`daemon.failures.describe`); None when
+            it said nothing (it succeeded, was killed, or died before it could).
     """
 
     returncode: int
     stalled: bool = False
+    reason: str | None = None
+
+    def describe(self) -> str:
+        """How the process ended, for a log line or the ledger: ``exited with code 1``, ``killed by SIGKILL``."""
+        if self.stalled:
+            return "stalled (no progress)"
+        if self.returncode < 0:
+            try:
+                return f"killed by {signal.Signals(-self.returncode).name}"
+            except ValueError:
+                return f"killed by signal {-self.returncode}"
+        return f"exited with code {self.returncode}"
 
 
 class Supervisor(Protocol):
@@ -141,16 +160,21 @@ class ProcessSupervisor:
             on_poll: called every ``poll_seconds`` while the child runs.
 
         Returns:
-            The child's exit code, or ``stalled`` when it was killed for making no progress
-            (its state ``stalled`` is then in the status file).
+            The child's exit code and the reason it left, or ``stalled`` when it was killed for
+            making no progress (its state ``stalled`` is then in the status file).
+
+        Raises:
+            OSError: the reason left by an earlier attempt cannot be removed (the status folder is not writable).
         """
         progress = ProgressWatch(self.status, self.stall_timeout)  # before the spawn: the old stamp is not progress
+        clear_reason(self._failure_file)
         self._child = child = self._spawn(train_args)
         term_sent: float | None = None
         try:
             while True:
                 try:
-                    return ChildResult(child.wait(timeout=self.poll_seconds))
+                    code = child.wait(timeout=self.poll_seconds)
+                    return ChildResult(code, reason=take_reason(self._failure_file) if code else None)
                 except subprocess.TimeoutExpired:
                     pass
                 if on_poll is not None:
@@ -171,9 +195,14 @@ class ProcessSupervisor:
         finally:
             self._child = None
 
+    @property
+    def _failure_file(self) -> Path:
+        return self.status.dir / FAILURE_FILE
+
     def _child_env(self) -> dict[str, str]:
         # SUPERVISOR_ENV: a child whose daemon is gone kills its own group (training._exit_with_supervisor).
-        return {**os.environ, "PYTHONUNBUFFERED": "1", SUPERVISOR_ENV: str(os.getpid())}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", SUPERVISOR_ENV: str(os.getpid())}
+        return {**env, FAILURE_FILE_ENV: str(self._failure_file.absolute())}
 
     def _spawn(self, train_args: list[str]) -> subprocess.Popen[bytes]:
         """The training process for ``train_args``: the prestarted one if it is alive, else a new one."""

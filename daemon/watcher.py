@@ -18,7 +18,9 @@ a :class:`~daemon.supervisor.Supervisor`. The policy, with the ledger
   alone for a growing while; it blocks neither the loop nor the other files.
 - A training process that crashes or stalls counts one attempt, and the file is
   retried (resuming at its latest checkpoint) up to ``--max_attempts``; then it
-  fails with a history row.
+  fails with a history row. A process that fails on an exception leaves its reason
+  (:mod:`daemon.failures`), which becomes the file's error; the same reason twice in
+  a row fails the file at once.
 - A stop request mid-file leaves the file claimed: the next start resumes it.
 
 This module never touches model APIs and imports neither torch nor transformers'
@@ -263,13 +265,28 @@ class Daemon:
             logger.warning("%s stopped mid-file; it resumes on the next start", printable(claimed.name))
 
     def _count_attempt(self, entry: Entry, result: ChildResult) -> Entry:
-        """Count a crashed or stalled attempt; after ``--max_attempts`` the file fails with a history row."""
-        why = "stalled (no progress)" if result.stalled else f"exited with code {result.returncode}"
-        entry = self.ledger.count_attempt(entry.id, f"training process {why}")
-        logger.error("%s: attempt %d %s", entry.name, entry.attempts, why)
-        if entry.attempts < self.args.max_attempts:
+        """Count a failed attempt; the file fails after ``--max_attempts``, or at once when its reason repeats.
+
+        A reason the child left (an exception) that is the same as the previous attempt's is
+        deterministic: retrying it again would only fail again. A crash of the machine's kind
+        (killed by a signal, stalled, dead before it could say why) is retried up to the limit.
+        """
+        how, reason = result.describe(), result.reason
+        repeated = reason is not None and reason == entry.error
+        entry = self.ledger.count_attempt(entry.id, reason or f"training process {how}")
+        said = reason or "no reason left"
+        logger.error("%s: attempt %d: training process %s: %s", printable(entry.name), entry.attempts, how, said)
+        log = "its traceback is in the daemon's log"
+        if reason is None:
+            if entry.attempts < self.args.max_attempts:
+                return entry
+            error = f"training process {how}; gave up after {entry.attempts} attempts (see the daemon's log)"
+        elif repeated:
+            error = f"{reason} (training process {how} the same way twice in a row: not retried; {log})"
+        elif entry.attempts >= self.args.max_attempts:
+            error = f"{reason} (training process {how}; gave up after {entry.attempts} attempts; {log})"
+        else:
             return entry
-        error = f"training process {why}; gave up after {entry.attempts} attempts (see the daemon's log)"
         fail_file(self.ledger, entry, error, self.args.output_dir)
         entry = self.ledger.get(entry.id) or entry
         self.status.record_outcome(HistoryRow.failed(entry.name, error, sha256=entry.sha256))

@@ -198,3 +198,23 @@ def test_the_cache_is_cleaned_only_while_no_other_run_holds_it_and_only_in_the_p
         assert not (ours / "0.0.0" / "tmpab12cd34").exists() and not (ours / "0.0.0.incomplete").exists()
     assert (ours / "0.0.0_builder.lock").exists()  # lock files stay: another process may hold one
     assert (foreign / "0.0.0" / "tmpab12cd34").exists() and (foreign / "0.0.0.incomplete").exists()
+
+
+def test_a_subcommand_given_a_file_for_its_folder_says_so_in_one_line(tmp_path, capsys):
+    from daemon.__main__ import main
+
+    not_a_folder = tmp_path / "status"
+    not_a_folder.write_text("a file\n")
+    assert main(["status", "--status_dir", str(not_a_folder)]) == 1
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: {not_a_folder} is a file where a folder belongs") and "--status_dir" in line
+
+
+def test_an_os_error_without_a_path_is_a_bug_and_keeps_its_traceback():
+    import errno
+
+    from daemon.failures import fault_message
+
+    assert fault_message(OSError(errno.EACCES, "Permission denied")) is None
+    assert fault_message(OSError(errno.EBADF, "Bad file descriptor", "/some/file")) is None
+    assert "read-only" in (fault_message(OSError(errno.EROFS, "Read-only file system", "/mnt/x")) or "")

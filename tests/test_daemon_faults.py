@@ -203,6 +203,105 @@ def test_a_hanging_child_is_killed_retried_then_failed_and_the_next_file_trains(
     assert history_violations(tree.history()) == []
 
 
+RAISE_LAUNCHER = """
+import os, runpy, sys
+args = sys.argv[1:]
+dataset = os.path.basename(args[args.index("--dataset") + 1])
+if dataset.startswith("1-raise"):  # a bug in tokenization, the same on every attempt
+    import daemon.run
+    def broken(*args, **kwargs):
+        raise RuntimeError("the tokenizer exploded on purpose\\nwith a second line nobody needs")
+    daemon.run.prepare_datasets = broken
+assert args[:2] == ["-m", "daemon"]
+sys.argv = ["daemon", *args[2:]]
+runpy.run_module("daemon", run_name="__main__")
+"""
+
+
+def test_a_child_that_raises_fails_its_file_with_the_exceptions_reason_without_a_third_attempt(tree):
+    launcher = tree.root / "raise_launcher.py"
+    launcher.write_text(RAISE_LAUNCHER)
+    _drop(tree, "1-raise.jsonl", [{"text": d} for d in stdlib_documents(limit=8)])
+    os.utime(tree.inbox / "1-raise.jsonl", (1000, 1000))
+    result = _drain(tree, "--launcher", f"{sys.executable} {launcher}", "--max_attempts", "3")
+    reason = "RuntimeError: the tokenizer exploded on purpose"
+    assert result.stderr.count("Traceback") == 2  # the bug's traceback stays in the daemon's log, once an attempt
+    error = (tree.inbox / "failed" / "1-raise.jsonl.error.txt").read_text()
+    assert reason in error and "second line" not in error
+    assert reason in read_status(tree)["last_error"]["message"]
+    (entry,) = Ledger(tree.status).entries()
+    assert (entry.state, entry.attempts) == ("failed", 2) and reason in (entry.error or "")
+    (row,) = tree.history()
+    assert row["outcome"] == "failed" and reason in row["error"]
+
+
+def _one_error_line(result: subprocess.CompletedProcess[str]) -> str:
+    """The single ``error:`` line a refused run printed; it exited 1 without a traceback."""
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    return line
+
+
+def _untouched(tree: Tree) -> None:
+    """Nothing was claimed, filed away or trained."""
+    assert (tree.inbox / "a.jsonl").exists()
+    assert [p.name for p in tree.inbox.rglob("*") if p.is_file()] == ["a.jsonl"]
+    assert latest_complete_checkpoint(tree.output, set_aside=False) is None
+
+
+def test_a_damaged_ledger_refuses_the_daemon_train_py_and_rollback_with_one_line_and_moves_nothing(tree):
+    _drop(tree, "a.jsonl", [{"text": d} for d in stdlib_documents(limit=8)])
+    (tree.status / "ledger.sqlite").write_bytes(bytes(range(256)) * 16)
+    daemon = run_cli(daemon_argv(tree, "--once"), cwd=tree.root, timeout=120)
+    train_py = run_cli(
+        [str(REPO_ROOT / "train.py"), "--dataset", str(tree.inbox / "a.jsonl"), *tree.flags()], cwd=tree.root
+    )
+    rollback = run_cli(["-m", "daemon", "rollback", "--list", "--status_dir", str(tree.status)], cwd=tree.root)
+    for result in (daemon, train_py, rollback):
+        line = _one_error_line(result)
+        assert str(tree.status / "ledger.sqlite") in line and "damaged" in line and "rebuild-ledger" in line, line
+    _untouched(tree)
+
+
+def _read_only(folder: Path) -> list[str]:
+    """Make ``folder`` read-only for the commands run behind the returned prefix.
+
+    As a user, ``chmod``; as root, which ignores file modes, a read-only bind mount in a mount
+    namespace of the command's own (``unshare``), which ends with it; skipped where neither works.
+    """
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        return []
+    prefix = ["unshare", "--mount", "sh", "-c", 'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" && exec "$@"']
+    prefix.append(str(folder))
+    probe = subprocess.run([*prefix, "true"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"running as root without a private read-only mount ({probe.stderr.strip()})")
+    return prefix
+
+
+def test_a_read_only_status_folder_refuses_the_daemon_and_train_py_with_one_line_and_moves_nothing(tree):
+    _drop(tree, "a.jsonl", [{"text": d} for d in stdlib_documents(limit=8)])
+    prefix = _read_only(tree.status)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    try:
+        results = [
+            subprocess.run([*prefix, sys.executable, *argv], cwd=tree.root, env=env, capture_output=True, text=True)
+            for argv in (
+                daemon_argv(tree, "--once"),
+                [str(REPO_ROOT / "train.py"), "--dataset", str(tree.inbox / "a.jsonl"), *tree.flags()],
+            )
+        ]
+    finally:
+        tree.status.chmod(0o755)
+    for result in results:
+        line = _one_error_line(result)
+        assert str(tree.status) in line and ("read-only" in line or "not writable" in line), line
+    _untouched(tree)
+    assert list(tree.status.iterdir()) == []
+
+
 def test_sigterm_mid_file_checkpoints_exits_and_the_restart_finishes_the_file(tree):
     flags = {"num_train_epochs": 30, "save_steps": 1000}
     _drop(tree, "long.jsonl", [{"text": d} for d in stdlib_documents(limit=12)])

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from daemon.exceptions import DaemonError
+from daemon.exceptions import DaemonError, LedgerError
 from daemon.ledger import LEDGER_FILE, Ledger
 
 
@@ -132,3 +132,43 @@ def test_only_done_rows_are_rolled_back_and_all_of_them_or_none(tmp_path):
     assert ledger.roll_back([done[1].id], to_step=3) == [rolled]  # finished again after a kill: no change
     with pytest.raises(ValueError, match="rolled_back -> done is not allowed"):
         ledger.finish(rolled.id, 6)
+
+
+def test_a_damaged_ledger_is_refused_with_one_line_naming_it_and_how_to_rebuild_it(tmp_path):
+    garbage = bytes(range(256)) * 16
+    (tmp_path / LEDGER_FILE).write_bytes(garbage)
+    with pytest.raises(LedgerError) as refused:
+        Ledger(tmp_path)
+    message = str(refused.value)
+    assert str(tmp_path / LEDGER_FILE) in message and "damaged" in message and "rebuild-ledger" in message
+    assert "\n" not in message
+    assert (tmp_path / LEDGER_FILE).read_bytes() == garbage  # left as it was, for the rebuild or a post-mortem
+
+
+def test_a_ledger_damaged_while_in_use_is_refused_with_the_same_line(tmp_path):
+    ledger = Ledger(tmp_path)
+    ledger.add("a.jsonl", "queued")
+    _delete_ledger(tmp_path)
+    (tmp_path / LEDGER_FILE).write_bytes(b"\x00garbage" * 512)
+    with pytest.raises(LedgerError, match="damaged"):
+        ledger.entries()
+
+
+def test_a_ledger_another_program_keeps_locked_is_refused_with_one_line_after_the_busy_timeout(tmp_path, monkeypatch):
+    ledger = Ledger(tmp_path)
+    monkeypatch.setattr("daemon.ledger.LEDGER_BUSY_SECONDS", 0.2)
+    holder = sqlite3.connect(tmp_path / LEDGER_FILE, isolation_level=None)
+    try:
+        holder.execute("BEGIN EXCLUSIVE")  # a sqlite3 shell in the middle of a write, say
+        with pytest.raises(LedgerError, match="stayed locked by another program") as refused:
+            ledger.add("a.jsonl", "queued")
+        assert str(tmp_path / LEDGER_FILE) in str(refused.value)
+    finally:
+        holder.close()
+    assert ledger.add("a.jsonl", "queued").state == "queued"  # released: the ledger is usable again
+
+
+def test_a_bug_in_a_query_keeps_its_sqlite_error_and_traceback(tmp_path):
+    ledger = Ledger(tmp_path)
+    with pytest.raises(sqlite3.OperationalError, match="no such column"):
+        ledger.update(ledger.add("a.jsonl", "queued").id, no_such_column=1)

@@ -17,6 +17,7 @@ import pytest
 from helpers import wait_for
 
 from daemon.config import SUPERVISOR_ENV
+from daemon.failures import FAILURE_FILE
 from daemon.status import StatusFile
 from daemon.supervisor import ChildResult, ProcessSupervisor
 
@@ -39,6 +40,10 @@ with open(os.path.join(out, ".started.json"), "w") as f:
 os.rename(os.path.join(out, ".started.json"), os.path.join(out, "started.json"))
 if mode == "exit7":
     sys.exit(7)
+if mode == "raise":  # what daemon.cli.main does with an exception before it exits 1
+    from daemon.failures import leave_reason
+    leave_reason(RuntimeError("the tokenizer exploded\n  on its second line, a detail"))
+    sys.exit(1)
 if mode in ("progress", "progress_then_hang"):  # the heartbeat of a slow but healthy run
     from daemon.status import StatusFile
     status = StatusFile(flags["--status_dir"])
@@ -90,6 +95,25 @@ def test_the_child_runs_daemon_train_behind_the_launcher_and_its_exit_code_is_re
     started = _started(tmp_path)
     assert started["argv"][:5] == ["-m", "daemon", "train", "--mode", "exit7"]
     assert started["supervisor"] == str(os.getpid())  # so that the child dies with its daemon
+
+
+def test_a_child_that_raises_reports_the_exceptions_type_and_first_line(tmp_path, launcher):
+    supervisor = _supervisor(tmp_path, launcher)
+    result = _run(supervisor, tmp_path, "raise")
+    assert result == ChildResult(1, reason="RuntimeError: the tokenizer exploded")
+    assert not (tmp_path / "status" / FAILURE_FILE).exists()  # taken: the next attempt starts without it
+
+
+def test_a_reason_left_by_an_earlier_attempt_is_never_taken_for_a_later_ones(tmp_path, launcher):
+    supervisor = _supervisor(tmp_path, launcher)
+    (tmp_path / "status" / FAILURE_FILE).write_text('{"reason": "RuntimeError: an old one"}\n')
+    assert _run(supervisor, tmp_path, "exit7") == ChildResult(7, reason=None)
+
+
+def test_how_a_child_ended_reads_as_words():
+    assert ChildResult(1).describe() == "exited with code 1"
+    assert ChildResult(-9).describe() == "killed by SIGKILL"
+    assert ChildResult(-9, stalled=True).describe() == "stalled (no progress)"
 
 
 def test_a_child_without_progress_is_killed_with_its_process_group_and_reported_stalled(tmp_path, launcher):

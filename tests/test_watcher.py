@@ -43,6 +43,7 @@ class FakeTraining:
     - ``crash``: plan recorded, then killed (exit -9); the row stays ``training``.
     - ``stall``: plan recorded, then killed by the supervisor for making no progress.
     - ``bad``: the content is unusable: a failed history row, ledger ``failed``, exit 1.
+    - ``raise:WHY``: plan recorded, then an exception: exit 1, leaving the reason ``RuntimeError: WHY``.
     - ``stop``: a SIGTERM arrives mid-file: plan recorded, the daemon's stop event set,
       the child checkpoints and exits 3 (interrupted).
 
@@ -104,6 +105,8 @@ class FakeTraining:
         mid_file = Path(flags["--output_dir"]) / f"checkpoint-{entry.start_step + 1}"
         if not mid_file.exists():  # the real child checkpoints on its way (--save_steps)
             fake_checkpoint(mid_file.parent, entry.start_step + 1)
+        if outcome.startswith("raise:"):
+            return ChildResult(1, reason=f"RuntimeError: {outcome.removeprefix('raise:')}")
         return ChildResult(-9, stalled=outcome == "stall")
 
     def start_spare(self) -> None:
@@ -202,6 +205,45 @@ def test_a_file_given_up_after_max_attempts_leaves_no_step_in_the_model(tree):
     _daemon(tree, FakeTraining({"a.jsonl": ["crash", "crash"]}), max_attempts=2).run()
     assert _entry(tree, "a.jsonl").state == FileState.FAILED
     assert _names(tree.output) == ["checkpoint-5"]  # the crashed attempts' checkpoint-6 is rolled back
+
+
+def test_an_exception_that_repeats_fails_the_file_with_its_reason_on_the_second_attempt(tree):
+    fake_checkpoint(tree.output, 5)
+    StatusFile(tree.status).update(global_step=5)
+    _drop(tree, "a.jsonl", '{"text": "a"}\n', arrived=1000)
+    _drop(tree, "b.jsonl", '{"text": "b"}\n', arrived=1001)
+    training = FakeTraining({"a.jsonl": ["raise:tokenizer exploded", "raise:tokenizer exploded", "done"]})
+    _daemon(tree, training, max_attempts=3).run()
+    assert training.files == ["a.jsonl", "a.jsonl", "b.jsonl"]  # not a third time: it would fail the same way
+    reason = "RuntimeError: tokenizer exploded"
+    error_file = (tree.inbox / "failed" / "a.jsonl.error.txt").read_text()
+    assert reason in error_file and "the same way twice in a row" in error_file
+    entry = _entry(tree, "a.jsonl")
+    assert (entry.state, entry.attempts) == (FileState.FAILED, 2) and reason in (entry.error or "")
+    failed_row = tree.history()[0]
+    assert (failed_row["file"], failed_row["outcome"]) == ("a.jsonl", "failed") and reason in failed_row["error"]
+    assert reason in _status(tree)["last_error"]["message"]
+    assert _names(tree.output) == ["checkpoint-5"]  # the failed attempts' checkpoint-6 is rolled back
+
+
+def test_exceptions_that_differ_are_retried_up_to_max_attempts_and_the_last_reason_is_kept(tree):
+    _drop(tree, "a.jsonl", '{"text": "a"}\n', arrived=1000)
+    training = FakeTraining({"a.jsonl": ["raise:first", "raise:second", "raise:third"]})
+    _daemon(tree, training, max_attempts=3).run()
+    assert training.files == ["a.jsonl"] * 3
+    error_file = (tree.inbox / "failed" / "a.jsonl.error.txt").read_text()
+    assert "RuntimeError: third" in error_file and "gave up after 3 attempts" in error_file
+    entry = _entry(tree, "a.jsonl")
+    assert (entry.state, entry.attempts) == (FileState.FAILED, 3)
+
+
+def test_crashes_of_the_machines_kind_that_repeat_are_still_retried_up_to_max_attempts(tree):
+    _drop(tree, "a.jsonl", '{"text": "a"}\n', arrived=1000)
+    training = FakeTraining({"a.jsonl": ["crash", "crash", "done"]})
+    _daemon(tree, training, max_attempts=3).run()
+    assert training.files == ["a.jsonl"] * 3
+    assert _names(tree.inbox / "done") == ["a.jsonl"]
+    assert _entry(tree, "a.jsonl").attempts == 2
 
 
 def test_a_file_the_training_process_fails_for_its_content_is_not_retried(tree):
