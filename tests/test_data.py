@@ -168,6 +168,24 @@ def test_an_escaped_surrogate_pair_is_one_valid_character():
     )
 
 
+@pytest.mark.parametrize("first", ["", "\U0001f600"], ids=["ascii", "emoji: 4 bytes a character"])
+def test_parsing_one_long_line_holds_the_line_and_its_document_and_no_other_copy(first):
+    import sys
+    import tracemalloc
+
+    text = first + "\n".join(stdlib_documents(limit=10_000)) * 40  # about 2 MB
+    raw = json.dumps({"text": text}).encode()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        _, record = parse_line(raw, "text")
+        peak = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+    assert record["text"] == text
+    assert peak < 1.25 * (len(raw) + sys.getsizeof(text))  # the decoded line and the document; no copy of either
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [
