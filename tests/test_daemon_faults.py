@@ -6,6 +6,7 @@ check one piece of the training child's path directly, where a real run would on
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -16,9 +17,21 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from helpers import REPO as REPO_ROOT
-from helpers import Tree, daemon_argv, read_status, run_cli, start_daemon, stdlib_documents, wait_for, write_jsonl
+from helpers import (
+    SHAPES,
+    Tree,
+    daemon_argv,
+    read_status,
+    run_cli,
+    shape_rows,
+    start_daemon,
+    stdlib_documents,
+    wait_for,
+    write_jsonl,
+)
 
 from daemon.checkpoints import latest_complete_checkpoint
 from daemon.ledger import Ledger
@@ -46,12 +59,38 @@ def _done_rows(tree: Tree) -> dict[str, list[dict]]:
     return rows
 
 
+def _no_process_left_in(tree: Tree) -> bool:
+    """True once nothing runs in the tree's folder: a killed daemon's training process ends within 0.5 s."""
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if process.pid != os.getpid() and process.cwd() == str(tree.root):
+                return False
+    return True
+
+
+def _assert_each_file_done_once_and_the_steps_add_up(tree: Tree, files: dict[str, list]) -> None:
+    """Every file in ``done/``, trained exactly once; the latest checkpoint's step is the sum of the planned steps."""
+    assert sorted(p.name for p in (tree.inbox / "done").iterdir()) == sorted(files)
+    assert list((tree.inbox / "failed").iterdir()) == []
+    assert list((tree.inbox / "processing").iterdir()) == []
+    assert [p.name for p in tree.inbox.iterdir() if p.name not in ("done", "failed", "processing")] == []
+    done = _done_rows(tree)
+    assert {name: len(rows) for name, rows in done.items()} == dict.fromkeys(files, 1)  # trained exactly once
+    rows = [r for r in tree.history() if r["outcome"] == "done"]
+    assert history_violations(rows) == []
+    checkpoint = latest_complete_checkpoint(tree.output, set_aside=False)
+    assert checkpoint is not None and checkpoint.global_step == sum(r["planned_steps"] for r in rows)
+    assert {e.name for e in Ledger(tree.status).entries("done")} == set(files)
+    assert sum(r["replayed_examples"] for r in rows) > 0  # replay (on by default) was in the steps
+
+
 # About 2 minutes beside another test; it took 250 s when the test processes oversubscribed the cores.
 @pytest.mark.timeout(600)
 def test_sigkill_at_random_moments_never_loses_or_repeats_a_file(tree):
     rng = random.Random(20261122)
     docs = stdlib_documents(limit=64)
-    files = {f"file{i}.jsonl": [{"text": d} for d in docs[i * 16 : (i + 1) * 16]] for i in range(4)}
+    shapes = (*SHAPES, "text")
+    files = {f"file{i}.jsonl": shape_rows(shape, docs[i * 16 : (i + 1) * 16]) for i, shape in enumerate(shapes)}
     # Long enough per file (a few hundred steps, a checkpoint every 5) for kills to land mid-file.
     flags = {"save_steps": 5, "num_train_epochs": 6}
 
@@ -80,20 +119,32 @@ def test_sigkill_at_random_moments_never_loses_or_repeats_a_file(tree):
         kills += 1
     writer.join()
     assert kills == 5
-    time.sleep(1)  # a training child notices its daemon is gone within 0.5 s and kills its group
+    wait_for(lambda: _no_process_left_in(tree), 10, "the killed daemon's training process to end")
     _drain(tree, **flags)
+    _assert_each_file_done_once_and_the_steps_add_up(tree, files)
 
-    assert sorted(p.name for p in (tree.inbox / "done").iterdir()) == sorted(files)
-    assert list((tree.inbox / "failed").iterdir()) == []
-    assert list((tree.inbox / "processing").iterdir()) == []
-    assert [p.name for p in tree.inbox.iterdir() if p.name not in ("done", "failed", "processing")] == []
-    done = _done_rows(tree)
-    assert {name: len(rows) for name, rows in done.items()} == dict.fromkeys(files, 1)  # trained exactly once
-    rows = [r for r in tree.history() if r["outcome"] == "done"]
-    assert history_violations(rows) == []
-    checkpoint = latest_complete_checkpoint(tree.output, set_aside=False)
-    assert checkpoint is not None and checkpoint.global_step == sum(r["planned_steps"] for r in rows)
-    assert {e.name for e in Ledger(tree.status).entries("done")} == set(files)
+
+@pytest.mark.slow  # twenty restarts of the daemon: about 5 minutes; the test above is the short version
+@pytest.mark.timeout(1500)
+def test_twenty_sigkills_at_random_moments_over_a_mixed_queue_with_replay_stay_exact(tree):
+    rng = random.Random(20261204)
+    docs = stdlib_documents(limit=144, chars=300)
+    files = {  # text, prompt-completion and chat files in turn, one more arriving in each of the first 9 rounds
+        f"file{i}-{shape}.jsonl": shape_rows(shape, docs[i * 16 : (i + 1) * 16]) for i, shape in enumerate(SHAPES * 3)
+    }
+    flags = {"save_steps": 5, "num_train_epochs": 6}
+    arrivals = list(files)
+    for round_ in range(20):
+        daemon = start_daemon(tree, **flags)
+        if round_ < len(arrivals):
+            _drop(tree, arrivals[round_], files[arrivals[round_]])
+        # From the daemon's start-up (about 9 s here: flag check, the training process's imports) to mid-file.
+        time.sleep(rng.uniform(1.0, 20.0))
+        os.killpg(daemon.pid, signal.SIGKILL)
+        daemon.wait()
+        wait_for(lambda: _no_process_left_in(tree), 10, "the killed daemon's training process to end")
+    _drain(tree, timeout=600, **flags)
+    _assert_each_file_done_once_and_the_steps_add_up(tree, files)
 
 
 def test_bad_and_hostile_entries_end_with_their_reason_and_the_daemon_trains_the_next_file(tree, tmp_path_factory):
