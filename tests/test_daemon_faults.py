@@ -7,6 +7,7 @@ check one piece of the training child's path directly, where a real run would on
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import random
@@ -60,7 +61,11 @@ def _done_rows(tree: Tree) -> dict[str, list[dict]]:
 
 
 def _no_process_left_in(tree: Tree) -> bool:
-    """True once nothing runs in the tree's folder: a killed daemon's training process ends within 0.5 s."""
+    """True once nothing runs in the tree's folder.
+
+    A killed daemon's training process kills itself within 0.5 s of its start-up imports, its
+    prestarted one exits when its input ends, its report process when the page is written.
+    """
     for process in psutil.process_iter():
         with contextlib.suppress(psutil.Error):
             if process.pid != os.getpid() and process.cwd() == str(tree.root):
@@ -119,12 +124,23 @@ def test_sigkill_at_random_moments_never_loses_or_repeats_a_file(tree):
         kills += 1
     writer.join()
     assert kills == 5
-    wait_for(lambda: _no_process_left_in(tree), 10, "the killed daemon's training process to end")
+    wait_for(lambda: _no_process_left_in(tree), 60, "the killed daemon's processes to end")
     _drain(tree, **flags)
     _assert_each_file_done_once_and_the_steps_add_up(tree, files)
 
 
-@pytest.mark.slow  # twenty restarts of the daemon: about 5 minutes; the test above is the short version
+_WORKING = ("loading", "tokenizing", "training", "evaluating", "saving")
+
+
+def _working_or_done(tree: Tree, stale_pid: object, arrived: list[str]) -> bool:
+    """A training process of this round reports work, or every file that arrived is done (nothing left to do)."""
+    status = read_status(tree)
+    if status.get("state") in _WORKING and status.get("pid") != stale_pid:
+        return True
+    return {p.name for p in (tree.inbox / "done").glob("*.jsonl")} >= set(arrived)
+
+
+@pytest.mark.slow  # twenty restarts of the daemon: 5 to 10 minutes; the test above is the short version
 @pytest.mark.timeout(1500)
 def test_twenty_sigkills_at_random_moments_over_a_mixed_queue_with_replay_stay_exact(tree):
     rng = random.Random(20261204)
@@ -133,16 +149,24 @@ def test_twenty_sigkills_at_random_moments_over_a_mixed_queue_with_replay_stay_e
         f"file{i}-{shape}.jsonl": shape_rows(shape, docs[i * 16 : (i + 1) * 16]) for i, shape in enumerate(SHAPES * 3)
     }
     flags = {"save_steps": 5, "num_train_epochs": 6}
-    arrivals = list(files)
+    arrivals, mid_work = list(files), 0
     for round_ in range(20):
+        stale_pid = read_status(tree).get("pid")  # the last writer of the status: a process killed before
         daemon = start_daemon(tree, **flags)
         if round_ < len(arrivals):
             _drop(tree, arrivals[round_], files[arrivals[round_]])
-        # From the daemon's start-up (about 9 s here: flag check, the training process's imports) to mid-file.
-        time.sleep(rng.uniform(1.0, 20.0))
-        os.killpg(daemon.pid, signal.SIGKILL)
+        if round_ % 4 == 0:  # a kill in the daemon's start-up (flag check, locks, recovery of the last kill)
+            time.sleep(rng.uniform(0.5, 10.0))
+        else:  # a kill in its training process's work: parse, train, checkpoint, evaluate, export, file away
+            working = functools.partial(_working_or_done, tree, stale_pid, arrivals[: round_ + 1])
+            wait_for(working, 180, "the training process to work")
+            time.sleep(rng.uniform(0.0, 6.0))
+        status = read_status(tree)
+        mid_work += status.get("state") in _WORKING and status.get("pid") != stale_pid
+        os.killpg(daemon.pid, signal.SIGKILL)  # the next daemon starts at once, beside what this one started
         daemon.wait()
-        wait_for(lambda: _no_process_left_in(tree), 10, "the killed daemon's training process to end")
+    assert mid_work >= 8  # the premise: kills landed in the work, not only in start-ups
+    wait_for(lambda: _no_process_left_in(tree), 60, "the killed daemons' processes to end")
     _drain(tree, timeout=600, **flags)
     _assert_each_file_done_once_and_the_steps_add_up(tree, files)
 
