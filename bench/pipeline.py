@@ -1,6 +1,6 @@
 """Benchmark: the data pipeline of ``train.py`` on a generated 1 GB JSONL file: MB/s and peak RSS.
 
-    .venv/bin/python bench/pipeline.py [--megabytes 1024]
+    .venv/bin/python bench/pipeline.py [--megabytes 1024] [--long_line_megabytes 100]
 
 1. Generate: Python's standard library as ``{"text"}`` lines (``daemon.make_dataset``),
    repeated, each copy's documents headed by a different comment line, up to the size.
@@ -15,6 +15,9 @@
    the file goes through the Arrow cache in ``map`` batches and is never held whole.
    Also: the progress updates the log showed while tokenizing and the longest silence
    between two of them, and the size of the dataset cache on disk.
+4. The same run on a file of one line: one document of ``--long_line_megabytes`` MB of the
+   standard library's text, whose peak anonymous memory must stay under 2 GB too (the
+   tokenizer's memory grows with the text it is given at once: ``daemon.documents``).
 """
 
 from __future__ import annotations
@@ -60,6 +63,17 @@ def generate(path: Path, megabytes: int) -> tuple[int, int]:
                     break
             copy += 1
     return path.stat().st_size, rows
+
+
+def generate_long_line(path: Path, megabytes: int) -> int:
+    """Write one ``{"text"}`` line of about ``megabytes`` MB of text (the documents of :func:`generate`); its bytes."""
+    many = path.with_suffix(".many.jsonl")
+    generate(many, megabytes)
+    with open(many, encoding="utf-8") as f:
+        text = "\n".join(json.loads(line)["text"] for line in f)
+    many.unlink()
+    path.write_text(json.dumps({"text": text[: megabytes * MB]}) + "\n", encoding="utf-8")
+    return path.stat().st_size
 
 
 class PeakWatch:
@@ -172,9 +186,34 @@ def tokenizer_alone(model_dir: Path, data: Path, megabytes: int = 64) -> tuple[f
     return size / MB / (time.perf_counter() - started), size / MB
 
 
+def by_phase(marks: dict[str, float]) -> str:
+    """The peak anonymous RSS of each phase of a run (:func:`run_until_first_step`), in words."""
+    return (
+        f"{marks['anon_mb_to_start']:,.0f} MB to the parse's end, {marks['anon_mb_to_parsed']:,.0f} MB "
+        f"training the tokenizer, {marks['anon_mb_to_tokenizer']:,.0f} MB tokenizing, packing and splitting, "
+        f"{marks['anon_mb_to_planned']:,.0f} MB to the first step, {marks['anon_mb_to_first_step']:,.0f} MB "
+        "checkpointing and exiting"
+    )
+
+
+def long_line(megabytes: int) -> list[str]:
+    """The table's rows for a run on a file of one line of ``megabytes`` MB (one document)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "line.jsonl"
+        size = generate_long_line(data, megabytes) / MB
+        marks = run_until_first_step(Path(tmp), data)
+    return [
+        f"| one line of {size:,.0f} MB (one document): start to plan | {marks['planned']:.0f} s, "
+        f"{size / marks['planned']:.1f} MB/s |",
+        f"| one line of {size:,.0f} MB: peak anonymous RSS (target < 2,048 MB) | **{marks['peak_anon_mb']:,.0f} MB**: "
+        f"{by_phase(marks)} ({marks['peak_rss_mb']:,.0f} MB `VmHWM`) |",
+    ]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--megabytes", type=int, default=1024, help="Size of the generated file.")
+    parser.add_argument("--long_line_megabytes", type=int, default=100, help="Size of the one-line file; 0: none.")
     parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md", help="Markdown file to update.")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -186,7 +225,11 @@ def main() -> int:
         marks = run_until_first_step(work, data)
         cache_gb = sum(f.stat().st_size for f in (work / "cache").rglob("*") if f.is_file()) / 1024**3
         alone, alone_mb = tokenizer_alone(work / "model", data)
+    long_rows = long_line(args.long_line_megabytes) if args.long_line_megabytes else []
     mb = size / MB
+    then = (
+        f"; then the same for a file of one line of {args.long_line_megabytes} MB of that text." if long_rows else "."
+    )
     tokenizing = mb / (marks["planned"] - marks["tokenizer"])
     body = "\n".join(
         [
@@ -194,7 +237,7 @@ def main() -> int:
             "",
             f"Machine: {machine()}. Run on {time.strftime('%Y-%m-%d')}. A generated file of {mb:,.0f} MB "
             f"({rows:,} JSON lines of Python's standard library, repeated; written in {generated:.0f} s), "
-            "given to `train.py` with its defaults and a fresh model, stopped at the first optimizer step.",
+            f"given to `train.py` with its defaults and a fresh model, stopped at the first optimizer step{then}",
             "",
             "| measure | result |",
             "|---|---|",
@@ -210,12 +253,9 @@ def main() -> int:
             f"| start to first optimizer step | {marks['first_step']:.0f} s |",
             f"| peak RSS of the process (`VmHWM`, with the mapped Arrow pages) | {marks['peak_rss_mb']:,.0f} MB |",
             f"| peak anonymous RSS (without the mapped Arrow cache; target < 2,048 MB) | "
-            f"**{marks['peak_anon_mb']:,.0f} MB**: "
-            f"{marks['anon_mb_to_start']:,.0f} MB to the parse's end, {marks['anon_mb_to_parsed']:,.0f} MB "
-            f"training the tokenizer, {marks['anon_mb_to_tokenizer']:,.0f} MB tokenizing, packing and splitting, "
-            f"{marks['anon_mb_to_planned']:,.0f} MB to the first step, {marks['anon_mb_to_first_step']:,.0f} MB "
-            "checkpointing and exiting |",
+            f"**{marks['peak_anon_mb']:,.0f} MB**: {by_phase(marks)} |",
             f"| dataset cache on disk (parsed records and tokens) | {cache_gb:.1f} GB |",
+            *long_rows,
         ]
     )
     write_section(args.out, "pipeline", body)

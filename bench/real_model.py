@@ -48,7 +48,16 @@ from bench.accumulation import machine, write_section  # noqa: E402
 from bench.smollm2 import smollm2_folder  # noqa: E402
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
-SHARED = ["--max_seq_length", "256", "--per_device_train_batch_size", "8", "--save_total_limit", "1", "--eval_fraction", "0.2"]
+SHARED = [
+    "--max_seq_length",
+    "256",
+    "--per_device_train_batch_size",
+    "8",
+    "--save_total_limit",
+    "1",
+    "--eval_fraction",
+    "0.2",
+]
 GENERAL_LIMIT = 0.05  # nats: the most general-ability loss rise a default may cost on this stream
 RATES = (2e-5, 5e-5, 1e-4, 5e-4)
 

@@ -6,6 +6,7 @@ batched ``map`` (cached by content) and splits off the held-out slice:
 - ``text``: documents are joined with EOS and packed into ``max_seq_length`` blocks
   (the last partial block of each map batch is kept, so even a one-line file yields
   an example); every token is learned, so ``labels`` is null (the ids are not stored twice).
+  A long document is encoded in pieces with the same tokens (:mod:`daemon.documents`).
 - ``prompt_completion``: prompt labels are -100, the completion and a closing EOS
   are learned.
 - ``messages``: rendered with the tokenizer's chat template
@@ -20,10 +21,11 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from daemon import documents
 from daemon.exceptions import DatasetError
 from daemon.status import PhaseProgress
 
@@ -67,16 +69,28 @@ def _token_ids(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[lis
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
-def _chunks(texts: list[str], max_chars: int) -> Iterator[list[str]]:
-    """Consecutive runs of ``texts`` of about ``max_chars`` characters (one text at least)."""
-    chunk: list[str] = []
-    size = 0
+def _pieces(texts: list[str], max_chars: int) -> Iterator[tuple[str, bool]]:
+    """``(piece, last)`` for the pieces of each text in order (:func:`daemon.documents.split_document`).
+
+    ``last`` marks a document's last piece, after which the packed stream takes an EOS.
+    """
     for text in texts:
-        if chunk and size + len(text) > max_chars:
+        done = 0
+        for piece in documents.split_document(text, max_chars):
+            done += len(piece)
+            yield piece, done == len(text)
+
+
+def _chunks(pieces: Iterable[tuple[str, bool]], max_chars: int) -> Iterator[list[tuple[str, bool]]]:
+    """Consecutive runs of ``pieces`` of about ``max_chars`` characters (one piece at least)."""
+    chunk: list[tuple[str, bool]] = []
+    size = 0
+    for piece in pieces:
+        if chunk and size + len(piece[0]) > max_chars:
             yield chunk
             chunk, size = [], 0
-        chunk.append(text)
-        size += len(text)
+        chunk.append(piece)
+        size += len(piece[0])
     if chunk:
         yield chunk
 
@@ -85,6 +99,10 @@ def _pack_text(
     batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, block: int, progress: PhaseProgress
 ) -> pa.Table:
     """Concatenate a batch's documents, EOS after each, and cut the stream into ``block``-token rows.
+
+    A document longer than :data:`daemon.documents.PIECE_CHARS` is encoded in pieces (:func:`_pieces`),
+    so the tokenizer's memory stays bounded (about :data:`ENCODE_CHUNK_CHARS` characters a call)
+    whatever one document's length; the embedded tokenizer gives the whole document's ids.
 
     Returns:
         An Arrow table with ``input_ids`` (``list<int32>``), ``labels`` (null in every row:
@@ -98,14 +116,16 @@ def _pack_text(
 
     eos = np.array([tokenizer.eos_token_id], dtype=np.int32)
     parts = []
-    for chunk in _chunks(batch["text"], ENCODE_CHUNK_CHARS):
-        for ids in _token_ids(tokenizer, chunk):
-            parts += [np.array(ids, dtype=np.int32), eos]
+    for chunk in _chunks(_pieces(batch["text"], documents.PIECE_CHARS), ENCODE_CHUNK_CHARS):
+        for ids, (_, last) in zip(_token_ids(tokenizer, [piece for piece, _ in chunk]), chunk, strict=True):
+            parts.append(np.array(ids, dtype=np.int32))
+            if last:
+                parts.append(eos)
+        progress.advance(sum(last for _, last in chunk))  # also a heartbeat within one long document
     stream = np.concatenate(parts)
     offsets = np.append(np.arange(0, len(stream), block, dtype=np.int32), np.int32(len(stream)))
     rows = pa.ListArray.from_arrays(pa.array(offsets), pa.array(stream))
     labels = pa.nulls(len(rows), type=rows.type)
-    progress.advance(len(batch["text"]))
     return pa.table({"input_ids": rows, "labels": labels, "length": pa.array(np.diff(offsets))})
 
 

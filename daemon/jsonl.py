@@ -20,11 +20,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from daemon import documents
 from daemon.compressed import open_content
 from daemon.exceptions import DatasetError
 from daemon.status import PhaseProgress
@@ -51,6 +53,7 @@ CHANGED_WHILE_READ = (
 # Part of the records' cache key: bump it whenever parse_line accepts or rejects other lines,
 # so a file cached under the old rules is parsed again (2: depth limit and lone surrogates).
 PARSE_RULES_VERSION = 2
+_SURROGATE = re.compile("[\ud800-\udfff]")  # the code points UTF-8 cannot encode
 
 
 class _BadLine(ValueError):
@@ -112,6 +115,7 @@ def parse_line(raw: bytes, text_field: str) -> tuple[str, dict[str, Any]]:
         raise _BadLine(f"invalid UTF-8 at byte {e.start}") from e
     try:
         obj = json.loads(line)
+        del line  # one long document: its text is in `obj` now, free this copy before the checks
     except RecursionError as e:
         raise _BadLine(f"JSON nested deeper than {MAX_JSON_DEPTH} levels") from e
     except ValueError as e:
@@ -132,7 +136,7 @@ def parse_line(raw: bytes, text_field: str) -> tuple[str, dict[str, Any]]:
     if text_field in obj:
         if not isinstance(obj[text_field], str):
             raise _BadLine(f"'{text_field}' is not a string")
-        if not obj[text_field].strip():
+        if not obj[text_field] or obj[text_field].isspace():  # what `not strip()` says, without a copy
             raise _BadLine(f"'{text_field}' is empty")
         return "text", {"text": _encodable(obj[text_field], text_field)}
     raise _BadLine(f"no '{text_field}', 'prompt'/'completion' or 'messages' field")
@@ -148,12 +152,15 @@ def _json_depth(value: Any) -> int:
 
 
 def _encodable(value: str, name: str) -> str:
-    """``value``, checked to encode as UTF-8 (Arrow and the tokenizer fail on a lone surrogate)."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as e:
-        char = f"\\u{ord(value[e.start]):04x}"
-        raise _BadLine(f"'{name}' has a lone surrogate {char} at character {e.start}, not encodable as UTF-8") from e
+    """``value``, checked to encode as UTF-8 (Arrow and the tokenizer fail on a lone surrogate).
+
+    Searched, not encoded: CPython's encoder sizes its buffer for the worst case, 4 bytes a
+    character in a text holding one beyond U+FFFF (400 MB for a moment for a 100 MB document).
+    """
+    found = _SURROGATE.search(value)
+    if found is not None:
+        char = f"\\u{ord(found.group()):04x}"
+        raise _BadLine(f"'{name}' has a lone surrogate {char} at character {found.start()}, not encodable as UTF-8")
     return value
 
 
@@ -310,7 +317,12 @@ def load_records(report: ScanReport, data_args: DataArguments) -> datasets.Datas
 
 
 def iter_text(records: datasets.Dataset, shape: str, max_bytes: int, batch_size: int = 1000) -> Iterator[str]:
-    """Plain text of the records, up to about ``max_bytes`` (for training the bootstrap tokenizer)."""
+    """Plain text of the records, up to about ``max_bytes`` (for training the bootstrap tokenizer).
+
+    A long text comes in pieces (:func:`daemon.documents.split_document`): the tokenizer trainer's
+    memory grows with the longest text it is given (a 20 MB one took 1.9 GB). For its byte-level
+    pre-tokenizer the pieces hold the same words as the whole text, so they train the same tokenizer.
+    """
     seen = 0
     for batch in records.iter(batch_size=batch_size):
         if shape == "text":
@@ -320,7 +332,8 @@ def iter_text(records: datasets.Dataset, shape: str, max_bytes: int, batch_size:
         else:
             texts = ["\n".join(m["content"] for m in conv) for conv in batch["messages"]]
         for text in texts:
-            yield text
-            seen += len(text.encode("utf-8"))
-            if seen >= max_bytes:
-                return
+            for piece in documents.split_document(text, documents.PIECE_CHARS):
+                yield piece
+                seen += len(piece.encode("utf-8"))
+                if seen >= max_bytes:
+                    return

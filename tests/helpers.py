@@ -69,6 +69,20 @@ def stdlib_documents(limit: int = 40, chars: int = 600) -> list[str]:
     return docs[:limit]
 
 
+SHAPES = ("text", "prompt_completion", "messages")
+
+
+def shape_rows(shape: str, docs: list[str]) -> list[dict]:
+    """The same documents as records of ``shape``: the product's three data shapes (TRL's conventions)."""
+    if shape == "text":
+        return [{"text": d} for d in docs]
+    if shape == "prompt_completion":
+        return [{"prompt": d[:16], "completion": d[16:200]} for d in docs]
+    return [
+        {"messages": [{"role": "user", "content": d[:16]}, {"role": "assistant", "content": d[16:200]}]} for d in docs
+    ]
+
+
 def write_jsonl(path: Path, rows: list[object]) -> Path:
     """Write rows (objects are JSON-encoded, str rows are written verbatim) one per line."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -168,6 +168,24 @@ def test_an_escaped_surrogate_pair_is_one_valid_character():
     )
 
 
+@pytest.mark.parametrize("first", ["", "\U0001f600"], ids=["ascii", "emoji: 4 bytes a character"])
+def test_parsing_one_long_line_holds_the_line_and_its_document_and_no_other_copy(first):
+    import sys
+    import tracemalloc
+
+    text = first + "\n".join(stdlib_documents(limit=10_000)) * 40  # about 2 MB
+    raw = json.dumps({"text": text}).encode()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        _, record = parse_line(raw, "text")
+        peak = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+    assert record["text"] == text
+    assert peak < 1.25 * (len(raw) + sys.getsizeof(text))  # the decoded line and the document; no copy of either
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [
@@ -246,6 +264,30 @@ def test_text_is_packed_into_blocks_with_eos_between_documents(tmp_path, tokeniz
     batch = PaddingCollator.for_tokenizer(tokenizer)(list(rows.with_format("torch")))
     learned = batch["labels"][batch["labels"] != IGNORE_INDEX]
     assert learned.tolist() == expected  # the collator learns each token of the stream
+
+
+def test_a_long_document_is_tokenized_in_pieces_and_packed_into_the_blocks_of_the_whole_document(
+    tmp_path, tokenizer, monkeypatch
+):
+    import daemon.data
+    import daemon.documents
+
+    monkeypatch.setattr(daemon.documents, "PIECE_CHARS", 4096)
+    monkeypatch.setattr(daemon.data, "ENCODE_CHUNK_CHARS", 32768)
+    calls: list[int] = []  # characters given to the tokenizer in each call
+    token_ids = daemon.data._token_ids
+    monkeypatch.setattr(
+        daemon.data, "_token_ids", lambda tok, texts: calls.append(sum(map(len, texts))) or token_ids(tok, texts)
+    )
+    long = "\n".join(f"# copy {n}\n" + "".join(stdlib_documents(limit=1000)) for n in range(20))  # about 1 MB
+    docs = ["import os\n", long, "x = [1, 2, 3]\n"]
+    path = write_jsonl(tmp_path / "t.jsonl", [{"text": d} for d in docs])
+    args = _data_args(tmp_path, max_seq_length=64)
+    report = scan_jsonl(path)
+    rows = tokenize(load_records(report, args), report.shape, tokenizer, args).with_format(None)
+    assert max(calls) <= 32768 and len(calls) >= len(long) // 32768  # never the whole document at once
+    stream = [t for d in docs for t in [*tokenizer(d, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]]
+    assert rows["input_ids"] == [stream[i : i + 64] for i in range(0, len(stream), 64)]  # the whole document's blocks
 
 
 def test_replayed_examples_keep_their_masks_in_a_packed_file_and_the_file_learns_every_token(tmp_path, tokenizer):

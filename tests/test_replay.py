@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 
 import pytest
-from helpers import read_status, stdlib_documents, train, write_jsonl
+from helpers import SHAPES, read_status, shape_rows, stdlib_documents, train, write_jsonl
 
 from daemon.checkpoints import latest_complete_checkpoint
 from daemon.replay import add_file, fair_share, read_share, replay_count, select_replay, store_files
@@ -163,20 +163,6 @@ def test_cooldown_learning_rate_decays_towards_zero(tree):
     assert decay(1.0, "linear") == decay(1.0, "1-sqrt") == 0.0
 
 
-def _shape_rows(shape: str, docs: list[str]) -> list[dict]:
-    """The same documents as records of ``shape``: the product's three data shapes (TRL's conventions)."""
-    if shape == "text":
-        return [{"text": d} for d in docs]
-    if shape == "prompt_completion":
-        return [{"prompt": d[:16], "completion": d[16:200]} for d in docs]
-    return [
-        {"messages": [{"role": "user", "content": d[:16]}, {"role": "assistant", "content": d[16:200]}]} for d in docs
-    ]
-
-
-SHAPES = ("text", "prompt_completion", "messages")
-
-
 @pytest.mark.parametrize(("first", "second"), list(itertools.product(SHAPES, repeat=2)))
 def test_every_ordered_pair_of_shapes_trains_with_the_default_replay(tree, first, second):
     from daemon.arguments import parse_args
@@ -184,8 +170,8 @@ def test_every_ordered_pair_of_shapes_trains_with_the_default_replay(tree, first
     from daemon.run import setup
 
     docs = stdlib_documents(limit=60)
-    train(tree, write_jsonl(tree.root / f"a-{first}.jsonl", _shape_rows(first, docs[:30])))
-    b = write_jsonl(tree.root / f"b-{second}.jsonl", _shape_rows(second, docs[30:]))
+    train(tree, write_jsonl(tree.root / f"a-{first}.jsonl", shape_rows(first, docs[:30])))
+    b = write_jsonl(tree.root / f"b-{second}.jsonl", shape_rows(second, docs[30:]))
     # The replayed examples keep their own label masks beside the new file's.
     prepared = setup(parse_args(["--dataset", str(b), *tree.flags()]), Ledger(tree.status), None)
     assert prepared.plan.replayed_examples > 0
@@ -213,7 +199,7 @@ def test_a_stream_of_the_three_shapes_trains_every_file_with_replay_and_a_cooldo
     rows = [
         train(
             tree,
-            write_jsonl(tree.root / f"{n}-{shape}.jsonl", _shape_rows(shape, docs[30 * n : 30 * (n + 1)])),
+            write_jsonl(tree.root / f"{n}-{shape}.jsonl", shape_rows(shape, docs[30 * n : 30 * (n + 1)])),
             cooldown_fraction=0.5,  # the cooled branch trains on the mixed examples too
         )
         for n, shape in enumerate(SHAPES[::-1])
