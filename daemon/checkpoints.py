@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from daemon.model_card import write_card
+from daemon.origin import ORIGIN_FILE
 from daemon.status import atomic_write_text
 
 if TYPE_CHECKING:
@@ -348,7 +349,7 @@ def _export_files(folder: Path) -> list[Path]:
         for p in folder.iterdir()
         if p.is_file()
         and not p.name.startswith(".")
-        and p.name not in (*TRAINING_STATE_FILES, EXPORT_STATE)
+        and p.name not in (*TRAINING_STATE_FILES, EXPORT_STATE, ORIGIN_FILE)  # origin.json: the line's, not an export's
         and not p.name.startswith("rng_state")
     ]
 

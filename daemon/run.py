@@ -78,6 +78,7 @@ from daemon.jsonl import CHANGED_WHILE_READ, ScanReport, load_records, scan_json
 from daemon.ledger import Entry, Ledger
 from daemon.locks import owning
 from daemon.model import starting_model
+from daemon.origin import base_model_of, record_origin
 from daemon.plan import StepPlan, commit_plan, plan_steps, recorded_plan
 from daemon.records import FileProgress, HistoryRow, RunState
 from daemon.replay import add_file, drop_after, replay_count, select_replay
@@ -410,6 +411,20 @@ def remember_file(prepared: PreparedFile, flags: Flags) -> None:
     )
 
 
+def start_line(prepared: PreparedFile, flags: Flags) -> None:
+    """Record where a new model's line starts (:mod:`daemon.origin`) and, for a pretrained base, what it knew.
+
+    The base model's slice (:mod:`daemon.base_slice`) is scored by the model as loaded, before any step.
+    """
+    output_dir = str(flags.training.output_dir)
+    base = base_model_of(output_dir, flags.model.model_name_or_path)
+    record_origin(output_dir, base)
+    if base is not None:
+        autocast = autocast_dtype(flags.training.bf16, flags.training.fp16)
+        status_dir, length = flags.status.status_dir, flags.data.max_seq_length
+        keep_base_slice(prepared.model, prepared.tokenizer, status_dir, length, autocast)
+
+
 def train_file(flags: Flags) -> HistoryRow:
     """Train one file end to end and record it (status, history, snapshot).
 
@@ -449,11 +464,8 @@ def _train_file(flags: Flags) -> HistoryRow:
             prepared = setup(flags, ledger, heartbeat)
             if is_main:
                 entry = commit_plan(ledger, prepared, flags.status.ledger_id, str(flags.training.output_dir))
-                if prepared.checkpoint is None and flags.model.model_name_or_path:
-                    autocast = autocast_dtype(flags.training.bf16, flags.training.fp16)
-                    keep_base_slice(
-                        prepared.model, prepared.tokenizer, flags.status.status_dir, flags.data.max_seq_length, autocast
-                    )
+                if prepared.checkpoint is None:  # the model's line starts: where from, and what its base knew
+                    start_line(prepared, flags)
             _beat(
                 heartbeat,
                 state=RunState.TRAINING,

@@ -82,6 +82,7 @@ def test_a_pretrained_start_keeps_the_base_models_answers_as_a_slice_scored_afte
     records = [json.loads(line) for line in base_slice_path(tree.status).read_text().splitlines()]
     assert records and all(r["prompt"] in TEXT_PROMPTS and r["completion"] for r in records)  # not a chat model
     second = train(tree, write_jsonl(tree.root / "b.jsonl", [{"text": d} for d in docs[30:]]), model_name_or_path=base)
+    assert json.loads((tree.output / "origin.json").read_text()) == {"base_model": str(base)}  # kept by exports
     base_rows = [r for r in read_rows(tree.status) if r["slice"] == "00000000-base-model"]
     # scored by the base model itself (step 0), then after each file, on the same examples
     assert [r["step"] for r in base_rows] == [0, first["end_step"], second["end_step"]]
@@ -91,3 +92,15 @@ def test_a_pretrained_start_keeps_the_base_models_answers_as_a_slice_scored_afte
     assert AutoConfig.from_pretrained(tree.output).use_cache  # the export generates with its KV cache
     status = json.loads((tree.status / "training_status.json").read_text())
     assert status["forgetting"]["slices"] == 2  # the first file's slice and the base model's: drift from the base
+
+
+def test_the_embedded_model_records_that_it_was_bootstrapped_and_keeps_no_base_slice(tree):
+    from helpers import train
+
+    from daemon.base_slice import base_slice_path
+    from daemon.origin import base_model_of
+
+    train(tree, write_jsonl(tree.root / "a.jsonl", [{"text": d} for d in stdlib_documents(limit=30)]))
+    assert json.loads((tree.output / "origin.json").read_text()) == {"base_model": None}
+    assert base_model_of(tree.output, "some/folder/given/later") is None  # the line's origin wins over a flag
+    assert not base_slice_path(tree.status).exists()
