@@ -43,7 +43,8 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 
 from daemon.checkpoints import fail_file, latest_complete_checkpoint
-from daemon.config import LEDGER_ENV, DaemonArguments, config_file_to_argv
+from daemon.config import LEDGER_ENV, DaemonArguments
+from daemon.config_file import CONFIG_HELP, as_argv, read_flags, split_config
 from daemon.entries import rejection_reason
 from daemon.exceptions import ConfigError, DaemonError
 from daemon.inbox import Candidate, Inbox
@@ -327,25 +328,35 @@ class Daemon:
 def parse_daemon_args(argv: list[str]) -> tuple[DaemonArguments, list[str]]:
     """Split flags into the daemon's own and those passed to every training child.
 
+    A ``--config FILE`` is read once, here: the daemon takes its own keys, and the others
+    reach every training child as flags, before the command line's (which win).
+
     Raises:
-        ConfigError: a daemon option is invalid.
+        ConfigError: a daemon option is invalid, or the config file cannot be read.
     """
     from transformers import HfArgumentParser  # argument parsing only: does not import torch
 
     parser = HfArgumentParser(DaemonArguments)  # type: ignore[arg-type]  # transformers types dataclasses narrowly
-    daemon_args, rest = parser.parse_args_into_dataclasses(
-        args=config_file_to_argv(argv), return_remaining_strings=True
-    )
-    return daemon_args, rest
+    parser.add_argument("--config", help=CONFIG_HELP + " Its training flags are passed to each file's run.")
+    values, train_argv, training = read_flags(parser, argv)
+    return DaemonArguments(**values), [*as_argv(training), *train_argv]
 
 
-def check_training_flags(daemon_args: DaemonArguments, train_argv: list[str]) -> None:
-    """Validate the pass-through flags once, in a child, so a typo fails the daemon, not every file.
+def check_training_flags(daemon_args: DaemonArguments, argv: list[str]) -> None:
+    """Validate the training flags once, in a child, so a typo fails the daemon, not every file.
+
+    Args:
+        daemon_args: the daemon's options (its ``--output_dir`` is the children's).
+        argv: the daemon's command line: the child reads its ``--config`` file as ``train.py``
+            does, so a key no command knows is named with the file.
 
     Raises:
         ConfigError: with the child's one-line message.
     """
-    cmd = [sys.executable, "-m", "daemon", "check-args", "--output_dir", daemon_args.output_dir, *train_argv]
+    path, rest = split_config(argv)
+    _, train_argv = parse_daemon_args(rest)
+    config = ["--config", path] if path else []
+    cmd = [sys.executable, "-m", "daemon", "check-args", *config, "--output_dir", daemon_args.output_dir, *train_argv]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
@@ -367,7 +378,7 @@ def main(argv: list[str]) -> int:
         ]
         locks = lock_folders(folders)
         try:
-            check_training_flags(daemon_args, train_argv)
+            check_training_flags(daemon_args, argv)
             daemon = Daemon(daemon_args, train_argv)
             # Inherited by every training child: it refuses a ledger other than this one.
             os.environ[LEDGER_ENV] = daemon.ledger.instance
