@@ -277,3 +277,36 @@ def test_importing_the_flags_probes_neither_the_cpu_nor_the_accelerator():
     result = run_cli(["-c", probe], cwd=REPO)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_every_command_runs_from_the_daemons_config_file(tree):
+    """The daemon's file holds its folders, its own flags and training flags: each command takes what it uses."""
+    import yaml
+
+    flags = tree.flags()
+    training = {key.removeprefix("--"): value for key, value in zip(flags[::2], flags[1::2], strict=True)}
+    config = tree.root / "daemon.yaml"
+    daemon = {"inbox_dir": str(tree.inbox), "settle_seconds": 0, "rescan_seconds": 0.5, "prestart": False}
+    config.write_text(yaml.safe_dump({**training, **daemon}))
+    write_jsonl(tree.inbox / "a.jsonl", [{"text": d} for d in stdlib_documents(limit=8)])
+    elsewhere = tree.root / "elsewhere"  # no inbox, status or model here: the folders come from the file
+    elsewhere.mkdir()
+
+    result = run_cli(["-m", "daemon", "--once", f"--config={config}"], cwd=elsewhere)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (row,) = tree.history()
+    assert (row["file"], row["outcome"]) == ("a.jsonl", "done")
+    commands = {  # each spelling of --config, taken in turn
+        "status": (["status", f"--config={config}"], "1 done"),
+        "rollback": (
+            ["rollback", "--list", "--config", str(config), "--inbox_dir", str(tree.inbox)],
+            f"{row['end_step']:>5}",
+        ),
+        "report": (["report", "--config", str(config)], str(tree.status / "report.html")),
+        "generate": (["generate", "def ", "--max_new_tokens", "4", f"--config={config}"], "def "),
+    }
+    for name, (argv, shown) in commands.items():
+        result = run_cli(["-m", "daemon", *argv], cwd=elsewhere)
+        assert result.returncode == 0, (name, result.stderr[-3000:])
+        assert shown in result.stdout, (name, result.stdout)
+    assert sorted(p.name for p in elsewhere.iterdir()) == []  # nothing was made in the working directory
