@@ -181,16 +181,18 @@ class ContinualTrainingArguments(TrainingArguments):
             "rotation, so `python -m daemon rollback` can return to them. 0 keeps only the current file's start."
         },
     )
+    # From here on, None means "not given" until resolve_defaults fills it (DEFAULT_RULES, OWNED_FLAGS), so
+    # each keeps TrainingArguments' own type for its readers, and for HfArgumentParser: a bare --bf16 means True.
     # bf16 autocast through accelerate: the matmuls run in bf16, the master weights, optimizer
     # state and loss stay fp32. About 1.7x the fp32 training loop on an AVX512-BF16 CPU (BENCHMARKS.md).
-    bf16: bool | None = field(
+    bf16: bool = field(  # type: ignore[assignment]
         default=None,
         metadata={
             "help": "bf16 autocast with fp32 master weights. Default: on for a CUDA GPU with bf16 (Ampere "
             "and newer) and a CPU with AVX512-BF16 or AMX, off otherwise and with --fp16."
         },
     )
-    torch_compile: bool | None = field(
+    torch_compile: bool = field(  # type: ignore[assignment]
         default=None,
         metadata={
             "help": "Compile the model with torch.compile (inductor's cache in ~/.cache/continual-daemon/inductor). "
@@ -199,25 +201,26 @@ class ContinualTrainingArguments(TrainingArguments):
     )
     # accelerate runs DDP over gloo (MULTI_CPU) under torchrun only with use_cpu, and the device is
     # resolved inside __post_init__: so it is resolved before, to CPU on a machine without accelerator.
-    use_cpu: bool | None = field(
+    use_cpu: bool = field(  # type: ignore[assignment]
         default=None, metadata={"help": "Train on CPU. Default: only when no accelerator is available."}
     )
-    dataloader_pin_memory: bool | None = field(
+    dataloader_pin_memory: bool = field(  # type: ignore[assignment]
         default=None,
         metadata={"help": "Pin the batches' memory for the copy to an accelerator. Default: on, except on a CPU."},
     )
     # The product owns these (OWNED_FLAGS): None says the user gave none.
-    max_steps: int | None = field(default=None, metadata={"help": "Set by the product: " + OWNED_FLAGS["max_steps"][1]})
-    ignore_data_skip: bool | None = field(
+    max_steps: int = field(  # type: ignore[assignment]
+        default=None, metadata={"help": "Set by the product: " + OWNED_FLAGS["max_steps"][1]}
+    )
+    ignore_data_skip: bool = field(  # type: ignore[assignment]
         default=None, metadata={"help": "Set by the product: " + OWNED_FLAGS["ignore_data_skip"][1]}
     )
-    train_sampling_strategy: str | None = field(
+    train_sampling_strategy: str = field(  # type: ignore[assignment]
         default=None, metadata={"help": "Set by the product: " + OWNED_FLAGS["train_sampling_strategy"][1]}
     )
 
     def __post_init__(self) -> None:
-        unresolved = [name for name in (*DEFAULT_RULES, *OWNED_FLAGS) if name != "disable_tqdm"]
-        assert all(getattr(self, name) is not None for name in unresolved), "built without resolve_defaults"
+        assert self.max_steps is not None, "built without resolve_defaults: use parse_args"
         super().__post_init__()
 
 

@@ -238,6 +238,16 @@ def test_a_flag_the_product_decides_means_the_same_written_with_an_equals_sign(
         assert (f"--{flag} is set by the product" in caplog.text) is owned, argv
 
 
+@pytest.mark.parametrize("flag", ["bf16", "torch_compile", "use_cpu"])
+def test_a_decided_switch_given_alone_is_on(monkeypatch, flag):
+    import daemon.arguments
+    from daemon.arguments import parse_args
+
+    monkeypatch.setattr(daemon.arguments, "default_torch_compile", lambda device: False)
+    monkeypatch.setattr(daemon.arguments, "cpu_has_fast_bf16", lambda *a: False)
+    assert getattr(parse_args(["--dataset", "x.jsonl", f"--{flag}"]).training, flag) is True
+
+
 def test_a_config_file_written_with_an_equals_sign_is_read(tmp_path):
     from daemon.arguments import parse_args
 
