@@ -1,18 +1,20 @@
 """``python -m daemon``: the inbox daemon and its companions.
 
 python -m daemon [--once] [--inbox_dir inbox] [--status_dir status] [--output_dir current_model] [training flags]
-python -m daemon status [--json | --watch] [--samples] [--status_dir status]
-python -m daemon report [--status_dir status]             (writes status/report.html)
-python -m daemon rollback (--to_step N | --list) [--output_dir current_model] [--status_dir status]
-python -m daemon rebuild-ledger [--status_dir status] [--output_dir current_model] [--inbox_dir inbox] [--force]
-python -m daemon generate "PROMPT" [--output_dir current_model] [--max_new_tokens N] [--temperature T] [--seed S]
+python -m daemon status [--json | --watch] [--samples]
+python -m daemon report                                   (writes status/report.html)
+python -m daemon rollback (--to_step N | --list)
+python -m daemon rebuild-ledger [--force]
+python -m daemon generate "PROMPT" [--max_new_tokens N] [--temperature T] [--seed S]
 python -m daemon train --dataset FILE.jsonl [flags]      (same as python train.py)
 python -m daemon train-spare                              (the daemon's prestarted training process)
+
+Every command takes ``--config FILE`` (the daemon's) and the folder flags ``--inbox_dir``,
+``--status_dir`` and ``--output_dir`` (:mod:`daemon.config_file`).
 """
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import sys
@@ -21,17 +23,22 @@ from typing import NoReturn
 
 def status_main(argv: list[str]) -> int:
     """Print the status summary and the forgetting matrix (or the raw document and matrix with ``--json``)."""
+    from daemon.config_file import command_parser, parse_command
+    from daemon.exceptions import ConfigError
     from daemon.forgetting import build_matrix, format_figures, format_matrix, read_rows
     from daemon.status import StatusFile, format_summary, latest_snapshot, read_history
 
-    parser = argparse.ArgumentParser(prog="python -m daemon status", description="Show the training status.")
-    parser.add_argument("--status_dir", default="status", help="Status folder (default: status).")
+    parser = command_parser("python -m daemon status", "Show the training status.")
     parser.add_argument(
         "--json", action="store_true", help="Print training_status.json with the forgetting matrix as 'matrix'."
     )
     parser.add_argument("--samples", action="store_true", help="Also print the latest snapshot's samples.md.")
     parser.add_argument("--watch", action="store_true", help="A live view, refreshed every second; Ctrl-C ends it.")
-    args = parser.parse_args(argv)
+    try:
+        args = parse_command(parser, argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
     if args.watch:
         from daemon.live import watch
 

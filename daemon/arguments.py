@@ -2,16 +2,25 @@
 
 ``HfArgumentParser`` reads the product's own dataclasses (:mod:`daemon.config`) together
 with :class:`ContinualTrainingArguments`, the way transformers' ``run_clm.py`` does; a
-``--config FILE`` (JSON or YAML) holds the same keys. Flags the product owns
-(:data:`OWNED_FLAGS`) are set by the product, and a user who passes one is told.
+``--config FILE`` (JSON or YAML, :mod:`daemon.config_file`) holds the same keys. Flags the
+product owns (:data:`OWNED_FLAGS`) are set by the product, and a user who passes one is told.
+
+"Was this flag given?" is a ``None`` default, answered once after parsing (TRL's
+``trainer/base_config.py`` pattern): :func:`resolve_defaults` fills each flag of
+:data:`DEFAULT_RULES` that is still ``None`` from the machine or from the other flags,
+before the dataclasses are built, so ``--x=1`` and ``--x 1`` mean the same and the
+machine is probed when flags are parsed, not when this module is imported.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import HfArgumentParser, TrainingArguments
@@ -25,8 +34,8 @@ from daemon.config import (
     ReplayArguments,
     SampleArguments,
     StatusArguments,
-    config_file_to_argv,
 )
+from daemon.config_file import CONFIG_HELP, DAEMON_KEYS, read_flags
 from daemon.exceptions import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -34,11 +43,15 @@ logger = logging.getLogger(__name__)
 # Schedules whose value at a step does not depend on num_training_steps, so a
 # growing max_steps (one more file) cannot make the learning rate jump.
 STEP_ONLY_SCHEDULES = {"constant", "constant_with_warmup"}
-# Flags the product sets itself; a user who passes one is told and overridden.
-OWNED_FLAGS = {
-    "max_steps": "start_step + planned_steps of the latest checkpoint and this file",
-    "ignore_data_skip": "True: each file is trained from its first example",
-    "train_sampling_strategy": "'sequential': each epoch of the file has a fixed order drawn from --seed",
+# Flags the product sets itself (name: (value, why)); a user who passes one is told and overridden.
+# max_steps is not known before the plan: run.fit() sets it for each segment.
+OWNED_FLAGS: dict[str, tuple[Any, str]] = {
+    "max_steps": (-1, "start_step + planned_steps of the latest checkpoint and this file"),
+    "ignore_data_skip": (True, "True: each file is trained from its first example"),
+    "train_sampling_strategy": (
+        "sequential",
+        "'sequential': each epoch of the file has a fixed order drawn from --seed",
+    ),
 }
 
 
@@ -67,7 +80,7 @@ def cpu_has_fast_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def default_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
+def default_bf16(cpuinfo: str | Path = "/proc/cpuinfo", use_cpu: bool = False) -> bool:
     """The ``--bf16`` default: whether the device training runs on computes bf16 natively.
 
     - A CUDA GPU: ``torch.cuda.is_bf16_supported()`` (Ampere and newer; with bf16 an H100 runs
@@ -75,11 +88,31 @@ def default_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
     - Another accelerator (MPS, XPU, ...): off; pass ``--bf16`` where it pays.
     - A CPU: :func:`cpu_has_fast_bf16`. Without AVX512-BF16 or AMX, bf16 autocast is far slower
       than fp32 (README "Speed", BENCHMARKS.md), so training stays fp32.
+
+    Args:
+        cpuinfo: the kernel's CPU description (see :func:`cpu_has_fast_bf16`).
+        use_cpu: the run trains on the CPU even where an accelerator is available (``--use_cpu``).
     """
     accelerator = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
-    if accelerator is None:
+    if accelerator is None or use_cpu:
         return cpu_has_fast_bf16(cpuinfo)
     return accelerator.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def training_device(use_cpu: bool) -> torch.device:
+    """The device a run trains on, known before its ``TrainingArguments`` are built (they pick it the same way).
+
+    accelerate's ``PartialState`` trains on the CPU with ``use_cpu`` or without an accelerator,
+    on ``cuda:LOCAL_RANK`` under a launcher (``torchrun``, ``accelerate launch``; device 0 without
+    one), else on the available accelerator (MPS, XPU, ...).
+    """
+    if use_cpu or not torch.accelerator.is_available():
+        return torch.device("cpu")
+    accelerator = torch.accelerator.current_accelerator()
+    assert accelerator is not None  # is_available() said so
+    if accelerator.type == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return accelerator
 
 
 def default_torch_compile(device: torch.device) -> bool:
@@ -148,29 +181,47 @@ class ContinualTrainingArguments(TrainingArguments):
             "rotation, so `python -m daemon rollback` can return to them. 0 keeps only the current file's start."
         },
     )
+    # From here on, None means "not given" until resolve_defaults fills it (DEFAULT_RULES, OWNED_FLAGS), so
+    # each keeps TrainingArguments' own type for its readers, and for HfArgumentParser: a bare --bf16 means True.
     # bf16 autocast through accelerate: the matmuls run in bf16, the master weights, optimizer
     # state and loss stay fp32. About 1.7x the fp32 training loop on an AVX512-BF16 CPU (BENCHMARKS.md).
-    bf16: bool = field(
-        default=default_bf16(),
+    bf16: bool = field(  # type: ignore[assignment]
+        default=None,
         metadata={
             "help": "bf16 autocast with fp32 master weights. Default: on for a CUDA GPU with bf16 (Ampere "
-            "and newer) and a CPU with AVX512-BF16 or AMX, off otherwise."
+            "and newer) and a CPU with AVX512-BF16 or AMX, off otherwise and with --fp16."
         },
     )
-    # parse_args turns it on where default_torch_compile says so, once the device is known.
-    torch_compile: bool = field(
-        default=False,
+    torch_compile: bool = field(  # type: ignore[assignment]
+        default=None,
         metadata={
             "help": "Compile the model with torch.compile (inductor's cache in ~/.cache/continual-daemon/inductor). "
             "Default: on for a CUDA GPU of compute capability 8.0 or newer with Triton, off otherwise."
         },
     )
     # accelerate runs DDP over gloo (MULTI_CPU) under torchrun only with use_cpu, and the device is
-    # resolved inside __post_init__: so the default must already say CPU on a machine without accelerator.
-    use_cpu: bool = field(
-        default=not torch.accelerator.is_available(),  # HfArgumentParser ignores a bool default_factory
-        metadata={"help": "Train on CPU (the default when no accelerator is available)."},
+    # resolved inside __post_init__: so it is resolved before, to CPU on a machine without accelerator.
+    use_cpu: bool = field(  # type: ignore[assignment]
+        default=None, metadata={"help": "Train on CPU. Default: only when no accelerator is available."}
     )
+    dataloader_pin_memory: bool = field(  # type: ignore[assignment]
+        default=None,
+        metadata={"help": "Pin the batches' memory for the copy to an accelerator. Default: on, except on a CPU."},
+    )
+    # The product owns these (OWNED_FLAGS): None says the user gave none.
+    max_steps: int = field(  # type: ignore[assignment]
+        default=None, metadata={"help": "Set by the product: " + OWNED_FLAGS["max_steps"][1]}
+    )
+    ignore_data_skip: bool = field(  # type: ignore[assignment]
+        default=None, metadata={"help": "Set by the product: " + OWNED_FLAGS["ignore_data_skip"][1]}
+    )
+    train_sampling_strategy: str = field(  # type: ignore[assignment]
+        default=None, metadata={"help": "Set by the product: " + OWNED_FLAGS["train_sampling_strategy"][1]}
+    )
+
+    def __post_init__(self) -> None:
+        assert self.max_steps is not None, "built without resolve_defaults: use parse_args"
+        super().__post_init__()
 
 
 @dataclass
@@ -187,56 +238,68 @@ class Flags:
     replay: ReplayArguments
 
 
+# Flags whose default depends on the machine or on other flags: each is None until given, and
+# resolve_defaults sets a flag still None to its rule's value, in this order (a rule reads the flags
+# resolved before it). A rule returning None leaves transformers' own default.
+DEFAULT_RULES: dict[str, Callable[[dict[str, Any]], Any]] = {
+    "use_cpu": lambda flags: not torch.accelerator.is_available(),
+    "bf16": lambda flags: False if flags["fp16"] else default_bf16(use_cpu=flags["use_cpu"]),
+    "torch_compile": lambda flags: default_torch_compile(training_device(flags["use_cpu"])),
+    "dataloader_pin_memory": lambda flags: training_device(flags["use_cpu"]).type != "cpu",
+    # Progress goes to the log lines instead of \r-bars in a pipe; a terminal keeps transformers' default.
+    "disable_tqdm": lambda flags: True if not sys.stderr.isatty() else None,
+}
+GROUPS = (
+    ModelArguments,
+    DataArguments,
+    StatusArguments,
+    AccumulationArguments,
+    SampleArguments,
+    EvaluationArguments,
+    ContinualTrainingArguments,
+    ReplayArguments,
+)
+
+
+def resolve_defaults(flags: dict[str, Any]) -> None:
+    """Fill, in place, every flag not given (``None``) that the product decides: :data:`DEFAULT_RULES`, then
+    the flags it owns (:data:`OWNED_FLAGS`; a value given for one is logged as ignored).
+
+    Args:
+        flags: every flag's parsed value by name, before the dataclasses are built.
+    """
+    for name, rule in DEFAULT_RULES.items():
+        if flags[name] is None:
+            flags[name] = rule(flags)
+    for name, (value, why) in OWNED_FLAGS.items():
+        if flags[name] is not None:
+            logger.warning("--%s is set by the product (%s); the value given is ignored", name, why)
+        flags[name] = value
+
+
 def parse_args(argv: list[str]) -> Flags:
     """Parse flags (and ``--config FILE``) with ``HfArgumentParser``, then apply the product's rules.
 
+    The config file's keys that only the daemon reads (``--inbox_dir``, ``--once``, ...) are left
+    to it, so one file serves the daemon and ``train.py``.
+
     Raises:
-        ConfigError: a value is invalid; the message names the flag.
+        ConfigError: a value is invalid (the message names the flag), a flag is unknown, or the
+            config file cannot be read or has a key no command knows.
         SystemExit: argparse's own usage errors (exit code 2), as any HF script.
     """
-    argv = config_file_to_argv(argv)
-    if "--fp16" in argv and "--bf16" not in argv:
-        argv = [*argv, "--bf16", "False"]  # an explicit fp16 replaces the bf16 default, not conflicts with it
-    groups = (
-        ModelArguments,
-        DataArguments,
-        StatusArguments,
-        AccumulationArguments,
-        SampleArguments,
-        EvaluationArguments,
-        ContinualTrainingArguments,
-        ReplayArguments,
-    )
-    parser = HfArgumentParser(groups)  # type: ignore[arg-type]
-    flags = _parse(parser, argv)
-    if "--torch_compile" not in argv and not flags.training.torch_compile:
-        if default_torch_compile(flags.training.device):  # known once parsed; __post_init__ sets compiling up
-            argv = [*argv, "--torch_compile", "True"]
-            flags = _parse(parser, argv)
-    training_args = flags.training
-    _apply_owned_flags(argv, training_args)
-    _validate_training_args(training_args)
-    if "--disable_tqdm" not in argv and not sys.stderr.isatty():
-        training_args.disable_tqdm = True  # progress goes to the log lines instead of \r-bars in a pipe
-    if "--dataloader_pin_memory" not in argv and training_args.device.type == "cpu":
-        training_args.dataloader_pin_memory = False  # pinning needs an accelerator; on CPU it only warns
-    return flags
-
-
-def _parse(parser: HfArgumentParser, argv: list[str]) -> Flags:
+    parser = HfArgumentParser(GROUPS)  # type: ignore[arg-type]
+    parser.add_argument("--config", help=CONFIG_HELP)
+    values, unknown, _ = read_flags(parser, argv, left_to_others=DAEMON_KEYS)
+    if unknown:
+        raise ConfigError(f"unrecognized flags: {' '.join(unknown)}")
+    resolve_defaults(values)
     try:
-        return Flags(*parser.parse_args_into_dataclasses(args=argv))
+        flags = Flags(*parser.parse_dict(values))
     except ValueError as e:  # TrainingArguments.__post_init__ validates combinations this way
         raise ConfigError(str(e).splitlines()[0]) from e
-
-
-def _apply_owned_flags(argv: list[str], args: TrainingArguments) -> None:
-    for name, how in OWNED_FLAGS.items():
-        if f"--{name}" in argv:
-            logger.warning("--%s is set by the product (%s); the value given is ignored", name, how)
-    args.ignore_data_skip = True
-    args.train_sampling_strategy = "sequential"
-    args.max_steps = -1  # not known before the plan: run.fit() sets it for each segment
+    _validate_training_args(flags.training)
+    return flags
 
 
 def _validate_training_args(args: ContinualTrainingArguments) -> None:

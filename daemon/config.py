@@ -8,7 +8,6 @@ daemon process can parse its options without importing torch.
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from dataclasses import dataclass, field
@@ -338,52 +337,6 @@ class DaemonArguments:
 def _raise_all(problems: list[str]) -> None:
     if problems:
         raise ConfigError("; ".join(problems))
-
-
-def config_file_to_argv(argv: list[str]) -> list[str]:
-    """Expand ``--config FILE`` into flags, so a config file holds the same keys as the flags.
-
-    The file (JSON, or YAML by extension) is a mapping of flag names to values.
-    Its flags come first, so flags given on the command line override it.
-
-    Args:
-        argv: command-line arguments, possibly holding ``--config FILE`` once.
-
-    Returns:
-        The arguments with the config file's keys spliced in as ``--key value`` pairs.
-
-    Raises:
-        ConfigError: the file is missing, unreadable, or not a mapping.
-    """
-    if "--config" not in argv:
-        return list(argv)
-    at = argv.index("--config")
-    if at + 1 >= len(argv):
-        raise ConfigError("--config needs a file name")
-    path = argv[at + 1]
-    rest = argv[:at] + argv[at + 2 :]
-    try:
-        with open(path, encoding="utf-8") as f:
-            if path.endswith((".yaml", ".yml")):
-                import yaml
-
-                data = yaml.safe_load(f)
-            else:
-                data = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"--config {path}: {e}") from e
-    if not isinstance(data, dict):
-        raise ConfigError(f"--config {path}: expected a mapping of flag names to values")
-    flags: list[str] = []
-    for key, value in data.items():
-        flags.append(f"--{key}")
-        if isinstance(value, list):
-            flags.extend(str(v) for v in value)
-        elif isinstance(value, dict):
-            flags.append(json.dumps(value))
-        else:
-            flags.append(str(value))
-    return flags + rest
 
 
 def configure_logging() -> None:

@@ -11,12 +11,12 @@ export (``from_pretrained`` of the output folder), so it runs beside a training 
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from daemon.exceptions import CheckpointError
+from daemon.config_file import command_parser, parse_command
+from daemon.exceptions import CheckpointError, ConfigError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -59,16 +59,17 @@ def main(argv: list[str]) -> int:
     Returns:
         The exit code: 0 printed, 1 no loadable exported model (one line on stderr), 2 bad usage.
     """
-    parser = argparse.ArgumentParser(
-        prog="python -m daemon generate", description="Sample a continuation of PROMPT from the exported model."
-    )
+    parser = command_parser("python -m daemon generate", "Sample a continuation of PROMPT from the exported model.")
     parser.add_argument("prompt", help="The text to continue.")
-    parser.add_argument("--output_dir", default="current_model", help="The exported model (default: current_model).")
     parser.add_argument("--max_new_tokens", type=int, default=48, help="Tokens to sample (default: 48).")
     parser.add_argument("--temperature", type=float, default=0.8, help="Sampling temperature, > 0 (default: 0.8).")
     parser.add_argument("--top_k", type=int, default=50, help="Top-k sampling (default: 50).")
     parser.add_argument("--seed", type=int, default=0, help="Random seed: the same seed gives the same text.")
-    args = parser.parse_args(argv)
+    try:
+        args = parse_command(parser, argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
     if args.max_new_tokens < 1:
         parser.error("--max_new_tokens must be >= 1")
     if args.temperature <= 0:

@@ -21,7 +21,6 @@ Standard library only: no torch.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
@@ -105,21 +104,20 @@ def _claimed(processing: Path) -> set[tuple[str, str]]:
 
 
 def main(argv: list[str]) -> int:
-    """``python -m daemon rebuild-ledger [--status_dir status] [--output_dir current_model] [--inbox_dir inbox]``.
+    """``python -m daemon rebuild-ledger [--force]`` with ``--config`` and the folder flags, as every command.
 
     Returns:
         The exit code: 0 rebuilt, 1 refused with one line (a daemon or ``train.py`` runs on
         these folders, or the ledger opens fine without ``--force``; nothing changed), 2 bad usage.
     """
-    parser = argparse.ArgumentParser(
-        prog="python -m daemon rebuild-ledger",
-        description="Rebuild a damaged status/ledger.sqlite from history.jsonl, the checkpoints and the inbox.",
+    from daemon.config_file import command_parser, parse_command
+
+    parser = command_parser(
+        "python -m daemon rebuild-ledger",
+        "Rebuild a damaged status/ledger.sqlite from history.jsonl, the checkpoints and the inbox.",
     )
-    parser.add_argument("--status_dir", default="status", help="Status folder (default: status).")
-    parser.add_argument("--output_dir", default="current_model", help="The running model (default: current_model).")
-    parser.add_argument("--inbox_dir", default="inbox", help="The inbox (default: inbox).")
     parser.add_argument("--force", action="store_true", help="Rebuild even a ledger that opens.")
-    args = parser.parse_args(argv)
+    args = parse_command(parser, argv)
     folders = [("output", args.output_dir), ("status", args.status_dir), ("inbox", args.inbox_dir)]
     locks = lock_folders(folders)  # as a daemon takes them: refused while one runs
     try:

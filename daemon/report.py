@@ -24,7 +24,6 @@ importing this module costs nothing and drawing is safe beside other threads.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import io
@@ -37,6 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from daemon.config_file import command_parser, parse_command
+from daemon.exceptions import ConfigError
 from daemon.forgetting import Matrix, build_matrix, read_rows
 from daemon.records import Outcome, utc_now
 from daemon.status import (
@@ -423,10 +424,13 @@ def write_report_logged(status_dir: str | os.PathLike[str]) -> Path | None:
 
 
 def main(argv: list[str]) -> int:
-    """``python -m daemon report [--status_dir status]``: write the report now and print its path."""
-    parser = argparse.ArgumentParser(prog="python -m daemon report", description="Write status/report.html.")
-    parser.add_argument("--status_dir", default="status", help="Status folder (default: status).")
-    args = parser.parse_args(argv)
+    """``python -m daemon report [--status_dir status] [--config FILE]``: write the report now and print its path."""
+    parser = command_parser("python -m daemon report", "Write status/report.html.")
+    try:
+        args = parse_command(parser, argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
     if not Path(args.status_dir).is_dir():
         print(f"error: {args.status_dir} is not a folder", file=sys.stderr, flush=True)
         return 1

@@ -26,7 +26,6 @@ Standard library and ``filelock`` only: this command moves files and never impor
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -37,6 +36,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from daemon.checkpoints import CHECKPOINT_RE, complete_checkpoint_steps, export_step, roll_back
+from daemon.config_file import command_parser, parse_command
 from daemon.exceptions import DaemonError, RollbackError
 from daemon.forgetting import discard_after
 from daemon.ledger import LEDGER_FILE, Ledger
@@ -249,16 +249,12 @@ def main(argv: list[str]) -> int:
         The exit code: 0 done (or listed), 1 refused with one line on stderr (a daemon or
         ``train.py`` owns a folder, or N is not a kept file boundary; nothing changed), 2 bad usage.
     """
-    parser = argparse.ArgumentParser(
-        prog="python -m daemon rollback", description="Roll the running model back to a kept file boundary."
-    )
+    parser = command_parser("python -m daemon rollback", "Roll the running model back to a kept file boundary.")
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--to_step", type=int, help="The step to return to: where a done file ended (see --list).")
     what.add_argument("--list", action="store_true", help="List the steps a rollback can return to.")
-    parser.add_argument("--output_dir", default="current_model", help="The running model (default: current_model).")
-    parser.add_argument("--status_dir", default="status", help="Status folder (default: status).")
-    args = parser.parse_args(argv)
     try:
+        args = parse_command(parser, argv)
         if args.list and read_intent(args.status_dir) is None:  # listing alone needs no lock: fine beside a daemon
             return _list(args.output_dir, args.status_dir)
         folders = [("output", args.output_dir), ("status", args.status_dir)]

@@ -40,13 +40,24 @@ import time
 from pathlib import Path
 from typing import Any
 
-from watchdog.events import FileClosedEvent, FileMovedEvent, FileSystemEvent, FileSystemEventHandler
+from watchdog.events import (
+    DirCreatedEvent,
+    DirDeletedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 
 from daemon.checkpoints import fail_file, latest_complete_checkpoint
-from daemon.config import LEDGER_ENV, DaemonArguments, config_file_to_argv
-from daemon.entries import rejection_reason
+from daemon.config import LEDGER_ENV, DaemonArguments
+from daemon.config_file import CONFIG_HELP, as_argv, read_flags, split_config
+from daemon.entries import is_ignored_name, rejection_reason
 from daemon.exceptions import ConfigError, DaemonError
 from daemon.inbox import Candidate, Inbox
 from daemon.ledger import Entry, Ledger
@@ -64,13 +75,36 @@ _BETWEEN_FILES = frozenset(state for state in RunState if state.between_files)
 
 
 class _Wake(FileSystemEventHandler):
-    """watchdog handler: any change in the inbox wakes the loop; close events and renames into it are noted."""
+    """watchdog handler: an entry of the inbox that appears, goes or is finished wakes the loop; close events
+    and renames into it are noted.
+
+    Only what can change the loop's decision wakes it. Names being written (``.*``, ``*.tmp``, ``*.part``)
+    never do: a download written in 64 KB pieces sends an event per piece. Nor do writes (a file written in
+    place is complete once it settles, which the loop checks on its own clock, or once it is closed), opens
+    and reads, or the inbox folder's own "modified" that comes with each of its entries' events.
+    """
+
+    # The events that wake it; also the observer's event_filter, so that inotify does not report the others.
+    EVENTS = (
+        FileCreatedEvent,
+        DirCreatedEvent,
+        FileMovedEvent,
+        DirMovedEvent,
+        FileDeletedEvent,
+        DirDeletedEvent,
+        FileClosedEvent,
+    )
 
     def __init__(self, inbox: Inbox, wake: threading.Event) -> None:
         self.inbox = inbox
         self.wake = wake
 
     def on_any_event(self, event: FileSystemEvent) -> None:
+        if not isinstance(event, self.EVENTS):
+            return
+        paths = [Path(os.fsdecode(p)) for p in (event.src_path, event.dest_path) if p]
+        if all(is_ignored_name(path.name) for path in paths):  # a rename from a .part name is news: its dest
+            return
         if isinstance(event, FileClosedEvent) and not event.is_directory:
             self.inbox.note_closed(Path(os.fsdecode(event.src_path)))
         elif isinstance(event, FileMovedEvent) and event.dest_path and not event.is_directory:
@@ -120,6 +154,7 @@ class Daemon:
         self.processed = 0
         self._queue_published = 0.0
         self._queued = 0  # files waiting behind the one in training, as last published
+        self._published: tuple[list[str], bool] | None = None  # (queue, between files) as last written
 
     def run(self) -> int:
         """Drain and watch the inbox until stopped (or drained, with ``--once``).
@@ -136,7 +171,9 @@ class Daemon:
         self.status.update(state=RunState.IDLE, global_step=step, max_steps=step, current_file=None)
         self.ledger.mark_filed_unless_claimed(p.name for p in self.inbox.claimed())
         observer = _observer()
-        observer.schedule(_Wake(self.inbox, self.wake), str(self.inbox.root), recursive=False)
+        observer.schedule(
+            _Wake(self.inbox, self.wake), str(self.inbox.root), recursive=False, event_filter=list(_Wake.EVENTS)
+        )
         observer.start()
         try:
             self._loop()
@@ -213,7 +250,15 @@ class Daemon:
         return target
 
     def _publish_queue(self, pending: list[Candidate], between_files: bool = True) -> None:
+        """Show the files waiting in the status, rewriting it only when that changes what it shows.
+
+        Args:
+            pending: the files waiting, in arrival order.
+            between_files: no training process runs now: a state it left (a crash's) is set to idle.
+        """
         names = [c.path.name for c in pending]
+        if self._published == (names, between_files):
+            return  # as last written, and no training process has written the status since
 
         def mutate(doc: dict[str, Any]) -> None:
             doc["queue"] = names
@@ -222,6 +267,7 @@ class Daemon:
                 doc["state"] = RunState.IDLE  # no child runs now: a crashed child's last state is stale
 
         self.status.update(mutate)
+        self._published = (names, between_files)
 
     def _while_training(self) -> None:
         """Every poll while a child trains: show files dropped meanwhile (every ``QUEUE_REFRESH_SECONDS``),
@@ -256,6 +302,7 @@ class Daemon:
             logger.info("training %s (attempt %d)", printable(claimed.name), entry.attempts + 1)
             self._queue_published = 0.0
             result = self.supervisor.run(self._train_args(claimed, entry.id), self.stop, self._while_training)
+            self._published = None  # the training process wrote the status: its state, maybe stale now
             entry = self.ledger.get(entry.id) or entry
             if not entry.state.finished and not self.stop.is_set():
                 entry = self._count_attempt(entry, result)
@@ -344,25 +391,35 @@ class Daemon:
 def parse_daemon_args(argv: list[str]) -> tuple[DaemonArguments, list[str]]:
     """Split flags into the daemon's own and those passed to every training child.
 
+    A ``--config FILE`` is read once, here: the daemon takes its own keys, and the others
+    reach every training child as flags, before the command line's (which win).
+
     Raises:
-        ConfigError: a daemon option is invalid.
+        ConfigError: a daemon option is invalid, or the config file cannot be read.
     """
     from transformers import HfArgumentParser  # argument parsing only: does not import torch
 
     parser = HfArgumentParser(DaemonArguments)  # type: ignore[arg-type]  # transformers types dataclasses narrowly
-    daemon_args, rest = parser.parse_args_into_dataclasses(
-        args=config_file_to_argv(argv), return_remaining_strings=True
-    )
-    return daemon_args, rest
+    parser.add_argument("--config", help=CONFIG_HELP + " Its training flags are passed to each file's run.")
+    values, train_argv, training = read_flags(parser, argv)
+    return DaemonArguments(**values), [*as_argv(training), *train_argv]
 
 
-def check_training_flags(daemon_args: DaemonArguments, train_argv: list[str]) -> None:
-    """Validate the pass-through flags once, in a child, so a typo fails the daemon, not every file.
+def check_training_flags(daemon_args: DaemonArguments, argv: list[str]) -> None:
+    """Validate the training flags once, in a child, so a typo fails the daemon, not every file.
+
+    Args:
+        daemon_args: the daemon's options (its ``--output_dir`` is the children's).
+        argv: the daemon's command line: the child reads its ``--config`` file as ``train.py``
+            does, so a key no command knows is named with the file.
 
     Raises:
         ConfigError: with the child's one-line message.
     """
-    cmd = [sys.executable, "-m", "daemon", "check-args", "--output_dir", daemon_args.output_dir, *train_argv]
+    path, rest = split_config(argv)
+    _, train_argv = parse_daemon_args(rest)
+    config = ["--config", path] if path else []
+    cmd = [sys.executable, "-m", "daemon", "check-args", *config, "--output_dir", daemon_args.output_dir, *train_argv]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
@@ -384,7 +441,7 @@ def main(argv: list[str]) -> int:
         ]
         locks = lock_folders(folders)
         try:
-            check_training_flags(daemon_args, train_argv)
+            check_training_flags(daemon_args, argv)
             daemon = Daemon(daemon_args, train_argv)
             # Inherited by every training child: it refuses a ledger other than this one.
             os.environ[LEDGER_ENV] = daemon.ledger.instance

@@ -218,3 +218,125 @@ def test_an_os_error_without_a_path_is_a_bug_and_keeps_its_traceback():
     assert fault_message(OSError(errno.EACCES, "Permission denied")) is None
     assert fault_message(OSError(errno.EBADF, "Bad file descriptor", "/some/file")) is None
     assert "read-only" in (fault_message(OSError(errno.EROFS, "Read-only file system", "/mnt/x")) or "")
+
+
+# Every flag whose value the product decides itself (a default from the machine or from another flag, or a value
+# it owns), given a value other than the one it would decide: `--name=value` must mean what `--name value` means.
+# (flag, value given, what the run reads, what it must be, whether a warning says the product owns it)
+DECIDED_FLAGS = [
+    ("torch_compile", "False", lambda f: f.training.torch_compile, False, False),
+    ("bf16", "False", lambda f: f.training.bf16, False, False),
+    ("fp16", "True", lambda f: (f.training.fp16, f.training.bf16), (True, False), False),
+    ("use_cpu", "True", lambda f: (f.training.use_cpu, f.training.device.type), (True, "cpu"), False),
+    ("disable_tqdm", "False", lambda f: f.training.disable_tqdm, False, False),
+    ("dataloader_pin_memory", "False", lambda f: f.training.dataloader_pin_memory, False, False),
+    ("grad_workers", "3", lambda f: f.accumulation.grad_workers, "3", False),
+    ("output_dir", "elsewhere", lambda f: f.training.output_dir, "elsewhere", False),
+    ("learning_rate", "0.002", lambda f: f.training.learning_rate, 0.002, False),
+    ("warmup_steps", "7", lambda f: f.training.warmup_steps, 7, False),
+    ("max_steps", "5", lambda f: f.training.max_steps, -1, True),
+    ("ignore_data_skip", "False", lambda f: f.training.ignore_data_skip, True, True),
+    ("train_sampling_strategy", "random", lambda f: f.training.train_sampling_strategy, "sequential", True),
+]
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "read", "expected", "owned"), DECIDED_FLAGS, ids=[f[0] for f in DECIDED_FLAGS]
+)
+def test_a_flag_the_product_decides_means_the_same_written_with_an_equals_sign(
+    monkeypatch, caplog, flag, value, read, expected, owned
+):
+    import daemon.arguments
+    from daemon.arguments import parse_args
+
+    # Decided otherwise on this machine, so that a given value that is not honoured shows.
+    monkeypatch.setattr(daemon.arguments, "default_torch_compile", lambda device: True)
+    monkeypatch.setattr(daemon.arguments, "cpu_has_fast_bf16", lambda *a: True)
+    for argv in ([f"--{flag}", value], [f"--{flag}={value}"]):
+        caplog.clear()
+        assert read(parse_args(["--dataset", "x.jsonl", *argv])) == expected, argv
+        assert (f"--{flag} is set by the product" in caplog.text) is owned, argv
+
+
+@pytest.mark.parametrize("flag", ["bf16", "torch_compile", "use_cpu"])
+def test_a_decided_switch_given_alone_is_on(monkeypatch, flag):
+    import daemon.arguments
+    from daemon.arguments import parse_args
+
+    monkeypatch.setattr(daemon.arguments, "default_torch_compile", lambda device: False)
+    monkeypatch.setattr(daemon.arguments, "cpu_has_fast_bf16", lambda *a: False)
+    assert getattr(parse_args(["--dataset", "x.jsonl", f"--{flag}"]).training, flag) is True
+
+
+def test_a_config_file_written_with_an_equals_sign_is_read(tmp_path):
+    from daemon.arguments import parse_args
+
+    config = tmp_path / "train.yaml"
+    config.write_text("learning_rate: 1e-3\ngrad_workers: 2\nmax_regression: null\nsample_prompts: [a, 1]\n")
+    spaced, equals = (parse_args(argv) for argv in (["--config", str(config)], [f"--config={config}"]))
+    for flags in (spaced, equals):
+        assert flags.training.learning_rate == 0.001  # YAML reads 1e-3 as a string: typed as the flag is
+        assert flags.accumulation.grad_workers == "2" and flags.evaluation.max_regression is None
+        assert flags.samples.sample_prompts == ["a", "1"]
+
+
+def test_a_config_file_key_no_command_knows_fails_naming_the_file_and_the_key(tmp_path):
+    from daemon.arguments import parse_args
+    from daemon.exceptions import ConfigError
+
+    config = tmp_path / "train.json"
+    config.write_text(json.dumps({"learning_rat": 0.01, "inbox_dir": "inbox", "once": True}))
+    with pytest.raises(ConfigError, match=r"--config .*train\.json: unknown key learning_rat"):
+        parse_args(["--config", str(config)])
+
+
+def test_importing_the_flags_probes_neither_the_cpu_nor_the_accelerator():
+    probe = (
+        "import pathlib, torch\n"
+        "read = pathlib.Path.read_text\n"
+        "seen = []\n"
+        "def spy(self, *a, **k):\n"
+        "    if 'cpuinfo' in str(self):\n"
+        "        seen.append(str(self))\n"
+        "    return read(self, *a, **k)\n"
+        "pathlib.Path.read_text = spy\n"
+        "torch.accelerator.is_available = lambda: seen.append('accelerator') or False\n"
+        "import daemon.arguments\n"
+        "print(seen)\n"
+    )
+    result = run_cli(["-c", probe], cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_every_command_runs_from_the_daemons_config_file(tree):
+    """The daemon's file holds its folders, its own flags and training flags: each command takes what it uses."""
+    import yaml
+
+    flags = tree.flags()
+    training = {key.removeprefix("--"): value for key, value in zip(flags[::2], flags[1::2], strict=True)}
+    config = tree.root / "daemon.yaml"
+    daemon = {"inbox_dir": str(tree.inbox), "settle_seconds": 0, "rescan_seconds": 0.5, "prestart": False}
+    config.write_text(yaml.safe_dump({**training, **daemon}))
+    write_jsonl(tree.inbox / "a.jsonl", [{"text": d} for d in stdlib_documents(limit=8)])
+    elsewhere = tree.root / "elsewhere"  # no inbox, status or model here: the folders come from the file
+    elsewhere.mkdir()
+
+    result = run_cli(["-m", "daemon", "--once", f"--config={config}"], cwd=elsewhere)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (row,) = tree.history()
+    assert (row["file"], row["outcome"]) == ("a.jsonl", "done")
+    commands = {  # each spelling of --config, taken in turn
+        "status": (["status", f"--config={config}"], "1 done"),
+        "rollback": (
+            ["rollback", "--list", "--config", str(config), "--inbox_dir", str(tree.inbox)],
+            f"{row['end_step']:>5}",
+        ),
+        "report": (["report", "--config", str(config)], str(tree.status / "report.html")),
+        "generate": (["generate", "def ", "--max_new_tokens", "4", f"--config={config}"], "def "),
+    }
+    for name, (argv, shown) in commands.items():
+        result = run_cli(["-m", "daemon", *argv], cwd=elsewhere)
+        assert result.returncode == 0, (name, result.stderr[-3000:])
+        assert shown in result.stdout, (name, result.stdout)
+    assert sorted(p.name for p in elsewhere.iterdir()) == []  # nothing was made in the working directory

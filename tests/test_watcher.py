@@ -526,6 +526,76 @@ def test_names_with_control_characters_or_undecodable_bytes_train_and_are_logged
     assert reason.startswith("caf\\xe9.jsonl failed at ")
 
 
+class _CountingEvent(threading.Event):
+    """A ``threading.Event`` that counts its ``set()`` calls: each one wakes the daemon's loop."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sets = 0
+
+    def set(self) -> None:
+        self.sets += 1
+        super().set()
+
+
+def _count_calls(monkeypatch, obj: object, name: str) -> list[int]:
+    """Count the calls of ``obj.name`` (one item appended per call)."""
+    calls: list[int] = []
+    original = getattr(obj, name)
+    monkeypatch.setattr(obj, name, lambda *a, **k: calls.append(1) or original(*a, **k))
+    return calls
+
+
+def test_a_part_file_written_in_many_pieces_neither_wakes_the_loop_nor_rewrites_the_status(tree, monkeypatch):
+    training = FakeTraining()
+    daemon = _daemon(tree, training, once=False, rescan_seconds=3600)  # no periodic rescan meanwhile
+    daemon.wake = wake = _CountingEvent()
+    writes = _count_calls(monkeypatch, daemon.status, "update")
+    thread = threading.Thread(target=daemon.run)
+    thread.start()
+    try:
+        wait_for(lambda: training.spares_started, timeout=10, what="the loop to go idle")
+        wakes_before, writes_before = wake.sets, len(writes)
+        with open(tree.inbox / "big.jsonl.part", "wb") as f:  # a download in progress: 400 modify events
+            for _ in range(400):
+                f.write(b'{"text": "x"}\n' * 64)
+                f.flush()
+                os.fsync(f.fileno())
+        # Events are handled in order: once a file renamed in after them has trained, every one was handled.
+        (tree.root / "b.jsonl").write_text('{"text": "b"}\n')
+        os.replace(tree.root / "b.jsonl", tree.inbox / "b.jsonl")
+        wait_for(lambda: training.files == ["b.jsonl"], timeout=10, what="b.jsonl to train")
+    finally:
+        daemon.stop.set()
+        daemon.wake.set()
+        thread.join(timeout=10)
+    # b's rename in and its claim; its queue while it trains and after
+    assert wake.sets - wakes_before <= 4, wake.sets - wakes_before
+    assert len(writes) - writes_before <= 4, len(writes) - writes_before
+
+
+def test_an_idle_daemon_rewrites_the_status_only_when_its_queue_changes(tree, monkeypatch):
+    training = FakeTraining()
+    daemon = _daemon(tree, training, once=False, rescan_seconds=0.01, settle_seconds=3600)  # a's never settles
+    scans = _count_calls(monkeypatch, daemon.inbox, "scan")
+    writes = _count_calls(monkeypatch, daemon.status, "update")
+    thread = threading.Thread(target=daemon.run)
+    thread.start()
+    try:
+        wait_for(lambda: len(scans) >= 20, timeout=10, what="20 rescans of an empty inbox")
+        assert len(writes) == 2  # the start's state and the first (empty) queue
+        (tree.inbox / "a.jsonl").write_text('{"text": "a"}\n')
+        wait_for(lambda: _status(tree)["queue"] == ["a.jsonl"], timeout=10, what="a.jsonl in the queue")
+        seen = len(scans)
+        wait_for(lambda: len(scans) >= seen + 20, timeout=10, what="20 rescans with a.jsonl waiting")
+        assert len(writes) == 3
+    finally:
+        daemon.stop.set()
+        daemon.wake.set()
+        thread.join(timeout=10)
+    assert training.files == []
+
+
 # ---------------------------------------------------------------- real daemons (subprocesses)
 
 
@@ -605,6 +675,19 @@ def test_daemon_rejects_a_bad_training_flag_before_touching_any_file(tree):
     assert result.returncode == 1
     assert "--warmup_steps" in result.stderr
     assert (tree.inbox / "a.jsonl").exists()
+
+
+def test_the_daemons_flags_and_its_config_file_mean_the_same_written_with_an_equals_sign(tmp_path):
+    from daemon.watcher import parse_daemon_args
+
+    config = tmp_path / "daemon.yaml"
+    config.write_text("inbox_dir: drops\nsettle_seconds: 3\nlearning_rate: 1.0e-4\n")
+    spaced = parse_daemon_args(["--config", str(config), "--once", "--output_dir", "model", "--seed", "3"])
+    equals = parse_daemon_args([f"--config={config}", "--once=True", "--output_dir=model", "--seed=3"])
+    for args, train_argv in (spaced, equals):
+        assert (args.inbox_dir, args.settle_seconds, args.once, args.output_dir) == ("drops", 3.0, True, "model")
+        assert train_argv[:2] == ["--learning_rate", "0.0001"]  # the file's training flags go to every child
+    assert spaced[1][2:] == ["--seed", "3"] and equals[1][2:] == ["--seed=3"]
 
 
 def _dirs(tree) -> list[str]:
