@@ -27,6 +27,8 @@ from transformers import HfArgumentParser, TrainingArguments
 from transformers.trainer_utils import SchedulerType
 
 from daemon.config import (
+    CHAT_SAMPLE_PROMPTS,
+    DEFAULT_SAMPLE_PROMPTS,
     AccumulationArguments,
     DataArguments,
     EvaluationArguments,
@@ -37,6 +39,7 @@ from daemon.config import (
 )
 from daemon.config_file import CONFIG_HELP, DAEMON_KEYS, read_flags
 from daemon.exceptions import ConfigError
+from daemon.origin import base_model_of, has_own_chat_template
 
 logger = logging.getLogger(__name__)
 
@@ -145,9 +148,12 @@ class ContinualTrainingArguments(TrainingArguments):
         default="current_model", metadata={"help": "Checkpoints and the exported model (the running model)."}
     )
     num_train_epochs: float = field(default=1.0, metadata={"help": "Passes over *this* file."})
-    learning_rate: float = field(
-        default=5e-4,
-        metadata={"help": "Peak learning rate. Suits the embedded model trained from scratch; use ~5e-5 to fine-tune."},
+    learning_rate: float = field(  # type: ignore[assignment]
+        default=None,
+        metadata={
+            "help": "Peak learning rate. Default: 5e-4 for the embedded model trained from scratch, 5e-5 for a model "
+            "whose line starts from a pretrained base (--model_name_or_path)."
+        },
     )
     lr_scheduler_type: SchedulerType | str = field(
         default="constant_with_warmup",
@@ -155,8 +161,12 @@ class ContinualTrainingArguments(TrainingArguments):
             "help": "Learning-rate schedule. The default warms up once in the model's life, then stays constant."
         },
     )
-    warmup_steps: float = field(
-        default=100, metadata={"help": "Warmup length in optimizer steps, counted from the model's first step."}
+    warmup_steps: float = field(  # type: ignore[assignment]
+        default=None,
+        metadata={
+            "help": "Warmup length in optimizer steps, counted from the model's first step. Default: 100 for the "
+            "embedded model, 0 for a pretrained base (its first file trains at the full rate)."
+        },
     )
     logging_steps: float = field(default=10, metadata={"help": "Log loss and learning rate every X optimizer steps."})
     logging_first_step: bool = field(default=True, metadata={"help": "Log the first optimizer step of each file."})
@@ -241,7 +251,32 @@ class Flags:
 # Flags whose default depends on the machine or on other flags: each is None until given, and
 # resolve_defaults sets a flag still None to its rule's value, in this order (a rule reads the flags
 # resolved before it). A rule returning None leaves transformers' own default.
+# The defaults that follow the starting model (daemon.origin): the embedded model learns from scratch; a
+# pretrained base is fine-tuned. The pretrained rate is the largest of 2e-5, 5e-5, 1e-4 and 5e-4 that cost
+# SmolLM2-135M-Instruct at most 0.05 nats on its own answers to neutral prompts over two drops of
+# docstrings (bench/real_model.py sweep; BENCHMARKS.md "real-model sweep"); it is also transformers'
+# own TrainingArguments default. No warmup: a warmup counted from the model's first step would leave
+# a short first file at almost no learning rate, and Adam's bias correction already sizes the first steps.
+SCRATCH_DEFAULTS = {"learning_rate": 5e-4, "warmup_steps": 100}
+PRETRAINED_DEFAULTS = {"learning_rate": 5e-5, "warmup_steps": 0}
+
+
+def _starting_defaults(flags: dict[str, Any]) -> dict[str, float]:
+    """:data:`PRETRAINED_DEFAULTS` for a line started from a pretrained base, else :data:`SCRATCH_DEFAULTS`."""
+    base = base_model_of(flags["output_dir"], flags["model_name_or_path"])
+    return SCRATCH_DEFAULTS if base is None else PRETRAINED_DEFAULTS
+
+
+def _sample_prompts(flags: dict[str, Any]) -> list[str]:
+    """Questions for a pretrained base with its own chat template, code and text openings otherwise."""
+    base = base_model_of(flags["output_dir"], flags["model_name_or_path"])
+    return list(CHAT_SAMPLE_PROMPTS if base is not None and has_own_chat_template(base) else DEFAULT_SAMPLE_PROMPTS)
+
+
 DEFAULT_RULES: dict[str, Callable[[dict[str, Any]], Any]] = {
+    "learning_rate": lambda flags: _starting_defaults(flags)["learning_rate"],
+    "warmup_steps": lambda flags: _starting_defaults(flags)["warmup_steps"],
+    "sample_prompts": _sample_prompts,
     "use_cpu": lambda flags: not torch.accelerator.is_available(),
     "bf16": lambda flags: False if flags["fp16"] else default_bf16(use_cpu=flags["use_cpu"]),
     "torch_compile": lambda flags: default_torch_compile(training_device(flags["use_cpu"])),
@@ -268,9 +303,15 @@ def resolve_defaults(flags: dict[str, Any]) -> None:
     Args:
         flags: every flag's parsed value by name, before the dataclasses are built.
     """
+    decided = [name for name in ("learning_rate", "warmup_steps") if flags[name] is None]
     for name, rule in DEFAULT_RULES.items():
         if flags[name] is None:
             flags[name] = rule(flags)
+    if decided and _starting_defaults(flags) is PRETRAINED_DEFAULTS:
+        logger.info(
+            "a pretrained base: fine-tuning defaults %s (a flag given wins)",
+            " ".join(f"--{name} {flags[name]:g}" for name in decided),
+        )
     for name, (value, why) in OWNED_FLAGS.items():
         if flags[name] is not None:
             logger.warning("--%s is set by the product (%s); the value given is ignored", name, why)

@@ -17,6 +17,14 @@ from daemon.exceptions import ConfigError
 from daemon.pretrained import pretrained_problems
 
 DEFAULT_SAMPLE_PROMPTS = ["def ", "import ", "class ", "The ", "# "]
+# A chat model (a pretrained base with a chat template of its own) is asked these as user turns instead.
+CHAT_SAMPLE_PROMPTS = [
+    "What is a Python decorator?",
+    "Explain recursion in one sentence.",
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Give me one tip for writing clear code.",
+]
 # The daemon's pid, set for its training children so that they die with it (see cli.exit_with_supervisor).
 SUPERVISOR_ENV = "CONTINUAL_DAEMON_PID"
 # The daemon's ledger instance id, set for its training children so that they refuse any other ledger
@@ -146,9 +154,12 @@ class AccumulationArguments:
 class SampleArguments:
     """What each evolution snapshot samples from the model."""
 
-    sample_prompts: list[str] = field(
-        default_factory=lambda: list(DEFAULT_SAMPLE_PROMPTS),
-        metadata={"help": "Prompts sampled into each evolution snapshot."},
+    sample_prompts: list[str] = field(  # type: ignore[assignment]
+        default=None,  # resolved by daemon.arguments.resolve_defaults
+        metadata={
+            "help": "Prompts sampled into each evolution snapshot. Default: code and text openings for the embedded "
+            "model; five questions, asked as user turns, for a pretrained base with a chat template of its own."
+        },
     )
     sample_max_new_tokens: int = field(default=48, metadata={"help": "Tokens generated per snapshot sample."})
     sample_temperature: float = field(default=0.8, metadata={"help": "Sampling temperature of snapshot samples."})

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from daemon import documents
 from daemon.compressed import open_content
 from daemon.exceptions import DatasetError
-from daemon.status import PhaseProgress
+from daemon.status import PhaseProgress, mark_progress
 
 if TYPE_CHECKING:
     import datasets
@@ -195,6 +195,7 @@ def _iter_lines(path: Path, digest: Any = None, phase: str = "reading") -> Itera
 
     with open_content(path, on_read) as content:
         for number, raw in enumerate(content, start=1):
+            mark_progress()  # per line, not per chunk read: a slow parse of a chunk's lines is work going on
             raw = raw.rstrip(b"\r\n")
             if raw.strip():
                 yield number, raw

@@ -1,4 +1,4 @@
-"""Where the running model came from: the embedded bootstrap, or a pretrained base model (standard library only).
+"""Where the running model came from: the embedded bootstrap, or a pretrained base model (no torch).
 
 ``<output_dir>/origin.json`` is written once, by the first run on an empty ``output_dir``, before
 its first step: ``{"base_model": "<folder>"}`` for a run started from ``--model_name_or_path`` (or
@@ -59,12 +59,20 @@ def record_origin(output_dir: str | Path, base_model: str | None) -> None:
 
 
 def has_own_chat_template(folder: str | Path) -> bool:
-    """Whether a model folder's tokenizer carries a chat template (``chat_template.jinja`` or in its config)."""
+    """Whether a model folder's tokenizer carries a chat template of its own (``chat_template.jinja`` or in its config).
+
+    The product's :data:`daemon.data.DEFAULT_CHAT_TEMPLATE`, which the embedded tokenizer and a
+    tokenizer without a template get, is not one (as :func:`daemon.snapshots.is_chat_model`).
+    """
+    from daemon.data import DEFAULT_CHAT_TEMPLATE
+
     folder = Path(folder)
-    if (folder / "chat_template.jinja").is_file():
-        return True
     try:
-        config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return bool(isinstance(config, dict) and config.get("chat_template"))
+        template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    except OSError:
+        try:
+            config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        template = config.get("chat_template") if isinstance(config, dict) else None
+    return isinstance(template, str) and bool(template) and template != DEFAULT_CHAT_TEMPLATE

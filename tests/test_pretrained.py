@@ -104,3 +104,24 @@ def test_the_embedded_model_records_that_it_was_bootstrapped_and_keeps_no_base_s
     assert json.loads((tree.output / "origin.json").read_text()) == {"base_model": None}
     assert base_model_of(tree.output, "some/folder/given/later") is None  # the line's origin wins over a flag
     assert not base_slice_path(tree.status).exists()
+
+
+def test_defaults_follow_the_starting_model_and_a_flag_given_always_wins(tree):
+    from daemon.arguments import parse_args
+    from daemon.config import CHAT_SAMPLE_PROMPTS, DEFAULT_SAMPLE_PROMPTS
+
+    def flags(*extra: str):
+        parsed = parse_args(["--dataset", "a.jsonl", f"--output_dir={tree.output}", *extra])
+        return parsed.training.learning_rate, parsed.training.warmup_steps, parsed.samples.sample_prompts
+
+    assert flags() == (5e-4, 100, DEFAULT_SAMPLE_PROMPTS)  # the embedded model, from scratch
+    base = export_tiny(tree.root / "base")  # its tokenizer carries only the product's default template
+    assert flags(f"--model_name_or_path={base}") == (5e-5, 0, DEFAULT_SAMPLE_PROMPTS)
+    (base / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    assert flags("--model_name_or_path", str(base)) == (5e-5, 0, CHAT_SAMPLE_PROMPTS)  # a chat model: questions
+    assert flags(f"--model_name_or_path={base}", "--learning_rate=2e-4", "--warmup_steps", "5")[:2] == (2e-4, 5)
+    # Once the line has started, its origin decides, whatever a later file is given
+    (tree.output / "origin.json").write_text(json.dumps({"base_model": str(base)}))
+    assert flags()[:2] == (5e-5, 0)
+    (tree.output / "origin.json").write_text(json.dumps({"base_model": None}))
+    assert flags(f"--model_name_or_path={base}")[:2] == (5e-4, 100)
