@@ -154,8 +154,8 @@ class AccumulationArguments:
 class SampleArguments:
     """What each evolution snapshot samples from the model."""
 
-    sample_prompts: list[str] = field(  # type: ignore[assignment]
-        default=None,  # resolved by daemon.arguments.resolve_defaults
+    sample_prompts: list[str] = field(
+        default=None,  # type: ignore[arg-type]  # resolved by daemon.arguments.resolve_defaults
         metadata={
             "help": "Prompts sampled into each evolution snapshot. Default: code and text openings for the embedded "
             "model; five questions, asked as user turns, for a pretrained base with a chat template of its own."

@@ -67,6 +67,7 @@ def has_own_chat_template(folder: str | Path) -> bool:
     from daemon.data import DEFAULT_CHAT_TEMPLATE
 
     folder = Path(folder)
+    template: object
     try:
         template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
     except OSError:
