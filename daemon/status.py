@@ -494,6 +494,10 @@ def format_summary(
     lines.append(
         f"grad guard   {g['workers']} workers, {g['dropped_shards']} dropped shards, {g['skipped_steps']} skipped steps"
     )
+    disk = doc.get("disk")
+    if disk:
+        needed, free = f"{disk['needed_bytes']:,}", f"{disk['free_bytes']:,}"
+        lines.append(f"disk         {needed} bytes needed in {disk['path']}, {free} free")
     err = doc.get("last_error")
     lines.append(f"last error   {err['file']}: {err['message']} ({err['at']})" if err else "last error   none")
     if snapshot is not None:
