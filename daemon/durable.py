@@ -16,7 +16,7 @@ the last checkpoint's size, plus the export's when an export follows
 (:class:`daemon.callbacks.CheckpointCallback`). Out of space it raises
 :class:`~daemon.exceptions.DiskFull` instead of starting a save that would tear;
 :func:`disk_full_after` turns a save that failed for want of space (the check can race) into
-the same error, once the partial folders it left are removed (:func:`remove_unfinished_saves`).
+the same error, once the partial folders it left are removed (:func:`unfinished_saves`).
 The training process then exits with :data:`EXIT_NO_SPACE` and its daemon waits for the room
 (:func:`wait_for_room`) before it runs the file again.
 
@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from daemon.exceptions import DiskFull
+from daemon.exceptions import DaemonError, DiskFull
 from daemon.records import RunState, utc_now
 from daemon.status import StatusFile, atomic_write_text
 
@@ -139,30 +139,30 @@ def free_bytes(folder: str | Path) -> int:
     return shutil.disk_usage(folder).free
 
 
-def remove_unfinished_saves(output_dir: str | Path, complete: list[int]) -> list[str]:
-    """Delete the partial folders a failed save left: ``checkpoint-<n>`` above the newest complete one, the stage.
+def unfinished_saves(output_dir: str | Path, complete: list[int]) -> list[Path]:
+    """The partial folders a failed save leaves: ``checkpoint-<n>`` above the newest complete one, the export's stage.
 
-    Called by the run whose save failed, holding the output folder: every incomplete checkpoint
+    Asked by the run whose save failed, holding the output folder: every incomplete checkpoint
     older than its start was set aside as ``torn-checkpoint-*`` before its first step, so what is
-    above the newest complete checkpoint now is its own, and it holds the space the next save needs.
+    above the newest complete checkpoint now is its own, and it holds space the next save needs.
 
     Args:
         output_dir: the running model's folder.
         complete: the steps of the complete checkpoints (:func:`daemon.checkpoints.complete_checkpoint_steps`).
-
-    Returns:
-        The names of the folders deleted.
     """
     root = Path(output_dir)
     newest = max(complete, default=-1)
-    doomed = [p for p in root.iterdir() if (m := _CHECKPOINT_RE.match(p.name)) and int(m[1]) > newest]
-    doomed += [p for p in (root / ".export.staged",) if p.exists()]
-    for folder in doomed:
+    partial = [p for p in root.iterdir() if (m := _CHECKPOINT_RE.match(p.name)) and int(m[1]) > newest]
+    return partial + [p for p in (root / ".export.staged",) if p.exists()]
+
+
+def remove_unfinished_saves(folders: list[Path]) -> None:
+    """Delete the folders of :func:`unfinished_saves`, with a log line each, then fsync their parent."""
+    for folder in folders:
         shutil.rmtree(folder, ignore_errors=True)
         logger.warning("removed %s, left by a save that ran out of space", folder.name)
-    if doomed:
-        fsync_dir(root)
-    return [p.name for p in doomed]
+    if folders:
+        fsync_dir(folders[0].parent)
 
 
 def is_no_space(error: BaseException) -> bool:
@@ -190,29 +190,32 @@ def disk_full_after(
     """Turn a save that fails for want of space into :class:`DiskFull`, after removing what it left.
 
     A save fails for want of space when its error says so (:func:`is_no_space`), or when, its
-    partial folders removed, fewer bytes are free than the save needs: ``torch.save`` reports a
-    full disk only as a failed write of its archive.
+    partial folders counted as free, fewer bytes are free than the save needs: ``torch.save``
+    reports a full disk only as a failed write of its archive. Any other error passes unchanged,
+    and the partial folders stay (they are set aside as torn by the next run).
 
     Args:
         output_dir: the running model's folder.
-        needed: ``() -> int``, the bytes the save needs, asked once the partial folders are gone.
+        needed: ``() -> int``, the bytes the save needs (asked on a failure only).
         complete: ``() -> list[int]``, the steps of the complete checkpoints.
         what: what was being written, for the message.
 
     Raises:
-        DiskFull: from the save's error; any other error passes unchanged.
+        DiskFull: from the save's error.
     """
     try:
         yield
-    except DiskFull:
-        raise
+    except DaemonError:
+        raise  # a failure of its own (DiskFull from the check before the save included), not a write's
     except Exception as e:
         steps = complete()
-        remove_unfinished_saves(output_dir, steps)
-        bytes_needed, free = needed(), free_bytes(output_dir)
-        if not is_no_space(e) and free >= bytes_needed:
+        partial = unfinished_saves(output_dir, steps)
+        bytes_needed = needed()
+        reclaimable = free_bytes(output_dir) + sum(folder_bytes(p) for p in partial)
+        if not is_no_space(e) and reclaimable >= bytes_needed:
             raise
-        raise DiskFull(output_dir, bytes_needed, free, what, max(steps, default=None)) from e
+        remove_unfinished_saves(partial)
+        raise DiskFull(output_dir, bytes_needed, free_bytes(output_dir), what, max(steps, default=None)) from e
 
 
 def wait_for_room(
