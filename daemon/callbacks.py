@@ -166,7 +166,7 @@ def state_bytes(model: torch.nn.Module | None, optimizer: torch.optim.Optimizer 
     Returns:
         Bytes (0 for what is None).
     """
-    tensors = list(model.parameters()) if model is not None else []
+    tensors: list[torch.Tensor] = list(model.parameters()) if model is not None else []
     if optimizer is not None:
         tensors += [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
     return sum(t.numel() * t.element_size() for t in tensors)
