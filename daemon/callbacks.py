@@ -3,7 +3,8 @@
 - :class:`PlanCallback` checkpoints and stops at the end of each planned segment,
   or at the next optimizer step after a stop request (all processes at once).
 - :class:`ProgressCallback` feeds the status heartbeat and logs one line per logging step.
-- :class:`CheckpointCallback` makes each saved checkpoint durable and rotates by step.
+- :class:`CheckpointCallback` checks for room before each save, commits each saved checkpoint
+  (:mod:`daemon.durable`) and rotates by step.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ import torch.distributed as dist
 from transformers import TrainerCallback, TrainingArguments
 
 from daemon.accumulation import GuardCounters
-from daemon.checkpoints import make_durable, rotate_checkpoints
+from daemon.checkpoints import complete_checkpoint_steps, rotate_checkpoints, space_needed
+from daemon.durable import commit_checkpoint, free_bytes
+from daemon.exceptions import DiskFull
 from daemon.plan import StepPlan
 from daemon.records import FileProgress
 from daemon.status import Heartbeat, mark_progress
@@ -119,25 +122,54 @@ class BranchCallback(TrainerCallback):
 
 
 class CheckpointCallback(TrainerCallback):
-    """After each save (main process): fsync the checkpoint, then rotate by step, keeping protected steps.
+    """Room before each save, then after it (main process): commit the checkpoint and rotate by step.
 
-    The Trainer's own rotation is turned off (it orders by modification time).
+    The Trainer's own rotation is turned off (it orders by modification time). Before a save
+    the output folder must have the bytes of :func:`~daemon.checkpoints.space_needed` free
+    (the last checkpoint's, plus the export's at ``export_at``); otherwise the run stops with
+    :class:`~daemon.exceptions.DiskFull` before writing anything.
 
     Args:
         keep: complete checkpoints to keep (``--save_total_limit``; None keeps all).
         protected_steps: checkpoints never rotated away: the file's start and the ends of
             the last ``--keep_file_checkpoints`` done files (the kept file boundaries).
+        export_at: the step whose save an export follows (the file's end); None for none.
     """
 
-    def __init__(self, keep: int | None, protected_steps: set[int]) -> None:
+    def __init__(self, keep: int | None, protected_steps: set[int], export_at: int | None = None) -> None:
         self.keep = keep
         self.protected_steps = protected_steps
+        self.export_at = export_at
+
+    def on_step_end(self, args, state, control, **kwargs):
+        # Runs after PlanCallback (added before it): should_save is final here.
+        if control.should_save and state.is_world_process_zero:
+            estimate = state_bytes(kwargs.get("model"), kwargs.get("optimizer"))
+            needed = space_needed(args.output_dir, state.global_step == self.export_at, estimate)
+            free = free_bytes(args.output_dir)
+            if free < needed:
+                steps = complete_checkpoint_steps(args.output_dir)
+                what = f"checkpoint-{state.global_step}"
+                raise DiskFull(args.output_dir, needed, free, what, steps[0] if steps else None)
+        return control
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
-            make_durable(f"{args.output_dir}/checkpoint-{state.global_step}")
+            commit_checkpoint(f"{args.output_dir}/checkpoint-{state.global_step}", state.global_step)
             rotate_checkpoints(str(args.output_dir), self.keep, self.protected_steps)
         return control
+
+
+def state_bytes(model: torch.nn.Module | None, optimizer: torch.optim.Optimizer | None) -> int:
+    """Bytes of the model's parameters and the optimizer's state tensors: a checkpoint's size before the first.
+
+    Returns:
+        Bytes (0 for what is None).
+    """
+    tensors: list[torch.Tensor] = list(model.parameters()) if model is not None else []
+    if optimizer is not None:
+        tensors += [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 class ProgressCallback(TrainerCallback):

@@ -1,12 +1,14 @@
 """Checkpoints and the export: what a run continues from and what users load (README "Operating the daemon").
 
 A checkpoint is the folder ``<output_dir>/checkpoint-<global_step>`` written by
-the Trainer. It is *complete* when its ``trainer_state.json`` reads, its weights
-are whole (a safetensors file as long as its header says), and its optimizer and
-scheduler state are whole ``torch.save`` archives; anything else is torn (killed
-mid-save, power loss, disk full) and is never used: it is set aside as
-``torn-checkpoint-<step>[-n]`` with a warning. The product fsyncs each checkpoint
-after the Trainer saved it (:func:`make_durable`) and owns rotation
+the Trainer. It is *complete* when its files match its commit marker (``commit.json``,
+written last once the folder is fsynced: :mod:`daemon.durable`; a folder saved before the
+marker existed has none), its ``trainer_state.json`` reads, its weights are whole (a
+safetensors file as long as its header says), and its optimizer and scheduler state are
+whole ``torch.save`` archives (a zip directory that reads, listing no member beyond it);
+anything else is torn (killed mid-save, power loss, disk full) and is never used: it is set
+aside as ``torn-checkpoint-<step>[-n]`` with a warning. The product commits each checkpoint
+after the Trainer saved it (:func:`daemon.durable.commit_checkpoint`) and owns rotation
 (:func:`rotate_checkpoints`): by step number, among complete checkpoints, never the
 newest complete one and never one a recorded plan still needs.
 
@@ -32,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from daemon.durable import COMMIT_FILE, commit_problem, folder_bytes, fsync_dir, make_durable
 from daemon.model_card import write_card
 from daemon.origin import ORIGIN_FILE
 from daemon.status import atomic_write_text
@@ -56,7 +59,14 @@ WEIGHT_FILES = (
 )
 EXPORT_STATE = "export.json"
 # What an export consists of: a checkpoint's files but the training state.
-TRAINING_STATE_FILES = ("trainer_state.json", "optimizer.pt", "optimizer.bin", "scheduler.pt", "training_args.bin")
+TRAINING_STATE_FILES = (
+    "trainer_state.json",
+    "optimizer.pt",
+    "optimizer.bin",
+    "scheduler.pt",
+    "training_args.bin",
+    COMMIT_FILE,
+)
 
 
 @dataclass(frozen=True)
@@ -68,7 +78,14 @@ class Checkpoint:
 
 
 def _why_incomplete(folder: Path) -> str | None:
-    """None for a complete checkpoint, else what is missing or broken (reads headers, not tensors)."""
+    """None for a complete checkpoint, else what is missing or broken (reads headers, not tensors).
+
+    A committed folder (:mod:`daemon.durable`) must match its marker's file sizes first; every
+    folder must then pass the format checks.
+    """
+    committed = commit_problem(folder)
+    if committed is not None:
+        return committed
     state = folder / TRAINER_STATE
     if not state.is_file():
         return f"no {TRAINER_STATE}"
@@ -90,9 +107,23 @@ def _why_incomplete(folder: Path) -> str | None:
     for part in (optimizer, folder / SCHEDULER_FILE):
         if not part.is_file():
             return f"no {part.name}"
-        if not zipfile.is_zipfile(part):  # torch.save writes a zip archive; a torn one lacks its end record
+        if not _whole_zip(part):  # torch.save writes a zip archive
             return f"{part.name} is truncated or empty"
     return None
+
+
+def _whole_zip(path: Path) -> bool:
+    """Whether a zip archive's directory reads and every member it lists lies before the directory.
+
+    A torn archive lacks its end record; a damaged one lists members beyond its data. Reads the
+    directory only, not the members.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            ends = [i.header_offset + 30 + len(i.orig_filename.encode()) + i.compress_size for i in archive.infolist()]
+            return max(ends, default=0) <= archive.start_dir
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return False
 
 
 def _whole_safetensors(path: Path) -> bool:
@@ -141,6 +172,37 @@ def latest_complete_checkpoint(output_dir: str | Path, set_aside: bool = True) -
     return found
 
 
+def space_needed(output_dir: str | Path, with_export: bool, estimate: int = 0) -> int:
+    """Bytes the next save in ``output_dir`` needs: the latest complete checkpoint's size, plus the export's.
+
+    A checkpoint's size hardly changes from one save to the next (the same tensors).
+
+    Args:
+        output_dir: the running model's folder.
+        with_export: an export follows the save (the end of a file).
+        estimate: the checkpoint's bytes when none is complete yet (the weights and optimizer
+            state in memory).
+
+    Returns:
+        Bytes.
+    """
+    latest = latest_complete_checkpoint(output_dir, set_aside=False)
+    checkpoint = folder_bytes(latest.path) if latest is not None else estimate
+    return checkpoint + (export_bytes(output_dir, estimate) if with_export else 0)
+
+
+def export_bytes(output_dir: str | Path, estimate: int = 0) -> int:
+    """Bytes the next export needs: the current export's, else the latest checkpoint's model files, else ``estimate``.
+
+    The export is written beside the one it replaces (:func:`export_model`), so it needs its full size again.
+    """
+    root = Path(output_dir)
+    if (root / "config.json").is_file():
+        return sum(p.stat().st_size for p in _export_files(root))
+    latest = latest_complete_checkpoint(root, set_aside=False)
+    return sum(p.stat().st_size for p in _export_files(latest.path)) if latest is not None else estimate
+
+
 def complete_checkpoint_steps(output_dir: str | Path) -> list[int]:
     """The steps of the complete checkpoints in ``output_dir``, newest first; nothing on disk changes."""
     return [step for step, folder in _checkpoint_folders(Path(output_dir)) if _why_incomplete(folder) is None]
@@ -160,32 +222,6 @@ def set_aside_torn_checkpoints(output_dir: str | Path) -> None:
                 folder.rename(target)
                 logger.warning("moved the incomplete %s to %s", folder.name, target.name)
                 break
-
-
-def make_durable(folder: str | Path) -> None:
-    """fsync every file of ``folder``, the folder and its parent, so a power loss keeps what was saved.
-
-    The Trainer writes checkpoints without fsync; until this returns, a checkpoint may
-    come back torn after a power loss (and is then caught by the completeness check).
-    """
-    root = Path(folder)
-    for path in sorted(root.rglob("*")):
-        if path.is_file() and not path.is_symlink():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    for directory in (*sorted({p.parent for p in root.rglob("*")}), root, root.parent):
-        _fsync_dir(directory)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def rotate_checkpoints(output_dir: str | Path, keep: int | None, protected_steps: Iterable[int] = ()) -> list[int]:
@@ -276,7 +312,7 @@ def roll_back(
         else:  # the model before the file was never exported: there is nothing to show
             _remove_export(root)
     if deleted:
-        _fsync_dir(root)
+        fsync_dir(root)
         logger.warning("rolled back to step %d: deleted checkpoints %s", start_step, deleted)
     return deleted
 
@@ -389,10 +425,10 @@ def _remove_export(root: Path) -> None:
     for path in _export_files(root):
         path.unlink(missing_ok=True)
     (root / EXPORT_STATE).unlink(missing_ok=True)
-    _fsync_dir(root)
+    fsync_dir(root)
 
 
 def _write_export_state(root: Path, global_step: int, cooldown_steps: int = 0) -> None:
     state = {"global_step": global_step, **({"cooldown_steps": cooldown_steps} if cooldown_steps else {})}
     atomic_write_text(root / EXPORT_STATE, json.dumps(state) + "\n")
-    _fsync_dir(root)
+    fsync_dir(root)

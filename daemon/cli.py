@@ -19,7 +19,8 @@ import time
 
 from daemon.arguments import parse_args
 from daemon.config import SUPERVISOR_ENV, configure_logging
-from daemon.exceptions import ConfigError, DaemonError, TrainingInterrupted
+from daemon.durable import EXIT_NO_SPACE
+from daemon.exceptions import ConfigError, DaemonError, DiskFull, TrainingInterrupted
 from daemon.failures import leave_reason
 from daemon.run import train_file
 
@@ -65,9 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     """``python train.py --dataset FILE.jsonl [flags]``: train one file; returns the exit code.
 
     Exit codes: 0 trained, 1 a user-facing error (one line on stderr), 2 bad usage
-    (argparse), 3 interrupted by a signal after checkpointing. A failing child of the daemon
-    leaves its reason for it (:func:`daemon.failures.leave_reason`); any other exception
-    propagates (:func:`daemon.__main__.main` prints a fault of the machine as one line).
+    (argparse), 3 interrupted by a signal after checkpointing, 4 no room in the output folder
+    for the next save (one line naming it and the bytes needed; the file is left unfinished). A
+    failing child of the daemon leaves its reason for it (:func:`daemon.failures.leave_reason`);
+    any other exception propagates (:func:`daemon.__main__.main` prints a fault of the machine as one line).
     """
     configure_logging()
     argv = sys.argv[1:] if argv is None else argv
@@ -89,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingInterrupted as e:
         print(f"interrupted: {e}", file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
+    except DiskFull as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return EXIT_NO_SPACE
     except DaemonError as e:
         leave_reason(e)
         print(f"error: {e}", file=sys.stderr, flush=True)

@@ -64,3 +64,25 @@ class RegressionError(DaemonError):
     def __init__(self, message: str, quality_gate: dict) -> None:
         super().__init__(message)
         self.quality_gate = quality_gate
+
+
+class DiskFull(DaemonError):
+    """The output folder's filesystem has no room for the next save; the run stopped before tearing anything.
+
+    The file stays claimed and unfinished: run again once space is freed (the daemon waits and
+    resumes by itself) and training resumes at the latest complete checkpoint.
+
+    Attributes:
+        path: the folder the save writes into.
+        needed: bytes the save needs (the last checkpoint's size, plus the export's when one follows).
+        free: bytes free on that filesystem when the save was refused or failed.
+        resume_step: the step the next run resumes at, None when no checkpoint is complete yet.
+    """
+
+    def __init__(self, path: object, needed: int, free: int, what: str, resume_step: int | None) -> None:
+        self.path, self.needed, self.free, self.resume_step = str(path), needed, free, resume_step
+        resume = "its start" if resume_step is None else f"step {resume_step}"
+        super().__init__(
+            f"no space left in {path} for {what}: {needed:,} bytes needed ({needed / 1e6:.1f} MB), {free:,} free; "
+            f"free some space and run again: training resumes at {resume}"
+        )

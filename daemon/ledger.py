@@ -22,7 +22,12 @@ training       done         :meth:`Ledger.finish`        training process
 queued         failed       :meth:`Ledger.fail`          training process; daemon
 training       failed       :meth:`Ledger.fail`          training process; daemon
 done           rolled_back  :meth:`Ledger.roll_back`     ``python -m daemon rollback``
+done           training     :meth:`Ledger.reopen`        daemon (:mod:`daemon.reconcile`)
 =============  ===========  ===========================  =============================
+
+A reopened row keeps its plan and its ``end_step``: the latest usable checkpoint lacks the
+file's last steps, which its next run trains again; ``training`` with an ``end_step`` is how
+such a row is told from a first run.
 
 A ``rolled_back`` row keeps its plan and ``end_step`` (the steps it had added) and its
 ``finished_at``; ``error`` says to which step it was rolled back. Its content is no
@@ -73,7 +78,7 @@ TRANSITIONS: dict[FileState | None, frozenset[FileState]] = {
     None: frozenset({FileState.QUEUED, FileState.DUPLICATE, FileState.REJECTED}),
     FileState.QUEUED: frozenset({FileState.TRAINING, FileState.FAILED}),
     FileState.TRAINING: frozenset({FileState.DONE, FileState.FAILED}),
-    FileState.DONE: frozenset({FileState.ROLLED_BACK}),
+    FileState.DONE: frozenset({FileState.ROLLED_BACK, FileState.TRAINING}),
     FileState.FAILED: frozenset(),
     FileState.DUPLICATE: frozenset(),
     FileState.REJECTED: frozenset(),
@@ -283,6 +288,13 @@ class Ledger:
     def finish(self, entry_id: int, end_step: int) -> Entry:
         """``training -> done``: the file is trained, exported and recorded in the history."""
         return self.update(entry_id, state=FileState.DONE, end_step=end_step)
+
+    def reopen(self, entry_id: int, error: str) -> Entry:
+        """``done -> training``: the file's last steps are missing from the model and train again.
+
+        The plan and ``end_step`` stay (the step its run must reach again); ``error`` says why.
+        """
+        return self.update(entry_id, state=FileState.TRAINING, error=error)
 
     def fail(self, entry_id: int, error: str) -> Entry:
         """``queued | training -> failed``, with the reason shown to the user."""

@@ -5,7 +5,8 @@ read lives here:
 
 - :class:`RunState`: ``state`` of ``status/training_status.json``.
 - :class:`FileState`: ``state`` of a ledger row (its transitions: :mod:`daemon.ledger`).
-- :class:`Outcome`: ``outcome`` of a ``status/history.jsonl`` row (``done``, ``failed``, ``rolled_back``).
+- :class:`Outcome`: ``outcome`` of a ``status/history.jsonl`` row (``done``, ``failed``, ``rolled_back``,
+  ``reopened``).
 - :class:`FileProgress`: the status's ``current_file``.
 - :class:`HistoryRow`: one ``history.jsonl`` row; the only place a row is built.
 
@@ -43,11 +44,12 @@ class RunState(StrEnum):
     STOPPED = "stopped"
     FAILED = "failed"
     STALLED = "stalled"
+    WAITING_FOR_DISK = "waiting_for_disk"  # the daemon holds a claimed file until its output folder has room
 
     @property
     def between_files(self) -> bool:
         """True for the states in which no training process is working on a file."""
-        return self in (RunState.IDLE, RunState.STOPPED, RunState.FAILED, RunState.STALLED)
+        return self in (RunState.IDLE, RunState.STOPPED, RunState.FAILED, RunState.STALLED, RunState.WAITING_FOR_DISK)
 
 
 class FileState(StrEnum):
@@ -79,6 +81,13 @@ class Outcome(StrEnum):
     DONE = "done"
     FAILED = "failed"
     ROLLED_BACK = "rolled_back"  # a later row cancelling an earlier done row of the same sha256 and start_step
+    # Also cancels that row: the latest usable checkpoint lacks the file's last steps, which train again.
+    REOPENED = "reopened"
+
+    @property
+    def cancels_done(self) -> bool:
+        """True for the rows that cancel the latest earlier done row with their ``sha256`` and ``start_step``."""
+        return self in (Outcome.ROLLED_BACK, Outcome.REOPENED)
 
 
 @dataclass
@@ -139,7 +148,9 @@ class HistoryRow:
     of the model; its ``error`` says to which step. ``wall_seconds`` is the file's whole run
     in the training process, ``train_seconds`` the part inside the optimizer loop and
     ``eval_seconds`` the evaluation suite's (seconds). Losses are mean token cross-entropy
-    in nats; ``eval_loss`` is the loss on the file's held-out slice. ``quality_gate`` is
+    in nats; ``eval_loss`` is the loss on the file's held-out slice. A ``reopened`` row, like a
+    ``rolled_back`` one, repeats and cancels a done row; its file trains its missing steps again
+    and gets a new done row (:mod:`daemon.reconcile`). ``quality_gate`` is
     what the gate found (:func:`daemon.forgetting.quality_gate`), also on a file it rolled back.
     ``replayed_examples`` are the earlier files' examples trained with the file's ``examples``
     (both counted in ``planned_steps``); ``cooldown_steps`` / ``cooldown_seconds`` are the
@@ -258,6 +269,15 @@ class HistoryRow:
             error=f"rolled back to step {to_step}",
             finished_at=utc_now(),
         )
+
+    @classmethod
+    def reopened(
+        cls, name: str, sha256: str | None, start_step: int, end_step: int, planned_steps: int, why: str
+    ) -> HistoryRow:
+        """The row of a done file (steps ``start_step -> end_step``) reopened to train its missing steps again."""
+        row = cls.rolled_back(name, sha256, start_step, end_step, planned_steps, start_step)
+        row.outcome, row.error = Outcome.REOPENED, why
+        return row
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON object written to ``history.jsonl`` (enums as their string values)."""

@@ -46,12 +46,15 @@ from daemon.accumulation import ThreadedAccumulationTrainer, resolve_workers
 from daemon.arguments import Flags
 from daemon.autotune import choose_workers, use_compile_cache
 from daemon.base_slice import keep_base_slice
-from daemon.callbacks import CheckpointCallback, PlanCallback, ProgressCallback
+from daemon.callbacks import CheckpointCallback, PlanCallback, ProgressCallback, state_bytes
 from daemon.checkpoints import (
     Checkpoint,
+    complete_checkpoint_steps,
+    export_bytes,
     export_model,
     fail_file,
     latest_complete_checkpoint,
+    space_needed,
 )
 from daemon.config import LEDGER_ENV, SUPERVISOR_ENV
 from daemon.cooldown import cool_down, cooldown_steps
@@ -65,11 +68,13 @@ from daemon.data import (
     tokenizer_fingerprint,
     torch_rows,
 )
+from daemon.durable import disk_full_after
 from daemon.evaluation import FileEvaluation, autocast_dtype, evaluate_file
 from daemon.exceptions import (
     ConfigError,
     DaemonError,
     DatasetError,
+    DiskFull,
     RegressionError,
     TrainingError,
     TrainingInterrupted,
@@ -80,7 +85,8 @@ from daemon.locks import owning
 from daemon.model import starting_model
 from daemon.origin import base_model_of, record_origin
 from daemon.plan import StepPlan, commit_plan, plan_steps, recorded_plan
-from daemon.records import FileProgress, HistoryRow, RunState
+from daemon.reconcile import refuse_missing_steps
+from daemon.records import FileProgress, HistoryRow, RunState, utc_now
 from daemon.replay import add_file, drop_after, replay_count, select_replay
 from daemon.report import write_report_logged
 from daemon.rollback import finish_interrupted_rollback, kept_file_ends
@@ -140,6 +146,7 @@ def setup(flags: Flags, ledger: Ledger, heartbeat: Heartbeat | None) -> Prepared
     records = load_records(report, data_args)
     output_dir = str(training_args.output_dir)
     checkpoint = latest_complete_checkpoint(output_dir, set_aside=False)
+    refuse_missing_steps(ledger, output_dir, claim)
     model, tokenizer = starting_model(flags.model, output_dir, training_args.seed, checkpoint, records, report.shape)
     datasets = prepare_datasets(records, report.shape, tokenizer, data_args, training_args.seed)
     at_step = checkpoint.global_step if checkpoint else 0
@@ -239,7 +246,8 @@ def build_trainer(
     """
     training_args = flags.training
     keep, training_args.save_total_limit = training_args.save_total_limit, None
-    callbacks = [*callbacks, CheckpointCallback(keep, {prepared.plan.start_step, *kept_steps})]
+    protected = {prepared.plan.start_step, *kept_steps}
+    callbacks = [*callbacks, CheckpointCallback(keep, protected, export_at=prepared.plan.max_steps)]
     precision = "bf16 autocast" if training_args.bf16 else "fp16 autocast" if training_args.fp16 else "fp32"
     logger.info("precision: %s (master weights fp32)", precision)
     if training_args.torch_compile:
@@ -297,16 +305,22 @@ def fit(
     Raises:
         TrainingInterrupted: a stop was requested; a checkpoint was saved at the current step.
         TrainingError: a segment ended at another step than planned.
+        DiskFull: no room for a checkpoint; the partial folder of a save that failed is removed.
     """
     plan = prepared.plan
     step = plan.start_step + prepared.steps_done
     resume = prepared.checkpoint.path if prepared.checkpoint else None
     loss_sum, trained, seconds = 0.0, 0, 0.0
+    output_dir = str(trainer.args.output_dir)
     try:
         for epoch, first_batch, steps in plan.segments(prepared.steps_done):
             trainer.train_dataset = segment_dataset(prepared, epoch, first_batch, steps, seed)
             trainer.args.max_steps = step + steps
-            output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+            needed = lambda: space_needed(  # noqa: E731 - asked only when a save failed
+                output_dir, trainer.state.global_step == plan.max_steps, state_bytes(trainer.model, trainer.optimizer)
+            )
+            with disk_full_after(output_dir, needed, lambda: complete_checkpoint_steps(output_dir), "a checkpoint"):
+                output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
             reached = trainer.state.global_step
             seconds += output.metrics.get("train_runtime", 0.0)
             if reached < step + steps and stop_requested.is_set():
@@ -340,7 +354,11 @@ def save(
     flags: Flags,
     scored: FileEvaluation,
 ) -> None:
-    """Samples, export, snapshot, evaluations, then the records; each step may be repeated after a crash."""
+    """Samples, export, snapshot, evaluations, then the records; each step may be repeated after a crash.
+
+    Raises:
+        DiskFull: no room for the export; its stage is removed and the file stays unfinished.
+    """
     if row.eval_loss is not None:
         status.record_eval(prepared.plan.max_steps, row.file, row.eval_loss)
     samples_args = flags.samples
@@ -354,15 +372,17 @@ def save(
     samples = generate_samples(prepared.model, prepared.tokenizer, samples_args.sample_prompts, settings)
     sampled = time.monotonic()
     output_dir = str(flags.training.output_dir)
-    export_model(
-        prepared.model,
-        prepared.tokenizer,
-        output_dir,
-        prepared.plan.max_steps,
-        prepared.progress.cooldown_steps,
-        status_dir=flags.status.status_dir,
-        finishing=row.as_dict(),  # its history row comes after the export
-    )
+    needed = lambda: export_bytes(output_dir, state_bytes(prepared.model, None))  # noqa: E731 - asked on a failure
+    with disk_full_after(output_dir, needed, lambda: complete_checkpoint_steps(output_dir), "the export"):
+        export_model(
+            prepared.model,
+            prepared.tokenizer,
+            output_dir,
+            prepared.plan.max_steps,
+            prepared.progress.cooldown_steps,
+            status_dir=flags.status.status_dir,
+            finishing=row.as_dict(),  # its history row comes after the export
+        )
     exported = time.monotonic()
     folder = write_snapshot(
         flags.status.status_dir,
@@ -457,7 +477,7 @@ def _train_file(flags: Flags) -> HistoryRow:
     entry: Entry | None = None
     try:
         if heartbeat:
-            heartbeat.set(state=RunState.LOADING, current_file={"name": name})
+            heartbeat.set(state=RunState.LOADING, current_file={"name": name}, disk=None)
             heartbeat.flush()
             heartbeat.start()
         with stop_on_signals(stop_requested):
@@ -500,6 +520,11 @@ def _train_file(flags: Flags) -> HistoryRow:
         return row
     except TrainingInterrupted:
         _beat(heartbeat, state=RunState.STOPPED)
+        raise
+    except DiskFull as e:  # the file stays unfinished: a run once space is freed resumes it (README "Guarantees")
+        disk = {"path": e.path, "needed_bytes": e.needed, "free_bytes": e.free, "at": utc_now()}
+        step = e.resume_step if e.resume_step is not None else 0
+        _beat(heartbeat, state=RunState.STOPPED, disk=disk, global_step=step)
         raise
     except DaemonError as e:
         if is_main:

@@ -116,6 +116,7 @@ def empty_status() -> dict[str, Any]:
         "queue": [],
         "gradient_guard": {"workers": 0, "dropped_shards": 0, "skipped_steps": 0, "last_grad_norm": None},
         "last_error": None,
+        "disk": None,
         "evaluation": None,
         "forgetting": None,
         "quality_gate": None,
@@ -222,9 +223,9 @@ class StatusFile:
 
         A ``done`` row is appended once: the same content (sha256) done from the
         same start step again is not repeated while that row stands (is not rolled
-        back), so a run that is finished a second time after a crash keeps the history
-        exact. A ``rolled_back`` row is appended only while the done row it cancels
-        stands, so a rollback finished again after a kill adds nothing either.
+        back or reopened), so a run that is finished a second time after a crash keeps the
+        history exact. A ``rolled_back`` or ``reopened`` row is appended only while the done
+        row it cancels stands, so one written again after a kill adds nothing either.
 
         Args:
             row: the history row. A failed row's ``error`` becomes the status's ``last_error``.
@@ -242,8 +243,9 @@ class StatusFile:
             append_json_lines(self.dir / HISTORY_FILE, [row.as_dict()], durable=True)
 
         def count(doc: dict[str, Any]) -> None:
-            doc["files"][row.outcome] = doc["files"].get(row.outcome, 0) + 1
-            if row.outcome == Outcome.ROLLED_BACK:
+            if row.outcome != Outcome.REOPENED:  # a reopened file is counted when it is done again
+                doc["files"][row.outcome] = doc["files"].get(row.outcome, 0) + 1
+            if row.outcome.cancels_done:
                 doc["files"]["done"] = max(0, doc["files"].get("done", 0) - 1)
             if row.outcome == Outcome.FAILED:
                 doc["last_error"] = {"file": row.file, "message": row.error, "at": row.finished_at}
@@ -280,14 +282,14 @@ def _ends_with_newline(path: Path) -> bool:
 def standing_done_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The ``done`` rows (oldest first) of history ``rows`` whose steps no rollback took out of the model.
 
-    A ``rolled_back`` row cancels the latest earlier done row with its ``sha256`` and
-    ``start_step``; the same file trained again after the rollback has a new done row, which stands.
+    A ``rolled_back`` or ``reopened`` row cancels the latest earlier done row with its ``sha256``
+    and ``start_step``; the same file trained again after it has a new done row, which stands.
     """
     standing: list[dict[str, Any]] = []
     for row in rows:
         if row.get("outcome") == Outcome.DONE:
             standing.append(row)
-        elif row.get("outcome") == Outcome.ROLLED_BACK:
+        elif row.get("outcome") in (Outcome.ROLLED_BACK, Outcome.REOPENED):
             key = (row.get("sha256"), row.get("start_step"))
             match = [i for i, old in enumerate(standing) if (old.get("sha256"), old.get("start_step")) == key]
             if match:
@@ -492,6 +494,10 @@ def format_summary(
     lines.append(
         f"grad guard   {g['workers']} workers, {g['dropped_shards']} dropped shards, {g['skipped_steps']} skipped steps"
     )
+    disk = doc.get("disk")
+    if disk:
+        needed, free = f"{disk['needed_bytes']:,}", f"{disk['free_bytes']:,}"
+        lines.append(f"disk         {needed} bytes needed in {disk['path']}, {free} free")
     err = doc.get("last_error")
     lines.append(f"last error   {err['file']}: {err['message']} ({err['at']})" if err else "last error   none")
     if snapshot is not None:

@@ -22,6 +22,11 @@ a :class:`~daemon.supervisor.Supervisor`. The policy, with the ledger
   (:mod:`daemon.failures`), which becomes the file's error; the same reason twice in
   a row fails the file at once.
 - A stop request mid-file leaves the file claimed: the next start resumes it.
+- A training process that runs out of disk space counts no attempt: the file stays claimed,
+  the state is ``waiting_for_disk`` until the output folder has the room it needed, then the
+  file resumes at its latest checkpoint.
+- Before any file, done files whose last steps the latest usable checkpoint lacks are
+  reopened and trained again (:mod:`daemon.reconcile`).
 
 This module never touches model APIs and imports neither torch nor transformers'
 model code.
@@ -54,15 +59,17 @@ from watchdog.events import (
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 
-from daemon.checkpoints import fail_file, latest_complete_checkpoint
+from daemon.checkpoints import fail_file, latest_complete_checkpoint, space_needed
 from daemon.config import LEDGER_ENV, DaemonArguments
 from daemon.config_file import CONFIG_HELP, as_argv, read_flags, split_config
+from daemon.durable import EXIT_NO_SPACE, wait_for_room
 from daemon.entries import is_ignored_name, rejection_reason
 from daemon.exceptions import ConfigError, DaemonError
 from daemon.inbox import Candidate, Inbox
 from daemon.ledger import Entry, Ledger
 from daemon.locks import lock_folders, release_folders
 from daemon.names import printable
+from daemon.reconcile import reconcile
 from daemon.records import FileState, HistoryRow, RunState, utc_now
 from daemon.rollback import finish_interrupted_rollback
 from daemon.status import StatusFile
@@ -71,6 +78,7 @@ from daemon.supervisor import ChildResult, ProcessSupervisor, Supervisor
 logger = logging.getLogger(__name__)
 
 QUEUE_REFRESH_SECONDS = 2.0
+DISK_POLL_SECONDS = 5.0  # at most, between two looks at the free space while waiting for disk
 _BETWEEN_FILES = frozenset(state for state in RunState if state.between_files)
 
 
@@ -168,7 +176,7 @@ class Daemon:
         finish_interrupted_rollback(self.args.output_dir, self.args.status_dir)  # before anything reads the model
         latest = latest_complete_checkpoint(self.args.output_dir, set_aside=False)
         step = latest.global_step if latest else 0
-        self.status.update(state=RunState.IDLE, global_step=step, max_steps=step, current_file=None)
+        self.status.update(state=RunState.IDLE, global_step=step, max_steps=step, current_file=None, disk=None)
         self.ledger.mark_filed_unless_claimed(p.name for p in self.inbox.claimed())
         observer = _observer()
         observer.schedule(
@@ -176,6 +184,7 @@ class Daemon:
         )
         observer.start()
         try:
+            self._reconcile()  # before any file: the next one starts where the done ones ended
             self._loop()
         finally:
             self.supervisor.stop_spare()
@@ -295,21 +304,63 @@ class Daemon:
         except OSError as e:
             self._reject(claimed, str(e))
             return
+        self._reconcile()
         entry = self._claim_entry(claimed, sha, size)
         if entry is None:
             return
-        while not entry.state.finished and not self.stop.is_set():
-            logger.info("training %s (attempt %d)", printable(claimed.name), entry.attempts + 1)
-            self._queue_published = 0.0
-            result = self.supervisor.run(self._train_args(claimed, entry.id), self.stop, self._while_training)
-            self._published = None  # the training process wrote the status: its state, maybe stale now
-            entry = self.ledger.get(entry.id) or entry
-            if not entry.state.finished and not self.stop.is_set():
-                entry = self._count_attempt(entry, result)
+        entry = self._train_entry(claimed, entry)
         if entry.state.finished:  # the child's outcome, or one recorded before a crash and not yet filed away
             self._finish(claimed, entry, None if entry.state == FileState.DONE else entry.error)
         else:
             logger.warning("%s stopped mid-file; it resumes on the next start", printable(claimed.name))
+
+    def _train_entry(self, path: Path, entry: Entry) -> Entry:
+        """Train ``path`` for the ledger row ``entry`` until the row is finished or the daemon stops.
+
+        A training process that exits for want of disk space (:data:`~daemon.durable.EXIT_NO_SPACE`)
+        is waited for (:meth:`_wait_for_disk`) and run again, without counting an attempt.
+
+        Returns:
+            The row as the last attempt left it.
+        """
+        while not entry.state.finished and not self.stop.is_set():
+            logger.info("training %s (attempt %d)", printable(path.name), entry.attempts + 1)
+            self._queue_published = 0.0
+            result = self.supervisor.run(self._train_args(path, entry.id), self.stop, self._while_training)
+            self._published = None  # the training process wrote the status: its state, maybe stale now
+            entry = self.ledger.get(entry.id) or entry
+            if entry.state.finished or self.stop.is_set():
+                break
+            if result.returncode == EXIT_NO_SPACE and not result.stalled:
+                self._wait_for_disk()
+            else:
+                entry = self._count_attempt(entry, result)
+        return entry
+
+    def _wait_for_disk(self) -> None:
+        """Hold the claimed file, state ``waiting_for_disk``, until the output folder has the room its run needed.
+
+        The training process left the bytes it needed in the status's ``disk``; with none there
+        the daemon asks :func:`~daemon.checkpoints.space_needed` itself.
+        """
+        needed = (self.status.read().get("disk") or {}).get("needed_bytes")
+        needed = int(needed or space_needed(self.args.output_dir, with_export=True))
+        poll = min(self.args.rescan_seconds, DISK_POLL_SECONDS)
+        wait_for_room(self.status, self.args.output_dir, needed, self.stop, poll, self._publish_waiting)
+
+    def _publish_waiting(self) -> None:
+        self._publish_queue(self.inbox.scan(), between_files=False)
+
+    def _reconcile(self) -> None:
+        """Train again the steps of done files that the latest usable checkpoint lacks (:mod:`daemon.reconcile`).
+
+        Raises:
+            CheckpointError: a reopened file's data is no longer in the inbox (nothing is changed).
+        """
+        for _ in reconcile(self.ledger, self.status, self.args.output_dir, self.inbox.root, self._train_entry):
+            self.supervisor.refresh_report()
+            if self.stop.is_set():
+                return
 
     def _count_attempt(self, entry: Entry, result: ChildResult) -> Entry:
         """Count a failed attempt; the file fails after ``--max_attempts``, or at once when its reason repeats.

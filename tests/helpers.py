@@ -7,6 +7,7 @@ Fixtures live in ``conftest.py``; tests import these with ``from helpers import 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -378,3 +379,35 @@ def headless_chromium(user_data_dir: Path, width: int = 1000, height: int = 800)
     driver.set_page_load_timeout(20)
     driver.set_script_timeout(20)
     return driver
+
+
+@contextlib.contextmanager
+def small_disk(folder: Path, size_kib: int):
+    """Mount a tmpfs of ``size_kib`` KiB on ``folder`` (made if missing) for the block; skips the test unless root.
+
+    A real filesystem that fills up: writes past it fail with ENOSPC as on a full disk.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a small tmpfs (a real full disk)")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs", str(folder)], check=False)
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (a real full disk)")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+def fill_disk(folder: Path, leave: int) -> Path:
+    """Fill ``folder``'s filesystem with ``folder/other/filler`` until ``leave`` bytes are free; returns the filler.
+
+    In a subfolder: a file at the root of an output folder would count as the export's.
+    """
+    import shutil
+
+    filler = folder / "other" / "filler"
+    filler.parent.mkdir(exist_ok=True)
+    with open(filler, "ab") as f:
+        f.write(bytes(max(0, shutil.disk_usage(folder).free - leave)))
+    return filler

@@ -1,4 +1,4 @@
-"""The daemon under faults: kills at random moments, hostile and bad input, hangs, SIGTERM, torchrun.
+"""The daemon under faults: kills at random moments, hostile and bad input, hangs, SIGTERM, torchrun, a full disk.
 
 Each test runs real daemon processes on a tiny model; together they take a few minutes. A few
 check one piece of the training child's path directly, where a real run would only add time.
@@ -25,11 +25,14 @@ from helpers import (
     SHAPES,
     Tree,
     daemon_argv,
+    fill_disk,
     read_status,
     run_cli,
     shape_rows,
+    small_disk,
     start_daemon,
     stdlib_documents,
+    train,
     wait_for,
     write_jsonl,
 )
@@ -37,7 +40,7 @@ from helpers import (
 from daemon.checkpoints import latest_complete_checkpoint
 from daemon.ledger import Ledger
 from daemon.snapshots import GenerationSettings, write_snapshot
-from daemon.status import history_violations
+from daemon.status import format_summary, history_violations
 
 
 def _drop(tree: Tree, name: str, rows: list[object]) -> None:
@@ -572,3 +575,38 @@ def test_without_prestart_no_process_waits(tree):
     finally:
         daemon.send_signal(signal.SIGTERM)
         assert daemon.wait(timeout=60) == 0
+
+
+def test_a_full_disk_makes_the_daemon_wait_with_the_file_claimed_and_resume_once_space_is_freed(tree):
+    with small_disk(tree.output, 4096):
+        a = train(tree, write_jsonl(tree.root / "a.jsonl", [{"text": d} for d in stdlib_documents(limit=8)]))
+        filler = fill_disk(tree.output, leave=200_000)
+        _drop(tree, "b.jsonl", [{"text": d} for d in stdlib_documents(limit=20)[8:]])
+        daemon = start_daemon(tree, "--once")
+        try:
+            status = wait_for(
+                lambda: (s := read_status(tree)).get("state") == "waiting_for_disk" and s,
+                timeout=180,
+                what="the daemon to wait for disk space",
+            )
+            assert status["disk"]["needed_bytes"] > status["disk"]["free_bytes"]
+            assert f"bytes needed in {tree.output}" in format_summary(status)
+            assert (tree.inbox / "processing" / "b.jsonl").exists()  # still claimed
+            time.sleep(1)  # it keeps waiting: no retry, no attempt counted
+            assert read_status(tree)["state"] == "waiting_for_disk"
+            filler.unlink()
+            assert daemon.wait(timeout=180) == 0
+        finally:
+            if daemon.poll() is None:
+                daemon.kill()
+                daemon.wait()
+        (b,) = [e for e in Ledger(tree.status).entries() if e.name == "b.jsonl"]
+        assert (b.state, b.attempts, b.start_step) == ("done", 0, a["end_step"])
+        assert b.end_step == a["end_step"] + b.planned_steps
+        latest = latest_complete_checkpoint(tree.output, set_aside=False)
+        assert latest is not None and latest.global_step == b.end_step
+        assert [p.name for p in tree.output.iterdir() if p.name.startswith(("torn-", ".export"))] == []
+    assert history_violations(tree.history()) == []
+    assert read_status(tree)["disk"] is None
+    log = (tree.root / "daemon.log").read_text()
+    assert f"no space left in {tree.output}" in log and "resuming" in log

@@ -1,14 +1,20 @@
-"""Interrupted mid-file and restarted, a file trains exactly its remaining steps on its unseen part."""
+"""Interrupted mid-file and restarted, a file trains exactly its remaining steps on its unseen part.
+
+So does a done file whose end checkpoint came back torn: the daemon reopens it (daemon/reconcile.py).
+"""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
-from helpers import Tree, stdlib_documents, train, write_jsonl
+import torch
+from helpers import Tree, daemon_argv, run_cli, stdlib_documents, train, write_jsonl
 
 from daemon.callbacks import PlanCallback
-from daemon.exceptions import TrainingInterrupted
+from daemon.checkpoints import latest_complete_checkpoint
+from daemon.exceptions import CheckpointError, TrainingInterrupted
 from daemon.ledger import Ledger
 from daemon.plan import StepPlan
 from daemon.status import history_violations
@@ -90,3 +96,84 @@ def test_a_file_trained_but_not_finished_is_not_trained_again(tree, monkeypatch)
     assert row["train_loss"] is None  # no step left: only evaluation, samples, export and the record
     assert row["end_step"] - row["start_step"] == row["planned_steps"] > 0
     assert len(tree.history()) == 1
+
+
+def _two_done_files(tree: Tree, **flags: object) -> tuple[dict, dict]:
+    """a.jsonl and b.jsonl trained from ``inbox/done/``, where the daemon files them, with mid-file checkpoints."""
+    docs = [{"text": d} for d in stdlib_documents(limit=40)]
+    a = train(tree, write_jsonl(tree.inbox / "done" / "a.jsonl", docs[:8]), **flags)
+    b = train(tree, write_jsonl(tree.inbox / "done" / "b.jsonl", docs[8:20]), **flags)
+    return a, b
+
+
+def _tear_in_half(path: Path) -> None:
+    """What a power loss can leave of a file whose data was not yet on disk."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _steps_of_done_files(tree: Tree) -> int:
+    return sum(e.planned_steps or 0 for e in Ledger(tree.status).entries("done"))
+
+
+def test_a_torn_end_checkpoint_reopens_its_file_and_the_steps_add_up_after_the_next_file(tree):
+    from safetensors.torch import load_file
+
+    flags = {"save_steps": 4}
+    a, b = _two_done_files(tree, **flags)
+    end = tree.output / f"checkpoint-{b['end_step']}"
+    before = {k: v.clone() for k, v in load_file(end / "model.safetensors").items()}  # mapped: copied before the tear
+    _tear_in_half(end / "model.safetensors")
+    usable = latest_complete_checkpoint(tree.output, set_aside=False)
+    assert usable is not None and b["start_step"] < usable.global_step < b["end_step"]
+    write_jsonl(tree.inbox / "c.jsonl", [{"text": d} for d in stdlib_documents(limit=30)[20:]])
+
+    result = run_cli(daemon_argv(tree, "--once", **flags), cwd=tree.root)
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"b.jsonl: reopened: the latest usable checkpoint is step {usable.global_step}" in result.stderr
+    outcomes = [(r["file"], r["outcome"], r["start_step"], r["end_step"]) for r in tree.history()]
+    assert outcomes == [
+        ("a.jsonl", "done", 0, a["end_step"]),
+        ("b.jsonl", "done", b["start_step"], b["end_step"]),
+        ("b.jsonl", "reopened", b["start_step"], b["end_step"]),
+        ("b.jsonl", "done", b["start_step"], b["end_step"]),
+        ("c.jsonl", "done", b["end_step"], tree.history()[-1]["end_step"]),
+    ]
+    assert history_violations(tree.history()) == []
+    assert json.loads((tree.status / "training_status.json").read_text())["files"]["done"] == 3
+    latest = latest_complete_checkpoint(tree.output, set_aside=False)
+    assert latest is not None and latest.global_step == _steps_of_done_files(tree) == tree.history()[-1]["end_step"]
+    # b's lost steps were trained again on the same examples in the same order: the same weights.
+    again = load_file(tree.output / f"checkpoint-{b['end_step']}" / "model.safetensors")
+    assert all(torch.allclose(again[k], before[k], rtol=1e-4, atol=1e-6) for k in before)
+    assert sorted(p.name for p in (tree.inbox / "done").iterdir()) == ["a.jsonl", "b.jsonl", "c.jsonl"]
+
+
+def test_a_run_on_its_own_refuses_to_train_past_a_done_file_whose_steps_are_missing(tree):
+    _, b = _two_done_files(tree, save_steps=4)
+    _tear_in_half(tree.output / f"checkpoint-{b['end_step']}" / "model.safetensors")
+    c = write_jsonl(tree.root / "c.jsonl", [{"text": d} for d in stdlib_documents(limit=30)[20:]])
+    with pytest.raises(CheckpointError, match=r"behind done files the ledger counts: b\.jsonl") as caught:
+        train(tree, c, save_steps=4)
+    assert "python -m daemon" in str(caught.value) and "\n" not in str(caught.value)
+    assert [e.name for e in Ledger(tree.status).entries("done")] == ["a.jsonl", "b.jsonl"]
+
+
+def test_a_daemon_whose_reopened_file_is_gone_from_the_inbox_stops_in_one_line_and_changes_nothing(tree):
+    a, b = _two_done_files(tree, save_steps=4)
+    _tear_in_half(tree.output / f"checkpoint-{b['end_step']}" / "model.safetensors")
+    (tree.inbox / "done" / "b.jsonl").unlink()
+    write_jsonl(tree.inbox / "c.jsonl", [{"text": d} for d in stdlib_documents(limit=30)[20:]])
+    history = tree.history()
+
+    result = run_cli(daemon_argv(tree, "--once", save_steps=4), cwd=tree.root)
+
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: the latest usable checkpoint in ") and "b.jsonl (steps" in last
+    assert f"python -m daemon rollback --to_step {a['end_step']}" in last
+    assert "Traceback" not in result.stderr
+    assert tree.history() == history
+    assert [e.state for e in Ledger(tree.status).entries()] == ["done", "done"]
+    assert (tree.inbox / "c.jsonl").exists()  # not claimed
