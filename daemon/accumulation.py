@@ -1,4 +1,4 @@
-"""Multi-thread CPU gradient accumulation with a gradient guard (README "Multi-thread gradient accumulation on CPU").
+"""Multi-thread CPU gradient accumulation with a gradient guard (docs/speed.md "Multi-thread ...").
 
 On CPU, each micro-batch is split along the batch dimension into up to N shards
 that a persistent pool of N worker threads computes concurrently. Each thread

@@ -90,7 +90,7 @@ def default_bf16(cpuinfo: str | Path = "/proc/cpuinfo", use_cpu: bool = False) -
       its tensor cores at twice the TF32 rate, NVIDIA's H100 datasheet).
     - Another accelerator (MPS, XPU, ...): off; pass ``--bf16`` where it pays.
     - A CPU: :func:`cpu_has_fast_bf16`. Without AVX512-BF16 or AMX, bf16 autocast is far slower
-      than fp32 (README "Speed", BENCHMARKS.md), so training stays fp32.
+      than fp32 (docs/speed.md, BENCHMARKS.md), so training stays fp32.
 
     Args:
         cpuinfo: the kernel's CPU description (see :func:`cpu_has_fast_bf16`).

@@ -1,4 +1,4 @@
-"""From a file's records to tokenized training and held-out examples (README "Data").
+"""From a file's records to tokenized training and held-out examples (docs/data.md).
 
 :func:`prepare_datasets` tokenizes the records read by :mod:`daemon.jsonl` with a
 batched ``map`` (cached by content) and splits off the held-out slice:

@@ -1,4 +1,4 @@
-"""One long document in pieces that tokenize as the whole (README "Big files stream").
+"""One long document in pieces that tokenize as the whole (docs/speed.md "Big files stream").
 
 A tokenizer's memory grows with the text it is given at once: one 20 MB document took
 2.5 GB to encode and 1.9 GB to train the bootstrap tokenizer on. :func:`split_document`

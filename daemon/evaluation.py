@@ -1,4 +1,4 @@
-"""Scoring the model after each file on every slice of the suite, in a budget (README "Knowing what each file did").
+"""Scoring the model after each file on every slice of the suite, in a budget (docs/evaluation.md).
 
 :func:`evaluate_file` runs once training and its threads have stopped: it scores the
 file's own held-out slice (whole: its ``eval_loss``), then every earlier held-out slice and

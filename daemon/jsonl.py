@@ -1,4 +1,4 @@
-"""Reading one JSONL drop: its hash, shape and malformed lines, then its usable rows (README "Data").
+"""Reading one JSONL drop: its hash, shape and malformed lines, then its usable rows (docs/data.md).
 
 A gzip or zstd file is read as its content (:mod:`daemon.compressed`); its sha256 is of the
 file as dropped. Line numbers are the content's.

@@ -23,7 +23,7 @@ the inbox's folders.
 - **Reasons** (:mod:`daemon.failures`). A child that fails leaves its reason (the
   exception's type and first line) in ``status/.training-failure.json``; the file is
   removed before each attempt and read after it, into :attr:`ChildResult.reason`.
-- **Stopping** (README "Operating the daemon", "Stopping"). When the daemon's stop
+- **Stopping** (docs/guarantees.md, "Stopping"). When the daemon's stop
   event is set the child gets one SIGTERM (it checkpoints and exits), then SIGKILL
   after ``--stop_grace_seconds``.
 
