@@ -1,6 +1,6 @@
 """Continuous training daemon for causal language models.
 
-Modules, one concept each (README "Layout" says the same, with the tests):
+Modules, one concept each (docs/layout.md says the same, with the tests):
 
 - the training process: ``cli`` (entry points), ``arguments`` (TrainingArguments and
   parsing), ``config`` (the product's own flags), ``run`` (setup -> fit -> evaluate ->

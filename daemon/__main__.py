@@ -129,12 +129,13 @@ def exit_process(code: int) -> NoReturn:
     """End the process with ``code``, without the interpreter's last cycle collection over what it built.
 
     A training process holds millions of objects (torch, transformers, datasets, the model,
-    the optimizer state); the collections of interpreter shutdown walked them for 1.2 s of the
-    1.4 s it took to exit after a file (measured on a 2-core AVX2 EPYC), time every file of
-    the daemon's queue paid. ``gc.freeze()`` (Python docs, ``gc.freeze``) puts them out of the
-    collector's reach: reference counting frees what it frees, atexit handlers and the flush
-    of stdout and stderr run as before. Only finalizers of objects still in reference cycles
-    at exit are skipped, which Python never promises to run (Python reference, ``object.__del__``).
+    the optimizer state); the collections of interpreter shutdown walked them all, and were
+    most of the time the process took to exit after a file, time every file of the daemon's
+    queue paid (BENCHMARKS.md, "Measurements behind the code"). ``gc.freeze()`` (Python docs,
+    ``gc.freeze``) puts them out of the collector's reach: reference counting frees what it
+    frees, atexit handlers and the flush of stdout and stderr run as before. Only finalizers of
+    objects still in reference cycles at exit are skipped, which Python never promises to run
+    (Python reference, ``object.__del__``).
     """
     gc.freeze()
     sys.exit(code)

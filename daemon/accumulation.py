@@ -1,4 +1,4 @@
-"""Multi-thread CPU gradient accumulation with a gradient guard (README "Multi-thread gradient accumulation on CPU").
+"""Multi-thread CPU gradient accumulation with a gradient guard (docs/speed.md "Multi-thread ...").
 
 On CPU, each micro-batch is split along the batch dimension into up to N shards
 that a persistent pool of N worker threads computes concurrently. Each thread
@@ -42,12 +42,10 @@ logger = logging.getLogger(__name__)
 
 WORKER_THREAD_PREFIX = "grad-worker"
 # What `--grad_workers auto` tries on a CPU run, from bench/accumulation.py (BENCHMARKS.md):
-# 2 workers against the stock step went either way on the same model and CPU: on the 4.2M-parameter
-# embedded model 1.14x (fp32) and 1.19x (bf16) on an AVX512-BF16 EPYC, 0.96x to 1.26x on an AVX2-only
-# one; on a 21M model 0.94x (fp32) and 1.15x (bf16) on the first, 0.94x to 1.30x (fp32) on the
-# second. So a measurement on the machine decides (:func:`daemon.autotune.choose_workers`), up to
-# the size where it would take over a minute on 2 cores (22 s at 21M on the AVX2 EPYC); larger
-# models, measured nowhere, take the stock step.
+# 2 workers against the stock step went either way on the same model and CPU, and between goes on
+# one CPU (BENCHMARKS.md, "Measurements behind the code"). So a measurement on the machine decides
+# (:func:`daemon.autotune.choose_workers`), up to the size where it would take over a minute on
+# 2 cores (it grows with the model); larger models, measured nowhere, take the stock step.
 AUTO_WORKERS = 2
 AUTO_MAX_PARAMETERS = 50_000_000
 
@@ -76,7 +74,7 @@ def resolve_workers(
         compiled: ``--torch_compile`` is on: ``auto`` takes the stock step. Compiled code is
             not shared between the worker threads' half batches and the whole micro-batch (other
             shapes), and dynamo compiles one thread at a time: a file compiled on 2 workers
-            trained 110 s against 39 to 46 s on the stock step (AVX2 EPYC).
+            trained more than twice as long as on the stock step (BENCHMARKS.md, "Measurements behind the code").
 
     Raises:
         ConfigError: ``spec`` is not ``auto`` or a whole number.
@@ -139,10 +137,10 @@ def all_finite(tensors: list[torch.Tensor]) -> bool:
 
     One fused pass per device and dtype, with the check of torch's ``GradScaler``
     (``torch._amp_foreach_non_finite_check_and_unscale_``, as ``torch/amp/grad_scaler.py`` groups
-    it) at a scale of exactly 1, which leaves every value as it was. For the 4.2M gradients of the
-    embedded model on 2 cores of an AVX2 EPYC: 1.3 ms, against 10 ms for ``torch.isfinite(g).all()``
-    per tensor (four passes and a boolean tensor each). With 2 workers that check was half of the
-    main thread's time in a Trainer step (torch.profiler: 16 of 31 ms a step; now 2 ms).
+    it) at a scale of exactly 1, which leaves every value as it was: several times faster than
+    ``torch.isfinite(g).all()`` per tensor (four passes and a boolean tensor each), which with 2
+    workers was half of the main thread's time in a Trainer step (torch.profiler; BENCHMARKS.md,
+    "Measurements behind the code").
     """
     groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
     for tensor in tensors:
@@ -253,8 +251,8 @@ class ThreadedAccumulationTrainer(Trainer):
 
         For bf16/fp16 training accelerate's ``prepare_model`` replaces ``model.forward`` with one
         that runs under autocast, and leaves it there after training; every later forward would
-        run under the training's autocast. The snapshot samples then took 4 to 6 times as long
-        on an H100 (every weight cast to bf16 again for every new token; BENCHMARKS.md, GPU).
+        run under the training's autocast. The snapshot samples then took several times as long
+        on a GPU (every weight cast to bf16 again for every new token; BENCHMARKS.md, "Measurements behind the code").
         The evaluation suite enters the training precision's autocast itself.
         """
         self.shutdown_workers()

@@ -4,11 +4,10 @@ A training step allocates its activations and gradients and frees them all by th
 With glibc's defaults the freed memory goes back to the kernel: a block over the dynamic mmap
 threshold (at most 32 MiB; the logits of a micro-batch of 8 x 256 tokens over a 4096-token
 vocabulary are 32 MiB) is its own ``mmap`` and is unmapped when freed, and the heap's top is
-trimmed. Every step then faults the same pages in again, each zeroed by the kernel. On the
-2-core AVX2 EPYC, 40 stock fp32 steps of the embedded 4.2M-parameter model took 1.5M minor page
-faults and 3.9 s of system time (9 % of the CPU time). Keeping the freed memory in the heap
-cut them to 0.24M and 0.9 s, and the step from 498 to 454 ms (medians of 3 alternated runs;
-``bench/end_to_end.py`` measures whole runs with and without it, BENCHMARKS.md). The PyTorch CPU
+trimmed. Every step then faults the same pages in again, each zeroed by the kernel: system
+time, a share of the CPU that grows with the activations. Keeping the freed memory in the heap
+removes most of the faults and shortens the step (BENCHMARKS.md, "Measurements behind the code";
+``bench/end_to_end.py`` measures whole runs with and without it). The PyTorch CPU
 performance tuning guide ("Switch Memory allocator") makes the same point for jemalloc and
 tcmalloc; glibc's own ``mallopt`` does it without a new dependency.
 """

@@ -90,7 +90,7 @@ def default_bf16(cpuinfo: str | Path = "/proc/cpuinfo", use_cpu: bool = False) -
       its tensor cores at twice the TF32 rate, NVIDIA's H100 datasheet).
     - Another accelerator (MPS, XPU, ...): off; pass ``--bf16`` where it pays.
     - A CPU: :func:`cpu_has_fast_bf16`. Without AVX512-BF16 or AMX, bf16 autocast is far slower
-      than fp32 (README "Speed", BENCHMARKS.md), so training stays fp32.
+      than fp32 (docs/speed.md, BENCHMARKS.md), so training stays fp32.
 
     Args:
         cpuinfo: the kernel's CPU description (see :func:`cpu_has_fast_bf16`).
@@ -122,12 +122,11 @@ def default_torch_compile(device: torch.device) -> bool:
     """The ``--torch_compile`` default: on for a CUDA GPU of compute capability 8.0 or newer with Triton.
 
     - A CUDA GPU (Ampere and newer, where transformers itself says dynamo's speedups come, and
-      Triton installed, which inductor needs there): on. On an H100 with a 110M-parameter Llama
-      the compiled step took 50 ms against eager's 90 ms; a model shape's first file pays about
-      40 s of compiling, every later one loads inductor's cache in seconds (BENCHMARKS.md, GPU).
-    - A CPU: off. On the AVX2 EPYC the compiled stock step trained no faster than the eager
-      defaults (0.89x and 1.01x in two goes) for 37 s of compiling a shape's first file
-      (BENCHMARKS.md, compile).
+      Triton installed, which inductor needs there): on. The compiled step is much shorter than
+      eager's; a model shape's first file pays for compiling, every later one loads inductor's
+      cache in seconds (BENCHMARKS.md, gpu).
+    - A CPU: off. The compiled stock step trained no faster than the eager defaults, within the
+      machine's noise, and a shape's first file pays for compiling (BENCHMARKS.md, compile).
     - Another accelerator: off, as in transformers.
     """
     if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 0):
@@ -194,7 +193,7 @@ class ContinualTrainingArguments(TrainingArguments):
     # From here on, None means "not given" until resolve_defaults fills it (DEFAULT_RULES, OWNED_FLAGS), so
     # each keeps TrainingArguments' own type for its readers, and for HfArgumentParser: a bare --bf16 means True.
     # bf16 autocast through accelerate: the matmuls run in bf16, the master weights, optimizer
-    # state and loss stay fp32. About 1.7x the fp32 training loop on an AVX512-BF16 CPU (BENCHMARKS.md).
+    # state and loss stay fp32. Faster than the fp32 training loop on a CPU with native bf16 (BENCHMARKS.md).
     bf16: bool = field(  # type: ignore[assignment]
         default=None,
         metadata={

@@ -1,20 +1,19 @@
 """``--grad_workers auto`` on CPU: a short measurement, cached per machine and model shape.
 
 Whether worker threads beat the stock Trainer step depends on the CPU and the size of each
-op, not on anything a flag or ``/proc/cpuinfo`` says: 2 workers measured 1.14x the stock step
-on a 4.2M-parameter model on an AVX512-BF16 EPYC, 0.96x on a 3.9M one on an AVX2-only EPYC,
-and for a 21M one (fp32) 0.94x on the first and 0.94x to 1.30x between goes on the second
-(BENCHMARKS.md). So, the first time a machine trains a model shape, :func:`choose_workers`
-times a few forward and backward passes of one micro-batch of random tokens each way (about
-2 s for the embedded model on 2 cores, 22 s for the 21M one) and keeps the faster; the answer
+op, not on anything a flag or ``/proc/cpuinfo`` says: 2 workers were faster or slower than the
+stock step on the same model between CPUs, and between goes on one CPU (BENCHMARKS.md, "Measurements behind the code").
+So, the first time a machine trains a model shape, :func:`choose_workers` times a few forward
+and backward passes of one micro-batch of random tokens each way (seconds for the embedded
+model, longer for a larger one) and keeps the faster; the answer
 is cached in ``$XDG_CACHE_HOME/continual-daemon/grad_workers.json`` (default
 ``~/.cache``), keyed by :func:`shape_key`, so later files and runs read it. Delete the file
 to measure again.
 
 A measurement taken while other work held the CPU is taken again by the next training process
-(:func:`choose_workers` says how often): on a 2-core AVX2 EPYC a training process left running
-beside one cached the stock step (0.772 s against 0.753 s a micro-batch), where six measurements
-on the quiet machine had 2 workers 1.06x to 1.26x faster (BENCHMARKS.md). :class:`OtherLoad`
+(:func:`choose_workers` says how often): a training process left running beside one made it
+cache the stock step, where the same machine, quiet, had 2 workers faster every time
+(BENCHMARKS.md, "Measurements behind the code"). :class:`OtherLoad`
 reads the share of the CPU that went elsewhere from the kernel's counters.
 
 The measurement leaves the model as it found it: no gradient, the same train/eval mode and
@@ -48,7 +47,7 @@ MEASURED_MICRO_BATCHES = 3  # timed passes per path, after one warm-up each; the
 MIN_GAIN = 1.05
 # Above this share of the CPU time going to other processes or the hypervisor during the
 # measurement, its choice is contended: the next training process measures again, up to this many
-# contended measurements in a row (a 21M model's measurement takes 22 s on 2 cores).
+# contended measurements in a row (a larger model's measurement is not short).
 MAX_OTHER_LOAD = 0.10
 MAX_CONTENDED_MEASUREMENTS = 3
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")

@@ -1,4 +1,4 @@
-"""Checkpoints and the export: what a run continues from and what users load (README "Operating the daemon").
+"""Checkpoints and the export: what a run continues from and what users load (docs/operating.md).
 
 A checkpoint is the folder ``<output_dir>/checkpoint-<global_step>`` written by
 the Trainer. It is *complete* when its files match its commit marker (``commit.json``,

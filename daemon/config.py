@@ -72,7 +72,7 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    """How one JSONL file becomes training examples (README "Data")."""
+    """How one JSONL file becomes training examples (docs/data.md)."""
 
     dataset: str | None = field(default=None, metadata={"help": "The JSONL file to train on."})
     text_field: str = field(default="text", metadata={"help": "Field holding the document in language-modeling rows."})
@@ -127,7 +127,7 @@ class StatusArguments:
 
 @dataclass
 class AccumulationArguments:
-    """The multi-thread CPU gradient accumulation and its gradient guard (README "Multi-thread ...")."""
+    """The multi-thread CPU gradient accumulation and its gradient guard (docs/speed.md "Multi-thread ...")."""
 
     grad_workers: str = field(
         default="auto",
@@ -179,7 +179,7 @@ ON_REGRESSION_CHOICES = ("warn", "rollback")
 
 @dataclass
 class EvaluationArguments:
-    """The evaluation suite after each file and its quality gate (README "Knowing what each file did")."""
+    """The evaluation suite after each file and its quality gate (docs/evaluation.md)."""
 
     eval_files: list[str] = field(
         default_factory=list,
@@ -238,7 +238,7 @@ COOLDOWN_SHAPES = ("linear", "1-sqrt")
 
 @dataclass
 class ReplayArguments:
-    """Replay of earlier files and cooldown exports (README "Replay and cooldown exports")."""
+    """Replay of earlier files and cooldown exports (docs/data.md "Replay and cooldown exports")."""
 
     replay_fraction: float = field(
         default=0.09,  # the least forgetting within 1.1x the no-replay compute (bench/continual.py, BENCHMARKS.md)

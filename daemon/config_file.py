@@ -1,7 +1,7 @@
 """The ``--config FILE`` every command reads, and the folder flags every command shares.
 
 A config file (JSON, or YAML by extension) maps flag names to values: the same keys as the
-flags (README "Flags"). One file serves every command: each takes the keys it knows and leaves
+flags (docs/flags.md). One file serves every command: each takes the keys it knows and leaves
 the others to the commands that use them, so ``python -m daemon status --config daemon.yaml``
 reads the daemon's ``status_dir`` from it and ignores its ``learning_rate``. Flags given on the
 command line win over the file, and ``--config=FILE`` means ``--config FILE``.

@@ -1,4 +1,4 @@
-"""Cooldown exports: the learning-rate decay of the short branch trained after a file (README "Cooldown exports").
+"""Cooldown exports: the learning-rate decay of the short branch trained after a file (docs/data.md "Replay and ...").
 
 With ``--cooldown_fraction C`` the run trains, after a file's last step ``end``, a branch of
 ``cooldown_steps(planned_steps, C)`` steps from the file's end checkpoint (its optimizer and

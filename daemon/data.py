@@ -1,4 +1,4 @@
-"""From a file's records to tokenized training and held-out examples (README "Data").
+"""From a file's records to tokenized training and held-out examples (docs/data.md).
 
 :func:`prepare_datasets` tokenizes the records read by :mod:`daemon.jsonl` with a
 batched ``map`` (cached by content) and splits off the held-out slice:
@@ -109,7 +109,8 @@ def _pack_text(
         every token is learned, and :class:`PaddingCollator` learns the ids where a row's
         labels are null) and ``length``; the last row may be shorter than ``block``. The
         stream is one int32 array, written to the cache once: 4 bytes a token, not 8, and
-        not Python lists (a 10 GB file's whole cache, records and tokens: 24 GB, BENCHMARKS.md).
+        not Python lists (the whole cache of a big file, records and tokens, is larger than the
+        file: BENCHMARKS.md, pipeline).
     """
     import numpy as np
     import pyarrow as pa
@@ -267,9 +268,9 @@ class PaddingCollator:
     from a dataset in torch format, or as lists; ``labels`` null or missing means every token
     is learned, as in packed text); other columns are left out. It replaces
     ``DataCollatorForSeq2Seq``, whose ``tokenizer.pad`` turns every token id into a Python int
-    and back: 12.5 ms for a 16 x 1024 micro-batch against 2 ms here (rows in torch format, timed
-    on an AVX2 EPYC), time in which a GPU waits, since the Trainer synchronises with it at every
-    step (BENCHMARKS.md, GPU).
+    and back, several times this collator's time for the same micro-batch (BENCHMARKS.md,
+    "Measurements behind the code"), time in which a GPU waits, since the Trainer synchronises
+    with it at every step.
 
     **No attention mask.** The padding is on the right and the model is causal: a token attends
     only to itself and the tokens before it, all real, so a mask changes nothing a label is
@@ -277,7 +278,7 @@ class PaddingCollator:
     Without it every micro-batch takes attention's causal kernel, and under ``torch.compile``
     the model is called with the same arguments at every step: a mask present in some
     micro-batches only (those holding a packed file's short last block of a batch of records)
-    recompiled the training graph in the middle of a file (33 s on an H100, BENCHMARKS.md, GPU).
+    recompiled the training graph in the middle of a file (BENCHMARKS.md, "Measurements behind the code").
 
     Args:
         pad_token_id: the id written after each example's end (never learned).
@@ -456,8 +457,8 @@ def example_lengths(rows: datasets.Dataset) -> np.ndarray:
     """The ``length`` column of ``rows`` in their order, shape ``[num_rows]`` (integer tokens), read by Arrow.
 
     A shuffle or a split leaves an indices mapping over the map's table; through it
-    ``rows["length"][:]`` takes whole rows, about 430 bytes of memory each (6 GB for the 14M
-    blocks of a 10 GB file, measured with ``datasets`` 5.2). This takes the one column by the
+    ``rows["length"][:]`` takes whole rows, about 430 bytes of memory each (gigabytes for the
+    blocks of a big file, BENCHMARKS.md, "Measurements behind the code"). This takes the one column by the
     mapping (``Dataset._indices``, the mapping ``datasets`` itself applies): 8 bytes a row.
     """
     column = rows.data.column("length")

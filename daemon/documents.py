@@ -1,7 +1,8 @@
-"""One long document in pieces that tokenize as the whole (README "Big files stream").
+"""One long document in pieces that tokenize as the whole (docs/speed.md "Big files stream").
 
-A tokenizer's memory grows with the text it is given at once: one 20 MB document took
-2.5 GB to encode and 1.9 GB to train the bootstrap tokenizer on. :func:`split_document`
+A tokenizer's memory grows with the text it is given at once, to many times the text's size
+for encoding it and for training the bootstrap tokenizer on it (BENCHMARKS.md, "Measurements
+behind the code"). :func:`split_document`
 cuts a document longer than :data:`PIECE_CHARS` where the embedded tokenizer starts a
 word anyway, so :mod:`daemon.data` encodes it piece by piece (several pieces a call, on
 every core) and :func:`daemon.jsonl.iter_text` gives the trainer the same words.

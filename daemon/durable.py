@@ -1,4 +1,4 @@
-"""What the product can prove about a checkpoint on disk, and room for the next one (README "Guarantees").
+"""What the product can prove about a checkpoint on disk, and room for the next one (docs/guarantees.md "Guarantees").
 
 **The commit marker.** The Trainer writes a ``checkpoint-<step>`` folder without fsync.
 :func:`commit_checkpoint` then fsyncs every file, the folder and its parent, and only then

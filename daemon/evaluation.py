@@ -1,4 +1,4 @@
-"""Scoring the model after each file on every slice of the suite, in a budget (README "Knowing what each file did").
+"""Scoring the model after each file on every slice of the suite, in a budget (docs/evaluation.md).
 
 :func:`evaluate_file` runs once training and its threads have stopped: it scores the
 file's own held-out slice (whole: its ``eval_loss``), then every earlier held-out slice and
@@ -205,8 +205,8 @@ class Scorer:
         with torch.inference_mode(), autocast:
             logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
         targets = labels[:, 1:].to(device)  # (batch, time - 1): position t predicts token t + 1
-        # Flattened to (batch * (time - 1), vocab), rows contiguous: 3x faster on a CPU than the
-        # (batch, vocab, time - 1) view of a transpose, which strides across the vocabulary.
+        # Flattened to (batch * (time - 1), vocab), rows contiguous: faster on a CPU than the
+        # (batch, vocab, time - 1) view of a transpose, which strides across the vocabulary (BENCHMARKS.md).
         predictions = logits[:, :-1].float().reshape(-1, logits.shape[-1])
         nats = F.cross_entropy(predictions, targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none")
         nats = nats.view(targets.shape)

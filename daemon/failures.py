@@ -161,7 +161,7 @@ _LEDGER_FAULTS = (
         "is damaged ({error})",
         "with no daemon running, rebuild it from history.jsonl, the checkpoints and the inbox: "
         + LEDGER_REBUILD
-        + " --status_dir {folder} (README 'When the machine fails')",
+        + " --status_dir {folder} (docs/operating.md 'A damaged ledger')",
     ),
     (
         ("database is locked", "database table is locked"),

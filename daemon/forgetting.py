@@ -1,4 +1,4 @@
-"""The forgetting matrix, forgetting and backward transfer, and the quality gate (README "Knowing what each file did").
+"""The forgetting matrix, forgetting and backward transfer, and the quality gate (docs/evaluation.md).
 
 ``status/evaluations.jsonl`` holds one row per (model after a file, slice), built by
 :meth:`daemon.evaluation.SliceScore.as_row`: ``step, after_file, sha256, slice, kind,

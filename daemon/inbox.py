@@ -1,8 +1,8 @@
 """The drop zone: which entries count as files to train, claims, and filing results away.
 
 ``inbox/`` is where users drop JSONL files; the daemon (:mod:`daemon.watcher`)
-decides when to take one. This module holds the folder rules of README
-"Operating the daemon" ("Lifecycle of a file"):
+decides when to take one. This module holds the folder rules of
+docs/guarantees.md ("Lifecycle of a file"):
 
 - Names starting with ``.`` or ending in ``.tmp`` / ``.part`` are being written
   and are ignored; entries that are not regular files (symlinks, FIFOs, sockets,

@@ -1,4 +1,4 @@
-"""Reading one JSONL drop: its hash, shape and malformed lines, then its usable rows (README "Data").
+"""Reading one JSONL drop: its hash, shape and malformed lines, then its usable rows (docs/data.md).
 
 A gzip or zstd file is read as its content (:mod:`daemon.compressed`); its sha256 is of the
 file as dropped. Line numbers are the content's.
@@ -321,7 +321,7 @@ def iter_text(records: datasets.Dataset, shape: str, max_bytes: int, batch_size:
     """Plain text of the records, up to about ``max_bytes`` (for training the bootstrap tokenizer).
 
     A long text comes in pieces (:func:`daemon.documents.split_document`): the tokenizer trainer's
-    memory grows with the longest text it is given (a 20 MB one took 1.9 GB). For its byte-level
+    memory grows with the longest text it is given, to many times its size (BENCHMARKS.md). For its byte-level
     pre-tokenizer the pieces hold the same words as the whole text, so they train the same tokenizer.
     """
     seen = 0

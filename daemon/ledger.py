@@ -1,4 +1,4 @@
-"""The ledger: one SQLite row per file the product has seen (README "Operating the daemon").
+"""The ledger: one SQLite row per file the product has seen (docs/operating.md).
 
 It lives in ``<status_dir>/ledger.sqlite`` (WAL mode, each change one
 transaction) and is what makes a restart exact: a file's ``start_step`` and

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 LOCK_FILE = ".daemon.lock"
-# Who else holds a busy folder's lock, by the folder's role; the output folder's message is the README's.
+# Who else holds a busy folder's lock, by the folder's role; the output folder's message is docs/guarantees.md's.
 _BUSY = {
     "inbox": "another daemon is already watching the inbox {folder} (the folder is locked)",
     "status": "another daemon is already reporting into {folder}, or a train.py is ({lock} is locked)",

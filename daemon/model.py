@@ -161,7 +161,7 @@ def load_pretrained(
         logger.info("%s: the tokenizer has no pad token; padding with its EOS token %r", path, tokenizer.eos_token)
     if not getattr(tokenizer, "chat_template", None):
         tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
-        logger.info("%s: the tokenizer has no chat template; chat files are rendered in ChatML (README 'Data')", path)
+        logger.info("%s: the tokenizer has no chat template; chat files are rendered in ChatML (docs/data.md)", path)
     return model, tokenizer
 
 

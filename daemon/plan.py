@@ -1,6 +1,6 @@
 """Step accounting: how many optimizer steps one file adds, and what is left after an interruption.
 
-Pure arithmetic (README "Data", step accounting)::
+Pure arithmetic (docs/data.md, step accounting)::
 
     effective_batch = per_device_train_batch_size * gradient_accumulation_steps * world_size
     planned_steps   = ceil(num_train_epochs * ceil((examples + replayed_examples) / effective_batch))

@@ -1,6 +1,6 @@
 """``python -m daemon rebuild-ledger``: a new ledger from ``history.jsonl``, the checkpoints and the inbox.
 
-For a ``status/ledger.sqlite`` that is damaged (README "When the machine fails"). With the
+For a ``status/ledger.sqlite`` that is damaged (docs/operating.md "A damaged ledger"). With the
 daemon stopped, it
 
 1. moves the damaged file (and its ``-wal`` and ``-shm``) aside as ``ledger.sqlite.damaged-<UTC time>``;

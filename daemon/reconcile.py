@@ -1,4 +1,4 @@
-"""Done files whose steps the model lost: found, reopened, or refused in one line (README "Guarantees").
+"""Done files whose steps the model lost: found, reopened, or refused in one line (docs/guarantees.md "Guarantees").
 
 The step invariant says the latest usable checkpoint's ``global_step`` is the sum of the done
 files' ``planned_steps``. A done file's end checkpoint can still come back torn (a power loss

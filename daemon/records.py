@@ -10,7 +10,7 @@ read lives here:
 - :class:`FileProgress`: the status's ``current_file``.
 - :class:`HistoryRow`: one ``history.jsonl`` row; the only place a row is built.
 
-Names are the public ones (README "Folders and files"), one per quantity:
+Names are the public ones (docs/guarantees.md "Folders and files"), one per quantity:
 ``planned_steps`` (optimizer steps this file adds), ``steps_done`` (of them, trained so
 far), ``examples`` (training examples after packing, held-out slice excluded),
 ``replayed_examples`` (earlier files' examples trained with them, counted in ``planned_steps``),
@@ -140,7 +140,7 @@ class FileProgress:
 
 @dataclass
 class HistoryRow:
-    """One row of ``status/history.jsonl`` (README "Folders and files").
+    """One row of ``status/history.jsonl`` (docs/guarantees.md "Folders and files").
 
     For a done file ``end_step - start_step == planned_steps``; a failed file has no
     ``end_step`` and an ``error``. A ``rolled_back`` row repeats the steps of a done row

@@ -1,4 +1,4 @@
-"""The replay store: a bounded, seeded sample of every earlier file's training examples (README "Replay").
+"""The replay store: a bounded, seeded sample of every earlier file's training examples (docs/data.md "Replay and ...").
 
 **What is kept.** When a file is done, a sample of its *training* examples (after packing and
 after the held-out split, so never a held-out example) is written to

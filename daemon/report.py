@@ -1,4 +1,4 @@
-"""``status/report.html``: one self-contained page on the running model (README "The report").
+"""``status/report.html``: one self-contained page on the running model (docs/operating.md "Seeing it").
 
 :func:`write_report` reads only the status folder and writes one HTML file with no
 reference outside itself (the plots are PNG images embedded as ``data:`` URIs; no

@@ -1,4 +1,4 @@
-"""Evolution snapshots: how the model writes after each file (README "Folders and files").
+"""Evolution snapshots: how the model writes after each file (docs/guarantees.md "Folders and files").
 
 ``<status_dir>/evolution/<global_step:08d>-<file stem>/`` (a long stem cut, with a
 hash: :func:`~daemon.names.fit_name`) holds ``snapshot.json``

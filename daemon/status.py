@@ -1,6 +1,6 @@
 """``status/training_status.json``, ``status/history.jsonl``, ``status/loss.jsonl`` and the heartbeat.
 
-README "Folders and files" lists them.
+docs/guarantees.md "Folders and files" lists them.
 
 Two processes write the status document: the training run (progress, metrics)
 and the daemon (queue, between files). Each write is a read-modify-write of the
@@ -298,7 +298,7 @@ def standing_done_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def history_violations(rows: list[dict[str, Any]]) -> list[str]:
-    """Check the step invariant (README "Data", step accounting) over ``history.jsonl`` rows.
+    """Check the step invariant (docs/data.md, step accounting) over ``history.jsonl`` rows.
 
     Over the standing done rows (:func:`standing_done_rows`: rolled-back steps never count),
     ``end_step - start_step == planned_steps > 0``, and each starts where the previous one ended.

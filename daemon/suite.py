@@ -1,4 +1,4 @@
-"""The evaluation suite on disk: its slices, and the fixed subset of each (README "Knowing what each file did").
+"""The evaluation suite on disk: its slices, and the fixed subset of each (docs/evaluation.md).
 
 Slices, each an ordinary JSONL file in one of the three shapes (:mod:`daemon.jsonl`), so a
 slice outlives a tokenizer change:

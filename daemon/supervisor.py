@@ -23,7 +23,7 @@ the inbox's folders.
 - **Reasons** (:mod:`daemon.failures`). A child that fails leaves its reason (the
   exception's type and first line) in ``status/.training-failure.json``; the file is
   removed before each attempt and read after it, into :attr:`ChildResult.reason`.
-- **Stopping** (README "Operating the daemon", "Stopping"). When the daemon's stop
+- **Stopping** (docs/guarantees.md, "Stopping"). When the daemon's stop
   event is set the child gets one SIGTERM (it checkpoints and exits), then SIGKILL
   after ``--stop_grace_seconds``.
 
@@ -223,9 +223,9 @@ class ProcessSupervisor:
     def start_spare(self) -> None:
         """Start the next training process ahead (``--prestart``): its imports run while the inbox is idle.
 
-        ``python -m daemon train-spare`` imports torch, transformers and datasets (about 4 s on
-        2 cores), then waits for its flags on stdin. Not with ``--launcher``, which starts
-        processes of its own. Does nothing while a spare is alive.
+        ``python -m daemon train-spare`` imports torch, transformers and datasets (seconds: the
+        largest share of a training process's start-up), then waits for its flags on stdin. Not
+        with ``--launcher``, which starts processes of its own. Does nothing while a spare is alive.
         """
         if not self.prestart or self.launcher or (self._spare is not None and self._spare.poll() is None):
             return
@@ -248,7 +248,7 @@ class ProcessSupervisor:
     def refresh_report(self) -> None:
         """Start ``python -m daemon report`` at ``nice`` 10 for this status folder, after the previous one ends.
 
-        The report (matplotlib: about 2 s on 2 cores) is drawn here rather than by the training
+        The report (matplotlib: seconds of CPU) is drawn here rather than by the training
         process, so that the next file's start-up and training do not wait for it; at a lower
         priority it takes what training leaves of the CPU. Its errors go to the daemon's log.
         """

@@ -1,4 +1,4 @@
-"""TensorBoard as one continuous run across files (``--report_to tensorboard``; README "TensorBoard").
+"""TensorBoard as one continuous run across files (``--report_to tensorboard``; docs/operating.md "Seeing it").
 
 Every file's training process writes into the same folder, ``<status_dir>/tensorboard``,
 instead of the Trainer's new ``<output_dir>/runs/<date>_<host>`` per process, so the run

@@ -1,6 +1,6 @@
 """The inbox daemon's loop and its per-file policy: decides *what* to train and *when*.
 
-``python -m daemon`` (README "Operating the daemon") watches the drop zone
+``python -m daemon`` (docs/operating.md) watches the drop zone
 (:mod:`daemon.inbox`) with a watchdog observer, plus a start-up scan and a
 periodic rescan, so files that arrived while it was down, or whose events were
 missed, are not lost. Hostile entries are rejected into ``failed/`` unopened.
@@ -282,7 +282,7 @@ class Daemon:
         """Every poll while a child trains: show files dropped meanwhile (every ``QUEUE_REFRESH_SECONDS``),
         and prestart the next file's training process, so that a queue pays the start-up once.
 
-        The spare's imports run on one core while the child does its own (README "Speed"). With
+        The spare's imports run on one core while the child does its own (docs/speed.md). With
         ``--once`` it is started only when another file waits: a last file needs none.
         """
         if time.monotonic() - self._queue_published > QUEUE_REFRESH_SECONDS:
@@ -409,7 +409,7 @@ class Daemon:
 
     def _finish(self, claimed: Path, entry: Entry, error: str | None) -> None:
         target = self._file_away(claimed, entry, error)
-        self.supervisor.refresh_report()  # the training process left it to the daemon (README "Seeing it")
+        self.supervisor.refresh_report()  # the training process left it to the daemon (docs/operating.md "Seeing it")
         if target is None:
             return
         self.processed += 1

@@ -1,4 +1,4 @@
-"""Multi-thread CPU gradient accumulation and the gradient guard (README "Multi-thread ...")."""
+"""Multi-thread CPU gradient accumulation and the gradient guard (docs/speed.md "Multi-thread ...")."""
 
 from __future__ import annotations
 

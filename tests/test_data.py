@@ -1,4 +1,4 @@
-"""Reading JSONL drops (daemon.jsonl) and turning them into examples (daemon.data): README "Data"."""
+"""Reading JSONL drops (daemon.jsonl) and turning them into examples (daemon.data): docs/data.md."""
 
 from __future__ import annotations
 

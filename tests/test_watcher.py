@@ -367,7 +367,7 @@ def test_a_failed_file_moved_back_unchanged_is_trained_again_not_refiled_with_it
     _drop(tree, "a.jsonl", '{"text": "a"}\n', arrived=1000)
     _daemon(tree, FakeTraining({"a.jsonl": ["stall"]}), max_attempts=1).run()
     assert _names(tree.inbox / "failed") == ["a.jsonl", "a.jsonl.error.txt"]
-    (tree.inbox / "failed" / "a.jsonl").rename(tree.inbox / "a.jsonl")  # as README "Re-queueing a failed file" says
+    (tree.inbox / "failed" / "a.jsonl").rename(tree.inbox / "a.jsonl")  # docs/guarantees.md "Re-queueing ..."
     training = FakeTraining()
     _daemon(tree, training, max_attempts=1).run()
     assert training.files == ["a.jsonl"]
