@@ -521,7 +521,7 @@ def _train_file(flags: Flags) -> HistoryRow:
     except TrainingInterrupted:
         _beat(heartbeat, state=RunState.STOPPED)
         raise
-    except DiskFull as e:  # the file stays unfinished: a run once space is freed resumes it (docs/guarantees.md "Guarantees")
+    except DiskFull as e:  # the file stays unfinished: a run once space is freed resumes it (docs/guarantees.md)
         disk = {"path": e.path, "needed_bytes": e.needed, "free_bytes": e.free, "at": utc_now()}
         step = e.resume_step if e.resume_step is not None else 0
         _beat(heartbeat, state=RunState.STOPPED, disk=disk, global_step=step)
