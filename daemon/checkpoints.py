@@ -203,6 +203,18 @@ def export_bytes(output_dir: str | Path, estimate: int = 0) -> int:
     return sum(p.stat().st_size for p in _export_files(latest.path)) if latest is not None else estimate
 
 
+def checkpoint_usage(output_dir: str | Path) -> dict[str, Any]:
+    """What the complete checkpoints of ``output_dir`` hold on disk, for the status's ``checkpoints``.
+
+    Returns:
+        ``{"steps": [...] (newest first), "bytes": all of them, "latest_bytes": the newest one's}``,
+        in bytes. A rollback can return to any of ``steps`` that is a file boundary.
+    """
+    steps = complete_checkpoint_steps(output_dir)
+    sizes = [folder_bytes(Path(output_dir) / f"checkpoint-{step}") for step in steps]
+    return {"steps": steps, "bytes": sum(sizes), "latest_bytes": sizes[0] if sizes else 0}
+
+
 def complete_checkpoint_steps(output_dir: str | Path) -> list[int]:
     """The steps of the complete checkpoints in ``output_dir``, newest first; nothing on disk changes."""
     return [step for step, folder in _checkpoint_folders(Path(output_dir)) if _why_incomplete(folder) is None]

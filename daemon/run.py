@@ -49,6 +49,7 @@ from daemon.base_slice import keep_base_slice
 from daemon.callbacks import CheckpointCallback, PlanCallback, ProgressCallback, state_bytes
 from daemon.checkpoints import (
     Checkpoint,
+    checkpoint_usage,
     complete_checkpoint_steps,
     export_bytes,
     export_model,
@@ -515,7 +516,14 @@ def _train_file(flags: Flags) -> HistoryRow:
             assert status is not None and entry is not None
             _beat(heartbeat, state=RunState.SAVING)
             save(prepared, row, status, ledger, entry, flags, scored)
-            _beat(heartbeat, state=RunState.IDLE, global_step=prepared.plan.max_steps, current_file=None)
+            usage = checkpoint_usage(str(flags.training.output_dir))  # what the kept checkpoints cost on disk
+            _beat(
+                heartbeat,
+                state=RunState.IDLE,
+                global_step=prepared.plan.max_steps,
+                current_file=None,
+                checkpoints=usage,
+            )
             publish(flags, prepared.plan.max_steps, scored)
         return row
     except TrainingInterrupted:

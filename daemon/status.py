@@ -117,6 +117,7 @@ def empty_status() -> dict[str, Any]:
         "gradient_guard": {"workers": 0, "dropped_shards": 0, "skipped_steps": 0, "last_grad_norm": None},
         "last_error": None,
         "disk": None,
+        "checkpoints": None,
         "evaluation": None,
         "forgetting": None,
         "quality_gate": None,
@@ -447,6 +448,11 @@ def latest_snapshot(status_dir: str | os.PathLike[str]) -> Path | None:
     return folders[-1] if folders else None
 
 
+def _gigabytes(size: int) -> str:
+    """Bytes as a short decimal figure: ``1.61 GB``, ``0.44 MB``."""
+    return f"{size / 1e9:.2f} GB" if size >= 1e8 else f"{size / 1e6:.2f} MB"
+
+
 def format_summary(
     doc: dict[str, Any], snapshot: Path | None = None, history: list[dict[str, Any]] | None = None
 ) -> str:
@@ -494,6 +500,12 @@ def format_summary(
     lines.append(
         f"grad guard   {g['workers']} workers, {g['dropped_shards']} dropped shards, {g['skipped_steps']} skipped steps"
     )
+    kept = doc.get("checkpoints")
+    if kept and kept.get("steps"):
+        lines.append(
+            f"checkpoints  {len(kept['steps'])} kept (steps {', '.join(map(str, kept['steps']))}), "
+            f"{_gigabytes(kept['bytes'])} in all, {_gigabytes(kept['latest_bytes'])} the latest"
+        )
     disk = doc.get("disk")
     if disk:
         needed, free = f"{disk['needed_bytes']:,}", f"{disk['free_bytes']:,}"

@@ -178,3 +178,15 @@ def test_a_save_that_runs_out_of_space_after_the_check_leaves_no_partial_folder_
         b = train(tree, data)
         assert (b["start_step"], b["end_step"] - b["start_step"]) == (a["end_step"], b["planned_steps"])
     assert history_violations(tree.history()) == []
+
+
+def test_the_status_shows_what_the_kept_checkpoints_cost_on_disk(tree):
+    from helpers import read_status
+
+    from daemon.status import format_summary
+
+    first = train(tree, write_jsonl(tree.root / "a.jsonl", [{"text": d} for d in stdlib_documents(limit=30)]))
+    kept = read_status(tree)["checkpoints"]
+    on_disk = sum(p.stat().st_size for p in (tree.output / f"checkpoint-{first['end_step']}").rglob("*") if p.is_file())
+    assert kept["steps"] == [first["end_step"]] and kept["bytes"] == kept["latest_bytes"] == on_disk > 0
+    assert f"checkpoints  1 kept (steps {first['end_step']})" in format_summary(read_status(tree), None, [])
