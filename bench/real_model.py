@@ -12,7 +12,9 @@ real text that ships with Python, one of each shape (:func:`drops`):
   first paragraph as the assistant's answer.
 
 **What is measured.** Each setting trains the drops in order with ``train.py`` (the daemon's code
-path) into its own output folder, batch 8 x 256 (the product's default micro-batch). Then the
+path) into its own output folder, batch 8 x 256 (the product's default micro-batch) and
+``--eval_fraction 0.2`` (the default 5 % would hold out one or two examples of a drop this
+small: too few to read a domain gain from). Then the
 base model and the final export are scored in this process with the product's own
 :class:`daemon.evaluation.Scorer` on the same examples: every drop's held-out slice (the
 domain) and the base-model slice (the base model's own greedy answers to neutral prompts,
