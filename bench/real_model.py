@@ -205,10 +205,10 @@ def stream(work: Path, base: Path) -> str:
     ])  # fmt: skip
 
 
-def speed(work: Path, base: Path, repeats: int) -> str:
+def speed(work: Path, base: Path, repeats: int, packages: list[str]) -> str:
     """The product's defaults against the plain Trainer script on SmolLM2, whole processes alternated (markdown).
 
-    Both train one pass over the ``asyncio`` docstrings in 8 x 256 blocks from the same base; the
+    Both train one pass over the docstrings of ``packages`` in 8 x 256 blocks from the same base; the
     product with every default of a pretrained start (bf16 where the CPU has it, its evaluation,
     base-model slice, samples and export all inside its wall time), the peer (``bench/plain_trainer.py``,
     fp32, transformers' defaults) with its own. Tokens per wall second: the product's history
@@ -216,7 +216,12 @@ def speed(work: Path, base: Path, repeats: int) -> str:
     """
     from bench.end_to_end import peer, peer_tokens
 
-    data = drops(work)["text"]
+    data = work / "speed-docstrings.jsonl"
+    subprocess.run(
+        [sys.executable, "-m", "daemon.make_dataset", "--docstrings", "--max_chars", "1500",
+         *(str(STDLIB / p) for p in packages), str(data)],
+        cwd=ROOT, check=True, capture_output=True,
+    )  # fmt: skip
     ours, theirs = [], []
     for repeat in range(repeats):
         out = work / f"ours-{repeat}"
@@ -246,6 +251,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("mode", choices=["sweep", "stream", "speed"])
     parser.add_argument("--repeats", type=int, default=2, help="speed: alternated repeats of each side.")
+    parser.add_argument("--packages", nargs="+", default=["asyncio"], help="speed: stdlib packages of the file.")
     parser.add_argument("--rates", type=float, nargs="+", default=list(RATES))
     parser.add_argument("--keep", type=Path, help="Work in this folder and keep it (default: a temporary one).")
     args = parser.parse_args()
@@ -257,7 +263,7 @@ def main() -> int:
         if args.mode == "sweep":
             table = sweep(work, base, args.rates)
         else:
-            table = stream(work, base) if args.mode == "stream" else speed(work, base, args.repeats)
+            table = stream(work, base) if args.mode == "stream" else speed(work, base, args.repeats, args.packages)
     body = f"Measured {time.strftime('%Y-%m-%d')} on {machine()}.\n\n{table}\n"
     print(body)
     write_section(ROOT / "BENCHMARKS.md", f"real-model {args.mode}", body)
