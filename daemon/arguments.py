@@ -247,9 +247,6 @@ class Flags:
     replay: ReplayArguments
 
 
-# Flags whose default depends on the machine or on other flags: each is None until given, and
-# resolve_defaults sets a flag still None to its rule's value, in this order (a rule reads the flags
-# resolved before it). A rule returning None leaves transformers' own default.
 # The defaults that follow the starting model (daemon.origin): the embedded model learns from scratch; a
 # pretrained base is fine-tuned. The pretrained rate is the largest of 2e-5, 5e-5, 1e-4 and 5e-4 that cost
 # SmolLM2-135M-Instruct at most 0.05 nats on its own answers to neutral prompts over two drops of
@@ -272,6 +269,9 @@ def _sample_prompts(flags: dict[str, Any]) -> list[str]:
     return list(CHAT_SAMPLE_PROMPTS if base is not None and has_own_chat_template(base) else DEFAULT_SAMPLE_PROMPTS)
 
 
+# Flags whose default depends on the machine or on other flags: each is None until given, and
+# resolve_defaults sets a flag still None to its rule's value, in this order (a rule reads the flags
+# resolved before it). A rule returning None leaves transformers' own default.
 DEFAULT_RULES: dict[str, Callable[[dict[str, Any]], Any]] = {
     "learning_rate": lambda flags: _starting_defaults(flags)["learning_rate"],
     "warmup_steps": lambda flags: _starting_defaults(flags)["warmup_steps"],

@@ -104,16 +104,16 @@ def base_records(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> 
     from transformers import GenerationConfig
 
     from daemon.data import pad_token_id
-    from daemon.snapshots import chat_prompt_ids, is_chat_model
+    from daemon.snapshots import chat_prompt_ids, is_chat_model, left_padded
 
     chat = is_chat_model(tokenizer)
     prompts = CHAT_PROMPTS if chat else TEXT_PROMPTS
     fed = [
         chat_prompt_ids(tokenizer, p) if chat else tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts
     ]
-    longest, pad = max(len(ids) for ids in fed), pad_token_id(tokenizer)
-    input_ids = torch.tensor([[pad] * (longest - len(ids)) + ids for ids in fed], device=model.device)
-    mask = torch.tensor([[0] * (longest - len(ids)) + [1] * len(ids) for ids in fed], device=model.device)
+    pad = pad_token_id(tokenizer)
+    input_ids, mask = left_padded(fed, pad, model.device)
+    longest = input_ids.shape[1]
     config = GenerationConfig(
         do_sample=False, max_new_tokens=MAX_NEW_TOKENS, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id
     )

@@ -108,10 +108,9 @@ def generate_samples(
     healed = not chat and any(prompt.strip() and prompt != prompt.rstrip() for prompt in prompts)
     continuations = _continuation_texts(tokenizer) if healed else []
     fed = [_chat_ids(tokenizer, p) if chat else _prompt_ids(tokenizer, p, continuations) for p in prompts]
-    longest = max(len(ids) for ids, _, _ in fed)
     pad = pad_token_id(tokenizer)
-    input_ids = torch.tensor([[pad] * (longest - len(ids)) + ids for ids, _, _ in fed], device=model.device)
-    mask = torch.tensor([[0] * (longest - len(ids)) + [1] * len(ids) for ids, _, _ in fed], device=model.device)
+    input_ids, mask = left_padded([ids for ids, _, _ in fed], pad, model.device)
+    longest = input_ids.shape[1]
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     config = GenerationConfig(  # greedy over the scores _SeededSampling leaves: exactly its draw
         do_sample=False,
@@ -138,6 +137,19 @@ def generate_samples(
         sample = {"prompt": prompt, "completion": completion, "seed": settings.prompt_seed(index)}
         samples.append({**sample, "chat": True} if chat else sample)
     return samples
+
+
+def left_padded(rows: list[list[int]], pad: int, device: Any) -> tuple[Any, Any]:
+    """Prompts as one ``generate`` batch: ``(input_ids, attention_mask)``, each ``[rows, longest]``, padded on the left.
+
+    Left, so that every row's new tokens start at column ``longest``.
+    """
+    import torch
+
+    longest = max(len(ids) for ids in rows)
+    input_ids = torch.tensor([[pad] * (longest - len(ids)) + ids for ids in rows], device=device)
+    mask = torch.tensor([[0] * (longest - len(ids)) + [1] * len(ids) for ids in rows], device=device)
+    return input_ids, mask
 
 
 def is_chat_model(tokenizer: PreTrainedTokenizerBase) -> bool:

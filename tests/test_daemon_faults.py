@@ -14,6 +14,7 @@ import random
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -241,17 +242,28 @@ def test_a_snapshot_of_a_file_whose_name_is_not_utf8_or_holds_a_newline_is_writt
         assert (folder / "samples.md").read_text(encoding="utf-8").splitlines()[0] == f"# Step 3: after `{shown}`"
 
 
-HANG_LAUNCHER = """
+def _launcher(prefix: str, patch: str) -> str:
+    """A ``--launcher`` script: ``python -m daemon ...`` as given, after ``patch`` for a dataset named ``prefix*``."""
+    return f"""
 import os, runpy, sys, threading
 args = sys.argv[1:]
 dataset = os.path.basename(args[args.index("--dataset") + 1])
-if dataset.startswith("1-hang"):  # block forever in the data collator, as a stuck input pipeline would
-    import daemon.data
-    daemon.data.PaddingCollator.__call__ = lambda self, features: threading.Event().wait()
+if dataset.startswith({prefix!r}):
+{textwrap.indent(textwrap.dedent(patch).strip(), "    ")}
 assert args[:2] == ["-m", "daemon"]
 sys.argv = ["daemon", *args[2:]]
 runpy.run_module("daemon", run_name="__main__")
 """
+
+
+# Blocks forever in the data collator, as a stuck input pipeline would.
+HANG_LAUNCHER = _launcher(
+    "1-hang",
+    """
+    import daemon.data
+    daemon.data.PaddingCollator.__call__ = lambda self, features: threading.Event().wait()
+    """,
+)
 
 
 def test_a_hanging_child_is_killed_retried_then_failed_and_the_next_file_trains(tree):
@@ -281,19 +293,16 @@ def test_a_hanging_child_is_killed_retried_then_failed_and_the_next_file_trains(
     assert history_violations(tree.history()) == []
 
 
-RAISE_LAUNCHER = """
-import os, runpy, sys
-args = sys.argv[1:]
-dataset = os.path.basename(args[args.index("--dataset") + 1])
-if dataset.startswith("1-raise"):  # a bug in tokenization, the same on every attempt
+# A bug in tokenization, the same on every attempt.
+RAISE_LAUNCHER = _launcher(
+    "1-raise",
+    """
     import daemon.run
     def broken(*args, **kwargs):
         raise RuntimeError("the tokenizer exploded on purpose\\nwith a second line nobody needs")
     daemon.run.prepare_datasets = broken
-assert args[:2] == ["-m", "daemon"]
-sys.argv = ["daemon", *args[2:]]
-runpy.run_module("daemon", run_name="__main__")
-"""
+    """,
+)
 
 
 def test_a_child_that_raises_fails_its_file_with_the_exceptions_reason_without_a_third_attempt(tree):
