@@ -1,13 +1,21 @@
-"""Benchmark: ``python train.py`` against the plain Trainer script on a CUDA GPU, ~100M-parameter Llama.
+"""Benchmark: ``python train.py`` against the plain Trainer script on a CUDA GPU, three Llama sizes.
 
     python bench/gpu.py [--megabytes 32] [--repeats 2]   # the table into BENCHMARKS.md (section gpu)
+    python bench/gpu.py --model 1b --megabytes 4         # a 1.0B-parameter Llama (section gpu-1b)
+    python bench/gpu.py --model smollm2 --architecture DIR   # SmolLM2-135M's shape (section gpu-smollm2)
     python bench/gpu.py --tiny                           # the same pipeline, a 2-layer model: runs anywhere
+
+``--model smollm2`` takes the config and tokenizer of the folder ``--architecture`` names
+(``bench/smollm2.py`` builds it) and initialises the weights at random: a step's cost depends on
+the shapes, not the values, so the GPU needs neither the 538 MB of weights nor a download.
 
 1. Data: every Python file of the standard library as ``{"text"}`` lines
    (``daemon.make_dataset``), repeated until the file holds ``--megabytes``.
 2. Model: a Llama of about 110M parameters (12 layers, hidden 768, MLP 2048, 12 heads,
    tied embeddings, a 32,000-token byte-level BPE trained on the file's first 8 MB,
-   SDPA attention), saved once; both contenders start from it.
+   SDPA attention), saved once; both contenders start from it. ``--model 1b``: Llama 3.2 1B's
+   shape (16 layers, hidden 2048, MLP 8192, 32 heads, 8 key-value heads, tied) with that BPE;
+   ``--model smollm2``: SmolLM2-135M-Instruct's config and tokenizer.
 3. Runs: first the product with its defaults and inductor's cache empty (on a GPU: bf16
    autocast, the stock Trainer step, compiled, all chosen by itself: a model shape's first
    file). Then, alternating ``repeats`` times: the product with its defaults (the cache now
@@ -52,6 +60,15 @@ MODEL = {  # about 110M parameters with the 32,000-token vocabulary (24.6M of th
     "max_position_embeddings": 2048,
     "tie_word_embeddings": True,
 }
+ONE_B = {  # Llama 3.2 1B's shape: 1.04B parameters with the 32,000-token vocabulary
+    "hidden_size": 2048,
+    "intermediate_size": 8192,
+    "num_hidden_layers": 16,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "max_position_embeddings": 2048,
+    "tie_word_embeddings": True,
+}
 TINY = {**MODEL, "hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 4}  # fmt: skip
 VOCAB = 32000
@@ -90,12 +107,22 @@ def corpus(work: Path, megabytes: float) -> Path:
     return data
 
 
-def base_model(work: Path, data: Path, config: dict) -> Path:
-    """A freshly initialised Llama of ``config`` and a BPE tokenizer trained on ``data``'s first 8 MB."""
+def base_model(work: Path, data: Path, config: dict, architecture: Path | None = None) -> Path:
+    """A freshly initialised Llama of ``config`` and a BPE tokenizer trained on ``data``'s first 8 MB.
+
+    With ``architecture`` (a saved model's folder), its config and tokenizer instead, weights drawn anew.
+    """
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from daemon.model import train_tokenizer
+
+    base = work / "base"
+    if architecture is not None:
+        torch.manual_seed(0)
+        LlamaForCausalLM(AutoConfig.from_pretrained(architecture)).save_pretrained(base)
+        AutoTokenizer.from_pretrained(architecture).save_pretrained(base)
+        return base
 
     def first_megabytes(limit: int = 8_000_000):
         seen = 0
@@ -118,7 +145,6 @@ def base_model(work: Path, data: Path, config: dict) -> Path:
             **config,
         )
     )
-    base = work / "base"
     model.save_pretrained(base)
     tokenizer.save_pretrained(base)
     return base
@@ -174,7 +200,11 @@ def product(
 
 
 def peer(work: Path, data: Path, base: Path, name: str, shared: list[str], logs: Path, bf16: bool) -> Run:
-    """One run of the plain Trainer script (``--bf16 True`` where the GPU has bf16)."""
+    """One run of the plain Trainer script (``--bf16 True`` where the GPU has bf16).
+
+    ``USE_HUB_KERNELS=NO``: with the ``kernels`` package installed, transformers 5 fetches hub kernels
+    at the first CUDA ``train()``, which fails offline; the product keeps them off by itself.
+    """
     log = logs / f"{name}.log"
     wall = run(
         [sys.executable, str(ROOT / "bench" / "plain_trainer.py"), "--model_name_or_path", str(base),
@@ -182,6 +212,7 @@ def peer(work: Path, data: Path, base: Path, name: str, shared: list[str], logs:
          "--report_to", "none", *(["--bf16", "True"] if bf16 else []), *shared],
         cwd=work,
         log=log,
+        env={**os.environ, "USE_HUB_KERNELS": "NO"},
     )  # fmt: skip
     line = next(line for line in log.read_text().splitlines() if line.startswith("peer trained "))
     tokens = int(line.split()[2])
@@ -209,6 +240,9 @@ def main() -> int:
     parser.add_argument("--megabytes", type=float, default=32, help="Size of the training file.")
     parser.add_argument("--repeats", type=int, default=2, help="Alternating repeats; the table shows medians.")
     parser.add_argument("--tiny", action="store_true", help="A 2-layer model, 1 MB, batch 4 x 128: a check anywhere.")
+    parser.add_argument("--model", choices=["110m", "1b", "smollm2"], default="110m", help="The model's size.")
+    parser.add_argument("--architecture", type=Path, default=None, help="--model smollm2: its config and tokenizer.")
+    parser.add_argument("--no_eager", action="store_true", help="Skip the --torch_compile False runs.")
     parser.add_argument("--logs", type=Path, default=None, help="Keep every run's output in this folder.")
     parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md", help="Markdown file to update.")
     args = parser.parse_args()
@@ -219,7 +253,11 @@ def main() -> int:
     if not cuda and not args.tiny:
         print("bench/gpu.py: no CUDA GPU here, nothing to measure (--tiny checks the pipeline on any machine)")
         return 0
-    config, seq, batch = (TINY, 128, 4) if args.tiny else (MODEL, 1024, 16)
+    if args.model == "smollm2" and args.architecture is None:
+        parser.error("--model smollm2 needs --architecture (the folder bench/smollm2.py builds)")
+    sizes = {"110m": MODEL, "1b": ONE_B, "smollm2": {}}
+    config, seq, batch = (TINY, 128, 4) if args.tiny else (sizes[args.model], 1024, 16)
+    section = "gpu" if args.model == "110m" else f"gpu-{args.model}"
     megabytes = 1.0 if args.tiny else args.megabytes
     shared = ["--max_seq_length", str(seq), "--per_device_train_batch_size", str(batch)]
     bf16 = cuda and torch.cuda.is_bf16_supported()
@@ -228,8 +266,9 @@ def main() -> int:
         logs = args.logs or work / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         data = corpus(work, megabytes)
-        base = base_model(work, data, config)
-        n_params, per_token = flops_per_token(AutoConfig.from_pretrained(base), seq)
+        base = base_model(work, data, config, args.architecture if args.model == "smollm2" else None)
+        model_config = AutoConfig.from_pretrained(base)
+        n_params, per_token = flops_per_token(model_config, seq)
         peaks = [bf16_matmul_flops()] if cuda else []
         env = {**os.environ, "XDG_CACHE_HOME": str(work / "cache")}  # inductor's cache of this go only
         runs: dict[str, list[Run]] = {"first": [], "product": [], "peer": [], "eager": []}
@@ -237,10 +276,11 @@ def main() -> int:
         for i in range(args.repeats):
             runs["product"].append(product(work, data, base, f"product{i}", shared, logs, env))
             runs["peer"].append(peer(work, data, base, f"peer{i}", shared, logs, bf16))
-            runs["eager"].append(
-                product(work, data, base, f"eager{i}", [*shared, "--torch_compile", "False"], logs, env)
-            )
-            print({k: round(v[-1].wall, 1) for k, v in runs.items()}, flush=True)
+            if not args.no_eager:
+                runs["eager"].append(
+                    product(work, data, base, f"eager{i}", [*shared, "--torch_compile", "False"], logs, env)
+                )
+            print({k: round(v[-1].wall, 1) for k, v in runs.items() if v}, flush=True)
             if cuda:
                 peaks.append(bf16_matmul_flops())
 
@@ -263,7 +303,7 @@ def main() -> int:
         "peer": "plain Trainer script, `--bf16 True`",
     }
     for key, label in labels.items():
-        if key not in runs:
+        if not runs[key]:
             continue
         tps = median(key, lambda r: r.tokens / r.wall)
         loop = median(key, lambda r: r.tokens / r.train_seconds)
@@ -276,12 +316,14 @@ def main() -> int:
         )
     body = "\n".join(
         [
-            "## `train.py` against a plain Trainer script on a GPU (`bench/gpu.py`)",
+            f"## `train.py` against a plain Trainer script on a GPU (`bench/gpu.py --model {args.model}`)",
             "",
             f"Machine: {gpu_line()}. Run on {time.strftime('%Y-%m-%d')}, {args.repeats} alternating repeats "
             f"(medians), whole processes. A Llama of {n_params / 1e6:.0f}M parameters "
-            f"({config['num_hidden_layers']} layers, hidden {config['hidden_size']}, SDPA attention, a "
-            f"{VOCAB:,}-token BPE), batch {batch} x {seq} tokens, one pass over {megabytes:g} MB of the standard "
+            f"({model_config.num_hidden_layers} layers, hidden {model_config.hidden_size}, SDPA attention, a "
+            f"{model_config.vocab_size:,}-token vocabulary"
+            + (f", {args.model}'s shape" if args.model != "110m" else "")
+            + f"), batch {batch} x {seq} tokens, one pass over {megabytes:g} MB of the standard "
             "library's Python files. FLOPs per token 6N + 12LdT = "
             f"{per_token / 1e6:.0f} M (Chowdhery et al. 2022, PaLM, Appendix B). Peak: "
             + (f"the datasheet's dense bf16 {datasheet / 1e12:.0f} TFLOP/s; " if datasheet else "")
@@ -301,7 +343,7 @@ def main() -> int:
     if args.tiny:
         print(body)
         return 0
-    write_section(args.out, "gpu", body)
+    write_section(args.out, section, body)
     print(body)
     return 0
 

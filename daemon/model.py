@@ -10,6 +10,7 @@ first file. Nothing is ever downloaded (``local_files_only=True``).
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -144,6 +145,11 @@ def load_pretrained(
     :data:`daemon.data.DEFAULT_CHAT_TEMPLATE`, with which chat files are then rendered and
     which the export keeps. Both are said in the log.
 
+    Hub kernels stay off unless ``USE_HUB_KERNELS`` is set: transformers 5 turns them on wherever
+    the ``kernels`` package is installed, and a CUDA model's first ``train()`` then fetches their
+    code from the Hub, which an unattended daemon offline cannot ("could not verify publisher
+    trust status" on the first step).
+
     Raises:
         CheckpointError: the directory does not hold a loadable causal LM and tokenizer.
     """
@@ -152,7 +158,11 @@ def load_pretrained(
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
-            path, local_files_only=True, trust_remote_code=trust_remote_code, dtype="float32"
+            path,
+            local_files_only=True,
+            trust_remote_code=trust_remote_code,
+            dtype="float32",
+            use_kernels=None if "USE_HUB_KERNELS" in os.environ else False,
         )
     except (OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"cannot load a causal LM from {path}: {str(e).splitlines()[0]}") from e

@@ -125,3 +125,16 @@ def test_defaults_follow_the_starting_model_and_a_flag_given_always_wins(tree):
     assert flags()[:2] == (5e-5, 0)
     (tree.output / "origin.json").write_text(json.dumps({"base_model": None}))
     assert flags(f"--model_name_or_path={base}")[:2] == (5e-4, 100)
+
+
+def test_hub_kernels_stay_off_unless_the_user_asks_for_them(tree, monkeypatch):
+    """transformers 5 turns hub kernels on whenever the ``kernels`` package is installed: a CUDA model's
+    first ``train()`` then fetches code from the Hub, which an offline daemon cannot (seen on an H200)."""
+    pytest.importorskip("kernels")
+    from daemon.model import load_pretrained
+
+    folder = export_tiny(tree.root / "tiny")
+    monkeypatch.delenv("USE_HUB_KERNELS", raising=False)
+    assert load_pretrained(folder)[0].use_kernels is False
+    monkeypatch.setenv("USE_HUB_KERNELS", "YES")
+    assert load_pretrained(folder)[0].use_kernels is True
