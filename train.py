@@ -7,7 +7,7 @@
     torchrun --nproc_per_node 2 train.py --dataset data.jsonl
     python train.py --help
 
-All logic lives in daemon/ (the run: daemon/run.py); this is the same code path the daemon's child runs.
+All logic lives in daemon/ (the run: daemon/training/run.py); this is the same code path the daemon's child runs.
 """
 
 import sys

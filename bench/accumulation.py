@@ -12,7 +12,7 @@ ratio to the stock path measured in the same go. In fp32 it also gives each conf
 FLOP/s (``6 N + 12 L d T`` a token, Chowdhery et al. 2022, PaLM, Appendix B) over the
 model-shape peak: the bare matmuls of one micro-batch at the model's own shapes, measured just
 before and just after each run (:func:`model_shape_flops`), the training loop's physical limit.
-The training process's allocator settings (:mod:`daemon.allocator`) are applied here too.
+The training process's allocator settings (:mod:`daemon.training.speed.allocator`) are applied here too.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from daemon import allocator  # noqa: E402
+from daemon.training.speed import allocator  # noqa: E402
 
 if __name__ == "__main__":  # as in the training process, before torch is imported; not in the benches importing this
     allocator.keep_freed_memory()
@@ -37,9 +37,9 @@ if __name__ == "__main__":  # as in the training process, before torch is import
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PretrainedConfig  # noqa: E402
 
-from daemon.accumulation import AUTO_MAX_PARAMETERS, AUTO_WORKERS, ThreadedAccumulationTrainer  # noqa: E402
-from daemon.arguments import cpu_info, default_bf16  # noqa: E402
-from daemon.model import DEFAULT_LLAMA_CONFIG  # noqa: E402
+from daemon.training.arguments import cpu_info, default_bf16  # noqa: E402
+from daemon.training.model import DEFAULT_LLAMA_CONFIG  # noqa: E402
+from daemon.training.speed.accumulation import AUTO_MAX_PARAMETERS, AUTO_WORKERS, ThreadedAccumulationTrainer  # noqa: E402
 
 BATCH, SEQ, VOCAB = 8, 256, 4096
 MODELS = {
@@ -191,7 +191,7 @@ def run(steps: int, warmup: int, repeats: int) -> list[str]:
     ]
     cores = torch.get_num_threads()
     # bf16 only where the CPU computes it natively: elsewhere it is many times slower than fp32 and
-    # never the default (daemon.arguments.default_bf16), so its rows would only cost minutes.
+    # never the default (daemon.training.arguments.default_bf16), so its rows would only cost minutes.
     precisions = (False, True) if default_bf16() else (False,)
     for name, config in MODELS.items():
         c = LlamaConfig(vocab_size=VOCAB, **config)
@@ -259,7 +259,7 @@ def main() -> int:
             f"{args.steps} timed optimizer steps per run, {args.repeats} alternating repeats, medians. "
             f"`--grad_workers auto` takes the stock step above {AUTO_MAX_PARAMETERS / 1e6:.0f}M parameters; up to "
             f"that, {AUTO_WORKERS} workers (capped at the core count) or the stock step, whichever a short "
-            "measurement on the machine finds faster (`daemon/autotune.py`)."
+            "measurement on the machine finds faster (`daemon/training/speed/autotune.py`)."
             + ("" if default_bf16() else " No bf16 rows: this CPU has no native bf16, so training is fp32."),
             "",
             *rows,

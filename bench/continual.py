@@ -13,7 +13,7 @@
    way the product does on the first file, saved once and passed as ``--model_name_or_path``, so
    every setting starts from the same weights and scores with the same tokenizer.
 3. Settings, each a fresh output and status folder trained file by file with the product's code
-   path (``daemon.run.train_file``, what ``train.py`` runs): no replay; replay at the default,
+   path (``daemon.training.run.train_file``, what ``train.py`` runs): no replay; replay at the default,
    at 9 % (the most within 1.1x the no-replay compute) and at 25 %; the default replay with
    cooldown exports (``--cooldown_fraction 0.2 --cooldown_shape 1-sqrt``); and the baseline: the
    same model trained once on all training files shuffled together, for the no-replay setting's
@@ -89,7 +89,7 @@ def make_files(work: Path, chars_per_file: int, eval_docs: int) -> list[tuple[st
 def starting_model(first: Path, folder: Path) -> None:
     """The embedded model and tokenizer bootstrapped on ``first`` as the product does, saved to ``folder``."""
     from daemon.config import ModelArguments
-    from daemon.model import bootstrap_model, train_tokenizer
+    from daemon.training.model import bootstrap_model, train_tokenizer
 
     texts = [json.loads(line)["text"] for line in first.read_text(encoding="utf-8").splitlines()]
     model_args = ModelArguments()
@@ -100,9 +100,9 @@ def starting_model(first: Path, folder: Path) -> None:
 
 def run_setting(work: Path, name: str, files: list[Path], heldout: list[Path], extra: list[str]) -> dict:
     """Train ``files`` in order in a fresh tree with the product's code path; its history and evaluation rows."""
-    from daemon.arguments import parse_args
-    from daemon.forgetting import read_rows
-    from daemon.run import train_file
+    from daemon.quality.forgetting import read_rows
+    from daemon.training.arguments import parse_args
+    from daemon.training.run import train_file
 
     tree = work / name
     flags = ["--output_dir", str(tree / "current_model"), "--status_dir", str(tree / "status")]
@@ -223,7 +223,7 @@ def main() -> int:
 
 
 def _history(tree: Path) -> list[dict]:
-    from daemon.status import read_history
+    from daemon.store.status import read_history
 
     return read_history(tree / "status")
 

@@ -12,7 +12,7 @@
    (``bench/plain_trainer.py``) with its defaults, then both with identical settings
    (the product with ``--grad_workers 0 --bf16 False``: the stock Trainer step in fp32, as the peer),
    and the product's defaults once more with glibc's malloc defaults (``GLIBC_TUNABLES`` names
-   a malloc tunable, so :func:`daemon.allocator.keep_freed_memory` changes nothing): what keeping
+   a malloc tunable, so :func:`daemon.training.speed.allocator.keep_freed_memory` changes nothing): what keeping
    a step's freed memory mapped is worth. ``--defaults_only`` runs the defaults' pair and that row.
    Same model, data, batch size (8) and sequence length (256); one pass over the file.
    Then one more fp32 product run with ``--seed 1``: the noise against which the bf16
@@ -45,12 +45,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.accumulation import machine, model_shape_flops, write_section  # noqa: E402
-from daemon.arguments import default_bf16  # noqa: E402
+from daemon.training.arguments import default_bf16  # noqa: E402
 
 ROWS, SEQ = 8, 256  # the micro-batch both sides train: rows of SEQ-token blocks
 SHARED = ["--max_seq_length", str(SEQ), "--per_device_train_batch_size", str(ROWS)]
 IDENTICAL = ["--grad_workers", "0", "--bf16", "False"]  # the peer's settings: the stock step in fp32
-# A malloc tunable at its default value: the product then leaves glibc's malloc as it is (daemon/allocator.py).
+# A malloc tunable at its default value: the product then leaves glibc's malloc as it is
+# (daemon/training/speed/allocator.py).
 GLIBC_MALLOC_DEFAULTS = {"GLIBC_TUNABLES": "glibc.malloc.perturb=0"}
 MAX_OVERHEAD = 0.10  # --guard fails above this identical-settings overhead (issue 5)
 PACKAGES = ("json", "email", "http", "logging")

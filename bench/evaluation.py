@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.accumulation import machine, write_section  # noqa: E402
-from daemon.arguments import cpu_has_fast_bf16  # noqa: E402
+from daemon.training.arguments import cpu_has_fast_bf16  # noqa: E402
 
 MEASURED = ("json", "email", "http", "logging")
 FILLER = ("asyncio", "unittest", "xml")  # text of the synthetic slices
@@ -57,9 +57,9 @@ def train(tree: Path, dataset: Path) -> None:
 def warm_cache(tree: Path, dataset: Path) -> None:
     """Tokenize ``dataset`` once with the seed's tokenizer, so that no measured run pays for it."""
     from daemon.config import DataArguments
-    from daemon.data import prepare_datasets
-    from daemon.jsonl import load_records, scan_jsonl
-    from daemon.model import load_pretrained
+    from daemon.store.jsonl import load_records, scan_jsonl
+    from daemon.training.data import prepare_datasets
+    from daemon.training.model import load_pretrained
 
     _, tokenizer = load_pretrained(tree / "current_model")
     args = DataArguments(dataset=str(dataset), dataset_cache_dir=str(tree.parent / "cache"))

@@ -115,7 +115,7 @@ def base_model(work: Path, data: Path, config: dict, architecture: Path | None =
     import torch
     from transformers import AutoConfig, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from daemon.model import train_tokenizer
+    from daemon.training.model import train_tokenizer
 
     base = work / "base"
     if architecture is not None:

@@ -17,7 +17,7 @@
    between two of them, and the size of the dataset cache on disk.
 4. The same run on a file of one line: one document of ``--long_line_megabytes`` MB of the
    standard library's text, whose peak anonymous memory must stay under 2 GB too (the
-   tokenizer's memory grows with the text it is given at once: ``daemon.documents``).
+   tokenizer's memory grows with the text it is given at once: ``daemon.store.documents``).
 """
 
 from __future__ import annotations
@@ -139,8 +139,10 @@ def run_until_first_step(work: Path, data: Path) -> dict[str, float]:
         if "tokenizer" in marks and "planned" not in marks:
             marks["longest_silence"] = max(marks["longest_silence"], now - last)
             marks["progress_updates"] += "tokenizing" in line
-        if "daemon.status:" in line:
-            print(f"{now:7.0f} s  {line.split('daemon.status: ')[-1]}", end="", flush=True)  # the phases' progress
+        if "daemon.store.status:" in line:
+            print(
+                f"{now:7.0f} s  {line.split('daemon.store.status: ')[-1]}", end="", flush=True
+            )  # the phases' progress
         last = now
         if "bootstrapping the embedded model" in line:
             marks["parsed"] = now  # scanned, hashed and written to Arrow

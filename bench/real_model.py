@@ -17,9 +17,9 @@ path) into its own output folder, batch 8 x 256 (the product's default micro-bat
 ``--eval_fraction 0.2`` (the default 5 % would hold out one or two examples of a drop this
 small: too few to read a domain gain from). Then the
 base model and the final export are scored in this process with the product's own
-:class:`daemon.evaluation.Scorer` on the same examples: every drop's held-out slice (the
+:class:`daemon.training.evaluation.Scorer` on the same examples: every drop's held-out slice (the
 domain) and the base-model slice (the base model's own greedy answers to neutral prompts,
-:mod:`daemon.base_slice`: general ability). ``domain gain`` = mean over drops of (base loss -
+:mod:`daemon.training.base_slice`: general ability). ``domain gain`` = mean over drops of (base loss -
 final loss), in nats; ``general change`` = final - base loss on the base-model slice. Per drop,
 the history row's phases (training, evaluation, samples and export) give the seconds outside
 training steps.
@@ -133,8 +133,8 @@ def score(model_dir: Path, status_dir: Path) -> dict[str, float]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from daemon.evaluation import Scorer, SliceScore
-    from daemon.suite import HELD_OUT, load_slice, suite_files
+    from daemon.store.suite import HELD_OUT, load_slice, suite_files
+    from daemon.training.evaluation import Scorer, SliceScore
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

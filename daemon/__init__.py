@@ -1,28 +1,20 @@
 """Continuous training daemon for causal language models.
 
-Modules, one concept each (docs/layout.md says the same, with the tests):
+Two processes, two packages (docs/layout.md has every module):
 
-- the training process: ``cli`` (entry points), ``arguments`` (TrainingArguments and
-  parsing), ``config`` (the product's own flags), ``run`` (setup -> fit -> evaluate ->
-  save), ``plan`` (step accounting), ``callbacks`` (Trainer callbacks), ``signals``
-  (stopping), ``accumulation`` (multi-thread gradient accumulation), ``jsonl``
-  (reading a drop), ``data`` (tokenization and packing), ``model`` (the starting
-  model), ``checkpoints`` (checkpoints, rotation, roll-back, export), ``snapshots``,
-  ``evaluation`` (scoring every slice within the budget), ``tensorboard_run`` (one
-  TensorBoard run across files);
-- shared, torch-free: ``records`` (states, history row, progress), ``status`` (status
-  file, history, heartbeat), ``ledger`` (SQLite ledger and its transitions), ``locks``
-  (folder locks, the cache claim), ``suite`` (the evaluation suite on disk),
-  ``forgetting`` (evaluations.jsonl, the matrix, the quality gate), ``report`` (status/report.html;
-  matplotlib only when drawing), ``live`` (``status --watch``), ``exceptions``;
-- the daemon process (no torch): ``watcher`` (the loop and per-file policy), ``inbox``
-  (the drop zone and its folders), ``entries`` (one inbox entry), ``names`` (escaping and
-  shortening names), ``supervisor`` (the training child process);
-- ``rollback`` (no torch): kept file boundaries, ``python -m daemon rollback``, and
-  finishing a rollback a kill interrupted;
-- ``make_dataset`` (folders of text to JSONL).
+- :mod:`daemon.service`: the daemon process. The loop over the inbox, its folders and entries,
+  and the training child it supervises. Never imports torch.
+- :mod:`daemon.training`: the training process. One file's run from its flags to its export;
+  the only package that imports torch, transformers and datasets, and nothing outside it
+  imports it but the command line's entry point (:mod:`daemon.__main__`).
+- :mod:`daemon.store`: what both read and write on disk: records, status, the ledger,
+  checkpoints and the export, the evaluation suite, replay, rollback, reading a drop.
+- :mod:`daemon.quality`: the evaluation rows read as answers: forgetting and the quality gate.
+- :mod:`daemon.views`: what people read: the report, the live view, the model card.
+- Shared, standard library only: ``config`` (the product's own flags), ``config_file``,
+  ``exceptions``, ``names``, ``pretrained``; and ``make_dataset`` (folders of text to JSONL).
 
-Importing the package imports nothing heavy: the daemon process never loads torch.
+``tests/test_layout.py`` checks these rules. Importing the package imports nothing heavy.
 """
 
 __version__ = "0.1.0"

@@ -25,8 +25,8 @@ def status_main(argv: list[str]) -> int:
     """Print the status summary and the forgetting matrix (or the raw document and matrix with ``--json``)."""
     from daemon.config_file import command_parser, parse_command
     from daemon.exceptions import ConfigError
-    from daemon.forgetting import build_matrix, format_figures, format_matrix, read_rows
-    from daemon.status import StatusFile, format_summary, latest_snapshot, read_history
+    from daemon.quality.forgetting import build_matrix, format_figures, format_matrix, read_rows
+    from daemon.store.status import StatusFile, format_summary, latest_snapshot, read_history
 
     parser = command_parser("python -m daemon status", "Show the training status.")
     parser.add_argument(
@@ -40,7 +40,7 @@ def status_main(argv: list[str]) -> int:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
     if args.watch:
-        from daemon.live import watch
+        from daemon.views.live import watch
 
         return watch(args.status_dir)
     status = StatusFile(args.status_dir)
@@ -62,12 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     """Run the subcommand of ``argv`` (default ``sys.argv[1:]``); returns the exit code.
 
     A user-facing error (:class:`~daemon.exceptions.DaemonError`) or a fault of the machine (a
-    folder read-only, not writable, full: :func:`~daemon.failures.fault_message`) that reaches
+    folder read-only, not writable, full: :func:`~daemon.store.failures.fault_message`) that reaches
     here ends in one line on stderr and exit code 1; any other exception is a bug and keeps its
     traceback.
     """
     from daemon.exceptions import DaemonError
-    from daemon.failures import fault_message
+    from daemon.store.failures import fault_message
 
     try:
         return _dispatch(sys.argv[1:] if argv is None else argv)
@@ -87,39 +87,39 @@ def _dispatch(argv: list[str]) -> int:
     if command == "status":
         return status_main(argv[1:])
     if command == "report":  # reads the status folder only: no torch
-        from daemon import report
         from daemon.config import configure_logging
+        from daemon.views import report
 
         configure_logging()
         return report.main(argv[1:])
     if command == "rollback":  # moves files only: no torch
-        from daemon import rollback
         from daemon.config import configure_logging
+        from daemon.store import rollback
 
         configure_logging()
         return rollback.main(argv[1:])
     if command == "rebuild-ledger":  # rewrites the ledger from the history: no torch
-        from daemon import rebuild
         from daemon.config import configure_logging
+        from daemon.service import rebuild
 
         configure_logging()
         return rebuild.main(argv[1:])
     if command == "generate":
-        from daemon import generate
+        from daemon.training import generate
 
         return generate.main(argv[1:])
     if command in ("train", "train-spare", "check-args"):
         if command != "check-args":
-            from daemon.allocator import keep_freed_memory
+            from daemon.training.speed.allocator import keep_freed_memory
 
             keep_freed_memory()  # before torch is imported (its docstring says why)
-        from daemon import cli
+        from daemon.training import cli
 
         if command == "train-spare":
             return cli.train_spare_main()
         return cli.main(argv[1:]) if command == "train" else cli.check_args_main(argv[1:])
-    from daemon import watcher
     from daemon.config import configure_logging
+    from daemon.service import watcher
 
     configure_logging()
     return watcher.main(argv)

@@ -1,7 +1,7 @@
 """The product's own command-line options, as small dataclasses.
 
 They are parsed together with :class:`transformers.TrainingArguments` by
-``HfArgumentParser`` (see :mod:`daemon.arguments`), the way transformers'
+``HfArgumentParser`` (see :mod:`daemon.training.arguments`), the way transformers'
 ``run_clm.py`` does. This module imports only the standard library, so the
 daemon process can parse its options without importing torch.
 """
@@ -155,7 +155,7 @@ class SampleArguments:
     """What each evolution snapshot samples from the model."""
 
     sample_prompts: list[str] = field(
-        default=None,  # type: ignore[arg-type]  # resolved by daemon.arguments.resolve_defaults
+        default=None,  # type: ignore[arg-type]  # resolved by daemon.training.arguments.resolve_defaults
         metadata={
             "help": "Prompts sampled into each evolution snapshot. Default: code and text openings for the embedded "
             "model; five questions, asked as user turns, for a pretrained base with a chat template of its own."

@@ -38,7 +38,7 @@ class FolderBusy(DaemonError):
 class MachineFault(DaemonError):
     """The machine refuses what a run needs: a folder read-only, not writable, full, or not a folder.
 
-    The message names the path and what to do (:func:`daemon.failures.fault_message`).
+    The message names the path and what to do (:func:`daemon.store.failures.fault_message`).
     """
 
 
@@ -58,7 +58,7 @@ class RegressionError(DaemonError):
     """The quality gate rolls a file back: it raised the loss on earlier slices beyond ``--max_regression``.
 
     Attributes:
-        quality_gate: the gate's figures (:func:`daemon.forgetting.quality_gate`), for the history row.
+        quality_gate: the gate's figures (:func:`daemon.quality.forgetting.quality_gate`), for the history row.
     """
 
     def __init__(self, message: str, quality_gate: dict) -> None:

@@ -19,7 +19,7 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 from helpers import fake_status_folder, headless_chromium, missing_browser  # noqa: E402
 
-from daemon.report import write_report  # noqa: E402
+from daemon.views.report import write_report  # noqa: E402
 
 
 def main() -> int:

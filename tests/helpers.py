@@ -46,9 +46,9 @@ def export_tiny(output_dir: Path, global_step: int = 1) -> Path:
     The tokenizer (vocabulary 320) is trained on :func:`stdlib_documents` and has the default
     chat template; the model's config names its EOS and PAD tokens. Returns ``output_dir``.
     """
-    from daemon.checkpoints import export_model
     from daemon.config import ModelArguments
-    from daemon.model import bootstrap_model, train_tokenizer
+    from daemon.store.checkpoints import export_model
+    from daemon.training.model import bootstrap_model, train_tokenizer
 
     tokenizer = train_tokenizer(stdlib_documents(), vocab_size=320)
     model = bootstrap_model(tokenizer, ModelArguments(config_overrides=TINY_MODEL), seed=0)
@@ -143,15 +143,15 @@ class Tree:
 
     def history(self) -> list[dict]:
         """The rows of ``status/history.jsonl`` (torn lines skipped, as the product reads them)."""
-        from daemon.status import read_history
+        from daemon.store.status import read_history
 
         return read_history(self.status)
 
 
 def train(tree: Tree, dataset: Path, **overrides: object) -> dict:
     """Run the training code path in-process (as ``train.py`` does) and return the history row."""
-    from daemon.arguments import parse_args
-    from daemon.run import train_file
+    from daemon.training.arguments import parse_args
+    from daemon.training.run import train_file
 
     return train_file(parse_args(["--dataset", str(dataset), *tree.flags(**overrides)])).as_dict()
 
@@ -237,10 +237,10 @@ def fake_status_folder(status_dir: Path, files: int = 3, steps_per_file: int = 4
     """
     import math
 
-    from daemon.forgetting import write_rows
-    from daemon.records import HistoryRow, Outcome
-    from daemon.snapshots import GenerationSettings, write_snapshot
-    from daemon.status import StatusFile, append_loss_points
+    from daemon.quality.forgetting import write_rows
+    from daemon.store.records import HistoryRow, Outcome
+    from daemon.store.status import StatusFile, append_loss_points
+    from daemon.training.snapshots import GenerationSettings, write_snapshot
 
     status = StatusFile(status_dir)
     names = [f"drop-2026-01-{day:02d}.jsonl" for day in range(1, files + 1)]

@@ -13,14 +13,14 @@ import pytest
 import torch
 from helpers import Tree, stdlib_documents, tiny_model, train, write_jsonl
 
-from daemon.accumulation import (
+from daemon.exceptions import ConfigError, TrainingError
+from daemon.training.speed.accumulation import (
     ThreadedAccumulationTrainer,
     all_finite,
     resolve_workers,
     split_batch,
     worker_threads_alive,
 )
-from daemon.exceptions import ConfigError, TrainingError
 
 VOCAB = 64
 
@@ -100,7 +100,7 @@ def test_workers_are_resolved_per_device_world_size_and_model_size():
 
 
 def test_auto_workers_are_measured_once_per_shape_and_leave_the_model_untouched(monkeypatch):
-    from daemon import autotune
+    from daemon.training.speed import autotune
 
     model = _tiny_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -130,7 +130,7 @@ def test_auto_workers_are_measured_once_per_shape_and_leave_the_model_untouched(
 
 
 def test_other_load_is_the_busy_time_that_was_not_this_process(tmp_path):
-    from daemon.autotune import OtherLoad
+    from daemon.training.speed.autotune import OtherLoad
 
     stat = tmp_path / "stat"
     cpus = sorted(os.sched_getaffinity(0))
@@ -150,7 +150,7 @@ def test_other_load_is_the_busy_time_that_was_not_this_process(tmp_path):
 
 
 def test_a_measurement_while_other_work_holds_the_cpu_is_taken_again_by_the_next_process(monkeypatch, caplog, tmp_path):
-    from daemon import autotune
+    from daemon.training.speed import autotune
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     model = _tiny_model()
@@ -159,7 +159,7 @@ def test_a_measurement_while_other_work_holds_the_cpu_is_taken_again_by_the_next
     ]
     try:
         time.sleep(0.5)  # the spinners are running
-        with caplog.at_level("WARNING", logger="daemon.autotune"):
+        with caplog.at_level("WARNING", logger="daemon.training.speed.autotune"):
             chosen = autotune.choose_workers(model, 4, 64, False, 2)
     finally:
         for spinner in spinners:
@@ -349,10 +349,10 @@ def test_inference_never_runs_while_worker_threads_are_alive(tree, monkeypatch):
 def test_the_samples_run_without_the_training_autocast(tree, monkeypatch):
     # accelerate wraps model.forward in the training's bf16 autocast and leaves it there after
     # training; the samples (and anything after fit) must run the model's own forward.
-    import daemon.run
+    import daemon.training.run
 
     autocast_in_samples: list[bool] = []
-    original = daemon.run.generate_samples
+    original = daemon.training.run.generate_samples
 
     def watched(model, *args, **kwargs):
         hook = model.lm_head.register_forward_pre_hook(
@@ -363,7 +363,7 @@ def test_the_samples_run_without_the_training_autocast(tree, monkeypatch):
         finally:
             hook.remove()
 
-    monkeypatch.setattr(daemon.run, "generate_samples", watched)
+    monkeypatch.setattr(daemon.training.run, "generate_samples", watched)
     data = write_jsonl(tree.root / "a.jsonl", [{"text": d} for d in stdlib_documents(limit=10)])
     train(tree, data, bf16=True)
     assert autocast_in_samples and not any(autocast_in_samples)

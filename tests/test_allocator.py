@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from daemon.allocator import user_malloc_settings
+from daemon.training.speed.allocator import user_malloc_settings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -19,7 +19,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # and frees its logits, and count the minor page faults of the last four rounds.
 _PROBE = """
 import ctypes, json, resource, sys
-from daemon.allocator import keep_freed_memory
+from daemon.training.speed.allocator import keep_freed_memory
 kept = keep_freed_memory() if sys.argv[1] == "keep" else False
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype = ctypes.c_void_p
@@ -69,7 +69,8 @@ def test_a_users_malloc_settings_are_recognised():
 
 def test_the_training_entry_points_set_malloc_up_before_training(monkeypatch):
     import daemon.__main__ as entry
-    from daemon import allocator, cli
+    from daemon.training import cli
+    from daemon.training.speed import allocator
 
     calls: list[str] = []
     monkeypatch.setattr(allocator, "keep_freed_memory", lambda: calls.append("malloc") or True)

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from helpers import REPO, fake_checkpoint, fill_disk, run_cli, small_disk, stdlib_documents, train, write_jsonl
 
-from daemon.checkpoints import latest_complete_checkpoint
 from daemon.exceptions import DiskFull
-from daemon.ledger import Ledger
-from daemon.status import history_violations
+from daemon.store.checkpoints import latest_complete_checkpoint
+from daemon.store.ledger import Ledger
+from daemon.store.status import history_violations
 
 
 def _checkpoint(root, step: int, **kw):
@@ -74,7 +74,7 @@ def test_a_checkpoint_torn_by_a_power_loss_is_not_taken_as_good(tmp_path, caplog
 
 
 def test_rotation_is_by_step_keeps_the_plan_start_and_prunes_old_torn_checkpoints(tmp_path):
-    from daemon.checkpoints import rotate_checkpoints
+    from daemon.store.checkpoints import rotate_checkpoints
 
     for step in (2, 4, 6, 8, 10):
         _checkpoint(tmp_path, step)
@@ -94,7 +94,7 @@ def test_rotation_is_by_step_keeps_the_plan_start_and_prunes_old_torn_checkpoint
 
 
 def test_a_committed_checkpoint_counts_only_while_its_files_keep_their_committed_sizes(tmp_path, caplog):
-    from daemon.durable import commit_checkpoint
+    from daemon.store.durable import commit_checkpoint
 
     _checkpoint(tmp_path, 10)
     torn = _checkpoint(tmp_path, 20)
@@ -159,14 +159,16 @@ def test_train_py_out_of_disk_space_exits_in_one_line_and_the_next_run_trains_th
 
 
 def test_a_save_that_runs_out_of_space_after_the_check_leaves_no_partial_folder_and_stops_the_run(tree, monkeypatch):
-    import daemon.callbacks
+    import daemon.training.callbacks
 
     data = write_jsonl(tree.root / "b.jsonl", [{"text": d} for d in stdlib_documents(limit=20)[8:]])
     with small_disk(tree.output, DISK_KIB):
         a, filler = _first_file_then_full(tree, leave=200_000)  # the weights fit, the optimizer state does not
         before = _folders(tree.output)
         with monkeypatch.context() as patch:
-            patch.setattr(daemon.callbacks, "free_bytes", lambda folder: 1 << 40)  # another writer fills it after
+            patch.setattr(
+                daemon.training.callbacks, "free_bytes", lambda folder: 1 << 40
+            )  # another writer fills it after
             with pytest.raises(DiskFull, match=f"no space left in {tree.output}") as caught:
                 train(tree, data)
         assert caught.value.needed > caught.value.free and caught.value.resume_step == a["end_step"]
@@ -183,7 +185,7 @@ def test_a_save_that_runs_out_of_space_after_the_check_leaves_no_partial_folder_
 def test_the_status_shows_what_the_kept_checkpoints_cost_on_disk(tree):
     from helpers import read_status
 
-    from daemon.status import format_summary
+    from daemon.store.status import format_summary
 
     first = train(tree, write_jsonl(tree.root / "a.jsonl", [{"text": d} for d in stdlib_documents(limit=30)]))
     kept = read_status(tree)["checkpoints"]

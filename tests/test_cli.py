@@ -13,7 +13,7 @@ from filelock import FileLock
 from helpers import REPO, run_cli, stdlib_documents, train, write_jsonl
 
 from daemon.config import LEDGER_ENV
-from daemon.ledger import Ledger
+from daemon.store.ledger import Ledger
 
 
 def _fingerprint(folder: Path) -> dict[str, str]:
@@ -112,7 +112,7 @@ def test_bad_flags_fail_with_a_message_naming_the_flag(tree, flags, message):
 
 
 def test_config_file_holds_the_same_keys_as_the_flags(tree):
-    from daemon.arguments import parse_args
+    from daemon.training.arguments import parse_args
 
     config = tree.root / "train.json"
     config.write_text(json.dumps({"learning_rate": 0.01, "max_seq_length": 48, "sample_prompts": ["a", "b"]}))
@@ -127,7 +127,7 @@ def test_config_file_holds_the_same_keys_as_the_flags(tree):
 
 
 def test_a_resume_with_no_step_left_exits_zero_and_says_so(tree, monkeypatch):
-    import daemon.run as run
+    import daemon.training.run as run
 
     data = write_jsonl(tree.root / "a.jsonl", [{"text": d} for d in stdlib_documents(limit=8)])
     with monkeypatch.context() as patch:  # trained to its end, then killed before the export
@@ -178,7 +178,7 @@ def test_a_training_child_refuses_a_ledger_other_than_its_daemons(tree, monkeypa
 
 
 def test_the_cache_is_cleaned_only_while_no_other_run_holds_it_and_only_in_the_products_folders(tmp_path):
-    from daemon.locks import CACHE_LOCK, dataset_cache_claim
+    from daemon.training.claims import CACHE_LOCK, dataset_cache_claim
 
     ours = tmp_path / "generator" / f"default-fingerprint=text-text-{'ab' * 32}-rules2"
     foreign = tmp_path / "generator" / "default-fingerprint=someone-elses-dataset"
@@ -213,7 +213,7 @@ def test_a_subcommand_given_a_file_for_its_folder_says_so_in_one_line(tmp_path, 
 def test_an_os_error_without_a_path_is_a_bug_and_keeps_its_traceback():
     import errno
 
-    from daemon.failures import fault_message
+    from daemon.store.failures import fault_message
 
     assert fault_message(OSError(errno.EACCES, "Permission denied")) is None
     assert fault_message(OSError(errno.EBADF, "Bad file descriptor", "/some/file")) is None
@@ -246,12 +246,12 @@ DECIDED_FLAGS = [
 def test_a_flag_the_product_decides_means_the_same_written_with_an_equals_sign(
     monkeypatch, caplog, flag, value, read, expected, owned
 ):
-    import daemon.arguments
-    from daemon.arguments import parse_args
+    import daemon.training.arguments
+    from daemon.training.arguments import parse_args
 
     # Decided otherwise on this machine, so that a given value that is not honoured shows.
-    monkeypatch.setattr(daemon.arguments, "default_torch_compile", lambda device: True)
-    monkeypatch.setattr(daemon.arguments, "cpu_has_fast_bf16", lambda *a: True)
+    monkeypatch.setattr(daemon.training.arguments, "default_torch_compile", lambda device: True)
+    monkeypatch.setattr(daemon.training.arguments, "cpu_has_fast_bf16", lambda *a: True)
     for argv in ([f"--{flag}", value], [f"--{flag}={value}"]):
         caplog.clear()
         assert read(parse_args(["--dataset", "x.jsonl", *argv])) == expected, argv
@@ -260,16 +260,16 @@ def test_a_flag_the_product_decides_means_the_same_written_with_an_equals_sign(
 
 @pytest.mark.parametrize("flag", ["bf16", "torch_compile", "use_cpu"])
 def test_a_decided_switch_given_alone_is_on(monkeypatch, flag):
-    import daemon.arguments
-    from daemon.arguments import parse_args
+    import daemon.training.arguments
+    from daemon.training.arguments import parse_args
 
-    monkeypatch.setattr(daemon.arguments, "default_torch_compile", lambda device: False)
-    monkeypatch.setattr(daemon.arguments, "cpu_has_fast_bf16", lambda *a: False)
+    monkeypatch.setattr(daemon.training.arguments, "default_torch_compile", lambda device: False)
+    monkeypatch.setattr(daemon.training.arguments, "cpu_has_fast_bf16", lambda *a: False)
     assert getattr(parse_args(["--dataset", "x.jsonl", f"--{flag}"]).training, flag) is True
 
 
 def test_a_config_file_written_with_an_equals_sign_is_read(tmp_path):
-    from daemon.arguments import parse_args
+    from daemon.training.arguments import parse_args
 
     config = tmp_path / "train.yaml"
     config.write_text("learning_rate: 1e-3\ngrad_workers: 2\nmax_regression: null\nsample_prompts: [a, 1]\n")
@@ -281,8 +281,8 @@ def test_a_config_file_written_with_an_equals_sign_is_read(tmp_path):
 
 
 def test_a_config_file_key_no_command_knows_fails_naming_the_file_and_the_key(tmp_path):
-    from daemon.arguments import parse_args
     from daemon.exceptions import ConfigError
+    from daemon.training.arguments import parse_args
 
     config = tmp_path / "train.json"
     config.write_text(json.dumps({"learning_rat": 0.01, "inbox_dir": "inbox", "once": True}))
@@ -301,7 +301,7 @@ def test_importing_the_flags_probes_neither_the_cpu_nor_the_accelerator():
         "    return read(self, *a, **k)\n"
         "pathlib.Path.read_text = spy\n"
         "torch.accelerator.is_available = lambda: seen.append('accelerator') or False\n"
-        "import daemon.arguments\n"
+        "import daemon.training.arguments\n"
         "print(seen)\n"
     )
     result = run_cli(["-c", probe], cwd=REPO)

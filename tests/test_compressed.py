@@ -12,7 +12,7 @@ import zstandard
 from helpers import Tree, daemon_argv, run_cli, stdlib_documents, train, write_jsonl
 
 from daemon.exceptions import DatasetError
-from daemon.jsonl import iter_records, scan_jsonl
+from daemon.store.jsonl import iter_records, scan_jsonl
 
 
 def _rows(limit: int = 12, start: int = 0) -> list[dict]:

@@ -38,10 +38,10 @@ from helpers import (
     write_jsonl,
 )
 
-from daemon.checkpoints import latest_complete_checkpoint
-from daemon.ledger import Ledger
-from daemon.snapshots import GenerationSettings, write_snapshot
-from daemon.status import format_summary, history_violations
+from daemon.store.checkpoints import latest_complete_checkpoint
+from daemon.store.ledger import Ledger
+from daemon.store.status import format_summary, history_violations
+from daemon.training.snapshots import GenerationSettings, write_snapshot
 
 
 def _drop(tree: Tree, name: str, rows: list[object]) -> None:
@@ -260,8 +260,8 @@ runpy.run_module("daemon", run_name="__main__")
 HANG_LAUNCHER = _launcher(
     "1-hang",
     """
-    import daemon.data
-    daemon.data.PaddingCollator.__call__ = lambda self, features: threading.Event().wait()
+    import daemon.training.data
+    daemon.training.data.PaddingCollator.__call__ = lambda self, features: threading.Event().wait()
     """,
 )
 
@@ -297,10 +297,10 @@ def test_a_hanging_child_is_killed_retried_then_failed_and_the_next_file_trains(
 RAISE_LAUNCHER = _launcher(
     "1-raise",
     """
-    import daemon.run
+    import daemon.training.run
     def broken(*args, **kwargs):
         raise RuntimeError("the tokenizer exploded on purpose\\nwith a second line nobody needs")
-    daemon.run.prepare_datasets = broken
+    daemon.training.run.prepare_datasets = broken
     """,
 )
 
@@ -485,7 +485,7 @@ else:  # mid Dataset.map: tokenization, its third batch
             return function(*a, **k)
         return map_(self, batch, *args, **kwargs)
     datasets.Dataset.map = hanging_map
-from daemon.cli import main
+from daemon.training.cli import main
 sys.exit(main(argv))
 """
 

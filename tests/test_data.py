@@ -1,4 +1,4 @@
-"""Reading JSONL drops (daemon.jsonl) and turning them into examples (daemon.data): docs/data.md."""
+"""Reading JSONL drops (daemon.store.jsonl) and turning them into examples (daemon.training.data): docs/data.md."""
 
 from __future__ import annotations
 
@@ -10,14 +10,21 @@ import pytest
 from helpers import stdlib_documents, write_jsonl
 
 from daemon.config import DataArguments
-from daemon.data import DEFAULT_CHAT_TEMPLATE, IGNORE_INDEX, PaddingCollator, heldout_size, prepare_datasets, tokenize
 from daemon.exceptions import DatasetError
-from daemon.jsonl import MAX_JSON_DEPTH, load_records, parse_line, scan_jsonl
+from daemon.store.jsonl import MAX_JSON_DEPTH, load_records, parse_line, scan_jsonl
+from daemon.training.data import (
+    DEFAULT_CHAT_TEMPLATE,
+    IGNORE_INDEX,
+    PaddingCollator,
+    heldout_size,
+    prepare_datasets,
+    tokenize,
+)
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from daemon.model import train_tokenizer
+    from daemon.training.model import train_tokenizer
 
     return train_tokenizer(stdlib_documents(limit=40), vocab_size=400)
 
@@ -207,16 +214,16 @@ def test_files_without_usable_examples_fail_with_a_reason(tmp_path, content, mes
 def test_a_long_scan_parse_and_tokenization_log_their_progress(tmp_path, tokenizer, monkeypatch, caplog):
     import logging
 
-    import daemon.status
+    import daemon.store.status
 
-    monkeypatch.setattr(daemon.status, "PROGRESS_EVERY_SECONDS", 0.0)  # a line at every step, as a big file's
+    monkeypatch.setattr(daemon.store.status, "PROGRESS_EVERY_SECONDS", 0.0)  # a line at every step, as a big file's
     docs = [{"text": f"x = {i}\n" * 50} for i in range(30)]
     path = write_jsonl(tmp_path / "big.jsonl", docs)
     args = _data_args(tmp_path, max_seq_length=16, preprocessing_batch_size=10)
-    with caplog.at_level(logging.INFO, logger="daemon.status"):
+    with caplog.at_level(logging.INFO, logger="daemon.store.status"):
         report = scan_jsonl(path)
         tokenize(load_records(report, args), report.shape, tokenizer, args)
-    lines = [r.getMessage() for r in caplog.records if r.name == "daemon.status"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "daemon.store.status"]
     size = path.stat().st_size / 2**20
     assert any(line.startswith(f"scanning big.jsonl: {size:.1f} of {size:.1f} MB (100%)") for line in lines)
     assert any(line.startswith(f"parsing big.jsonl: {size:.1f} of {size:.1f} MB (100%)") for line in lines)
@@ -228,13 +235,13 @@ def test_a_short_phase_logs_no_progress(tmp_path, caplog):
     import logging
 
     path = write_jsonl(tmp_path / "small.jsonl", [{"text": "x = 1\n"}])
-    with caplog.at_level(logging.INFO, logger="daemon.status"):
+    with caplog.at_level(logging.INFO, logger="daemon.store.status"):
         scan_jsonl(path)
-    assert not [r for r in caplog.records if r.name == "daemon.status"]  # under 10 s: silent
+    assert not [r for r in caplog.records if r.name == "daemon.store.status"]  # under 10 s: silent
 
 
 def test_example_lengths_follow_a_shuffle_and_a_split_and_count_the_trained_tokens(tmp_path, tokenizer):
-    from daemon.data import example_lengths
+    from daemon.training.data import example_lengths
 
     docs = [{"text": f"x = {i}\n" * (i % 7 + 1)} for i in range(60)]
     path = write_jsonl(tmp_path / "t.jsonl", docs)
@@ -269,15 +276,17 @@ def test_text_is_packed_into_blocks_with_eos_between_documents(tmp_path, tokeniz
 def test_a_long_document_is_tokenized_in_pieces_and_packed_into_the_blocks_of_the_whole_document(
     tmp_path, tokenizer, monkeypatch
 ):
-    import daemon.data
-    import daemon.documents
+    import daemon.store.documents
+    import daemon.training.data
 
-    monkeypatch.setattr(daemon.documents, "PIECE_CHARS", 4096)
-    monkeypatch.setattr(daemon.data, "ENCODE_CHUNK_CHARS", 32768)
+    monkeypatch.setattr(daemon.store.documents, "PIECE_CHARS", 4096)
+    monkeypatch.setattr(daemon.training.data, "ENCODE_CHUNK_CHARS", 32768)
     calls: list[int] = []  # characters given to the tokenizer in each call
-    token_ids = daemon.data._token_ids
+    token_ids = daemon.training.data._token_ids
     monkeypatch.setattr(
-        daemon.data, "_token_ids", lambda tok, texts: calls.append(sum(map(len, texts))) or token_ids(tok, texts)
+        daemon.training.data,
+        "_token_ids",
+        lambda tok, texts: calls.append(sum(map(len, texts))) or token_ids(tok, texts),
     )
     long = "\n".join(f"# copy {n}\n" + "".join(stdlib_documents(limit=1000)) for n in range(20))  # about 1 MB
     docs = ["import os\n", long, "x = [1, 2, 3]\n"]
@@ -291,7 +300,7 @@ def test_a_long_document_is_tokenized_in_pieces_and_packed_into_the_blocks_of_th
 
 
 def test_replayed_examples_keep_their_masks_in_a_packed_file_and_the_file_learns_every_token(tmp_path, tokenizer):
-    from daemon.data import mix_replay, replay_examples
+    from daemon.training.data import mix_replay, replay_examples
 
     path = write_jsonl(tmp_path / "t.jsonl", [{"text": "x = [1, 2, 3]\n" * 4}])
     args = _data_args(tmp_path, max_seq_length=8)
@@ -343,7 +352,7 @@ def test_only_assistant_turns_are_learned_in_conversations(tmp_path, tokenizer):
 
 
 def test_a_tokenizer_without_chat_template_gets_the_documented_default(tokenizer):
-    from daemon.data import chat_template_of
+    from daemon.training.data import chat_template_of
 
     bare = tokenizer.__class__(tokenizer_object=tokenizer.backend_tokenizer, eos_token="<|endoftext|>")
     assert chat_template_of(bare) == DEFAULT_CHAT_TEMPLATE
@@ -429,8 +438,8 @@ def test_the_collator_right_pads_without_a_mask_and_pads_rows_on_request():
     import torch
     from transformers import DataCollatorForSeq2Seq
 
-    from daemon.data import PaddingCollator
-    from daemon.model import train_tokenizer
+    from daemon.training.data import PaddingCollator
+    from daemon.training.model import train_tokenizer
 
     tokenizer = train_tokenizer(stdlib_documents(limit=20), vocab_size=300)
     collate = PaddingCollator.for_tokenizer(tokenizer)
@@ -451,7 +460,7 @@ def test_a_right_padded_batch_without_a_mask_has_the_masked_batchs_loss_and_grad
     import torch
     from helpers import tiny_model
 
-    from daemon.data import PaddingCollator
+    from daemon.training.data import PaddingCollator
 
     rows = [{"input_ids": list(range(5, 17))}, {"input_ids": [20, 21, 22]}, {"input_ids": [30, 31, 32, 33, 34]}]
     batch = PaddingCollator.for_tokenizer(tokenizer, rows=4)(rows)  # a padded row, like a file's last micro-batch
@@ -477,7 +486,7 @@ def test_a_compiled_model_sees_one_shape_through_short_rows_and_a_files_smaller_
     from helpers import tiny_model
     from transformers import TrainingArguments
 
-    from daemon.data import PaddingCollator
+    from daemon.training.data import PaddingCollator
 
     args = TrainingArguments(output_dir="unused", per_device_train_batch_size=3, torch_compile=True, use_cpu=True)
     collate = PaddingCollator.for_training(tokenizer, args, grad_workers=0)

@@ -1,4 +1,4 @@
-"""One long document in pieces (daemon.documents): cut where the embedded tokenizer starts a word."""
+"""One long document in pieces (daemon.store.documents): cut where the embedded tokenizer starts a word."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import pytest
 from helpers import stdlib_documents, write_jsonl
 
 from daemon.config import DataArguments
-from daemon.documents import split_document
-from daemon.jsonl import iter_text, load_records, scan_jsonl
-from daemon.model import train_tokenizer
+from daemon.store.documents import split_document
+from daemon.store.jsonl import iter_text, load_records, scan_jsonl
+from daemon.training.model import train_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -53,9 +53,9 @@ def test_a_document_that_fits_is_one_piece_and_a_stretch_without_whitespace_is_c
 def test_the_bootstrap_tokenizer_trains_on_pieces_of_a_long_document_and_learns_the_same_vocabulary(
     tmp_path, monkeypatch
 ):
-    import daemon.documents
+    import daemon.store.documents
 
-    monkeypatch.setattr(daemon.documents, "PIECE_CHARS", 4096)
+    monkeypatch.setattr(daemon.store.documents, "PIECE_CHARS", 4096)
     text = "\n".join(f"# copy {n}\n" + "".join(stdlib_documents(limit=1000)) for n in range(4))
     path = write_jsonl(tmp_path / "one-line.jsonl", [{"text": text}])
     records = load_records(scan_jsonl(path), DataArguments(dataset_cache_dir=str(tmp_path / "cache")))

@@ -1,4 +1,7 @@
-"""The evaluation suite, forgetting matrix and quality gate: daemon.suite, daemon.evaluation, daemon.forgetting."""
+"""The evaluation suite, forgetting matrix and quality gate.
+
+daemon.store.suite, daemon.training.evaluation, daemon.quality.forgetting.
+"""
 
 from __future__ import annotations
 
@@ -13,12 +16,12 @@ import pytest
 from helpers import TINY_CONFIG, Tree, daemon_argv, read_status, run_cli, stdlib_documents, train, write_jsonl
 
 from daemon.config import EvaluationArguments
-from daemon.evaluation import MIN_EXAMPLES, Scorer, SliceScore, evaluate_suite
 from daemon.exceptions import ConfigError, RegressionError
-from daemon.forgetting import build_matrix, format_figures, format_matrix, read_rows, write_rows
-from daemon.records import HistoryRow, Outcome
-from daemon.status import StatusFile, history_violations
-from daemon.suite import EVAL_FILE, HELD_OUT, SUITE_DIR, Slice, subset
+from daemon.quality.forgetting import build_matrix, format_figures, format_matrix, read_rows, write_rows
+from daemon.store.records import HistoryRow, Outcome
+from daemon.store.status import StatusFile, history_violations
+from daemon.store.suite import EVAL_FILE, HELD_OUT, SUITE_DIR, Slice, subset
+from daemon.training.evaluation import MIN_EXAMPLES, Scorer, SliceScore, evaluate_suite
 
 GOLDEN = [
     {"prompt": f"Q: what does json.{name} do?\nA:", "completion": f" json.{name} {verb}."}
@@ -117,8 +120,8 @@ def test_bits_per_byte_of_a_model_that_predicts_uniformly_is_log2_vocab_per_toke
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from daemon.data import chat_template_of, tokenize
-    from daemon.model import train_tokenizer
+    from daemon.training.data import chat_template_of, tokenize
+    from daemon.training.model import train_tokenizer
 
     tokenizer = train_tokenizer(stdlib_documents(limit=20), vocab_size=320)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), tie_word_embeddings=False, **TINY_CONFIG))
@@ -158,7 +161,7 @@ def test_bits_per_byte_of_a_model_that_predicts_uniformly_is_log2_vocab_per_toke
 def test_windows_are_batched_by_length_and_the_scores_do_not_depend_on_the_batches(monkeypatch):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from daemon.model import train_tokenizer
+    from daemon.training.model import train_tokenizer
 
     tokenizer = train_tokenizer(stdlib_documents(limit=20), vocab_size=320)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), **TINY_CONFIG))
@@ -182,7 +185,7 @@ def test_windows_are_batched_by_length_and_the_scores_do_not_depend_on_the_batch
     assert all(2 * n > max(batch) for batch in batches for n in batch), batches  # no window padded to twice its length
     assert grouped.example_tokens == one_by_one.example_tokens
     assert grouped.example_nats == pytest.approx(one_by_one.example_nats, rel=1e-5)
-    monkeypatch.setattr("daemon.evaluation.SORTED_WINDOWS", 2)  # sorted a few at a time: the same scores
+    monkeypatch.setattr("daemon.training.evaluation.SORTED_WINDOWS", 2)  # sorted a few at a time: the same scores
     bounded = SliceScore("s", HELD_OUT)
     Scorer(model, tokenizer, max_length=8, batch_size=8, autocast=None).score(piece, 0, len(records), bounded)
     assert bounded.example_nats == pytest.approx(one_by_one.example_nats, rel=1e-5)
@@ -247,7 +250,7 @@ def test_a_noise_file_after_two_real_files_is_rolled_back_to_its_start_checkpoin
 
 def test_with_warn_the_noise_file_is_kept_and_the_regression_recorded(two_files, tmp_path, caplog):
     tree = _copy(two_files, tmp_path)
-    with caplog.at_level(logging.WARNING, logger="daemon.evaluation"):
+    with caplog.at_level(logging.WARNING, logger="daemon.training.evaluation"):
         row = train(tree, _noise_file(tree.root / "noise.jsonl"), max_regression=0.05)
     assert row["outcome"] == Outcome.DONE
     gate = row["quality_gate"]

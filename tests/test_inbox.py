@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-import daemon.inbox as inbox_module
-from daemon.entries import is_ignored_name
-from daemon.inbox import Inbox
+import daemon.service.inbox as inbox_module
+from daemon.service.entries import is_ignored_name
+from daemon.service.inbox import Inbox
 
 
 def test_names_being_written_are_ignored():

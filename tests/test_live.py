@@ -13,8 +13,8 @@ import pytest
 from helpers import REPO, fake_status_folder, wait_for
 from rich.console import Console
 
-from daemon.live import render
-from daemon.status import StatusFile, empty_status
+from daemon.store.status import StatusFile, empty_status
+from daemon.views.live import render
 
 
 def _text(doc: dict) -> str:

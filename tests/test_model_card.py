@@ -7,11 +7,11 @@ from pathlib import Path
 from helpers import Tree, stdlib_documents, train, write_jsonl
 from huggingface_hub import ModelCard
 
-from daemon.checkpoints import export_step
-from daemon.model_card import CARD_FILE, describe_model, trained_files
-from daemon.records import HistoryRow, Outcome
-from daemon.rollback import roll_back_to
-from daemon.status import StatusFile
+from daemon.store.checkpoints import export_step
+from daemon.store.records import HistoryRow, Outcome
+from daemon.store.rollback import roll_back_to
+from daemon.store.status import StatusFile
+from daemon.views.model_card import CARD_FILE, describe_model, trained_files
 
 
 def _text_file(path: Path, n: int, offset: int) -> Path:

@@ -56,15 +56,15 @@ def test_custom_code_is_accepted_with_trust_remote_code_and_a_plain_export_passe
 def test_a_tokenizer_without_pad_token_or_chat_template_is_completed_and_said_in_the_log(tree, caplog):
     from transformers import AutoTokenizer
 
-    from daemon.data import DEFAULT_CHAT_TEMPLATE
-    from daemon.model import load_pretrained
+    from daemon.training.data import DEFAULT_CHAT_TEMPLATE
+    from daemon.training.model import load_pretrained
 
     folder = export_tiny(tree.root / "tiny")
     bare = AutoTokenizer.from_pretrained(folder)
     bare.pad_token, bare.chat_template = None, None
     bare.save_pretrained(folder)
     (folder / "chat_template.jinja").unlink(missing_ok=True)
-    with caplog.at_level("INFO", logger="daemon.model"):
+    with caplog.at_level("INFO", logger="daemon.training.model"):
         _, tokenizer = load_pretrained(folder)
     assert tokenizer.pad_token == tokenizer.eos_token and tokenizer.chat_template == DEFAULT_CHAT_TEMPLATE
     assert "has no pad token" in caplog.text and "has no chat template" in caplog.text
@@ -73,8 +73,8 @@ def test_a_tokenizer_without_pad_token_or_chat_template_is_completed_and_said_in
 def test_a_pretrained_start_keeps_the_base_models_answers_as_a_slice_scored_after_every_file(tree):
     from helpers import train
 
-    from daemon.base_slice import TEXT_PROMPTS, base_slice_path
-    from daemon.forgetting import read_rows
+    from daemon.quality.forgetting import read_rows
+    from daemon.training.base_slice import TEXT_PROMPTS, base_slice_path
 
     base = export_tiny(tree.root / "base")
     docs = stdlib_documents(limit=60)
@@ -97,8 +97,8 @@ def test_a_pretrained_start_keeps_the_base_models_answers_as_a_slice_scored_afte
 def test_the_embedded_model_records_that_it_was_bootstrapped_and_keeps_no_base_slice(tree):
     from helpers import train
 
-    from daemon.base_slice import base_slice_path
-    from daemon.origin import base_model_of
+    from daemon.store.origin import base_model_of
+    from daemon.training.base_slice import base_slice_path
 
     train(tree, write_jsonl(tree.root / "a.jsonl", [{"text": d} for d in stdlib_documents(limit=30)]))
     assert json.loads((tree.output / "origin.json").read_text()) == {"base_model": None}
@@ -107,8 +107,8 @@ def test_the_embedded_model_records_that_it_was_bootstrapped_and_keeps_no_base_s
 
 
 def test_defaults_follow_the_starting_model_and_a_flag_given_always_wins(tree):
-    from daemon.arguments import parse_args
     from daemon.config import CHAT_SAMPLE_PROMPTS, DEFAULT_SAMPLE_PROMPTS
+    from daemon.training.arguments import parse_args
 
     def flags(*extra: str):
         parsed = parse_args(["--dataset", "a.jsonl", f"--output_dir={tree.output}", *extra])
@@ -131,7 +131,7 @@ def test_hub_kernels_stay_off_unless_the_user_asks_for_them(tree, monkeypatch):
     """transformers 5 turns hub kernels on whenever the ``kernels`` package is installed: a CUDA model's
     first ``train()`` then fetches code from the Hub, which an offline daemon cannot (seen on an H200)."""
     pytest.importorskip("kernels")
-    from daemon.model import load_pretrained
+    from daemon.training.model import load_pretrained
 
     folder = export_tiny(tree.root / "tiny")
     monkeypatch.delenv("USE_HUB_KERNELS", raising=False)

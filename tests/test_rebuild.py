@@ -8,10 +8,10 @@ import time
 from helpers import Tree, fake_checkpoint
 
 from daemon.__main__ import main
-from daemon.ledger import LEDGER_FILE, Ledger
-from daemon.rebuild import rebuild_ledger
-from daemon.records import FileProgress, FileState, HistoryRow
-from daemon.status import StatusFile
+from daemon.service.rebuild import rebuild_ledger
+from daemon.store.ledger import LEDGER_FILE, Ledger
+from daemon.store.records import FileProgress, FileState, HistoryRow
+from daemon.store.status import StatusFile
 
 STEPS = 3
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from helpers import SHAPES, read_status, shape_rows, stdlib_documents, train, write_jsonl
 
-from daemon.checkpoints import latest_complete_checkpoint
-from daemon.replay import add_file, fair_share, read_share, replay_count, select_replay, store_files
+from daemon.store.checkpoints import latest_complete_checkpoint
+from daemon.store.replay import add_file, fair_share, read_share, replay_count, select_replay, store_files
 
 TOKENIZER = "t0"
 
@@ -74,7 +74,7 @@ def test_a_file_with_replay_trains_exactly_its_planned_steps_and_reports_both_co
     assert second["end_step"] - second["start_step"] == second["planned_steps"]
     checkpoint = latest_complete_checkpoint(tree.output)
     assert checkpoint is not None and checkpoint.global_step == first["planned_steps"] + second["planned_steps"]
-    from daemon.ledger import Ledger
+    from daemon.store.ledger import Ledger
 
     rows = Ledger(tree.status).entries()
     assert [r.replayed_examples for r in rows] == [0, second["replayed_examples"]]
@@ -84,9 +84,9 @@ def test_a_file_with_replay_trains_exactly_its_planned_steps_and_reports_both_co
 
 
 def test_a_resumed_file_replays_the_same_examples_in_the_same_order(tree):
-    from daemon.arguments import parse_args
-    from daemon.ledger import Ledger
-    from daemon.run import setup
+    from daemon.store.ledger import Ledger
+    from daemon.training.arguments import parse_args
+    from daemon.training.run import setup
 
     train(tree, _text_file(tree.root / "a.jsonl", 30))
     flags = parse_args(["--dataset", str(_text_file(tree.root / "b.jsonl", 30, offset=30)), *tree.flags()])
@@ -102,7 +102,7 @@ def test_a_resumed_file_replays_the_same_examples_in_the_same_order(tree):
 
 def test_a_file_that_fails_after_entering_the_store_is_removed_from_it(tree, monkeypatch):
     from daemon.exceptions import TrainingError
-    from daemon.ledger import Ledger
+    from daemon.store.ledger import Ledger
 
     train(tree, _text_file(tree.root / "a.jsonl", 30))
 
@@ -116,7 +116,7 @@ def test_a_file_that_fails_after_entering_the_store_is_removed_from_it(tree, mon
 
 
 def test_a_rolled_back_file_leaves_the_store(tree):
-    from daemon.rollback import roll_back_to
+    from daemon.store.rollback import roll_back_to
 
     first = train(tree, _text_file(tree.root / "a.jsonl", 30))
     train(tree, _text_file(tree.root / "b.jsonl", 30, offset=30))
@@ -154,7 +154,7 @@ def test_cooldown_exports_a_cooled_branch_and_the_main_line_continues_from_befor
 
 
 def test_cooldown_learning_rate_decays_towards_zero(tree):
-    from daemon.cooldown import branch_lambda, cooldown_steps, decay
+    from daemon.training.cooldown import branch_lambda, cooldown_steps, decay
 
     assert cooldown_steps(10, 0.2) == 2 and cooldown_steps(10, 0.0) == 0
     factor = branch_lambda(1.0, 100, 4, "1-sqrt")
@@ -165,9 +165,9 @@ def test_cooldown_learning_rate_decays_towards_zero(tree):
 
 @pytest.mark.parametrize(("first", "second"), list(itertools.product(SHAPES, repeat=2)))
 def test_every_ordered_pair_of_shapes_trains_with_the_default_replay(tree, first, second):
-    from daemon.arguments import parse_args
-    from daemon.ledger import Ledger
-    from daemon.run import setup
+    from daemon.store.ledger import Ledger
+    from daemon.training.arguments import parse_args
+    from daemon.training.run import setup
 
     docs = stdlib_documents(limit=60)
     train(tree, write_jsonl(tree.root / f"a-{first}.jsonl", shape_rows(first, docs[:30])))

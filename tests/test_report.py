@@ -9,8 +9,8 @@ import time
 import pytest
 from helpers import fake_status_folder, headless_chromium, missing_browser
 
-from daemon.forgetting import build_matrix, read_rows
-from daemon.report import REPORT_FILE, main, matrix_figure, write_report, write_report_logged
+from daemon.quality.forgetting import build_matrix, read_rows
+from daemon.views.report import REPORT_FILE, main, matrix_figure, write_report, write_report_logged
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_the_report_command_writes_the_report_of_a_fresh_status_folder(tmp_path,
 
 def test_a_report_that_cannot_be_drawn_is_logged_and_never_raised(tmp_path, caplog):
     (tmp_path / "history.jsonl").write_text('{"outcome": "done", "file": "a.jsonl"}\n')  # no steps: a plot breaks
-    with caplog.at_level(logging.ERROR, logger="daemon.report"):
+    with caplog.at_level(logging.ERROR, logger="daemon.views.report"):
         assert write_report_logged(tmp_path) is None
     assert "could not write" in caplog.text
 

@@ -1,6 +1,6 @@
 """Interrupted mid-file and restarted, a file trains exactly its remaining steps on its unseen part.
 
-So does a done file whose end checkpoint came back torn: the daemon reopens it (daemon/reconcile.py).
+So does a done file whose end checkpoint came back torn: the daemon reopens it (daemon/store/reconcile.py).
 """
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ import pytest
 import torch
 from helpers import Tree, daemon_argv, run_cli, stdlib_documents, train, write_jsonl
 
-from daemon.callbacks import PlanCallback
-from daemon.checkpoints import latest_complete_checkpoint
 from daemon.exceptions import CheckpointError, TrainingInterrupted
-from daemon.ledger import Ledger
-from daemon.plan import StepPlan
-from daemon.status import history_violations
+from daemon.store.checkpoints import latest_complete_checkpoint
+from daemon.store.ledger import Ledger
+from daemon.store.status import history_violations
+from daemon.training.callbacks import PlanCallback
+from daemon.training.plan import StepPlan
 
 
 class Crash(Exception):
@@ -84,7 +84,7 @@ def test_an_interrupted_file_resumes_and_matches_an_uninterrupted_run(tmp_path, 
 
 
 def test_a_file_trained_but_not_finished_is_not_trained_again(tree, monkeypatch):
-    import daemon.run as run
+    import daemon.training.run as run
 
     data = write_jsonl(tree.root / "a.jsonl", [{"text": d} for d in stdlib_documents(limit=20)])
     with monkeypatch.context() as patch:

@@ -18,9 +18,9 @@ import pytest
 from filelock import FileLock
 from helpers import REPO, Tree, run_cli, stdlib_documents, train, write_jsonl
 
-from daemon.ledger import Ledger
-from daemon.rollback import EXIT_AFTER_ENV, INTENT_FILE, kept_file_ends
-from daemon.status import history_violations
+from daemon.store.ledger import Ledger
+from daemon.store.rollback import EXIT_AFTER_ENV, INTENT_FILE, kept_file_ends
+from daemon.store.status import history_violations
 
 SMALL_ROTATION = {"save_steps": 5, "save_total_limit": 1}  # would keep only the newest and the file's start
 

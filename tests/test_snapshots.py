@@ -8,8 +8,8 @@ import pytest
 import torch
 from helpers import stdlib_documents, tiny_model
 
-from daemon.model import train_tokenizer
-from daemon.snapshots import SEED_RULE, GenerationSettings, generate_samples, write_snapshot
+from daemon.training.model import train_tokenizer
+from daemon.training.snapshots import SEED_RULE, GenerationSettings, generate_samples, write_snapshot
 
 SETTINGS = GenerationSettings(max_new_tokens=8, temperature=0.8, top_k=50, seed=7)
 

@@ -8,8 +8,8 @@ import stat
 
 import pytest
 
-from daemon.records import HistoryRow, Outcome
-from daemon.status import (
+from daemon.store.records import HistoryRow, Outcome
+from daemon.store.status import (
     Heartbeat,
     StatusFile,
     empty_status,
@@ -160,7 +160,7 @@ def test_status_files_get_the_mode_the_umask_gives_a_plain_open(tmp_path, umask,
 
 
 def test_the_loss_series_keeps_the_running_line_when_steps_are_trained_again(tmp_path):
-    from daemon.status import append_loss_points, read_loss_series
+    from daemon.store.status import append_loss_points, read_loss_series
 
     beat = Heartbeat(StatusFile(tmp_path), interval=60)
     for step in (1, 2, 3, 4):  # a file, then a resume from the checkpoint at step 2

@@ -17,9 +17,9 @@ import pytest
 from helpers import wait_for
 
 from daemon.config import SUPERVISOR_ENV
-from daemon.failures import FAILURE_FILE
-from daemon.status import StatusFile
-from daemon.supervisor import ChildResult, ProcessSupervisor
+from daemon.service.supervisor import ChildResult, ProcessSupervisor
+from daemon.store.failures import FAILURE_FILE
+from daemon.store.status import StatusFile
 
 # Started as ``<launcher> -m daemon train --mode MODE --out FOLDER --status_dir FOLDER``.
 CHILD = r"""
@@ -40,12 +40,12 @@ with open(os.path.join(out, ".started.json"), "w") as f:
 os.rename(os.path.join(out, ".started.json"), os.path.join(out, "started.json"))
 if mode == "exit7":
     sys.exit(7)
-if mode == "raise":  # what daemon.cli.main does with an exception before it exits 1
-    from daemon.failures import leave_reason
+if mode == "raise":  # what daemon.training.cli.main does with an exception before it exits 1
+    from daemon.store.failures import leave_reason
     leave_reason(RuntimeError("the tokenizer exploded\n  on its second line, a detail"))
     sys.exit(1)
 if mode in ("progress", "progress_then_hang"):  # the heartbeat of a slow but healthy run
-    from daemon.status import StatusFile
+    from daemon.store.status import StatusFile
     status = StatusFile(flags["--status_dir"])
     offset = float(flags.get("--offset", 0))  # the child's clock stepped by this much
     for _ in range(20 if mode == "progress" else 1):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from helpers import stdlib_documents, train, write_jsonl
 
-from daemon.status import read_loss_series
-from daemon.tensorboard_run import tensorboard_dir
+from daemon.store.status import read_loss_series
+from daemon.training.tensorboard_run import tensorboard_dir
 
 
 def _scalars(folder):

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from helpers import Tree, read_status, stdlib_documents, train, write_jsonl
 
-from daemon.checkpoints import latest_complete_checkpoint
 from daemon.config import DEFAULT_SAMPLE_PROMPTS
-from daemon.status import history_violations
+from daemon.store.checkpoints import latest_complete_checkpoint
+from daemon.store.status import history_violations
 
 
 def _text_file(path: Path, n: int = 30, offset: int = 0) -> Path:
@@ -29,7 +29,7 @@ def _log_history(tree: Tree) -> list[dict]:
 
 
 def test_step_plan_uses_the_effective_batch_and_rounds_up_per_epoch():
-    from daemon.plan import StepPlan
+    from daemon.training.plan import StepPlan
 
     plan = StepPlan(
         start_step=100,
@@ -69,8 +69,8 @@ def test_naive_resume_trains_zero_steps_and_the_invariant_check_catches_it(tree)
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
     from daemon.config import DataArguments
-    from daemon.data import prepare_datasets
-    from daemon.jsonl import load_records, scan_jsonl
+    from daemon.store.jsonl import load_records, scan_jsonl
+    from daemon.training.data import prepare_datasets
 
     train(tree, _text_file(tree.root / "a.jsonl", 30))
     checkpoint = latest_complete_checkpoint(tree.output)
@@ -78,7 +78,7 @@ def test_naive_resume_trains_zero_steps_and_the_invariant_check_catches_it(tree)
     state = json.loads((checkpoint.path / "trainer_state.json").read_text())
     assert state["epoch"] == pytest.approx(1.0)
 
-    from daemon.model import load_pretrained
+    from daemon.training.model import load_pretrained
 
     model, tokenizer = load_pretrained(checkpoint.path)
     data_args = DataArguments(max_seq_length=32, dataset_cache_dir=str(tree.cache), eval_fraction=0.0)
@@ -164,7 +164,7 @@ def test_each_conversational_shape_trains(tree, rows):
 
 
 def test_model_name_or_path_starts_from_a_local_model(tree, tmp_path):
-    from daemon.model import has_model
+    from daemon.training.model import has_model
 
     base = Tree(tmp_path / "base")
     base.root.mkdir()
@@ -180,7 +180,7 @@ def test_incomplete_newest_checkpoint_is_skipped_with_a_warning(tree, caplog):
     torn = tree.output / f"checkpoint-{first['end_step'] + 5}"
     torn.mkdir()
     (torn / "model.safetensors").write_bytes(b"partial")
-    with caplog.at_level(logging.WARNING, logger="daemon.checkpoints"):
+    with caplog.at_level(logging.WARNING, logger="daemon.store.checkpoints"):
         second = train(tree, _text_file(tree.root / "b.jsonl", 20, offset=20))
     assert second["start_step"] == first["end_step"]
     assert any("incomplete checkpoint" in r.getMessage() and torn.name in r.getMessage() for r in caplog.records)
@@ -189,7 +189,7 @@ def test_incomplete_newest_checkpoint_is_skipped_with_a_warning(tree, caplog):
 
 
 def test_owned_flags_are_overridden_and_the_user_is_told(tree, caplog):
-    with caplog.at_level(logging.WARNING, logger="daemon.arguments"):
+    with caplog.at_level(logging.WARNING, logger="daemon.training.arguments"):
         row = train(tree, _text_file(tree.root / "a.jsonl", 12), max_steps=1000)
     assert row["end_step"] == row["planned_steps"] == math.ceil(row["examples"] / 4)
     assert row["end_step"] != 1000
@@ -286,7 +286,7 @@ def test_an_empty_sample_prompt_starts_from_eos(tree):
     ],
 )
 def test_fast_bf16_is_detected_from_the_cpu_flags(tmp_path, flags, expected):
-    from daemon.arguments import cpu_has_fast_bf16
+    from daemon.training.arguments import cpu_has_fast_bf16
 
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
@@ -310,7 +310,7 @@ def test_the_bf16_default_follows_the_device_that_trains(
     """The GPU path of the precision default, exercised on a CPU machine with the device queries faked."""
     import torch
 
-    from daemon.arguments import default_bf16
+    from daemon.training.arguments import default_bf16
 
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {cpu_flags}\n")
@@ -321,7 +321,7 @@ def test_the_bf16_default_follows_the_device_that_trains(
 
 
 def test_bf16_is_the_default_on_a_cpu_that_has_it_and_fp16_replaces_it(tree):
-    from daemon.arguments import default_bf16, parse_args
+    from daemon.training.arguments import default_bf16, parse_args
 
     defaults = parse_args(["--dataset", "x.jsonl", *tree.flags()]).training
     assert defaults.bf16 is default_bf16()
@@ -344,7 +344,7 @@ def test_the_compile_default_follows_the_device_that_trains(monkeypatch, device,
     import torch
     import torch.utils._triton
 
-    from daemon.arguments import default_torch_compile
+    from daemon.training.arguments import default_torch_compile
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
     monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: triton)
@@ -352,12 +352,12 @@ def test_the_compile_default_follows_the_device_that_trains(monkeypatch, device,
 
 
 def test_parse_args_compiles_where_the_default_says_so_and_an_explicit_flag_wins(tree, monkeypatch):
-    import daemon.arguments
-    from daemon.arguments import parse_args
+    import daemon.training.arguments
+    from daemon.training.arguments import parse_args
 
     flags = ["--dataset", "x.jsonl", *tree.flags()]
     assert parse_args(flags).training.torch_compile is False  # this machine: a CPU
-    monkeypatch.setattr(daemon.arguments, "default_torch_compile", lambda device: True)
+    monkeypatch.setattr(daemon.training.arguments, "default_torch_compile", lambda device: True)
     compiled = parse_args(flags).training
     assert (compiled.torch_compile, compiled.torch_compile_backend) == (True, "inductor")  # set up by __post_init__
     assert parse_args([*flags, "--torch_compile", "False"]).training.torch_compile is False
@@ -367,7 +367,7 @@ def test_bf16_autocasts_every_worker_and_keeps_fp32_master_weights(tree):
     """Each worker thread's forward runs its matmuls in bf16; parameters and the export stay fp32."""
     import torch
 
-    from daemon.accumulation import ThreadedAccumulationTrainer
+    from daemon.training.speed.accumulation import ThreadedAccumulationTrainer
 
     seen: list[tuple[str, torch.dtype]] = []
     original = ThreadedAccumulationTrainer.__init__
@@ -395,7 +395,7 @@ def test_bf16_autocasts_every_worker_and_keeps_fp32_master_weights(tree):
 
 def test_the_first_step_of_every_file_is_logged(tree, caplog):
     first = train(tree, _text_file(tree.root / "a.jsonl", 12), logging_steps=1000)
-    with caplog.at_level(logging.INFO, logger="daemon.callbacks"):
+    with caplog.at_level(logging.INFO, logger="daemon.training.callbacks"):
         train(tree, _text_file(tree.root / "b.jsonl", 12, offset=12), logging_steps=1000)
     logged = [e["step"] for e in _log_history(tree) if "loss" in e]
     assert logged == [1, first["end_step"] + 1]
@@ -422,11 +422,11 @@ def _files(folder: Path) -> dict[str, bytes]:
 
 
 def test_a_file_that_fails_after_some_of_its_steps_leaves_the_model_as_before_it(tree, monkeypatch):
-    import daemon.checkpoints as checkpoints
-    from daemon.accumulation import ThreadedAccumulationTrainer
-    from daemon.checkpoints import roll_back
+    import daemon.store.checkpoints as checkpoints
     from daemon.exceptions import TrainingError
-    from daemon.ledger import Ledger
+    from daemon.store.checkpoints import roll_back
+    from daemon.store.ledger import Ledger
+    from daemon.training.speed.accumulation import ThreadedAccumulationTrainer
 
     first = train(tree, _text_file(tree.root / "a.jsonl", 12))
     start = tree.output / f"checkpoint-{first['end_step']}"
@@ -472,7 +472,7 @@ def test_save_and_logging_steps_given_for_a_later_file_apply_to_it(tree):
 
 def test_a_claimed_file_whose_content_changed_is_failed_and_never_trained(tree):
     from daemon.exceptions import DatasetError
-    from daemon.ledger import Ledger
+    from daemon.store.ledger import Ledger
 
     data = _text_file(tree.root / "a.jsonl", 12)
     claim = Ledger(tree.status).add("a.jsonl", "queued", sha256="0" * 64, size=1)  # hashed at the claim
@@ -483,7 +483,7 @@ def test_a_claimed_file_whose_content_changed_is_failed_and_never_trained(tree):
 
 
 def test_progress_beats_while_a_long_file_is_read_before_training(tree, monkeypatch):
-    import daemon.jsonl as data
+    import daemon.store.jsonl as data
 
     slow_parse = data.parse_line
 
@@ -518,11 +518,11 @@ def test_periodic_checkpoints_are_held_to_their_share_of_training_time(monkeypat
 
     from transformers import TrainerControl, TrainerState, TrainingArguments
 
-    import daemon.callbacks
-    from daemon.callbacks import PlanCallback
+    import daemon.training.callbacks
+    from daemon.training.callbacks import PlanCallback
 
     clock = [0.0]
-    monkeypatch.setattr(daemon.callbacks.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(daemon.training.callbacks.time, "monotonic", lambda: clock[0])
     args = TrainingArguments(output_dir="unused", report_to="none", use_cpu=True)
     state = TrainerState(max_steps=1000)
     stop = threading.Event()

@@ -1,6 +1,6 @@
 """The inbox daemon: its per-file policy against a fake training process, then real daemons end to end.
 
-The policy tests run :class:`~daemon.watcher.Daemon` in this process with
+The policy tests run :class:`~daemon.service.watcher.Daemon` in this process with
 :class:`FakeTraining` in place of the supervisor: it writes the ledger, the status
 and the history the way the real training child does, in milliseconds.
 """
@@ -22,13 +22,13 @@ import pytest
 from helpers import REPO, Tree, fake_checkpoint, run_cli, stdlib_documents, wait_for, write_jsonl
 
 from daemon.config import DaemonArguments
-from daemon.entries import sha256_of
-from daemon.inbox import Inbox
-from daemon.ledger import Entry, Ledger
-from daemon.records import FileProgress, FileState, HistoryRow
-from daemon.status import StatusFile, history_violations
-from daemon.supervisor import ChildResult
-from daemon.watcher import Daemon, _observer, _Wake
+from daemon.service.entries import sha256_of
+from daemon.service.inbox import Inbox
+from daemon.service.supervisor import ChildResult
+from daemon.service.watcher import Daemon, _observer, _Wake
+from daemon.store.ledger import Entry, Ledger
+from daemon.store.records import FileProgress, FileState, HistoryRow
+from daemon.store.status import StatusFile, history_violations
 
 PLANNED_STEPS = 3
 
@@ -678,7 +678,7 @@ def test_daemon_rejects_a_bad_training_flag_before_touching_any_file(tree):
 
 
 def test_the_daemons_flags_and_its_config_file_mean_the_same_written_with_an_equals_sign(tmp_path):
-    from daemon.watcher import parse_daemon_args
+    from daemon.service.watcher import parse_daemon_args
 
     config = tmp_path / "daemon.yaml"
     config.write_text("inbox_dir: drops\nsettle_seconds: 3\nlearning_rate: 1.0e-4\n")
@@ -715,7 +715,7 @@ def test_make_dataset_turns_a_folder_into_text_lines_and_skips_binaries(tmp_path
 def test_the_daemon_process_imports_no_ml_library():
     """Start-up cost belongs to the training child (prestarted while idle), not to the daemon."""
     probe = (
-        "import sys; from daemon import __main__, watcher; "
+        "import sys; from daemon import __main__; from daemon.service import watcher; "
         "print(sorted({'torch', 'transformers', 'datasets'} & set(sys.modules)))"
     )
     result = run_cli(["-c", probe], cwd=REPO)

@@ -1,0 +1,169 @@
+"""The base model's own slice of the evaluation suite: what a pretrained model knew before any file.
+
+Forgetting of general ability is what hurts a user of a pretrained model, and the inbox holds
+no data of it. When a run starts from ``--model_name_or_path`` (no checkpoint yet), the base
+model answers :data:`CHAT_PROMPTS` (a chat model: a user turn in its chat template) or
+continues :data:`TEXT_PROMPTS` (any other model), greedily, in one batched ``generate`` call;
+the answers become ``<status_dir>/eval_suite/00000000-base-model.jsonl``, a held-out slice
+"done" at step 0 (chat records, or prompt-completion records: only the answer is scored), and
+the base model's score on it is written as the step-0 row of ``evaluations.jsonl``.
+
+From then on the slice is in every file's suite, the forgetting matrix and the quality gate
+read its rise as drift from the base model, and no rollback removes it (rollbacks drop what
+ended after the step they return to, and this slice ended at 0). The slice measures how far
+the model moved from the base model's own outputs (the targets that Learning without Forgetting,
+Li and Hoiem 2016, arXiv 1606.09282, keeps the old model's outputs as), not whether the answers
+are right.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from daemon.store.suite import SUITE_DIR, slice_name, write_slice
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+BASE_FILE = "base-model.jsonl"  # the slice is slice_name(0, BASE_FILE): "00000000-base-model"
+BASE_ROW_FILE = "(base model)"  # evaluations.jsonl's after_file of the step-0 row
+MAX_NEW_TOKENS = 32  # tokens of each answer: a sentence
+
+CHAT_PROMPTS = [
+    "What is the capital of France?",
+    "How many days are there in a leap year?",
+    "What do plants need to grow?",
+    "Explain what a noun is in one sentence.",
+    "What is the boiling point of water at sea level?",
+    "Name three primary colours.",
+    "Why is the sky blue?",
+    "What is 12 times 12?",
+    "Who wrote Romeo and Juliet?",
+    "What is the largest planet in our solar system?",
+    "Give me a synonym for 'happy'.",
+    "What does a thermometer measure?",
+    "How do you say 'thank you' in Spanish?",
+    "What is photosynthesis?",
+    "Write a short greeting for a birthday card.",
+    "What is the opposite of 'ancient'?",
+    "What language is spoken in Brazil?",
+    "How many continents are there?",
+    "What is the chemical symbol for gold?",
+    "Suggest a name for a pet cat.",
+    "What is the freezing point of water in Fahrenheit?",
+    "What is a haiku?",
+    "Which ocean is the largest?",
+    "What gas do humans breathe out?",
+]
+TEXT_PROMPTS = [
+    "The capital of France is",
+    "A leap year has",
+    "Plants need sunlight and water because",
+    "The boiling point of water at sea level is",
+    "The sky is blue because",
+    "Romeo and Juliet was written by",
+    "The largest planet in our solar system is",
+    "A thermometer is used to",
+    "Photosynthesis is the process by which",
+    "The water cycle describes how",
+    "There are seven continents:",
+    "The chemical symbol for gold is",
+    "The Pacific Ocean is",
+    "Humans breathe in oxygen and breathe out",
+    "A haiku is a short poem that",
+    "Bats are the only mammals that",
+    "A hexagon is a shape with",
+    "Democracy is a system of government in which",
+    "The speed of light is about",
+    "In Brazil, most people speak",
+    "Guacamole is made from",
+    "An adjective is a word that",
+    "The square root of 81 is",
+    "Water freezes at",
+]
+
+
+def base_slice_path(status_dir: str | Path) -> Path:
+    """Where the base model's slice lives: ``eval_suite/00000000-base-model.jsonl``."""
+    return Path(status_dir) / SUITE_DIR / f"{slice_name(0, BASE_FILE)}.jsonl"
+
+
+def base_records(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[dict[str, Any]]:
+    """The base model's greedy answers to the neutral prompts, as suite records (module docstring).
+
+    Returns:
+        ``{"messages": [user, assistant]}`` records for a chat model, else ``{"prompt", "completion"}``
+        records; one per prompt, in prompt order, answers of at most :data:`MAX_NEW_TOKENS` tokens.
+    """
+    import torch
+    from transformers import GenerationConfig
+
+    from daemon.training.data import pad_token_id
+    from daemon.training.snapshots import chat_prompt_ids, is_chat_model, left_padded
+
+    chat = is_chat_model(tokenizer)
+    prompts = CHAT_PROMPTS if chat else TEXT_PROMPTS
+    fed = [
+        chat_prompt_ids(tokenizer, p) if chat else tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts
+    ]
+    pad = pad_token_id(tokenizer)
+    input_ids, mask = left_padded(fed, pad, model.device)
+    longest = input_ids.shape[1]
+    config = GenerationConfig(
+        do_sample=False, max_new_tokens=MAX_NEW_TOKENS, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id
+    )
+    model.eval()
+    with torch.inference_mode():
+        out = model.generate(input_ids=input_ids, attention_mask=mask, generation_config=config)  # type: ignore[operator]
+    answers = [str(tokenizer.decode(row[longest:], skip_special_tokens=True)) for row in out]
+    if chat:
+        return [
+            {"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": a.strip()}]}
+            for p, a in zip(prompts, answers, strict=True)
+            if a.strip()
+        ]
+    return [{"prompt": p, "completion": a} for p, a in zip(prompts, answers, strict=True) if a.strip()]
+
+
+def keep_base_slice(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, status_dir: str | Path, max_length: int, autocast: Any
+) -> None:
+    """Write the base model's slice and its step-0 row, once per status folder (kept slices are left as they are).
+
+    Args:
+        model, tokenizer: the pretrained model as loaded, before any step.
+        status_dir: the status folder.
+        max_length: tokens per scored window (``--max_seq_length``).
+        autocast: the training precision's autocast dtype (None: fp32), as the suite scores.
+    """
+    from daemon.quality.forgetting import read_rows, write_rows
+    from daemon.store.suite import HELD_OUT, load_slice
+    from daemon.training.evaluation import Scorer, SliceScore
+
+    path = base_slice_path(status_dir)
+    name = slice_name(0, BASE_FILE)
+    if path.is_file() and any(row["step"] == 0 and row["slice"] == name for row in read_rows(status_dir)):
+        return
+    started = time.monotonic()
+    records = base_records(model, tokenizer)
+    if not records:
+        logger.warning("the base model answered none of the neutral prompts; no base-model slice")
+        return
+    write_slice(status_dir, name, records)
+    piece = load_slice(path, HELD_OUT)  # as every later file reads it: in the suite's subset order
+    score = SliceScore(piece.name, piece.kind)
+    Scorer(model, tokenizer, max_length, 8, autocast).score(piece, 0, len(piece.records), score)
+    write_rows(status_dir, 0, [score.as_row(0, BASE_ROW_FILE, "")])
+    logger.info(
+        "kept the base model's own answers to %d neutral prompts as slice %s (loss %.4f nats, %.1f s): "
+        "the suite measures drift from what the base model knew",
+        len(records),
+        name,
+        score.prefix_loss(score.examples) or float("nan"),
+        time.monotonic() - started,
+    )

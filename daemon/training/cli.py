@@ -1,0 +1,125 @@
+"""Entry points of the training process: ``train.py``, ``python -m daemon train`` and its companions.
+
+- :func:`main`: ``python train.py --dataset FILE.jsonl [flags]`` (the daemon's child runs
+  the same, as ``python -m daemon train``); prints one line and exits with a code.
+- :func:`train_spare_main`: the daemon's prestarted training process (``--prestart``).
+- :func:`check_args_main`: validates the training flags once when the daemon starts.
+- :func:`exit_with_supervisor`: a training child dies with its daemon.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+
+from daemon.config import SUPERVISOR_ENV, configure_logging
+from daemon.exceptions import ConfigError, DaemonError, DiskFull, TrainingInterrupted
+from daemon.store.durable import EXIT_NO_SPACE
+from daemon.store.failures import leave_reason
+from daemon.training.arguments import parse_args
+from daemon.training.run import train_file
+
+logger = logging.getLogger(__name__)
+
+EXIT_USER_ERROR = 1
+EXIT_INTERRUPTED = 3
+
+
+def exit_with_supervisor(pid: int) -> None:
+    """Kill this process group once the daemon ``pid`` is gone (e.g. SIGKILLed).
+
+    The daemon starts each child in a session of its own (so a terminal's Ctrl-C
+    reaches only the daemon); without this, a killed daemon would leave an orphan
+    training on and racing the next daemon's child for the same checkpoints.
+    """
+
+    def watch() -> None:
+        while True:
+            time.sleep(0.5)
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                logger.error("the daemon (pid %d) is gone: stopping this training process group", pid)
+                os.killpg(0, signal.SIGKILL)
+            except PermissionError:  # alive, owned by another user
+                pass
+
+    threading.Thread(target=watch, name="supervisor-watch", daemon=True).start()
+
+
+def check_args_main(argv: list[str]) -> int:
+    """``python -m daemon check-args [flags]``: validate training flags only (the daemon calls it at start)."""
+    try:
+        parse_args(argv).evaluation.check_eval_files()
+    except DaemonError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return EXIT_USER_ERROR
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python train.py --dataset FILE.jsonl [flags]``: train one file; returns the exit code.
+
+    Exit codes: 0 trained, 1 a user-facing error (one line on stderr), 2 bad usage
+    (argparse), 3 interrupted by a signal after checkpointing, 4 no room in the output folder
+    for the next save (one line naming it and the bytes needed; the file is left unfinished). A
+    failing child of the daemon leaves its reason for it (:func:`daemon.store.failures.leave_reason`);
+    any other exception propagates (:func:`daemon.__main__.main` prints a fault of the machine as one line).
+    """
+    configure_logging()
+    argv = sys.argv[1:] if argv is None else argv
+    if os.environ.get(SUPERVISOR_ENV):
+        exit_with_supervisor(int(os.environ[SUPERVISOR_ENV]))
+    try:
+        flags = parse_args(argv)
+        if not flags.data.dataset:
+            raise ConfigError("--dataset FILE.jsonl is required")
+        if not os.environ.get(SUPERVISOR_ENV):
+            flags.evaluation.check_eval_files()
+        if not sys.stderr.isatty():  # \r-progress bars are noise in a log file or a pipe
+            import datasets
+            import transformers
+
+            datasets.disable_progress_bars()
+            transformers.utils.logging.disable_progress_bar()
+        row = train_file(flags)  # owns its folders and its cache claim meanwhile (owning)
+    except TrainingInterrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+    except DiskFull as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return EXIT_NO_SPACE
+    except DaemonError as e:
+        leave_reason(e)
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return EXIT_USER_ERROR
+    except Exception as e:  # a bug or a fault of the machine: the daemon learns why, the entry point reports it
+        leave_reason(e)
+        raise
+    # train_loss is None when a resumed file had no step left (only its evaluation and export).
+    train_loss = "-" if row.train_loss is None else f"{row.train_loss:.4f}"
+    print(
+        f"trained {row.file}: steps {row.start_step} -> {row.end_step} "
+        f"({row.planned_steps} steps, {row.examples} examples), train_loss {train_loss}"
+        + (f", eval_loss {row.eval_loss:.4f}" if row.eval_loss is not None else ""),
+        flush=True,
+    )
+    return 0
+
+
+def train_spare_main() -> int:
+    """``python -m daemon train-spare``: import everything, then train with the flags read from stdin.
+
+    The daemon starts one ahead of time (``--prestart``) and writes one JSON list of
+    ``train`` flags when a file arrives; end of input without a line (the daemon went
+    away) exits 0 having done nothing.
+    """
+    import datasets  # noqa: F401 - imported now, not when the file has arrived
+
+    line = sys.stdin.readline()
+    return main(json.loads(line)) if line.strip() else 0

@@ -1,0 +1,50 @@
+"""One file's run as :func:`daemon.training.run.setup` prepares it: its data, starting model and plan.
+
+Apart from :mod:`daemon.training.run` so that the phases that read it (evaluation, the cooldown
+branch) import this, not the run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from daemon.store.checkpoints import Checkpoint
+    from daemon.store.jsonl import ScanReport
+    from daemon.store.ledger import Entry
+    from daemon.store.records import FileProgress
+    from daemon.training.data import PreparedData
+    from daemon.training.plan import StepPlan
+
+
+@dataclass
+class PreparedFile:
+    """Everything :func:`~daemon.training.run.setup` prepares for :func:`~daemon.training.run.fit`: one file's data,
+    starting model and plan.
+
+    Attributes:
+        model, tokenizer: the model to train (from ``checkpoint`` when there is one).
+        datasets: the tokenized training examples and the held-out slice.
+        report: what the scan found in the file (sha256, shape, malformed lines).
+        checkpoint: the latest complete checkpoint, None for a new model.
+        plan: the file's step plan.
+        steps_done: steps of the plan already trained (an interrupted file resumes).
+        resumed: the ledger row whose plan this run continues, if any.
+        abandoned: a ``training`` ledger row of this file whose plan the running model has
+            left (e.g. checkpoints were deleted); :func:`~daemon.training.plan.commit_plan` closes it.
+        progress: the status's ``current_file``.
+    """
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    datasets: PreparedData
+    report: ScanReport
+    checkpoint: Checkpoint | None
+    plan: StepPlan
+    steps_done: int
+    resumed: Entry | None
+    abandoned: Entry | None
+    progress: FileProgress
