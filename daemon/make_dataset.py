@@ -18,9 +18,10 @@ import fnmatch
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from daemon.store.files import atomic_writer
 
 SKIPPED_DIRS = {"__pycache__", "node_modules"}
 
@@ -96,27 +97,19 @@ def make_dataset(
         files that are not Python or do not parse.
     """
     docs = used = skipped = 0
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for root in roots:
-                for path in iter_text_files(root, pattern):
-                    text = read_text(path)
-                    if only_docstrings and text is not None:
-                        text = docstrings(text) if path.suffix == ".py" else None
-                    if text is None:
-                        skipped += 1
-                        continue
-                    pieces = split_text(text, max_chars)
-                    used += bool(pieces)
-                    docs += len(pieces)
-                    f.writelines(json.dumps({"text": piece}, ensure_ascii=False) + "\n" for piece in pieces)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_writer(out) as f:
+        for root in roots:
+            for path in iter_text_files(root, pattern):
+                text = read_text(path)
+                if only_docstrings and text is not None:
+                    text = docstrings(text) if path.suffix == ".py" else None
+                if text is None:
+                    skipped += 1
+                    continue
+                pieces = split_text(text, max_chars)
+                used += bool(pieces)
+                docs += len(pieces)
+                f.writelines(json.dumps({"text": piece}, ensure_ascii=False) + "\n" for piece in pieces)
     return docs, used, skipped
 
 

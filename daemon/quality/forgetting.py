@@ -50,7 +50,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from daemon.store.status import atomic_write_text
+from daemon.store.files import atomic_write_text, read_json_lines
 from daemon.store.suite import EVAL_FILE, HELD_OUT, drop_slices_after
 
 if TYPE_CHECKING:
@@ -63,17 +63,7 @@ EVALUATIONS_FILE = "evaluations.jsonl"
 
 def read_rows(status_dir: str | Path) -> list[dict[str, Any]]:
     """Every row of ``evaluations.jsonl``, oldest step first (empty if none; an unreadable line is skipped)."""
-    path = Path(status_dir) / EVALUATIONS_FILE
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        return []
-    rows = []
-    for number, line in enumerate(lines, start=1):
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            logger.warning("%s line %d is unreadable; skipped", path, number)
+    rows = read_json_lines(Path(status_dir) / EVALUATIONS_FILE)
     return sorted(rows, key=lambda row: row["step"])
 
 

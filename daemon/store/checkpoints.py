@@ -35,8 +35,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from daemon.store.durable import COMMIT_FILE, commit_problem, folder_bytes, fsync_dir, make_durable
+from daemon.store.files import atomic_write_text
 from daemon.store.origin import ORIGIN_FILE
-from daemon.store.status import atomic_write_text
 from daemon.views.model_card import write_card
 
 if TYPE_CHECKING:

@@ -37,8 +37,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from daemon.exceptions import DaemonError, DiskFull
+from daemon.store.files import atomic_write_text
 from daemon.store.records import RunState, utc_now
-from daemon.store.status import StatusFile, atomic_write_text
+from daemon.store.status import StatusFile
 
 logger = logging.getLogger(__name__)
 

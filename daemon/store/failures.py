@@ -34,7 +34,7 @@ import sqlite3
 from pathlib import Path
 
 from daemon.exceptions import DaemonError, LedgerError
-from daemon.store.status import atomic_write_text
+from daemon.store.files import atomic_write_text
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from daemon.store.status import atomic_write_text
+from daemon.store.files import atomic_write_text
 
 ORIGIN_FILE = "origin.json"
 

@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.names import printable
-from daemon.store.status import atomic_write_text
+from daemon.store.files import atomic_write_text
 from daemon.store.suite import delete_after, slice_name, step_files
 
 logger = logging.getLogger(__name__)

@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 
 from daemon.exceptions import DaemonError
 from daemon.names import NAME_MAX, fit_name, printable
-from daemon.store.status import atomic_write_text
+from daemon.store.files import atomic_write_text
 
 logger = logging.getLogger(__name__)
 

@@ -39,15 +39,9 @@ from typing import TYPE_CHECKING, Any
 from daemon.config_file import command_parser, parse_command
 from daemon.exceptions import ConfigError
 from daemon.quality.forgetting import Matrix, build_matrix, read_rows
+from daemon.store.files import atomic_write_text
 from daemon.store.records import Outcome, utc_now
-from daemon.store.status import (
-    StatusFile,
-    atomic_write_text,
-    latest_snapshot,
-    read_history,
-    read_loss_series,
-    standing_done_rows,
-)
+from daemon.store.status import StatusFile, latest_snapshot, read_history, read_loss_series, standing_done_rows
 from daemon.store.suite import EVAL_FILE
 
 if TYPE_CHECKING:

@@ -35,7 +35,8 @@ from typing import Any
 import torch
 from filelock import FileLock
 
-from daemon.store.status import atomic_write_text, mark_progress
+from daemon.store.files import atomic_write_text
+from daemon.store.status import mark_progress
 from daemon.training.arguments import cpu_info
 from daemon.training.speed import allocator
 from daemon.training.speed.accumulation import ShardPool, split_batch
