@@ -11,15 +11,9 @@ from helpers import stdlib_documents, write_jsonl
 
 from daemon.config import DataArguments
 from daemon.exceptions import DatasetError
-from daemon.store.jsonl import MAX_JSON_DEPTH, load_records, parse_line, scan_jsonl
-from daemon.training.data import (
-    DEFAULT_CHAT_TEMPLATE,
-    IGNORE_INDEX,
-    PaddingCollator,
-    heldout_size,
-    prepare_datasets,
-    tokenize,
-)
+from daemon.store.jsonl import DEFAULT_CHAT_TEMPLATE, MAX_JSON_DEPTH, load_records, parse_line, scan_jsonl
+from daemon.training.data import PaddingCollator, heldout_size, prepare_datasets
+from daemon.training.encoding import IGNORE_INDEX, tokenize
 
 
 @pytest.fixture(scope="module")
@@ -277,14 +271,14 @@ def test_a_long_document_is_tokenized_in_pieces_and_packed_into_the_blocks_of_th
     tmp_path, tokenizer, monkeypatch
 ):
     import daemon.store.documents
-    import daemon.training.data
+    import daemon.training.encoding
 
     monkeypatch.setattr(daemon.store.documents, "PIECE_CHARS", 4096)
-    monkeypatch.setattr(daemon.training.data, "ENCODE_CHUNK_CHARS", 32768)
+    monkeypatch.setattr(daemon.training.encoding, "ENCODE_CHUNK_CHARS", 32768)
     calls: list[int] = []  # characters given to the tokenizer in each call
-    token_ids = daemon.training.data._token_ids
+    token_ids = daemon.training.encoding._token_ids
     monkeypatch.setattr(
-        daemon.training.data,
+        daemon.training.encoding,
         "_token_ids",
         lambda tok, texts: calls.append(sum(map(len, texts))) or token_ids(tok, texts),
     )
@@ -352,7 +346,7 @@ def test_only_assistant_turns_are_learned_in_conversations(tmp_path, tokenizer):
 
 
 def test_a_tokenizer_without_chat_template_gets_the_documented_default(tokenizer):
-    from daemon.training.data import chat_template_of
+    from daemon.training.encoding import chat_template_of
 
     bare = tokenizer.__class__(tokenizer_object=tokenizer.backend_tokenizer, eos_token="<|endoftext|>")
     assert chat_template_of(bare) == DEFAULT_CHAT_TEMPLATE

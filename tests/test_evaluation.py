@@ -120,7 +120,7 @@ def test_bits_per_byte_of_a_model_that_predicts_uniformly_is_log2_vocab_per_toke
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from daemon.training.data import chat_template_of, tokenize
+    from daemon.training.encoding import chat_template_of, tokenize
     from daemon.training.model import train_tokenizer
 
     tokenizer = train_tokenizer(stdlib_documents(limit=20), vocab_size=320)

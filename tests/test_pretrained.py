@@ -56,7 +56,7 @@ def test_custom_code_is_accepted_with_trust_remote_code_and_a_plain_export_passe
 def test_a_tokenizer_without_pad_token_or_chat_template_is_completed_and_said_in_the_log(tree, caplog):
     from transformers import AutoTokenizer
 
-    from daemon.training.data import DEFAULT_CHAT_TEMPLATE
+    from daemon.store.jsonl import DEFAULT_CHAT_TEMPLATE
     from daemon.training.model import load_pretrained
 
     folder = export_tiny(tree.root / "tiny")

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 # Characters of a piece: the tokenizer's objects for one (ids, strings, offsets) are a few MB,
-# and :data:`daemon.training.data.ENCODE_CHUNK_CHARS` (2M characters a call) holds 8 of them.
+# and :data:`daemon.training.encoding.ENCODE_CHUNK_CHARS` (2M characters a call) holds 8 of them.
 PIECE_CHARS = 1 << 18
 
 

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 # ChatML, the template of many open chat models. `{% generation %}` is not used:
-# assistant spans are found by rendering prefixes (see `daemon.training.data.render_with_assistant_spans`).
+# assistant spans are found by rendering prefixes (see `daemon.training.encoding.render_with_assistant_spans`).
 DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"

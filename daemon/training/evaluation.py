@@ -49,7 +49,7 @@ from daemon.quality.forgetting import (
 )
 from daemon.store.status import mark_progress
 from daemon.store.suite import HELD_OUT, Slice, load_suite, slice_name, subset, write_slice
-from daemon.training.data import IGNORE_INDEX, encode_example, windows
+from daemon.training.encoding import IGNORE_INDEX, encode_example, windows
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -152,7 +152,8 @@ class Scorer:
         batch_size: int,
         autocast: Any,
     ) -> None:
-        from daemon.training.data import chat_template_of, pad_token_id
+        from daemon.training.data import pad_token_id
+        from daemon.training.encoding import chat_template_of
 
         self.model, self.tokenizer, self.autocast = model, tokenizer, autocast
         self.max_length, self.batch_size = max(2, max_length), max(1, batch_size)
