@@ -86,7 +86,7 @@ def test_a_file_with_replay_trains_exactly_its_planned_steps_and_reports_both_co
 def test_a_resumed_file_replays_the_same_examples_in_the_same_order(tree):
     from daemon.store.ledger import Ledger
     from daemon.training.arguments import parse_args
-    from daemon.training.run import setup
+    from daemon.training.prepare import setup
 
     train(tree, _text_file(tree.root / "a.jsonl", 30))
     flags = parse_args(["--dataset", str(_text_file(tree.root / "b.jsonl", 30, offset=30)), *tree.flags()])
@@ -167,7 +167,7 @@ def test_cooldown_learning_rate_decays_towards_zero(tree):
 def test_every_ordered_pair_of_shapes_trains_with_the_default_replay(tree, first, second):
     from daemon.store.ledger import Ledger
     from daemon.training.arguments import parse_args
-    from daemon.training.run import setup
+    from daemon.training.prepare import setup
 
     docs = stdlib_documents(limit=60)
     train(tree, write_jsonl(tree.root / f"a-{first}.jsonl", shape_rows(first, docs[:30])))

@@ -16,7 +16,6 @@ import json
 import logging
 import math
 import os
-import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -25,6 +24,7 @@ from typing import Any
 
 from filelock import FileLock
 
+from daemon.store.files import append_json_lines, atomic_write_text, read_json_lines
 from daemon.store.records import HistoryRow, Outcome, RunState, utc_now
 
 logger = logging.getLogger(__name__)
@@ -124,49 +124,6 @@ def empty_status() -> dict[str, Any]:
     }
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see the old or the new content, never a mix.
-
-    The text goes to a temporary file in the same folder, is fsynced, then renamed
-    over ``path`` (``os.replace`` is atomic on POSIX within one filesystem). The file
-    gets the mode a plain ``open`` would give it (``0o666`` less the umask): a service
-    run with ``UMask=0077`` keeps its status private.
-
-    Args:
-        path: the file to replace.
-        text: its new content (UTF-8).
-
-    Raises:
-        OSError: the folder cannot be written; ``path`` is unchanged and no temporary file is left.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _create_temporary(path)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _create_temporary(path: Path) -> tuple[int, Path]:
-    """A new, exclusively created ``.<name>.<random>.tmp`` beside ``path``: ``(fd, its path)``.
-
-    Not ``tempfile.mkstemp``, which forces mode 0600: ``os.open`` with 0o666 lets the
-    kernel apply the umask, without reading or changing it (``os.umask`` is process-wide).
-    """
-    for _ in range(100):
-        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
-        try:
-            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666), tmp
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"no free temporary name beside {path}")
-
-
 class StatusFile:
     """Read-modify-write access to ``<status_dir>/training_status.json``.
 
@@ -254,32 +211,6 @@ class StatusFile:
         self.update(count)
 
 
-def append_json_lines(path: Path, rows: list[dict[str, Any]], durable: bool = False) -> None:
-    """Append ``rows`` to ``path``, one JSON line each; ``durable``: fsynced before returning.
-
-    A torn last line (a process killed mid-append) gets its newline first, so it never glues
-    onto the new rows: readers skip it alone.
-    """
-    lead = "" if _ends_with_newline(path) else "\n"
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(lead + "".join(json.dumps(row, sort_keys=False) + "\n" for row in rows))
-        if durable:
-            f.flush()
-            os.fsync(f.fileno())
-
-
-def _ends_with_newline(path: Path) -> bool:
-    """True for a missing or empty file, or one whose last byte is a newline."""
-    try:
-        with open(path, "rb") as f:
-            if f.seek(0, os.SEEK_END) == 0:
-                return True
-            f.seek(-1, os.SEEK_END)
-            return f.read(1) == b"\n"
-    except FileNotFoundError:
-        return True
-
-
 def standing_done_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The ``done`` rows (oldest first) of history ``rows`` whose steps no rollback took out of the model.
 
@@ -327,18 +258,7 @@ def read_history(status_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
     A line torn by a kill in the middle of an append is skipped with a warning
     (its file finishes again on restart and is appended whole).
     """
-    path = Path(status_dir) / HISTORY_FILE
-    if not path.exists():
-        return []
-    rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            logger.warning("%s line %d is torn; skipped", path, number)
-    return rows
+    return read_json_lines(Path(status_dir) / HISTORY_FILE)
 
 
 def append_loss_points(status_dir: str | os.PathLike[str], points: list[dict[str, Any]]) -> None:
@@ -360,15 +280,9 @@ def read_loss_series(status_dir: str | os.PathLike[str]) -> list[dict[str, Any]]
     the points it replaces are dropped, as TensorBoard purges a restarted run. Torn or
     unreadable lines are skipped.
     """
-    path = Path(status_dir) / LOSS_FILE
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        return []
     series: list[dict[str, Any]] = []
-    for line in lines:
+    for point in read_json_lines(Path(status_dir) / LOSS_FILE, warn=False):
         try:
-            point = json.loads(line)
             step = int(point["step"])
         except (ValueError, TypeError, KeyError):
             continue
@@ -524,3 +438,10 @@ def format_summary(
         else:  # failed, or rolled_back (its error says to which step)
             lines.append(f"  {row['outcome']} {row['file']}: {row['error']}")
     return "\n".join(lines)
+
+
+def beat(heartbeat: Heartbeat | None, **fields: Any) -> None:
+    """Set status fields and write them now, marking progress for the daemon's stall detection."""
+    if heartbeat is not None:
+        heartbeat.set(progress_at=time.time(), **fields)
+        heartbeat.flush()

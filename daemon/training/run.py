@@ -3,11 +3,11 @@
 Used by ``python train.py --dataset FILE`` and by the daemon's training child, both
 through :mod:`daemon.training.cli`. :func:`train_file` reads as:
 
-1. :func:`setup`: scan the file, find the latest complete checkpoint, load or
+1. :func:`~daemon.training.prepare.setup`: scan the file, find the latest complete checkpoint, load or
    bootstrap the model, tokenize, and plan the steps (:mod:`daemon.training.plan`); a file
    whose plan the ledger holds (an interrupted run) keeps that plan. Only the
    datasets cache changes on disk, so a bad file leaves everything as it was.
-2. :func:`commit_plan` (main process): torn checkpoints are set aside and the plan
+2. :func:`~daemon.training.plan.commit_plan` (main process): torn checkpoints are set aside and the plan
    is written to the ledger, before the first optimizer step.
 3. :func:`fit`: ``Trainer.train(resume_from_checkpoint=...)`` once per remaining
    segment (one per epoch, :meth:`StepPlan.segments`) with ``max_steps`` at the
@@ -36,16 +36,13 @@ from pathlib import Path
 from typing import Any
 
 from transformers import (
-    PreTrainedTokenizerBase,
     TrainerCallback,
 )
 from transformers.trainer_callback import PrinterCallback
 
 from daemon.config import LEDGER_ENV, SUPERVISOR_ENV
 from daemon.exceptions import (
-    ConfigError,
     DaemonError,
-    DatasetError,
     DiskFull,
     RegressionError,
     TrainingError,
@@ -57,36 +54,30 @@ from daemon.store.checkpoints import (
     export_bytes,
     export_model,
     fail_file,
-    latest_complete_checkpoint,
     space_needed,
 )
 from daemon.store.durable import disk_full_after
-from daemon.store.jsonl import CHANGED_WHILE_READ, ScanReport, load_records, scan_jsonl
 from daemon.store.ledger import Entry, Ledger
 from daemon.store.origin import base_model_of, record_origin
-from daemon.store.reconcile import refuse_missing_steps
-from daemon.store.records import FileProgress, HistoryRow, RunState, utc_now
-from daemon.store.replay import add_file, drop_after, replay_count, select_replay
+from daemon.store.records import HistoryRow, RunState, utc_now
+from daemon.store.replay import add_file, drop_after
 from daemon.store.rollback import finish_interrupted_rollback, kept_file_ends
-from daemon.store.status import Heartbeat, StatusFile
+from daemon.store.status import Heartbeat, StatusFile, beat
 from daemon.training.arguments import Flags
 from daemon.training.base_slice import keep_base_slice
 from daemon.training.callbacks import CheckpointCallback, PlanCallback, ProgressCallback, state_bytes
 from daemon.training.claims import owning
-from daemon.training.cooldown import cool_down, cooldown_steps
+from daemon.training.cooldown import cool_down
 from daemon.training.data import (
     PaddingCollator,
-    PreparedData,
     example_lengths,
-    mix_replay,
-    prepare_datasets,
     replay_examples,
     tokenizer_fingerprint,
     torch_rows,
 )
 from daemon.training.evaluation import FileEvaluation, autocast_dtype, evaluate_file
-from daemon.training.model import starting_model
-from daemon.training.plan import commit_plan, plan_steps, recorded_plan
+from daemon.training.plan import commit_plan
+from daemon.training.prepare import setup
 from daemon.training.prepared import PreparedFile
 from daemon.training.signals import stop_on_signals
 from daemon.training.snapshots import GenerationSettings, generate_samples, write_snapshot
@@ -96,100 +87,6 @@ from daemon.training.tensorboard_run import log_file_end, tensorboard_enabled, u
 from daemon.views.report import write_report_logged
 
 logger = logging.getLogger(__name__)
-
-
-def setup(flags: Flags, ledger: Ledger, heartbeat: Heartbeat | None) -> PreparedFile:
-    """Scan and tokenize the file, pick the starting model and plan the steps; reads the ledger only.
-
-    Raises:
-        DatasetError, CheckpointError, ConfigError, TrainingError.
-    """
-    data_args, training_args = flags.data, flags.training
-    assert data_args.dataset is not None
-    report = scan_jsonl(data_args.dataset, data_args.text_field, data_args.strict)
-    claim = ledger.get(flags.status.ledger_id) if flags.status.ledger_id is not None else None
-    if claim is not None and claim.sha256 is not None and claim.sha256 != report.sha256:
-        raise DatasetError(
-            f"{report.path.name} changed after the daemon claimed it (sha256 {claim.sha256[:12]}... then, "
-            f"{report.sha256[:12]}... now): {CHANGED_WHILE_READ.split(': ', 1)[1]}"
-        )
-    _beat(heartbeat, state=RunState.TOKENIZING)
-    records = load_records(report, data_args)
-    output_dir = str(training_args.output_dir)
-    checkpoint = latest_complete_checkpoint(output_dir, set_aside=False)
-    refuse_missing_steps(ledger, output_dir, claim)
-    model, tokenizer = starting_model(flags.model, output_dir, training_args.seed, checkpoint, records, report.shape)
-    datasets = prepare_datasets(records, report.shape, tokenizer, data_args, training_args.seed)
-    at_step = checkpoint.global_step if checkpoint else 0
-    resumed, abandoned = recorded_plan(ledger, report, at_step, claim)
-    start_step = at_step if resumed is None or resumed.start_step is None else resumed.start_step
-    datasets = with_replay(datasets, flags, report, start_step, tokenizer)
-    plan = plan_steps(start_step, datasets.examples, training_args, datasets.replayed)
-    if resumed and (plan.planned_steps, plan.replayed_examples) != (
-        resumed.planned_steps,
-        resumed.replayed_examples or 0,
-    ):
-        raise ConfigError(
-            f"{report.path.name} was planned with {resumed.planned_steps} steps ({resumed.replayed_examples or 0} "
-            f"replayed examples) and is half trained; these flags give {plan.planned_steps} "
-            f"({plan.replayed_examples}): resume it with the batch, epoch and replay flags it started with"
-        )
-    steps_done = at_step - plan.start_step
-    if resumed:
-        logger.info(
-            "resuming %s at step %d of its plan %d -> %d", report.path.name, at_step, start_step, plan.max_steps
-        )
-    progress = FileProgress(
-        name=report.path.name,
-        sha256=report.sha256,
-        examples=datasets.examples,
-        eval_examples=datasets.eval_examples,
-        tokens=datasets.tokens,
-        skipped_lines=report.bad_lines,
-        start_step=plan.start_step,
-        planned_steps=plan.planned_steps,
-        steps_done=steps_done,
-        replayed_examples=plan.replayed_examples,
-        cooldown_steps=cooldown_steps(plan.planned_steps, flags.replay.cooldown_fraction),
-    )
-    logger.info(
-        "%s: %s, %d train examples (%d tokens) + %d replayed, %d held out; effective batch %d = %d x %d x world %d; "
-        "steps %d -> %d (%d for this file)",
-        report.path.name,
-        report.shape,
-        datasets.examples,
-        datasets.tokens,
-        datasets.replayed,
-        datasets.eval_examples,
-        plan.effective_batch,
-        plan.per_device_train_batch_size,
-        plan.gradient_accumulation_steps,
-        plan.world_size,
-        plan.start_step,
-        plan.max_steps,
-        plan.planned_steps,
-    )
-    return PreparedFile(model, tokenizer, datasets, report, checkpoint, plan, steps_done, resumed, abandoned, progress)
-
-
-def with_replay(
-    datasets: PreparedData, flags: Flags, report: ScanReport, start_step: int, tokenizer: PreTrainedTokenizerBase
-) -> PreparedData:
-    """Mix ``--replay_fraction`` of replayed examples into the file's training examples (:mod:`daemon.store.replay`).
-
-    The selection reads the shares of files done up to ``start_step`` (the ledger plan's, for a
-    resumed file) and is seeded by ``--seed``, the file's sha256 and ``start_step``: a resumed
-    file replays the same examples in the same order.
-    """
-    count = replay_count(datasets.examples, flags.replay.replay_fraction)
-    if count == 0:
-        return datasets
-    seed = flags.training.seed
-    fingerprint = tokenizer_fingerprint(tokenizer)
-    chosen = select_replay(
-        flags.status.status_dir, start_step, count, f"{seed}:{report.sha256}:{start_step}", fingerprint
-    )
-    return mix_replay(datasets, chosen, seed)
 
 
 def segment_dataset(prepared: PreparedFile, epoch: int, first_batch: int, steps: int, seed: int) -> Any:
@@ -467,7 +364,7 @@ def _train_file(flags: Flags) -> HistoryRow:
                 )
                 if prepared.checkpoint is None:  # the model's line starts: where from, and what its base knew
                     start_line(prepared, flags)
-            _beat(
+            beat(
                 heartbeat,
                 state=RunState.TRAINING,
                 max_steps=prepared.plan.max_steps,
@@ -480,7 +377,7 @@ def _train_file(flags: Flags) -> HistoryRow:
             train_loss, train_seconds = fit(trainer, prepared, stop_requested, flags.training.seed)
             del trainer  # the main line's Trainer holds the model; the branch copies it
             cooldown_seconds = cool_down(prepared, flags, stop_requested)
-        _beat(heartbeat, state=RunState.EVALUATING)
+        beat(heartbeat, state=RunState.EVALUATING)
         scored = evaluate(prepared, flags, train_seconds, is_main)
         row = HistoryRow.done(
             prepared.progress,
@@ -494,10 +391,10 @@ def _train_file(flags: Flags) -> HistoryRow:
         )
         if is_main:
             assert status is not None and entry is not None
-            _beat(heartbeat, state=RunState.SAVING)
+            beat(heartbeat, state=RunState.SAVING)
             save(prepared, row, status, ledger, entry, flags, scored)
             usage = checkpoint_usage(str(flags.training.output_dir))  # what the kept checkpoints cost on disk
-            _beat(
+            beat(
                 heartbeat,
                 state=RunState.IDLE,
                 global_step=prepared.plan.max_steps,
@@ -507,12 +404,12 @@ def _train_file(flags: Flags) -> HistoryRow:
             publish(flags, prepared.plan.max_steps, scored)
         return row
     except TrainingInterrupted:
-        _beat(heartbeat, state=RunState.STOPPED)
+        beat(heartbeat, state=RunState.STOPPED)
         raise
     except DiskFull as e:  # the file stays unfinished: a run once space is freed resumes it (docs/guarantees.md)
         disk = {"path": e.path, "needed_bytes": e.needed, "free_bytes": e.free, "at": utc_now()}
         step = e.resume_step if e.resume_step is not None else 0
-        _beat(heartbeat, state=RunState.STOPPED, disk=disk, global_step=step)
+        beat(heartbeat, state=RunState.STOPPED, disk=disk, global_step=step)
         raise
     except DaemonError as e:
         if is_main:
@@ -526,7 +423,7 @@ def _train_file(flags: Flags) -> HistoryRow:
                 HistoryRow.failed(name, str(e), progress=progress, started=started, quality_gate=gate)
             )
         undone = {"global_step": prepared.plan.start_step} if prepared is not None and entry is not None else {}
-        _beat(heartbeat, state=RunState.FAILED, **undone)  # fail_file took the model back to the plan's start
+        beat(heartbeat, state=RunState.FAILED, **undone)  # fail_file took the model back to the plan's start
         if status is not None:
             _draw_report_unless_supervised(status.dir)
         raise
@@ -551,10 +448,3 @@ def _draw_report_unless_supervised(status_dir: str | os.PathLike[str]) -> None:
     """Rewrite ``status/report.html`` here, unless a daemon runs this process: it draws the report itself."""
     if not os.environ.get(SUPERVISOR_ENV):
         write_report_logged(status_dir)
-
-
-def _beat(heartbeat: Heartbeat | None, **fields: Any) -> None:
-    """Set status fields and write them now, marking progress for the daemon's stall detection."""
-    if heartbeat is not None:
-        heartbeat.set(progress_at=time.time(), **fields)
-        heartbeat.flush()
