@@ -119,10 +119,10 @@ def _dispatch(argv: list[str]) -> int:
             return cli.train_spare_main()
         return cli.main(argv[1:]) if command == "train" else cli.check_args_main(argv[1:])
     from daemon.config import configure_logging
-    from daemon.service import watcher
+    from daemon.service import cli as service
 
     configure_logging()
-    return watcher.main(argv)
+    return service.main(argv)
 
 
 def exit_process(code: int) -> NoReturn:

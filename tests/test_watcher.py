@@ -25,7 +25,8 @@ from daemon.config import DaemonArguments
 from daemon.service.entries import sha256_of
 from daemon.service.inbox import Inbox
 from daemon.service.supervisor import ChildResult
-from daemon.service.watcher import Daemon, _observer, _Wake
+from daemon.service.wake import Wake, new_observer
+from daemon.service.watcher import Daemon
 from daemon.store.ledger import Entry, Ledger
 from daemon.store.records import FileProgress, FileState, HistoryRow
 from daemon.store.status import StatusFile, history_violations
@@ -607,8 +608,8 @@ def test_a_file_renamed_into_the_inbox_is_taken_without_waiting_for_the_settle_t
 
     inbox = Inbox(tmp_path / "inbox", settle_seconds=30)
     wake = threading.Event()
-    observer = _observer()
-    observer.schedule(_Wake(inbox, wake), str(inbox.root), recursive=False)
+    observer = new_observer()
+    observer.schedule(Wake(inbox, wake), str(inbox.root), recursive=False)
     observer.start()
     try:
         (inbox.root / ".inside.jsonl.part").write_text('{"text": "a"}\n')
@@ -678,7 +679,7 @@ def test_daemon_rejects_a_bad_training_flag_before_touching_any_file(tree):
 
 
 def test_the_daemons_flags_and_its_config_file_mean_the_same_written_with_an_equals_sign(tmp_path):
-    from daemon.service.watcher import parse_daemon_args
+    from daemon.service.cli import parse_daemon_args
 
     config = tmp_path / "daemon.yaml"
     config.write_text("inbox_dir: drops\nsettle_seconds: 3\nlearning_rate: 1.0e-4\n")

@@ -30,7 +30,8 @@ from daemon.exceptions import DaemonError, LedgerError
 from daemon.service.entries import sha256_of
 from daemon.service.inbox import PROCESSING
 from daemon.store.checkpoints import latest_complete_checkpoint
-from daemon.store.ledger import LEDGER_FILE, Ledger
+from daemon.store.ledger import Ledger
+from daemon.store.ledger_file import LEDGER_FILE
 from daemon.store.locks import lock_folders, release_folders
 from daemon.store.records import FileState, utc_now
 from daemon.store.status import read_history, standing_done_rows

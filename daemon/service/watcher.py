@@ -17,7 +17,8 @@ a :class:`~daemon.service.supervisor.Supervisor`. The policy, with the ledger
 - An entry that cannot be moved is rejected (one ledger row) and then left
   alone for a growing while; it blocks neither the loop nor the other files.
 - A training process that crashes or stalls counts one attempt, and the file is
-  retried (resuming at its latest checkpoint) up to ``--max_attempts``; then it
+  retried (resuming at its latest checkpoint) up to ``--max_attempts``
+  (:mod:`daemon.service.attempts`); then it
   fails with a history row. A process that fails on an exception leaves its reason
   (:mod:`daemon.store.failures`), which becomes the file's error; the same reason twice in
   a row fails the file at once.
@@ -38,40 +39,23 @@ import contextlib
 import logging
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from watchdog.events import (
-    DirCreatedEvent,
-    DirDeletedEvent,
-    DirMovedEvent,
-    FileClosedEvent,
-    FileCreatedEvent,
-    FileDeletedEvent,
-    FileMovedEvent,
-    FileSystemEvent,
-    FileSystemEventHandler,
-)
-from watchdog.observers import Observer
-from watchdog.observers.api import BaseObserver
-
-from daemon.config import LEDGER_ENV, DaemonArguments
-from daemon.config_file import CONFIG_HELP, as_argv, read_flags, split_config
-from daemon.exceptions import ConfigError, DaemonError
+from daemon.config import DaemonArguments
 from daemon.names import printable
-from daemon.service.entries import is_ignored_name, rejection_reason
+from daemon.service.attempts import count_attempt
+from daemon.service.entries import rejection_reason
 from daemon.service.inbox import Candidate, Inbox
-from daemon.service.supervisor import ChildResult, ProcessSupervisor, Supervisor
-from daemon.store.checkpoints import fail_file, latest_complete_checkpoint, space_needed
+from daemon.service.supervisor import ProcessSupervisor, Supervisor
+from daemon.service.wake import Wake, new_observer
+from daemon.store.checkpoints import latest_complete_checkpoint, space_needed
 from daemon.store.durable import EXIT_NO_SPACE, wait_for_room
 from daemon.store.ledger import Entry, Ledger
-from daemon.store.locks import lock_folders, release_folders
 from daemon.store.reconcile import reconcile
-from daemon.store.records import FileState, HistoryRow, RunState, utc_now
+from daemon.store.records import FileState, RunState, utc_now
 from daemon.store.rollback import finish_interrupted_rollback
 from daemon.store.status import StatusFile
 
@@ -82,54 +66,56 @@ DISK_POLL_SECONDS = 5.0  # at most, between two looks at the free space while wa
 _BETWEEN_FILES = frozenset(state for state in RunState if state.between_files)
 
 
-class _Wake(FileSystemEventHandler):
-    """watchdog handler: an entry of the inbox that appears, goes or is finished wakes the loop; close events
-    and renames into it are noted.
+class QueueShown:
+    """The files waiting, as the status shows them: the status is rewritten only when that changes.
 
-    Only what can change the loop's decision wakes it. Names being written (``.*``, ``*.tmp``, ``*.part``)
-    never do: a download written in 64 KB pieces sends an event per piece. Nor do writes (a file written in
-    place is complete once it settles, which the loop checks on its own clock, or once it is closed), opens
-    and reads, or the inbox folder's own "modified" that comes with each of its entries' events.
+    Args:
+        status: the status file.
     """
 
-    # The events that wake it; also the observer's event_filter, so that inotify does not report the others.
-    EVENTS = (
-        FileCreatedEvent,
-        DirCreatedEvent,
-        FileMovedEvent,
-        DirMovedEvent,
-        FileDeletedEvent,
-        DirDeletedEvent,
-        FileClosedEvent,
-    )
+    def __init__(self, status: StatusFile) -> None:
+        self.status = status
+        self._published: tuple[list[str], bool] | None = None  # (queue, between files) as last written
+        self._refreshed = 0.0  # monotonic seconds of the last refresh while a file trains
+        self._waiting = 0  # files waiting behind the one in training, as last shown
 
-    def __init__(self, inbox: Inbox, wake: threading.Event) -> None:
-        self.inbox = inbox
-        self.wake = wake
+    def publish(self, pending: list[Candidate], between_files: bool = True) -> None:
+        """Show ``pending`` (the files waiting, in arrival order) in the status, unless it shows them already.
 
-    def on_any_event(self, event: FileSystemEvent) -> None:
-        if not isinstance(event, self.EVENTS):
-            return
-        paths = [Path(os.fsdecode(p)) for p in (event.src_path, event.dest_path) if p]
-        if all(is_ignored_name(path.name) for path in paths):  # a rename from a .part name is news: its dest
-            return
-        if isinstance(event, FileClosedEvent) and not event.is_directory:
-            self.inbox.note_closed(Path(os.fsdecode(event.src_path)))
-        elif isinstance(event, FileMovedEvent) and event.dest_path and not event.is_directory:
-            dest = Path(os.fsdecode(event.dest_path))
-            if dest.parent == self.inbox.root:
-                self.inbox.note_renamed(dest)
-        self.wake.set()
+        Args:
+            pending: the files waiting, in arrival order.
+            between_files: no training process runs now: a state it left (a crash's) is set to idle.
+        """
+        names = [c.path.name for c in pending]
+        if self._published == (names, between_files):
+            return  # as last written, and no training process has written the status since
 
+        def mutate(doc: dict[str, Any]) -> None:
+            doc["queue"] = names
+            doc["files"]["queued"] = len(names)
+            if between_files and doc["state"] not in _BETWEEN_FILES:
+                doc["state"] = RunState.IDLE  # no child runs now: a crashed child's last state is stale
 
-def _observer() -> BaseObserver:
-    """watchdog's observer for this system. On Linux, one that reports a file renamed into the inbox from
-    another folder as a move (the default reports it as a creation, like a file opened there)."""
-    if Observer.__module__ == "watchdog.observers.inotify":  # Linux: importable, since Observer is its class
-        from watchdog.observers.inotify import InotifyObserver
+        self.status.update(mutate)
+        self._published = (names, between_files)
 
-        return InotifyObserver(generate_full_events=True)
-    return Observer()
+    def forget(self) -> None:
+        """A training process starts or ended: it writes the status, so what that shows is no longer known."""
+        self._published = None
+        self._refreshed = 0.0
+
+    def refresh(self, inbox: Inbox) -> int:
+        """While a file trains: show the files dropped meanwhile, at most every ``QUEUE_REFRESH_SECONDS``.
+
+        Returns:
+            How many files wait behind the one in training, as last shown.
+        """
+        if time.monotonic() - self._refreshed > QUEUE_REFRESH_SECONDS:
+            pending = inbox.scan()
+            self._waiting = len(pending)
+            self.publish(pending, between_files=False)
+            self._refreshed = time.monotonic()
+        return self._waiting
 
 
 class Daemon:
@@ -160,9 +146,7 @@ class Daemon:
         self.stop = threading.Event()
         self.wake = threading.Event()
         self.processed = 0
-        self._queue_published = 0.0
-        self._queued = 0  # files waiting behind the one in training, as last published
-        self._published: tuple[list[str], bool] | None = None  # (queue, between files) as last written
+        self.queue = QueueShown(self.status)
 
     def run(self) -> int:
         """Drain and watch the inbox until stopped (or drained, with ``--once``).
@@ -178,9 +162,9 @@ class Daemon:
         step = latest.global_step if latest else 0
         self.status.update(state=RunState.IDLE, global_step=step, max_steps=step, current_file=None, disk=None)
         self.ledger.mark_filed_unless_claimed(p.name for p in self.inbox.claimed())
-        observer = _observer()
+        observer = new_observer()
         observer.schedule(
-            _Wake(self.inbox, self.wake), str(self.inbox.root), recursive=False, event_filter=list(_Wake.EVENTS)
+            Wake(self.inbox, self.wake), str(self.inbox.root), recursive=False, event_filter=list(Wake.EVENTS)
         )
         observer.start()
         try:
@@ -203,7 +187,7 @@ class Daemon:
                     return
                 continue
             pending = self._reject_hostile(self.inbox.scan())
-            self._publish_queue(pending)
+            self.queue.publish(pending)
             now = time.time()
             ready = [c for c in pending if self.inbox.is_complete(c, now)]
             if ready:
@@ -258,39 +242,14 @@ class Daemon:
         self.ledger.mark_filed(entry.id)
         return target
 
-    def _publish_queue(self, pending: list[Candidate], between_files: bool = True) -> None:
-        """Show the files waiting in the status, rewriting it only when that changes what it shows.
-
-        Args:
-            pending: the files waiting, in arrival order.
-            between_files: no training process runs now: a state it left (a crash's) is set to idle.
-        """
-        names = [c.path.name for c in pending]
-        if self._published == (names, between_files):
-            return  # as last written, and no training process has written the status since
-
-        def mutate(doc: dict[str, Any]) -> None:
-            doc["queue"] = names
-            doc["files"]["queued"] = len(names)
-            if between_files and doc["state"] not in _BETWEEN_FILES:
-                doc["state"] = RunState.IDLE  # no child runs now: a crashed child's last state is stale
-
-        self.status.update(mutate)
-        self._published = (names, between_files)
-
     def _while_training(self) -> None:
-        """Every poll while a child trains: show files dropped meanwhile (every ``QUEUE_REFRESH_SECONDS``),
-        and prestart the next file's training process, so that a queue pays the start-up once.
+        """Every poll while a child trains: show files dropped meanwhile, and prestart the next file's
+        training process, so that a queue pays the start-up once.
 
         The spare's imports run on one core while the child does its own (docs/speed.md). With
         ``--once`` it is started only when another file waits: a last file needs none.
         """
-        if time.monotonic() - self._queue_published > QUEUE_REFRESH_SECONDS:
-            pending = self.inbox.scan()
-            self._queued = len(pending)
-            self._publish_queue(pending, between_files=False)
-            self._queue_published = time.monotonic()
-        if self._queued or not self.args.once:
+        if self.queue.refresh(self.inbox) or not self.args.once:
             self.supervisor.start_spare()
 
     # ------------------------------------------------------------------ one claimed file
@@ -325,16 +284,16 @@ class Daemon:
         """
         while not entry.state.finished and not self.stop.is_set():
             logger.info("training %s (attempt %d)", printable(path.name), entry.attempts + 1)
-            self._queue_published = 0.0
+            self.queue.forget()
             result = self.supervisor.run(self._train_args(path, entry.id), self.stop, self._while_training)
-            self._published = None  # the training process wrote the status: its state, maybe stale now
+            self.queue.forget()  # the training process wrote the status: its state, maybe stale now
             entry = self.ledger.get(entry.id) or entry
             if entry.state.finished or self.stop.is_set():
                 break
             if result.returncode == EXIT_NO_SPACE and not result.stalled:
                 self._wait_for_disk()
             else:
-                entry = self._count_attempt(entry, result)
+                entry = count_attempt(self.ledger, self.status, entry, result, self.args)
         return entry
 
     def _wait_for_disk(self) -> None:
@@ -349,7 +308,7 @@ class Daemon:
         wait_for_room(self.status, self.args.output_dir, needed, self.stop, poll, self._publish_waiting)
 
     def _publish_waiting(self) -> None:
-        self._publish_queue(self.inbox.scan(), between_files=False)
+        self.queue.publish(self.inbox.scan(), between_files=False)
 
     def _reconcile(self) -> None:
         """Train again the steps of done files that the latest usable checkpoint lacks (:mod:`daemon.store.reconcile`).
@@ -361,34 +320,6 @@ class Daemon:
             self.supervisor.refresh_report()
             if self.stop.is_set():
                 return
-
-    def _count_attempt(self, entry: Entry, result: ChildResult) -> Entry:
-        """Count a failed attempt; the file fails after ``--max_attempts``, or at once when its reason repeats.
-
-        A reason the child left (an exception) that is the same as the previous attempt's is
-        deterministic: retrying it again would only fail again. A crash of the machine's kind
-        (killed by a signal, stalled, dead before it could say why) is retried up to the limit.
-        """
-        how, reason = result.describe(), result.reason
-        repeated = reason is not None and reason == entry.error
-        entry = self.ledger.count_attempt(entry.id, reason or f"training process {how}")
-        said = reason or "no reason left"
-        logger.error("%s: attempt %d: training process %s: %s", printable(entry.name), entry.attempts, how, said)
-        log = "its traceback is in the daemon's log"
-        if reason is None:
-            if entry.attempts < self.args.max_attempts:
-                return entry
-            error = f"training process {how}; gave up after {entry.attempts} attempts (see the daemon's log)"
-        elif repeated:
-            error = f"{reason} (training process {how} the same way twice in a row: not retried; {log})"
-        elif entry.attempts >= self.args.max_attempts:
-            error = f"{reason} (training process {how}; gave up after {entry.attempts} attempts; {log})"
-        else:
-            return entry
-        fail_file(self.ledger, entry, error, self.args.output_dir)
-        entry = self.ledger.get(entry.id) or entry
-        self.status.record_outcome(HistoryRow.failed(entry.name, error, sha256=entry.sha256))
-        return entry
 
     def _claim_entry(self, claimed: Path, sha: str, size: int) -> Entry | None:
         """This claim's ledger row (made now for a new claim); None when the file is skipped as a duplicate."""
@@ -437,71 +368,3 @@ class Daemon:
         logger.warning("%s: stopping after the current checkpoint", signal.Signals(signum).name)
         self.stop.set()
         self.wake.set()
-
-
-def parse_daemon_args(argv: list[str]) -> tuple[DaemonArguments, list[str]]:
-    """Split flags into the daemon's own and those passed to every training child.
-
-    A ``--config FILE`` is read once, here: the daemon takes its own keys, and the others
-    reach every training child as flags, before the command line's (which win).
-
-    Raises:
-        ConfigError: a daemon option is invalid, or the config file cannot be read.
-    """
-    from transformers import HfArgumentParser  # argument parsing only: does not import torch
-
-    parser = HfArgumentParser(DaemonArguments)  # type: ignore[arg-type]  # transformers types dataclasses narrowly
-    parser.add_argument("--config", help=CONFIG_HELP + " Its training flags are passed to each file's run.")
-    values, train_argv, training = read_flags(parser, argv)
-    return DaemonArguments(**values), [*as_argv(training), *train_argv]
-
-
-def check_training_flags(daemon_args: DaemonArguments, argv: list[str]) -> None:
-    """Validate the training flags once, in a child, so a typo fails the daemon, not every file.
-
-    Args:
-        daemon_args: the daemon's options (its ``--output_dir`` is the children's).
-        argv: the daemon's command line: the child reads its ``--config`` file as ``train.py``
-            does, so a key no command knows is named with the file.
-
-    Raises:
-        ConfigError: with the child's one-line message.
-    """
-    path, rest = split_config(argv)
-    _, train_argv = parse_daemon_args(rest)
-    config = ["--config", path] if path else []
-    cmd = [sys.executable, "-m", "daemon", "check-args", *config, "--output_dir", daemon_args.output_dir, *train_argv]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    if result.returncode != 0:
-        lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
-        raise ConfigError(lines[-1].removeprefix("error: ") if lines else f"flag check exited {result.returncode}")
-
-
-def main(argv: list[str]) -> int:
-    """``python -m daemon [--once] [--inbox_dir inbox] [training flags...]``.
-
-    Locks the inbox, status and output folders first (flock, released by the kernel even
-    when the daemon is killed), so a second daemon on any of them exits at once with one line.
-    """
-    try:
-        daemon_args, train_argv = parse_daemon_args(argv)
-        folders = [
-            ("output", daemon_args.output_dir),  # first: a second daemon on the same tree is told about it
-            ("status", daemon_args.status_dir),
-            ("inbox", daemon_args.inbox_dir),
-        ]
-        locks = lock_folders(folders)
-        try:
-            check_training_flags(daemon_args, argv)
-            daemon = Daemon(daemon_args, train_argv)
-            # Inherited by every training child: it refuses a ledger other than this one.
-            os.environ[LEDGER_ENV] = daemon.ledger.instance
-            signal.signal(signal.SIGINT, daemon.request_stop)
-            signal.signal(signal.SIGTERM, daemon.request_stop)
-            logger.info("watching %s (output %s)", daemon_args.inbox_dir, daemon_args.output_dir)
-            return daemon.run()
-        finally:
-            release_folders(locks)
-    except DaemonError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 1
