@@ -8,7 +8,8 @@ import threading
 import pytest
 
 from daemon.exceptions import DaemonError, LedgerError
-from daemon.store.ledger import LEDGER_FILE, Ledger
+from daemon.store.ledger import Ledger
+from daemon.store.ledger_file import LEDGER_FILE
 
 
 def test_a_file_moves_through_its_states_and_keeps_its_plan(tmp_path):
@@ -156,7 +157,7 @@ def test_a_ledger_damaged_while_in_use_is_refused_with_the_same_line(tmp_path):
 
 def test_a_ledger_another_program_keeps_locked_is_refused_with_one_line_after_the_busy_timeout(tmp_path, monkeypatch):
     ledger = Ledger(tmp_path)
-    monkeypatch.setattr("daemon.store.ledger.LEDGER_BUSY_SECONDS", 0.2)
+    monkeypatch.setattr("daemon.store.ledger_file.LEDGER_BUSY_SECONDS", 0.2)
     holder = sqlite3.connect(tmp_path / LEDGER_FILE, isolation_level=None)
     try:
         holder.execute("BEGIN EXCLUSIVE")  # a sqlite3 shell in the middle of a write, say

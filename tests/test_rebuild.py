@@ -9,7 +9,8 @@ from helpers import Tree, fake_checkpoint
 
 from daemon.__main__ import main
 from daemon.service.rebuild import rebuild_ledger
-from daemon.store.ledger import LEDGER_FILE, Ledger
+from daemon.store.ledger import Ledger
+from daemon.store.ledger_file import LEDGER_FILE
 from daemon.store.records import FileProgress, FileState, HistoryRow
 from daemon.store.status import StatusFile
 

@@ -39,10 +39,12 @@ from daemon.config_file import command_parser, parse_command
 from daemon.exceptions import DaemonError, RollbackError
 from daemon.quality.forgetting import discard_after
 from daemon.store.checkpoints import CHECKPOINT_RE, complete_checkpoint_steps, export_step, roll_back
-from daemon.store.ledger import LEDGER_FILE, Ledger
+from daemon.store.files import atomic_write_text
+from daemon.store.ledger import Ledger
+from daemon.store.ledger_file import LEDGER_FILE
 from daemon.store.locks import lock_folders, release_folders
 from daemon.store.records import FileState, HistoryRow, utc_now
-from daemon.store.status import StatusFile, atomic_write_text
+from daemon.store.status import StatusFile
 
 logger = logging.getLogger(__name__)
 
