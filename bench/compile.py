@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.accumulation import machine, write_section  # noqa: E402
+from bench.common import machine, write_section  # noqa: E402
 from bench.end_to_end import run, stdlib_file_and_base  # noqa: E402
 
 SHARED = ["--max_seq_length", "256", "--per_device_train_batch_size", "8", "--logging_steps", "10"]

@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.accumulation import machine, write_section  # noqa: E402
+from bench.common import machine, write_section  # noqa: E402
 
 PACKAGES = ("json", "email", "http", "logging", "xml", "urllib", "asyncio", "unittest")
 IDLE_SECONDS = 10  # between the seed's row and the drop: time for the prestarted process's imports

@@ -44,7 +44,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.accumulation import machine, model_shape_flops, write_section  # noqa: E402
+from bench.common import machine, model_shape_flops, write_section  # noqa: E402
 from daemon.training.arguments import default_bf16  # noqa: E402
 
 ROWS, SEQ = 8, 256  # the micro-batch both sides train: rows of SEQ-token blocks

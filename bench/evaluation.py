@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.accumulation import machine, write_section  # noqa: E402
+from bench.common import machine, write_section  # noqa: E402
 from daemon.training.arguments import cpu_has_fast_bf16  # noqa: E402
 
 MEASURED = ("json", "email", "http", "logging")

@@ -48,7 +48,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.accumulation import flops_per_token, write_section  # noqa: E402
+from bench.common import flops_per_token, write_section  # noqa: E402
 from bench.end_to_end import run  # noqa: E402
 
 MODEL = {  # about 110M parameters with the 32,000-token vocabulary (24.6M of them the tied embedding)

@@ -37,7 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.accumulation import machine, write_section  # noqa: E402
+from bench.common import machine, write_section  # noqa: E402
 
 MB = 1024 * 1024
 

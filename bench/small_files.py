@@ -36,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.accumulation import machine, write_section  # noqa: E402
+from bench.common import machine, write_section  # noqa: E402
 from bench.end_to_end import ROWS, SEQ, ProductRun, peer, peer_tokens, product, stdlib_file_and_base  # noqa: E402
 
 BATCH_TOKENS = ROWS * SEQ  # one micro-batch of both sides

@@ -26,7 +26,8 @@ def status_main(argv: list[str]) -> int:
     from daemon.config_file import command_parser, parse_command
     from daemon.exceptions import ConfigError
     from daemon.quality.forgetting import build_matrix, format_figures, format_matrix, read_rows
-    from daemon.store.status import StatusFile, format_summary, latest_snapshot, read_history
+    from daemon.store.status import StatusFile, latest_snapshot, read_history
+    from daemon.views.summary import format_summary
 
     parser = command_parser("python -m daemon status", "Show the training status.")
     parser.add_argument(

@@ -185,7 +185,7 @@ def test_a_save_that_runs_out_of_space_after_the_check_leaves_no_partial_folder_
 def test_the_status_shows_what_the_kept_checkpoints_cost_on_disk(tree):
     from helpers import read_status
 
-    from daemon.store.status import format_summary
+    from daemon.views.summary import format_summary
 
     first = train(tree, write_jsonl(tree.root / "a.jsonl", [{"text": d} for d in stdlib_documents(limit=30)]))
     kept = read_status(tree)["checkpoints"]

@@ -40,8 +40,9 @@ from helpers import (
 
 from daemon.store.checkpoints import latest_complete_checkpoint
 from daemon.store.ledger import Ledger
-from daemon.store.status import format_summary, history_violations
+from daemon.store.status import history_violations
 from daemon.training.snapshots import GenerationSettings, write_snapshot
+from daemon.views.summary import format_summary
 
 
 def _drop(tree: Tree, name: str, rows: list[object]) -> None:
@@ -297,10 +298,10 @@ def test_a_hanging_child_is_killed_retried_then_failed_and_the_next_file_trains(
 RAISE_LAUNCHER = _launcher(
     "1-raise",
     """
-    import daemon.training.run
+    import daemon.training.prepare
     def broken(*args, **kwargs):
         raise RuntimeError("the tokenizer exploded on purpose\\nwith a second line nobody needs")
-    daemon.training.run.prepare_datasets = broken
+    daemon.training.prepare.prepare_datasets = broken
     """,
 )
 

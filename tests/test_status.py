@@ -9,14 +9,8 @@ import stat
 import pytest
 
 from daemon.store.records import HistoryRow, Outcome
-from daemon.store.status import (
-    Heartbeat,
-    StatusFile,
-    empty_status,
-    format_summary,
-    history_violations,
-    read_history,
-)
+from daemon.store.status import Heartbeat, StatusFile, empty_status, history_violations, read_history
+from daemon.views.summary import format_summary
 
 
 def _row(name: str, start: int, end: int | None, planned: int | None, outcome: str = "done") -> HistoryRow:

@@ -34,11 +34,10 @@ class PlanCallback(TrainerCallback):
 
     The periodic ``--save_steps`` checkpoints are held to ``max_save_overhead`` of the training
     time: one is skipped while the last checkpoint (its write, fsync and rotation, timed up to the
-    next step) took longer than that share of the time trained since it. On a CPU a checkpoint of
-    the embedded model takes a fraction of a second and none is skipped; on an H100 one of a
-    110M-parameter model (1.3 GB with the optimizer state) took 1.7 to 1.9 s, every 18 s of training at
-    ``--save_steps 200``, 9 % of the loop (BENCHMARKS.md, GPU). A crash loses at most the steps
-    since the last checkpoint, as before; only their number now follows the machine's cost.
+    next step) took longer than that share of the time trained since it: where a checkpoint is cheap
+    (a small model on a CPU) none is skipped; where it is dear (a large model's optimizer state on a
+    fast GPU, BENCHMARKS.md, GPU) fewer are written. A crash loses at most the steps since the last
+    checkpoint, as before; only their number follows the machine's cost.
 
     Args:
         stop_requested: set by the SIGINT/SIGTERM handler; the run checkpoints at the

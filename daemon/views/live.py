@@ -21,24 +21,13 @@ from rich.table import Table
 from rich.text import Text
 
 from daemon.store.status import StatusFile
+from daemon.views.summary import summarize
 
 WIDTH = 80
 BAR_WIDTH = 36
 MAX_QUEUE_SHOWN = 5
 
 _STATE_STYLE = {"training": "bold green", "failed": "bold red", "stalled": "bold red", "stopped": "yellow"}
-
-
-def _num(value: Any, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    minutes, secs = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
 def _cut(text: str, width: int) -> str:
@@ -53,45 +42,34 @@ def render(doc: dict[str, Any]) -> RenderableType:
         percent, ETA), loss / learning rate / tokens per second, file counts and the queue,
         the last error.
     """
+    s = summarize(doc)
     grid = Table.grid(padding=(0, 1))
     grid.add_column(style="bold", no_wrap=True, width=8)
     grid.add_column(no_wrap=True, overflow="ellipsis", max_width=WIDTH - 14)
-    state = str(doc.get("state"))
     grid.add_row(
         "state",
         Text.assemble(
-            (state, _STATE_STYLE.get(state, "bold")),
-            f"  step {doc.get('global_step')} of {doc.get('max_steps')}  (updated {doc.get('updated_at')})",
+            (s.state, _STATE_STYLE.get(s.state, "bold")),
+            f"  step {s.global_step} of {s.max_steps}  (updated {s.updated_at})",
         ),
     )
     cur = doc.get("current_file") or {}
-    if cur.get("planned_steps"):
+    if s.current_file and s.current_file.steps:
         bar = Table.grid(padding=(0, 1))
         bar.add_row(
             ProgressBar(total=cur["planned_steps"], completed=cur.get("steps_done", 0), width=BAR_WIDTH),
-            f"{cur.get('steps_done', 0)}/{cur['planned_steps']} {100 * cur.get('progress', 0):.0f}% "
-            f"eta {_duration(cur.get('eta_seconds'))}",
+            f"{s.current_file.steps} {s.current_file.percent} eta {s.current_file.eta}",
         )
-        grid.add_row("file", _cut(str(cur.get("name")), WIDTH - 14))
+        grid.add_row("file", _cut(s.current_file.name, WIDTH - 14))
         grid.add_row("", bar)
-    elif cur.get("name"):
-        grid.add_row("file", _cut(f"{cur['name']} (preparing)", WIDTH - 14))
-    m = doc.get("metrics") or {}
-    grid.add_row(
-        "loss",
-        f"{_num(m.get('loss'), '.4f')}  lr {_num(m.get('learning_rate'), '.3g')}  "
-        f"tokens/s {_num(m.get('tokens_per_second'), ',.0f')}",
-    )
-    files = doc.get("files") or {}
-    grid.add_row(
-        "files", f"{files.get('done', 0)} done, {files.get('failed', 0)} failed, {files.get('queued', 0)} queued"
-    )
-    queue = list(doc.get("queue") or [])
-    if queue:
-        shown = ", ".join(queue[:MAX_QUEUE_SHOWN]) + (f" +{len(queue) - MAX_QUEUE_SHOWN}" if len(queue) > 5 else "")
-        grid.add_row("queue", _cut(shown, WIDTH - 14))
-    err = doc.get("last_error")
-    error = Text(_cut(f"{err.get('file')}: {err.get('message')}", 2 * (WIDTH - 14)), style="red") if err else "none"
+    elif s.current_file:
+        grid.add_row("file", _cut(f"{s.current_file.name} (preparing)", WIDTH - 14))
+    grid.add_row("metrics", _cut(s.metrics, WIDTH - 14))
+    grid.add_row("files", s.files)
+    if s.queue:
+        more = f" +{len(s.queue) - MAX_QUEUE_SHOWN}" if len(s.queue) > MAX_QUEUE_SHOWN else ""
+        grid.add_row("queue", _cut(", ".join(s.queue[:MAX_QUEUE_SHOWN]) + more, WIDTH - 14))
+    error = Text(_cut(s.last_error, 2 * (WIDTH - 14)), style="red") if s.last_error else "none"
     grid.add_row("error", error)
     return Panel(Group(grid), title="continual daemon", title_align="left", width=WIDTH)
 

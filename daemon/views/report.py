@@ -43,6 +43,7 @@ from daemon.store.files import atomic_write_text
 from daemon.store.records import Outcome, utc_now
 from daemon.store.status import StatusFile, latest_snapshot, read_history, read_loss_series, standing_done_rows
 from daemon.store.suite import EVAL_FILE
+from daemon.views.summary import summarize
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -306,25 +307,17 @@ def render_html(data: ReportData) -> str:
 
 
 def _summary(data: ReportData) -> str:
-    doc, m = data.status, data.status.get("metrics") or {}
-    files = doc.get("files") or {}
+    s = summarize(data.status)
     rows = [
-        ("state", f"{doc.get('state')} (updated {doc.get('updated_at')})"),
-        ("global_step", f"{doc.get('global_step')} of max_steps {doc.get('max_steps')}"),
-        ("files", f"{files.get('done', 0)} done, {files.get('failed', 0)} failed, {files.get('queued', 0)} queued"),
-        ("loss", f"{_num(m.get('loss'), '.4f')}, tokens/s {_num(m.get('tokens_per_second'), ',.0f')}"),
+        ("state", f"{s.state} (updated {s.updated_at})"),
+        ("global_step", f"{s.global_step} of max_steps {s.max_steps}"),
+        ("files", s.files),
+        ("metrics", s.metrics),
     ]
-    cur = doc.get("current_file")
-    if cur and cur.get("planned_steps"):
-        rows.append(
-            (
-                "current file",
-                f"{cur['name']}: step {cur['steps_done']}/{cur['planned_steps']}, eta {cur.get('eta_seconds')} s",
-            )
-        )
-    f = doc.get("forgetting")
-    if f:
-        rows.append(("forgetting", f"mean {f['mean']:+.3f} nats, max {f['max']:+.3f} on {f['worst_slice']}"))
+    cur = s.current_file
+    if cur and cur.steps:
+        rows.append(("current file", f"{cur.name}: step {cur.steps} ({cur.percent}), eta {cur.eta}"))
+    rows += [(label, text) for label, text in (("last eval", s.last_eval), ("forgetting", s.forgetting)) if text]
     cells = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in rows)
     return f'<table class="summary">{cells}</table>'
 
