@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from daemon.store.files import atomic_write_text, read_json_lines
-from daemon.store.suite import EVAL_FILE, HELD_OUT, drop_slices_after
+from daemon.store.suite import EVAL_FILE, HELD_OUT
 
 if TYPE_CHECKING:
     from daemon.config import EvaluationArguments
@@ -72,17 +72,6 @@ def write_rows(status_dir: str | Path, start_step: int, rows: list[dict[str, Any
     kept = [row for row in read_rows(status_dir) if row["step"] <= start_step]
     text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in kept + rows)
     atomic_write_text(Path(status_dir) / EVALUATIONS_FILE, text)
-
-
-def discard_after(status_dir: str | Path, step: int) -> None:
-    """Forget the models after ``step``: their rows, their files' held-out slices and replay shares (a roll-back)."""
-    from daemon.store.replay import drop_after
-
-    rows = read_rows(status_dir)
-    if any(row["step"] > step for row in rows):
-        write_rows(status_dir, step, [])
-    drop_slices_after(status_dir, step)
-    drop_after(status_dir, step)
 
 
 def rows_at(rows: list[dict[str, Any]], step: int) -> list[dict[str, Any]]:

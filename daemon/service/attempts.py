@@ -7,10 +7,10 @@ import logging
 from daemon.config import DaemonArguments
 from daemon.names import printable
 from daemon.service.supervisor import ChildResult
-from daemon.store.checkpoints import fail_file
 from daemon.store.ledger import Entry, Ledger
 from daemon.store.records import HistoryRow
 from daemon.store.status import StatusFile
+from daemon.store.undo import fail_file
 
 logger = logging.getLogger(__name__)
 

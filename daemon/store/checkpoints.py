@@ -42,7 +42,6 @@ from daemon.views.model_card import write_card
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from daemon.store.ledger import Entry, Ledger
 
 logger = logging.getLogger(__name__)
 
@@ -327,21 +326,6 @@ def roll_back(
         fsync_dir(root)
         logger.warning("rolled back to step %d: deleted checkpoints %s", start_step, deleted)
     return deleted
-
-
-def fail_file(ledger: Ledger, entry: Entry, error: str, output_dir: str | Path) -> None:
-    """Mark a file failed in the ledger, first rolling back the steps of its recorded plan.
-
-    A file is never both "failed" and in the weights, nor in the replay store: shares of files
-    that ended after its start are dropped (:func:`daemon.store.replay.drop_after`). Used by the
-    training process when a file fails and by the daemon when it gives up on one.
-    """
-    from daemon.store.replay import drop_after
-
-    if entry.state == "training" and entry.start_step is not None and entry.planned_steps is not None:
-        roll_back(output_dir, entry.start_step, entry.start_step + entry.planned_steps, ledger.path.parent)
-        drop_after(ledger.path.parent, entry.start_step)
-    ledger.fail(entry.id, error)
 
 
 def export_step(output_dir: str | Path) -> int | None:

@@ -37,7 +37,6 @@ from filelock import FileLock
 
 from daemon.config_file import command_parser, parse_command
 from daemon.exceptions import DaemonError, RollbackError
-from daemon.quality.forgetting import discard_after
 from daemon.store.checkpoints import CHECKPOINT_RE, complete_checkpoint_steps, export_step, roll_back
 from daemon.store.files import atomic_write_text
 from daemon.store.ledger import Ledger
@@ -45,6 +44,7 @@ from daemon.store.ledger_file import LEDGER_FILE
 from daemon.store.locks import lock_folders, release_folders
 from daemon.store.records import FileState, HistoryRow, utc_now
 from daemon.store.status import StatusFile
+from daemon.store.undo import undo_after
 
 logger = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ def _carry_out(intent: RollbackIntent, status_dir: str | Path) -> None:
         status.record_outcome(row)
         _reached(f"history:{n}")
     status.update(global_step=intent.to_step, max_steps=intent.to_step, current_file=None)
-    discard_after(status_dir, intent.to_step)  # the evaluation rows and held-out slices of the undone files
+    undo_after(status_dir, intent.to_step)  # the undone files' evaluation rows, held-out slices, replay shares
     _reached("status")
     (Path(status_dir) / INTENT_FILE).unlink(missing_ok=True)
     logger.info("rolled back to step %d", intent.to_step)

@@ -39,7 +39,6 @@ from typing import TYPE_CHECKING, Any
 from daemon.exceptions import RegressionError
 from daemon.names import printable
 from daemon.quality.forgetting import (
-    discard_after,
     forgetting,
     gate_message,
     quality_gate,
@@ -320,8 +319,8 @@ class FileEvaluation:
     evaluation: dict[str, Any] | None = None
 
     def record(self, status_dir: str | Path, start_step: int) -> None:
-        """Add the own slice to the suite and the rows to ``evaluations.jsonl``, over any left above ``start_step``."""
-        discard_after(status_dir, start_step)  # a file rolled back or failed after its rows were written
+        """Add the own slice to the suite and the rows to ``evaluations.jsonl`` (above ``start_step``, where
+        :func:`daemon.store.undo.undo_after` cleared what an earlier attempt at the file left)."""
         if self.own_slice is not None:
             write_slice(status_dir, self.own_slice.name, self.own_slice.records)
         write_rows(status_dir, start_step, self.rows)

@@ -53,16 +53,16 @@ from daemon.store.checkpoints import (
     complete_checkpoint_steps,
     export_bytes,
     export_model,
-    fail_file,
     space_needed,
 )
 from daemon.store.durable import disk_full_after
 from daemon.store.ledger import Entry, Ledger
 from daemon.store.origin import base_model_of, record_origin
 from daemon.store.records import HistoryRow, RunState, utc_now
-from daemon.store.replay import add_file, drop_after
+from daemon.store.replay import add_file
 from daemon.store.rollback import finish_interrupted_rollback, kept_file_ends
 from daemon.store.status import Heartbeat, StatusFile, beat
+from daemon.store.undo import fail_file, undo_after
 from daemon.training.arguments import Flags
 from daemon.training.base_slice import keep_base_slice
 from daemon.training.callbacks import CheckpointCallback, PlanCallback, ProgressCallback, state_bytes
@@ -263,7 +263,8 @@ def save(
         samples,
         scored.snapshot_fields(),
     )
-    scored.record(flags.status.status_dir, prepared.plan.start_step)  # also drops replay shares above the start
+    undo_after(flags.status.status_dir, prepared.plan.start_step)  # left by a killed attempt, or an undone file
+    scored.record(flags.status.status_dir, prepared.plan.start_step)
     remember_file(prepared, flags)
     status.update(**scored.status_fields())
     logger.info(
@@ -283,10 +284,9 @@ def remember_file(prepared: PreparedFile, flags: Flags) -> None:
     (:func:`daemon.store.replay.add_file`).
 
     Called only once the file is trained and evaluated (a failed or rolled-back file never
-    enters the store); shares of files that ended after the file's start are dropped first.
+    enters the store), after :func:`~daemon.store.undo.undo_after` dropped the shares of later files.
     """
     status_dir, plan, report = flags.status.status_dir, prepared.plan, prepared.report
-    drop_after(status_dir, plan.start_step)
     own = prepared.datasets.own
     add_file(
         status_dir,
