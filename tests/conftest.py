@@ -1,4 +1,5 @@
-"""Shared fixtures: a temporary project tree and a guard against leaked threads and child processes.
+"""Shared fixtures: a temporary project tree, the tiny tokenizer and export, and a guard against leaked threads
+and child processes.
 
 Helpers (the tree, real text, the tiny model, CLI and daemon runners) are in ``helpers.py``.
 """
@@ -19,7 +20,7 @@ from pathlib import Path  # noqa: E402
 
 import psutil  # noqa: E402
 import pytest  # noqa: E402
-from helpers import Tree  # noqa: E402
+from helpers import Tree, export_tiny, stdlib_documents  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -32,6 +33,20 @@ def private_cache(tmp_path_factory: pytest.TempPathFactory):
         os.environ.pop("XDG_CACHE_HOME", None)
     else:
         os.environ["XDG_CACHE_HOME"] = before
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """A byte-level BPE of 400 tokens trained on 40 documents of the standard library (read-only)."""
+    from daemon.training.model import train_tokenizer
+
+    return train_tokenizer(stdlib_documents(limit=40), vocab_size=400)
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model exported as the product exports (``helpers.export_tiny``); tests only read it."""
+    return export_tiny(tmp_path_factory.mktemp("exported") / "current_model")
 
 
 @pytest.fixture

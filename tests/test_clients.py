@@ -13,18 +13,11 @@ import socket
 import subprocess
 import sys
 import urllib.request
-from pathlib import Path
 
-import pytest
-from helpers import export_tiny, wait_for
+from helpers import wait_for
 
 SERVER_START_SECONDS = 60  # importing torch, transformers and fastapi on a busy 2-core machine
 REQUEST_SECONDS = 30
-
-
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory) -> Path:
-    return export_tiny(tmp_path_factory.mktemp("clients") / "current_model")
 
 
 def test_the_text_generation_pipeline_continues_a_prompt(exported):

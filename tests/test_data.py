@@ -16,13 +16,6 @@ from daemon.training.data import PaddingCollator, heldout_size, prepare_datasets
 from daemon.training.encoding import IGNORE_INDEX, tokenize
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    from daemon.training.model import train_tokenizer
-
-    return train_tokenizer(stdlib_documents(limit=40), vocab_size=400)
-
-
 def _data_args(tmp_path, **kw) -> DataArguments:
     return DataArguments(dataset_cache_dir=str(tmp_path / "cache"), **kw)
 

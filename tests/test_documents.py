@@ -4,18 +4,12 @@ from __future__ import annotations
 
 import random
 
-import pytest
 from helpers import stdlib_documents, write_jsonl
 
 from daemon.config import DataArguments
 from daemon.store.documents import split_document
 from daemon.store.jsonl import iter_text, load_records, scan_jsonl
 from daemon.training.model import train_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return train_tokenizer(stdlib_documents(limit=40), vocab_size=400)
 
 
 def _ids(tokenizer, text: str) -> list[int]:

@@ -2,17 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-from helpers import export_tiny
 
 from daemon.__main__ import main
-
-
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory) -> Path:
-    return export_tiny(tmp_path_factory.mktemp("generate") / "current_model")
 
 
 def test_generate_prints_the_prompt_and_the_same_continuation_for_the_same_seed(exported, capsys):
