@@ -27,7 +27,7 @@ from daemon.service.inbox import Inbox
 from daemon.service.supervisor import ChildResult
 from daemon.service.wake import Wake, new_observer
 from daemon.service.watcher import Daemon
-from daemon.store.ledger import Entry, Ledger
+from daemon.store.ledger import Ledger, LedgerRow
 from daemon.store.records import FileProgress, FileState, HistoryRow
 from daemon.store.status import StatusFile, history_violations
 
@@ -149,12 +149,12 @@ def _names(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir())
 
 
-def _entry(tree: Tree, name: str) -> Entry:
+def _entry(tree: Tree, name: str) -> LedgerRow:
     (entry,) = [e for e in Ledger(tree.status).entries() if e.name == name]
     return entry
 
 
-def _claimed_with_a_plan(tree: Tree) -> tuple[Ledger, Entry]:
+def _claimed_with_a_plan(tree: Tree) -> tuple[Ledger, LedgerRow]:
     """``processing/a.jsonl`` with its ledger row and plan, as a daemon killed mid-file leaves them."""
     claimed = tree.inbox / "processing" / "a.jsonl"
     claimed.parent.mkdir()

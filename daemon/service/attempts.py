@@ -7,7 +7,7 @@ import logging
 from daemon.config import DaemonArguments
 from daemon.names import printable
 from daemon.service.supervisor import ChildResult
-from daemon.store.ledger import Entry, Ledger
+from daemon.store.ledger import Ledger, LedgerRow
 from daemon.store.records import HistoryRow
 from daemon.store.status import StatusFile
 from daemon.store.undo import fail_file
@@ -16,8 +16,8 @@ logger = logging.getLogger(__name__)
 
 
 def count_attempt(
-    ledger: Ledger, status: StatusFile, entry: Entry, result: ChildResult, args: DaemonArguments
-) -> Entry:
+    ledger: Ledger, status: StatusFile, entry: LedgerRow, result: ChildResult, args: DaemonArguments
+) -> LedgerRow:
     """Count a failed attempt at ``entry``'s file; fail the file when :func:`give_up_reason` says to.
 
     Returns:

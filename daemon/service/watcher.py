@@ -53,7 +53,7 @@ from daemon.service.supervisor import ProcessSupervisor, Supervisor
 from daemon.service.wake import Wake, new_observer
 from daemon.store.checkpoints import latest_complete_checkpoint, space_needed
 from daemon.store.durable import EXIT_NO_SPACE, wait_for_room
-from daemon.store.ledger import Entry, Ledger
+from daemon.store.ledger import Ledger, LedgerRow
 from daemon.store.reconcile import reconcile
 from daemon.store.records import FileState, RunState, utc_now
 from daemon.store.rollback import finish_interrupted_rollback
@@ -230,7 +230,7 @@ class Daemon:
             self.status.update(last_error={"file": path.name, "message": f"rejected: {reason}", "at": utc_now()})
         self._file_away(path, entry, f"rejected without opening it: {reason}")
 
-    def _file_away(self, path: Path, entry: Entry, error: str | None) -> Path | None:
+    def _file_away(self, path: Path, entry: LedgerRow, error: str | None) -> Path | None:
         """Move a finished entry to ``done/`` or ``failed/`` and mark its row filed; None if it cannot be moved now."""
         target: Path | None = None
         try:
@@ -273,7 +273,7 @@ class Daemon:
         else:
             logger.warning("%s stopped mid-file; it resumes on the next start", printable(claimed.name))
 
-    def _train_entry(self, path: Path, entry: Entry) -> Entry:
+    def _train_entry(self, path: Path, entry: LedgerRow) -> LedgerRow:
         """Train ``path`` for the ledger row ``entry`` until the row is finished or the daemon stops.
 
         A training process that exits for want of disk space (:data:`~daemon.store.durable.EXIT_NO_SPACE`)
@@ -321,7 +321,7 @@ class Daemon:
             if self.stop.is_set():
                 return
 
-    def _claim_entry(self, claimed: Path, sha: str, size: int) -> Entry | None:
+    def _claim_entry(self, claimed: Path, sha: str, size: int) -> LedgerRow | None:
         """This claim's ledger row (made now for a new claim); None when the file is skipped as a duplicate."""
         entry = self.ledger.find_claim(claimed.name, sha)  # only a row not yet filed away: this very claim
         if entry is not None:
@@ -338,7 +338,7 @@ class Daemon:
             return None
         return self.ledger.add(claimed.name, FileState.QUEUED, sha, size)
 
-    def _finish(self, claimed: Path, entry: Entry, error: str | None) -> None:
+    def _finish(self, claimed: Path, entry: LedgerRow, error: str | None) -> None:
         target = self._file_away(claimed, entry, error)
         self.supervisor.refresh_report()  # the training process left it to the daemon (docs/operating.md "Seeing it")
         if target is None:

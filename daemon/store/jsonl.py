@@ -70,7 +70,7 @@ class _BadLine(ValueError):
 
 
 @dataclass
-class ScanReport:
+class FileScan:
     """What :func:`scan_jsonl` found in a file.
 
     Attributes:
@@ -210,7 +210,7 @@ def _iter_lines(path: Path, digest: Any = None, phase: str = "reading") -> Itera
                 yield number, raw
 
 
-def scan_jsonl(path: str | Path, text_field: str = "text", strict: bool = False) -> ScanReport:
+def scan_jsonl(path: str | Path, text_field: str = "text", strict: bool = False) -> FileScan:
     """Read a JSONL file once: hash it, find its shape, count and name malformed lines.
 
     Args:
@@ -251,7 +251,7 @@ def scan_jsonl(path: str | Path, text_field: str = "text", strict: bool = False)
             continue
         shape = line_shape
         usable += 1
-    report = ScanReport(path, digest.hexdigest(), path.stat().st_size, shape or "text", usable, bad, first_bad)
+    report = FileScan(path, digest.hexdigest(), path.stat().st_size, shape or "text", usable, bad, first_bad)
     if usable == 0:
         if bad == 0:
             raise DatasetError(f"{path.name}: the file is empty (no non-blank lines)")
@@ -279,16 +279,16 @@ def _generate_records(path: str, text_field: str, shape: str, sha256: str) -> It
         raise DatasetError(f"{Path(path).name} {CHANGED_WHILE_READ}")
 
 
-def iter_records(report: ScanReport, text_field: str = "text") -> Iterator[dict[str, Any]]:
+def iter_records(scan: FileScan, text_field: str = "text") -> Iterator[dict[str, Any]]:
     """The normalized records of a scanned file, streamed without a cache (small files, e.g. evaluation sets).
 
     Raises:
         DatasetError: the file changed since the scan (checked once the last line is read).
     """
-    return _generate_records(str(report.path), text_field, report.shape, report.sha256)
+    return _generate_records(str(scan.path), text_field, scan.shape, scan.sha256)
 
 
-def load_records(report: ScanReport, data_args: DataArguments) -> datasets.Dataset:
+def load_records(scan: FileScan, data_args: DataArguments) -> datasets.Dataset:
     """The usable rows of a scanned file as an Arrow-backed ``datasets.Dataset``.
 
     The table is written to the datasets cache in batches, never held whole in
@@ -305,17 +305,17 @@ def load_records(report: ScanReport, data_args: DataArguments) -> datasets.Datas
     import datasets
 
     gen_kwargs = {
-        "path": str(report.path),
+        "path": str(scan.path),
         "text_field": data_args.text_field,
-        "shape": report.shape,
-        "sha256": report.sha256,
+        "shape": scan.shape,
+        "sha256": scan.sha256,
     }
     try:
         return datasets.Dataset.from_generator(
             _generate_records,
             gen_kwargs=gen_kwargs,
             cache_dir=data_args.dataset_cache_dir,
-            fingerprint=f"{report.shape}-{data_args.text_field}-{report.sha256}-rules{PARSE_RULES_VERSION}",
+            fingerprint=f"{scan.shape}-{data_args.text_field}-{scan.sha256}-rules{PARSE_RULES_VERSION}",
         )
     except datasets.exceptions.DatasetGenerationError as e:
         cause = e.__cause__

@@ -81,7 +81,7 @@ TRANSITIONS: dict[FileState | None, frozenset[FileState]] = {
 
 
 @dataclass(frozen=True)
-class Entry:
+class LedgerRow:
     """One ledger row."""
 
     id: int
@@ -126,7 +126,7 @@ class Ledger(LedgerFile):
         sha256: str | None = None,
         size: int | None = None,
         error: str | None = None,
-    ) -> Entry:
+    ) -> LedgerRow:
         """Record a newly seen file (``queued``, ``duplicate`` or ``rejected``) and return its row.
 
         Args:
@@ -152,7 +152,7 @@ class Ledger(LedgerFile):
             row = db.execute("SELECT * FROM files WHERE id = ?", (cur.lastrowid,)).fetchone()
         return _entry(row)
 
-    def record_plan(self, entry_id: int, start_step: int, planned_steps: int, replayed_examples: int = 0) -> Entry:
+    def record_plan(self, entry_id: int, start_step: int, planned_steps: int, replayed_examples: int = 0) -> LedgerRow:
         """``queued -> training``: the file's plan, written before its first optimizer step.
 
         ``planned_steps`` counts the file's own and its ``replayed_examples`` (:mod:`daemon.store.replay`).
@@ -165,22 +165,22 @@ class Ledger(LedgerFile):
             replayed_examples=replayed_examples,
         )
 
-    def finish(self, entry_id: int, end_step: int) -> Entry:
+    def finish(self, entry_id: int, end_step: int) -> LedgerRow:
         """``training -> done``: the file is trained, exported and recorded in the history."""
         return self.update(entry_id, state=FileState.DONE, end_step=end_step)
 
-    def reopen(self, entry_id: int, error: str) -> Entry:
+    def reopen(self, entry_id: int, error: str) -> LedgerRow:
         """``done -> training``: the file's last steps are missing from the model and train again.
 
         The plan and ``end_step`` stay (the step its run must reach again); ``error`` says why.
         """
         return self.update(entry_id, state=FileState.TRAINING, error=error)
 
-    def fail(self, entry_id: int, error: str) -> Entry:
+    def fail(self, entry_id: int, error: str) -> LedgerRow:
         """``queued | training -> failed``, with the reason shown to the user."""
         return self.update(entry_id, state=FileState.FAILED, error=error)
 
-    def roll_back(self, entry_ids: Iterable[int], to_step: int) -> list[Entry]:
+    def roll_back(self, entry_ids: Iterable[int], to_step: int) -> list[LedgerRow]:
         """``done -> rolled_back`` for each of ``entry_ids``, in one transaction: all of them or none.
 
         A row already ``rolled_back`` is left as it is, so a rollback finished again after a
@@ -214,7 +214,7 @@ class Ledger(LedgerFile):
             rows = [db.execute("SELECT * FROM files WHERE id = ?", (i,)).fetchone() for i in ids]
         return [_entry(row) for row in rows]
 
-    def mark_filed(self, entry_id: int) -> Entry:
+    def mark_filed(self, entry_id: int) -> LedgerRow:
         """The file has been moved into ``done/`` or ``failed/``: its row is no longer a claim (no state change)."""
         return self.update(entry_id, filed_at=utc_now())
 
@@ -240,7 +240,7 @@ class Ledger(LedgerFile):
             )
         return cur.rowcount
 
-    def count_attempt(self, entry_id: int, error: str) -> Entry:
+    def count_attempt(self, entry_id: int, error: str) -> LedgerRow:
         """One more crashed or stalled training attempt (no state change)."""
         with self._connect() as db:
             db.execute(
@@ -250,7 +250,7 @@ class Ledger(LedgerFile):
             row = db.execute("SELECT * FROM files WHERE id = ?", (entry_id,)).fetchone()
         return _entry(row)
 
-    def update(self, entry_id: int, **fields: Any) -> Entry:
+    def update(self, entry_id: int, **fields: Any) -> LedgerRow:
         """Change fields of a row in one transaction; a ``state`` change must be in :data:`TRANSITIONS`.
 
         Raises:
@@ -275,12 +275,12 @@ class Ledger(LedgerFile):
             row = db.execute("SELECT * FROM files WHERE id = ?", (entry_id,)).fetchone()
         return _entry(row)
 
-    def get(self, entry_id: int) -> Entry | None:
+    def get(self, entry_id: int) -> LedgerRow | None:
         with self._connect() as db:
             row = db.execute("SELECT * FROM files WHERE id = ?", (entry_id,)).fetchone()
         return _entry(row) if row else None
 
-    def find(self, sha256: str, states: tuple[FileState, ...] = tuple(FileState)) -> Entry | None:
+    def find(self, sha256: str, states: tuple[FileState, ...] = tuple(FileState)) -> LedgerRow | None:
         """The newest row with this content hash in one of ``states``, or None."""
         marks = ",".join("?" * len(states))
         with self._connect() as db:
@@ -290,7 +290,7 @@ class Ledger(LedgerFile):
             ).fetchone()
         return _entry(row) if row else None
 
-    def find_claim(self, name: str, sha256: str | None) -> Entry | None:
+    def find_claim(self, name: str, sha256: str | None) -> LedgerRow | None:
         """The row of a file not yet filed away, by its name and content hash.
 
         Args:
@@ -307,7 +307,7 @@ class Ledger(LedgerFile):
             ).fetchone()
         return _entry(row) if row else None
 
-    def entries(self, state: FileState | None = None) -> list[Entry]:
+    def entries(self, state: FileState | None = None) -> list[LedgerRow]:
         """All rows (or those in ``state``), oldest first."""
         with self._connect() as db:
             if state is None:
@@ -317,7 +317,7 @@ class Ledger(LedgerFile):
         return [_entry(r) for r in rows]
 
 
-def _entry(row: sqlite3.Row) -> Entry:
+def _entry(row: sqlite3.Row) -> LedgerRow:
     fields = dict(row)
     fields["state"] = FileState(fields["state"])
-    return Entry(**fields)
+    return LedgerRow(**fields)

@@ -35,7 +35,7 @@ from daemon.exceptions import CheckpointError
 from daemon.names import printable
 from daemon.service.entries import sha256_of
 from daemon.store.checkpoints import CHECKPOINT_RE, TORN_RE, complete_checkpoint_steps
-from daemon.store.ledger import Entry, Ledger
+from daemon.store.ledger import Ledger, LedgerRow
 from daemon.store.records import FileState, HistoryRow
 from daemon.store.rollback import file_boundaries
 from daemon.store.status import StatusFile
@@ -44,10 +44,10 @@ logger = logging.getLogger(__name__)
 
 # Where the daemon keeps a done file's data: filed away, or still claimed (done, not yet moved).
 DATA_FOLDERS = ("done", "processing")
-Trainer = Callable[[Path, Entry], Entry]  # the daemon's attempt loop for one file
+Trainer = Callable[[Path, LedgerRow], LedgerRow]  # the daemon's attempt loop for one file
 
 
-def files_behind(ledger: Ledger, output_dir: str | Path) -> tuple[int, list[Entry]]:
+def files_behind(ledger: Ledger, output_dir: str | Path) -> tuple[int, list[LedgerRow]]:
     """The latest usable checkpoint's step and the files whose steps above it the ledger counts.
 
     Args:
@@ -69,7 +69,7 @@ def files_behind(ledger: Ledger, output_dir: str | Path) -> tuple[int, list[Entr
     return step, sorted(done + reopened, key=lambda e: (e.start_step or 0, e.id))
 
 
-def locate(entry: Entry, inbox_dir: str | Path) -> Path | None:
+def locate(entry: LedgerRow, inbox_dir: str | Path) -> Path | None:
     """The file in ``inbox/done/`` or ``inbox/processing/`` holding ``entry``'s content, or None.
 
     Only regular files of the row's size are hashed, its own name first; folders that are
@@ -98,7 +98,7 @@ def locate(entry: Entry, inbox_dir: str | Path) -> Path | None:
 
 def reconcile(
     ledger: Ledger, status: StatusFile, output_dir: str | Path, inbox_dir: str | Path, train: Trainer
-) -> Iterator[Entry]:
+) -> Iterator[LedgerRow]:
     """Reopen the files behind the latest usable checkpoint and train each again, oldest first.
 
     Args:
@@ -134,7 +134,7 @@ def reconcile(
         yield entry
 
 
-def reopen(ledger: Ledger, status: StatusFile, rows: list[Entry], step: int) -> None:
+def reopen(ledger: Ledger, status: StatusFile, rows: list[LedgerRow], step: int) -> None:
     """Reopen the done ``rows`` (``done -> training``) with a ``reopened`` history row and a log line each.
 
     Rows already reopened are left as they are, so a daemon killed part-way reopens the rest.
@@ -160,7 +160,7 @@ def reopen(ledger: Ledger, status: StatusFile, rows: list[Entry], step: int) -> 
         )
 
 
-def missing_data_error(rows: list[Entry], step: int, inbox_dir: str | Path, ledger: Ledger, output_dir: str | Path):
+def missing_data_error(rows: list[LedgerRow], step: int, inbox_dir: str | Path, ledger: Ledger, output_dir: str | Path):
     """The one-line refusal when reopened files' data is gone: what is missing and what to do.
 
     Args:
@@ -189,7 +189,7 @@ def _rollback_hint(ledger: Ledger, output_dir: str | Path, step: int) -> str:
     return f"see where the model can go back to: python -m daemon rollback --list {folders}"
 
 
-def refuse_missing_steps(ledger: Ledger, output_dir: str | Path, claim: Entry | None) -> None:
+def refuse_missing_steps(ledger: Ledger, output_dir: str | Path, claim: LedgerRow | None) -> None:
     """For a training run: refuse to go on while done files' steps are missing from the model.
 
     Under the daemon they were reopened before the run started (``claim`` is one of them, or

@@ -125,8 +125,8 @@ def load_slice(path: str | Path, kind: str, text_field: str = "text", cap: int |
     from daemon.store.jsonl import iter_records, scan_jsonl
 
     path = Path(path)
-    report = scan_jsonl(path, text_field)
-    return Slice(_name(path, kind), kind, report.shape, subset(iter_records(report, text_field), cap))
+    scan = scan_jsonl(path, text_field)
+    return Slice(_name(path, kind), kind, scan.shape, subset(iter_records(scan, text_field), cap))
 
 
 def _name(path: Path, kind: str) -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from daemon.quality.forgetting import read_rows, write_rows
 from daemon.store.checkpoints import roll_back
-from daemon.store.ledger import Entry, Ledger
+from daemon.store.ledger import Ledger, LedgerRow
 from daemon.store.replay import drop_after
 from daemon.store.suite import drop_slices_after
 
@@ -39,7 +39,7 @@ def undo_after(
     drop_after(status_dir, step)
 
 
-def fail_file(ledger: Ledger, entry: Entry, error: str, output_dir: str | Path) -> None:
+def fail_file(ledger: Ledger, entry: LedgerRow, error: str, output_dir: str | Path) -> None:
     """Mark a file failed in the ledger, first undoing the steps of its recorded plan (:func:`undo_after`).
 
     A file is never both "failed" and in the weights, nor in the replay store or the suite. Used

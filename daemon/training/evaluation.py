@@ -347,12 +347,12 @@ def evaluate_file(prepared: PreparedFile, flags: Flags, train_seconds: float) ->
             written yet, and the caller's failure path rolls the file back.
     """
     started = time.monotonic()
-    plan, report, status_dir = prepared.plan, prepared.report, flags.status.status_dir
-    name = printable(report.path.name)
+    plan, scan, status_dir = prepared.plan, prepared.scan, flags.status.status_dir
+    name = printable(scan.path.name)
     own = None
     if prepared.datasets.heldout_records:
         records = subset(prepared.datasets.heldout_records)
-        own = Slice(slice_name(plan.max_steps, report.path.name), HELD_OUT, report.shape, records)
+        own = Slice(slice_name(plan.max_steps, scan.path.name), HELD_OUT, scan.shape, records)
     others, errors = load_suite(
         status_dir, plan.start_step, flags.evaluation.eval_files, flags.data.text_field, flags.data.max_eval_examples
     )
@@ -365,7 +365,7 @@ def evaluate_file(prepared: PreparedFile, flags: Flags, train_seconds: float) ->
     result = evaluate_suite(scorer, own, others, budget - (time.monotonic() - started))  # reading counts too
     result.errors[:0] = errors
     result.budget_seconds, result.seconds = budget, time.monotonic() - started
-    rows = [score.as_row(plan.max_steps, name, report.sha256) for score in result.scores]
+    rows = [score.as_row(plan.max_steps, name, scan.sha256) for score in result.scores]
     earlier = [row for row in read_rows(status_dir) if row["step"] <= plan.start_step]
     own_name = own.name if own else None
     gate = quality_gate(rows_at(earlier, plan.start_step), rows, own_name, result.errors, flags.evaluation)

@@ -31,8 +31,8 @@ from daemon.store.records import FileState
 if TYPE_CHECKING:
     from transformers import TrainingArguments
 
-    from daemon.store.jsonl import ScanReport
-    from daemon.store.ledger import Entry, Ledger
+    from daemon.store.jsonl import FileScan
+    from daemon.store.ledger import Ledger, LedgerRow
 
 logger = logging.getLogger(__name__)
 
@@ -132,8 +132,8 @@ def plan_steps(start_step: int, examples: int, args: TrainingArguments, replayed
 
 
 def recorded_plan(
-    ledger: Ledger, report: ScanReport, at_step: int, claim: Entry | None
-) -> tuple[Entry | None, Entry | None]:
+    ledger: Ledger, scan: FileScan, at_step: int, claim: LedgerRow | None
+) -> tuple[LedgerRow | None, LedgerRow | None]:
     """``(resumed, abandoned)``: the ledger's plan for this file if training it was interrupted inside it.
 
     The row is ``claim`` (the daemon's) or, for ``train.py`` on its own, the newest
@@ -141,14 +141,14 @@ def recorded_plan(
     left (the checkpoint is outside ``[start_step, start_step + planned_steps]``) cannot be
     resumed exactly: it is returned as ``abandoned`` and the file is planned anew.
     """
-    entry = claim if claim is not None else ledger.find(report.sha256, (FileState.TRAINING,))
+    entry = claim if claim is not None else ledger.find(scan.sha256, (FileState.TRAINING,))
     if entry is None or entry.state != FileState.TRAINING or entry.start_step is None or entry.planned_steps is None:
         return None, None
     if entry.start_step <= at_step <= entry.start_step + entry.planned_steps:
         return entry, None
     logger.warning(
         "%s: its recorded plan %d -> %d no longer matches the latest checkpoint (step %d); planning anew",
-        report.path.name,
+        scan.path.name,
         entry.start_step,
         entry.start_step + entry.planned_steps,
         at_step,
@@ -159,12 +159,12 @@ def recorded_plan(
 def commit_plan(
     ledger: Ledger,
     plan: StepPlan,
-    report: ScanReport,
-    resumed: Entry | None,
-    abandoned: Entry | None,
+    scan: FileScan,
+    resumed: LedgerRow | None,
+    abandoned: LedgerRow | None,
     ledger_id: int | None,
     output_dir: str,
-) -> Entry:
+) -> LedgerRow:
     """Set torn checkpoints aside and write the file's plan to the ledger (main process, before step one).
 
     Uses the interrupted run's row ``resumed``, or the daemon's claim ``ledger_id``, or adds a
@@ -177,5 +177,5 @@ def commit_plan(
         ledger.fail(abandoned.id, f"abandoned: the running model is at step {plan.start_step}")
     row = ledger.get(ledger_id) if ledger_id is not None else None
     if row is None:
-        row = ledger.add(report.path.name, FileState.QUEUED, report.sha256, report.size_bytes)
+        row = ledger.add(scan.path.name, FileState.QUEUED, scan.sha256, scan.size_bytes)
     return ledger.record_plan(row.id, plan.start_step, plan.planned_steps, plan.replayed_examples)

@@ -20,7 +20,7 @@ from daemon.exceptions import (
 from daemon.store.checkpoints import (
     latest_complete_checkpoint,
 )
-from daemon.store.jsonl import CHANGED_WHILE_READ, ScanReport, load_records, scan_jsonl
+from daemon.store.jsonl import CHANGED_WHILE_READ, FileScan, load_records, scan_jsonl
 from daemon.store.ledger import Ledger
 from daemon.store.reconcile import refuse_missing_steps
 from daemon.store.records import FileProgress, RunState
@@ -49,46 +49,44 @@ def setup(flags: Flags, ledger: Ledger, heartbeat: Heartbeat | None) -> Prepared
     """
     data_args, training_args = flags.data, flags.training
     assert data_args.dataset is not None
-    report = scan_jsonl(data_args.dataset, data_args.text_field, data_args.strict)
+    scan = scan_jsonl(data_args.dataset, data_args.text_field, data_args.strict)
     claim = ledger.get(flags.status.ledger_id) if flags.status.ledger_id is not None else None
-    if claim is not None and claim.sha256 is not None and claim.sha256 != report.sha256:
+    if claim is not None and claim.sha256 is not None and claim.sha256 != scan.sha256:
         raise DatasetError(
-            f"{report.path.name} changed after the daemon claimed it (sha256 {claim.sha256[:12]}... then, "
-            f"{report.sha256[:12]}... now): {CHANGED_WHILE_READ.split(': ', 1)[1]}"
+            f"{scan.path.name} changed after the daemon claimed it (sha256 {claim.sha256[:12]}... then, "
+            f"{scan.sha256[:12]}... now): {CHANGED_WHILE_READ.split(': ', 1)[1]}"
         )
     beat(heartbeat, state=RunState.TOKENIZING)
-    records = load_records(report, data_args)
+    records = load_records(scan, data_args)
     output_dir = str(training_args.output_dir)
     checkpoint = latest_complete_checkpoint(output_dir, set_aside=False)
     refuse_missing_steps(ledger, output_dir, claim)
-    model, tokenizer = starting_model(flags.model, output_dir, training_args.seed, checkpoint, records, report.shape)
-    datasets = prepare_datasets(records, report.shape, tokenizer, data_args, training_args.seed)
+    model, tokenizer = starting_model(flags.model, output_dir, training_args.seed, checkpoint, records, scan.shape)
+    datasets = prepare_datasets(records, scan.shape, tokenizer, data_args, training_args.seed)
     at_step = checkpoint.global_step if checkpoint else 0
-    resumed, abandoned = recorded_plan(ledger, report, at_step, claim)
+    resumed, abandoned = recorded_plan(ledger, scan, at_step, claim)
     start_step = at_step if resumed is None or resumed.start_step is None else resumed.start_step
-    datasets = with_replay(datasets, flags, report, start_step, tokenizer)
+    datasets = with_replay(datasets, flags, scan, start_step, tokenizer)
     plan = plan_steps(start_step, datasets.examples, training_args, datasets.replayed)
     if resumed and (plan.planned_steps, plan.replayed_examples) != (
         resumed.planned_steps,
         resumed.replayed_examples or 0,
     ):
         raise ConfigError(
-            f"{report.path.name} was planned with {resumed.planned_steps} steps ({resumed.replayed_examples or 0} "
+            f"{scan.path.name} was planned with {resumed.planned_steps} steps ({resumed.replayed_examples or 0} "
             f"replayed examples) and is half trained; these flags give {plan.planned_steps} "
             f"({plan.replayed_examples}): resume it with the batch, epoch and replay flags it started with"
         )
     steps_done = at_step - plan.start_step
     if resumed:
-        logger.info(
-            "resuming %s at step %d of its plan %d -> %d", report.path.name, at_step, start_step, plan.max_steps
-        )
+        logger.info("resuming %s at step %d of its plan %d -> %d", scan.path.name, at_step, start_step, plan.max_steps)
     progress = FileProgress(
-        name=report.path.name,
-        sha256=report.sha256,
+        name=scan.path.name,
+        sha256=scan.sha256,
         examples=datasets.examples,
         eval_examples=datasets.eval_examples,
         tokens=datasets.tokens,
-        skipped_lines=report.bad_lines,
+        skipped_lines=scan.bad_lines,
         start_step=plan.start_step,
         planned_steps=plan.planned_steps,
         steps_done=steps_done,
@@ -98,8 +96,8 @@ def setup(flags: Flags, ledger: Ledger, heartbeat: Heartbeat | None) -> Prepared
     logger.info(
         "%s: %s, %d train examples (%d tokens) + %d replayed, %d held out; effective batch %d = %d x %d x world %d; "
         "steps %d -> %d (%d for this file)",
-        report.path.name,
-        report.shape,
+        scan.path.name,
+        scan.shape,
         datasets.examples,
         datasets.tokens,
         datasets.replayed,
@@ -112,11 +110,11 @@ def setup(flags: Flags, ledger: Ledger, heartbeat: Heartbeat | None) -> Prepared
         plan.max_steps,
         plan.planned_steps,
     )
-    return PreparedFile(model, tokenizer, datasets, report, checkpoint, plan, steps_done, resumed, abandoned, progress)
+    return PreparedFile(model, tokenizer, datasets, scan, checkpoint, plan, steps_done, resumed, abandoned, progress)
 
 
 def with_replay(
-    datasets: PreparedData, flags: Flags, report: ScanReport, start_step: int, tokenizer: PreTrainedTokenizerBase
+    datasets: PreparedData, flags: Flags, scan: FileScan, start_step: int, tokenizer: PreTrainedTokenizerBase
 ) -> PreparedData:
     """Mix ``--replay_fraction`` of replayed examples into the file's training examples (:mod:`daemon.store.replay`).
 
@@ -130,6 +128,6 @@ def with_replay(
     seed = flags.training.seed
     fingerprint = tokenizer_fingerprint(tokenizer)
     chosen = select_replay(
-        flags.status.status_dir, start_step, count, f"{seed}:{report.sha256}:{start_step}", fingerprint
+        flags.status.status_dir, start_step, count, f"{seed}:{scan.sha256}:{start_step}", fingerprint
     )
     return mix_replay(datasets, chosen, seed)

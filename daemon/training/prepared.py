@@ -13,8 +13,8 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from daemon.store.checkpoints import Checkpoint
-    from daemon.store.jsonl import ScanReport
-    from daemon.store.ledger import Entry
+    from daemon.store.jsonl import FileScan
+    from daemon.store.ledger import LedgerRow
     from daemon.store.records import FileProgress
     from daemon.training.data import PreparedData
     from daemon.training.plan import StepPlan
@@ -41,10 +41,10 @@ class PreparedFile:
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     datasets: PreparedData
-    report: ScanReport
+    scan: FileScan
     checkpoint: Checkpoint | None
     plan: StepPlan
     steps_done: int
-    resumed: Entry | None
-    abandoned: Entry | None
+    resumed: LedgerRow | None
+    abandoned: LedgerRow | None
     progress: FileProgress

@@ -56,7 +56,7 @@ from daemon.store.checkpoints import (
     space_needed,
 )
 from daemon.store.durable import disk_full_after
-from daemon.store.ledger import Entry, Ledger
+from daemon.store.ledger import Ledger, LedgerRow
 from daemon.store.origin import base_model_of, record_origin
 from daemon.store.records import HistoryRow, RunState, utc_now
 from daemon.store.replay import add_file
@@ -219,7 +219,7 @@ def save(
     row: HistoryRow,
     status: StatusFile,
     ledger: Ledger,
-    entry: Entry,
+    entry: LedgerRow,
     flags: Flags,
     scored: FileEvaluation,
 ) -> None:
@@ -256,7 +256,7 @@ def save(
     folder = write_snapshot(
         flags.status.status_dir,
         prepared.plan.max_steps,
-        prepared.report.path.name,
+        prepared.scan.path.name,
         row.eval_loss,
         prepared.datasets.eval_examples,
         settings,
@@ -286,13 +286,13 @@ def remember_file(prepared: PreparedFile, flags: Flags) -> None:
     Called only once the file is trained and evaluated (a failed or rolled-back file never
     enters the store), after :func:`~daemon.store.undo.undo_after` dropped the shares of later files.
     """
-    status_dir, plan, report = flags.status.status_dir, prepared.plan, prepared.report
+    status_dir, plan, scan = flags.status.status_dir, prepared.plan, prepared.scan
     own = prepared.datasets.own
     add_file(
         status_dir,
         plan.max_steps,
-        report.path.name,
-        report.sha256,
+        scan.path.name,
+        scan.sha256,
         tokenizer_fingerprint(prepared.tokenizer),
         example_lengths(own).tolist(),
         lambda indices: replay_examples(own, indices),
@@ -344,7 +344,7 @@ def _train_file(flags: Flags) -> HistoryRow:
     stop_requested = threading.Event()
     ledger = Ledger(flags.status.status_dir, instance=os.environ.get(LEDGER_ENV))  # the daemon's, for its child
     prepared: PreparedFile | None = None
-    entry: Entry | None = None
+    entry: LedgerRow | None = None
     try:
         if heartbeat:
             heartbeat.set(state=RunState.LOADING, current_file={"name": name}, disk=None)
@@ -356,7 +356,7 @@ def _train_file(flags: Flags) -> HistoryRow:
                 entry = commit_plan(
                     ledger,
                     prepared.plan,
-                    prepared.report,
+                    prepared.scan,
                     prepared.resumed,
                     prepared.abandoned,
                     flags.status.ledger_id,
