@@ -349,10 +349,10 @@ def test_inference_never_runs_while_worker_threads_are_alive(tree, monkeypatch):
 def test_the_samples_run_without_the_training_autocast(tree, monkeypatch):
     # accelerate wraps model.forward in the training's bf16 autocast and leaves it there after
     # training; the samples (and anything after fit) must run the model's own forward.
-    import daemon.training.run
+    import daemon.training.outputs
 
     autocast_in_samples: list[bool] = []
-    original = daemon.training.run.generate_samples
+    original = daemon.training.outputs.generate_samples
 
     def watched(model, *args, **kwargs):
         hook = model.lm_head.register_forward_pre_hook(
@@ -363,7 +363,7 @@ def test_the_samples_run_without_the_training_autocast(tree, monkeypatch):
         finally:
             hook.remove()
 
-    monkeypatch.setattr(daemon.training.run, "generate_samples", watched)
+    monkeypatch.setattr(daemon.training.outputs, "generate_samples", watched)
     data = write_jsonl(tree.root / "a.jsonl", [{"text": d} for d in stdlib_documents(limit=10)])
     train(tree, data, bf16=True)
     assert autocast_in_samples and not any(autocast_in_samples)

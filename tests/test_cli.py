@@ -127,7 +127,7 @@ def test_config_file_holds_the_same_keys_as_the_flags(tree):
 
 
 def test_a_resume_with_no_step_left_exits_zero_and_says_so(tree, monkeypatch):
-    import daemon.training.run as run
+    import daemon.training.outputs as run
 
     data = write_jsonl(tree.root / "a.jsonl", [{"text": d} for d in stdlib_documents(limit=8)])
     with monkeypatch.context() as patch:  # trained to its end, then killed before the export

@@ -84,7 +84,7 @@ def test_an_interrupted_file_resumes_and_matches_an_uninterrupted_run(tmp_path, 
 
 
 def test_a_file_trained_but_not_finished_is_not_trained_again(tree, monkeypatch):
-    import daemon.training.run as run
+    import daemon.training.outputs as run
 
     data = write_jsonl(tree.root / "a.jsonl", [{"text": d} for d in stdlib_documents(limit=20)])
     with monkeypatch.context() as patch:

@@ -47,7 +47,7 @@ logger = logging.getLogger(__name__)
 # growing max_steps (one more file) cannot make the learning rate jump.
 STEP_ONLY_SCHEDULES = {"constant", "constant_with_warmup"}
 # Flags the product sets itself (name: (value, why)); a user who passes one is told and overridden.
-# max_steps is not known before the plan: run.fit() sets it for each segment.
+# max_steps is not known before the plan: run.train_segments() sets it for each segment.
 OWNED_FLAGS: dict[str, tuple[Any, str]] = {
     "max_steps": (-1, "start_step + planned_steps of the latest checkpoint and this file"),
     "ignore_data_skip": (True, "True: each file is trained from its first example"),

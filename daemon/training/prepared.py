@@ -1,4 +1,4 @@
-"""One file's run as :func:`daemon.training.run.setup` prepares it: its data, starting model and plan.
+"""One file's run as :func:`daemon.training.prepare.setup` prepares it: its data, starting model and plan.
 
 Apart from :mod:`daemon.training.run` so that the phases that read it (evaluation, the cooldown
 branch) import this, not the run.
@@ -22,8 +22,8 @@ if TYPE_CHECKING:
 
 @dataclass
 class PreparedFile:
-    """Everything :func:`~daemon.training.run.setup` prepares for :func:`~daemon.training.run.fit`: one file's data,
-    starting model and plan.
+    """Everything :func:`~daemon.training.prepare.setup` prepares for :meth:`~daemon.training.run.FileRun.fit`:
+    one file's data, starting model and plan.
 
     Attributes:
         model, tokenizer: the model to train (from ``checkpoint`` when there is one).

@@ -1,25 +1,27 @@
-"""One file's run, the one training code path: ``setup -> fit -> evaluate -> save``.
+"""One file's run, the one training code path: :class:`FileRun`, ``setup -> fit -> evaluate -> save``.
 
 Used by ``python train.py --dataset FILE`` and by the daemon's training child, both
-through :mod:`daemon.training.cli`. :func:`train_file` reads as:
+through :mod:`daemon.training.cli` and :func:`train_file`. :meth:`FileRun.run` reads as:
 
-1. :func:`~daemon.training.prepare.setup`: scan the file, find the latest complete checkpoint, load or
-   bootstrap the model, tokenize, and plan the steps (:mod:`daemon.training.plan`); a file
-   whose plan the ledger holds (an interrupted run) keeps that plan. Only the
-   datasets cache changes on disk, so a bad file leaves everything as it was.
-2. :func:`~daemon.training.plan.commit_plan` (main process): torn checkpoints are set aside and the plan
-   is written to the ledger, before the first optimizer step.
-3. :func:`fit`: ``Trainer.train(resume_from_checkpoint=...)`` once per remaining
+1. :meth:`FileRun.setup`: scan the file, find the latest complete checkpoint, load or
+   bootstrap the model, tokenize, and plan the steps (:func:`daemon.training.prepare.setup`,
+   :mod:`daemon.training.plan`); a file whose plan the ledger holds (an interrupted run) keeps
+   that plan. Only the datasets cache changes on disk, so a bad file leaves everything as it
+   was. Then (main process) torn checkpoints are set aside and the plan is written to the
+   ledger (:func:`~daemon.training.plan.commit_plan`), before the first optimizer step.
+2. :meth:`FileRun.fit`: ``Trainer.train(resume_from_checkpoint=...)`` once per remaining
    segment (one per epoch, :meth:`StepPlan.segments`) with ``max_steps`` at the
-   segment's end and ``ignore_data_skip=True``; every end is checked and
-   checkpointed, the last one being ``max_steps = start_step + planned_steps``.
-4. :func:`evaluate`: once training and its threads have stopped, the model is scored on
+   segment's end and ``ignore_data_skip=True`` (:func:`train_segments`); every end is checked
+   and checkpointed, the last one being ``max_steps = start_step + planned_steps``; then the
+   cooldown branch (:mod:`daemon.training.cooldown`).
+3. :meth:`FileRun.evaluate`: once training and its threads have stopped, the model is scored on
    every slice of the evaluation suite and the quality gate may roll the file back
-   (:mod:`daemon.training.evaluation`); nothing is written before :func:`save`.
-5. :func:`save`: samples, export to the root of ``output_dir``, evolution snapshot,
-   evaluation rows and slice, history row, ledger ``done``; each may be repeated after a crash.
-6. :func:`publish`: the evaluation in TensorBoard (``--report_to tensorboard``) and
-   ``status/report.html``; a failed file rewrites the report too. Errors there are logged only.
+   (:mod:`daemon.training.evaluation`); nothing is written before :meth:`FileRun.save`.
+4. :meth:`FileRun.save`: samples, export to the root of ``output_dir``, evolution snapshot,
+   evaluation rows and slice, history row, ledger ``done`` (:mod:`daemon.training.outputs`);
+   each may be repeated after a crash. Then the evaluation in TensorBoard and
+   ``status/report.html``, whose errors are logged only.
+5. :meth:`FileRun.fail`, on a user-facing error: the file's steps undone, a ``failed`` row.
 
 This module builds the main line's ``Trainer``; the only other is the cooldown branch's
 (:mod:`daemon.training.cooldown`).
@@ -40,7 +42,7 @@ from transformers import (
 )
 from transformers.trainer_callback import PrinterCallback
 
-from daemon.config import LEDGER_ENV, SUPERVISOR_ENV
+from daemon.config import LEDGER_ENV
 from daemon.exceptions import (
     DaemonError,
     DiskFull,
@@ -51,40 +53,31 @@ from daemon.exceptions import (
 from daemon.store.checkpoints import (
     checkpoint_usage,
     complete_checkpoint_steps,
-    export_bytes,
-    export_model,
     space_needed,
 )
 from daemon.store.durable import disk_full_after
 from daemon.store.ledger import Ledger, LedgerRow
-from daemon.store.origin import base_model_of, record_origin
 from daemon.store.records import HistoryRow, RunState, utc_now
-from daemon.store.replay import add_file
 from daemon.store.rollback import finish_interrupted_rollback, kept_file_ends
 from daemon.store.status import Heartbeat, StatusFile, beat
-from daemon.store.undo import fail_file, undo_after
+from daemon.store.undo import fail_file
 from daemon.training.arguments import Flags
-from daemon.training.base_slice import keep_base_slice
 from daemon.training.callbacks import CheckpointCallback, PlanCallback, ProgressCallback, state_bytes
 from daemon.training.claims import owning
 from daemon.training.cooldown import cool_down
 from daemon.training.data import (
     PaddingCollator,
-    example_lengths,
-    replay_examples,
-    tokenizer_fingerprint,
     torch_rows,
 )
-from daemon.training.evaluation import FileEvaluation, autocast_dtype, evaluate_file
+from daemon.training.evaluation import FileEvaluation, evaluate_file
+from daemon.training.outputs import draw_report_unless_supervised, publish, save, start_line
 from daemon.training.plan import commit_plan
 from daemon.training.prepare import setup
 from daemon.training.prepared import PreparedFile
 from daemon.training.signals import stop_on_signals
-from daemon.training.snapshots import GenerationSettings, generate_samples, write_snapshot
 from daemon.training.speed.accumulation import ThreadedAccumulationTrainer, resolve_workers
 from daemon.training.speed.autotune import choose_workers, use_compile_cache
-from daemon.training.tensorboard_run import log_file_end, tensorboard_enabled, use_fixed_log_dir
-from daemon.views.report import write_report_logged
+from daemon.training.tensorboard_run import tensorboard_enabled, use_fixed_log_dir
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +150,7 @@ def build_trainer(
     return trainer
 
 
-def fit(
+def train_segments(
     trainer: ThreadedAccumulationTrainer, prepared: PreparedFile, stop_requested: threading.Event, seed: int
 ) -> tuple[float | None, float]:
     """Train the remaining segments of the plan, each ending on a checkpoint, and verify every end.
@@ -205,114 +198,141 @@ def fit(
     return (loss_sum / trained if trained else None), seconds
 
 
-def evaluate(prepared: PreparedFile, flags: Flags, train_seconds: float, is_main: bool) -> FileEvaluation:
-    """Score the model on the evaluation suite (main process; other ranks have nothing to record).
+class FileRun:
+    """One file's run and what its phases share: ``setup -> fit -> evaluate -> save`` (:meth:`run`).
 
-    Raises:
-        RegressionError: ``--on_regression rollback`` and the file raised the loss on earlier slices.
+    The status, its heartbeat and the ledger's writes are the main process's; every rank trains
+    and stops together.
+
+    Args:
+        flags: the run's flags.
     """
-    return evaluate_file(prepared, flags, train_seconds) if is_main else FileEvaluation()
 
+    def __init__(self, flags: Flags) -> None:
+        self.flags = flags
+        self.is_main = flags.training.process_index == 0
+        self.status = StatusFile(flags.status.status_dir) if self.is_main else None
+        self.heartbeat = Heartbeat(self.status, flags.status.status_interval) if self.status else None
+        self.name = Path(flags.data.dataset or "").name
+        self.started = time.monotonic()
+        self.stop_requested = threading.Event()
+        # The daemon's ledger, for its child: any other is refused (LedgerReplaced).
+        self.ledger = Ledger(flags.status.status_dir, instance=os.environ.get(LEDGER_ENV))
+        self.prepared: PreparedFile | None = None
+        self.entry: LedgerRow | None = None
 
-def save(
-    prepared: PreparedFile,
-    row: HistoryRow,
-    status: StatusFile,
-    ledger: Ledger,
-    entry: LedgerRow,
-    flags: Flags,
-    scored: FileEvaluation,
-) -> None:
-    """Samples, export, snapshot, evaluations, then the records; each step may be repeated after a crash.
+    def run(self) -> HistoryRow:
+        """Train, evaluate and record the file; see :func:`train_file` for what it returns and raises."""
+        try:
+            if self.heartbeat:
+                self.heartbeat.set(state=RunState.LOADING, current_file={"name": self.name}, disk=None)
+                self.heartbeat.flush()
+                self.heartbeat.start()
+            with stop_on_signals(self.stop_requested):
+                prepared = self.setup()
+                train_loss, train_seconds, cooldown_seconds = self.fit(prepared)
+            scored = self.evaluate(prepared, train_seconds)
+            cooled = cooldown_seconds if prepared.progress.cooldown_steps else None
+            row = HistoryRow.done(
+                prepared.progress,
+                self.started,
+                train_seconds,
+                train_loss,
+                scored.eval_loss,
+                scored.seconds,
+                scored.quality_gate,
+                cooled,
+            )
+            if self.is_main:
+                self.save(prepared, row, scored)
+            return row
+        except TrainingInterrupted:
+            beat(self.heartbeat, state=RunState.STOPPED)
+            raise
+        except DiskFull as e:  # the file stays unfinished: a run once space is freed resumes it (docs/guarantees.md)
+            disk = {"path": e.path, "needed_bytes": e.needed, "free_bytes": e.free, "at": utc_now()}
+            step = e.resume_step if e.resume_step is not None else 0
+            beat(self.heartbeat, state=RunState.STOPPED, disk=disk, global_step=step)
+            raise
+        except DaemonError as e:
+            self.fail(e)
+            raise
+        finally:
+            if self.heartbeat:
+                self.heartbeat.stop()
 
-    Raises:
-        DiskFull: no room for the export; its stage is removed and the file stays unfinished.
-    """
-    if row.eval_loss is not None:
-        status.record_eval(prepared.plan.max_steps, row.file, row.eval_loss)
-    samples_args = flags.samples
-    settings = GenerationSettings(
-        max_new_tokens=samples_args.sample_max_new_tokens,
-        temperature=samples_args.sample_temperature,
-        top_k=samples_args.sample_top_k,
-        seed=flags.training.seed,
-    )
-    started = time.monotonic()
-    samples = generate_samples(prepared.model, prepared.tokenizer, samples_args.sample_prompts, settings)
-    sampled = time.monotonic()
-    output_dir = str(flags.training.output_dir)
-    needed = lambda: export_bytes(output_dir, state_bytes(prepared.model, None))  # noqa: E731 - asked on a failure
-    with disk_full_after(output_dir, needed, lambda: complete_checkpoint_steps(output_dir), "the export"):
-        export_model(
-            prepared.model,
-            prepared.tokenizer,
-            output_dir,
-            prepared.plan.max_steps,
-            prepared.progress.cooldown_steps,
-            status_dir=flags.status.status_dir,
-            finishing=row.as_dict(),  # its history row comes after the export
-        )
-    exported = time.monotonic()
-    folder = write_snapshot(
-        flags.status.status_dir,
-        prepared.plan.max_steps,
-        prepared.scan.path.name,
-        row.eval_loss,
-        prepared.datasets.eval_examples,
-        settings,
-        samples,
-        scored.snapshot_fields(),
-    )
-    undo_after(flags.status.status_dir, prepared.plan.start_step)  # left by a killed attempt, or an undone file
-    scored.record(flags.status.status_dir, prepared.plan.start_step)
-    remember_file(prepared, flags)
-    status.update(**scored.status_fields())
-    logger.info(
-        "exported the model to %s; snapshot in %s (samples %.1f s, export %.1f s, snapshot and replay store %.1f s)",
-        output_dir,
-        folder,
-        sampled - started,
-        exported - sampled,
-        time.monotonic() - exported,
-    )
-    status.record_outcome(row)  # before the ledger: a crash in between finishes again without a second row
-    ledger.finish(entry.id, prepared.plan.max_steps)
+    def setup(self) -> PreparedFile:
+        """Prepare the file (:func:`~daemon.training.prepare.setup`), then commit its plan before step one."""
+        flags = self.flags
+        self.prepared = prepared = setup(flags, self.ledger, self.heartbeat)
+        if self.is_main:
+            self.entry = commit_plan(
+                self.ledger,
+                prepared.plan,
+                prepared.scan,
+                prepared.resumed,
+                prepared.abandoned,
+                flags.status.ledger_id,
+                str(flags.training.output_dir),
+            )
+            if prepared.checkpoint is None:  # the model's line starts: where from, and what its base knew
+                start_line(prepared, flags)
+        progress = prepared.progress.as_dict()
+        beat(self.heartbeat, state=RunState.TRAINING, max_steps=prepared.plan.max_steps, current_file=progress)
+        return prepared
 
+    def fit(self, prepared: PreparedFile) -> tuple[float | None, float, float]:
+        """Train the plan's remaining steps, then the cooldown branch (:func:`train_segments`, :func:`cool_down`).
 
-def remember_file(prepared: PreparedFile, flags: Flags) -> None:
-    """Add the done file's share of its own training examples to the replay store
-    (:func:`daemon.store.replay.add_file`).
+        Returns:
+            ``(mean training loss or None, seconds in Trainer.train, seconds of the cooldown branch)``.
+        """
+        flags = self.flags
+        kept = kept_file_ends(self.ledger, flags.training.keep_file_checkpoints)
+        saving = PlanCallback(self.stop_requested, flags.training.max_save_overhead)
+        trainer = build_trainer(prepared, flags, [saving], kept)
+        trainer.add_callback(ProgressCallback(self.heartbeat, prepared.plan, prepared.progress, trainer.guard))
+        train_loss, train_seconds = train_segments(trainer, prepared, self.stop_requested, flags.training.seed)
+        del trainer  # the main line's Trainer holds the model; the branch copies it
+        return train_loss, train_seconds, cool_down(prepared, flags, self.stop_requested)
 
-    Called only once the file is trained and evaluated (a failed or rolled-back file never
-    enters the store), after :func:`~daemon.store.undo.undo_after` dropped the shares of later files.
-    """
-    status_dir, plan, scan = flags.status.status_dir, prepared.plan, prepared.scan
-    own = prepared.datasets.own
-    add_file(
-        status_dir,
-        plan.max_steps,
-        scan.path.name,
-        scan.sha256,
-        tokenizer_fingerprint(prepared.tokenizer),
-        example_lengths(own).tolist(),
-        lambda indices: replay_examples(own, indices),
-        flags.replay.replay_buffer_tokens,
-        flags.training.seed,
-    )
+    def evaluate(self, prepared: PreparedFile, train_seconds: float) -> FileEvaluation:
+        """Score the model on the evaluation suite (main process; other ranks have nothing to record).
 
+        Raises:
+            RegressionError: ``--on_regression rollback`` and the file raised the loss on earlier slices.
+        """
+        beat(self.heartbeat, state=RunState.EVALUATING)
+        return evaluate_file(prepared, self.flags, train_seconds) if self.is_main else FileEvaluation()
 
-def start_line(prepared: PreparedFile, flags: Flags) -> None:
-    """Record where a new model's line starts (:mod:`daemon.store.origin`) and, for a pretrained base, what it knew.
+    def save(self, prepared: PreparedFile, row: HistoryRow, scored: FileEvaluation) -> None:
+        """Record the done file (:func:`daemon.training.outputs.save`), then show it idle and published."""
+        assert self.status is not None and self.entry is not None
+        flags = self.flags
+        beat(self.heartbeat, state=RunState.SAVING)
+        save(prepared, row, self.status, self.ledger, self.entry, flags, scored)
+        usage = checkpoint_usage(str(flags.training.output_dir))  # what the kept checkpoints cost on disk
+        step = prepared.plan.max_steps
+        beat(self.heartbeat, state=RunState.IDLE, global_step=step, current_file=None, checkpoints=usage)
+        publish(flags, step, scored)
 
-    The base model's slice (:mod:`daemon.training.base_slice`) is scored by the model as loaded, before any step.
-    """
-    output_dir = str(flags.training.output_dir)
-    base = base_model_of(output_dir, flags.model.model_name_or_path)
-    record_origin(output_dir, base)
-    if base is not None:
-        autocast = autocast_dtype(flags.training.bf16, flags.training.fp16)
-        status_dir, length = flags.status.status_dir, flags.data.max_seq_length
-        keep_base_slice(prepared.model, prepared.tokenizer, status_dir, length, autocast)
+    def fail(self, error: DaemonError) -> None:
+        """Undo the file's steps and record it failed (a ``failed`` history row, the ledger's row)."""
+        prepared, status = self.prepared, self.status
+        if self.is_main:
+            failing = self.entry if self.entry is not None else self.ledger.get(self.flags.status.ledger_id or -1)
+            if failing is not None:
+                fail_file(self.ledger, failing, str(error), str(self.flags.training.output_dir))
+        if status is not None:
+            progress = prepared.progress if prepared else None
+            gate = error.quality_gate if isinstance(error, RegressionError) else None
+            status.record_outcome(
+                HistoryRow.failed(self.name, str(error), progress=progress, started=self.started, quality_gate=gate)
+            )
+        undone = {"global_step": prepared.plan.start_step} if prepared is not None and self.entry is not None else {}
+        beat(self.heartbeat, state=RunState.FAILED, **undone)  # fail_file took the model back to the plan's start
+        if status is not None:
+            draw_report_unless_supervised(status.dir)
 
 
 def train_file(flags: Flags) -> HistoryRow:
@@ -332,119 +352,4 @@ def train_file(flags: Flags) -> HistoryRow:
     """
     with owning(flags):
         finish_interrupted_rollback(str(flags.training.output_dir), flags.status.status_dir)
-        return _train_file(flags)
-
-
-def _train_file(flags: Flags) -> HistoryRow:
-    is_main = flags.training.process_index == 0
-    status = StatusFile(flags.status.status_dir) if is_main else None
-    heartbeat = Heartbeat(status, flags.status.status_interval) if status else None
-    name = Path(flags.data.dataset or "").name
-    started = time.monotonic()
-    stop_requested = threading.Event()
-    ledger = Ledger(flags.status.status_dir, instance=os.environ.get(LEDGER_ENV))  # the daemon's, for its child
-    prepared: PreparedFile | None = None
-    entry: LedgerRow | None = None
-    try:
-        if heartbeat:
-            heartbeat.set(state=RunState.LOADING, current_file={"name": name}, disk=None)
-            heartbeat.flush()
-            heartbeat.start()
-        with stop_on_signals(stop_requested):
-            prepared = setup(flags, ledger, heartbeat)
-            if is_main:
-                entry = commit_plan(
-                    ledger,
-                    prepared.plan,
-                    prepared.scan,
-                    prepared.resumed,
-                    prepared.abandoned,
-                    flags.status.ledger_id,
-                    str(flags.training.output_dir),
-                )
-                if prepared.checkpoint is None:  # the model's line starts: where from, and what its base knew
-                    start_line(prepared, flags)
-            beat(
-                heartbeat,
-                state=RunState.TRAINING,
-                max_steps=prepared.plan.max_steps,
-                current_file=prepared.progress.as_dict(),
-            )
-            kept = kept_file_ends(ledger, flags.training.keep_file_checkpoints)
-            saving = PlanCallback(stop_requested, flags.training.max_save_overhead)
-            trainer = build_trainer(prepared, flags, [saving], kept)
-            trainer.add_callback(ProgressCallback(heartbeat, prepared.plan, prepared.progress, trainer.guard))
-            train_loss, train_seconds = fit(trainer, prepared, stop_requested, flags.training.seed)
-            del trainer  # the main line's Trainer holds the model; the branch copies it
-            cooldown_seconds = cool_down(prepared, flags, stop_requested)
-        beat(heartbeat, state=RunState.EVALUATING)
-        scored = evaluate(prepared, flags, train_seconds, is_main)
-        row = HistoryRow.done(
-            prepared.progress,
-            started,
-            train_seconds,
-            train_loss,
-            scored.eval_loss,
-            scored.seconds,
-            scored.quality_gate,
-            cooldown_seconds if prepared.progress.cooldown_steps else None,
-        )
-        if is_main:
-            assert status is not None and entry is not None
-            beat(heartbeat, state=RunState.SAVING)
-            save(prepared, row, status, ledger, entry, flags, scored)
-            usage = checkpoint_usage(str(flags.training.output_dir))  # what the kept checkpoints cost on disk
-            beat(
-                heartbeat,
-                state=RunState.IDLE,
-                global_step=prepared.plan.max_steps,
-                current_file=None,
-                checkpoints=usage,
-            )
-            publish(flags, prepared.plan.max_steps, scored)
-        return row
-    except TrainingInterrupted:
-        beat(heartbeat, state=RunState.STOPPED)
-        raise
-    except DiskFull as e:  # the file stays unfinished: a run once space is freed resumes it (docs/guarantees.md)
-        disk = {"path": e.path, "needed_bytes": e.needed, "free_bytes": e.free, "at": utc_now()}
-        step = e.resume_step if e.resume_step is not None else 0
-        beat(heartbeat, state=RunState.STOPPED, disk=disk, global_step=step)
-        raise
-    except DaemonError as e:
-        if is_main:
-            failing = entry if entry is not None else ledger.get(flags.status.ledger_id or -1)
-            if failing is not None:
-                fail_file(ledger, failing, str(e), str(flags.training.output_dir))
-        if status is not None:
-            progress = prepared.progress if prepared else None
-            gate = e.quality_gate if isinstance(e, RegressionError) else None
-            status.record_outcome(
-                HistoryRow.failed(name, str(e), progress=progress, started=started, quality_gate=gate)
-            )
-        undone = {"global_step": prepared.plan.start_step} if prepared is not None and entry is not None else {}
-        beat(heartbeat, state=RunState.FAILED, **undone)  # fail_file took the model back to the plan's start
-        if status is not None:
-            _draw_report_unless_supervised(status.dir)
-        raise
-    finally:
-        if heartbeat:
-            heartbeat.stop()
-
-
-def publish(flags: Flags, step: int, scored: FileEvaluation) -> None:
-    """After a done file (main process): its evaluation in TensorBoard (``--report_to tensorboard``), the report.
-
-    Neither may fail the file, which is recorded by now: their errors are logged. Under the
-    daemon the report is left to it (:meth:`~daemon.service.supervisor.ProcessSupervisor.refresh_report`),
-    so that the next file does not wait for the plots.
-    """
-    if tensorboard_enabled(flags.training):
-        log_file_end(flags.status.status_dir, step, scored)
-    _draw_report_unless_supervised(flags.status.status_dir)
-
-
-def _draw_report_unless_supervised(status_dir: str | os.PathLike[str]) -> None:
-    """Rewrite ``status/report.html`` here, unless a daemon runs this process: it draws the report itself."""
-    if not os.environ.get(SUPERVISOR_ENV):
-        write_report_logged(status_dir)
+        return FileRun(flags).run()
