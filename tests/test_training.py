@@ -422,7 +422,7 @@ def _files(folder: Path) -> dict[str, bytes]:
 
 
 def test_a_file_that_fails_after_some_of_its_steps_leaves_the_model_as_before_it(tree, monkeypatch):
-    import daemon.store.checkpoints as checkpoints
+    import daemon.store.undo as undo
     from daemon.exceptions import TrainingError
     from daemon.store.checkpoints import roll_back
     from daemon.store.ledger import Ledger
@@ -450,7 +450,7 @@ def test_a_file_that_fails_after_some_of_its_steps_leaves_the_model_as_before_it
 
     with monkeypatch.context() as patch:
         patch.setattr(ThreadedAccumulationTrainer, "__init__", poison_after_two_steps)
-        patch.setattr(checkpoints, "roll_back", spy_roll_back)
+        patch.setattr(undo, "roll_back", spy_roll_back)  # the failure path's undo_after
         with pytest.raises(TrainingError, match="no finite gradient"):
             train(tree, _text_file(tree.root / "b.jsonl", 30, offset=12), save_steps=1, max_consecutive_skipped_steps=2)
     assert {f"checkpoint-{poison_from - 1}", f"checkpoint-{poison_from}"} <= seen["at the failure"]
