@@ -88,6 +88,7 @@ from daemon.origin import base_model_of, record_origin
 from daemon.plan import StepPlan, commit_plan, plan_steps, recorded_plan
 from daemon.reconcile import refuse_missing_steps
 from daemon.records import FileProgress, HistoryRow, RunState, utc_now
+from daemon.rehearsal import keep_rehearsal
 from daemon.replay import add_file, drop_after, replay_count, select_replay
 from daemon.report import write_report_logged
 from daemon.rollback import finish_interrupted_rollback, kept_file_ends
@@ -153,6 +154,8 @@ def setup(flags: Flags, ledger: Ledger, heartbeat: Heartbeat | None) -> Prepared
     at_step = checkpoint.global_step if checkpoint else 0
     resumed, abandoned = recorded_plan(ledger, report, at_step, claim)
     start_step = at_step if resumed is None or resumed.start_step is None else resumed.start_step
+    if checkpoint is None:  # before the first file's replay is drawn: it rehearses too
+        rehearse_base(model, tokenizer, flags)
     datasets = with_replay(datasets, flags, report, start_step, tokenizer)
     plan = plan_steps(start_step, datasets.examples, training_args, datasets.replayed)
     if resumed and (plan.planned_steps, plan.replayed_examples) != (
@@ -220,6 +223,26 @@ def with_replay(
         flags.status.status_dir, start_step, count, f"{seed}:{report.sha256}:{start_step}", fingerprint
     )
     return mix_replay(datasets, chosen, seed)
+
+
+def rehearse_base(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, flags: Flags) -> None:
+    """On a pretrained start, keep the base model's answers as the replay store's share at step 0 (:mod:`daemon.rehearsal`).
+
+    The main process writes it first; the others then find it, so every rank draws the same replay.
+    """
+    replay, training = flags.replay, flags.training
+    base = base_model_of(str(training.output_dir), flags.model.model_name_or_path)
+    if base is None or not replay.base_rehearsal or replay.replay_fraction <= 0:
+        return
+    with training.main_process_first(local=False, desc="the base model's rehearsal answers"):
+        keep_rehearsal(
+            model,
+            tokenizer,
+            flags.status.status_dir,
+            flags.data.max_seq_length,
+            replay.replay_buffer_tokens,
+            tokenizer_fingerprint(tokenizer),
+        )
 
 
 def segment_dataset(prepared: PreparedFile, epoch: int, first_batch: int, steps: int, seed: int) -> Any:
