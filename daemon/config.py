@@ -255,12 +255,12 @@ class ReplayArguments:
             "about 5 bytes a token on disk, in <status_dir>/replay/."
         },
     )
-    base_rehearsal: bool = field(
-        default=True,
+    base_rehearsal: bool = field(  # type: ignore[assignment]
+        default=None,
         metadata={
-            "help": "On a pretrained start, keep the base model's own answers to neutral prompts (not the "
-            "evaluation's) as a replay share that every file rehearses with its replay (docs/data.md); "
-            "false: replay earlier files only. No effect on the embedded model or with replay off."
+            "help": "At a line's start from a pretrained base, keep the base model's own answers to neutral prompts "
+            "(not the evaluation's) as a replay share that every file rehearses with its replay (docs/data.md). "
+            "Default: off (not yet measured on a real stream); no effect on the embedded model or with replay off."
         },
     )
     cooldown_fraction: float = field(

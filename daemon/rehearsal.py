@@ -191,7 +191,7 @@ def rehearsal_examples(
     examples = []
     for prompt, row in zip(fed, out[:, longest:].tolist(), strict=True):
         answer = row[: row.index(eos) + 1] if eos in row else row  # what follows the end is padding
-        if not tokenizer.decode(answer, skip_special_tokens=True).strip():
+        if not str(tokenizer.decode(answer, skip_special_tokens=True)).strip():
             continue
         ids = (prompt + answer)[:max_length]
         labels = ([-100] * len(prompt) + answer)[:max_length]

@@ -226,7 +226,7 @@ def with_replay(
 
 
 def rehearse_base(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, flags: Flags) -> None:
-    """On a pretrained start, keep the base model's answers as the replay store's share at step 0 (:mod:`daemon.rehearsal`).
+    """On a pretrained start, keep the base model's answers as the replay share at step 0 (:mod:`daemon.rehearsal`).
 
     The main process writes it first; the others then find it, so every rank draws the same replay.
     """

@@ -64,19 +64,20 @@ def test_a_pretrained_start_rehearses_the_base_models_answers_from_its_first_fil
 
     base = export_tiny(tree.root / "base")
     docs = stdlib_documents(limit=60)
-    first = train(tree, write_jsonl(tree.root / "a.jsonl", [{"text": d} for d in docs[:30]]), model_name_or_path=base)
+    on = {"model_name_or_path": base, "base_rehearsal": "true"}
+    first = train(tree, write_jsonl(tree.root / "a.jsonl", [{"text": d} for d in docs[:30]]), **on)
     path = rehearsal_path(tree.status)
     share = read_share(0, path)
     assert share.header["end_step"] == 0 and share.examples
     assert all(-100 in e["labels"] for e in share.examples)  # prompt-masked, as a prompt-completion file's
     assert first["replayed_examples"] > 0  # the first file already replays it: the only share then
     kept = path.read_bytes()
-    second = train(tree, write_jsonl(tree.root / "b.jsonl", [{"text": d} for d in docs[30:]]), model_name_or_path=base)
+    second = train(tree, write_jsonl(tree.root / "b.jsonl", [{"text": d} for d in docs[30:]]), **on)
     assert path.read_bytes() == kept  # written once, at the line's start
     assert [step for step, _ in store_files(tree.status)] == [0, first["end_step"], second["end_step"]]
 
 
-def test_the_embedded_model_and_base_rehearsal_false_keep_no_rehearsal(tree):
+def test_the_embedded_model_and_a_pretrained_start_by_default_keep_no_rehearsal(tree):
     from daemon.rehearsal import rehearsal_path
 
     docs = stdlib_documents(limit=30)
@@ -85,6 +86,6 @@ def test_the_embedded_model_and_base_rehearsal_false_keep_no_rehearsal(tree):
     other = tree.root / "other"
     flags = {"output_dir": other / "model", "status_dir": other / "status"}
     base = export_tiny(tree.root / "base")
-    row = train(tree, tree.root / "a.jsonl", model_name_or_path=base, base_rehearsal="false", **flags)
+    row = train(tree, tree.root / "a.jsonl", model_name_or_path=base, **flags)  # off until measured
     assert not rehearsal_path(other / "status").exists() and not row["replayed_examples"]
     assert json.loads((other / "status" / "history.jsonl").read_text())["outcome"] == "done"
