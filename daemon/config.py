@@ -255,6 +255,14 @@ class ReplayArguments:
             "about 5 bytes a token on disk, in <status_dir>/replay/."
         },
     )
+    base_rehearsal: bool = field(  # type: ignore[assignment]
+        default=None,
+        metadata={
+            "help": "At a line's start from a pretrained base, keep the base model's own answers to neutral prompts "
+            "(not the evaluation's) as a replay share that every file rehearses with its replay (docs/data.md). "
+            "Default: off (not yet measured on a real stream); no effect on the embedded model or with replay off."
+        },
+    )
     cooldown_fraction: float = field(
         default=0.0,
         metadata={

@@ -146,7 +146,7 @@ def seeded_prefix(lengths: Sequence[int], share_tokens: int, seed: str) -> list[
     return chosen
 
 
-def _cut(examples: list[dict[str, list[int]]], share_tokens: int) -> list[dict[str, list[int]]]:
+def within_tokens(examples: list[dict[str, list[int]]], share_tokens: int) -> list[dict[str, list[int]]]:
     """The longest prefix of ``examples`` within ``share_tokens`` tokens."""
     total = 0
     for n, example in enumerate(examples):
@@ -190,7 +190,7 @@ def add_file(
     share_tokens = fair_share(budget_tokens, len(earlier) + 1)
     for step, path in earlier:
         share = read_share(step, path)
-        kept = _cut(share.examples, share_tokens)
+        kept = within_tokens(share.examples, share_tokens)
         if len(kept) < len(share.examples):
             share.examples = kept
             write_share(share)

@@ -253,14 +253,21 @@ class Flags:
 # docstrings (bench/real_model.py sweep; BENCHMARKS.md "real-model sweep"); it is also transformers'
 # own TrainingArguments default. No warmup: a warmup counted from the model's first step would leave
 # a short first file at almost no learning rate, and Adam's bias correction already sizes the first steps.
-SCRATCH_DEFAULTS = {"learning_rate": 5e-4, "warmup_steps": 100}
-PRETRAINED_DEFAULTS = {"learning_rate": 5e-5, "warmup_steps": 0}
+# Rehearsal of the base model's own answers (daemon.training.rehearsal) is off for both until the stream bench
+# (bench/real_model.py stream --setting) has measured it on SmolLM2: BENCHMARKS.md "real-model stream".
+SCRATCH_DEFAULTS: dict[str, Any] = {"learning_rate": 5e-4, "warmup_steps": 100, "base_rehearsal": False}
+PRETRAINED_DEFAULTS: dict[str, Any] = {"learning_rate": 5e-5, "warmup_steps": 0, "base_rehearsal": False}
 
 
-def _starting_defaults(flags: dict[str, Any]) -> dict[str, float]:
+def _starting_defaults(flags: dict[str, Any]) -> dict[str, Any]:
     """:data:`PRETRAINED_DEFAULTS` for a line started from a pretrained base, else :data:`SCRATCH_DEFAULTS`."""
     base = base_model_of(flags["output_dir"], flags["model_name_or_path"])
     return SCRATCH_DEFAULTS if base is None else PRETRAINED_DEFAULTS
+
+
+def _shown(value: Any) -> str:
+    """A flag's value as it would be typed: ``5e-05``, ``0``, ``true``."""
+    return str(value).lower() if isinstance(value, bool) else f"{value:g}"
 
 
 def _sample_prompts(flags: dict[str, Any]) -> list[str]:
@@ -275,6 +282,7 @@ def _sample_prompts(flags: dict[str, Any]) -> list[str]:
 DEFAULT_RULES: dict[str, Callable[[dict[str, Any]], Any]] = {
     "learning_rate": lambda flags: _starting_defaults(flags)["learning_rate"],
     "warmup_steps": lambda flags: _starting_defaults(flags)["warmup_steps"],
+    "base_rehearsal": lambda flags: _starting_defaults(flags)["base_rehearsal"],
     "sample_prompts": _sample_prompts,
     "use_cpu": lambda flags: not torch.accelerator.is_available(),
     "bf16": lambda flags: False if flags["fp16"] else default_bf16(use_cpu=flags["use_cpu"]),
@@ -302,14 +310,14 @@ def resolve_defaults(flags: dict[str, Any]) -> None:
     Args:
         flags: every flag's parsed value by name, before the dataclasses are built.
     """
-    decided = [name for name in ("learning_rate", "warmup_steps") if flags[name] is None]
+    decided = [name for name in PRETRAINED_DEFAULTS if flags[name] is None]
     for name, rule in DEFAULT_RULES.items():
         if flags[name] is None:
             flags[name] = rule(flags)
     if decided and _starting_defaults(flags) is PRETRAINED_DEFAULTS:
         logger.info(
             "a pretrained base: fine-tuning defaults %s (a flag given wins)",
-            " ".join(f"--{name} {flags[name]:g}" for name in decided),
+            " ".join(f"--{name} {_shown(flags[name])}" for name in decided),
         )
     for name, (value, why) in OWNED_FLAGS.items():
         if flags[name] is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 
 from transformers import (
+    PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
@@ -22,6 +23,7 @@ from daemon.store.checkpoints import (
 )
 from daemon.store.jsonl import CHANGED_WHILE_READ, FileScan, load_records, scan_jsonl
 from daemon.store.ledger import Ledger
+from daemon.store.origin import base_model_of
 from daemon.store.reconcile import refuse_missing_steps
 from daemon.store.records import FileProgress, RunState
 from daemon.store.replay import replay_count, select_replay
@@ -37,6 +39,7 @@ from daemon.training.data import (
 from daemon.training.model import starting_model
 from daemon.training.plan import plan_steps, recorded_plan
 from daemon.training.prepared import PreparedFile
+from daemon.training.rehearsal import keep_rehearsal
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +69,8 @@ def setup(flags: Flags, ledger: Ledger, heartbeat: Heartbeat | None) -> Prepared
     at_step = checkpoint.global_step if checkpoint else 0
     resumed, abandoned = recorded_plan(ledger, scan, at_step, claim)
     start_step = at_step if resumed is None or resumed.start_step is None else resumed.start_step
+    if checkpoint is None:  # before the first file's replay is drawn: it rehearses too
+        rehearse_base(model, tokenizer, flags)
     datasets = with_replay(datasets, flags, scan, start_step, tokenizer)
     plan = plan_steps(start_step, datasets.examples, training_args, datasets.replayed)
     if resumed and (plan.planned_steps, plan.replayed_examples) != (
@@ -131,3 +136,24 @@ def with_replay(
         flags.status.status_dir, start_step, count, f"{seed}:{scan.sha256}:{start_step}", fingerprint
     )
     return mix_replay(datasets, chosen, seed)
+
+
+def rehearse_base(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, flags: Flags) -> None:
+    """On a pretrained start, keep the base model's answers as the replay share at step 0
+    (:mod:`daemon.training.rehearsal`).
+
+    The main process writes it first; the others then find it, so every rank draws the same replay.
+    """
+    replay, training = flags.replay, flags.training
+    base = base_model_of(str(training.output_dir), flags.model.model_name_or_path)
+    if base is None or not replay.base_rehearsal or replay.replay_fraction <= 0:
+        return
+    with training.main_process_first(local=False, desc="the base model's rehearsal answers"):
+        keep_rehearsal(
+            model,
+            tokenizer,
+            flags.status.status_dir,
+            flags.data.max_seq_length,
+            replay.replay_buffer_tokens,
+            tokenizer_fingerprint(tokenizer),
+        )
