@@ -26,6 +26,7 @@ import torch
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.trainer_utils import SchedulerType
 
+from daemon.adapters import LORA_LEARNING_RATE, PeftArguments, resolve_peft
 from daemon.config import (
     CHAT_SAMPLE_PROMPTS,
     DEFAULT_SAMPLE_PROMPTS,
@@ -245,6 +246,7 @@ class Flags:
     evaluation: EvaluationArguments
     training: ContinualTrainingArguments
     replay: ReplayArguments
+    peft: PeftArguments
 
 
 # The defaults that follow the starting model (daemon.origin): the embedded model learns from scratch; a
@@ -273,7 +275,10 @@ def _sample_prompts(flags: dict[str, Any]) -> list[str]:
 # resolve_defaults sets a flag still None to its rule's value, in this order (a rule reads the flags
 # resolved before it). A rule returning None leaves transformers' own default.
 DEFAULT_RULES: dict[str, Callable[[dict[str, Any]], Any]] = {
-    "learning_rate": lambda flags: _starting_defaults(flags)["learning_rate"],
+    # A LoRA adapter learns at its own rate (daemon.adapters.LORA_LEARNING_RATE, measured on SmolLM2).
+    "learning_rate": lambda flags: (
+        LORA_LEARNING_RATE if flags["use_peft"] else _starting_defaults(flags)["learning_rate"]
+    ),
     "warmup_steps": lambda flags: _starting_defaults(flags)["warmup_steps"],
     "sample_prompts": _sample_prompts,
     "use_cpu": lambda flags: not torch.accelerator.is_available(),
@@ -292,6 +297,7 @@ GROUPS = (
     EvaluationArguments,
     ContinualTrainingArguments,
     ReplayArguments,
+    PeftArguments,
 )
 
 
@@ -302,6 +308,7 @@ def resolve_defaults(flags: dict[str, Any]) -> None:
     Args:
         flags: every flag's parsed value by name, before the dataclasses are built.
     """
+    resolve_peft(flags)  # --use_peft and the adapter's settings follow the running model; a switch is refused
     decided = [name for name in ("learning_rate", "warmup_steps") if flags[name] is None]
     for name, rule in DEFAULT_RULES.items():
         if flags[name] is None:

@@ -43,6 +43,7 @@ from transformers import (
 from transformers.trainer_callback import PrinterCallback
 
 from daemon.accumulation import ThreadedAccumulationTrainer, resolve_workers
+from daemon.adapters import starting_model as adapted_starting_model
 from daemon.arguments import Flags
 from daemon.autotune import choose_workers, use_compile_cache
 from daemon.base_slice import keep_base_slice
@@ -83,7 +84,6 @@ from daemon.exceptions import (
 from daemon.jsonl import CHANGED_WHILE_READ, ScanReport, load_records, scan_jsonl
 from daemon.ledger import Entry, Ledger
 from daemon.locks import owning
-from daemon.model import starting_model
 from daemon.origin import base_model_of, record_origin
 from daemon.plan import StepPlan, commit_plan, plan_steps, recorded_plan
 from daemon.reconcile import refuse_missing_steps
@@ -148,7 +148,7 @@ def setup(flags: Flags, ledger: Ledger, heartbeat: Heartbeat | None) -> Prepared
     output_dir = str(training_args.output_dir)
     checkpoint = latest_complete_checkpoint(output_dir, set_aside=False)
     refuse_missing_steps(ledger, output_dir, claim)
-    model, tokenizer = starting_model(flags.model, output_dir, training_args.seed, checkpoint, records, report.shape)
+    model, tokenizer, checkpoint = adapted_starting_model(flags, checkpoint, records, report.shape)  # --use_peft
     datasets = prepare_datasets(records, report.shape, tokenizer, data_args, training_args.seed)
     at_step = checkpoint.global_step if checkpoint else 0
     resumed, abandoned = recorded_plan(ledger, report, at_step, claim)

@@ -1,0 +1,444 @@
+"""LoRA adapters that keep learning: one PEFT adapter trained across the whole stream (docs/lora.md).
+
+``--use_peft`` (TRL's flag names: ``--lora_r``, ``--lora_alpha``, ``--lora_dropout``,
+``--lora_target_modules``) wraps the base model in a ``peft`` LoRA adapter on the first file
+(:func:`attach_adapter`, ``get_peft_model``); every later file loads the base named by
+``origin.json`` (:mod:`daemon.origin`) and the adapter of the latest checkpoint
+(:func:`starting_model`, ``PeftModel.from_pretrained(..., is_trainable=True)``), and the Trainer
+resumes the adapter's optimizer and scheduler state from the same checkpoint. A checkpoint holds
+the adapter (``adapter_model.safetensors``, ``adapter_config.json``), its optimizer and scheduler
+state and the tokenizer: the base weights are never copied, never changed.
+
+The export (:func:`save_export`) is a plain model merged by ``merge_and_unload`` on a copy of
+the trained model (the training weights stay unmerged), and the adapter in PEFT's format in
+``adapter/`` beside it.
+
+Switching kind on a used ``output_dir`` is refused (:func:`switch_problem`) unless asked for:
+``--merge_adapter`` merges the latest adapter checkpoint into the base weights
+(:func:`merge_into_checkpoint`) and the file continues in full fine-tuning at the same step.
+
+The top of this module is standard library only (the daemon process checks flags without
+torch); ``peft`` and ``torch`` are imported inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from daemon.exceptions import CheckpointError, ConfigError
+
+if TYPE_CHECKING:
+    import datasets
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from daemon.arguments import Flags
+    from daemon.checkpoints import Checkpoint
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+ADAPTER_FOLDER = "adapter"  # in the export: <output_dir>/adapter/
+# TRL's ModelConfig defaults (lora_r 16, lora_alpha 32, lora_dropout 0.05); the targets are every linear
+# projection of the attention and MLP blocks (peft's "all-linear" leaves the output head out).
+DEFAULT_LORA_R = 16
+DEFAULT_LORA_DROPOUT = 0.0
+DEFAULT_TARGET_MODULES = ["all-linear"]
+# The learning rate of a LoRA line when --learning_rate is not given: the largest of 1e-4, 2e-4 and 5e-4
+# whose domain gain on SmolLM2-135M-Instruct came without a larger rise of the base-knowledge slice
+# than full fine-tuning's at its own default (bench/lora.py; BENCHMARKS.md "LoRA").
+LORA_LEARNING_RATE = 2e-4
+MERGED_PREFIX = "merged-lora-"  # a LoRA checkpoint replaced by its merge keeps this name, for the record
+
+
+@dataclass
+class PeftArguments:
+    """LoRA adapters (TRL's names). None means "not given": it then follows the running model (docs/lora.md)."""
+
+    # Typed bool (None until resolve_peft): HfArgumentParser then reads a bare --use_peft as True.
+    use_peft: bool = field(  # type: ignore[assignment]
+        default=None,
+        metadata={
+            "help": "Train a LoRA adapter (peft) on the base model instead of every weight. Default: what the "
+            "output_dir's checkpoints hold (off for a new one). Switching on a used output_dir is refused."
+        },
+    )
+    lora_r: int | None = field(
+        default=None,
+        metadata={"help": f"LoRA rank. Default: the running adapter's, {DEFAULT_LORA_R} for a new one."},
+    )
+    lora_alpha: int | None = field(
+        default=None,
+        metadata={"help": "LoRA scaling alpha. Default: the running adapter's, 2 x --lora_r for a new one."},
+    )
+    lora_dropout: float | None = field(
+        default=None,
+        metadata={"help": f"Dropout on the LoRA branch. Default: the running adapter's, {DEFAULT_LORA_DROPOUT} new."},
+    )
+    lora_target_modules: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Module names that get an adapter. Default: the running adapter's; for a new one every linear "
+            "projection of the attention and MLP blocks ('all-linear')."
+        },
+    )
+    merge_adapter: bool = field(
+        default=False,
+        metadata={
+            "help": "Merge the running LoRA adapter into the base weights, then continue in full fine-tuning at "
+            "the same step (fresh optimizer). Only on an output_dir whose latest checkpoint is an adapter."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.lora_r is not None and self.lora_r < 1:
+            problems.append("--lora_r must be >= 1")
+        if self.lora_dropout is not None and not 0 <= self.lora_dropout < 1:
+            problems.append("--lora_dropout must be >= 0 and < 1")
+        if self.merge_adapter and self.use_peft:
+            problems.append("--merge_adapter continues in full fine-tuning: it cannot be given with --use_peft")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+    def lora_settings(self) -> dict[str, Any]:
+        """``r``, ``lora_alpha``, ``lora_dropout``, ``target_modules`` of a new adapter (after :func:`resolve_peft`)."""
+        r = self.lora_r or DEFAULT_LORA_R
+        return {
+            "r": r,
+            "lora_alpha": self.lora_alpha if self.lora_alpha is not None else 2 * r,
+            "lora_dropout": self.lora_dropout if self.lora_dropout is not None else DEFAULT_LORA_DROPOUT,
+            "target_modules": list(self.lora_target_modules or DEFAULT_TARGET_MODULES),
+        }
+
+
+def is_adapter_checkpoint(folder: str | Path) -> bool:
+    """Whether a checkpoint (or export) folder holds a PEFT adapter rather than a whole model."""
+    return (Path(folder) / ADAPTER_CONFIG).is_file()
+
+
+def adapter_config(folder: str | Path) -> dict[str, Any] | None:
+    """The ``adapter_config.json`` of ``folder``, or None."""
+    try:
+        doc = json.loads((Path(folder) / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def running_kind(output_dir: str | Path) -> tuple[str | None, dict[str, Any] | None]:
+    """``("lora", its adapter config)`` or ``("full", None)`` for the latest complete checkpoint; ``(None, None)``.
+
+    Reads files only (no torch): the daemon asks it when it checks flags.
+    """
+    from daemon.checkpoints import latest_complete_checkpoint
+
+    latest = latest_complete_checkpoint(output_dir, set_aside=False)
+    if latest is None:
+        return None, None
+    config = adapter_config(latest.path)
+    return ("lora", config) if config is not None else ("full", None)
+
+
+def resolve_peft(values: dict[str, Any]) -> None:
+    """Fill ``use_peft`` and the LoRA settings not given from the running adapter (in place, before parsing).
+
+    Refuses (one line, nothing written) a switch of kind or of ``--lora_r`` on a used ``output_dir``.
+
+    Raises:
+        ConfigError: a switch, or ``--use_peft`` without a base model folder outside ``output_dir``.
+    """
+    kind, config = running_kind(values["output_dir"])
+    merging = bool(values.get("merge_adapter"))
+    if values["use_peft"] is None:
+        values["use_peft"] = kind == "lora" and not merging
+    problem = switch_problem(kind, config, values)
+    if problem:
+        raise ConfigError(problem)
+    if kind == "lora" and values["use_peft"] and config is not None:
+        for flag, key in (
+            ("lora_r", "r"),
+            ("lora_alpha", "lora_alpha"),
+            ("lora_dropout", "lora_dropout"),
+            ("lora_target_modules", "target_modules"),
+        ):
+            if values[flag] is None:
+                values[flag] = sorted(config[key]) if isinstance(config.get(key), list) else config.get(key)
+    if values["use_peft"] and kind is None:
+        from daemon.origin import base_model_of
+
+        base = base_model_of(values["output_dir"], values["model_name_or_path"])
+        if base is None or Path(base).resolve() == Path(values["output_dir"]).resolve():
+            raise ConfigError(
+                "--use_peft trains an adapter on a pretrained base: name its folder with --model_name_or_path "
+                "(outside --output_dir, which every export replaces)"
+            )
+
+
+def switch_problem(kind: str | None, config: dict[str, Any] | None, values: dict[str, Any]) -> str | None:
+    """The one line that refuses a switch of training kind on a used ``output_dir``, or None.
+
+    Args:
+        kind: the latest checkpoint's kind (:func:`running_kind`), None for a new ``output_dir``.
+        config: its adapter config when ``kind`` is ``"lora"``.
+        values: the parsed flags (``use_peft``, ``lora_r``, ``merge_adapter``, ``output_dir``).
+    """
+    out = values["output_dir"]
+    if values.get("merge_adapter"):
+        return None if kind == "lora" else f"--merge_adapter: the latest checkpoint in {out} is no LoRA adapter"
+    if kind == "full" and values["use_peft"]:
+        return (
+            f"{out} holds full fine-tuning checkpoints; --use_peft cannot continue them: drop --use_peft, or start "
+            f"a new adapter on the exported model with --model_name_or_path {out} --output_dir <a new folder>"
+        )
+    if kind == "lora" and not values["use_peft"]:
+        return (
+            f"{out} holds a LoRA adapter (r={config.get('r') if config else '?'}); --use_peft false cannot continue "
+            "it: drop that flag to continue the adapter, or pass --merge_adapter to merge it into the weights and "
+            "continue in full fine-tuning"
+        )
+    if kind == "lora" and config is not None and values["lora_r"] is not None and values["lora_r"] != config.get("r"):
+        return (
+            f"{out} holds a LoRA adapter of r={config.get('r')}; --lora_r {values['lora_r']} cannot continue it: "
+            f"drop --lora_r, or pass --merge_adapter (without --use_peft) to merge it and continue in full "
+            "fine-tuning"
+        )
+    return None
+
+
+def starting_model(
+    flags: Flags, checkpoint: Checkpoint | None, records: datasets.Dataset, shape: str
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, Checkpoint | None]:
+    """The model a file starts from, with its adapter when ``--use_peft`` (:func:`daemon.model.starting_model` else).
+
+    Returns:
+        ``(model, tokenizer, checkpoint)``: ``checkpoint`` is the one to resume from (after
+        ``--merge_adapter``, the merged full checkpoint at the same step).
+
+    Raises:
+        CheckpointError: the base model or the adapter cannot be loaded.
+    """
+    from daemon.model import load_pretrained
+    from daemon.model import starting_model as plain_starting_model
+
+    output_dir = str(flags.training.output_dir)
+    if checkpoint is not None and flags.peft.merge_adapter and is_adapter_checkpoint(checkpoint.path):
+        checkpoint = merge_into_checkpoint(flags, checkpoint)
+    if checkpoint is not None and is_adapter_checkpoint(checkpoint.path):
+        from peft import PeftModel
+
+        base, _ = load_pretrained(adapter_base(output_dir), flags.model.trust_remote_code)
+        _, tokenizer = load_pretrained_tokenizer(checkpoint.path, flags)
+        logger.info("continuing the LoRA adapter of %s (global_step %d)", checkpoint.path, checkpoint.global_step)
+        adapted = PeftModel.from_pretrained(base, str(checkpoint.path), is_trainable=True)
+        return adapted, tokenizer, checkpoint  # type: ignore[return-value]  # a PeftModel serves as the model
+    model, tokenizer = plain_starting_model(flags.model, output_dir, flags.training.seed, checkpoint, records, shape)
+    if flags.peft.use_peft and checkpoint is None:
+        model = attach_adapter(model, flags.peft)
+    return model, tokenizer, checkpoint
+
+
+def load_pretrained_tokenizer(folder: Path, flags: Flags) -> tuple[None, PreTrainedTokenizerBase]:
+    """The tokenizer a checkpoint holds (the Trainer saves its ``processing_class`` there), completed as on load."""
+    from transformers import AutoTokenizer
+
+    from daemon.data import DEFAULT_CHAT_TEMPLATE
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            folder, local_files_only=True, trust_remote_code=flags.model.trust_remote_code
+        )
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot load the tokenizer of {folder}: {str(e).splitlines()[0]}") from e
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    return None, tokenizer
+
+
+def adapter_base(output_dir: str | Path) -> str:
+    """The base model folder of the adapter line in ``output_dir`` (``origin.json``).
+
+    Raises:
+        CheckpointError: no base is recorded, or its folder is gone.
+    """
+    from daemon.origin import read_origin
+
+    origin = read_origin(output_dir)
+    base = origin.get("base_model") if origin else None
+    if not base or not (Path(base) / "config.json").is_file():
+        raise CheckpointError(
+            f"{output_dir} holds a LoRA adapter but its base model ({base or 'not recorded in origin.json'}) "
+            "is not there: put the base folder back where it was"
+        )
+    return str(base)
+
+
+def attach_adapter(model: PreTrainedModel, args: PeftArguments) -> PreTrainedModel:
+    """A new LoRA adapter on ``model`` (``get_peft_model``); the base weights are frozen.
+
+    Raises:
+        ConfigError: ``--lora_target_modules`` names no module of the model.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    settings = args.lora_settings()
+    targets = settings["target_modules"]
+    # peft reads "all-linear" only as a string, never inside a list
+    config = LoraConfig(
+        task_type="CAUSAL_LM",
+        bias="none",
+        **{**settings, "target_modules": targets[0] if targets == ["all-linear"] else targets},
+    )
+    try:
+        peft_model = get_peft_model(model, config)
+    except ValueError as e:
+        raise ConfigError(f"--lora_target_modules {settings['target_modules']}: {str(e).splitlines()[0]}") from e
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    logger.info(
+        "new LoRA adapter r=%d alpha=%s dropout=%s on %s: %d trainable parameters of %d (%.2f%%)",
+        settings["r"],
+        settings["lora_alpha"],
+        settings["lora_dropout"],
+        settings["target_modules"],
+        trainable,
+        total,
+        100 * trainable / total,
+    )
+    return peft_model  # type: ignore[return-value]
+
+
+def is_peft_model(model: Any) -> bool:
+    """Whether ``model`` is a ``peft`` model (without importing peft where it is not)."""
+    return hasattr(model, "peft_config") and hasattr(model, "merge_and_unload")
+
+
+def merged_copy(model: Any) -> PreTrainedModel:
+    """A plain model equal to base + adapter: ``merge_and_unload`` on a deep copy, never on the training weights."""
+    import copy
+
+    return copy.deepcopy(model).merge_and_unload()
+
+
+def save_export(model: Any, folder: Path) -> None:
+    """Write a PEFT model's export into a staging ``folder``: the merged model, and ``adapter/`` in PEFT's format."""
+    merged = merged_copy(model)
+    merged.config.use_cache = True
+    merged.save_pretrained(folder, safe_serialization=True)
+    del merged
+    model.save_pretrained(folder / ADAPTER_FOLDER)
+
+
+def card_section(folder: Path, base: str | None) -> str:
+    """The model card's lines on the adapter of an export (``folder/adapter``), or "" when there is none."""
+    config = adapter_config(folder / ADAPTER_FOLDER)
+    if config is None:
+        return ""
+    targets = config.get("target_modules")
+    targets = ", ".join(sorted(targets)) if isinstance(targets, list) else str(targets)
+    return "\n".join(
+        [
+            "",
+            "## LoRA adapter",
+            "",
+            "These weights are the base model with a LoRA adapter merged in (`peft`'s `merge_and_unload`);",
+            f'`{ADAPTER_FOLDER}/` holds the adapter itself: `PeftModel.from_pretrained(base, "<this folder>/'
+            f'{ADAPTER_FOLDER}")`.',
+            "",
+            "| | |",
+            "|---|---|",
+            f"| base model | `{base or config.get('base_model_name_or_path') or '?'}` |",
+            f"| r / alpha / dropout | {config.get('r')} / {config.get('lora_alpha')} / {config.get('lora_dropout')} |",
+            f"| target modules | {targets} |",
+            "",
+        ]
+    )
+
+
+def merged_files_from_checkpoint(checkpoint: Path, staged: Path, output_dir: Path) -> None:
+    """Write the export of an adapter checkpoint into ``staged``: base + adapter merged, ``adapter/``, tokenizer.
+
+    Used when a rollback returns the export to an adapter checkpoint (:func:`daemon.checkpoints.roll_back`).
+    """
+    from peft import PeftModel
+
+    from daemon.model import load_pretrained
+
+    base, _ = load_pretrained(adapter_base(output_dir))
+    model = PeftModel.from_pretrained(base, str(checkpoint))
+    save_export(model, staged)
+    for path in checkpoint.iterdir():
+        if path.name.startswith("tokenizer") or path.name in ("special_tokens_map.json", "chat_template.jinja"):
+            shutil.copy2(path, staged / path.name)
+
+
+def merge_into_checkpoint(flags: Flags, checkpoint: Checkpoint) -> Checkpoint:
+    """Replace the adapter checkpoint at ``checkpoint`` by a full one at the same step: base + adapter merged.
+
+    The full checkpoint keeps the trainer state (the step, the log history) and the RNG state;
+    its optimizer is new (AdamW moments of every weight start at zero) and its scheduler is
+    the product's schedule at the checkpoint's step for the flags' learning rate. The adapter
+    checkpoint stays beside it as ``merged-lora-checkpoint-<step>``. Written to a stage first;
+    a kill before the swap leaves the adapter checkpoint as it was.
+
+    Returns:
+        The full checkpoint.
+    """
+    import torch
+    from peft import PeftModel
+
+    from daemon.checkpoints import Checkpoint as Found
+    from daemon.durable import commit_checkpoint
+    from daemon.model import load_pretrained
+
+    output_dir = Path(str(flags.training.output_dir))
+    source = checkpoint.path
+    step = checkpoint.global_step
+    base, _ = load_pretrained(adapter_base(output_dir), flags.model.trust_remote_code)
+    merged = PeftModel.from_pretrained(base, str(source)).merge_and_unload()
+    merged.requires_grad_(True)  # peft froze the base; full fine-tuning trains (and its optimizer holds) every weight
+    _, tokenizer = load_pretrained_tokenizer(source, flags)
+    stage = output_dir / f".merging-checkpoint-{step}"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir()
+    merged.save_pretrained(stage, safe_serialization=True)
+    tokenizer.save_pretrained(stage)
+    for path in source.iterdir():
+        if path.name == "trainer_state.json" or path.name.startswith("rng_state") or path.name == "training_args.bin":
+            shutil.copy2(path, stage / path.name)
+    optimizer, scheduler = _fresh_optimizer_state(merged, flags, step)
+    torch.save(optimizer, stage / "optimizer.pt")
+    torch.save(scheduler, stage / "scheduler.pt")
+    kept = output_dir / f"{MERGED_PREFIX}{source.name}"
+    shutil.rmtree(kept, ignore_errors=True)
+    source.rename(kept)
+    stage.rename(source)
+    commit_checkpoint(source, step)
+    logger.warning(
+        "merged the LoRA adapter of step %d into the weights (%s kept): full fine-tuning continues from here",
+        step,
+        kept.name,
+    )
+    return Found(source, step)
+
+
+def _fresh_optimizer_state(model: Any, flags: Flags, step: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The state dicts of the optimizer and scheduler a Trainer would build for ``model``, its schedule at ``step``."""
+    from transformers import Trainer
+
+    trainer = Trainer(model=model, args=flags.training)
+    trainer.create_optimizer_and_scheduler(num_training_steps=max(step, 1))
+    optimizer, scheduler = trainer.optimizer, trainer.lr_scheduler
+    assert optimizer is not None and scheduler is not None
+    with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": no step is taken here
+        warnings.simplefilter("ignore")
+        for _ in range(step):
+            scheduler.step()
+    return optimizer.state_dict(), scheduler.state_dict()
