@@ -194,3 +194,28 @@ def test_merge_adapter_continues_in_full_fine_tuning_at_the_same_step(lora_tree,
     assert (after / "model.safetensors").is_file() and not (after / "adapter_config.json").exists()
     plain = parse_args(["--dataset", "x.jsonl", *tree.flags()])  # the line is full fine-tuning now
     assert plain.peft.use_peft is False
+
+
+def test_the_daemon_trains_a_stream_of_drops_on_one_adapter_with_replay_and_the_quality_gate(tree):
+    from helpers import daemon_argv
+
+    base = export_tiny(tree.root / "base")
+    for i, name in enumerate(("1-a.jsonl", "2-b.jsonl")):
+        _text_file(tree.inbox / name, 8, 8 * i)
+    gate = ["--use_peft", "--model_name_or_path", str(base), "--max_regression", "5", "--on_regression", "rollback"]
+    result = run_cli(daemon_argv(tree, "--once", *gate, replay_fraction=0.2), cwd=tree.root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    first, second = tree.history()
+    assert (first["outcome"], second["outcome"]) == ("done", "done") and second["start_step"] == first["end_step"]
+    assert second["replayed_examples"] > 0 and history_violations(tree.history()) == []
+    assert (tree.output / f"checkpoint-{second['end_step']}" / "adapter_config.json").is_file()
+    assert (tree.output / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_a_cooldown_branch_trains_a_copy_of_the_adapter_and_the_main_line_continues_unchanged(lora_tree, tmp_path):
+    tree, _, (_, second) = _copy(lora_tree, tmp_path / "tree")
+    row = train(tree, _text_file(tree.root / "f.jsonl", 8, 30), cooldown_fraction=0.5, **LORA)
+    assert row["start_step"] == second["end_step"] and history_violations(tree.history()) == []
+    end = tree.output / f"checkpoint-{row['end_step']}" / "adapter_model.safetensors"
+    exported = load_file(tree.output / "adapter" / "adapter_model.safetensors")
+    assert any(not torch.equal(exported[n], t) for n, t in load_file(end).items())  # the export is the cooled branch
