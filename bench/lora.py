@@ -1,6 +1,6 @@
 """Benchmark: LoRA adapters (``--use_peft``) against full fine-tuning on SmolLM2-135M-Instruct (issue 31).
 
-    .venv/bin/python bench/lora.py sweep [--rates 1e-4 2e-4 5e-4]   # LoRA's default learning rate
+    .venv/bin/python bench/lora.py sweep [--rates 1e-4 2e-4 5e-4] [--lora_r 16]   # LoRA's default learning rate
     .venv/bin/python bench/lora.py compare                          # full vs LoRA r=8 and r=64
 
 Both modes continue SmolLM2-135M-Instruct (``bench/smollm2.py``) on the stream of
@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -43,6 +44,23 @@ SETTINGS = {  # name: extra flags; each at its own default learning rate
     "lora-r8": ["--use_peft", "--lora_r", "8"],
     "lora-r64": ["--use_peft", "--lora_r", "64"],
 }
+
+
+def _stream(work: Path, name: str, files: list[Path], base: Path, flags: list[str], seed: Path | None) -> list[dict]:
+    """:func:`bench.real_model.train_stream` with the base-model slice copied in from ``seed`` (a status folder).
+
+    The slice is the base model's own greedy answers and their step-0 score: the same for every
+    setting of one base and precision, and generating it is the first file's longest phase on a
+    loaded CPU (506 s under a load of 13 on 2 cores), so it is generated once.
+    """
+    status = work / name / "status"
+    if seed is not None and not status.exists():
+        (status / "eval_suite").mkdir(parents=True)
+        for piece in (seed / "eval_suite").glob("00000000-*.jsonl"):
+            shutil.copy2(piece, status / "eval_suite" / piece.name)
+        rows = [r for r in (seed / "evaluations.jsonl").read_text().splitlines() if json.loads(r)["step"] == 0]
+        (status / "evaluations.jsonl").write_text("".join(r + "\n" for r in rows))
+    return train_stream(work, name, files, base, flags)
 
 
 def _workers(work: Path, name: str) -> str:
@@ -68,17 +86,18 @@ def _row(work: Path, base: Path, name: str, rows: list[dict]) -> dict:
     }
 
 
-def sweep(work: Path, base: Path, rates: list[float]) -> str:
-    """LoRA's learning-rate sweep (markdown table)."""
+def sweep(work: Path, base: Path, rates: list[float], rank: int, seed: Path | None) -> str:
+    """LoRA's learning-rate sweep at rank ``rank`` (markdown table)."""
     first, second = halves(drops(work)["text"])
     lines = [
         "| learning rate | domain gain (nats) | general change (nats) | tokens/s | steps |",
         "|---|---|---|---|---|",
     ]
     for rate in rates:
-        name = f"lora-lr-{rate:g}"
-        flags = ["--use_peft", "--learning_rate", str(rate), "--warmup_steps", "0"]
-        got = _row(work, base, name, train_stream(work, name, [first, second], base, flags))
+        name = f"lora-r{rank}-lr-{rate:g}"
+        flags = ["--use_peft", "--lora_r", str(rank), "--learning_rate", str(rate), "--warmup_steps", "0"]
+        got = _row(work, base, name, _stream(work, name, [first, second], base, flags, seed))
+        seed = seed or work / name / "status"
         lines.append(
             f"| {rate:g} | {got['domain_gain']:.3f} | {got['general_change']:+.3f} | {got['tokens_per_s']:.0f} | "
             f"{got['steps']} |"
@@ -87,7 +106,7 @@ def sweep(work: Path, base: Path, rates: list[float]) -> str:
     return "\n".join(lines)
 
 
-def compare(work: Path, base: Path) -> str:
+def compare(work: Path, base: Path, seed: Path | None) -> str:
     """Full fine-tuning against LoRA r=8 and r=64 on the same stream (markdown table)."""
     first, second = halves(drops(work)["text"])
     base_bytes = sum(p.stat().st_size for p in base.glob("*.safetensors"))
@@ -98,7 +117,8 @@ def compare(work: Path, base: Path) -> str:
     ]
     results = {}
     for name, flags in SETTINGS.items():
-        got = results[name] = _row(work, base, name, train_stream(work, name, [first, second], base, flags))
+        got = results[name] = _row(work, base, name, _stream(work, name, [first, second], base, flags, seed))
+        seed = seed or work / name / "status"
         lines.append(
             f"| {name} | {got['domain_gain']:.3f} | {got['general_change']:+.3f} | {got['tokens_per_s']:.0f} | "
             f"{got['checkpoint_bytes'] / 1e6:.1f} MB ({got['checkpoint_bytes'] / base_bytes:.1%} of the model) | "
@@ -120,6 +140,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("mode", choices=["sweep", "compare"])
     parser.add_argument("--rates", type=float, nargs="+", default=list(RATES))
+    parser.add_argument("--lora_r", type=int, default=16, help="sweep: the adapter's rank.")
+    parser.add_argument("--seed_status", type=Path, help="A status folder whose base-model slice every setting reuses.")
     parser.add_argument("--keep", type=Path, help="Work in this folder and keep it (default: a temporary one).")
     args = parser.parse_args()
     base = smollm2_folder()
@@ -127,7 +149,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = args.keep or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        table = sweep(work, base, args.rates) if args.mode == "sweep" else compare(work, base)
+        if args.mode == "sweep":
+            table = sweep(work, base, args.rates, args.lora_r, args.seed_status)
+        else:
+            table = compare(work, base, args.seed_status)
     body = f"Measured {time.strftime('%Y-%m-%d')} on {machine()}.\n\n{table}\n"
     print(body)
     write_section(ROOT / "BENCHMARKS.md", f"lora {args.mode}", body)

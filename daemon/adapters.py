@@ -190,8 +190,8 @@ def switch_problem(kind: str | None, config: dict[str, Any] | None, values: dict
         values: the parsed flags (``use_peft``, ``lora_r``, ``merge_adapter``, ``output_dir``).
     """
     out = values["output_dir"]
-    if values.get("merge_adapter"):
-        return None if kind == "lora" else f"--merge_adapter: the latest checkpoint in {out} is no LoRA adapter"
+    if values.get("merge_adapter"):  # on full checkpoints: merged already (a daemon passes it to every file)
+        return f"--merge_adapter: {out} has no checkpoint to merge" if kind is None else None
     if kind == "full" and values["use_peft"]:
         return (
             f"{out} holds full fine-tuning checkpoints; --use_peft cannot continue them: drop --use_peft, or start "
@@ -203,12 +203,13 @@ def switch_problem(kind: str | None, config: dict[str, Any] | None, values: dict
             "it: drop that flag to continue the adapter, or pass --merge_adapter to merge it into the weights and "
             "continue in full fine-tuning"
         )
-    if kind == "lora" and config is not None and values["lora_r"] is not None and values["lora_r"] != config.get("r"):
-        return (
-            f"{out} holds a LoRA adapter of r={config.get('r')}; --lora_r {values['lora_r']} cannot continue it: "
-            f"drop --lora_r, or pass --merge_adapter (without --use_peft) to merge it and continue in full "
-            "fine-tuning"
-        )
+    for flag, key in (("lora_r", "r"), ("lora_alpha", "lora_alpha"), ("lora_dropout", "lora_dropout")):
+        if kind == "lora" and config is not None and values[flag] is not None and values[flag] != config.get(key):
+            return (
+                f"{out} holds a LoRA adapter of {key}={config.get(key)}; --{flag} {values[flag]} cannot continue it: "
+                f"drop --{flag}, or pass --merge_adapter (without --use_peft) to merge it and continue in full "
+                "fine-tuning"
+            )
     return None
 
 

@@ -20,7 +20,8 @@ from daemon.arguments import parse_args
 from daemon.exceptions import ConfigError
 from daemon.status import history_violations
 
-LORA = {"use_peft": True, "lora_r": 4, "save_steps": 5, "learning_rate": 5e-3}
+# grad_workers 2: the threaded accumulation computes the adapter's gradients (the base weights have none)
+LORA = {"use_peft": True, "lora_r": 4, "save_steps": 5, "learning_rate": 5e-3, "grad_workers": 2}
 
 
 def _text_file(path: Path, n: int, offset: int) -> Path:
@@ -88,6 +89,7 @@ def test_the_merged_export_equals_base_plus_adapter_and_the_adapter_loads_with_p
     assert "## LoRA adapter" in card and str(base) in card and "| r / alpha / dropout | 4 / 8 / 0.0 |" in card
     status = json.loads((tree.status / "training_status.json").read_text())
     assert status["checkpoints"]["kind"] == "lora" and 0 < status["checkpoints"]["latest_bytes"]
+    assert status["gradient_guard"]["workers"] == 2 and status["gradient_guard"]["skipped_steps"] == 0
 
 
 def test_a_file_killed_mid_way_resumes_its_adapter_exactly(lora_tree, tmp_path, monkeypatch):
@@ -134,6 +136,7 @@ def _everything(root: Path) -> dict[str, str]:
     [
         (["--use_peft", "false"], "holds a LoRA adapter (r=4); --use_peft false cannot continue it"),
         (["--lora_r=8"], "holds a LoRA adapter of r=4; --lora_r 8 cannot continue it"),
+        (["--lora_alpha", "16"], "holds a LoRA adapter of lora_alpha=8; --lora_alpha 16 cannot continue it"),
     ],
 )
 def test_a_switch_away_from_the_adapter_is_refused_in_one_line_and_writes_nothing(lora_tree, flags, says):
@@ -194,6 +197,8 @@ def test_merge_adapter_continues_in_full_fine_tuning_at_the_same_step(lora_tree,
     assert (after / "model.safetensors").is_file() and not (after / "adapter_config.json").exists()
     plain = parse_args(["--dataset", "x.jsonl", *tree.flags()])  # the line is full fine-tuning now
     assert plain.peft.use_peft is False
+    again = parse_args(["--dataset", "x.jsonl", *tree.flags(), "--merge_adapter"])  # a daemon gives it to every file
+    assert again.peft.use_peft is False
 
 
 def test_the_daemon_trains_a_stream_of_drops_on_one_adapter_with_replay_and_the_quality_gate(tree):
