@@ -200,7 +200,7 @@ def cool_down(prepared: PreparedFile, flags: Flags, stop_requested: threading.Ev
             raise TrainingInterrupted(f"stopped during the cooldown; the file ended at step {plan.max_steps}")
         raise TrainingError(f"the cooldown ended at step {trainer.state.global_step}, planned {plan.max_steps + steps}")
     assert isinstance(trainer.model, PreTrainedModel) or is_peft_model(trainer.model)  # --use_peft: a PeftModel
-    prepared.model = trainer.model
+    prepared.model = trainer.model  # type: ignore[assignment]
     logger.info(
         "cooldown: %d steps (%s) from step %d; exporting the cooled model",
         steps,
