@@ -92,17 +92,39 @@ def test_the_merged_export_equals_base_plus_adapter_and_the_adapter_loads_with_p
     assert status["gradient_guard"]["workers"] == 2 and status["gradient_guard"]["skipped_steps"] == 0
 
 
-def test_a_file_killed_mid_way_resumes_its_adapter_exactly(lora_tree, tmp_path, monkeypatch):
-    from test_resume import Crash, _interrupt_at, _losses
+# train.py in a process that SIGKILLs itself at one step: no handler, no cleanup, as a kill -9 from outside.
+_KILLED_AT = """
+import os, signal, sys
+from daemon.callbacks import PlanCallback
+from daemon.__main__ import main
+original = PlanCallback.on_step_end
+def on_step_end(self, args, state, control, **kwargs):
+    if state.global_step == int(os.environ["KILL_AT_STEP"]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(self, args, state, control, **kwargs)
+PlanCallback.on_step_end = on_step_end
+main(["train", *sys.argv[1:]])
+"""
+
+
+def test_a_file_sigkilled_mid_way_resumes_its_adapter_exactly(lora_tree, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from test_resume import _losses
 
     straight, _, _ = _copy(lora_tree, tmp_path / "straight")
     expected = train(straight, _text_file(straight.root / "c.jsonl", 12, 20), **LORA)
     tree, _, _ = _copy(lora_tree, tmp_path / "killed")
     data = _text_file(tree.root / "c.jsonl", 12, 20)
-    with monkeypatch.context() as patch:
-        _interrupt_at(patch, expected["start_step"] + expected["planned_steps"] // 2 + 1, "crash")
-        with pytest.raises(Crash):
-            train(tree, data, **LORA)
+    kill_at = expected["start_step"] + expected["planned_steps"] // 2 + 1
+    argv = ["--dataset", str(data), *tree.flags(**LORA)]
+    env = {**os.environ, "KILL_AT_STEP": str(kill_at), "PYTHONPATH": str(REPO)}
+    killed = subprocess.run([sys.executable, "-c", _KILLED_AT, *argv], cwd=tree.root, env=env, capture_output=True)
+    assert killed.returncode == -signal.SIGKILL
+    assert expected["start_step"] < max(int(p.name.split("-")[1]) for p in tree.output.glob("checkpoint-*")) < kill_at
     resumed = train(tree, data, **LORA)
     assert (resumed["start_step"], resumed["end_step"]) == (expected["start_step"], expected["end_step"])
     assert history_violations(tree.history()) == [] and [r["file"] for r in tree.history()][-1] == "c.jsonl"
