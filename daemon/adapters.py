@@ -9,21 +9,22 @@ resumes the adapter's optimizer and scheduler state from the same checkpoint. A 
 the adapter (``adapter_model.safetensors``, ``adapter_config.json``), its optimizer and scheduler
 state and the tokenizer: the base weights are never copied, never changed.
 
-The export (:func:`save_export`) is a plain model merged by ``merge_and_unload`` on a copy of
-the trained model (the training weights stay unmerged), and the adapter in PEFT's format in
-``adapter/`` beside it.
+What a LoRA line keeps on disk, its export (:func:`daemon.adapter_files.save_export`: the model
+merged by ``merge_and_unload`` on a copy, the training weights stay unmerged, and ``adapter/``)
+and the refusal of a switch are in :mod:`daemon.adapter_files`, which the daemon process and
+the checkpoint code read without torch. This module is the training side: the flags, the
+adapter's creation and loading, and the explicit switch.
 
-Switching kind on a used ``output_dir`` is refused (:func:`switch_problem`) unless asked for:
+Switching kind on a used ``output_dir`` is refused (:func:`resolve_peft`) unless asked for:
 ``--merge_adapter`` merges the latest adapter checkpoint into the base weights
 (:func:`merge_into_checkpoint`) and the file continues in full fine-tuning at the same step.
 
-The top of this module is standard library only (the daemon process checks flags without
-torch); ``peft`` and ``torch`` are imported inside the functions that need them.
+``peft`` and ``torch`` are imported inside the functions that need them (the daemon process checks
+flags through :func:`resolve_peft` without them).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import warnings
@@ -31,6 +32,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from daemon.adapter_files import (
+    MERGED_PREFIX,
+    adapter_base,
+    is_adapter_checkpoint,
+    running_kind,
+    switch_problem,
+)
 from daemon.exceptions import CheckpointError, ConfigError
 
 if TYPE_CHECKING:
@@ -42,9 +50,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
-ADAPTER_FOLDER = "adapter"  # in the export: <output_dir>/adapter/
 # TRL's ModelConfig defaults (lora_r 16, lora_alpha 32, lora_dropout 0.05); the targets are every linear
 # projection of the attention and MLP blocks (peft's "all-linear" leaves the output head out).
 DEFAULT_LORA_R = 16
@@ -54,7 +59,6 @@ DEFAULT_TARGET_MODULES = ["all-linear"]
 # whose domain gain on SmolLM2-135M-Instruct came without a larger rise of the base-knowledge slice
 # than full fine-tuning's at its own default (bench/lora.py; BENCHMARKS.md "LoRA").
 LORA_LEARNING_RATE = 2e-4
-MERGED_PREFIX = "merged-lora-"  # a LoRA checkpoint replaced by its merge keeps this name, for the record
 
 
 @dataclass
@@ -118,34 +122,6 @@ class PeftArguments:
         }
 
 
-def is_adapter_checkpoint(folder: str | Path) -> bool:
-    """Whether a checkpoint (or export) folder holds a PEFT adapter rather than a whole model."""
-    return (Path(folder) / ADAPTER_CONFIG).is_file()
-
-
-def adapter_config(folder: str | Path) -> dict[str, Any] | None:
-    """The ``adapter_config.json`` of ``folder``, or None."""
-    try:
-        doc = json.loads((Path(folder) / ADAPTER_CONFIG).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return doc if isinstance(doc, dict) else None
-
-
-def running_kind(output_dir: str | Path) -> tuple[str | None, dict[str, Any] | None]:
-    """``("lora", its adapter config)`` or ``("full", None)`` for the latest complete checkpoint; ``(None, None)``.
-
-    Reads files only (no torch): the daemon asks it when it checks flags.
-    """
-    from daemon.checkpoints import latest_complete_checkpoint
-
-    latest = latest_complete_checkpoint(output_dir, set_aside=False)
-    if latest is None:
-        return None, None
-    config = adapter_config(latest.path)
-    return ("lora", config) if config is not None else ("full", None)
-
-
 def resolve_peft(values: dict[str, Any]) -> None:
     """Fill ``use_peft`` and the LoRA settings not given from the running adapter (in place, before parsing).
 
@@ -179,38 +155,6 @@ def resolve_peft(values: dict[str, Any]) -> None:
                 "--use_peft trains an adapter on a pretrained base: name its folder with --model_name_or_path "
                 "(outside --output_dir, which every export replaces)"
             )
-
-
-def switch_problem(kind: str | None, config: dict[str, Any] | None, values: dict[str, Any]) -> str | None:
-    """The one line that refuses a switch of training kind on a used ``output_dir``, or None.
-
-    Args:
-        kind: the latest checkpoint's kind (:func:`running_kind`), None for a new ``output_dir``.
-        config: its adapter config when ``kind`` is ``"lora"``.
-        values: the parsed flags (``use_peft``, ``lora_r``, ``merge_adapter``, ``output_dir``).
-    """
-    out = values["output_dir"]
-    if values.get("merge_adapter"):  # on full checkpoints: merged already (a daemon passes it to every file)
-        return f"--merge_adapter: {out} has no checkpoint to merge" if kind is None else None
-    if kind == "full" and values["use_peft"]:
-        return (
-            f"{out} holds full fine-tuning checkpoints; --use_peft cannot continue them: drop --use_peft, or start "
-            f"a new adapter on the exported model with --model_name_or_path {out} --output_dir <a new folder>"
-        )
-    if kind == "lora" and not values["use_peft"]:
-        return (
-            f"{out} holds a LoRA adapter (r={config.get('r') if config else '?'}); --use_peft false cannot continue "
-            "it: drop that flag to continue the adapter, or pass --merge_adapter to merge it into the weights and "
-            "continue in full fine-tuning"
-        )
-    for flag, key in (("lora_r", "r"), ("lora_alpha", "lora_alpha"), ("lora_dropout", "lora_dropout")):
-        if kind == "lora" and config is not None and values[flag] is not None and values[flag] != config.get(key):
-            return (
-                f"{out} holds a LoRA adapter of {key}={config.get(key)}; --{flag} {values[flag]} cannot continue it: "
-                f"drop --{flag}, or pass --merge_adapter (without --use_peft) to merge it and continue in full "
-                "fine-tuning"
-            )
-    return None
 
 
 def starting_model(
@@ -264,24 +208,6 @@ def load_pretrained_tokenizer(folder: Path, flags: Flags) -> tuple[None, PreTrai
     return None, tokenizer
 
 
-def adapter_base(output_dir: str | Path) -> str:
-    """The base model folder of the adapter line in ``output_dir`` (``origin.json``).
-
-    Raises:
-        CheckpointError: no base is recorded, or its folder is gone.
-    """
-    from daemon.origin import read_origin
-
-    origin = read_origin(output_dir)
-    base = origin.get("base_model") if origin else None
-    if not base or not (Path(base) / "config.json").is_file():
-        raise CheckpointError(
-            f"{output_dir} holds a LoRA adapter but its base model ({base or 'not recorded in origin.json'}) "
-            "is not there: put the base folder back where it was"
-        )
-    return str(base)
-
-
 def attach_adapter(model: PreTrainedModel, args: PeftArguments) -> PreTrainedModel:
     """A new LoRA adapter on ``model`` (``get_peft_model``); the base weights are frozen.
 
@@ -314,70 +240,6 @@ def attach_adapter(model: PreTrainedModel, args: PeftArguments) -> PreTrainedMod
         100 * trainable / total,
     )
     return peft_model  # type: ignore[return-value]
-
-
-def is_peft_model(model: Any) -> bool:
-    """Whether ``model`` is a ``peft`` model (without importing peft where it is not)."""
-    return hasattr(model, "peft_config") and hasattr(model, "merge_and_unload")
-
-
-def merged_copy(model: Any) -> PreTrainedModel:
-    """A plain model equal to base + adapter: ``merge_and_unload`` on a deep copy, never on the training weights."""
-    import copy
-
-    return copy.deepcopy(model).merge_and_unload()
-
-
-def save_export(model: Any, folder: Path) -> None:
-    """Write a PEFT model's export into a staging ``folder``: the merged model, and ``adapter/`` in PEFT's format."""
-    merged = merged_copy(model)
-    merged.config.use_cache = True
-    merged.save_pretrained(folder, safe_serialization=True)
-    del merged
-    model.save_pretrained(folder / ADAPTER_FOLDER)
-
-
-def card_section(folder: Path, base: str | None) -> str:
-    """The model card's lines on the adapter of an export (``folder/adapter``), or "" when there is none."""
-    config = adapter_config(folder / ADAPTER_FOLDER)
-    if config is None:
-        return ""
-    targets = config.get("target_modules")
-    targets = ", ".join(sorted(targets)) if isinstance(targets, list) else str(targets)
-    return "\n".join(
-        [
-            "",
-            "## LoRA adapter",
-            "",
-            "These weights are the base model with a LoRA adapter merged in (`peft`'s `merge_and_unload`);",
-            f'`{ADAPTER_FOLDER}/` holds the adapter itself: `PeftModel.from_pretrained(base, "<this folder>/'
-            f'{ADAPTER_FOLDER}")`.',
-            "",
-            "| | |",
-            "|---|---|",
-            f"| base model | `{base or config.get('base_model_name_or_path') or '?'}` |",
-            f"| r / alpha / dropout | {config.get('r')} / {config.get('lora_alpha')} / {config.get('lora_dropout')} |",
-            f"| target modules | {targets} |",
-            "",
-        ]
-    )
-
-
-def merged_files_from_checkpoint(checkpoint: Path, staged: Path, output_dir: Path) -> None:
-    """Write the export of an adapter checkpoint into ``staged``: base + adapter merged, ``adapter/``, tokenizer.
-
-    Used when a rollback returns the export to an adapter checkpoint (:func:`daemon.checkpoints.roll_back`).
-    """
-    from peft import PeftModel
-
-    from daemon.model import load_pretrained
-
-    base, _ = load_pretrained(adapter_base(output_dir))
-    model = PeftModel.from_pretrained(base, str(checkpoint))
-    save_export(model, staged)
-    for path in checkpoint.iterdir():
-        if path.name.startswith("tokenizer") or path.name in ("special_tokens_map.json", "chat_template.jinja"):
-            shutil.copy2(path, staged / path.name)
 
 
 def merge_into_checkpoint(flags: Flags, checkpoint: Checkpoint) -> Checkpoint:

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from daemon.adapters import ADAPTER_FOLDER, card_section, is_adapter_checkpoint, is_peft_model, save_export
+from daemon.adapter_files import ADAPTER_FOLDER, card_section, is_adapter_checkpoint, is_peft_model, save_export
 from daemon.durable import COMMIT_FILE, commit_problem, folder_bytes, fsync_dir, make_durable
 from daemon.model_card import write_card
 from daemon.origin import ORIGIN_FILE
@@ -416,7 +416,7 @@ def _replace_export(root: Path, source: Path, global_step: int, status_dir: str 
     """Make the export at ``root`` a copy of the model files of ``source`` (a checkpoint), with its card."""
     staged = _empty_stage(root)
     if is_adapter_checkpoint(source):  # torch and peft only here: a LoRA line's export is base + adapter merged
-        from daemon.adapters import merged_files_from_checkpoint
+        from daemon.adapter_files import merged_files_from_checkpoint
 
         merged_files_from_checkpoint(source, staged, root)
     else:

@@ -38,7 +38,7 @@ from transformers import PreTrainedModel, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
 
 from daemon.accumulation import ThreadedAccumulationTrainer, resolve_workers
-from daemon.adapters import is_peft_model
+from daemon.adapter_files import is_peft_model
 from daemon.callbacks import BranchCallback
 from daemon.data import PaddingCollator, torch_rows
 from daemon.exceptions import TrainingError, TrainingInterrupted
