@@ -57,6 +57,8 @@ bench: install
 	$(PY) bench/gpu.py
 	$(PY) bench/real_model.py sweep
 	$(PY) bench/real_model.py stream
+	$(PY) bench/lora.py sweep
+	$(PY) bench/lora.py compare
 
 # Removes the run-time state (inbox contents, status, checkpoints and the exported model).
 clean-state:

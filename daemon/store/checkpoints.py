@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from daemon.store import adapter_files as adapters
 from daemon.store.durable import COMMIT_FILE, commit_problem, folder_bytes, fsync_dir, make_durable
 from daemon.store.files import atomic_write_text
 from daemon.store.origin import ORIGIN_FILE
@@ -55,6 +56,8 @@ WEIGHT_FILES = (
     "model.safetensors.index.json",
     "pytorch_model.bin",
     "pytorch_model.bin.index.json",
+    "adapter_model.safetensors",  # a LoRA checkpoint (--use_peft, daemon.training.adapters): the adapter only
+    "adapter_model.bin",
 )
 EXPORT_STATE = "export.json"
 # What an export consists of: a checkpoint's files but the training state.
@@ -95,8 +98,8 @@ def _why_incomplete(folder: Path) -> str | None:
     weights = next((folder / name for name in WEIGHT_FILES if (folder / name).is_file()), None)
     if weights is None:
         return "no model weights"
-    if weights.name == "model.safetensors" and not _whole_safetensors(weights):
-        return "model.safetensors is truncated or empty"
+    if weights.name.endswith(".safetensors") and not _whole_safetensors(weights):
+        return f"{weights.name} is truncated or empty"
     if weights.suffix == ".bin" and not zipfile.is_zipfile(weights):
         return f"{weights.name} is truncated or empty"
     optimizer = next((folder / name for name in OPTIMIZER_FILES if (folder / name).is_file()), None)
@@ -211,7 +214,8 @@ def checkpoint_usage(output_dir: str | Path) -> dict[str, Any]:
     """
     steps = complete_checkpoint_steps(output_dir)
     sizes = [folder_bytes(Path(output_dir) / f"checkpoint-{step}") for step in steps]
-    return {"steps": steps, "bytes": sum(sizes), "latest_bytes": sizes[0] if sizes else 0}
+    kind = adapters.checkpoint_kind(Path(output_dir) / f"checkpoint-{steps[0]}") if steps else None
+    return {"steps": steps, "bytes": sum(sizes), "latest_bytes": sizes[0] if sizes else 0, "kind": kind}
 
 
 def complete_checkpoint_steps(output_dir: str | Path) -> list[int]:
@@ -368,10 +372,14 @@ def export_model(
     staged = _empty_stage(root)
     # The Trainer turns the KV cache off for training (TrainingArguments.use_cache is False in
     # transformers 5) and the config is saved as it is: an export is for inference, with the cache.
-    model.config.use_cache = True
-    model.save_pretrained(staged, safe_serialization=True)  # straight into the stage: no second copy
+    if adapters.is_peft_model(model):  # a LoRA line: the merged model at the root, the adapter in adapter/
+        adapters.save_export(model, staged)
+    else:
+        model.config.use_cache = True
+        model.save_pretrained(staged, safe_serialization=True)  # straight into the stage: no second copy
     tokenizer.save_pretrained(staged)
     write_card(staged, global_step, status_dir, root.resolve().name, finishing)  # in the stage: moved in with it
+    adapters.add_card_section(staged, root)
     _install_stage(root, staged, global_step, cooldown_steps)
 
 
@@ -389,9 +397,13 @@ def _export_files(folder: Path) -> list[Path]:
 def _replace_export(root: Path, source: Path, global_step: int, status_dir: str | Path | None) -> None:
     """Make the export at ``root`` a copy of the model files of ``source`` (a checkpoint), with its card."""
     staged = _empty_stage(root)
-    for path in _export_files(source):
-        shutil.copy2(path, staged / path.name)
+    if adapters.is_adapter_checkpoint(source):  # a LoRA line's export is base + adapter merged (torch, peft)
+        adapters.merged_files_from_checkpoint(source, staged, root)
+    else:
+        for path in _export_files(source):
+            shutil.copy2(path, staged / path.name)
     write_card(staged, global_step, status_dir, root.resolve().name)
+    adapters.add_card_section(staged, root)
     _install_stage(root, staged, global_step)
 
 
@@ -409,9 +421,13 @@ def _install_stage(root: Path, staged: Path, global_step: int, cooldown_steps: i
     old = {p.name for p in _export_files(root)} if (root / "config.json").is_file() else set()
     new = {p.name for p in staged.iterdir()}
     for name in sorted(new, key=lambda n: n == "config.json"):  # config.json last: it makes a folder a model
+        if (staged / name).is_dir():  # adapter/ (a LoRA line): a folder cannot replace a folder in one rename
+            shutil.rmtree(root / name, ignore_errors=True)
         os.replace(staged / name, root / name)
     for name in old - new:
         (root / name).unlink(missing_ok=True)
+    if adapters.ADAPTER_FOLDER not in new:  # an export without adapter (after --merge_adapter) leaves none of the old
+        shutil.rmtree(root / adapters.ADAPTER_FOLDER, ignore_errors=True)
     staged.rmdir()
     _write_export_state(root, global_step, cooldown_steps)
 
@@ -420,6 +436,7 @@ def _remove_export(root: Path) -> None:
     (root / "config.json").unlink(missing_ok=True)  # first: without it the folder is no model
     for path in _export_files(root):
         path.unlink(missing_ok=True)
+    shutil.rmtree(root / adapters.ADAPTER_FOLDER, ignore_errors=True)
     (root / EXPORT_STATE).unlink(missing_ok=True)
     fsync_dir(root)
 

@@ -40,6 +40,7 @@ from daemon.config import (
 from daemon.config_file import CONFIG_HELP, DAEMON_KEYS, read_flags
 from daemon.exceptions import ConfigError
 from daemon.store.origin import base_model_of, has_own_chat_template
+from daemon.training.peft_flags import LORA_LEARNING_RATE, PeftArguments, resolve_peft
 
 logger = logging.getLogger(__name__)
 
@@ -245,6 +246,7 @@ class Flags:
     evaluation: EvaluationArguments
     training: ContinualTrainingArguments
     replay: ReplayArguments
+    peft: PeftArguments
 
 
 # The defaults that follow the starting model (daemon.store.origin): the embedded model learns from scratch; a
@@ -280,7 +282,10 @@ def _sample_prompts(flags: dict[str, Any]) -> list[str]:
 # resolve_defaults sets a flag still None to its rule's value, in this order (a rule reads the flags
 # resolved before it). A rule returning None leaves transformers' own default.
 DEFAULT_RULES: dict[str, Callable[[dict[str, Any]], Any]] = {
-    "learning_rate": lambda flags: _starting_defaults(flags)["learning_rate"],
+    # A LoRA adapter learns at its own rate (daemon.training.peft_flags.LORA_LEARNING_RATE, measured on SmolLM2).
+    "learning_rate": lambda flags: (
+        LORA_LEARNING_RATE if flags["use_peft"] else _starting_defaults(flags)["learning_rate"]
+    ),
     "warmup_steps": lambda flags: _starting_defaults(flags)["warmup_steps"],
     "base_rehearsal": lambda flags: _starting_defaults(flags)["base_rehearsal"],
     "sample_prompts": _sample_prompts,
@@ -300,6 +305,7 @@ GROUPS = (
     EvaluationArguments,
     ContinualTrainingArguments,
     ReplayArguments,
+    PeftArguments,
 )
 
 
@@ -310,6 +316,7 @@ def resolve_defaults(flags: dict[str, Any]) -> None:
     Args:
         flags: every flag's parsed value by name, before the dataclasses are built.
     """
+    resolve_peft(flags)  # --use_peft and the adapter's settings follow the running model; a switch is refused
     decided = [name for name in PRETRAINED_DEFAULTS if flags[name] is None]
     for name, rule in DEFAULT_RULES.items():
         if flags[name] is None:

@@ -38,6 +38,7 @@ from transformers import PreTrainedModel, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
 
 from daemon.exceptions import TrainingError, TrainingInterrupted
+from daemon.store.adapter_files import is_peft_model
 from daemon.training.callbacks import BranchCallback
 from daemon.training.data import PaddingCollator, torch_rows
 from daemon.training.speed.accumulation import ThreadedAccumulationTrainer, resolve_workers
@@ -198,8 +199,8 @@ def cool_down(prepared: PreparedFile, flags: Flags, stop_requested: threading.Ev
         if stop_requested.is_set():
             raise TrainingInterrupted(f"stopped during the cooldown; the file ended at step {plan.max_steps}")
         raise TrainingError(f"the cooldown ended at step {trainer.state.global_step}, planned {plan.max_steps + steps}")
-    assert isinstance(trainer.model, PreTrainedModel)
-    prepared.model = trainer.model
+    assert isinstance(trainer.model, PreTrainedModel) or is_peft_model(trainer.model)  # --use_peft: a PeftModel
+    prepared.model = trainer.model  # type: ignore[assignment]
     logger.info(
         "cooldown: %d steps (%s) from step %d; exporting the cooled model",
         steps,

@@ -28,6 +28,7 @@ from daemon.store.reconcile import refuse_missing_steps
 from daemon.store.records import FileProgress, RunState
 from daemon.store.replay import replay_count, select_replay
 from daemon.store.status import Heartbeat, beat
+from daemon.training.adapters import starting_model as adapted_starting_model
 from daemon.training.arguments import Flags
 from daemon.training.cooldown import cooldown_steps
 from daemon.training.data import (
@@ -36,7 +37,6 @@ from daemon.training.data import (
     prepare_datasets,
     tokenizer_fingerprint,
 )
-from daemon.training.model import starting_model
 from daemon.training.plan import plan_steps, recorded_plan
 from daemon.training.prepared import PreparedFile
 from daemon.training.rehearsal import keep_rehearsal
@@ -64,7 +64,7 @@ def setup(flags: Flags, ledger: Ledger, heartbeat: Heartbeat | None) -> Prepared
     output_dir = str(training_args.output_dir)
     checkpoint = latest_complete_checkpoint(output_dir, set_aside=False)
     refuse_missing_steps(ledger, output_dir, claim)
-    model, tokenizer = starting_model(flags.model, output_dir, training_args.seed, checkpoint, records, scan.shape)
+    model, tokenizer, checkpoint = adapted_starting_model(flags, checkpoint, records, scan.shape)  # --use_peft
     datasets = prepare_datasets(records, scan.shape, tokenizer, data_args, training_args.seed)
     at_step = checkpoint.global_step if checkpoint else 0
     resumed, abandoned = recorded_plan(ledger, scan, at_step, claim)

@@ -1,0 +1,173 @@
+"""What a LoRA line (``--use_peft``, :mod:`daemon.training.adapters`) keeps on disk, readable without torch.
+
+A checkpoint of a LoRA line holds the adapter (``adapter_config.json``, ``adapter_model.safetensors``)
+and its optimizer state, never the base weights; the base is the folder ``origin.json`` names
+(:func:`adapter_base`). The export is the merged model, with the adapter in PEFT's format in
+``adapter/`` beside it (:func:`save_export`, which calls only the model's own methods:
+``merge_and_unload`` on a deep copy, ``save_pretrained``). :func:`switch_problem` is the one line
+that refuses a change of kind on a used ``output_dir``.
+
+Standard library only at import time: the daemon process and ``python -m daemon rollback`` use it
+without torch; :func:`merged_files_from_checkpoint` imports ``peft`` where a rollback needs it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from daemon.exceptions import CheckpointError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+ADAPTER_FOLDER = "adapter"  # in the export: <output_dir>/adapter/
+MERGED_PREFIX = "merged-lora-"  # a LoRA checkpoint replaced by its merge keeps this name, for the record
+
+
+def is_adapter_checkpoint(folder: str | Path) -> bool:
+    """Whether a checkpoint (or export) folder holds a PEFT adapter rather than a whole model."""
+    return (Path(folder) / ADAPTER_CONFIG).is_file()
+
+
+def adapter_config(folder: str | Path) -> dict[str, Any] | None:
+    """The ``adapter_config.json`` of ``folder``, or None."""
+    try:
+        doc = json.loads((Path(folder) / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def switch_problem(kind: str | None, config: dict[str, Any] | None, values: dict[str, Any]) -> str | None:
+    """The one line that refuses a switch of training kind on a used ``output_dir``, or None.
+
+    Args:
+        kind: the latest checkpoint's kind (:func:`running_kind`), None for a new ``output_dir``.
+        config: its adapter config when ``kind`` is ``"lora"``.
+        values: the parsed flags (``use_peft``, ``lora_r``, ``merge_adapter``, ``output_dir``).
+    """
+    out = values["output_dir"]
+    if values.get("merge_adapter"):  # on full checkpoints: merged already (a daemon passes it to every file)
+        return f"--merge_adapter: {out} has no checkpoint to merge" if kind is None else None
+    if kind == "full" and values["use_peft"]:
+        return (
+            f"{out} holds full fine-tuning checkpoints; --use_peft cannot continue them: drop --use_peft, or start "
+            f"a new adapter on the exported model with --model_name_or_path {out} --output_dir <a new folder>"
+        )
+    if kind == "lora" and not values["use_peft"]:
+        return (
+            f"{out} holds a LoRA adapter (r={config.get('r') if config else '?'}); --use_peft false cannot continue "
+            "it: drop that flag to continue the adapter, or pass --merge_adapter to merge it into the weights and "
+            "continue in full fine-tuning"
+        )
+    for flag, key in (("lora_r", "r"), ("lora_alpha", "lora_alpha"), ("lora_dropout", "lora_dropout")):
+        if kind == "lora" and config is not None and values[flag] is not None and values[flag] != config.get(key):
+            return (
+                f"{out} holds a LoRA adapter of {key}={config.get(key)}; --{flag} {values[flag]} cannot continue it: "
+                f"drop --{flag}, or pass --merge_adapter (without --use_peft) to merge it and continue in full "
+                "fine-tuning"
+            )
+    return None
+
+
+def adapter_base(output_dir: str | Path) -> str:
+    """The base model folder of the adapter line in ``output_dir`` (``origin.json``).
+
+    Raises:
+        CheckpointError: no base is recorded, or its folder is gone.
+    """
+    from daemon.store.origin import read_origin
+
+    origin = read_origin(output_dir)
+    base = origin.get("base_model") if origin else None
+    if not base or not (Path(base) / "config.json").is_file():
+        raise CheckpointError(
+            f"{output_dir} holds a LoRA adapter but its base model ({base or 'not recorded in origin.json'}) "
+            "is not there: put the base folder back where it was"
+        )
+    return str(base)
+
+
+def is_peft_model(model: Any) -> bool:
+    """Whether ``model`` is a ``peft`` model (without importing peft where it is not)."""
+    return hasattr(model, "peft_config") and hasattr(model, "merge_and_unload")
+
+
+def merged_copy(model: Any) -> PreTrainedModel:
+    """A plain model equal to base + adapter: ``merge_and_unload`` on a deep copy, never on the training weights."""
+    return copy.deepcopy(model).merge_and_unload()
+
+
+def save_export(model: Any, folder: Path) -> None:
+    """Write a PEFT model's export into a staging ``folder``: the merged model, and ``adapter/`` in PEFT's format."""
+    merged = merged_copy(model)
+    merged.config.use_cache = True
+    merged.save_pretrained(folder, safe_serialization=True)
+    del merged
+    model.save_pretrained(folder / ADAPTER_FOLDER)
+
+
+def card_section(folder: Path, base: str | None) -> str:
+    """The model card's lines on the adapter of an export (``folder/adapter``), or "" when there is none."""
+    config = adapter_config(folder / ADAPTER_FOLDER)
+    if config is None:
+        return ""
+    targets = config.get("target_modules")
+    targets = ", ".join(sorted(targets)) if isinstance(targets, list) else str(targets)
+    return "\n".join(
+        [
+            "",
+            "## LoRA adapter",
+            "",
+            "These weights are the base model with a LoRA adapter merged in (`peft`'s `merge_and_unload`);",
+            f'`{ADAPTER_FOLDER}/` holds the adapter itself: `PeftModel.from_pretrained(base, "<this folder>/'
+            f'{ADAPTER_FOLDER}")`.',
+            "",
+            "| | |",
+            "|---|---|",
+            f"| base model | `{base or config.get('base_model_name_or_path') or '?'}` |",
+            f"| r / alpha / dropout | {config.get('r')} / {config.get('lora_alpha')} / {config.get('lora_dropout')} |",
+            f"| target modules | {targets} |",
+            "",
+        ]
+    )
+
+
+def merged_files_from_checkpoint(checkpoint: Path, staged: Path, output_dir: Path) -> None:
+    """Write the export of an adapter checkpoint into ``staged``: base + adapter merged, ``adapter/``, tokenizer.
+
+    Used when a rollback returns the export to an adapter checkpoint (:func:`daemon.store.checkpoints.roll_back`).
+
+    Raises:
+        CheckpointError: the base model is gone.
+    """
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(adapter_base(output_dir), local_files_only=True, dtype=torch.float32)
+    save_export(PeftModel.from_pretrained(base, str(checkpoint)), staged)
+    for path in checkpoint.iterdir():
+        if path.name.startswith("tokenizer") or path.name in ("special_tokens_map.json", "chat_template.jinja"):
+            shutil.copy2(path, staged / path.name)
+
+
+def checkpoint_kind(folder: Path) -> str:
+    """``"lora"`` for an adapter checkpoint (``--use_peft``: the adapter and its optimizer state), else ``"full"``."""
+    return "lora" if is_adapter_checkpoint(folder) else "full"
+
+
+def add_card_section(staged: Path, root: Path) -> None:
+    """Append the adapter's settings and base model to a staged export's card when it holds ``adapter/``."""
+    from daemon.store.origin import read_origin
+
+    section = card_section(staged, (read_origin(root) or {}).get("base_model"))
+    if section:
+        card = staged / "README.md"
+        card.write_text(card.read_text(encoding="utf-8") + section, encoding="utf-8")

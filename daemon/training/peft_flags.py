@@ -1,0 +1,141 @@
+"""``--use_peft`` and the LoRA settings: their flags, their defaults, and resolving them once before parsing.
+
+Flags not given follow the running adapter (:func:`resolve_peft`); a switch of kind or of the
+adapter's settings on a used ``output_dir`` is refused in one line
+(:func:`daemon.store.adapter_files.switch_problem`). docs/lora.md says how it behaves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from daemon.exceptions import ConfigError
+from daemon.store.adapter_files import adapter_config, switch_problem
+from daemon.store.checkpoints import latest_complete_checkpoint
+
+# TRL's ModelConfig defaults (lora_r 16, lora_alpha 32, lora_dropout 0.05); the targets are every linear
+# projection of the attention and MLP blocks (peft's "all-linear" leaves the output head out).
+DEFAULT_LORA_R = 16
+
+
+DEFAULT_LORA_DROPOUT = 0.0
+
+
+DEFAULT_TARGET_MODULES = ["all-linear"]
+
+
+# The learning rate of a LoRA line when --learning_rate is not given. Provisional: 2e-4 (common LoRA practice,
+# 4x full fine-tuning's 5e-5); on SmolLM2-135M-Instruct r=8 at 2e-4 kept 28 % of full fine-tuning's domain gain
+# at a tenth of its general-ability change (BENCHMARKS.md "lora compare"), so a higher rate is likely better;
+# bench/lora.py sweep measures it (the sweep did not run to the end on the shared machine of issue 31).
+LORA_LEARNING_RATE = 2e-4
+
+
+@dataclass
+class PeftArguments:
+    """LoRA adapters (TRL's names). None means "not given": it then follows the running model (docs/lora.md)."""
+
+    # Typed bool (None until resolve_peft): HfArgumentParser then reads a bare --use_peft as True.
+    use_peft: bool = field(  # type: ignore[assignment]
+        default=None,
+        metadata={
+            "help": "Train a LoRA adapter (peft) on the base model instead of every weight. Default: what the "
+            "output_dir's checkpoints hold (off for a new one). Switching on a used output_dir is refused."
+        },
+    )
+    lora_r: int | None = field(
+        default=None,
+        metadata={"help": f"LoRA rank. Default: the running adapter's, {DEFAULT_LORA_R} for a new one."},
+    )
+    lora_alpha: int | None = field(
+        default=None,
+        metadata={"help": "LoRA scaling alpha. Default: the running adapter's, 2 x --lora_r for a new one."},
+    )
+    lora_dropout: float | None = field(
+        default=None,
+        metadata={"help": f"Dropout on the LoRA branch. Default: the running adapter's, {DEFAULT_LORA_DROPOUT} new."},
+    )
+    lora_target_modules: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Module names that get an adapter. Default: the running adapter's; for a new one every linear "
+            "projection of the attention and MLP blocks ('all-linear')."
+        },
+    )
+    merge_adapter: bool = field(
+        default=False,
+        metadata={
+            "help": "Merge the running LoRA adapter into the base weights, then continue in full fine-tuning at "
+            "the same step (fresh optimizer). Only on an output_dir whose latest checkpoint is an adapter."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.lora_r is not None and self.lora_r < 1:
+            problems.append("--lora_r must be >= 1")
+        if self.lora_dropout is not None and not 0 <= self.lora_dropout < 1:
+            problems.append("--lora_dropout must be >= 0 and < 1")
+        if self.merge_adapter and self.use_peft:
+            problems.append("--merge_adapter continues in full fine-tuning: it cannot be given with --use_peft")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+    def lora_settings(self) -> dict[str, Any]:
+        """``r``, ``lora_alpha``, ``lora_dropout``, ``target_modules`` of a new adapter (after :func:`resolve_peft`)."""
+        r = self.lora_r or DEFAULT_LORA_R
+        return {
+            "r": r,
+            "lora_alpha": self.lora_alpha if self.lora_alpha is not None else 2 * r,
+            "lora_dropout": self.lora_dropout if self.lora_dropout is not None else DEFAULT_LORA_DROPOUT,
+            "target_modules": list(self.lora_target_modules or DEFAULT_TARGET_MODULES),
+        }
+
+
+def resolve_peft(values: dict[str, Any]) -> None:
+    """Fill ``use_peft`` and the LoRA settings not given from the running adapter (in place, before parsing).
+
+    Refuses (one line, nothing written) a switch of kind or of ``--lora_r`` on a used ``output_dir``.
+
+    Raises:
+        ConfigError: a switch, or ``--use_peft`` without a base model folder outside ``output_dir``.
+    """
+    kind, config = running_kind(values["output_dir"])
+    merging = bool(values.get("merge_adapter"))
+    if values["use_peft"] is None:
+        values["use_peft"] = kind == "lora" and not merging
+    problem = switch_problem(kind, config, values)
+    if problem:
+        raise ConfigError(problem)
+    if kind == "lora" and values["use_peft"] and config is not None:
+        for flag, key in (
+            ("lora_r", "r"),
+            ("lora_alpha", "lora_alpha"),
+            ("lora_dropout", "lora_dropout"),
+            ("lora_target_modules", "target_modules"),
+        ):
+            if values[flag] is None:
+                values[flag] = sorted(config[key]) if isinstance(config.get(key), list) else config.get(key)
+    if values["use_peft"] and kind is None:
+        from daemon.store.origin import base_model_of
+
+        base = base_model_of(values["output_dir"], values["model_name_or_path"])
+        if base is None or Path(base).resolve() == Path(values["output_dir"]).resolve():
+            raise ConfigError(
+                "--use_peft trains an adapter on a pretrained base: name its folder with --model_name_or_path "
+                "(outside --output_dir, which every export replaces)"
+            )
+
+
+def running_kind(output_dir: str | Path) -> tuple[str | None, dict[str, Any] | None]:
+    """``("lora", its adapter config)`` or ``("full", None)`` for the latest complete checkpoint; ``(None, None)``.
+
+    Reads files only (no torch): the daemon asks it when it checks flags.
+    """
+    latest = latest_complete_checkpoint(output_dir, set_aside=False)
+    if latest is None:
+        return None, None
+    config = adapter_config(latest.path)
+    return ("lora", config) if config is not None else ("full", None)

@@ -1,0 +1,250 @@
+"""``--use_peft``: one LoRA adapter carried across files, with the guarantees of full fine-tuning.
+
+daemon/training/adapters.py, daemon/training/peft_flags.py and daemon/store/adapter_files.py.
+
+A tiny local Llama is the base; two files are trained once for the module with a LoRA adapter,
+and each test that changes the tree works on a copy of it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import REPO, Tree, export_tiny, run_cli, stdlib_documents, train, write_jsonl
+from safetensors.torch import load_file
+
+from daemon.exceptions import ConfigError
+from daemon.store.status import history_violations
+from daemon.training.arguments import parse_args
+
+# grad_workers 2: the threaded accumulation computes the adapter's gradients (the base weights have none)
+LORA = {"use_peft": True, "lora_r": 4, "save_steps": 5, "learning_rate": 5e-3, "grad_workers": 2}
+
+
+def _text_file(path: Path, n: int, offset: int) -> Path:
+    return write_jsonl(path, [{"text": d} for d in stdlib_documents(limit=n + offset)[offset:]])
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def lora_tree(tmp_path_factory) -> tuple[Tree, Path, list[dict], dict[str, str]]:
+    """A tree with two files trained on one adapter over a tiny base; the rows, and the base's file digests."""
+    tree = Tree(tmp_path_factory.mktemp("lora"))
+    base = export_tiny(tree.root / "base")
+    digests = {p.name: _digest(p) for p in base.iterdir() if p.is_file()}
+    a, b = _text_file(tree.root / "a.jsonl", 10, 0), _text_file(tree.root / "b.jsonl", 10, 10)
+    rows = [train(tree, a, model_name_or_path=base, **LORA), train(tree, b, **LORA)]
+    return tree, base, rows, digests
+
+
+def _copy(lora_tree, to: Path) -> tuple[Tree, Path, list[dict]]:
+    source, _, rows, _ = lora_tree
+    shutil.copytree(source.root, to)
+    # origin.json names the base by the path it was given: the copy's base is the same folder, unchanged
+    return Tree(to), to / "base", rows
+
+
+def test_two_files_continue_one_adapter_and_never_touch_the_base_weights(lora_tree):
+    tree, base, (first, second), digests = lora_tree
+    assert second["start_step"] == first["end_step"] and history_violations(tree.history()) == []
+    end_a, end_b = tree.output / f"checkpoint-{first['end_step']}", tree.output / f"checkpoint-{second['end_step']}"
+    assert not (end_b / "model.safetensors").exists()  # the adapter only: no copy of the base weights
+    adapter_a, adapter_b = (
+        load_file(end_a / "adapter_model.safetensors"),
+        load_file(end_b / "adapter_model.safetensors"),
+    )
+    assert adapter_a and all("lora_" in name for name in adapter_a)
+    lora_b = [name for name in adapter_b if "lora_B" in name]
+    assert lora_b and all(adapter_b[n].abs().sum() > 0 for n in lora_b)  # trained away from peft's zero init
+    assert any(not torch.equal(adapter_a[n], adapter_b[n]) for n in adapter_a)  # the second file changed it
+    # One optimizer since the first step: its step count is the line's, not the second file's alone.
+    optimizer = torch.load(end_b / "optimizer.pt", weights_only=True)
+    assert len(optimizer["state"]) == len(adapter_b)  # moments for the adapter's tensors only
+    assert {int(s["step"]) for s in optimizer["state"].values()} == {second["end_step"]}
+    assert {p.name: _digest(p) for p in base.iterdir() if p.is_file()} == digests
+    merged, original = load_file(tree.output / "model.safetensors"), load_file(base / "model.safetensors")
+    untouched = [n for n in original if "proj" not in n]  # embeddings and norms carry no adapter
+    assert untouched and all(torch.equal(merged[n], original[n]) for n in untouched)  # bitwise
+    assert any(not torch.equal(merged[n], original[n]) for n in original if "proj" in n)
+
+
+def test_the_merged_export_equals_base_plus_adapter_and_the_adapter_loads_with_peft(lora_tree):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    tree, base, _, _ = lora_tree
+    merged = AutoModelForCausalLM.from_pretrained(tree.output).eval()
+    with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), tree.output / "adapter").eval()
+    assert not isinstance(merged, PeftModel) and not (tree.output / "adapter_config.json").exists()
+    tokens = torch.arange(3, 35).reshape(2, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(tokens).logits, with_adapter(tokens).logits, rtol=1e-4, atol=1e-5)
+    card = (tree.output / "README.md").read_text()
+    assert "## LoRA adapter" in card and str(base) in card and "| r / alpha / dropout | 4 / 8 / 0.0 |" in card
+    status = json.loads((tree.status / "training_status.json").read_text())
+    assert status["checkpoints"]["kind"] == "lora" and 0 < status["checkpoints"]["latest_bytes"]
+    assert status["gradient_guard"]["workers"] == 2 and status["gradient_guard"]["skipped_steps"] == 0
+
+
+# train.py in a process that SIGKILLs itself at one step: no handler, no cleanup, as a kill -9 from outside.
+_KILLED_AT = """
+import os, signal, sys
+from daemon.training.callbacks import PlanCallback
+from daemon.__main__ import main
+original = PlanCallback.on_step_end
+def on_step_end(self, args, state, control, **kwargs):
+    if state.global_step == int(os.environ["KILL_AT_STEP"]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(self, args, state, control, **kwargs)
+PlanCallback.on_step_end = on_step_end
+main(["train", *sys.argv[1:]])
+"""
+
+
+def test_a_file_sigkilled_mid_way_resumes_its_adapter_exactly(lora_tree, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from test_resume import _losses
+
+    straight, _, _ = _copy(lora_tree, tmp_path / "straight")
+    expected = train(straight, _text_file(straight.root / "c.jsonl", 12, 20), **LORA)
+    tree, _, _ = _copy(lora_tree, tmp_path / "killed")
+    data = _text_file(tree.root / "c.jsonl", 12, 20)
+    kill_at = expected["start_step"] + expected["planned_steps"] // 2 + 1
+    argv = ["--dataset", str(data), *tree.flags(**LORA)]
+    env = {**os.environ, "KILL_AT_STEP": str(kill_at), "PYTHONPATH": str(REPO)}
+    killed = subprocess.run([sys.executable, "-c", _KILLED_AT, *argv], cwd=tree.root, env=env, capture_output=True)
+    assert killed.returncode == -signal.SIGKILL
+    assert expected["start_step"] < max(int(p.name.split("-")[1]) for p in tree.output.glob("checkpoint-*")) < kill_at
+    resumed = train(tree, data, **LORA)
+    assert (resumed["start_step"], resumed["end_step"]) == (expected["start_step"], expected["end_step"])
+    assert history_violations(tree.history()) == [] and [r["file"] for r in tree.history()][-1] == "c.jsonl"
+    assert _losses(tree) == pytest.approx(_losses(straight), rel=1e-4)
+    end = f"checkpoint-{expected['end_step']}/adapter_model.safetensors"
+    torch.testing.assert_close(load_file(tree.output / end), load_file(straight.output / end), rtol=1e-4, atol=1e-6)
+
+
+def test_rollback_restores_the_adapter_bitwise_and_exports_it_merged(lora_tree, tmp_path):
+    from daemon.store.rollback import roll_back_to
+
+    tree, _, (first, _) = _copy(lora_tree, tmp_path / "tree")
+    kept = tree.output / f"checkpoint-{first['end_step']}"
+    before = _digest(kept / "adapter_model.safetensors")
+    roll_back_to(tree.output, tree.status, first["end_step"])
+    assert sorted(p.name for p in tree.output.glob("checkpoint-*")) == [kept.name]
+    assert _digest(kept / "adapter_model.safetensors") == before
+    assert _digest(tree.output / "adapter" / "adapter_model.safetensors") == before  # the export's adapter too
+    assert json.loads((tree.output / "export.json").read_text()) == {"global_step": first["end_step"]}
+    assert (tree.output / "config.json").is_file() and "## LoRA adapter" in (tree.output / "README.md").read_text()
+    nxt = train(tree, _text_file(tree.root / "d.jsonl", 6, 30), **LORA)
+    assert nxt["start_step"] == first["end_step"] and history_violations(tree.history()) == []
+
+
+def _everything(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): _digest(p) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    ("flags", "says"),
+    [
+        (["--use_peft", "false"], "holds a LoRA adapter (r=4); --use_peft false cannot continue it"),
+        (["--lora_r=8"], "holds a LoRA adapter of r=4; --lora_r 8 cannot continue it"),
+        (["--lora_alpha", "16"], "holds a LoRA adapter of lora_alpha=8; --lora_alpha 16 cannot continue it"),
+    ],
+)
+def test_a_switch_away_from_the_adapter_is_refused_in_one_line_and_writes_nothing(lora_tree, flags, says):
+    tree, _, _, _ = lora_tree
+    before = _everything(tree.root)
+    data = str(tree.root / "a.jsonl")
+    result = run_cli(["train.py", "--dataset", data, *tree.flags(save_steps=5), *flags], cwd=REPO)
+    assert result.returncode != 0 and says in result.stderr and "--merge_adapter" in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert _everything(tree.root) == before
+
+
+def test_use_peft_on_full_fine_tuning_checkpoints_or_without_a_base_is_refused(tree):
+    from helpers import fake_checkpoint
+
+    argv = ["--dataset", "x.jsonl", *tree.flags(), "--use_peft"]
+    with pytest.raises(ConfigError, match="--use_peft trains an adapter on a pretrained base"):
+        parse_args(argv)
+    fake_checkpoint(tree.output, 7)
+    with pytest.raises(ConfigError, match="holds full fine-tuning checkpoints; --use_peft cannot continue them"):
+        parse_args(argv)
+
+
+def _without_learning_rate(argv: list[str]) -> list[str]:
+    at = argv.index("--learning_rate")
+    return argv[:at] + argv[at + 2 :]
+
+
+def test_flags_not_given_follow_the_running_adapter_and_lora_has_its_own_learning_rate(lora_tree, tree):
+    from daemon.training.peft_flags import LORA_LEARNING_RATE
+
+    source, base, _, _ = lora_tree
+    flags = parse_args(["--dataset", "x.jsonl", *_without_learning_rate(source.flags())])
+    assert flags.peft.use_peft and (flags.peft.lora_r, flags.peft.lora_alpha) == (4, 8)
+    assert flags.training.learning_rate == LORA_LEARNING_RATE
+    new = _without_learning_rate(tree.flags())
+    fresh = parse_args(["--dataset", "x.jsonl", *new, "--model_name_or_path", str(base), "--use_peft=true"])
+    assert fresh.training.learning_rate == LORA_LEARNING_RATE and fresh.peft.lora_settings()["r"] == 16
+    assert parse_args(["--dataset", "x.jsonl", *new, "--model_name_or_path", str(base)]).training.learning_rate == 5e-5
+
+
+def test_merge_adapter_continues_in_full_fine_tuning_at_the_same_step(lora_tree, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    tree, _, (_, second) = _copy(lora_tree, tmp_path / "tree")
+    end = second["end_step"]
+    exported = AutoModelForCausalLM.from_pretrained(tree.output).state_dict()
+    flags = {k: v for k, v in LORA.items() if not k.startswith(("use_peft", "lora_"))}
+    row = train(tree, _text_file(tree.root / "e.jsonl", 6, 30), merge_adapter=True, **flags)
+    assert row["start_step"] == end and history_violations(tree.history()) == []
+    merged_start = tree.output / f"checkpoint-{end}"
+    assert (merged_start / "model.safetensors").is_file() and not (merged_start / "adapter_config.json").exists()
+    assert (tree.output / f"merged-lora-checkpoint-{end}" / "adapter_model.safetensors").is_file()
+    start_weights = load_file(merged_start / "model.safetensors")
+    assert all(torch.allclose(start_weights[n], exported[n], atol=1e-6) for n in start_weights)  # base + adapter
+    assert not (tree.output / "adapter").exists()
+    after = tree.output / f"checkpoint-{row['end_step']}"
+    assert (after / "model.safetensors").is_file() and not (after / "adapter_config.json").exists()
+    plain = parse_args(["--dataset", "x.jsonl", *tree.flags()])  # the line is full fine-tuning now
+    assert plain.peft.use_peft is False
+    again = parse_args(["--dataset", "x.jsonl", *tree.flags(), "--merge_adapter"])  # a daemon gives it to every file
+    assert again.peft.use_peft is False
+
+
+def test_the_daemon_trains_a_stream_of_drops_on_one_adapter_with_replay_and_the_quality_gate(tree):
+    from helpers import daemon_argv
+
+    base = export_tiny(tree.root / "base")
+    for i, name in enumerate(("1-a.jsonl", "2-b.jsonl")):
+        _text_file(tree.inbox / name, 8, 8 * i)
+    gate = ["--use_peft", "--model_name_or_path", str(base), "--max_regression", "5", "--on_regression", "rollback"]
+    result = run_cli(daemon_argv(tree, "--once", *gate, replay_fraction=0.2), cwd=tree.root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    first, second = tree.history()
+    assert (first["outcome"], second["outcome"]) == ("done", "done") and second["start_step"] == first["end_step"]
+    assert second["replayed_examples"] > 0 and history_violations(tree.history()) == []
+    assert (tree.output / f"checkpoint-{second['end_step']}" / "adapter_config.json").is_file()
+    assert (tree.output / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_a_cooldown_branch_trains_a_copy_of_the_adapter_and_the_main_line_continues_unchanged(lora_tree, tmp_path):
+    tree, _, (_, second) = _copy(lora_tree, tmp_path / "tree")
+    row = train(tree, _text_file(tree.root / "f.jsonl", 8, 30), cooldown_fraction=0.5, **LORA)
+    assert row["start_step"] == second["end_step"] and history_violations(tree.history()) == []
+    end = tree.output / f"checkpoint-{row['end_step']}" / "adapter_model.safetensors"
+    exported = load_file(tree.output / "adapter" / "adapter_model.safetensors")
+    assert any(not torch.equal(exported[n], t) for n, t in load_file(end).items())  # the export is the cooled branch
