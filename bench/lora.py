@@ -34,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.accumulation import machine, write_section  # noqa: E402
+from bench.common import machine, write_section  # noqa: E402
 from bench.real_model import drops, halves, outcome, train_stream  # noqa: E402
 from bench.smollm2 import smollm2_folder  # noqa: E402
 
