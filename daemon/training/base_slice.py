@@ -93,12 +93,21 @@ def base_slice_path(status_dir: str | Path) -> Path:
     return Path(status_dir) / SUITE_DIR / f"{slice_name(0, BASE_FILE)}.jsonl"
 
 
-def base_records(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[dict[str, Any]]:
-    """The base model's greedy answers to the neutral prompts, as suite records (module docstring).
+def greedy_answers(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    chat_prompts: list[str],
+    text_prompts: list[str],
+    max_new_tokens: int,
+) -> tuple[bool, list[str], list[list[int]], list[list[int]]]:
+    """The model's greedy continuation of each neutral prompt, in one left-padded batch with the KV cache.
+
+    A chat model (:func:`~daemon.training.snapshots.is_chat_model`) answers ``chat_prompts`` as user
+    turns of its template; another continues ``text_prompts``.
 
     Returns:
-        ``{"messages": [user, assistant]}`` records for a chat model, else ``{"prompt", "completion"}``
-        records; one per prompt, in prompt order, answers of at most :data:`MAX_NEW_TOKENS` tokens.
+        ``(chat, prompts, prompt ids, generated ids)``: per prompt, in order, the tokens fed and the
+        at most ``max_new_tokens`` generated after them (padding after an end-of-sequence included).
     """
     import torch
     from transformers import GenerationConfig
@@ -107,20 +116,30 @@ def base_records(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> 
     from daemon.training.snapshots import chat_prompt_ids, is_chat_model, left_padded
 
     chat = is_chat_model(tokenizer)
-    prompts = CHAT_PROMPTS if chat else TEXT_PROMPTS
+    prompts = chat_prompts if chat else text_prompts
     fed = [
         chat_prompt_ids(tokenizer, p) if chat else tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts
     ]
     pad = pad_token_id(tokenizer)
     input_ids, mask = left_padded(fed, pad, model.device)
-    longest = input_ids.shape[1]
     config = GenerationConfig(
-        do_sample=False, max_new_tokens=MAX_NEW_TOKENS, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id
+        do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id
     )
     model.eval()
     with torch.inference_mode():
         out = model.generate(input_ids=input_ids, attention_mask=mask, generation_config=config)  # type: ignore[operator]
-    answers = [str(tokenizer.decode(row[longest:], skip_special_tokens=True)) for row in out]
+    return chat, prompts, fed, out[:, input_ids.shape[1] :].tolist()
+
+
+def base_records(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[dict[str, Any]]:
+    """The base model's greedy answers to the neutral prompts, as suite records (module docstring).
+
+    Returns:
+        ``{"messages": [user, assistant]}`` records for a chat model, else ``{"prompt", "completion"}``
+        records; one per prompt, in prompt order, answers of at most :data:`MAX_NEW_TOKENS` tokens.
+    """
+    chat, prompts, _, generated = greedy_answers(model, tokenizer, CHAT_PROMPTS, TEXT_PROMPTS, MAX_NEW_TOKENS)
+    answers = [str(tokenizer.decode(row, skip_special_tokens=True)) for row in generated]
     if chat:
         return [
             {"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": a.strip()}]}

@@ -38,6 +38,8 @@ from typing import TYPE_CHECKING, Any
 
 from daemon.store.replay import REPLAY_DIR, Share, within_tokens, write_share
 from daemon.store.suite import slice_name
+from daemon.training.base_slice import greedy_answers
+from daemon.training.encoding import IGNORE_INDEX
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -170,32 +172,16 @@ def rehearsal_examples(
         ``{"input_ids", "labels"}`` per prompt with an answer, in prompt order: the prompt's labels
         -100, the answer's its ids (up to and with the first end-of-sequence token).
     """
-    import torch
-    from transformers import GenerationConfig
-
-    from daemon.training.data import pad_token_id
-    from daemon.training.snapshots import chat_prompt_ids, is_chat_model, left_padded
-
-    chat = is_chat_model(tokenizer)
-    prompts = CHAT_PROMPTS if chat else TEXT_PROMPTS
-    fed = [
-        chat_prompt_ids(tokenizer, p) if chat else tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts
-    ]
-    pad, eos = pad_token_id(tokenizer), tokenizer.eos_token_id
-    input_ids, mask = left_padded(fed, pad, model.device)
-    longest = input_ids.shape[1]
-    config = GenerationConfig(do_sample=False, max_new_tokens=MAX_NEW_TOKENS, pad_token_id=pad, eos_token_id=eos)
-    model.eval()
-    with torch.inference_mode():
-        out = model.generate(input_ids=input_ids, attention_mask=mask, generation_config=config)  # type: ignore[operator]
+    _, _, fed, generated = greedy_answers(model, tokenizer, CHAT_PROMPTS, TEXT_PROMPTS, MAX_NEW_TOKENS)
+    eos = tokenizer.eos_token_id
     examples = []
-    for prompt, row in zip(fed, out[:, longest:].tolist(), strict=True):
+    for prompt, row in zip(fed, generated, strict=True):
         answer = row[: row.index(eos) + 1] if eos in row else row  # what follows the end is padding
         if not str(tokenizer.decode(answer, skip_special_tokens=True)).strip():
             continue
         ids = (prompt + answer)[:max_length]
-        labels = ([-100] * len(prompt) + answer)[:max_length]
-        if any(label != -100 for label in labels):
+        labels = ([IGNORE_INDEX] * len(prompt) + answer)[:max_length]
+        if any(label != IGNORE_INDEX for label in labels):
             examples.append({"input_ids": ids, "labels": labels})
     return examples
 
