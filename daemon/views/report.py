@@ -43,7 +43,7 @@ from daemon.store.files import atomic_write_text
 from daemon.store.records import Outcome, utc_now
 from daemon.store.status import StatusFile, latest_snapshot, read_history, read_loss_series, standing_done_rows
 from daemon.store.suite import EVAL_FILE
-from daemon.views.summary import summarize
+from daemon.views.summary import num, summarize
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -254,10 +254,6 @@ def _e(value: Any) -> str:
     return html.escape("-" if value is None else str(value))
 
 
-def _num(value: Any, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
 def _plot(fig: Figure | None, alt: str, css_class: str, missing: str) -> str:
     if fig is None:
         return f'<p class="note">{_e(missing)}</p>'
@@ -340,8 +336,8 @@ def _files(data: ReportData) -> str:
     out = [f"<p>Queue ({len(queue)}): {_e(', '.join(queue)) if queue else 'empty'}</p>"]
     done = "".join(
         f"<tr><td>{i}</td><td>{_e(r['file'])}</td><td class=num>{_e(r['start_step'])} &rarr; {_e(r['end_step'])}</td>"
-        f"<td class=num>{_num(r.get('train_loss'), '.3f')}</td><td class=num>{_num(r.get('eval_loss'), '.3f')}</td>"
-        f"<td class=num>{_num(r.get('wall_seconds'), '.0f')}</td></tr>"
+        f"<td class=num>{num(r.get('train_loss'), '.3f')}</td><td class=num>{num(r.get('eval_loss'), '.3f')}</td>"
+        f"<td class=num>{num(r.get('wall_seconds'), '.0f')}</td></tr>"
         for i, r in enumerate(data.done, start=1)
     )
     if done:
