@@ -53,7 +53,7 @@ Signature = tuple[int, int, int, int]  # a file's device, inode, size and modifi
 
 @dataclass(frozen=True)
 class Snapshot:
-    """An export linked whole by :func:`snapshot_export`: its step and its ``export.json``'s :func:`export_signature`."""
+    """An export linked whole (:func:`snapshot_export`): its step and its ``export.json``'s signature."""
 
     global_step: int
     signature: Signature
@@ -108,9 +108,9 @@ def snapshot_export(root: str | Path, dest: str | Path) -> Snapshot | None:
             (elsewhere the files are copied).
 
     Returns:
-        The snapshot's ``global_step`` (its ``export.json``) and the signature ``export.json`` had,
-        or None when there is no whole export now (none yet, one moving in, or one that moved in while linking): ``dest`` is then
-        removed, and a later call may succeed.
+        The snapshot's ``global_step`` (its ``export.json``) and the signature ``export.json`` had
+        (:func:`export_signature`), or None when there is no whole export now (none yet, one moving
+        in, or one that moved in while linking): ``dest`` is then removed, and a later call may succeed.
 
     Raises:
         OSError: ``dest`` cannot be made or written.
