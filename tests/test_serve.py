@@ -8,6 +8,7 @@ so a request failing across the swap fails the test.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -16,9 +17,11 @@ import subprocess
 import sys
 import threading
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
+import pytest
 from helpers import REPO, export_tiny, run_cli, wait_for
 
 SERVER_START_SECONDS = 120  # importing torch, transformers and fastapi on a busy 2-core machine
@@ -45,6 +48,29 @@ def _loaded_step(base: str) -> int | None:
     return models[0]["global_step"] if models else None
 
 
+def _model_processes(server_pid: int) -> list[psutil.Process]:
+    """The server's model processes (transformers starts each with multiprocessing's spawn)."""
+    found = []
+    for process in psutil.Process(server_pid).children():
+        try:
+            if "spawn_main" in " ".join(process.cmdline()):
+                found.append(process)
+        except psutil.Error:  # exited (a zombie until the server reaps it): not a model process any more
+            pass
+    return found
+
+
+def _answers(client) -> str | None:
+    """The step that answers a completion now, or None when the request fails."""
+    import openai
+
+    try:
+        raw = client.completions.with_raw_response.create(model="current_model", prompt="def ", max_tokens=2)
+    except openai.APIError:
+        return None
+    return raw.headers["x-global-step"]
+
+
 class _Asker(threading.Thread):
     """Asks for completions one after another until stopped: the step that answered each, or the error."""
 
@@ -64,32 +90,42 @@ class _Asker(threading.Thread):
                 self.errors.append(f"{type(e).__name__}: {e}")
 
 
+@contextlib.contextmanager
+def _serving(output: Path, log_path: Path) -> Iterator[subprocess.Popen]:
+    """``python -m daemon serve`` on ``output``, on a free loopback port (``server.base``), until the block ends."""
+    port = _free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    command = ["-m", "daemon", "serve", "--output_dir", str(output), "--port", str(port), "--poll_seconds", "0.2"]
+    with open(log_path, "wb") as log:
+        server = subprocess.Popen(
+            [sys.executable, *command], cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+        server.base = f"http://127.0.0.1:{port}"  # type: ignore[attr-defined]
+        try:
+            wait_for(lambda: server.poll() is not None or _models(server.base), SERVER_START_SECONDS, "the server")
+            assert server.poll() is None, log_path.read_text()
+            yield server
+        finally:
+            if server.poll() is None:
+                os.killpg(server.pid, signal.SIGKILL)
+                server.wait(timeout=10)
+
+
 def test_the_server_follows_each_export_without_a_failed_request(tmp_path):
     import openai
 
     output = tmp_path / "current_model"
     output.mkdir()
-    port = _free_port()
-    base = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     log_path = tmp_path / "serve.log"
-    log = open(log_path, "wb")  # noqa: SIM115 - closed in finally
-    command = ["-m", "daemon", "serve", "--output_dir", str(output), "--port", str(port), "--poll_seconds", "0.2"]
-    server = subprocess.Popen(
-        [sys.executable, *command], cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-    )
-    try:
-        wait_for(lambda: server.poll() is not None or _models(base), SERVER_START_SECONDS, "the server")
-        assert server.poll() is None, log_path.read_text()
+    with _serving(output, log_path) as server:
+        base = server.base
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="local", timeout=REQUEST_SECONDS, max_retries=0)
 
         # Started before the first export: it answers 503 (which clients retry), then serves the export.
         assert _models(base)[0]["status"]["value"] == "unloaded"
-        try:
+        with pytest.raises(openai.APIStatusError) as refused:
             client.completions.create(model="current_model", prompt="def ", max_tokens=2)
-            raise AssertionError("answered without a model")
-        except openai.APIStatusError as e:
-            assert e.status_code == 503
+        assert refused.value.status_code == 503
         export_tiny(output, global_step=1)
         assert wait_for(lambda: _loaded_step(base), LOAD_SECONDS, "the first export") == 1
 
@@ -98,11 +134,9 @@ def test_the_server_follows_each_export_without_a_failed_request(tmp_path):
         )
         assert chat.headers["x-global-step"] == "1"
         assert chat.parse().model == "current_model" and chat.parse().usage.completion_tokens >= 1
-        try:
+        with pytest.raises(openai.BadRequestError) as refused:
             client.completions.create(model="another", prompt="def ", max_tokens=2)
-            raise AssertionError("answered for another model")
-        except openai.BadRequestError as e:
-            assert "current_model" in e.response.json()["detail"]
+        assert "current_model" in refused.value.response.json()["detail"]
 
         # The swap, with requests running on two threads all along.
         stop = threading.Event()
@@ -126,20 +160,21 @@ def test_the_server_follows_each_export_without_a_failed_request(tmp_path):
         # The replaced export's process stops and its snapshot goes once its requests are answered.
         snapshots = output / f".serving-{server.pid}"
         wait_for(lambda: len(list(snapshots.iterdir())) == 1, LOAD_SECONDS, "the step-1 export to be stopped")
-        model_processes = [p for p in psutil.Process(server.pid).children() if "spawn_main" in " ".join(p.cmdline())]
-        assert len(model_processes) == 1
+        (model_process,) = _model_processes(server.pid)
+
+        # A model process that dies (killed for memory, say) is replaced by the same export loaded again.
+        model_process.kill()
+        wait_for(lambda: _answers(client) == "2", LOAD_SECONDS, "answers of step 2 again")
+        (revived,) = _model_processes(server.pid)
+        assert revived.pid != model_process.pid
         processes = psutil.Process(server.pid).children(recursive=True)
 
+        # SIGTERM: a clean stop, its model processes and snapshots gone.
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=60) == 0, log_path.read_text()
         assert not list(output.glob(".serving-*"))
         wait_for(lambda: not any(p.is_running() for p in processes), 30, "the model processes to exit")
         assert "serving the export of step 2" in log_path.read_text()
-    finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait(timeout=10)
-        log.close()
 
 
 def test_serve_without_the_output_folder_says_so_in_one_line(tmp_path: Path):

@@ -6,7 +6,8 @@ older one. The export is hard-linked into a snapshot of the server's own
 (:func:`daemon.store.export_snapshot.snapshot_export`) and loaded from there: its files stay as they
 are however many exports move in meanwhile. An export that is moving in is tried again at the next
 poll; one that does not load is logged, the model serving stays, and the next change of
-``export.json`` is tried. Engines replaced are stopped, and their snapshots removed, once their
+``export.json`` is tried. When the model's process dies (killed for memory, a crash), the export is
+loaded again. Engines replaced are stopped, and their snapshots removed, once their
 last request is answered.
 """
 
@@ -81,6 +82,7 @@ class ExportFollower:
         self.loader, self.generation_state, self.poll_seconds = loader, generation_state, poll_seconds
         self.stop = threading.Event()
         self._seen: tuple[int, ...] | None = None  # export.json's signature last loaded, or last failing to load
+        self._revived: ExportEngine | None = None  # the engine whose death made the export load again
         self._numbers = itertools.count()
         self._thread: threading.Thread | None = None
 
@@ -115,6 +117,10 @@ class ExportFollower:
         """
         for engine in self.models.stop_idle():
             shutil.rmtree(engine.folder, ignore_errors=True)
+        serving = self.models.current
+        if serving is not None and serving.is_dead and serving is not self._revived:
+            logger.warning("the model process of step %d died: loading the export again", serving.global_step)
+            self._seen, self._revived = None, serving  # once per death: a load that fails waits for export.json
         signature = export_signature(self.output_dir)
         if signature is None or signature == self._seen:
             return None
@@ -123,7 +129,6 @@ class ExportFollower:
         if snapshot is None:
             return None
         self._seen = snapshot.signature
-        serving = self.models.current
         logger.info("loading the export of step %d (%s)", snapshot.global_step, self.output_dir)
         try:
             engine = ExportEngine(
