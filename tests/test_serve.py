@@ -219,5 +219,7 @@ def test_a_replaced_export_stops_only_once_its_last_request_is_answered():
     models.release(in_flight)
     assert models.stop_idle() == [old] and old.stopped and not new.stopped
     models.release(answered_after)
-    models.shutdown()
+    models.shutdown()  # transformers' /reset, and its app stopping: the export stays loaded
+    assert not new.stopped
+    models.close()
     assert new.stopped

@@ -91,7 +91,7 @@ def main(argv: list[str]) -> int:
         server.run()  # until SIGINT or SIGTERM (uvicorn's handlers): requests in progress finish first
     finally:
         follower.close()
-        models.shutdown()
+        models.close()
         shutil.rmtree(snapshots, ignore_errors=True)
     return 0
 

@@ -115,6 +115,13 @@ class ExportModels(ModelManager):
         return idle
 
     def shutdown(self) -> None:
+        """Nothing: the export stays loaded until :meth:`close`.
+
+        transformers calls this on ``/reset`` (to free the models until a request loads one again)
+        and when its app stops; here a model unloaded would stay so until the next export.
+        """
+
+    def close(self) -> None:
         """Stop every engine, the current one and those being replaced (the server is stopping)."""
         with self._lock:
             engines = [*self.retiring, *([self.current] if self.current is not None else [])]
