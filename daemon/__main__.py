@@ -6,6 +6,7 @@ python -m daemon report                                   (writes status/report.
 python -m daemon rollback (--to_step N | --list)
 python -m daemon rebuild-ledger [--force]
 python -m daemon generate "PROMPT" [--max_new_tokens N] [--temperature T] [--seed S]
+python -m daemon serve [--host 127.0.0.1] [--port 8000]   (an OpenAI-compatible server that follows the export)
 python -m daemon train --dataset FILE.jsonl [flags]      (same as python train.py)
 python -m daemon train-spare                              (the daemon's prestarted training process)
 
@@ -109,6 +110,10 @@ def _dispatch(argv: list[str]) -> int:
         from daemon.training import generate
 
         return generate.main(argv[1:])
+    if command == "serve":  # its own process: transformers' server, following the export
+        from daemon.serving import cli as serving
+
+        return serving.main(argv[1:])
     if command in ("train", "train-spare", "check-args"):
         if command != "check-args":
             from daemon.training.speed.allocator import keep_freed_memory

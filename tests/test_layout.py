@@ -13,8 +13,13 @@ from helpers import REPO
 
 PACKAGE = REPO / "daemon"
 ML_LIBRARIES = {"torch", "transformers", "datasets", "accelerate", "peft", "tokenizers"}
-# The entry point of `python -m daemon` and train.py hands the training subcommands to daemon.training.cli.
+# The entry point of `python -m daemon` and train.py hands the training subcommands to daemon.training.cli,
+# and `serve` to daemon.serving.cli.
 ENTRY_POINT = "daemon.__main__"
+# The packages of the processes that load a model: only they import the ML libraries when imported, and only
+# the entry point imports them. The serving process (`python -m daemon serve`) is started on its own, beside
+# the daemon, like the training child; neither imports the other.
+MODEL_PROCESSES = ("daemon.training", "daemon.serving")
 MAX_MODULE_LINES = 450
 MAX_CLASS_LINES = 250
 
@@ -61,23 +66,27 @@ def _graph() -> dict[str, set[str]]:
     return {name: {m for m in _imports(path) if m in MODULES and m != name} for name, path in MODULES.items()}
 
 
-def test_nothing_outside_training_imports_it():
+def _package(name: str) -> str | None:
+    return next((p for p in MODEL_PROCESSES if name == p or name.startswith(p + ".")), None)
+
+
+def test_nothing_outside_training_or_serving_imports_it():
     outside = {
-        name: sorted(m for m in _graph()[name] if m.startswith("daemon.training"))
+        name: sorted(m for m in _graph()[name] if _package(m) not in (None, _package(name)))
         for name in MODULES
-        if not name.startswith("daemon.training") and name != ENTRY_POINT
+        if name != ENTRY_POINT
     }
     assert {name: found for name, found in outside.items() if found} == {}
 
 
-def test_only_training_imports_the_ml_libraries_when_imported():
+def test_only_training_and_serving_import_the_ml_libraries_when_imported():
     """Importing the daemon process's modules loads no ML library (start-up cost belongs to the training
-    child); nor does the store, the quality gate or the views, which both processes and the subcommands
-    without a model use. A function the training process calls may import one where it runs."""
+    child and the server); nor does the store, the quality gate or the views, which all processes and the
+    subcommands without a model use. A function the training process calls may import one where it runs."""
     heavy = {
         name: sorted({m.split(".")[0] for m in _imports(path, at_import_time=True)} & ML_LIBRARIES)
         for name, path in MODULES.items()
-        if not name.startswith("daemon.training")
+        if _package(name) is None
     }
     assert {name: found for name, found in heavy.items() if found} == {}
 

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from daemon.store import adapter_files as adapters
 from daemon.store.durable import COMMIT_FILE, commit_problem, folder_bytes, fsync_dir, make_durable
+from daemon.store.export_snapshot import EXPORT_STATE, publishing
 from daemon.store.files import atomic_write_text
 from daemon.store.origin import ORIGIN_FILE
 from daemon.views.model_card import write_card
@@ -59,7 +60,6 @@ WEIGHT_FILES = (
     "adapter_model.safetensors",  # a LoRA checkpoint (--use_peft, daemon.training.adapters): the adapter only
     "adapter_model.bin",
 )
-EXPORT_STATE = "export.json"
 # What an export consists of: a checkpoint's files but the training state.
 TRAINING_STATE_FILES = (
     "trainer_state.json",
@@ -420,25 +420,26 @@ def _install_stage(root: Path, staged: Path, global_step: int, cooldown_steps: i
     make_durable(staged)
     old = {p.name for p in _export_files(root)} if (root / "config.json").is_file() else set()
     new = {p.name for p in staged.iterdir()}
-    for name in sorted(new, key=lambda n: n == "config.json"):  # config.json last: it makes a folder a model
-        if (staged / name).is_dir():  # adapter/ (a LoRA line): a folder cannot replace a folder in one rename
-            shutil.rmtree(root / name, ignore_errors=True)
-        os.replace(staged / name, root / name)
-    for name in old - new:
-        (root / name).unlink(missing_ok=True)
-    if adapters.ADAPTER_FOLDER not in new:  # an export without adapter (after --merge_adapter) leaves none of the old
-        shutil.rmtree(root / adapters.ADAPTER_FOLDER, ignore_errors=True)
-    staged.rmdir()
-    _write_export_state(root, global_step, cooldown_steps)
+    with publishing(root):  # readers that load meanwhile (python -m daemon serve) wait for export.json
+        for name in sorted(new, key=lambda n: n == "config.json"):  # config.json last: it makes a folder a model
+            if (staged / name).is_dir():  # adapter/ (a LoRA line): a folder cannot replace a folder in one rename
+                shutil.rmtree(root / name, ignore_errors=True)
+            os.replace(staged / name, root / name)
+        for name in old - new:
+            (root / name).unlink(missing_ok=True)
+        if adapters.ADAPTER_FOLDER not in new:  # an export without adapter (after --merge_adapter) leaves none
+            shutil.rmtree(root / adapters.ADAPTER_FOLDER, ignore_errors=True)
+        staged.rmdir()
+        _write_export_state(root, global_step, cooldown_steps)
 
 
 def _remove_export(root: Path) -> None:
-    (root / "config.json").unlink(missing_ok=True)  # first: without it the folder is no model
-    for path in _export_files(root):
-        path.unlink(missing_ok=True)
-    shutil.rmtree(root / adapters.ADAPTER_FOLDER, ignore_errors=True)
-    (root / EXPORT_STATE).unlink(missing_ok=True)
-    fsync_dir(root)
+    with publishing(root):
+        (root / "config.json").unlink(missing_ok=True)  # first: without it the folder is no model
+        for path in _export_files(root):
+            path.unlink(missing_ok=True)
+        shutil.rmtree(root / adapters.ADAPTER_FOLDER, ignore_errors=True)
+        (root / EXPORT_STATE).unlink(missing_ok=True)
 
 
 def _write_export_state(root: Path, global_step: int, cooldown_steps: int = 0) -> None:
