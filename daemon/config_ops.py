@@ -29,7 +29,8 @@ class OpsArguments:
         },
     )
     notify_timeout: float = field(
-        default=5.0, metadata={"help": "Seconds one POST may take before it counts as failed."}
+        default=5.0,
+        metadata={"help": "Seconds a POST waits for the receiver (to connect, then for each read) before it fails."},
     )
     notify_retries: int = field(
         default=3, metadata={"help": "Retries of a failed POST (a timeout, a refused connection, a 5xx or 429)."}

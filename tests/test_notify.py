@@ -124,7 +124,9 @@ def test_each_history_row_becomes_its_event_with_the_whole_row_in_it(tree):
     status.record_outcome(_done_row("a.jsonl", 0, 3))
     status.record_outcome(_done_row("b.jsonl", 3, 3, quality_gate=GATE))
     rollback = {**GATE, "on_regression": "rollback", "action": "rollback"}
-    status.record_outcome(HistoryRow.failed("c.jsonl", "quality gate: ... rolled back to step 6", quality_gate=rollback))
+    status.record_outcome(
+        HistoryRow.failed("c.jsonl", "quality gate: ... rolled back to step 6", quality_gate=rollback)
+    )
     status.record_outcome(HistoryRow.failed("d.jsonl", "no usable examples"))
     status.record_outcome(HistoryRow.rolled_back("b.jsonl", f"{3:064x}", 3, 6, 3, to_step=3))
     events.poll()

@@ -175,7 +175,7 @@ def row_events(row: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
             f"train_loss {num(row.get('train_loss'), '.3f')}, eval_loss {num(row.get('eval_loss'), '.3f')}, "
             f"{duration(row.get('wall_seconds'))}"
         )
-        events = [("file_done", text, {})]
+        events: list[tuple[str, str, dict[str, Any]]] = [("file_done", text, {})]
         if gate.get("action") == "warn":
             warning = f"{name}: {gate_message(gate, row.get('start_step') or 0)}"
             events.append(("quality_gate_warning", warning, {"quality_gate": gate}))

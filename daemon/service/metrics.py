@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -200,7 +200,7 @@ def _gauges(doc: dict[str, Any], now: float) -> dict[str, tuple[str, Any]]:
     return gauges
 
 
-def _labelled(kind: type[Any], name: str, help_text: str, label: str, values: dict[str, float]) -> Metric:
+def _labelled(kind: type[Any], name: str, help_text: str, label: str, values: Mapping[str, float]) -> Metric:
     """A ``continual_<name>`` family of ``kind`` (gauge or counter) with one sample per ``label`` value."""
     family = kind(PREFIX + name, help_text, labels=[label])
     for value, number in values.items():
