@@ -35,7 +35,7 @@ class Receiver:
     """A webhook receiver on a free local port: records each POST and answers as ``mode`` says.
 
     Modes: ``ok`` (200), ``status`` (``status``, e.g. 500), ``hang`` (no answer until :attr:`release`
-    is set, then 200).
+    is set, then 200), ``garbage`` (an answer that is not HTTP).
     """
 
     def __init__(self, mode: str = "ok", status: int = 200) -> None:
@@ -49,6 +49,9 @@ class Receiver:
                 receiver.posts.append((dict(self.headers), body))
                 if mode == "hang":
                     receiver.release.wait(60)
+                if mode == "garbage":
+                    self.wfile.write(b"not http at all\r\n\r\n")
+                    return
                 code = status if mode == "status" else 200
                 self.send_response(code)
                 self.send_header("Content-Length", "0")
@@ -216,12 +219,18 @@ def test_a_receiver_that_never_answers_does_not_hold_the_daemon_or_its_files(tre
 
 
 def test_failed_posts_are_retried_a_bounded_number_of_times_then_logged_undelivered(tree, receivers, caplog):
-    failing, slow, refusing = receivers("status", 500), receivers("hang"), receivers("status", 404)
+    failing, slow, refusing, garbled = (
+        receivers("status", 500),
+        receivers("hang"),
+        receivers("status", 404),
+        receivers("garbage"),
+    )
     down = closed_port_url()
-    notifier = Notifier([down, failing.url, slow.url, refusing.url], tree.status, timeout=0.3, retries=2, backoff=0.01)
+    urls = [down, failing.url, slow.url, refusing.url, garbled.url]
+    notifier = Notifier(urls, tree.status, timeout=0.3, retries=2, backoff=0.01)
     try:
         notifier.send({"event": "file_done", "id": "e1", "file": "a.jsonl"})
-        wait_for(lambda: len(deliveries(tree)) == 4, timeout=30, what="every URL's outcome")
+        wait_for(lambda: len(deliveries(tree)) == len(urls), timeout=30, what="every URL's outcome")
     finally:
         notifier.close()
     by_url = {d["url"]: d for d in deliveries(tree)}
@@ -231,8 +240,19 @@ def test_failed_posts_are_retried_a_bounded_number_of_times_then_logged_undelive
     assert len(failing.posts) == 3 and {h["X-Continual-Event-Id"] for h, _ in failing.posts} == {"e1"}
     assert by_url[slow.url]["attempts"] == 3 and "timed out" in by_url[slow.url]["error"]
     assert (by_url[refusing.url]["attempts"], by_url[refusing.url]["status"]) == (1, 404)  # a 4xx is final
-    assert notifier.counts == {"delivered": 0, "undelivered": 4, "dropped": 0}
+    assert by_url[garbled.url]["attempts"] == 3 and "BadStatusLine" in by_url[garbled.url]["error"]
+    assert notifier.counts == {"delivered": 0, "undelivered": len(urls), "dropped": 0}
     assert f"event file_done e1 not delivered to {down} after 3 attempts" in caplog.text
+
+
+def test_a_loss_that_is_not_a_number_is_sent_as_null(tree, receivers):
+    receiver = receivers()
+    notifier = Notifier([receiver.url], tree.status)
+    try:
+        notifier.send({"event": "file_done", "id": "n1", "history_row": {"eval_loss": float("nan"), "steps": [1]}})
+    finally:
+        notifier.close()
+    assert receiver.events() == [{"event": "file_done", "id": "n1", "history_row": {"eval_loss": None, "steps": [1]}}]
 
 
 def test_a_full_queue_drops_its_oldest_event_with_a_line(tree, receivers, caplog):

@@ -113,8 +113,8 @@ class Events:
             size = self.history_path.stat().st_size if self.history_path.exists() else 0
             if size == self._seen_size:
                 return
+            self._seen_size = size  # before reading: a history that cannot be read is logged once, not every poll
             rows = read_json_lines(self.history_path, warn=False)  # a line being appended now is read next time
-            self._seen_size = size
             if len(rows) < self._seen_rows:  # a history replaced by a shorter one: go on from its end
                 self._seen_rows = len(rows)
             new, self._seen_rows = rows[self._seen_rows :], len(rows)
@@ -137,10 +137,9 @@ class Events:
 
     def started(self) -> None:
         """The daemon started (its folders locked, its flags checked)."""
-        doc = self.status.read()
-        queued = (doc.get("files") or {}).get("queued", 0)
-        text = f"daemon started on {socket.gethostname()} (pid {os.getpid()}) at step {doc.get('global_step')}"
-        self.emit("daemon_started", f"{text}, {queued} files queued", state="starting")
+        step = self.status.read().get("global_step")
+        text = f"daemon started on {socket.gethostname()} (pid {os.getpid()}) at step {step}"
+        self.emit("daemon_started", text, state="starting")
 
     def stopped(self, reason: str) -> None:
         """The daemon stops, for ``reason`` (one phrase)."""

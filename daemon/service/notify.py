@@ -20,8 +20,10 @@ Standard library only.
 from __future__ import annotations
 
 import collections
+import http.client
 import json
 import logging
+import math
 import threading
 import time
 import urllib.error
@@ -102,6 +104,7 @@ class Notifier:
         self.counts = {"delivered": 0, "undelivered": 0, "dropped": 0}  # per (event, URL); read by the metrics
         self._queue: collections.deque[dict[str, Any]] = collections.deque()
         self._queue_size = queue_size
+        self._record_lock = threading.Lock()  # the thread's outcomes and send()'s dropped events
         self._ready = threading.Condition()
         self._closing = threading.Event()
         self._deadline = float("inf")  # monotonic time after which close() gives up on what is left
@@ -145,7 +148,7 @@ class Notifier:
 
     def _deliver(self, event: dict[str, Any], url: str) -> Delivery:
         """POST ``event`` to ``url`` until a 2xx, a final failure, or the close deadline."""
-        body = json.dumps(event, allow_nan=False, default=str).encode()
+        body = json.dumps(json_safe(event), allow_nan=False, default=str).encode()
         attempts, failure = 0, None
         while attempts <= self.retries:
             if attempts and not self._wait(self.backoff * 2 ** (attempts - 1)):
@@ -190,7 +193,7 @@ class Notifier:
         except urllib.error.HTTPError as e:  # a non-2xx answer
             e.close()
             raise _Failed(f"HTTP {e.code} {e.reason}", e.code, e.code >= 500 or e.code in RETRIED_STATUSES) from e
-        except (OSError, ValueError) as e:  # URLError, a timeout, a reset; ValueError: an unusable URL
+        except (OSError, http.client.HTTPException, ValueError) as e:  # URLError, timeout, reset, garbage; bad URL
             reason = getattr(e, "reason", None) or e
             raise _Failed(f"{type(reason).__name__}: {reason}", None, not isinstance(e, ValueError)) from e
 
@@ -202,13 +205,24 @@ class Notifier:
 
     def _record(self, deliveries: list[Delivery]) -> None:
         """Count ``deliveries``, log the undelivered ones and append them all to ``notifications.jsonl``."""
-        for d in deliveries:
-            self.counts[d.result] += 1
-            if d.result == "undelivered":
-                logger.warning(
-                    "event %s %s not delivered to %s after %d attempts: %s", d.event, d.id, d.url, d.attempts, d.error
-                )
-        try:
-            append_json_lines(self.log_path, [asdict(d) for d in deliveries])
-        except OSError:
-            logger.exception("could not append to %s", self.log_path)
+        with self._record_lock:
+            for d in deliveries:
+                self.counts[d.result] += 1
+                if d.result == "undelivered":
+                    why = f"after {d.attempts} attempts: {d.error}"
+                    logger.warning("event %s %s not delivered to %s %s", d.event, d.id, d.url, why)
+            try:
+                append_json_lines(self.log_path, [asdict(d) for d in deliveries])
+            except OSError:
+                logger.exception("could not append to %s", self.log_path)
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every NaN or infinity replaced by None: a loss can be NaN, and JSON has no NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(item) for item in value]
+    return value
