@@ -123,7 +123,9 @@ def watched(daemon: Daemon, ops: OpsArguments) -> Iterator[MetricsServer | None]
             counts = (lambda: dict(notifier.counts)) if notifier else None
             metrics = serve_metrics(args.status_dir, ops.metrics_host, ops.metrics_port, counts)
             if ops.metrics_exposed:
-                logger.warning("the metrics endpoint listens on %s: reachable from other machines", ops.metrics_host)
+                logger.info(
+                    "metrics listen on %s: other machines can scrape them (no authentication)", ops.metrics_host
+                )
         if events is not None:
             events.started()
         reason = "stopped"
