@@ -227,7 +227,7 @@ def test_failed_posts_are_retried_a_bounded_number_of_times_then_logged_undelive
     )
     down = closed_port_url()
     urls = [down, failing.url, slow.url, refusing.url, garbled.url]
-    notifier = Notifier(urls, tree.status, timeout=0.3, retries=2, backoff=0.01)
+    notifier = Notifier(urls, tree.status, timeout=1.0, retries=2, backoff=0.01)  # the slow one: 3 s
     try:
         notifier.send({"event": "file_done", "id": "e1", "file": "a.jsonl"})
         wait_for(lambda: len(deliveries(tree)) == len(urls), timeout=30, what="every URL's outcome")
