@@ -20,13 +20,14 @@ from dataclasses import fields
 from typing import Any
 
 from daemon.config import DaemonArguments
+from daemon.config_ops import OpsArguments
 from daemon.exceptions import ConfigError
 
 CONFIG_HELP = "A JSON or YAML file of the same keys as the flags; flags given on the command line win."
 # The folders every command takes (from the command line or the config file), with the daemon's defaults.
 FOLDER_FLAGS = {f.name: f for f in fields(DaemonArguments) if f.name in ("inbox_dir", "status_dir", "output_dir")}
 # Keys only the daemon process reads: a training run's parser leaves them to it.
-DAEMON_KEYS = frozenset(f.name for f in fields(DaemonArguments))
+DAEMON_KEYS = frozenset(f.name for f in (*fields(DaemonArguments), *fields(OpsArguments)))
 
 
 def split_config(argv: list[str]) -> tuple[str | None, list[str]]:

@@ -7,10 +7,13 @@ import os
 import signal
 import subprocess
 import sys
+from dataclasses import fields
 
 from daemon.config import LEDGER_ENV, DaemonArguments
 from daemon.config_file import CONFIG_HELP, as_argv, read_flags, split_config
+from daemon.config_ops import OpsArguments
 from daemon.exceptions import ConfigError, DaemonError
+from daemon.service.ops import watched
 from daemon.service.watcher import Daemon
 from daemon.store.locks import lock_folders, release_folders
 
@@ -26,12 +29,23 @@ def parse_daemon_args(argv: list[str]) -> tuple[DaemonArguments, list[str]]:
     Raises:
         ConfigError: a daemon option is invalid, or the config file cannot be read.
     """
+    daemon_args, _, train_argv = parse_all_daemon_args(argv)
+    return daemon_args, train_argv
+
+
+def parse_all_daemon_args(argv: list[str]) -> tuple[DaemonArguments, OpsArguments, list[str]]:
+    """:func:`parse_daemon_args`, with the options of the daemon's webhooks and metrics (:mod:`daemon.config_ops`).
+
+    Raises:
+        ConfigError: a daemon option is invalid, or the config file cannot be read.
+    """
     from transformers import HfArgumentParser  # argument parsing only: does not import torch
 
-    parser = HfArgumentParser(DaemonArguments)  # type: ignore[arg-type]  # transformers types dataclasses narrowly
+    parser = HfArgumentParser((DaemonArguments, OpsArguments))  # type: ignore[arg-type]  # typed narrowly
     parser.add_argument("--config", help=CONFIG_HELP + " Its training flags are passed to each file's run.")
     values, train_argv, training = read_flags(parser, argv)
-    return DaemonArguments(**values), [*as_argv(training), *train_argv]
+    ops = OpsArguments(**{f.name: values.pop(f.name) for f in fields(OpsArguments)})
+    return DaemonArguments(**values), ops, [*as_argv(training), *train_argv]
 
 
 def check_training_flags(daemon_args: DaemonArguments, argv: list[str]) -> None:
@@ -62,7 +76,7 @@ def main(argv: list[str]) -> int:
     when the daemon is killed), so a second daemon on any of them exits at once with one line.
     """
     try:
-        daemon_args, train_argv = parse_daemon_args(argv)
+        daemon_args, ops, train_argv = parse_all_daemon_args(argv)
         folders = [
             ("output", daemon_args.output_dir),  # first: a second daemon on the same tree is told about it
             ("status", daemon_args.status_dir),
@@ -77,7 +91,8 @@ def main(argv: list[str]) -> int:
             signal.signal(signal.SIGINT, daemon.request_stop)
             signal.signal(signal.SIGTERM, daemon.request_stop)
             logger.info("watching %s (output %s)", daemon_args.inbox_dir, daemon_args.output_dir)
-            return daemon.run()
+            with watched(daemon, ops):
+                return daemon.run()
         finally:
             release_folders(locks)
     except DaemonError as e:

@@ -1,0 +1,89 @@
+"""The daemon's options for the tools that watch it: JSON webhooks and a Prometheus endpoint.
+
+Parsed with :class:`daemon.config.DaemonArguments` by ``HfArgumentParser``
+(:func:`daemon.service.cli.parse_daemon_args`); like them, a config file's keys of these names
+are the daemon's and never reach a training process. Standard library only.
+docs/notifications.md and docs/metrics.md describe what they turn on.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from daemon.exceptions import ConfigError
+
+
+@dataclass
+class OpsArguments:
+    """Webhooks (``--notify_url``, :mod:`daemon.service.notify`) and metrics (``--metrics_port``)."""
+
+    notify_url: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "POST a JSON event (file done, failed, rolled back, quality-gate warning, stall, daemon start "
+            "and stop) to this http(s) URL; repeat the flag, or give several URLs, for more receivers "
+            "(docs/notifications.md). Delivery never waits training.",
+            "action": "extend",  # --notify_url A --notify_url B gives both (argparse's default keeps the last)
+        },
+    )
+    notify_timeout: float = field(
+        default=5.0,
+        metadata={"help": "Seconds a POST waits for the receiver (to connect, then for each read) before it fails."},
+    )
+    notify_retries: int = field(
+        default=3, metadata={"help": "Retries of a failed POST (a timeout, a refused connection, a 5xx or 429)."}
+    )
+    notify_backoff: float = field(
+        default=1.0,
+        metadata={"help": "Seconds before the first retry of a POST; each further retry waits twice as long."},
+    )
+    metrics_port: int | None = field(
+        default=None,
+        metadata={
+            "help": "Serve Prometheus metrics at http://--metrics_host:PORT/metrics from the daemon "
+            "(docs/metrics.md); 0 picks a free port and logs it. Default: off."
+        },
+    )
+    metrics_host: str = field(
+        default="127.0.0.1",
+        metadata={"help": "Address the metrics endpoint listens on: loopback by default; 0.0.0.0 for every interface."},
+    )
+
+    def __post_init__(self) -> None:
+        problems = [f"--notify_url {url!r}: {why}" for url in self.notify_url if (why := url_problem(url))]
+        if not self.notify_timeout > 0:
+            problems.append("--notify_timeout must be > 0 seconds")
+        if self.notify_retries < 0:
+            problems.append("--notify_retries must be >= 0")
+        if not self.notify_backoff >= 0:
+            problems.append("--notify_backoff must be >= 0 seconds")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            problems.append("--metrics_port must be a port number (0 to 65535)")
+        if not self.metrics_host.strip():
+            problems.append("--metrics_host must be an address")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+    @property
+    def metrics_exposed(self) -> bool:
+        """True when ``--metrics_host`` is not a loopback address (other machines can scrape it)."""
+        try:
+            return not ipaddress.ip_address(self.metrics_host).is_loopback
+        except ValueError:  # a host name
+            return self.metrics_host != "localhost"
+
+
+def url_problem(url: str) -> str | None:
+    """Why ``url`` cannot receive a webhook POST (one phrase), or None when it can."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError as e:
+        return str(e)
+    if parts.scheme not in ("http", "https"):
+        return "not an http:// or https:// URL"
+    if not parts.hostname:
+        return "no host"
+    return None
