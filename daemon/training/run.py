@@ -78,6 +78,7 @@ from daemon.training.signals import stop_on_signals
 from daemon.training.speed.accumulation import ThreadedAccumulationTrainer, resolve_workers
 from daemon.training.speed.autotune import choose_workers, use_compile_cache
 from daemon.training.tensorboard_run import tensorboard_enabled, use_fixed_log_dir
+from daemon.training.trackers import follow_runs
 
 logger = logging.getLogger(__name__)
 
@@ -144,9 +145,10 @@ def build_trainer(
     # ProgressCallback logs one readable line per logging step; the Trainer's
     # printer (used when tqdm is off) would repeat it as a raw dict on stdout.
     trainer.remove_callback(PrinterCallback)
+    step = prepared.plan.start_step + prepared.steps_done
     if tensorboard_enabled(training_args):  # one run across files, in status/tensorboard
-        step = prepared.plan.start_step + prepared.steps_done
         use_fixed_log_dir(trainer, flags.status.status_dir, prepared.progress.name, step)
+    follow_runs(trainer, flags.status.status_dir, step)  # MLflow and W&B: one run across files too
     return trainer
 
 
