@@ -104,9 +104,7 @@ def roll_back_champion(status_dir: str | Path, to_step: int) -> None:
         for v in versions:
             if int(v.tags.get("global_step", -1)) > to_step and "rolled_back" not in v.tags:
                 client.set_model_version_tag(name, v.version, "rolled_back", str(to_step))
-        back = [
-            v for v in versions if v.tags.get("global_step") == str(to_step) and v.tags.get("rolled_back") is None
-        ]
+        back = [v for v in versions if v.tags.get("global_step") == str(to_step) and v.tags.get("rolled_back") is None]
         if back:
             version = str(max(int(v.version) for v in back))
             client.set_registered_model_alias(name, CHAMPION, version)

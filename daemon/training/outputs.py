@@ -37,8 +37,7 @@ from daemon.training.evaluation import FileEvaluation, autocast_dtype
 from daemon.training.prepared import PreparedFile
 from daemon.training.snapshots import GenerationSettings, generate_samples, write_snapshot
 from daemon.training.tensorboard_run import end_scalars, log_file_end, tensorboard_enabled
-from daemon.training.trackers import register_published, trackers_enabled
-from daemon.training.trackers import log_file_end as log_tracker_file_end
+from daemon.training.trackers import log_evaluation, register_published, trackers_enabled
 from daemon.views.report import write_report_logged
 
 logger = logging.getLogger(__name__)
@@ -157,7 +156,7 @@ def publish(flags: Flags, step: int, scored: FileEvaluation) -> None:
         log_file_end(flags.status.status_dir, step, scored)
     trackers = trackers_enabled(flags.training)
     if trackers:
-        log_tracker_file_end(flags.status.status_dir, trackers, step, end_scalars(scored))
+        log_evaluation(flags.status.status_dir, trackers, step, end_scalars(scored))
     if flags.trackers.register_model:
         register_published(flags, step, scored)
     draw_report_unless_supervised(flags.status.status_dir)

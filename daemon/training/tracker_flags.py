@@ -33,3 +33,16 @@ class TrackerArguments:
             raise ConfigError("--register_model needs a name")
         if self.register_model and importlib.util.find_spec("mlflow") is None:
             raise ConfigError(f"--register_model needs mlflow, which is not installed: {TRACKERS_EXTRA}")
+
+
+def missing_trackers(report_to: list[str] | str | None) -> list[str]:
+    """The problems of ``--report_to``: each of ``mlflow`` / ``wandb`` asked for but not installed (one line each).
+
+    The Trainer would otherwise fail with a traceback when it builds its callbacks.
+    """
+    names = report_to if isinstance(report_to, list) else [report_to] if report_to else []
+    return [
+        f"--report_to {name} needs {name}, which is not installed: {TRACKERS_EXTRA}"
+        for name in ("mlflow", "wandb")
+        if name in names and importlib.util.find_spec(name) is None
+    ]

@@ -18,7 +18,7 @@ The same metrics as the TensorBoard run (:mod:`daemon.training.tensorboard_run`)
 ``loss``, ``learning_rate``, ``grad_norm`` at ``global_step`` (W&B: ``train/loss`` ... over
 ``train/global_step``); ``file/index`` at the step each file starts; and at each done file's end step
 the evaluation suite, forgetting and the quality gate (``eval/<slice>/loss`` ...), logged by
-:func:`log_file_end` after the gate.
+:func:`log_evaluation` after the gate.
 
 Undone steps are marked, not deleted (neither tracker can delete points of a run): a process that
 starts training at step s while the run holds steps up to L > s of a line the model has left (a
@@ -78,8 +78,9 @@ def continue_runs(status_dir: str | Path, trackers: list[str], run_name: str | N
     if "mlflow" in trackers:
         uri = os.environ.setdefault("MLFLOW_TRACKING_URI", default_tracking_uri(status_dir))
         mine = record.get("mlflow") or {}
-        if mine.get("tracking_uri") != uri or not mine.get("run_id"):
-            mine = _new_mlflow_run(uri, run_name, os.environ.get("MLFLOW_RUN_ID"))
+        if mine.get("tracking_uri") != uri or not _mlflow_run_alive(uri, mine.get("run_id")):
+            given = os.environ.get("MLFLOW_RUN_ID")  # the user's run to adopt, never the recorded one that is gone
+            mine = _new_mlflow_run(uri, run_name, given if given != mine.get("run_id") else None)
             record = update_trackers(status_dir, mlflow=mine)
         os.environ["MLFLOW_RUN_ID"] = mine["run_id"]
         if mine.get("params_logged"):
@@ -97,6 +98,22 @@ def continue_runs(status_dir: str | Path, trackers: list[str], run_name: str | N
         os.environ["WANDB_RESUME"] = "allow"
         os.environ.setdefault("WANDB_PROJECT", mine["project"])
     return record
+
+
+def _mlflow_run_alive(uri: str, run_id: str | None) -> bool:
+    """Whether the recorded run is still in the store (not deleted): a run deleted by hand is started anew."""
+    if not run_id:
+        return False
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        alive = MlflowClient(tracking_uri=uri).get_run(run_id).info.lifecycle_stage == "active"
+    except MlflowException:
+        alive = False
+    if not alive:
+        logger.warning("MLflow: the run %s is gone from %s; a new run starts", run_id, uri)
+    return alive
 
 
 def _new_mlflow_run(uri: str, run_name: str | None, given_run_id: str | None) -> dict[str, Any]:
@@ -205,7 +222,7 @@ def _wandb_run(mine: dict[str, Any]) -> Any:
     return wandb.run
 
 
-def log_file_end(status_dir: str | Path, trackers: list[str], step: int, scalars: dict[str, float]) -> None:
+def log_evaluation(status_dir: str | Path, trackers: list[str], step: int, scalars: dict[str, float]) -> None:
     """A done file's evaluation suite, forgetting and quality gate at its end ``step``; then the runs are closed.
 
     MLflow's asynchronous metric queue is flushed and the W&B run finished, so a reader (or
