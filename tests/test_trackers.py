@@ -260,7 +260,8 @@ def test_the_daemon_hands_each_child_the_same_mlflow_and_wandb_runs(
     monkeypatch.delenv("WANDB_DIR")  # the default: the status folder
     for i, drop in enumerate(drops[:2]):
         drop.rename(tree.inbox / f"{i}-{drop.name}")
-    result = run_cli(daemon_argv(tree, "--once", report_to="mlflow,wandb"), cwd=tree.root)
+    # Two children, each importing torch, mlflow and wandb: about 30 s on an idle 2-core machine.
+    result = run_cli(daemon_argv(tree, "--once", report_to="mlflow,wandb"), cwd=tree.root, timeout=280)
     assert result.returncode == 0, result.stderr[-3000:]
     a, b = tree.history()
     assert b["start_step"] == a["end_step"]

@@ -3,7 +3,8 @@
 :func:`save` writes a trained and evaluated file's samples, export, evolution snapshot, evaluation
 rows and replay share, then its history row and the ledger's ``done``; each may be repeated after a
 crash. :func:`start_line` records a new model's origin and its base model's slice before step one;
-:func:`publish` shows a done file in TensorBoard and ``status/report.html``.
+:func:`publish` shows a done file in TensorBoard, MLflow and W&B, registers its export (``--register_model``)
+and draws ``status/report.html``.
 """
 
 from __future__ import annotations

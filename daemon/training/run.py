@@ -19,8 +19,8 @@ through :mod:`daemon.training.cli` and :func:`train_file`. :meth:`FileRun.run` r
    (:mod:`daemon.training.evaluation`); nothing is written before :meth:`FileRun.save`.
 4. :meth:`FileRun.save`: samples, export to the root of ``output_dir``, evolution snapshot,
    evaluation rows and slice, history row, ledger ``done`` (:mod:`daemon.training.outputs`);
-   each may be repeated after a crash. Then the evaluation in TensorBoard and
-   ``status/report.html``, whose errors are logged only.
+   each may be repeated after a crash. Then the evaluation in TensorBoard, MLflow and W&B, the
+   export in the model registry and ``status/report.html``, whose errors are logged only.
 5. :meth:`FileRun.fail`, on a user-facing error: the file's steps undone, a ``failed`` row.
 
 This module builds the main line's ``Trainer``; the only other is the cooldown branch's
