@@ -311,3 +311,14 @@ def test_the_run_id_is_kept_and_handed_on_and_a_run_deleted_by_hand_is_started_a
     MlflowClient(tracking_uri=mlflow_store.uri).delete_run(first["run_id"])
     second = continue_runs(tree.status, ["mlflow"])["mlflow"]
     assert second["run_id"] != first["run_id"] and os.environ["MLFLOW_RUN_ID"] == second["run_id"]
+
+
+def test_the_cooldown_branch_stays_out_of_the_run(tree, drops, mlflow_store):
+    from mlflow import MlflowClient
+
+    a = train(tree, drops[0], report_to="mlflow", cooldown_fraction=0.5)
+    assert a["cooldown_steps"] > 0
+    client = MlflowClient(tracking_uri=mlflow_store.uri)
+    (run,) = client.search_runs([client.get_experiment_by_name(mlflow_store.experiment).experiment_id])
+    assert max(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == a["end_step"]
+    assert int(run.data.params["max_steps"]) == a["end_step"]  # the main line's, not the branch's
