@@ -322,3 +322,24 @@ def test_the_cooldown_branch_stays_out_of_the_run(tree, drops, mlflow_store):
     (run,) = client.search_runs([client.get_experiment_by_name(mlflow_store.experiment).experiment_id])
     assert max(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == a["end_step"]
     assert int(run.data.params["max_steps"]) == a["end_step"]  # the main line's, not the branch's
+
+
+def test_a_file_resumed_below_the_steps_logged_marks_them_undone(tree, mlflow_store):
+    from types import SimpleNamespace
+
+    from mlflow import MlflowClient
+
+    from daemon.store.trackers import update_trackers
+    from daemon.training.trackers import RunMarks, continue_runs
+
+    run_id = continue_runs(tree.status, ["mlflow"])["mlflow"]["run_id"]
+    update_trackers(tree.status, logged_to=37)  # a crash at step 37, after the checkpoint of step 30
+    main = SimpleNamespace(is_world_process_zero=True)
+    RunMarks(tree.status, ["mlflow"], start_step=30).on_train_begin(None, main, None)
+
+    client = MlflowClient(tracking_uri=mlflow_store.uri)
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "undone/to_step")] == [(30, 37.0)]
+    assert client.get_run(run_id).data.tags["undone_steps"] == "31-37"
+    assert read_trackers(tree.status)["logged_to"] == 30
+    RunMarks(tree.status, ["mlflow"], start_step=30).on_train_begin(None, main, None)  # nothing above 30 now
+    assert len(client.get_metric_history(run_id, "undone/to_step")) == 1
