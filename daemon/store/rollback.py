@@ -13,7 +13,8 @@ A rollback to step N (:func:`roll_back_to`), with the output and status folders 
    model card listing the files up to N (:func:`daemon.store.checkpoints.roll_back`);
 3. marks those files ``rolled_back`` in the ledger, in one transaction;
 4. appends one ``rolled_back`` row per file to ``history.jsonl``;
-5. sets the status's ``global_step`` to N;
+5. sets the status's ``global_step`` to N (and, with a model registry, moves its ``champion`` alias
+   back to N's version: :func:`daemon.store.registry.roll_back_champion`);
 6. deletes the intent.
 
 Every step is idempotent, so a rollback killed at any moment is finished by whatever
@@ -43,6 +44,7 @@ from daemon.store.ledger import Ledger
 from daemon.store.ledger_file import LEDGER_FILE
 from daemon.store.locks import lock_folders, release_folders
 from daemon.store.records import FileState, HistoryRow, utc_now
+from daemon.store.registry import roll_back_champion
 from daemon.store.status import StatusFile
 from daemon.store.undo import undo_after
 
@@ -169,6 +171,7 @@ def _carry_out(intent: RollbackIntent, status_dir: str | Path) -> None:
         _reached(f"history:{n}")
     status.update(global_step=intent.to_step, max_steps=intent.to_step, current_file=None)
     undo_after(status_dir, intent.to_step)  # the undone files' evaluation rows, held-out slices, replay shares
+    roll_back_champion(status_dir, intent.to_step)  # --register_model: the alias moves back, versions stay
     _reached("status")
     (Path(status_dir) / INTENT_FILE).unlink(missing_ok=True)
     logger.info("rolled back to step %d", intent.to_step)

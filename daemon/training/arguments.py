@@ -41,6 +41,7 @@ from daemon.config_file import CONFIG_HELP, DAEMON_KEYS, read_flags
 from daemon.exceptions import ConfigError
 from daemon.store.origin import base_model_of, has_own_chat_template
 from daemon.training.peft_flags import LORA_LEARNING_RATE, PeftArguments, resolve_peft
+from daemon.training.tracker_flags import TrackerArguments, missing_trackers
 
 logger = logging.getLogger(__name__)
 
@@ -231,6 +232,9 @@ class ContinualTrainingArguments(TrainingArguments):
 
     def __post_init__(self) -> None:
         assert self.max_steps is not None, "built without resolve_defaults: use parse_args"
+        # HfArgumentParser reads one --report_to value (the field is str | list[str]): several come comma-separated.
+        if isinstance(self.report_to, str) and "," in self.report_to:
+            self.report_to = [name.strip() for name in self.report_to.split(",") if name.strip()]
         super().__post_init__()
 
 
@@ -247,6 +251,7 @@ class Flags:
     training: ContinualTrainingArguments
     replay: ReplayArguments
     peft: PeftArguments
+    trackers: TrackerArguments
 
 
 # The defaults that follow the starting model (daemon.store.origin): the embedded model learns from scratch; a
@@ -306,6 +311,7 @@ GROUPS = (
     ContinualTrainingArguments,
     ReplayArguments,
     PeftArguments,
+    TrackerArguments,
 )
 
 
@@ -371,6 +377,7 @@ def _validate_training_args(args: ContinualTrainingArguments) -> None:
         problems.append("--max_save_overhead must be >= 0 and < 1 (a share of the training time)")
     if args.save_only_model:
         problems.append("--save_only_model cannot be used: checkpoints must hold the optimizer state to continue")
+    problems += missing_trackers(args.report_to)
     if problems:
         raise ConfigError("; ".join(problems))
     if str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)) not in STEP_ONLY_SCHEDULES:

@@ -42,6 +42,7 @@ from daemon.store.adapter_files import is_peft_model
 from daemon.training.callbacks import BranchCallback
 from daemon.training.data import PaddingCollator, torch_rows
 from daemon.training.speed.accumulation import ThreadedAccumulationTrainer, resolve_workers
+from daemon.training.trackers import TRACKERS
 
 if TYPE_CHECKING:
     from daemon.training.arguments import Flags
@@ -166,6 +167,9 @@ def cool_down(prepared: PreparedFile, flags: Flags, stop_requested: threading.Ev
     shutil.rmtree(scratch, ignore_errors=True)
     args = copy.copy(main_args)
     args.output_dir, args.max_steps, args.save_strategy = str(scratch), plan.max_steps + steps, "no"
+    # The branch's steps are not the main line's: kept out of the one MLflow / W&B run (daemon.training.trackers),
+    # which would chart them above the file's end and see its parameters (max_steps) change.
+    args.report_to = [name for name in args.report_to or [] if name not in TRACKERS]
     factor = branch_lambda(main_factor(main_args, plan.max_steps), plan.max_steps, steps, flags.replay.cooldown_shape)
     train = prepared.datasets.train.shuffle(seed=main_args.seed + 1, keep_in_memory=True)
     train = torch_rows(train.select(range(min(train.num_rows, steps * plan.effective_batch))))

@@ -3,7 +3,8 @@
 :func:`save` writes a trained and evaluated file's samples, export, evolution snapshot, evaluation
 rows and replay share, then its history row and the ledger's ``done``; each may be repeated after a
 crash. :func:`start_line` records a new model's origin and its base model's slice before step one;
-:func:`publish` shows a done file in TensorBoard and ``status/report.html``.
+:func:`publish` shows a done file in TensorBoard, MLflow and W&B, registers its export (``--register_model``)
+and draws ``status/report.html``.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ from daemon.training.data import (
 from daemon.training.evaluation import FileEvaluation, autocast_dtype
 from daemon.training.prepared import PreparedFile
 from daemon.training.snapshots import GenerationSettings, generate_samples, write_snapshot
-from daemon.training.tensorboard_run import log_file_end, tensorboard_enabled
+from daemon.training.tensorboard_run import end_scalars, log_file_end, tensorboard_enabled
+from daemon.training.trackers import log_evaluation, register_published, trackers_enabled
 from daemon.views.report import write_report_logged
 
 logger = logging.getLogger(__name__)
@@ -144,14 +146,20 @@ def start_line(prepared: PreparedFile, flags: Flags) -> None:
 
 
 def publish(flags: Flags, step: int, scored: FileEvaluation) -> None:
-    """After a done file (main process): its evaluation in TensorBoard (``--report_to tensorboard``), the report.
+    """After a done file (main process): its evaluation in TensorBoard, MLflow and W&B (``--report_to``), the export
+    in the model registry (``--register_model``), the report.
 
-    Neither may fail the file, which is recorded by now: their errors are logged. Under the
+    None may fail the file, which is recorded by now: their errors are logged. Under the
     daemon the report is left to it (:meth:`~daemon.service.supervisor.ProcessSupervisor.refresh_report`),
     so that the next file does not wait for the plots.
     """
     if tensorboard_enabled(flags.training):
         log_file_end(flags.status.status_dir, step, scored)
+    trackers = trackers_enabled(flags.training)
+    if trackers:
+        log_evaluation(flags.status.status_dir, trackers, step, end_scalars(scored))
+    if flags.trackers.register_model:
+        register_published(flags, step, scored)
     draw_report_unless_supervised(flags.status.status_dir)
 
 

@@ -19,8 +19,8 @@ through :mod:`daemon.training.cli` and :func:`train_file`. :meth:`FileRun.run` r
    (:mod:`daemon.training.evaluation`); nothing is written before :meth:`FileRun.save`.
 4. :meth:`FileRun.save`: samples, export to the root of ``output_dir``, evolution snapshot,
    evaluation rows and slice, history row, ledger ``done`` (:mod:`daemon.training.outputs`);
-   each may be repeated after a crash. Then the evaluation in TensorBoard and
-   ``status/report.html``, whose errors are logged only.
+   each may be repeated after a crash. Then the evaluation in TensorBoard, MLflow and W&B, the
+   export in the model registry and ``status/report.html``, whose errors are logged only.
 5. :meth:`FileRun.fail`, on a user-facing error: the file's steps undone, a ``failed`` row.
 
 This module builds the main line's ``Trainer``; the only other is the cooldown branch's
@@ -78,6 +78,7 @@ from daemon.training.signals import stop_on_signals
 from daemon.training.speed.accumulation import ThreadedAccumulationTrainer, resolve_workers
 from daemon.training.speed.autotune import choose_workers, use_compile_cache
 from daemon.training.tensorboard_run import tensorboard_enabled, use_fixed_log_dir
+from daemon.training.trackers import follow_runs
 
 logger = logging.getLogger(__name__)
 
@@ -144,9 +145,10 @@ def build_trainer(
     # ProgressCallback logs one readable line per logging step; the Trainer's
     # printer (used when tqdm is off) would repeat it as a raw dict on stdout.
     trainer.remove_callback(PrinterCallback)
+    step = prepared.plan.start_step + prepared.steps_done
     if tensorboard_enabled(training_args):  # one run across files, in status/tensorboard
-        step = prepared.plan.start_step + prepared.steps_done
         use_fixed_log_dir(trainer, flags.status.status_dir, prepared.progress.name, step)
+    follow_runs(trainer, flags.status.status_dir, step)  # MLflow and W&B: one run across files too
     return trainer
 
 

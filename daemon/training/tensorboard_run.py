@@ -92,7 +92,7 @@ def log_file_end(status_dir: str | Path, step: int, scored: FileEvaluation) -> N
 
         writer = SummaryWriter(str(tensorboard_dir(status_dir)))
         try:
-            for name, value in _end_scalars(scored).items():
+            for name, value in end_scalars(scored).items():
                 writer.add_scalar(name, value, step)
         finally:
             writer.close()
@@ -100,7 +100,11 @@ def log_file_end(status_dir: str | Path, step: int, scored: FileEvaluation) -> N
         logger.exception("could not write the evaluation to %s", tensorboard_dir(status_dir))
 
 
-def _end_scalars(scored: FileEvaluation) -> dict[str, float]:
+def end_scalars(scored: FileEvaluation) -> dict[str, float]:
+    """A done file's evaluation suite, forgetting and quality gate as named scalars (losses in nats; None left out).
+
+    The names every run uses: TensorBoard here, MLflow and W&B (:mod:`daemon.training.trackers`).
+    """
     scalars: dict[str, Any] = {"eval/own_slice_loss": scored.eval_loss}
     for row in scored.rows:
         scalars[f"eval/{row['slice']}/loss"] = row["loss"]
