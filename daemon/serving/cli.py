@@ -112,7 +112,7 @@ def check_device(device: str) -> None:
     if device.isdigit():
         count = torch.accelerator.device_count()
         if int(device) >= count:
-            raise ConfigError(f"--device {device}: this machine has {count} accelerator(s) (torch sees them)")
+            raise ConfigError(f"--device {device}: this machine has {count} accelerator(s)")
         return
     try:
         parsed = torch.device(device)
@@ -124,9 +124,9 @@ def check_device(device: str) -> None:
     available = getattr(backend, "is_available", None)
     if callable(available) and not available():
         raise ConfigError(f"--device {device}: this machine has no {parsed.type} device (torch sees none)")
-    count = getattr(backend, "device_count", None)
-    if parsed.index is not None and callable(count) and parsed.index >= count():
-        raise ConfigError(f"--device {device}: this machine has {count()} {parsed.type} device(s)")
+    device_count = getattr(backend, "device_count", None)
+    if parsed.index is not None and callable(device_count) and parsed.index >= device_count():
+        raise ConfigError(f"--device {device}: this machine has {device_count()} {parsed.type} device(s)")
 
 
 def _serve(args: argparse.Namespace, output_dir: Path, listening: socket.socket) -> int:
