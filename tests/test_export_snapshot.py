@@ -111,3 +111,31 @@ def test_a_rollback_replaces_the_export_under_the_marker(tmp_path, monkeypatch):
     assert not (root / PUBLISHING).exists()
     snapshot = snapshot_export(root, tmp_path / "snap")
     assert snapshot is not None and snapshot.global_step == 2
+
+
+def test_a_copy_that_fails_leaves_no_partial_snapshot(tmp_path, monkeypatch):
+    root = _export(tmp_path / "current_model", 3)
+    copied = []
+
+    def no_links(*args, **kwargs):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    def copy_until_full(source, target):
+        if copied:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        copied.append(Path(target).write_bytes(Path(source).read_bytes()))
+
+    monkeypatch.setattr(export_snapshot.os, "link", no_links)
+    monkeypatch.setattr(export_snapshot.shutil, "copy2", copy_until_full)
+    with pytest.raises(OSError) as full:
+        snapshot_export(root, tmp_path / "snap")
+    assert full.value.errno == errno.ENOSPC and copied
+    assert not (tmp_path / "snap").exists()
+
+
+def test_export_step_reads_the_step_an_export_holds(tmp_path):
+    root = _export(tmp_path / "current_model", 5)
+    assert export_snapshot.export_step(root) == checkpoints.export_step(root) == 5
+    (root / "export.json").write_text('{"step": 5}')
+    assert export_snapshot.export_step(root) is None
+    assert export_snapshot.export_step(tmp_path / "missing") is None

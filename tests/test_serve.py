@@ -24,6 +24,8 @@ import psutil
 import pytest
 from helpers import REPO, export_tiny, run_cli, wait_for
 
+from daemon.store import checkpoints
+
 SERVER_START_SECONDS = 120  # importing torch, transformers and fastapi on a busy 2-core machine
 LOAD_SECONDS = 120  # an export noticed, linked, loaded in a process of its own
 REQUEST_SECONDS = 60
@@ -58,6 +60,12 @@ def _model_processes(server_pid: int) -> list[psutil.Process]:
         except psutil.Error:  # exited (a zombie until the server reaps it): not a model process any more
             pass
     return found
+
+
+def _the_model_process(server_pid: int) -> psutil.Process | None:
+    """The server's model process once it has only one (a stopped one can take a moment to exit)."""
+    found = _model_processes(server_pid)
+    return found[0] if len(found) == 1 else None
 
 
 def _answers(client) -> str | None:
@@ -160,14 +168,23 @@ def test_the_server_follows_each_export_without_a_failed_request(tmp_path):
         # The replaced export's process stops and its snapshot goes once its requests are answered.
         snapshots = output / f".serving-{server.pid}"
         wait_for(lambda: len(list(snapshots.iterdir())) == 1, LOAD_SECONDS, "the step-1 export to be stopped")
-        (model_process,) = _model_processes(server.pid)
+        model_process = wait_for(lambda: _the_model_process(server.pid), LOAD_SECONDS, "one model process")
 
         # A model process that dies (killed for memory, say) is replaced by the same export loaded again.
         model_process.kill()
         wait_for(lambda: _answers(client) == "2", LOAD_SECONDS, "answers of step 2 again")
-        (revived,) = _model_processes(server.pid)
+        revived = wait_for(lambda: _the_model_process(server.pid), LOAD_SECONDS, "the revived model process")
         assert revived.pid != model_process.pid
         processes = psutil.Process(server.pid).children(recursive=True)
+
+        # A rollback to step 0 removes the export: no model is served (a 503) rather than the undone one.
+        checkpoints.roll_back(output, 0)
+        wait_for(lambda: _models(base)[0]["status"]["value"] == "unloaded", LOAD_SECONDS, "the export to go")
+        with pytest.raises(openai.APIStatusError) as refused:
+            client.completions.create(model="current_model", prompt="def ", max_tokens=2)
+        assert refused.value.status_code == 503
+        wait_for(lambda: not _model_processes(server.pid), LOAD_SECONDS, "the step-2 model process to stop")
+        wait_for(lambda: not list(snapshots.iterdir()), LOAD_SECONDS, "the step-2 snapshot to go")
 
         # SIGTERM: a clean stop, its model processes and snapshots gone.
         server.send_signal(signal.SIGTERM)
@@ -183,6 +200,39 @@ def test_serve_without_the_output_folder_says_so_in_one_line(tmp_path: Path):
     assert result.stderr.strip().splitlines() == [
         f"error: --output_dir {tmp_path / 'missing'} is not a folder: start the daemon (or train a file) first"
     ]
+
+
+def test_serve_on_a_port_in_use_says_so_in_one_line_before_anything_loads(tmp_path: Path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli(["-m", "daemon", "serve", "--output_dir", str(tmp_path), "--port", str(port)], cwd=REPO)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"error: --host 127.0.0.1 --port {port}: cannot listen there (Address already in use)"
+    ]
+    assert list(tmp_path.iterdir()) == []  # no snapshot folder either
+
+
+def test_serve_on_a_device_this_machine_lacks_says_so_in_one_line(tmp_path: Path):
+    command = ["-m", "daemon", "serve", "--output_dir", str(tmp_path), "--port", "0", "--device", "cuda:99"]
+    result = run_cli(command, cwd=REPO)
+    assert result.returncode == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: --device cuda:99: this machine has ")  # no cuda device, or fewer than 100
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_serve_with_an_older_transformers_names_the_tested_one(tmp_path: Path, monkeypatch):
+    from daemon.exceptions import ConfigError
+    from daemon.serving import cli
+
+    monkeypatch.setitem(sys.modules, "transformers.cli.serving.systemone", None)  # as if it were missing
+    monkeypatch.delitem(sys.modules, "daemon.serving.app", raising=False)
+    with pytest.raises(ConfigError, match=r"needs transformers 5\.25 \(tested; installed: 5\."):
+        cli.main(["--output_dir", str(tmp_path), "--port", "0"])
+    assert list(tmp_path.iterdir()) == []
 
 
 class _FakeEngine:

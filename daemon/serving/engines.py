@@ -77,7 +77,7 @@ class ExportModels(ModelManager):
 
         Raises:
             ModelNotServedError: ``model`` is another name than the served one (a 400).
-            HTTPException: no export is loaded yet (a 503, which clients retry).
+            HTTPException: no export is loaded: none yet, or it was removed (a 503, which clients retry).
         """
         if model is not None and model != self.served_name:
             raise ModelNotServedError(f"this server serves '{self.served_name}'; the request names '{model}'")
@@ -85,7 +85,9 @@ class ExportModels(ModelManager):
         with self._lock:
             engine = self.current
             if engine is None:
-                raise HTTPException(status_code=503, detail=f"no export of {self.output_dir} is loaded yet")
+                raise HTTPException(
+                    status_code=503, detail=f"no export of {self.output_dir} is loaded (none yet, or removed)"
+                )
             if leases is not None:
                 engine.leases += 1
                 leases.append(engine)
@@ -97,13 +99,16 @@ class ExportModels(ModelManager):
             for engine in engines:
                 engine.leases -= 1
 
-    def swap(self, engine: ExportEngine) -> None:
-        """Answer new requests with ``engine``; the one it replaces finishes its requests, then :meth:`stop_idle`."""
+    def swap(self, engine: ExportEngine | None) -> None:
+        """Answer new requests with ``engine``; the one it replaces finishes its requests, then :meth:`stop_idle`.
+
+        None: no model (the export was removed, a rollback to step 0): new requests get a 503.
+        """
         with self._lock:
             if self.current is not None:
                 self.retiring.append(self.current)
             self.current = engine
-            self.engines = {self.served_name: engine}
+            self.engines = {} if engine is None else {self.served_name: engine}
 
     def stop_idle(self) -> list[ExportEngine]:
         """Stop the replaced engines no request holds any more; returns them (their folders can go)."""

@@ -2,13 +2,21 @@
 
 ``export.json`` is replaced last when an export moves in (:func:`daemon.store.checkpoints.export_model`),
 so a change of it (a stat, polled each ``--poll_seconds``) is a new export, or a rollback to an
-older one. The export is hard-linked into a snapshot of the server's own
-(:func:`daemon.store.export_snapshot.snapshot_export`) and loaded from there: its files stay as they
-are however many exports move in meanwhile. An export that is moving in is tried again at the next
-poll; one that does not load is logged, the model serving stays, and the next change of
-``export.json`` is tried. When the model's process dies (killed for memory, a crash), the export is
-loaded again. Engines replaced are stopped, and their snapshots removed, once their
-last request is answered.
+older one; its removal (a rollback to step 0) leaves no model served. The export is hard-linked
+into a snapshot of the server's own (:func:`daemon.store.export_snapshot.snapshot_export`) and
+loaded from there: its files stay as they are however many exports move in meanwhile.
+
+- An export that is moving in (the marker ``.export.publishing``) is tried again at the next
+  poll; a marker left by an install that failed part-way is logged once.
+- A snapshot that cannot be written (no space left, an I/O error) is logged once per
+  ``export.json`` and tried again after a back-off that doubles, up to :data:`MAX_BACKOFF_SECONDS`.
+- An export that does not load, whatever the error, is logged; the model serving stays, and the
+  next change of ``export.json`` is tried.
+- When the model's process dies (killed for memory, a crash), the export is loaded again.
+
+Engines replaced are stopped, and their snapshots removed, once their last request is answered.
+Once :meth:`ExportFollower.close` returns nothing more is swapped in: an export still loading then
+is stopped by the follower itself.
 """
 
 from __future__ import annotations
@@ -19,43 +27,43 @@ import os
 import re
 import shutil
 import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from transformers.cli.serving.model_manager import ModelLoader
 from transformers.cli.serving.utils import GenerationState
 
+from daemon.processes import running
 from daemon.serving.engines import ExportEngine, ExportModels
-from daemon.store.export_snapshot import export_signature, snapshot_export
+from daemon.store.export_snapshot import PUBLISHING, Signature, export_signature, snapshot_export
 
 logger = logging.getLogger(__name__)
 
 _WORK_DIR_RE = re.compile(r"^\.serving-(\d+)$")
+# Polls during which the publishing marker stays before it is reported (an install that failed part-way).
+MARKER_POLLS = 30
+MAX_BACKOFF_SECONDS = 300.0
+
+# Makes an export's engine: ExportEngine's arguments (snapshot folder, global_step, served name, loader, generation).
+EngineFactory = Callable[[Path, int, str, ModelLoader, GenerationState], ExportEngine]
 
 
 def work_dir(output_dir: Path) -> Path:
     """``<output_dir>/.serving-<pid>``, new and empty: this server's snapshots (hard links need the same filesystem).
 
     Those of servers no longer running (killed without cleanup) are removed first.
+
+    Raises:
+        OSError: ``output_dir`` cannot be listed or written.
     """
     for folder in output_dir.iterdir():
-        if (m := _WORK_DIR_RE.match(folder.name)) and not _running(int(m[1])):
-            shutil.rmtree(folder, ignore_errors=True)
+        if (m := _WORK_DIR_RE.match(folder.name)) and (int(m[1]) == os.getpid() or not running(int(m[1]))):
+            shutil.rmtree(folder, ignore_errors=True)  # this process's id: an earlier process's folder, made anew
     folder = output_dir / f".serving-{os.getpid()}"
-    shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir()
     return folder
-
-
-def _running(pid: int) -> bool:
-    if pid == os.getpid():
-        return False  # a folder of an earlier process with this id: this process makes it anew
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 class ExportFollower:
@@ -67,6 +75,7 @@ class ExportFollower:
         snapshots: a folder of this server's own on ``output_dir``'s filesystem (:func:`work_dir`).
         loader, generation_state: transformers' settings every export loads and generates with.
         poll_seconds: seconds between two looks at ``export.json``.
+        engine: makes (loads) an export's engine; :class:`ExportEngine`, or a stand-in in tests.
     """
 
     def __init__(
@@ -77,12 +86,17 @@ class ExportFollower:
         loader: ModelLoader,
         generation_state: GenerationState,
         poll_seconds: float = 1.0,
+        engine: EngineFactory = ExportEngine,
     ) -> None:
         self.models, self.output_dir, self.snapshots = models, output_dir, snapshots
         self.loader, self.generation_state, self.poll_seconds = loader, generation_state, poll_seconds
+        self.engine = engine
         self.stop = threading.Event()
-        self._seen: tuple[int, ...] | None = None  # export.json's signature last loaded, or last failing to load
+        self._seen: Signature | None = None  # export.json's signature last loaded, or last failing to load
         self._revived: ExportEngine | None = None  # the engine whose death made the export load again
+        self._marker_polls = 0  # polls in a row that found the publishing marker
+        self._failed: tuple[Signature, int, float] | None = None  # a snapshot failing: signature, count, retry at
+        self._swapping = threading.Lock()  # a swap and close() exclude each other
         self._numbers = itertools.count()
         self._thread: threading.Thread | None = None
 
@@ -92,8 +106,12 @@ class ExportFollower:
         self._thread.start()
 
     def close(self, timeout: float = 30.0) -> None:
-        """Stop polling; waits up to ``timeout`` seconds for a load in progress (its process ends with the server)."""
-        self.stop.set()
+        """Stop polling; nothing is swapped in once this returns (an export still loading is stopped when loaded).
+
+        Waits up to ``timeout`` seconds for a load in progress.
+        """
+        with self._swapping:
+            self.stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
 
@@ -101,8 +119,8 @@ class ExportFollower:
         while not self.stop.is_set():
             try:
                 self.check()
-            except OSError as e:  # the snapshot folder cannot be written: the model serving stays
-                logger.error("cannot snapshot the export of %s: %s", self.output_dir, e)
+            except Exception:  # a bug or a fault of the machine: the model serving stays, the next poll tries again
+                logger.exception("following the export of %s failed", self.output_dir)
             self.stop.wait(self.poll_seconds)
 
     def check(self) -> int | None:
@@ -110,10 +128,9 @@ class ExportFollower:
 
         Returns:
             The step swapped in, or None when nothing changed, the export is moving in (tried
-            again next time) or it does not load (tried again when ``export.json`` changes).
-
-        Raises:
-            OSError: the snapshot folder cannot be written.
+            again next time), was removed (no model served then), its snapshot cannot be
+            written (tried again after a back-off) or it does not load (tried again when
+            ``export.json`` changes).
         """
         for engine in self.models.stop_idle():
             shutil.rmtree(engine.folder, ignore_errors=True)
@@ -122,28 +139,85 @@ class ExportFollower:
             logger.warning("the model process of step %d died: loading the export again", serving.global_step)
             self._seen, self._revived = None, serving  # once per death: a load that fails waits for export.json
         signature = export_signature(self.output_dir)
-        if signature is None or signature == self._seen:
+        if signature is None:
+            self._seen = None
+            if serving is not None:
+                logger.warning("%s has no export any more: no model served until the next one", self.output_dir)
+                self.models.swap(None)
             return None
-        folder = self.snapshots / f"export-{next(self._numbers)}"
-        snapshot = snapshot_export(self.output_dir, folder)
+        if signature == self._seen or self._backing_off(signature):
+            return None
+        snapshot = self._snapshot(signature)
         if snapshot is None:
             return None
         self._seen = snapshot.signature
         logger.info("loading the export of step %d (%s)", snapshot.global_step, self.output_dir)
         try:
-            engine = ExportEngine(
-                folder, snapshot.global_step, self.models.served_name, self.loader, self.generation_state
+            engine = self.engine(
+                snapshot.folder, snapshot.global_step, self.models.served_name, self.loader, self.generation_state
             )
-        except (RuntimeError, OSError, ValueError) as e:
-            shutil.rmtree(folder, ignore_errors=True)
+        except Exception as e:
+            shutil.rmtree(snapshot.folder, ignore_errors=True)
             still = "nothing" if serving is None else f"step {serving.global_step}"
+            expected = isinstance(e, (RuntimeError, OSError, ValueError))  # the others: a traceback, for a bug report
             logger.error(
-                "the export of step %d does not load (%s): serving %s until export.json changes",
+                "the export of step %d does not load (%s: %s): serving %s until export.json changes",
                 snapshot.global_step,
+                type(e).__name__,
                 e,
                 still,
+                exc_info=not expected,
             )
             return None
-        self.models.swap(engine)
-        logger.info("serving the export of step %d", snapshot.global_step)
-        return snapshot.global_step
+        with self._swapping:
+            if not self.stop.is_set():
+                self.models.swap(engine)
+                logger.info("serving the export of step %d", snapshot.global_step)
+                return snapshot.global_step
+        engine.shutdown("the server is stopping")  # loaded after close(): nobody else would stop it
+        shutil.rmtree(snapshot.folder, ignore_errors=True)
+        return None
+
+    def _backing_off(self, signature: Signature) -> bool:
+        return self._failed is not None and self._failed[0] == signature and time.monotonic() < self._failed[2]
+
+    def _snapshot(self, signature: Signature) -> _Snapshot | None:
+        """The export linked into a new snapshot folder, or None (moving in, or the snapshot failed: logged)."""
+        folder = self.snapshots / f"export-{next(self._numbers)}"
+        try:
+            snapshot = snapshot_export(self.output_dir, folder)
+        except OSError as e:
+            count = self._failed[1] + 1 if self._failed is not None and self._failed[0] == signature else 1
+            delay = min(self.poll_seconds * 2**count, MAX_BACKOFF_SECONDS)
+            self._failed = (signature, count, time.monotonic() + delay)
+            if count == 1:  # once per export.json: an export too big for the disk would fill the log otherwise
+                logger.error(
+                    "cannot snapshot the export of %s into %s (%s): tried again after a back-off, up to %.0f s",
+                    self.output_dir,
+                    self.snapshots,
+                    e,
+                    MAX_BACKOFF_SECONDS,
+                )
+            return None
+        self._failed = None
+        if snapshot is None and (self.output_dir / PUBLISHING).exists():
+            self._marker_polls += 1
+            if self._marker_polls == MARKER_POLLS:
+                logger.warning(
+                    "%s has been there for %d polls: an install that failed part-way? Serving %s until the next export",
+                    self.output_dir / PUBLISHING,
+                    MARKER_POLLS,
+                    "nothing" if self.models.current is None else f"step {self.models.current.global_step}",
+                )
+        else:
+            self._marker_polls = 0
+        return None if snapshot is None else _Snapshot(folder, snapshot.global_step, snapshot.signature)
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    """A snapshot taken: its folder, its step and ``export.json``'s signature."""
+
+    folder: Path
+    global_step: int
+    signature: Signature

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from daemon.store import adapter_files as adapters
 from daemon.store.durable import COMMIT_FILE, commit_problem, folder_bytes, fsync_dir, make_durable
-from daemon.store.export_snapshot import EXPORT_STATE, publishing
+from daemon.store.export_snapshot import EXPORT_STATE, export_step, publishing
 from daemon.store.files import atomic_write_text
 from daemon.store.origin import ORIGIN_FILE
 from daemon.views.model_card import write_card
@@ -332,14 +332,6 @@ def roll_back(
     return deleted
 
 
-def export_step(output_dir: str | Path) -> int | None:
-    """The ``global_step`` of the model exported at the root of ``output_dir`` (None if unknown)."""
-    try:
-        return int(json.loads((Path(output_dir) / EXPORT_STATE).read_text(encoding="utf-8"))["global_step"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
 def export_model(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -358,8 +350,11 @@ def export_model(
     (``os.replace``): no file is ever half-written at its final name, files of the
     previous export that the new one lacks (stale shards) are removed, and
     ``export.json`` is replaced last. A reader that loads while an export is being
-    moved in (milliseconds) can still see files of two steps: compare ``export.json``
-    before and after loading to be sure.
+    moved in (milliseconds) could see files of two steps: the install holds the marker
+    ``.export.publishing`` until ``export.json`` names the new step, and one that fails
+    part-way leaves it (:func:`daemon.store.export_snapshot.publishing`); a reader takes
+    the export only while the marker is absent and the files do not change
+    (:func:`daemon.store.export_snapshot.snapshot_export`).
 
     Args:
         model, tokenizer: what to save.

@@ -11,8 +11,8 @@ steps until the next install.
 the file as it is at that moment and stays so: installing a newer export gives the name a new
 inode, and the link keeps the old one (the product never writes an export's file in place). The
 snapshot is accepted only when the folder was the same before and after linking: no marker, and
-every file, ``export.json`` included, the same inode, size and modification time. Standard library
-only.
+every file, ``export.json`` included, the same inode, size and modification time.
+:func:`export_step` reads the step an export holds. Standard library only.
 """
 
 from __future__ import annotations
@@ -71,6 +71,17 @@ def export_signature(root: str | Path) -> Signature | None:
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
+def export_step(output_dir: str | Path) -> int | None:
+    """The ``global_step`` of the model exported at the root of ``output_dir`` (None if unknown).
+
+    Unknown: no ``export.json``, or one that does not say a step (not the product's export).
+    """
+    try:
+        return int(json.loads((Path(output_dir) / EXPORT_STATE).read_text(encoding="utf-8"))["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _files(root: Path) -> dict[str, Signature] | None:
     """The export's files at ``root``, by name: ``(device, inode, size, mtime_ns)``; None while it is not whole.
 
@@ -113,7 +124,8 @@ def snapshot_export(root: str | Path, dest: str | Path) -> Snapshot | None:
         in, or one that moved in while linking): ``dest`` is then removed, and a later call may succeed.
 
     Raises:
-        OSError: ``dest`` cannot be made or written.
+        OSError: ``dest`` cannot be made or written (no space left, say); what was linked or
+            copied into it is removed first, as on any other error.
     """
     root, dest = Path(root), Path(dest)
     before = _files(root)
@@ -121,14 +133,16 @@ def snapshot_export(root: str | Path, dest: str | Path) -> Snapshot | None:
         return None
     dest.mkdir(parents=True)
     try:
-        for name in before:
-            _link_or_copy(root / name, dest / name)
-        whole = _files(root) == before
-        step = int(json.loads((dest / EXPORT_STATE).read_text(encoding="utf-8"))["global_step"]) if whole else None
-    except FileNotFoundError:  # a file replaced or removed meanwhile
-        step = None
-    except (ValueError, KeyError, TypeError):  # export.json that does not say a step: not the product's export
-        step = None
+        try:
+            for name in before:
+                _link_or_copy(root / name, dest / name)
+        except FileNotFoundError:  # a file replaced or removed meanwhile
+            step = None
+        else:
+            step = export_step(dest) if _files(root) == before else None
+    except BaseException:  # a copy that ran out of space, an I/O error: no partial snapshot stays behind
+        shutil.rmtree(dest, ignore_errors=True)
+        raise
     if step is None:
         shutil.rmtree(dest, ignore_errors=True)
         return None

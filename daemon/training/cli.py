@@ -19,6 +19,7 @@ import time
 
 from daemon.config import SUPERVISOR_ENV, configure_logging
 from daemon.exceptions import ConfigError, DaemonError, DiskFull, TrainingInterrupted
+from daemon.processes import running
 from daemon.store.durable import EXIT_NO_SPACE
 from daemon.store.failures import leave_reason
 from daemon.training.arguments import parse_args
@@ -41,13 +42,9 @@ def exit_with_supervisor(pid: int) -> None:
     def watch() -> None:
         while True:
             time.sleep(0.5)
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
+            if not running(pid):
                 logger.error("the daemon (pid %d) is gone: stopping this training process group", pid)
                 os.killpg(0, signal.SIGKILL)
-            except PermissionError:  # alive, owned by another user
-                pass
 
     threading.Thread(target=watch, name="supervisor-watch", daemon=True).start()
 
