@@ -78,6 +78,7 @@ from daemon.training.signals import stop_on_signals
 from daemon.training.speed.accumulation import ThreadedAccumulationTrainer, resolve_workers
 from daemon.training.speed.autotune import choose_workers, use_compile_cache
 from daemon.training.tensorboard_run import tensorboard_enabled, use_fixed_log_dir
+from daemon.training.transfer import BeforeScore, score_before, with_before
 
 logger = logging.getLogger(__name__)
 
@@ -220,6 +221,7 @@ class FileRun:
         self.ledger = Ledger(flags.status.status_dir, instance=os.environ.get(LEDGER_ENV))
         self.prepared: PreparedFile | None = None
         self.entry: LedgerRow | None = None
+        self.before: BeforeScore | None = None  # the own slice scored before the first step (forward transfer)
 
     def run(self) -> HistoryRow:
         """Train, evaluate and record the file; see :func:`train_file` for what it returns and raises."""
@@ -292,6 +294,8 @@ class FileRun:
         saving = PlanCallback(self.stop_requested, flags.training.max_save_overhead)
         trainer = build_trainer(prepared, flags, [saving], kept)
         trainer.add_callback(ProgressCallback(self.heartbeat, prepared.plan, prepared.progress, trainer.guard))
+        if self.is_main:  # on its device now, before its first step: what the model knew of the file
+            self.before = score_before(prepared, flags)
         train_loss, train_seconds = train_segments(trainer, prepared, self.stop_requested, flags.training.seed)
         del trainer  # the main line's Trainer holds the model; the branch copies it
         return train_loss, train_seconds, cool_down(prepared, flags, self.stop_requested)
@@ -303,7 +307,12 @@ class FileRun:
             RegressionError: ``--on_regression rollback`` and the file raised the loss on earlier slices.
         """
         beat(self.heartbeat, state=RunState.EVALUATING)
-        return evaluate_file(prepared, self.flags, train_seconds) if self.is_main else FileEvaluation()
+        if not self.is_main:
+            return FileEvaluation()
+        spent = self.before.seconds if self.before else 0.0
+        scored = evaluate_file(prepared, self.flags, train_seconds, spent)
+        with_before(scored, self.before, self.flags.status.status_dir, prepared.plan.start_step)
+        return scored
 
     def save(self, prepared: PreparedFile, row: HistoryRow, scored: FileEvaluation) -> None:
         """Record the done file (:func:`daemon.training.outputs.save`), then show it idle and published."""
