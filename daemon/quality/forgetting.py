@@ -50,8 +50,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from daemon.store.files import atomic_write_text, read_json_lines
 from daemon.quality.transfer import format_transfer, own_rows
+from daemon.store.files import atomic_write_text, read_json_lines
 from daemon.store.suite import EVAL_FILE, HELD_OUT
 
 if TYPE_CHECKING:

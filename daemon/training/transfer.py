@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from daemon.quality.transfer import forward_transfer
 from daemon.quality.forgetting import read_rows
+from daemon.quality.transfer import forward_transfer
 from daemon.training.evaluation import FileEvaluation, Scorer, SliceScore, autocast_dtype, own_slice
 
 if TYPE_CHECKING:

@@ -164,8 +164,9 @@ def matrix_figure(matrix: Matrix) -> Figure | None:
     A cell is the loss (nats) of the column's slice after the row's file, written in the cell
     when the matrix is small enough to read; a blank cell was not evaluated (a held-out slice
     before its file was trained). A row's label adds its own slice's loss before the file was
-    trained (forward transfer, :mod:`daemon.quality.transfer`), the diagonal's "before". Columns are named ``#n`` (file ``n``'s held-out slice) or
-    ``e1``, ``e2``... (eval files), as ``python -m daemon status`` names them.
+    trained (forward transfer, :mod:`daemon.quality.transfer`), the diagonal's "before". Columns are
+    named ``#n`` (file ``n``'s held-out slice) or ``e1``, ``e2``... (eval files), as
+    ``python -m daemon status`` names them.
     """
     if not matrix.files:
         return None
