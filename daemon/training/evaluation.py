@@ -333,7 +333,7 @@ class FileEvaluation:
         return {"evaluations": self.rows, **self.status_fields()}
 
     def status_fields(self) -> dict[str, Any]:
-        """The status's ``forgetting``, ``quality_gate``, ``evaluation`` and ``forward_transfer`` of the latest model."""
+        """The status's ``forgetting``, ``quality_gate``, ``evaluation`` and ``forward_transfer`` now model's."""
         return {
             "forgetting": self.forgetting,
             "quality_gate": self.quality_gate,
