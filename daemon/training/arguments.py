@@ -40,6 +40,7 @@ from daemon.config import (
 from daemon.config_file import CONFIG_HELP, DAEMON_KEYS, read_flags
 from daemon.exceptions import ConfigError
 from daemon.store.origin import base_model_of, has_own_chat_template
+from daemon.training.averaging_flags import AveragingArguments, averaging_problems
 from daemon.training.peft_flags import LORA_LEARNING_RATE, PeftArguments, resolve_peft
 
 logger = logging.getLogger(__name__)
@@ -247,6 +248,7 @@ class Flags:
     training: ContinualTrainingArguments
     replay: ReplayArguments
     peft: PeftArguments
+    averaging: AveragingArguments
 
 
 # The defaults that follow the starting model (daemon.store.origin): the embedded model learns from scratch; a
@@ -306,6 +308,7 @@ GROUPS = (
     ContinualTrainingArguments,
     ReplayArguments,
     PeftArguments,
+    AveragingArguments,
 )
 
 
@@ -354,6 +357,11 @@ def parse_args(argv: list[str]) -> Flags:
     except ValueError as e:  # TrainingArguments.__post_init__ validates combinations this way
         raise ConfigError(str(e).splitlines()[0]) from e
     _validate_training_args(flags.training)
+    averaging = averaging_problems(
+        flags.averaging, flags.training.keep_file_checkpoints, flags.replay.cooldown_fraction, flags.peft.use_peft
+    )
+    if averaging:
+        raise ConfigError("; ".join(averaging))
     return flags
 
 

@@ -333,7 +333,7 @@ class FileEvaluation:
         return {"evaluations": self.rows, **self.status_fields()}
 
     def status_fields(self) -> dict[str, Any]:
-        """The status's ``forgetting``, ``quality_gate``, ``evaluation`` and ``forward_transfer`` now model's."""
+        """The status's ``forgetting``, ``quality_gate``, ``evaluation`` and ``forward_transfer``, latest model."""
         return {
             "forgetting": self.forgetting,
             "quality_gate": self.quality_gate,

@@ -36,6 +36,8 @@ class PreparedFile:
         abandoned: a ``training`` ledger row of this file whose plan the running model has
             left (e.g. checkpoints were deleted); :func:`~daemon.training.plan.commit_plan` closes it.
         progress: the status's ``current_file``.
+        averaged_steps: the checkpoints whose mean ``model`` became after training
+            (:mod:`daemon.training.averaging`), None for the file's own end model.
     """
 
     model: PreTrainedModel
@@ -48,3 +50,4 @@ class PreparedFile:
     resumed: LedgerRow | None
     abandoned: LedgerRow | None
     progress: FileProgress
+    averaged_steps: list[int] | None = None

@@ -62,6 +62,7 @@ from daemon.store.rollback import finish_interrupted_rollback, kept_file_ends
 from daemon.store.status import Heartbeat, StatusFile, beat
 from daemon.store.undo import fail_file
 from daemon.training.arguments import Flags
+from daemon.training.averaging import average_export
 from daemon.training.callbacks import CheckpointCallback, PlanCallback, ProgressCallback, state_bytes
 from daemon.training.claims import owning
 from daemon.training.cooldown import cool_down
@@ -284,7 +285,9 @@ class FileRun:
         return prepared
 
     def fit(self, prepared: PreparedFile) -> tuple[float | None, float, float]:
-        """Train the plan's remaining steps, then the cooldown branch (:func:`train_segments`, :func:`cool_down`).
+        """Train the plan's remaining steps, then the cooldown branch (:func:`train_segments`, :func:`cool_down`);
+        the file's own slice is scored first (:func:`~daemon.training.transfer.score_before`) and an averaged
+        export replaces the model last (:func:`~daemon.training.averaging.average_export`).
 
         Returns:
             ``(mean training loss or None, seconds in Trainer.train, seconds of the cooldown branch)``.
@@ -298,7 +301,10 @@ class FileRun:
             self.before = score_before(prepared, flags)
         train_loss, train_seconds = train_segments(trainer, prepared, self.stop_requested, flags.training.seed)
         del trainer  # the main line's Trainer holds the model; the branch copies it
-        return train_loss, train_seconds, cool_down(prepared, flags, self.stop_requested)
+        cooldown_seconds = cool_down(prepared, flags, self.stop_requested)
+        if self.is_main:  # the export's weights: the mean of the last file ends' checkpoints, or the end's own
+            prepared.averaged_steps = average_export(prepared, flags, self.ledger)
+        return train_loss, train_seconds, cooldown_seconds
 
     def evaluate(self, prepared: PreparedFile, train_seconds: float) -> FileEvaluation:
         """Score the model on the evaluation suite (main process; other ranks have nothing to record).
@@ -312,6 +318,8 @@ class FileRun:
         spent = self.before.seconds if self.before else 0.0
         scored = evaluate_file(prepared, self.flags, train_seconds, spent)
         with_before(scored, self.before, self.flags.status.status_dir, prepared.plan.start_step)
+        if prepared.averaged_steps and scored.evaluation is not None:  # the rows score the averaged model
+            scored.evaluation["averaged_steps"] = prepared.averaged_steps
         return scored
 
     def save(self, prepared: PreparedFile, row: HistoryRow, scored: FileEvaluation) -> None:
