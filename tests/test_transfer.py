@@ -16,6 +16,7 @@ from helpers import Tree, read_status, stdlib_documents, train, write_jsonl
 from daemon.quality.forgetting import build_matrix, format_matrix, read_rows
 from daemon.quality.transfer import forward_transfer, learned
 from daemon.store.suite import load_suite
+from daemon.training.evaluation import Scorer, SliceScore
 
 FLAGS = {"bf16": False}  # fp32 scores on every machine: the independent score below uses no autocast
 
@@ -35,33 +36,64 @@ def two_files(tmp_path_factory) -> Path:
     return tree.root
 
 
-def test_the_second_files_before_loss_is_the_first_models_loss_on_its_slice_scored_independently(two_files):
+def _scored_by_checkpoint(tree: Tree, step: int, own: dict) -> SliceScore:
+    """``own``'s slice scored independently by ``checkpoint-<step>``, as the evaluation scores (fp32)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from daemon.training.evaluation import Scorer, SliceScore
-
-    tree = Tree(two_files)
-    first, second = tree.history()
-    rows = read_rows(tree.status)
-    own = next(
-        r for r in rows if r["step"] == second["end_step"] and r["after_file"] == "b.jsonl" and "before_loss" in r
-    )
-    assert own["before_step"] == first["end_step"] == second["start_step"]
-
-    checkpoint = tree.output / f"checkpoint-{first['end_step']}"  # a kept file boundary: the model b started from
-    model = AutoModelForCausalLM.from_pretrained(checkpoint)
+    model = AutoModelForCausalLM.from_pretrained(tree.output / f"checkpoint-{step}")
     tokenizer = AutoTokenizer.from_pretrained(tree.output)
-    suite, errors = load_suite(tree.status, second["end_step"], [], "text", 1000)
+    suite, errors = load_suite(tree.status, own["step"], [], "text", 1000)
     piece = next(s for s in suite if s.name == own["slice"])
     assert errors == [] and len(piece.records) == own["examples"]
     score = SliceScore(piece.name, piece.kind)
     Scorer(model, tokenizer, max_length=32, batch_size=8, autocast=None).score(piece, 0, len(piece.records), score)
+    score.vocabulary = model.get_output_embeddings().weight.shape[0]  # type: ignore[attr-defined]
+    return score
 
+
+def _own_row(tree: Tree, row: dict) -> dict:
+    rows = read_rows(tree.status)
+    return next(r for r in rows if r["step"] == row["end_step"] and r["slice"].startswith(f"{r['step']:08d}-"))
+
+
+def test_the_second_files_before_loss_is_the_first_models_loss_on_its_slice_scored_independently(two_files):
+    tree = Tree(two_files)
+    first, second = tree.history()
+    own = _own_row(tree, second)
+    assert own["before_step"] == first["end_step"] == second["start_step"]
+
+    score = _scored_by_checkpoint(tree, first["end_step"], own)  # a kept file boundary: the model b started from
     assert own["before_loss"] == pytest.approx(score.prefix_loss(score.examples), abs=1e-5)
-    vocabulary = model.get_output_embeddings().weight.shape[0]
-    assert own["forward_transfer"] == pytest.approx(math.log(vocabulary) - own["before_loss"])
+    assert own["forward_transfer"] == pytest.approx(math.log(score.vocabulary) - own["before_loss"])
     assert own["before_bits_per_byte"] == pytest.approx(sum(score.example_nats) / (math.log(2) * score.bytes), abs=1e-6)
     assert learned(own) == pytest.approx(own["before_loss"] - own["loss"])
+
+
+def test_a_file_resumed_part_way_keeps_the_score_of_the_model_it_started_from(tmp_path, monkeypatch):
+    from daemon.exceptions import TrainingInterrupted
+    from daemon.training.callbacks import PlanCallback
+
+    tree = Tree(tmp_path / "t")
+    tree.root.mkdir()
+    first = train(tree, _text_file(tree.root / "a.jsonl", 0), **FLAGS)
+    data = _text_file(tree.root / "b.jsonl", 12)
+    original = PlanCallback.on_step_end
+
+    def stop_after_one_step(self, args, state, control, **kwargs):
+        if state.global_step == first["end_step"] + 1:
+            self.stop_requested.set()  # what the SIGTERM handler does
+        return original(self, args, state, control, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(PlanCallback, "on_step_end", stop_after_one_step)
+        with pytest.raises(TrainingInterrupted):
+            train(tree, data, save_steps=1, **FLAGS)
+    second = train(tree, data, **FLAGS)  # resumes at start + 1: the model in memory is not the start's
+
+    own = _own_row(tree, second)
+    assert second["start_step"] == first["end_step"] and own["before_step"] == first["end_step"]
+    score = _scored_by_checkpoint(tree, first["end_step"], own)
+    assert own["before_loss"] == pytest.approx(score.prefix_loss(score.examples), abs=1e-5)
 
 
 def test_the_matrix_status_and_snapshot_show_each_files_before_and_the_streams_forward_transfer(two_files):

@@ -298,7 +298,7 @@ class FileRun:
         trainer = build_trainer(prepared, flags, [saving], kept)
         trainer.add_callback(ProgressCallback(self.heartbeat, prepared.plan, prepared.progress, trainer.guard))
         if self.is_main:  # on its device now, before its first step: what the model knew of the file
-            self.before = score_before(prepared, flags)
+            self.before = score_before(prepared, flags, self.entry.id if self.entry else None)
         train_loss, train_seconds = train_segments(trainer, prepared, self.stop_requested, flags.training.seed)
         del trainer  # the main line's Trainer holds the model; the branch copies it
         cooldown_seconds = cool_down(prepared, flags, self.stop_requested)

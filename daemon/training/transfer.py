@@ -8,15 +8,17 @@ score into the file's own row of the evaluation after the file. Its seconds coun
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from daemon.quality.forgetting import read_rows
 from daemon.quality.transfer import forward_transfer
+from daemon.store.files import atomic_write_text
 from daemon.training.evaluation import FileEvaluation, Scorer, SliceScore, autocast_dtype, own_slice
 
 if TYPE_CHECKING:
@@ -24,6 +26,9 @@ if TYPE_CHECKING:
     from daemon.training.prepared import PreparedFile
 
 logger = logging.getLogger(__name__)
+
+# The current file's before score, kept so that a file resumed part-way still has it (one file trains at a time).
+BEFORE_FILE = "before_training.json"
 
 
 @dataclass
@@ -43,18 +48,24 @@ class BeforeScore:
     seconds: float
 
 
-def score_before(prepared: PreparedFile, flags: Flags) -> BeforeScore | None:
-    """Score the own slice with ``prepared.model`` as it is before the file's first step.
+def score_before(prepared: PreparedFile, flags: Flags, ledger_id: int | None) -> BeforeScore | None:
+    """Score the own slice with ``prepared.model`` as it is before the file's first step, and keep the score.
 
-    None (nothing scored) with ``--no_forward_transfer``, for a file without a held-out slice, and
-    for a file resumed part-way (``steps_done > 0``: the model in memory is no longer the one the
-    file started from). A failure to score is logged and gives None: it never fails the file.
+    The score is written to ``<status_dir>/before_training.json`` with the file's ledger row and
+    start step, so that a file resumed part-way (``steps_done > 0``: the model in memory is no longer
+    the one it started from) takes it from there. None (nothing scored) with ``--no_forward_transfer``,
+    for a file without a held-out slice, and for a resumed file whose score was never kept (the
+    log says so). A failure to score is logged and gives None: it never fails the file.
     """
     own = own_slice(prepared)
-    if not flags.evaluation.forward_transfer or own is None or prepared.steps_done:
-        if prepared.steps_done and own is not None and flags.evaluation.forward_transfer:
-            logger.info("forward transfer: not measured for a file resumed at step %d", prepared.plan.start_step)
+    if not flags.evaluation.forward_transfer or own is None:
         return None
+    path = Path(flags.status.status_dir) / BEFORE_FILE
+    if prepared.steps_done:
+        kept = _read_kept(path, ledger_id, prepared.plan.start_step, own.name)
+        if kept is None:
+            logger.info("forward transfer: not measured for this file, resumed from step %d", prepared.plan.start_step)
+        return kept
     started = time.monotonic()
     args = flags.training
     scorer = Scorer(
@@ -73,8 +84,21 @@ def score_before(prepared: PreparedFile, flags: Flags) -> BeforeScore | None:
     output = prepared.model.get_output_embeddings()
     vocabulary = int(output.weight.shape[0]) if output is not None else len(prepared.tokenizer)
     before = BeforeScore(score, prepared.plan.start_step, vocabulary, time.monotonic() - started)
+    doc = {"ledger_id": ledger_id, **asdict(before)}
+    atomic_write_text(path, json.dumps(doc) + "\n")
     logger.info("forward transfer: own slice loss %.4f before training (%.1f s)", _loss(score), before.seconds)
     return before
+
+
+def _read_kept(path: Path, ledger_id: int | None, start_step: int, slice_name: str) -> BeforeScore | None:
+    """The score :func:`score_before` kept for this ledger row, start step and slice; None if it kept none."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        before = BeforeScore(SliceScore(**doc["score"]), doc["step"], doc["vocabulary"], 0.0)  # none spent now
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    mine = ledger_id is not None and doc.get("ledger_id") == ledger_id and before.step == start_step
+    return before if mine and before.score.slice == slice_name else None
 
 
 def _loss(score: SliceScore) -> float:
