@@ -17,6 +17,7 @@ from daemon.quality.forgetting import read_rows
 from daemon.training.averaging import averaged_steps
 
 LAWA = {"average_exports": "lawa", "average_last": 3, "bf16": False}
+EMA = {"average_exports": "ema", "ema_decay": 0.9, "bf16": False}
 
 
 def _text_file(path: Path, first: int, count: int = 10) -> Path:
@@ -88,17 +89,26 @@ def test_the_evaluation_scores_the_averaged_model(lawa):
         assert (abs(score.prefix_loss(score.examples) - row["loss"]) < 1e-5) is expected
 
 
-def test_the_main_lines_checkpoints_are_those_of_a_run_without_averaging(lawa, tmp_path):
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory) -> Path:
+    tree = _new_tree(tmp_path_factory.mktemp("plain") / "t")
+    _three_files(tree, bf16=False)
+    return tree.root
+
+
+@pytest.mark.parametrize("averaged", ["lawa", "ema"])
+def test_the_main_lines_checkpoints_are_those_of_a_run_without_averaging(request, plain, averaged):
     import torch
 
-    plain = _new_tree(tmp_path / "plain")
-    rows = _three_files(plain, bf16=False)
-    tree = Tree(lawa)
+    tree = Tree(request.getfixturevalue(averaged))
+    plain = Tree(plain)
+    rows = plain.history()
     assert [r["end_step"] for r in rows] == [r["end_step"] for r in tree.history()]
     for step in (r["end_step"] for r in rows):
         ours, theirs = _weights(tree.output / f"checkpoint-{step}"), _weights(plain.output / f"checkpoint-{step}")
         assert all(torch.equal(ours[name], theirs[name]) for name in theirs)
     assert json.loads((plain.output / "export.json").read_text()) == {"global_step": rows[-1]["end_step"]}
+    assert not list(plain.output.glob("checkpoint-*/ema.safetensors"))
 
 
 def test_a_rollback_exports_the_checkpoint_and_the_next_file_averages_the_ends_left(lawa, tmp_path):
@@ -138,6 +148,7 @@ def test_averaged_steps_take_the_latest_kept_ends_on_disk(tmp_path):
         ({"average_last": 5}, "--keep_file_checkpoints >= 4"),
         ({"cooldown_fraction": 0.2}, "--cooldown_fraction"),
         ({"average_last": 0}, "--average_last must be >= 1"),
+        ({"ema_decay": 1.0}, "--ema_decay must be in"),
     ],
 )
 def test_averaging_flags_that_cannot_work_are_refused_in_one_line(tree, flags, message):
@@ -145,3 +156,83 @@ def test_averaging_flags_that_cannot_work_are_refused_in_one_line(tree, flags, m
 
     with pytest.raises(ConfigError, match=message):
         parse_args(["--dataset", "x.jsonl", *tree.flags(average_exports="lawa", **flags)])
+
+
+@pytest.fixture(scope="module")
+def ema(tmp_path_factory) -> Path:
+    """Three files with --average_exports ema and a checkpoint at every step (none rotated away)."""
+    tree = _new_tree(tmp_path_factory.mktemp("ema") / "t")
+    _three_files(tree, save_steps=1, save_total_limit=1000, **EMA)
+    return tree.root
+
+
+def test_every_checkpoint_holds_the_moving_average_of_its_step_and_the_export_is_the_ends(ema):
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    tree = Tree(ema)
+    end = tree.history()[-1]["end_step"]
+    averages = {s: load_file(tree.output / f"checkpoint-{s}" / "ema.safetensors") for s in range(1, end + 1)}
+    for step in range(2, end + 1):  # ema_t = 0.9 ema_(t-1) + 0.1 w_t, across file boundaries too
+        weights = _weights(tree.output / f"checkpoint-{step}")
+        for name, tensor in averages[step].items():
+            expected = 0.9 * averages[step - 1][name].double() + 0.1 * weights[name].double()
+            torch.testing.assert_close(tensor.double(), expected, rtol=0, atol=1e-6)
+    assert json.loads((tree.output / "export.json").read_text()) == {"global_step": end, "ema_decay": 0.9}
+    exported = AutoModelForCausalLM.from_pretrained(tree.output).state_dict()
+    for name, tensor in averages[end].items():
+        torch.testing.assert_close(exported[name], tensor, rtol=0, atol=0)
+    assert not (tree.output / "ema.safetensors").exists()  # training state, not part of the export
+    assert read_status(tree)["evaluation"]["ema_decay"] == 0.9
+
+
+def test_a_file_resumed_part_way_ends_with_the_average_of_one_trained_straight_through(ema, tmp_path, monkeypatch):
+    import torch
+
+    from daemon.exceptions import TrainingInterrupted
+    from daemon.training.callbacks import PlanCallback
+
+    straight = Tree(ema)
+    first = straight.history()[0]
+    tree = _new_tree(tmp_path / "t")
+    train(tree, _text_file(tree.root / "f0.jsonl", 0), save_steps=1, save_total_limit=1000, **EMA)
+    data = _text_file(tree.root / "f1.jsonl", 10)
+    original = PlanCallback.on_step_end
+
+    def stop_after_two_steps(self, args, state, control, **kwargs):
+        if state.global_step == first["end_step"] + 2:
+            self.stop_requested.set()  # what the SIGTERM handler does
+        return original(self, args, state, control, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(PlanCallback, "on_step_end", stop_after_two_steps)
+        with pytest.raises(TrainingInterrupted):
+            train(tree, data, save_steps=1000, **EMA)  # the stop's checkpoint alone, mid-file
+    row = train(tree, data, save_steps=1000, **EMA)
+    assert row["end_step"] == straight.history()[1]["end_step"]
+    ours = _ema(tree.output / f"checkpoint-{row['end_step']}")
+    theirs = _ema(straight.output / f"checkpoint-{row['end_step']}")
+    for name, tensor in theirs.items():
+        torch.testing.assert_close(ours[name], tensor, rtol=0, atol=1e-6)
+
+
+def test_a_rollback_of_an_ema_line_exports_the_checkpoints_own_weights(ema, tmp_path):
+    import torch
+
+    from daemon.store.rollback import main as rollback
+
+    shutil.copytree(ema, tmp_path / "t")
+    tree = Tree(tmp_path / "t")
+    ends = [row["end_step"] for row in tree.history()]
+    assert rollback(["--to_step", str(ends[0]), "--output_dir", str(tree.output), "--status_dir", str(tree.status)]) == 0
+    assert json.loads((tree.output / "export.json").read_text()) == {"global_step": ends[0]}
+    exported, checkpoint = _weights(tree.output), _weights(tree.output / f"checkpoint-{ends[0]}")
+    assert all(torch.equal(exported[name], checkpoint[name]) for name in checkpoint)
+    assert not (tree.output / "ema.safetensors").exists()
+
+
+def _ema(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(folder / "ema.safetensors")

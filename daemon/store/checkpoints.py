@@ -67,6 +67,7 @@ TRAINING_STATE_FILES = (
     "optimizer.bin",
     "scheduler.pt",
     "training_args.bin",
+    "ema.safetensors",  # --average_exports ema's running average (daemon.training.ema): state, not the model
     COMMIT_FILE,
 )
 
@@ -348,13 +349,13 @@ def export_model(
     cooldown_steps: int = 0,
     status_dir: str | Path | None = None,
     finishing: dict[str, Any] | None = None,
-    averaged_steps: list[int] | None = None,
+    averaged: dict[str, Any] | None = None,
 ) -> None:
     """Save model, tokenizer and model card to the root of ``output_dir``, loadable with ``from_pretrained``.
 
     ``export.json`` holds ``global_step`` (the main line's step the model comes from) and,
     for a cooled model (:mod:`daemon.training.cooldown`), the ``cooldown_steps`` of its branch; for an
-    averaged one (:mod:`daemon.training.averaging`), the ``averaged_steps`` whose checkpoints it averages.
+    averaged one, ``averaged`` (:func:`daemon.training.averaging.average_export`: what it averages).
 
     Written to a staging folder and fsynced first, then moved in file by file
     (``os.replace``): no file is ever half-written at its final name, files of the
@@ -382,7 +383,7 @@ def export_model(
     tokenizer.save_pretrained(staged)
     write_card(staged, global_step, status_dir, root.resolve().name, finishing)  # in the stage: moved in with it
     adapters.add_card_section(staged, root)
-    _install_stage(root, staged, global_step, {"cooldown_steps": cooldown_steps, "averaged_steps": averaged_steps})
+    _install_stage(root, staged, global_step, {"cooldown_steps": cooldown_steps, **(averaged or {})})
 
 
 def _export_files(folder: Path) -> list[Path]:

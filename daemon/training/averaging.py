@@ -1,9 +1,11 @@
-"""Averaged exports: the mean of the last file-end checkpoints' weights, exported and evaluated instead of the end's.
+"""Averaged exports: an average of the main line's weights, exported and evaluated instead of the file's end model.
 
-With ``--average_exports lawa --average_last K`` the run, after a file's last step ``end``, loads
-the weights of the checkpoints at the ends of the last ``K`` files (``end`` itself and the
-``K - 1`` latest done files' ends still on disk: :func:`averaged_steps`) and makes the model the
-file exports, samples and evaluates their elementwise mean::
+``--average_exports ema`` exports the exponential moving average over every step, kept in each
+checkpoint (:mod:`daemon.training.ema`). With ``--average_exports lawa --average_last K`` the run,
+after a file's last step ``end``, loads the weights of the checkpoints at the ends of the last
+``K`` files (``end`` itself and the ``K - 1`` latest done files' ends still on disk:
+:func:`averaged_steps`) and makes the model the file exports, samples and evaluates their
+elementwise mean::
 
     w_export = (1 / n) x sum over s in S of w(checkpoint-s)      (fp32, every tensor of the weights file)
 
@@ -15,13 +17,14 @@ along the trajectory; here they are the file boundaries, which the product keeps
 (``--keep_file_checkpoints``, :func:`daemon.store.rollback.kept_file_ends`). Hagele et al. 2024
 (arXiv:2405.18392) found such averaging on a constant learning rate recovers much of a cooldown.
 
-As with the cooldown branch (:mod:`daemon.training.cooldown`), the main line never sees it: no
+As with the cooldown branch (:mod:`daemon.training.cooldown`), the main line never sees either: no
 optimizer step is added, the checkpoints and ``global_step`` are untouched, and the next file
 continues from ``checkpoint-<end>``. ``export.json`` names the averaged steps
-(``averaged_steps``); the evaluation rows, samples and model card are the averaged model's. A
-rollback (``python -m daemon rollback``, a failed file's undo) exports the checkpoint's own weights,
-as it does after a cooldown: the next done file exports an average again. A rerun of a file whose
-export was interrupted averages the same checkpoints again: the same export.
+(``averaged_steps``) or the decay (``ema_decay``); the evaluation rows, samples and model card
+are the averaged model's. A rollback (``python -m daemon rollback``, a failed file's undo)
+exports the checkpoint's own weights, as it does after a cooldown: the next done file exports an
+average again. A rerun of a file whose export was interrupted averages the same checkpoints
+again: the same export.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 from daemon.exceptions import TrainingError
 from daemon.store.checkpoints import complete_checkpoint_steps
 from daemon.store.rollback import kept_file_ends
+from daemon.training.ema import EMA_FILE, read_ema
 
 if TYPE_CHECKING:
     from daemon.store.ledger import Ledger
@@ -103,33 +107,53 @@ def average_checkpoints(folders: list[Path]) -> dict[str, Any]:
     return {name: tensor / len(folders) for name, tensor in total.items()}
 
 
-def average_export(prepared: PreparedFile, flags: Flags, ledger: Ledger) -> list[int] | None:
-    """Make ``prepared.model`` the LAWA average (module docstring); the main line's checkpoints stay as they are.
+def average_export(prepared: PreparedFile, flags: Flags, ledger: Ledger) -> dict[str, Any] | None:
+    """Make ``prepared.model`` the averaged model; the main line's checkpoints stay as they are.
+
+    ``lawa``: the mean of the last file ends' checkpoints (module docstring); ``ema``: the moving
+    average kept in the file's end checkpoint (:mod:`daemon.training.ema`).
 
     Returns:
-        The averaged steps (for ``export.json``), or None with ``--average_exports none``.
+        What the export is the average of, for ``export.json`` and the status's ``evaluation``:
+        ``{"averaged_steps": [...]}`` or ``{"ema_decay": d}``; None with ``--average_exports none``.
 
     Raises:
-        TrainingError: a checkpoint cannot be averaged (no safetensors weights, other tensors).
+        TrainingError: a checkpoint cannot be averaged (no safetensors weights, other tensors, no average kept).
     """
-    if flags.averaging.average_exports == "none":
+    how = flags.averaging.average_exports
+    if how == "none":
         return None
-    import torch
-
     output_dir, end = Path(str(flags.training.output_dir)), prepared.plan.max_steps
+    if how == "ema":
+        average = read_ema(output_dir / f"checkpoint-{end}")
+        if average is None:
+            raise TrainingError(f"checkpoint-{end} holds no {EMA_FILE}: its file was trained without the average")
+        _load_into(prepared.model, average, every_tensor=False)  # buffers (not trained) stay the end model's
+        logger.info("averaged export: the moving average of the weights (--ema_decay %s)", flags.averaging.ema_decay)
+        return {"ema_decay": flags.averaging.ema_decay}
     earlier = kept_file_ends(ledger, flags.training.keep_file_checkpoints)
     steps = averaged_steps(output_dir, earlier, end, flags.averaging.average_last)
-    average = average_checkpoints([output_dir / f"checkpoint-{step}" for step in steps])
-    model = prepared.model
+    _load_into(prepared.model, average_checkpoints([output_dir / f"checkpoint-{step}" for step in steps]))
+    logger.info("averaged export: the mean of checkpoints %s (LAWA, --average_last %d)", steps, len(steps))
+    return {"averaged_steps": steps}
+
+
+def _load_into(model: Any, average: dict[str, Any], every_tensor: bool = True) -> None:
+    """Copy ``average`` into ``model``'s tensors in place (on their device, in their dtype).
+
+    Raises:
+        TrainingError: ``average`` names a tensor the model lacks or, with ``every_tensor``, leaves
+            one of the model's tensors out (a tied tensor counts as its twin).
+    """
+    import torch
+
     state = model.state_dict()
     saved = {state[name].data_ptr() for name in average if name in state}
-    unknown = sorted(set(average) - set(state)) + [
-        n for n in state if n not in average and state[n].data_ptr() not in saved
-    ]
-    if unknown:  # every tensor of the model is averaged, directly or as a tied copy of one that is
-        raise TrainingError(f"the averaged checkpoints do not match the model's tensors: {', '.join(unknown[:3])}")
+    unknown = sorted(set(average) - set(state))
+    if every_tensor:
+        unknown += [n for n in state if n not in average and state[n].data_ptr() not in saved]
+    if unknown:
+        raise TrainingError(f"the average does not match the model's tensors: {', '.join(unknown[:3])}")
     with torch.no_grad():
         for name, tensor in average.items():  # a tied tensor is saved once and shares its storage in the model
             state[name].copy_(tensor.to(state[name].dtype))
-    logger.info("averaged export: the mean of checkpoints %s (LAWA, --average_last %d)", steps, len(steps))
-    return steps

@@ -12,7 +12,7 @@ from typing import Any
 
 from daemon.exceptions import ConfigError
 
-AVERAGE_CHOICES = ("none", "lawa")
+AVERAGE_CHOICES = ("none", "lawa", "ema")
 
 
 @dataclass
@@ -23,8 +23,9 @@ class AveragingArguments:
         default="none",
         metadata={
             "help": "'lawa' exports (and evaluates) the mean of the weights of the last --average_last file-end "
-            "checkpoints instead of the file's end model (LAWA, Kaddour 2022); the next file still continues "
-            "from the end checkpoint. 'none' (default) exports the main line's model.",
+            "checkpoints instead of the file's end model (LAWA, Kaddour 2022); 'ema' an exponential moving "
+            "average of the weights over every step (--ema_decay), kept in each checkpoint. The next file still "
+            "continues from the end checkpoint. 'none' (default) exports the main line's model.",
             "choices": list(AVERAGE_CHOICES),
         },
     )
@@ -36,12 +37,22 @@ class AveragingArguments:
         },
     )
 
+    ema_decay: float = field(
+        default=0.99,
+        metadata={
+            "help": "Decay of --average_exports ema per optimizer step: ema = decay x ema + (1 - decay) x weights "
+            "(a half-life of ln 2 / (1 - decay) steps: 69 at 0.99)."
+        },
+    )
+
     def __post_init__(self) -> None:
         problems = []
         if self.average_exports not in AVERAGE_CHOICES:
             problems.append(f"--average_exports must be one of {', '.join(AVERAGE_CHOICES)}")
         if self.average_last < 1:
             problems.append("--average_last must be >= 1 (checkpoints averaged)")
+        if not 0.0 < self.ema_decay < 1.0:
+            problems.append("--ema_decay must be in (0, 1)")
         if problems:
             raise ConfigError("; ".join(problems))
 
@@ -60,7 +71,7 @@ def averaging_problems(
     if averaging.average_exports == "none":
         return []
     problems = []
-    if averaging.average_last - 1 > keep_file_checkpoints:
+    if averaging.average_exports == "lawa" and averaging.average_last - 1 > keep_file_checkpoints:
         problems.append(
             f"--average_last {averaging.average_last} needs --keep_file_checkpoints >= {averaging.average_last - 1} "
             "(the earlier file ends it averages must stay on disk)"
@@ -68,5 +79,5 @@ def averaging_problems(
     if cooldown > 0:
         problems.append("--average_exports and --cooldown_fraction both replace the export: choose one")
     if peft:
-        problems.append("--average_exports averages full checkpoints: it cannot be used with --use_peft")
+        problems.append("--average_exports averages every weight: it cannot be used with --use_peft")
     return problems

@@ -79,7 +79,7 @@ def save(
             prepared.progress.cooldown_steps,
             status_dir=flags.status.status_dir,
             finishing=row.as_dict(),  # its history row comes after the export
-            averaged_steps=prepared.averaged_steps,
+            averaged=prepared.averaged,
         )
     exported = time.monotonic()
     folder = write_snapshot(

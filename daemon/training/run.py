@@ -70,6 +70,7 @@ from daemon.training.data import (
     PaddingCollator,
     torch_rows,
 )
+from daemon.training.ema import EmaCallback
 from daemon.training.evaluation import FileEvaluation, evaluate_file
 from daemon.training.outputs import draw_report_unless_supervised, publish, save, start_line
 from daemon.training.plan import commit_plan
@@ -295,7 +296,9 @@ class FileRun:
         flags = self.flags
         kept = kept_file_ends(self.ledger, flags.training.keep_file_checkpoints)
         saving = PlanCallback(self.stop_requested, flags.training.max_save_overhead)
-        trainer = build_trainer(prepared, flags, [saving], kept)
+        averaging = flags.averaging
+        ema = [EmaCallback(prepared.model, averaging.ema_decay)] if averaging.average_exports == "ema" else []
+        trainer = build_trainer(prepared, flags, [saving, *ema], kept)  # the average is saved before the commit
         trainer.add_callback(ProgressCallback(self.heartbeat, prepared.plan, prepared.progress, trainer.guard))
         if self.is_main:  # on its device now, before its first step: what the model knew of the file
             self.before = score_before(prepared, flags, self.entry.id if self.entry else None)
@@ -303,7 +306,7 @@ class FileRun:
         del trainer  # the main line's Trainer holds the model; the branch copies it
         cooldown_seconds = cool_down(prepared, flags, self.stop_requested)
         if self.is_main:  # the export's weights: the mean of the last file ends' checkpoints, or the end's own
-            prepared.averaged_steps = average_export(prepared, flags, self.ledger)
+            prepared.averaged = average_export(prepared, flags, self.ledger)
         return train_loss, train_seconds, cooldown_seconds
 
     def evaluate(self, prepared: PreparedFile, train_seconds: float) -> FileEvaluation:
@@ -318,8 +321,8 @@ class FileRun:
         spent = self.before.seconds if self.before else 0.0
         scored = evaluate_file(prepared, self.flags, train_seconds, spent)
         with_before(scored, self.before, self.flags.status.status_dir, prepared.plan.start_step)
-        if prepared.averaged_steps and scored.evaluation is not None:  # the rows score the averaged model
-            scored.evaluation["averaged_steps"] = prepared.averaged_steps
+        if prepared.averaged and scored.evaluation is not None:  # the rows score the averaged model
+            scored.evaluation.update(prepared.averaged)
         return scored
 
     def save(self, prepared: PreparedFile, row: HistoryRow, scored: FileEvaluation) -> None:
