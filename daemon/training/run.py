@@ -297,7 +297,8 @@ class FileRun:
         kept = kept_file_ends(self.ledger, flags.training.keep_file_checkpoints)
         saving = PlanCallback(self.stop_requested, flags.training.max_save_overhead)
         averaging = flags.averaging
-        ema = [EmaCallback(prepared.model, averaging.ema_decay)] if averaging.average_exports == "ema" else []
+        keeps_ema = averaging.average_exports == "ema" and self.is_main  # the main process saves checkpoints
+        ema = [EmaCallback(prepared.model, averaging.ema_decay)] if keeps_ema else []
         trainer = build_trainer(prepared, flags, [saving, *ema], kept)  # the average is saved before the commit
         trainer.add_callback(ProgressCallback(self.heartbeat, prepared.plan, prepared.progress, trainer.guard))
         if self.is_main:  # on its device now, before its first step: what the model knew of the file
@@ -305,7 +306,7 @@ class FileRun:
         train_loss, train_seconds = train_segments(trainer, prepared, self.stop_requested, flags.training.seed)
         del trainer  # the main line's Trainer holds the model; the branch copies it
         cooldown_seconds = cool_down(prepared, flags, self.stop_requested)
-        if self.is_main:  # the export's weights: the mean of the last file ends' checkpoints, or the end's own
+        if self.is_main:  # the export's weights: an average of the main line's (--average_exports), or the end's
             prepared.averaged = average_export(prepared, flags, self.ledger)
         return train_loss, train_seconds, cooldown_seconds
 
