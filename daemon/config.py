@@ -195,6 +195,13 @@ class EvaluationArguments:
             "the same seeded subset, cut to fit (never below one example per slice)."
         },
     )
+    forward_transfer: bool = field(
+        default=True,
+        metadata={
+            "help": "Score each file's own held-out slice with the model it starts from, before its first step "
+            "(its loss before -> after, and forward transfer: docs/evaluation.md); counts in --eval_budget."
+        },
+    )
     max_regression: float | None = field(
         default=None,
         metadata={

@@ -35,6 +35,8 @@ def test_two_files_log_one_run_with_continuing_steps_boundaries_and_eval_scalars
     assert len(own) == 2  # the two held-out slices
     assert {step for tag in own for step, _ in scalars[tag]} == {a["end_step"], b["end_step"]}
     assert [step for step, _ in scalars["forgetting/mean"]] == [b["end_step"]]
+    assert [step for step, _ in scalars["forward_transfer/before_loss"]] == [a["end_step"], b["end_step"]]
+    assert [step for step, _ in scalars["forward_transfer/mean"]] == [b["end_step"]]  # the line's first file: none
 
     series = read_loss_series(tree.status)  # the report's loss curve: every logging step of both files
     assert [p["step"] for p in series] == loss_steps

@@ -46,10 +46,11 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from daemon.quality.transfer import format_transfer, own_rows
 from daemon.store.files import atomic_write_text, read_json_lines
 from daemon.store.suite import EVAL_FILE, HELD_OUT
 
@@ -210,7 +211,9 @@ class Matrix:
     """The forgetting matrix: ``loss[i][j]`` is slice ``j``'s loss after file ``i`` (None: not evaluated).
 
     ``change[i][j]`` is ``loss[i][j]`` minus the slice's first loss (for a held-out slice,
-    its forgetting); ``bits_per_byte[i][j]`` as the rows hold it.
+    its forgetting); ``bits_per_byte[i][j]`` as the rows hold it. ``before[i]`` is the diagonal's
+    "before": file ``i``'s own slice scored by the model it started from, before its first step
+    (:mod:`daemon.quality.transfer`; None where not measured).
     """
 
     files: list[dict[str, Any]]
@@ -218,6 +221,7 @@ class Matrix:
     loss: list[list[float | None]]
     change: list[list[float | None]]
     bits_per_byte: list[list[float | None]]
+    before: list[float | None] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -250,6 +254,7 @@ def build_matrix(rows: list[dict[str, Any]]) -> Matrix:
         loss=grid(lambda row, _: None if row is None else row["loss"]),
         change=grid(change),
         bits_per_byte=grid(lambda row, _: None if row is None else row["bits_per_byte"]),
+        before=[next((r["before_loss"] for r in own_rows(rows) if r["step"] == step), None) for step in steps],
     )
 
 
@@ -301,17 +306,26 @@ def format_matrix(rows: list[dict[str, Any]], width: int = 100, max_files: int =
     if hidden:
         lines.append(f"not shown: {', '.join(hidden)} (python -m daemon status --json has every figure)")
     lines += [f"e{n} = {m.slices[j]['slice']}" for n, j in enumerate(shown_evals, start=1)]
+    lines += format_transfer(rows, max_files)
     return [_fit(line, width) for line in lines]
 
 
 def format_figures(doc: dict[str, Any], width: int = 100) -> list[str]:
-    """The status's ``forgetting``, ``quality_gate`` and ``evaluation`` as summary lines of at most ``width``."""
+    """The status's ``forgetting``, ``forward_transfer`` (:mod:`daemon.quality.transfer`), ``quality_gate`` and
+    ``evaluation`` as summary lines of at most ``width``."""
     lines = []
     f = doc.get("forgetting")
     if f:
         lines.append(
             f"forgetting   mean {f['mean']:+.3f}, backward transfer {f['backward_transfer']:+.3f} "
             f"over {f['slices']} slices; max {f['max']:+.3f} on {_short(f['worst_slice'])}"
+        )
+    t = doc.get("forward_transfer")
+    if t and t.get("before_loss") is not None:
+        mean = "" if t["mean"] is None else f"; mean forward transfer {t['mean']:+.3f} over {t['files']} files"
+        lines.append(
+            f"own slice    {t['before_loss']:.3f} before -> {t['after_loss']:.3f} after training on it "
+            f"(learned {t['learned']:+.3f}, forward transfer {t['forward_transfer']:+.3f}){mean}"
         )
     gate = doc.get("quality_gate")
     if gate and (gate.get("regression") is not None or gate.get("errors")):

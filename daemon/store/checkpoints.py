@@ -67,6 +67,7 @@ TRAINING_STATE_FILES = (
     "optimizer.bin",
     "scheduler.pt",
     "training_args.bin",
+    "ema.safetensors",  # --average_exports ema's running average (daemon.training.ema): state, not the model
     COMMIT_FILE,
 )
 
@@ -340,11 +341,13 @@ def export_model(
     cooldown_steps: int = 0,
     status_dir: str | Path | None = None,
     finishing: dict[str, Any] | None = None,
+    averaged: dict[str, Any] | None = None,
 ) -> None:
     """Save model, tokenizer and model card to the root of ``output_dir``, loadable with ``from_pretrained``.
 
     ``export.json`` holds ``global_step`` (the main line's step the model comes from) and,
-    for a cooled model (:mod:`daemon.training.cooldown`), the ``cooldown_steps`` of its branch.
+    for a cooled model (:mod:`daemon.training.cooldown`), the ``cooldown_steps`` of its branch; for an
+    averaged one, ``averaged`` (:func:`daemon.training.averaging.average_export`: what it averages).
 
     Written to a staging folder and fsynced first, then moved in file by file
     (``os.replace``): no file is ever half-written at its final name, files of the
@@ -375,7 +378,7 @@ def export_model(
     tokenizer.save_pretrained(staged)
     write_card(staged, global_step, status_dir, root.resolve().name, finishing)  # in the stage: moved in with it
     adapters.add_card_section(staged, root)
-    _install_stage(root, staged, global_step, cooldown_steps)
+    _install_stage(root, staged, global_step, {"cooldown_steps": cooldown_steps, **(averaged or {})})
 
 
 def _export_files(folder: Path) -> list[Path]:
@@ -410,7 +413,7 @@ def _empty_stage(root: Path) -> Path:
     return staged
 
 
-def _install_stage(root: Path, staged: Path, global_step: int, cooldown_steps: int = 0) -> None:
+def _install_stage(root: Path, staged: Path, global_step: int, made: dict[str, Any] | None = None) -> None:
     """Move the staged export in (fsynced first, ``config.json`` last), remove stale files, then ``export.json``."""
     make_durable(staged)
     old = {p.name for p in _export_files(root)} if (root / "config.json").is_file() else set()
@@ -425,7 +428,7 @@ def _install_stage(root: Path, staged: Path, global_step: int, cooldown_steps: i
         if adapters.ADAPTER_FOLDER not in new:  # an export without adapter (after --merge_adapter) leaves none
             shutil.rmtree(root / adapters.ADAPTER_FOLDER, ignore_errors=True)
         staged.rmdir()
-        _write_export_state(root, global_step, cooldown_steps)
+        _write_export_state(root, global_step, made or {})
 
 
 def _remove_export(root: Path) -> None:
@@ -437,7 +440,7 @@ def _remove_export(root: Path) -> None:
         (root / EXPORT_STATE).unlink(missing_ok=True)
 
 
-def _write_export_state(root: Path, global_step: int, cooldown_steps: int = 0) -> None:
-    state = {"global_step": global_step, **({"cooldown_steps": cooldown_steps} if cooldown_steps else {})}
+def _write_export_state(root: Path, global_step: int, made: dict[str, Any]) -> None:
+    state = {"global_step": global_step, **{key: value for key, value in made.items() if value}}  # a branch's
     atomic_write_text(root / EXPORT_STATE, json.dumps(state) + "\n")
     fsync_dir(root)

@@ -40,6 +40,7 @@ from daemon.config import (
 from daemon.config_file import CONFIG_HELP, DAEMON_KEYS, read_flags
 from daemon.exceptions import ConfigError
 from daemon.store.origin import base_model_of, has_own_chat_template
+from daemon.training.averaging_flags import AveragingArguments, averaging_problems
 from daemon.training.peft_flags import LORA_LEARNING_RATE, PeftArguments, resolve_peft
 from daemon.training.tracker_flags import TrackerArguments, missing_trackers
 
@@ -252,6 +253,7 @@ class Flags:
     replay: ReplayArguments
     peft: PeftArguments
     trackers: TrackerArguments
+    averaging: AveragingArguments
 
 
 # The defaults that follow the starting model (daemon.store.origin): the embedded model learns from scratch; a
@@ -312,6 +314,7 @@ GROUPS = (
     ReplayArguments,
     PeftArguments,
     TrackerArguments,
+    AveragingArguments,
 )
 
 
@@ -360,6 +363,11 @@ def parse_args(argv: list[str]) -> Flags:
     except ValueError as e:  # TrainingArguments.__post_init__ validates combinations this way
         raise ConfigError(str(e).splitlines()[0]) from e
     _validate_training_args(flags.training)
+    averaging = averaging_problems(
+        flags.averaging, flags.training.keep_file_checkpoints, flags.replay.cooldown_fraction, flags.peft.use_peft
+    )
+    if averaging:
+        raise ConfigError("; ".join(averaging))
     return flags
 
 

@@ -308,6 +308,7 @@ class FileEvaluation:
         forgetting: :func:`daemon.quality.forgetting.forgetting` of this model (None before a second held-out slice).
         quality_gate: :func:`daemon.quality.forgetting.quality_gate` of this file.
         evaluation: the status's ``evaluation``: slices, examples per slice, seconds, budget, errors.
+        forward_transfer: :func:`daemon.quality.transfer.forward_transfer` (None without a before score).
     """
 
     rows: list[dict[str, Any]] = field(default_factory=list)
@@ -317,6 +318,7 @@ class FileEvaluation:
     forgetting: dict[str, Any] | None = None
     quality_gate: dict[str, Any] | None = None
     evaluation: dict[str, Any] | None = None
+    forward_transfer: dict[str, Any] | None = None
 
     def record(self, status_dir: str | Path, start_step: int) -> None:
         """Add the own slice to the suite and the rows to ``evaluations.jsonl`` (above ``start_step``, where
@@ -326,21 +328,24 @@ class FileEvaluation:
         write_rows(status_dir, start_step, self.rows)
 
     def snapshot_fields(self) -> dict[str, Any]:
-        """What the evolution snapshot adds: the rows, forgetting, quality gate and the evaluation's cost."""
+        """What the evolution snapshot adds: the rows, forgetting, quality gate, the evaluation's cost and
+        forward transfer."""
+        return {"evaluations": self.rows, **self.status_fields()}
+
+    def status_fields(self) -> dict[str, Any]:
+        """The status's ``forgetting``, ``quality_gate``, ``evaluation`` and ``forward_transfer``, latest model."""
         return {
-            "evaluations": self.rows,
             "forgetting": self.forgetting,
             "quality_gate": self.quality_gate,
             "evaluation": self.evaluation,
+            "forward_transfer": self.forward_transfer,
         }
 
-    def status_fields(self) -> dict[str, Any]:
-        """The status's ``forgetting``, ``quality_gate`` and ``evaluation`` for the latest model."""
-        return {"forgetting": self.forgetting, "quality_gate": self.quality_gate, "evaluation": self.evaluation}
 
-
-def evaluate_file(prepared: PreparedFile, flags: Flags, train_seconds: float) -> FileEvaluation:
+def evaluate_file(prepared: PreparedFile, flags: Flags, train_seconds: float, spent: float = 0.0) -> FileEvaluation:
     """Score the model after ``prepared``'s file on the suite, and apply the quality gate.
+
+    ``spent`` seconds of the budget went to scoring before the file (:mod:`daemon.training.transfer`).
 
     Raises:
         RegressionError: the gate says roll back (``--on_regression rollback``); nothing was
@@ -349,10 +354,7 @@ def evaluate_file(prepared: PreparedFile, flags: Flags, train_seconds: float) ->
     started = time.monotonic()
     plan, scan, status_dir = prepared.plan, prepared.scan, flags.status.status_dir
     name = printable(scan.path.name)
-    own = None
-    if prepared.datasets.heldout_records:
-        records = subset(prepared.datasets.heldout_records)
-        own = Slice(slice_name(plan.max_steps, scan.path.name), HELD_OUT, scan.shape, records)
+    own = own_slice(prepared)
     others, errors = load_suite(
         status_dir, plan.start_step, flags.evaluation.eval_files, flags.data.text_field, flags.data.max_eval_examples
     )
@@ -362,9 +364,9 @@ def evaluate_file(prepared: PreparedFile, flags: Flags, train_seconds: float) ->
         prepared.model, prepared.tokenizer, flags.data.max_seq_length, args.per_device_eval_batch_size, autocast
     )
     budget = flags.evaluation.eval_budget * train_seconds
-    result = evaluate_suite(scorer, own, others, budget - (time.monotonic() - started))  # reading counts too
+    result = evaluate_suite(scorer, own, others, budget - spent - (time.monotonic() - started))  # reading counts too
     result.errors[:0] = errors
-    result.budget_seconds, result.seconds = budget, time.monotonic() - started
+    result.budget_seconds, result.seconds = budget, time.monotonic() - started + spent
     rows = [score.as_row(plan.max_steps, name, scan.sha256) for score in result.scores]
     earlier = [row for row in read_rows(status_dir) if row["step"] <= plan.start_step]
     own_name = own.name if own else None
@@ -391,6 +393,14 @@ def evaluate_file(prepared: PreparedFile, flags: Flags, train_seconds: float) ->
         raise RegressionError(gate_message(gate, plan.start_step), gate)
     fgt = forgetting(earlier + rows, plan.max_steps)
     return FileEvaluation(rows, own, own_loss, result.seconds, fgt, gate, evaluation)
+
+
+def own_slice(prepared: PreparedFile) -> Slice | None:
+    """The file's held-out slice as the evaluation scores it (whole, in subset order); None for a file without one."""
+    if not prepared.datasets.heldout_records:
+        return None
+    records = subset(prepared.datasets.heldout_records)
+    return Slice(slice_name(prepared.plan.max_steps, prepared.scan.path.name), HELD_OUT, prepared.scan.shape, records)
 
 
 def autocast_dtype(bf16: bool, fp16: bool) -> Any:

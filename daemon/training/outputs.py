@@ -81,6 +81,7 @@ def save(
             prepared.progress.cooldown_steps,
             status_dir=flags.status.status_dir,
             finishing=row.as_dict(),  # its history row comes after the export
+            averaged=prepared.averaged,
         )
     exported = time.monotonic()
     folder = write_snapshot(

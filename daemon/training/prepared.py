@@ -7,7 +7,7 @@ branch) import this, not the run.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -36,6 +36,8 @@ class PreparedFile:
         abandoned: a ``training`` ledger row of this file whose plan the running model has
             left (e.g. checkpoints were deleted); :func:`~daemon.training.plan.commit_plan` closes it.
         progress: the status's ``current_file``.
+        averaged: what ``model`` became the average of after training, for ``export.json``
+            (:func:`daemon.training.averaging.average_export`), None for the file's own end model.
     """
 
     model: PreTrainedModel
@@ -48,3 +50,4 @@ class PreparedFile:
     resumed: LedgerRow | None
     abandoned: LedgerRow | None
     progress: FileProgress
+    averaged: dict[str, Any] | None = None

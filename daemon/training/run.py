@@ -62,6 +62,7 @@ from daemon.store.rollback import finish_interrupted_rollback, kept_file_ends
 from daemon.store.status import Heartbeat, StatusFile, beat
 from daemon.store.undo import fail_file
 from daemon.training.arguments import Flags
+from daemon.training.averaging import average_export
 from daemon.training.callbacks import CheckpointCallback, PlanCallback, ProgressCallback, state_bytes
 from daemon.training.claims import owning
 from daemon.training.cooldown import cool_down
@@ -69,6 +70,7 @@ from daemon.training.data import (
     PaddingCollator,
     torch_rows,
 )
+from daemon.training.ema import EmaCallback
 from daemon.training.evaluation import FileEvaluation, evaluate_file
 from daemon.training.outputs import draw_report_unless_supervised, publish, save, start_line
 from daemon.training.plan import commit_plan
@@ -79,6 +81,7 @@ from daemon.training.speed.accumulation import ThreadedAccumulationTrainer, reso
 from daemon.training.speed.autotune import choose_workers, use_compile_cache
 from daemon.training.tensorboard_run import tensorboard_enabled, use_fixed_log_dir
 from daemon.training.trackers import follow_runs
+from daemon.training.transfer import BeforeScore, score_before, with_before
 
 logger = logging.getLogger(__name__)
 
@@ -222,6 +225,7 @@ class FileRun:
         self.ledger = Ledger(flags.status.status_dir, instance=os.environ.get(LEDGER_ENV))
         self.prepared: PreparedFile | None = None
         self.entry: LedgerRow | None = None
+        self.before: BeforeScore | None = None  # the own slice scored before the first step (forward transfer)
 
     def run(self) -> HistoryRow:
         """Train, evaluate and record the file; see :func:`train_file` for what it returns and raises."""
@@ -284,7 +288,9 @@ class FileRun:
         return prepared
 
     def fit(self, prepared: PreparedFile) -> tuple[float | None, float, float]:
-        """Train the plan's remaining steps, then the cooldown branch (:func:`train_segments`, :func:`cool_down`).
+        """Train the plan's remaining steps, then the cooldown branch (:func:`train_segments`, :func:`cool_down`);
+        the file's own slice is scored first (:func:`~daemon.training.transfer.score_before`) and an averaged
+        export replaces the model last (:func:`~daemon.training.averaging.average_export`).
 
         Returns:
             ``(mean training loss or None, seconds in Trainer.train, seconds of the cooldown branch)``.
@@ -292,11 +298,19 @@ class FileRun:
         flags = self.flags
         kept = kept_file_ends(self.ledger, flags.training.keep_file_checkpoints)
         saving = PlanCallback(self.stop_requested, flags.training.max_save_overhead)
-        trainer = build_trainer(prepared, flags, [saving], kept)
+        averaging = flags.averaging
+        keeps_ema = averaging.average_exports == "ema" and self.is_main  # the main process saves checkpoints
+        ema = [EmaCallback(prepared.model, averaging.ema_decay)] if keeps_ema else []
+        trainer = build_trainer(prepared, flags, [saving, *ema], kept)  # the average is saved before the commit
         trainer.add_callback(ProgressCallback(self.heartbeat, prepared.plan, prepared.progress, trainer.guard))
+        if self.is_main:  # on its device now, before its first step: what the model knew of the file
+            self.before = score_before(prepared, flags, self.entry.id if self.entry else None)
         train_loss, train_seconds = train_segments(trainer, prepared, self.stop_requested, flags.training.seed)
         del trainer  # the main line's Trainer holds the model; the branch copies it
-        return train_loss, train_seconds, cool_down(prepared, flags, self.stop_requested)
+        cooldown_seconds = cool_down(prepared, flags, self.stop_requested)
+        if self.is_main:  # the export's weights: an average of the main line's (--average_exports), or the end's
+            prepared.averaged = average_export(prepared, flags, self.ledger)
+        return train_loss, train_seconds, cooldown_seconds
 
     def evaluate(self, prepared: PreparedFile, train_seconds: float) -> FileEvaluation:
         """Score the model on the evaluation suite (main process; other ranks have nothing to record).
@@ -305,7 +319,14 @@ class FileRun:
             RegressionError: ``--on_regression rollback`` and the file raised the loss on earlier slices.
         """
         beat(self.heartbeat, state=RunState.EVALUATING)
-        return evaluate_file(prepared, self.flags, train_seconds) if self.is_main else FileEvaluation()
+        if not self.is_main:
+            return FileEvaluation()
+        spent = self.before.seconds if self.before else 0.0
+        scored = evaluate_file(prepared, self.flags, train_seconds, spent)
+        with_before(scored, self.before, self.flags.status.status_dir, prepared.plan.start_step)
+        if prepared.averaged and scored.evaluation is not None:  # the rows score the averaged model
+            scored.evaluation.update(prepared.averaged)
+        return scored
 
     def save(self, prepared: PreparedFile, row: HistoryRow, scored: FileEvaluation) -> None:
         """Record the done file (:func:`daemon.training.outputs.save`), then show it idle and published."""

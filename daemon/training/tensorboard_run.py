@@ -10,7 +10,8 @@ never splits: TensorBoard reads all event files of a folder as one run, ordered 
 - ``file/index`` (scalar) and ``file/name`` (text) at the step each file starts: the boundaries.
 - at each done file's end step: ``eval/<slice>/loss`` and ``eval/<slice>/bits_per_byte`` for every
   slice of the evaluation suite, ``eval/own_slice_loss``, ``forgetting/mean``, ``forgetting/max``,
-  ``forgetting/backward_transfer`` and ``quality_gate/regression`` (nats).
+  ``forgetting/backward_transfer``, ``quality_gate/regression`` and ``forward_transfer/before_loss``,
+  ``/learned``, ``/forward_transfer``, ``/mean`` (nats; :mod:`daemon.quality.transfer`).
 
 A file that starts below the last step written (a resume after a crash, a failed file's
 steps trained again, a rollback) purges the events after its start, as a restarted run
@@ -113,4 +114,7 @@ def end_scalars(scored: FileEvaluation) -> dict[str, float]:
     for key in ("mean", "max", "backward_transfer"):
         scalars[f"forgetting/{key}"] = forgetting.get(key)
     scalars["quality_gate/regression"] = (scored.quality_gate or {}).get("regression")
+    transfer = scored.forward_transfer or {}
+    for key in ("before_loss", "learned", "forward_transfer", "mean"):
+        scalars[f"forward_transfer/{key}"] = transfer.get(key)
     return {name: float(value) for name, value in scalars.items() if value is not None}

@@ -163,8 +163,10 @@ def matrix_figure(matrix: Matrix) -> Figure | None:
 
     A cell is the loss (nats) of the column's slice after the row's file, written in the cell
     when the matrix is small enough to read; a blank cell was not evaluated (a held-out slice
-    before its file was trained). Columns are named ``#n`` (file ``n``'s held-out slice) or
-    ``e1``, ``e2``... (eval files), as ``python -m daemon status`` names them.
+    before its file was trained). A row's label adds its own slice's loss before the file was
+    trained (forward transfer, :mod:`daemon.quality.transfer`), the diagonal's "before". Columns are
+    named ``#n`` (file ``n``'s held-out slice) or ``e1``, ``e2``... (eval files), as
+    ``python -m daemon status`` names them.
     """
     if not matrix.files:
         return None
@@ -177,7 +179,7 @@ def matrix_figure(matrix: Matrix) -> Figure | None:
     ax = fig.add_subplot()
     image = ax.imshow(np.ma.masked_invalid(grid), cmap="viridis_r", aspect="auto")
     fig.colorbar(image, ax=ax, label="loss (nats)")
-    ax.set_yticks(range(len(rows)), [f"{i + 1} {_short(matrix.files[i]['after_file'], 24)}" for i in rows])
+    ax.set_yticks(range(len(rows)), [_file_label(matrix, i) for i in rows])
     ax.set_xticks(range(len(cols)), [_slice_label(matrix, j) for j in cols], fontsize=8)
     ax.set_xlabel("evaluation slice")
     ax.set_ylabel("after file")
@@ -213,6 +215,14 @@ def _file_ticks(ax: Any, rows: list[dict[str, Any]]) -> None:
     labels = [f"{i} {_short(r['file'], 26)}" for i, r in enumerate(rows, start=1)]
     ax.set_xticks(
         range(len(rows)), labels, rotation=30 if len(rows) > 4 else 0, ha="right" if len(rows) > 4 else "center"
+    )
+
+
+def _file_label(matrix: Matrix, i: int) -> str:
+    """``"3 name"``, with ``(before 6.12)`` where the file's own slice was scored before training on it."""
+    before = matrix.before[i] if i < len(matrix.before) else None
+    return f"{i + 1} {_short(matrix.files[i]['after_file'], 24)}" + (
+        "" if before is None else f" (before {before:.2f})"
     )
 
 
@@ -313,7 +323,8 @@ def _summary(data: ReportData) -> str:
     cur = s.current_file
     if cur and cur.steps:
         rows.append(("current file", f"{cur.name}: step {cur.steps} ({cur.percent}), eta {cur.eta}"))
-    rows += [(label, text) for label, text in (("last eval", s.last_eval), ("forgetting", s.forgetting)) if text]
+    figures = (("last eval", s.last_eval), ("forgetting", s.forgetting), ("forward transfer", s.forward_transfer))
+    rows += [(label, text) for label, text in figures if text]
     cells = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in rows)
     return f'<table class="summary">{cells}</table>'
 

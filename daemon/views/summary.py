@@ -63,6 +63,7 @@ class Summary:
     checkpoints: str | None = None
     disk: str | None = None
     forgetting: str | None = None
+    forward_transfer: str | None = None  # "own slice 6.120 -> 5.310 (learned +0.810), mean forward transfer ..."
     last_error: str | None = None  # "file: message (at)"
 
 
@@ -118,6 +119,13 @@ def summarize(doc: dict[str, Any]) -> Summary:
     f = doc.get("forgetting")
     if f:
         summary.forgetting = f"mean {f['mean']:+.3f} nats, max {f['max']:+.3f} on {f['worst_slice']}"
+    t = doc.get("forward_transfer")
+    if t and t.get("before_loss") is not None:
+        mean = "" if t.get("mean") is None else f"; mean {t['mean']:+.3f} nats over {t['files']} files"
+        summary.forward_transfer = (
+            f"own slice {t['before_loss']:.3f} -> {t['after_loss']:.3f} nats (learned {t['learned']:+.3f}), "
+            f"forward transfer {t['forward_transfer']:+.3f}{mean}"
+        )
     err = doc.get("last_error")
     if err:
         summary.last_error = f"{err.get('file')}: {err.get('message')} ({err.get('at')})"
@@ -147,7 +155,7 @@ def format_summary(
     lines.append(f"metrics      {s.metrics}")
     optional = [("last eval", s.last_eval), ("files", s.files), ("queue", ", ".join(s.queue) or None)]
     optional += [("grad guard", s.grad_guard), ("checkpoints", s.checkpoints), ("disk", s.disk)]
-    optional += [("forgetting", s.forgetting), ("last error", s.last_error or "none")]
+    optional += [("forgetting", s.forgetting), ("transfer", s.forward_transfer), ("last error", s.last_error or "none")]
     lines += [f"{label:<12} {text}" for label, text in optional if text]
     if snapshot is not None:
         lines.append(f"snapshot     {snapshot}")
