@@ -4,9 +4,10 @@
 :func:`daemon.service.cli.main`): it starts the notifier (:mod:`daemon.service.notify`) and the
 Prometheus endpoint (:mod:`daemon.service.metrics`) before the loop, sends ``daemon_started``, and
 on the way out (a drained inbox, a stop signal, an error) a last look at the history, then
-``daemon_stopped``, then stops both and joins their threads.
+``daemon_stopped``, then stops both and joins their threads (a webhook POST still in flight past
+:meth:`~daemon.service.notify.Notifier.close`'s bound is left behind, logged).
 
-The loop itself is not changed: its supervisor is wrapped in a :class:`NotifyingSupervisor`,
+The loop itself is not changed (bar one hook): its supervisor is wrapped in a :class:`NotifyingSupervisor`,
 which looks for new ``history.jsonl`` rows (:meth:`daemon.service.events.Events.poll`) at the
 points where the daemon learns of them (each poll of a running training process, its end, a file
 filed away, each idle turn of the loop). ``stalled`` is sent from where the daemon counts a
