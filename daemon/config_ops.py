@@ -1,7 +1,8 @@
 """The daemon's options for the tools that watch it: JSON webhooks and a Prometheus endpoint.
 
 Parsed with :class:`daemon.config.DaemonArguments` by ``HfArgumentParser``
-(:func:`daemon.service.cli.parse_daemon_args`); like them, a config file's keys of these names
+(:func:`daemon.service.cli.parse_daemon_args`, which names every invalid option of both in one
+message); like them, a config file's keys of these names
 are the daemon's and never reach a training process. Standard library only.
 docs/notifications.md and docs/metrics.md describe what they turn on.
 """
@@ -33,7 +34,11 @@ class OpsArguments:
         metadata={"help": "Seconds a POST waits for the receiver (to connect, then for each read) before it fails."},
     )
     notify_retries: int = field(
-        default=3, metadata={"help": "Retries of a failed POST (a timeout, a refused connection, a 5xx or 429)."}
+        default=3,
+        metadata={
+            "help": "Retries of a failed POST (a timeout, a refused connection, an answer that is not HTTP, "
+            "a 5xx, 408, 425 or 429; never a redirect or another 4xx)."
+        },
     )
     notify_backoff: float = field(
         default=1.0,
@@ -52,7 +57,7 @@ class OpsArguments:
     )
 
     def __post_init__(self) -> None:
-        problems = [f"--notify_url {url!r}: {why}" for url in self.notify_url if (why := url_problem(url))]
+        problems = [f"--notify_url {redact(url)}: {why}" for url in self.notify_url if (why := url_problem(url))]
         if not self.notify_timeout > 0:
             problems.append("--notify_timeout must be > 0 seconds")
         if self.notify_retries < 0:
@@ -87,3 +92,15 @@ def url_problem(url: str) -> str | None:
     if not parts.hostname:
         return "no host"
     return None
+
+
+def redact(url: str) -> str:
+    """``url`` without what may be a secret: ``scheme://host[:port]/…`` (no user, password, path or query)."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    return f"{parts.scheme}://{host}{f':{port}' if port is not None else ''}/…"

@@ -685,10 +685,10 @@ def test_the_daemons_flags_and_its_config_file_mean_the_same_written_with_an_equ
     config.write_text("inbox_dir: drops\nsettle_seconds: 3\nlearning_rate: 1.0e-4\n")
     spaced = parse_daemon_args(["--config", str(config), "--once", "--output_dir", "model", "--seed", "3"])
     equals = parse_daemon_args([f"--config={config}", "--once=True", "--output_dir=model", "--seed=3"])
-    for args, train_argv in (spaced, equals):
+    for args, _, train_argv in (spaced, equals):
         assert (args.inbox_dir, args.settle_seconds, args.once, args.output_dir) == ("drops", 3.0, True, "model")
         assert train_argv[:2] == ["--learning_rate", "0.0001"]  # the file's training flags go to every child
-    assert spaced[1][2:] == ["--seed", "3"] and equals[1][2:] == ["--seed=3"]
+    assert spaced[2][2:] == ["--seed", "3"] and equals[2][2:] == ["--seed=3"]
 
 
 def _dirs(tree) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from daemon.config import DaemonArguments
 from daemon.names import printable
@@ -16,9 +17,18 @@ logger = logging.getLogger(__name__)
 
 
 def count_attempt(
-    ledger: Ledger, status: StatusFile, entry: LedgerRow, result: ChildResult, args: DaemonArguments
+    ledger: Ledger,
+    status: StatusFile,
+    entry: LedgerRow,
+    result: ChildResult,
+    args: DaemonArguments,
+    on_stall: Callable[[LedgerRow], None] | None = None,
 ) -> LedgerRow:
     """Count a failed attempt at ``entry``'s file; fail the file when :func:`give_up_reason` says to.
+
+    Args:
+        on_stall: called with the row, this attempt counted, when the attempt was a stall (before
+            the file is failed, if it is); it must not raise (``ops.watched`` sends the ``stalled`` event).
 
     Returns:
         The ledger row after the attempt (``failed``, its steps undone, or still to be tried).
@@ -29,6 +39,8 @@ def count_attempt(
     logger.error(
         "%s: attempt %d: training process %s: %s", printable(entry.name), entry.attempts, result.describe(), said
     )
+    if result.stalled and on_stall is not None:
+        on_stall(entry)
     error = give_up_reason(result, previous, entry.attempts, args.max_attempts)
     if error is None:
         return entry

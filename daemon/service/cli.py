@@ -7,7 +7,9 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import fields
+from typing import Any, TypeVar
 
 from daemon.config import LEDGER_ENV, DaemonArguments
 from daemon.config_file import CONFIG_HELP, as_argv, read_flags, split_config
@@ -18,34 +20,42 @@ from daemon.service.watcher import Daemon
 from daemon.store.locks import lock_folders, release_folders
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
-def parse_daemon_args(argv: list[str]) -> tuple[DaemonArguments, list[str]]:
-    """Split flags into the daemon's own and those passed to every training child.
+def parse_daemon_args(argv: list[str]) -> tuple[DaemonArguments, OpsArguments, list[str]]:
+    """Split flags into the daemon's own, its webhooks' and metrics' (:mod:`daemon.config_ops`), and the rest.
 
     A ``--config FILE`` is read once, here: the daemon takes its own keys, and the others
     reach every training child as flags, before the command line's (which win).
 
-    Raises:
-        ConfigError: a daemon option is invalid, or the config file cannot be read.
-    """
-    daemon_args, _, train_argv = parse_all_daemon_args(argv)
-    return daemon_args, train_argv
-
-
-def parse_all_daemon_args(argv: list[str]) -> tuple[DaemonArguments, OpsArguments, list[str]]:
-    """:func:`parse_daemon_args`, with the options of the daemon's webhooks and metrics (:mod:`daemon.config_ops`).
+    Returns:
+        ``(daemon_args, ops, train_argv)``: ``train_argv`` goes to every training child.
 
     Raises:
-        ConfigError: a daemon option is invalid, or the config file cannot be read.
+        ConfigError: a daemon option is invalid (every invalid one named in the one message), or
+            the config file cannot be read.
     """
     from transformers import HfArgumentParser  # argument parsing only: does not import torch
 
     parser = HfArgumentParser((DaemonArguments, OpsArguments))  # type: ignore[arg-type]  # typed narrowly
     parser.add_argument("--config", help=CONFIG_HELP + " Its training flags are passed to each file's run.")
     values, train_argv, training = read_flags(parser, argv)
-    ops = OpsArguments(**{f.name: values.pop(f.name) for f in fields(OpsArguments)})
-    return DaemonArguments(**values), ops, [*as_argv(training), *train_argv]
+    ops_values = {f.name: values.pop(f.name) for f in fields(OpsArguments)}
+    problems: list[str] = []
+    daemon_args, ops = _checked(DaemonArguments, values, problems), _checked(OpsArguments, ops_values, problems)
+    if daemon_args is None or ops is None:
+        raise ConfigError("; ".join(problems))
+    return daemon_args, ops, [*as_argv(training), *train_argv]
+
+
+def _checked(kind: Callable[..., T], values: dict[str, Any], problems: list[str]) -> T | None:
+    """``kind(**values)``, or None with its :class:`ConfigError` added to ``problems``."""
+    try:
+        return kind(**values)
+    except ConfigError as e:
+        problems.append(str(e))
+        return None
 
 
 def check_training_flags(daemon_args: DaemonArguments, argv: list[str]) -> None:
@@ -60,7 +70,7 @@ def check_training_flags(daemon_args: DaemonArguments, argv: list[str]) -> None:
         ConfigError: with the child's one-line message.
     """
     path, rest = split_config(argv)
-    _, train_argv = parse_daemon_args(rest)
+    _, _, train_argv = parse_daemon_args(rest)
     config = ["--config", path] if path else []
     cmd = [sys.executable, "-m", "daemon", "check-args", *config, "--output_dir", daemon_args.output_dir, *train_argv]
     result = subprocess.run(cmd, capture_output=True, text=True)
@@ -76,7 +86,7 @@ def main(argv: list[str]) -> int:
     when the daemon is killed), so a second daemon on any of them exits at once with one line.
     """
     try:
-        daemon_args, ops, train_argv = parse_all_daemon_args(argv)
+        daemon_args, ops, train_argv = parse_daemon_args(argv)
         folders = [
             ("output", daemon_args.output_dir),  # first: a second daemon on the same tree is told about it
             ("status", daemon_args.status_dir),

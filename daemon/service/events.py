@@ -117,14 +117,23 @@ class Events:
             rows = read_json_lines(self.history_path, warn=False)  # a line being appended now is read next time
             if len(rows) < self._seen_rows:  # a history replaced by a shorter one: go on from its end
                 self._seen_rows = len(rows)
-            new, self._seen_rows = rows[self._seen_rows :], len(rows)
-            for row in new:
-                for event, text, fields in row_events(row):
-                    self.emit(event, text, file=row.get("file"), row=row, **fields)
+            first, new, self._seen_rows = self._seen_rows, rows[self._seen_rows :], len(rows)
+            for number, row in enumerate(new, start=first + 1):
+                self._announce(number, row)  # a row that cannot be announced does not take the rest with it
             if new:
                 self._save_cursor()
         except Exception:
             logger.exception("could not read %s for notifications", self.history_path)
+
+    def _announce(self, number: int, row: dict[str, Any]) -> None:
+        """Send the events of ``row``, line ``number`` of the history; a row that cannot be read is logged (once)."""
+        try:
+            events = row_events(row)
+        except Exception:
+            logger.exception("%s line %d: no event sent for this row (not a history row)", self.history_path, number)
+            return
+        for event, text, fields in events:
+            self.emit(event, text, file=row.get("file"), row=row, **fields)
 
     def stalled(self, file: str, attempt: int, max_attempts: int, stall_timeout: float) -> None:
         """A training process was killed for making no progress for ``stall_timeout`` seconds."""
@@ -137,7 +146,11 @@ class Events:
 
     def started(self) -> None:
         """The daemon started (its folders locked, its flags checked)."""
-        step = self.status.read().get("global_step")
+        try:
+            step = self.status.read().get("global_step")
+        except Exception:  # as emit(): an event is never worth the daemon
+            logger.exception("could not read the status for the daemon_started event")
+            step = None
         text = f"daemon started on {socket.gethostname()} (pid {os.getpid()}) at step {step}"
         self.emit("daemon_started", text, state="starting")
 
@@ -176,7 +189,10 @@ def row_events(row: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
         )
         events: list[tuple[str, str, dict[str, Any]]] = [("file_done", text, {})]
         if gate.get("action") == "warn":
-            warning = f"{name}: {gate_message(gate, row.get('start_step') or 0)}"
+            try:
+                warning = f"{name}: {gate_message(gate, row.get('start_step') or 0)}"
+            except (KeyError, TypeError, ValueError, AttributeError):  # a gate row without all its figures
+                warning = f"{name}: the quality gate warned (its figures: quality_gate)"
             events.append(("quality_gate_warning", warning, {"quality_gate": gate}))
         return events
     if outcome == Outcome.FAILED and gate.get("action") == "rollback":

@@ -18,7 +18,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from daemon.exceptions import ConfigError
 from daemon.store.files import read_json_lines
-from daemon.store.records import Outcome, RunState
+from daemon.store.records import Outcome, RunState, parse_utc
 from daemon.store.status import HISTORY_FILE, StatusFile
 
 logger = logging.getLogger(__name__)
@@ -175,8 +174,14 @@ def _gauges(doc: dict[str, Any], now: float) -> dict[str, tuple[str, Any]]:
     gate, guard = doc.get("quality_gate") or {}, doc.get("gradient_guard") or {}
     gauges = {
         "global_step": ("Optimizer steps in the running model (global_step).", doc.get("global_step")),
-        "tokens_per_second": ("Training tokens per second of the file in training.", metrics.get("tokens_per_second")),
-        "training_loss": ("Training loss at the last logging step (nats).", metrics.get("loss")),
+        "tokens_per_second": (
+            "Training tokens per second of the file in training (the last file's while idle).",
+            metrics.get("tokens_per_second"),
+        ),
+        "training_loss": (
+            "Training loss at the last logging step, the last file's while idle (nats).",
+            metrics.get("loss"),
+        ),
         "current_file_progress": (
             "Share of the planned steps of the file in training done (0 to 1).",
             current.get("progress"),
@@ -187,7 +192,7 @@ def _gauges(doc: dict[str, Any], now: float) -> dict[str, tuple[str, Any]]:
         ),
         "status_age_seconds": (
             "Seconds since training_status.json was last written.",
-            _age(now, _timestamp(doc.get("updated_at"))),
+            _age(now, parse_utc(doc.get("updated_at"))),
         ),
         "last_regression_nats": (
             "The quality gate's last regression: the mean loss rise on earlier slices after the latest file (nats).",
@@ -211,11 +216,3 @@ def _labelled(kind: type[Any], name: str, help_text: str, label: str, values: Ma
 def _age(now: float, stamp: Any) -> float | None:
     """Seconds from ``stamp`` (``time.time()`` seconds) to ``now``, never below 0; None without a stamp."""
     return None if not isinstance(stamp, int | float) else max(0.0, now - stamp)
-
-
-def _timestamp(iso: Any) -> float | None:
-    """``2026-01-01T00:00:00Z`` as ``time.time()`` seconds; None when it is not one."""
-    try:
-        return datetime.strptime(str(iso), "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
-    except ValueError:
-        return None

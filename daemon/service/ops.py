@@ -4,13 +4,15 @@
 :func:`daemon.service.cli.main`): it starts the notifier (:mod:`daemon.service.notify`) and the
 Prometheus endpoint (:mod:`daemon.service.metrics`) before the loop, sends ``daemon_started``, and
 on the way out (a drained inbox, a stop signal, an error) a last look at the history, then
-``daemon_stopped``, then stops both and joins their threads.
+``daemon_stopped``, then stops both and joins their threads (a webhook POST still in flight past
+:meth:`~daemon.service.notify.Notifier.close`'s bound is left behind, logged).
 
-The loop itself is not changed: its supervisor is wrapped in a :class:`NotifyingSupervisor`,
+The loop itself is not changed (bar one hook): its supervisor is wrapped in a :class:`NotifyingSupervisor`,
 which looks for new ``history.jsonl`` rows (:meth:`daemon.service.events.Events.poll`) at the
 points where the daemon learns of them (each poll of a running training process, its end, a file
-filed away, each idle turn of the loop) and sends ``stalled`` when a training process was killed
-for making no progress. None of it blocks: events go to the notifier's queue.
+filed away, each idle turn of the loop). ``stalled`` is sent from where the daemon counts a
+stalled attempt (its ``on_stall``, :func:`daemon.service.attempts.count_attempt`). None of it
+blocks: events go to the notifier's queues.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import contextlib
 import logging
 import threading
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 from daemon.config_ops import OpsArguments
 from daemon.names import printable
@@ -28,7 +29,7 @@ from daemon.service.metrics import MetricsServer, serve_metrics
 from daemon.service.notify import Notifier
 from daemon.service.supervisor import ChildResult, Supervisor
 from daemon.service.watcher import Daemon
-from daemon.store.ledger import Ledger
+from daemon.store.ledger import LedgerRow
 
 logger = logging.getLogger(__name__)
 
@@ -39,21 +40,15 @@ class NotifyingSupervisor:
     Args:
         inner: the supervisor that runs the training processes.
         events: where the events go.
-        ledger: the daemon's ledger (the attempt a stalled process was).
-        max_attempts: ``--max_attempts``.
-        stall_timeout: ``--stall_timeout`` (seconds).
     """
 
-    def __init__(
-        self, inner: Supervisor, events: Events, ledger: Ledger, max_attempts: int, stall_timeout: float
-    ) -> None:
-        self.inner, self.events, self.ledger = inner, events, ledger
-        self.max_attempts, self.stall_timeout = max_attempts, stall_timeout
+    def __init__(self, inner: Supervisor, events: Events) -> None:
+        self.inner, self.events = inner, events
 
     def run(
         self, train_args: list[str], stop: threading.Event, on_poll: Callable[[], None] | None = None
     ) -> ChildResult:
-        """As :meth:`ProcessSupervisor.run`, announcing history rows as they appear and a stall at its end."""
+        """As :meth:`ProcessSupervisor.run`, announcing history rows as they appear."""
 
         def poll() -> None:
             self.events.poll()
@@ -62,11 +57,6 @@ class NotifyingSupervisor:
 
         result = self.inner.run(train_args, stop, poll)
         self.events.poll()
-        if result.stalled:
-            entry = self.ledger.get(int(_flag(train_args, "--ledger_id") or -1))
-            name = Path(_flag(train_args, "--dataset") or "?").name
-            attempt = (entry.attempts if entry else 0) + 1  # the daemon counts this attempt after the run returns
-            self.events.stalled(printable(name), attempt, self.max_attempts, self.stall_timeout)
         return result
 
     def start_spare(self) -> None:
@@ -104,21 +94,21 @@ def watched(daemon: Daemon, ops: OpsArguments) -> Iterator[MetricsServer | None]
             (raised before the block; nothing is left running).
     """
     args = daemon.args
-    notifier = events = None
-    if ops.notify_url:
-        notifier = Notifier(
-            ops.notify_url,
-            args.status_dir,
-            timeout=ops.notify_timeout,
-            retries=ops.notify_retries,
-            backoff=ops.notify_backoff,
-        )
-        events = Events(notifier.send, args.status_dir, args.output_dir)
-        daemon.supervisor = NotifyingSupervisor(
-            daemon.supervisor, events, daemon.ledger, args.max_attempts, args.stall_timeout
-        )
+    notifier: Notifier | None = None
+    events: Events | None = None
     metrics: MetricsServer | None = None
     try:
+        if ops.notify_url:
+            notifier = Notifier(
+                ops.notify_url,
+                args.status_dir,
+                timeout=ops.notify_timeout,
+                retries=ops.notify_retries,
+                backoff=ops.notify_backoff,
+            )
+            events = Events(notifier.send, args.status_dir, args.output_dir)
+            daemon.supervisor = NotifyingSupervisor(daemon.supervisor, events)
+            daemon.on_stall = _stall_announcer(events, args.max_attempts, args.stall_timeout)
         if ops.metrics_port is not None:
             counts = (lambda: dict(notifier.counts)) if notifier else None
             metrics = serve_metrics(args.status_dir, ops.metrics_host, ops.metrics_port, counts)
@@ -146,12 +136,13 @@ def watched(daemon: Daemon, ops: OpsArguments) -> Iterator[MetricsServer | None]
             metrics.close()
 
 
-def _flag(train_args: list[str], name: str) -> str | None:
-    """The value after the first ``name`` in ``train_args`` (the daemon puts its own flags first); None if absent."""
-    try:
-        return train_args[train_args.index(name) + 1]
-    except (ValueError, IndexError):
-        return None
+def _stall_announcer(events: Events, max_attempts: int, stall_timeout: float) -> Callable[[LedgerRow], None]:
+    """The daemon's ``on_stall``: a ``stalled`` event for the ledger row of a stalled attempt (counted)."""
+
+    def announce(entry: LedgerRow) -> None:
+        events.stalled(printable(entry.name), entry.attempts, max_attempts, stall_timeout)
+
+    return announce
 
 
 def _why_stopped(daemon: Daemon) -> str:

@@ -41,6 +41,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -129,8 +130,7 @@ class Daemon:
     """
 
     def __init__(self, args: DaemonArguments, train_argv: list[str], supervisor: Supervisor | None = None) -> None:
-        self.args = args
-        self.train_argv = train_argv
+        self.args, self.train_argv = args, train_argv
         self.inbox = Inbox(args.inbox_dir, args.settle_seconds)
         self.status = StatusFile(args.status_dir)
         self.ledger = Ledger(args.status_dir)
@@ -143,6 +143,7 @@ class Daemon:
                 stop_grace_seconds=args.stop_grace_seconds,
             )
         self.supervisor = supervisor
+        self.on_stall: Callable[[LedgerRow], None] | None = None  # told of each stalled attempt (ops.watched)
         self.stop = threading.Event()
         self.wake = threading.Event()
         self.processed = 0
@@ -293,7 +294,7 @@ class Daemon:
             if result.returncode == EXIT_NO_SPACE and not result.stalled:
                 self._wait_for_disk()
             else:
-                entry = count_attempt(self.ledger, self.status, entry, result, self.args)
+                entry = count_attempt(self.ledger, self.status, entry, result, self.args, self.on_stall)
         return entry
 
     def _wait_for_disk(self) -> None:

@@ -26,10 +26,20 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
+UTC_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+
 
 def utc_now() -> str:
     """The current time as ISO-8601 UTC with a ``Z`` suffix, second precision."""
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.now(UTC).strftime(UTC_FORMAT)
+
+
+def parse_utc(stamp: Any) -> float | None:
+    """A :func:`utc_now` stamp (``2026-01-01T00:00:00Z``) as ``time.time()`` seconds; None when it is not one."""
+    try:
+        return datetime.strptime(str(stamp), UTC_FORMAT).replace(tzinfo=UTC).timestamp()
+    except ValueError:
+        return None
 
 
 class RunState(StrEnum):
