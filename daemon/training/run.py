@@ -74,6 +74,7 @@ from daemon.training.outputs import draw_report_unless_supervised, publish, save
 from daemon.training.plan import commit_plan
 from daemon.training.prepare import setup
 from daemon.training.prepared import PreparedFile
+from daemon.training.sharding import consolidated_model, fsdp_requested, refuse_unsharded
 from daemon.training.signals import stop_on_signals
 from daemon.training.speed.accumulation import ThreadedAccumulationTrainer, resolve_workers
 from daemon.training.speed.autotune import choose_workers, use_compile_cache
@@ -129,6 +130,7 @@ def build_trainer(
             workers,
         ),
         compiled=training_args.torch_compile,
+        sharded=fsdp_requested(training_args),
     )
     trainer = ThreadedAccumulationTrainer(
         model=prepared.model,
@@ -141,6 +143,7 @@ def build_trainer(
         grad_workers=workers,
         max_consecutive_skipped_steps=flags.accumulation.max_consecutive_skipped_steps,
     )
+    refuse_unsharded(trainer)
     # ProgressCallback logs one readable line per logging step; the Trainer's
     # printer (used when tqdm is off) would repeat it as a raw dict on stdout.
     trainer.remove_callback(PrinterCallback)
@@ -293,6 +296,8 @@ class FileRun:
         trainer = build_trainer(prepared, flags, [saving], kept)
         trainer.add_callback(ProgressCallback(self.heartbeat, prepared.plan, prepared.progress, trainer.guard))
         train_loss, train_seconds = train_segments(trainer, prepared, self.stop_requested, flags.training.seed)
+        if trainer.is_fsdp_enabled:  # every rank gathers; the main process evaluates and exports the whole model
+            prepared.model = consolidated_model(trainer, prepared.model)
         del trainer  # the main line's Trainer holds the model; the branch copies it
         return train_loss, train_seconds, cool_down(prepared, flags, self.stop_requested)
 
