@@ -186,3 +186,57 @@ def test_a_sharded_checkpoint_is_complete_with_its_shards_metadata_and_config_an
     (undescribed / "config.json").unlink()
     assert _why_incomplete(undescribed) == "no config.json beside the shards"
     assert latest_complete_checkpoint(tmp_path, set_aside=False).global_step == 4
+
+
+def test_ranks_that_planned_a_file_differently_are_refused_on_every_rank():
+    from daemon.training.plan import StepPlan
+    from daemon.training.sharding import refuse_diverging_plans
+
+    plan = StepPlan(
+        start_step=10,
+        examples=40,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=1,
+        world_size=2,
+        epochs=1.0,
+    )
+    other = StepPlan(
+        start_step=5,
+        examples=40,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=1,
+        world_size=2,
+        epochs=1.0,
+    )
+    mine = ("abc", 10, 5, 0, 8)
+    refuse_diverging_plans(plan, "abc", gather=lambda t: [t, mine])  # the same plan: nothing to say
+    theirs = ("abc", other.start_step, other.planned_steps, 0, 8)
+    with pytest.raises(ConfigError, match=r"planned this file differently \(rank 0: 10 -> 15, rank 1: 5 -> 10\)"):
+        refuse_diverging_plans(plan, "abc", gather=lambda t: [t, theirs])
+    refuse_diverging_plans(plan, "abc")  # one process: nothing gathered
+
+
+@pytest.mark.slow  # two runs of the file under FSDP: about 90 s on 2 cores
+def test_a_rank_killed_mid_file_is_retried_and_the_file_resumes_exactly(tree, tmp_path_factory):
+    _drop(tree, "1-a.jsonl", stdlib_documents(limit=20))
+    marker = tree.root / "killed"
+    argv = daemon_argv(tree, "--once", "--launcher", _launcher(tree), replay_fraction=0, save_steps=5)
+    result = _run(argv, tree.root, _env(CPU_FSDP_KILL=f"12:1:{marker}"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert marker.exists()  # rank 1 was killed at step 12, after checkpoint-10
+    (row,) = tree.history()
+    assert row["outcome"] == "done"
+    assert (row["start_step"], row["end_step"]) == (0, row["planned_steps"])
+    assert row["planned_steps"] == math.ceil(row["examples"] / 8)
+    assert "resuming 1-a.jsonl at step 10 of its plan 0 -> " in result.stderr
+    assert latest_complete_checkpoint(tree.output, set_aside=False).global_step == row["end_step"]
+    assert json.loads((tree.output / "export.json").read_text())["global_step"] == row["end_step"]
+    # The same file without a kill ends on the same weights.
+    straight = Tree(tmp_path_factory.mktemp("straight"))
+    for folder in (straight.inbox, straight.status, straight.output):
+        folder.mkdir()
+    _drop(straight, "1-a.jsonl", stdlib_documents(limit=20))
+    argv = daemon_argv(straight, "--once", "--launcher", _launcher(straight), replay_fraction=0, save_steps=5)
+    assert _run(argv, straight.root, _env()).returncode == 0
+    resumed, unbroken = _weights(tree.output), _weights(straight.output)
+    assert all(torch.equal(resumed[k], unbroken[k]) for k in unbroken)

@@ -74,7 +74,12 @@ from daemon.training.outputs import draw_report_unless_supervised, publish, save
 from daemon.training.plan import commit_plan
 from daemon.training.prepare import setup
 from daemon.training.prepared import PreparedFile
-from daemon.training.sharding import consolidated_model, fsdp_requested, refuse_unsharded
+from daemon.training.sharding import (
+    consolidated_model,
+    fsdp_requested,
+    refuse_diverging_plans,
+    refuse_unsharded,
+)
 from daemon.training.signals import stop_on_signals
 from daemon.training.speed.accumulation import ThreadedAccumulationTrainer, resolve_workers
 from daemon.training.speed.autotune import choose_workers, use_compile_cache
@@ -268,6 +273,7 @@ class FileRun:
         """Prepare the file (:func:`~daemon.training.prepare.setup`), then commit its plan before step one."""
         flags = self.flags
         self.prepared = prepared = setup(flags, self.ledger, self.heartbeat)
+        refuse_diverging_plans(prepared.plan, prepared.scan.sha256)  # every rank, before the plan is committed
         if self.is_main:
             self.entry = commit_plan(
                 self.ledger,

@@ -11,6 +11,7 @@ code path stays the one of :mod:`daemon.training.run`; this module holds what di
 - :func:`refuse_checkpoint`: a checkpoint the launch cannot continue (shards without FSDP, a whole
   model's checkpoint under FSDP).
 - :func:`write_description`: the ``config.json`` and tokenizer the Trainer leaves out of a sharded checkpoint.
+- :func:`refuse_diverging_plans`: ranks that planned a file differently (any launcher).
 - :func:`consolidated_model`: after training, the whole model on the main process (accelerate's
   ``get_state_dict``: a collective of every rank), which the evaluation, the samples and the export use.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +32,7 @@ if TYPE_CHECKING:
 
     from daemon.store.checkpoints import Checkpoint
     from daemon.training.arguments import Flags
+    from daemon.training.plan import StepPlan
 
 logger = logging.getLogger(__name__)
 
@@ -164,3 +167,42 @@ def model_from_checkpoint(path: Path, trust_remote_code: bool) -> tuple[PreTrain
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
     return model, tokenizer
+
+
+def refuse_diverging_plans(
+    plan: StepPlan, sha256: str, gather: Callable[[tuple[Any, ...]], list[tuple[Any, ...]]] | None = None
+) -> None:
+    """Refuse a file whose ranks planned it differently (DDP and FSDP alike), before its plan is committed.
+
+    Every rank plans from its own reading of the file, the ledger and the checkpoints; ranks that
+    disagree (another version of the product on one of them, a checkpoint one rank did not see)
+    would train different steps and hang at the first collective that one of them skips.
+
+    Args:
+        plan: this rank's plan.
+        sha256: the file's content hash as this rank read it.
+        gather: every rank's tuple, in rank order (default: ``torch.distributed.all_gather_object``;
+            nothing is gathered in a run of one process).
+
+    Raises:
+        ConfigError: the ranks' plans differ; every rank raises it.
+    """
+    mine = (sha256, plan.start_step, plan.planned_steps, plan.replayed_examples, plan.effective_batch)
+    if gather is None:
+        import torch.distributed as dist
+
+        if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() < 2:
+            return
+        gather = _all_gather
+    plans = gather(mine)
+    if any(other != plans[0] for other in plans):
+        steps = ", ".join(f"rank {rank}: {p[1]} -> {p[1] + p[2]}" for rank, p in enumerate(plans))
+        raise ConfigError(f"the ranks planned this file differently ({steps}): run the same version on every rank")
+
+
+def _all_gather(mine: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+    import torch.distributed as dist
+
+    plans: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(plans, mine)
+    return plans
