@@ -5,7 +5,8 @@ the Trainer. It is *complete* when its files match its commit marker (``commit.j
 written last once the folder is fsynced: :mod:`daemon.store.durable`; a folder saved before the
 marker existed has none), its ``trainer_state.json`` reads, its weights are whole (a
 safetensors file as long as its header says), and its optimizer and scheduler state are
-whole ``torch.save`` archives (a zip directory that reads, listing no member beyond it);
+whole ``torch.save`` archives (a zip directory that reads, listing no member beyond it), or for an
+FSDP checkpoint its shards' metadata and config (:mod:`daemon.store.sharded_files`);
 anything else is torn (killed mid-save, power loss, disk full) and is never used: it is set
 aside as ``torn-checkpoint-<step>[-n]`` with a warning. The product commits each checkpoint
 after the Trainer saved it (:func:`daemon.store.durable.commit_checkpoint`) and owns rotation
