@@ -77,6 +77,7 @@ from daemon.training.prepared import PreparedFile
 from daemon.training.sharding import (
     consolidated_model,
     fsdp_requested,
+    place_gathered,
     refuse_diverging_plans,
     refuse_unsharded,
 )
@@ -302,9 +303,12 @@ class FileRun:
         trainer = build_trainer(prepared, flags, [saving], kept)
         trainer.add_callback(ProgressCallback(self.heartbeat, prepared.plan, prepared.progress, trainer.guard))
         train_loss, train_seconds = train_segments(trainer, prepared, self.stop_requested, flags.training.seed)
-        if trainer.is_fsdp_enabled:  # every rank gathers; the main process evaluates and exports the whole model
+        sharded = trainer.is_fsdp_enabled
+        if sharded:  # every rank gathers; the main process evaluates and exports the whole model
             prepared.model = consolidated_model(trainer, prepared.model)
         del trainer  # the main line's Trainer holds the model; the branch copies it
+        if sharded:
+            place_gathered(prepared.model, flags.training)
         return train_loss, train_seconds, cool_down(prepared, flags, self.stop_requested)
 
     def evaluate(self, prepared: PreparedFile, train_seconds: float) -> FileEvaluation:

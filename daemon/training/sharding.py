@@ -28,6 +28,7 @@ from daemon.exceptions import ConfigError
 from daemon.store.sharded_files import is_sharded_checkpoint
 
 if TYPE_CHECKING:
+    import torch
     from transformers import PreTrainedModel, Trainer, TrainingArguments
 
     from daemon.store.checkpoints import Checkpoint
@@ -134,8 +135,9 @@ def consolidated_model(trainer: Trainer, model: PreTrainedModel) -> PreTrainedMo
 
     Every rank must call it: accelerate's ``get_state_dict`` gathers the shards (FSDP2:
     ``get_model_state_dict(full_state_dict=True, cpu_offload=True)``), whole on rank 0 only. The
-    main process loads them into a new, unsharded model of the same config (fp32, on the training
-    device), on which the evaluation, the samples and the export run without any collective.
+    main process loads them into a new, unsharded model of the same config (fp32, in CPU memory:
+    :func:`place_gathered` moves it once the Trainer, its shards and optimizer state are freed), on
+    which the evaluation, the samples and the export run without any collective.
 
     Raises:
         RuntimeError: the gathered state does not fit the model's config (a bug, not a user error).
@@ -148,10 +150,18 @@ def consolidated_model(trainer: Trainer, model: PreTrainedModel) -> PreTrainedMo
         return model
     whole = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
     whole.load_state_dict(state, strict=True)
-    whole.to(trainer.args.device)
     whole.eval()
     logger.info("gathered the FSDP shards: %.2fM parameters on the main process", whole.num_parameters() / 1e6)
     return whole
+
+
+def place_gathered(model: torch.nn.Module, training_args: TrainingArguments) -> None:
+    """Move the gathered model (main process) to the training device, once the sharded Trainer is gone."""
+    import gc
+
+    if training_args.process_index == 0:
+        gc.collect()  # the shards and the optimizer state, before a whole copy joins them on the device
+        model.to(training_args.device)
 
 
 def model_from_checkpoint(path: Path, trust_remote_code: bool) -> tuple[PreTrainedModel, Any]:
