@@ -113,7 +113,7 @@ def run(kind: str, model: str, steps: int, warmup: int, cores: int) -> list[dict
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps, the embedded model only")
-    parser.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     options = parser.parse_args()
     if options.worker:
         model, per_device, steps, warmup, out = options.worker[0], *map(int, options.worker[1:4]), options.worker[4]
