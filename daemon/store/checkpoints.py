@@ -5,7 +5,8 @@ the Trainer. It is *complete* when its files match its commit marker (``commit.j
 written last once the folder is fsynced: :mod:`daemon.store.durable`; a folder saved before the
 marker existed has none), its ``trainer_state.json`` reads, its weights are whole (a
 safetensors file as long as its header says), and its optimizer and scheduler state are
-whole ``torch.save`` archives (a zip directory that reads, listing no member beyond it);
+whole ``torch.save`` archives (a zip directory that reads, listing no member beyond it), or for an
+FSDP checkpoint its shards' metadata and config (:mod:`daemon.store.sharded_files`);
 anything else is torn (killed mid-save, power loss, disk full) and is never used: it is set
 aside as ``torn-checkpoint-<step>[-n]`` with a warning. The product commits each checkpoint
 after the Trainer saved it (:func:`daemon.store.durable.commit_checkpoint`) and owns rotation
@@ -35,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from daemon.store import adapter_files as adapters
+from daemon.store import sharded_files as sharded
 from daemon.store.durable import COMMIT_FILE, commit_problem, folder_bytes, fsync_dir, make_durable
 from daemon.store.export_snapshot import EXPORT_STATE, export_step, publishing
 from daemon.store.files import atomic_write_text
@@ -61,15 +63,8 @@ WEIGHT_FILES = (
     "adapter_model.bin",
 )
 # What an export consists of: a checkpoint's files but the training state.
-TRAINING_STATE_FILES = (
-    "trainer_state.json",
-    "optimizer.pt",
-    "optimizer.bin",
-    "scheduler.pt",
-    "training_args.bin",
-    "ema.safetensors",  # --average_exports ema's running average (daemon.training.ema): state, not the model
-    COMMIT_FILE,
-)
+EMA_FILE = "ema.safetensors"  # --average_exports ema's running average (daemon.training.ema): state, not the model
+TRAINING_STATE_FILES = (TRAINER_STATE, *OPTIMIZER_FILES, SCHEDULER_FILE, "training_args.bin", EMA_FILE, COMMIT_FILE)
 
 
 @dataclass(frozen=True)
@@ -96,6 +91,9 @@ def _why_incomplete(folder: Path) -> str | None:
         json.loads(state.read_text(encoding="utf-8"))["global_step"]
     except (ValueError, KeyError) as e:
         return f"unreadable {TRAINER_STATE} ({type(e).__name__})"
+    if sharded.is_sharded_checkpoint(folder):  # FSDP's shards (DCP folders) instead of weights and optimizer files
+        problem = sharded.sharded_problem(folder)
+        return problem or (None if _whole_zip(folder / SCHEDULER_FILE) else f"no whole {SCHEDULER_FILE}")
     weights = next((folder / name for name in WEIGHT_FILES if (folder / name).is_file()), None)
     if weights is None:
         return "no model weights"
@@ -203,7 +201,9 @@ def export_bytes(output_dir: str | Path, estimate: int = 0) -> int:
     if (root / "config.json").is_file():
         return sum(p.stat().st_size for p in _export_files(root))
     latest = latest_complete_checkpoint(root, set_aside=False)
-    return sum(p.stat().st_size for p in _export_files(latest.path)) if latest is not None else estimate
+    if latest is None:
+        return estimate
+    return sum(p.stat().st_size for p in _export_files(latest.path)) + sharded.shard_bytes(latest.path)
 
 
 def checkpoint_usage(output_dir: str | Path) -> dict[str, Any]:
@@ -400,6 +400,8 @@ def _replace_export(root: Path, source: Path, global_step: int, status_dir: str 
     else:
         for path in _export_files(source):
             shutil.copy2(path, staged / path.name)
+        if sharded.is_sharded_checkpoint(source):  # FSDP's shards: consolidated beside the config (accelerate)
+            sharded.merge_weights(source, staged)
     write_card(staged, global_step, status_dir, root.resolve().name)
     adapters.add_card_section(staged, root)
     _install_stage(root, staged, global_step)

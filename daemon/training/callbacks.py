@@ -22,8 +22,10 @@ from daemon.exceptions import DiskFull
 from daemon.store.checkpoints import complete_checkpoint_steps, rotate_checkpoints, space_needed
 from daemon.store.durable import commit_checkpoint, free_bytes
 from daemon.store.records import FileProgress
+from daemon.store.sharded_files import is_sharded_checkpoint
 from daemon.store.status import Heartbeat, mark_progress
 from daemon.training.plan import StepPlan
+from daemon.training.sharding import write_description
 from daemon.training.speed.accumulation import GuardCounters
 
 logger = logging.getLogger(__name__)
@@ -154,7 +156,10 @@ class CheckpointCallback(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
-            commit_checkpoint(f"{args.output_dir}/checkpoint-{state.global_step}", state.global_step)
+            folder = f"{args.output_dir}/checkpoint-{state.global_step}"
+            if is_sharded_checkpoint(folder):  # FSDP's shards: the Trainer saved no config nor tokenizer
+                write_description(folder, kwargs["model"], kwargs.get("processing_class"))
+            commit_checkpoint(folder, state.global_step)
             rotate_checkpoints(str(args.output_dir), self.keep, self.protected_steps)
         return control
 

@@ -23,9 +23,9 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-logger = logging.getLogger(__name__)
+from daemon.store.checkpoints import EMA_FILE
 
-EMA_FILE = "ema.safetensors"
+logger = logging.getLogger(__name__)
 
 
 def read_ema(folder: Path) -> dict[str, torch.Tensor] | None:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from daemon.exceptions import CheckpointError, ConfigError
 from daemon.store.jsonl import DEFAULT_CHAT_TEMPLATE, iter_text
+from daemon.store.sharded_files import is_sharded_checkpoint
 
 if TYPE_CHECKING:
     import datasets
@@ -209,6 +210,10 @@ def starting_model(
                 checkpoint.global_step,
             )
         logger.info("continuing from %s (global_step %d)", checkpoint.path, checkpoint.global_step)
+        if is_sharded_checkpoint(checkpoint.path):  # FSDP's shards: the Trainer loads them when it resumes
+            from daemon.training.sharding import model_from_checkpoint
+
+            return model_from_checkpoint(checkpoint.path, model_args.trust_remote_code)
         return load_pretrained(checkpoint.path, model_args.trust_remote_code)
     if model_args.model_name_or_path:
         logger.info("starting from %s", model_args.model_name_or_path)

@@ -40,6 +40,7 @@ from daemon.training.data import (
 from daemon.training.plan import plan_steps, recorded_plan
 from daemon.training.prepared import PreparedFile
 from daemon.training.rehearsal import keep_rehearsal
+from daemon.training.sharding import refuse_checkpoint, refuse_unsupported
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ def setup(flags: Flags, ledger: Ledger, heartbeat: Heartbeat | None) -> Prepared
     """
     data_args, training_args = flags.data, flags.training
     assert data_args.dataset is not None
+    refuse_unsupported(flags)  # under FSDP: what cannot run sharded, before the file is read
     scan = scan_jsonl(data_args.dataset, data_args.text_field, data_args.strict)
     claim = ledger.get(flags.status.ledger_id) if flags.status.ledger_id is not None else None
     if claim is not None and claim.sha256 is not None and claim.sha256 != scan.sha256:
@@ -64,6 +66,7 @@ def setup(flags: Flags, ledger: Ledger, heartbeat: Heartbeat | None) -> Prepared
     output_dir = str(training_args.output_dir)
     checkpoint = latest_complete_checkpoint(output_dir, set_aside=False)
     refuse_missing_steps(ledger, output_dir, claim)
+    refuse_checkpoint(training_args, checkpoint)
     model, tokenizer, checkpoint = adapted_starting_model(flags, checkpoint, records, scan.shape)  # --use_peft
     datasets = prepare_datasets(records, scan.shape, tokenizer, data_args, training_args.seed)
     at_step = checkpoint.global_step if checkpoint else 0

@@ -76,6 +76,13 @@ from daemon.training.outputs import draw_report_unless_supervised, publish, save
 from daemon.training.plan import commit_plan
 from daemon.training.prepare import setup
 from daemon.training.prepared import PreparedFile
+from daemon.training.sharding import (
+    consolidated_model,
+    fsdp_requested,
+    place_gathered,
+    refuse_diverging_plans,
+    refuse_unsharded,
+)
 from daemon.training.signals import stop_on_signals
 from daemon.training.speed.accumulation import ThreadedAccumulationTrainer, resolve_workers
 from daemon.training.speed.autotune import choose_workers, use_compile_cache
@@ -133,6 +140,7 @@ def build_trainer(
             workers,
         ),
         compiled=training_args.torch_compile,
+        sharded=fsdp_requested(training_args),
     )
     trainer = ThreadedAccumulationTrainer(
         model=prepared.model,
@@ -145,6 +153,7 @@ def build_trainer(
         grad_workers=workers,
         max_consecutive_skipped_steps=flags.accumulation.max_consecutive_skipped_steps,
     )
+    refuse_unsharded(trainer)
     # ProgressCallback logs one readable line per logging step; the Trainer's
     # printer (used when tqdm is off) would repeat it as a raw dict on stdout.
     trainer.remove_callback(PrinterCallback)
@@ -271,6 +280,7 @@ class FileRun:
         """Prepare the file (:func:`~daemon.training.prepare.setup`), then commit its plan before step one."""
         flags = self.flags
         self.prepared = prepared = setup(flags, self.ledger, self.heartbeat)
+        refuse_diverging_plans(prepared.plan, prepared.scan.sha256)  # every rank, before the plan is committed
         if self.is_main:
             self.entry = commit_plan(
                 self.ledger,
@@ -306,7 +316,12 @@ class FileRun:
         if self.is_main:  # on its device now, before its first step: what the model knew of the file
             self.before = score_before(prepared, flags, self.entry.id if self.entry else None)
         train_loss, train_seconds = train_segments(trainer, prepared, self.stop_requested, flags.training.seed)
+        sharded = trainer.is_fsdp_enabled
+        if sharded:  # every rank gathers; the main process evaluates and exports the whole model
+            prepared.model = consolidated_model(trainer, prepared.model)
         del trainer  # the main line's Trainer holds the model; the branch copies it
+        if sharded:
+            place_gathered(prepared.model, flags.training)
         cooldown_seconds = cool_down(prepared, flags, self.stop_requested)
         if self.is_main:  # the export's weights: an average of the main line's (--average_exports), or the end's
             prepared.averaged = average_export(prepared, flags, self.ledger)

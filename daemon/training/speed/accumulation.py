@@ -58,6 +58,7 @@ def resolve_workers(
     cores: int | None = None,
     measure: Callable[[int], int] | None = None,
     compiled: bool = False,
+    sharded: bool = False,
 ) -> int:
     """The number of gradient worker threads for ``--grad_workers spec``.
 
@@ -75,13 +76,15 @@ def resolve_workers(
             not shared between the worker threads' half batches and the whole micro-batch (other
             shapes), and dynamo compiles one thread at a time: a file compiled on 2 workers
             trained more than twice as long as on the stock step (BENCHMARKS.md, "Measurements behind the code").
+        sharded: an FSDP run (:mod:`daemon.training.sharding`, which refuses an explicit ``N > 0``):
+            the stock step, whose ``backward`` runs FSDP's reduce-scatter.
 
     Raises:
         ConfigError: ``spec`` is not ``auto`` or a whole number.
     """
     if spec != "auto" and not spec.isdigit():
         raise ConfigError("--grad_workers must be a whole number or 'auto'")
-    if device_type != "cpu" or world_size > 1:
+    if device_type != "cpu" or world_size > 1 or sharded:
         return 0
     if spec != "auto":
         return int(spec)
