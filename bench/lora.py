@@ -155,7 +155,8 @@ def main() -> int:
             table = compare(work, base, args.seed_status)
     body = f"Measured {time.strftime('%Y-%m-%d')} on {machine()}.\n\n{table}\n"
     print(body)
-    write_section(ROOT / "BENCHMARKS.md", f"lora {args.mode}", body)
+    section = f"lora sweep r{args.lora_r}" if args.mode == "sweep" else "lora compare"  # one section a rank
+    write_section(ROOT / "BENCHMARKS.md", section, body)
     return 0
 
 
