@@ -126,3 +126,18 @@ def test_no_forward_transfer_leaves_the_rows_as_before(tmp_path, two_files):
     assert rows and not any("before_loss" in r for r in rows)
     assert read_status(tree)["forward_transfer"]["before_loss"] is None  # the stream's figures stay
     assert read_status(tree)["forward_transfer"]["files"] == 1
+
+
+def test_a_kept_score_of_other_examples_is_not_reported(caplog):
+    # A file resumed after its slice came to encode differently: the kept score is of other examples.
+    from daemon.training.evaluation import SliceScore
+    from daemon.training.transfer import BeforeScore, add_before
+
+    kept = BeforeScore(SliceScore("s", "text", [2.0, 4.0], [2, 2], 40), step=10, vocabulary=320, seconds=0.0)
+    row = {"examples": 3, "bytes": 60}
+    add_before(row, kept)
+    assert row == {"examples": 3, "bytes": 60}
+    assert "not reported" in caplog.text
+    same = {"examples": 2, "bytes": 40}
+    add_before(same, kept)
+    assert same["before_step"] == 10 and same["forward_transfer"] == pytest.approx(math.log(320) - same["before_loss"])

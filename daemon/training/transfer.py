@@ -84,8 +84,10 @@ def score_before(prepared: PreparedFile, flags: Flags, ledger_id: int | None) ->
     output = prepared.model.get_output_embeddings()
     vocabulary = int(output.weight.shape[0]) if output is not None else len(prepared.tokenizer)
     before = BeforeScore(score, prepared.plan.start_step, vocabulary, time.monotonic() - started)
-    doc = {"ledger_id": ledger_id, **asdict(before)}
-    atomic_write_text(path, json.dumps(doc) + "\n")
+    try:  # kept for a resume; a status folder that cannot take it costs the resume's score, not the file
+        atomic_write_text(path, json.dumps({"ledger_id": ledger_id, **asdict(before)}) + "\n")
+    except OSError as error:
+        logger.warning("forward transfer: could not keep the score in %s (%s)", path, error)
     logger.info("forward transfer: own slice loss %.4f before training (%.1f s)", _loss(score), before.seconds)
     return before
 
@@ -109,10 +111,12 @@ def _loss(score: SliceScore) -> float:
 def add_before(row: dict[str, Any], before: BeforeScore) -> None:
     """Add ``before_step``, ``before_loss``, ``before_bits_per_byte`` and ``forward_transfer`` to the own row.
 
-    Raises:
-        AssertionError: the two scores are not of the same examples (an internal invariant).
+    Nothing is added (a warning says why) when the two scores are not of the same examples: a file resumed
+    after its slice came to encode differently (another ``--max_seq_length``, tokenizer or chat template).
     """
-    assert before.score.examples == row["examples"] and before.score.bytes == row["bytes"], "not the same examples"
+    if before.score.examples != row["examples"] or before.score.bytes != row["bytes"]:
+        logger.warning("forward transfer: the kept score is of other examples than the slice now; not reported")
+        return
     loss = before.score.prefix_loss(before.score.examples)
     nats = sum(before.score.example_nats)
     row["before_step"] = before.step
