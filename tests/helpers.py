@@ -192,6 +192,26 @@ def start_daemon(tree: Tree, *extra: str, log_name: str = "daemon.log", **overri
     )
 
 
+def interrupt_at(monkeypatch, step: int, crash: BaseException | None = None) -> None:
+    """Stop a file's training at ``global_step == step``: as the SIGTERM handler does, or raising ``crash``.
+
+    Patches ``PlanCallback.on_step_end`` through ``monkeypatch`` (use a ``monkeypatch.context()`` to undo it
+    before the resumed run).
+    """
+    from daemon.training.callbacks import PlanCallback
+
+    original = PlanCallback.on_step_end
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == step:
+            if crash is not None:
+                raise crash
+            self.stop_requested.set()  # what the SIGTERM handler does
+        return original(self, args, state, control, **kwargs)
+
+    monkeypatch.setattr(PlanCallback, "on_step_end", on_step_end)
+
+
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
     """Poll ``predicate`` until it returns a truthy value; fail the test after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout

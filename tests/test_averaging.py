@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import Tree, read_status, stdlib_documents, train, write_jsonl
+from helpers import Tree, interrupt_at, read_status, stdlib_documents, train, write_jsonl
 
 from daemon.exceptions import ConfigError
 from daemon.quality.forgetting import read_rows
@@ -191,22 +191,14 @@ def test_a_file_resumed_part_way_ends_with_the_average_of_one_trained_straight_t
     import torch
 
     from daemon.exceptions import TrainingInterrupted
-    from daemon.training.callbacks import PlanCallback
 
     straight = Tree(ema)
     first = straight.history()[0]
     tree = _new_tree(tmp_path / "t")
     train(tree, _text_file(tree.root / "f0.jsonl", 0), save_steps=1, save_total_limit=1000, **EMA)
     data = _text_file(tree.root / "f1.jsonl", 10)
-    original = PlanCallback.on_step_end
-
-    def stop_after_two_steps(self, args, state, control, **kwargs):
-        if state.global_step == first["end_step"] + 2:
-            self.stop_requested.set()  # what the SIGTERM handler does
-        return original(self, args, state, control, **kwargs)
-
     with monkeypatch.context() as patch:
-        patch.setattr(PlanCallback, "on_step_end", stop_after_two_steps)
+        interrupt_at(patch, first["end_step"] + 2)
         with pytest.raises(TrainingInterrupted):
             train(tree, data, save_steps=1000, **EMA)  # the stop's checkpoint alone, mid-file
     row = train(tree, data, save_steps=1000, **EMA)

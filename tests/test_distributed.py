@@ -9,6 +9,7 @@ who launches with the FSDP config gets (one line, before training).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -211,14 +212,7 @@ def test_ranks_that_planned_a_file_differently_are_refused_on_every_rank():
         world_size=2,
         epochs=1.0,
     )
-    other = StepPlan(
-        start_step=5,
-        examples=40,
-        per_device_train_batch_size=4,
-        gradient_accumulation_steps=1,
-        world_size=2,
-        epochs=1.0,
-    )
+    other = dataclasses.replace(plan, start_step=5)
     mine = ("abc", 10, 5, 0, 8)
     refuse_diverging_plans(plan, "abc", gather=lambda t: [t, mine])  # the same plan: nothing to say
     theirs = ("abc", other.start_step, other.planned_steps, 0, 8)

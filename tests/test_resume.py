@@ -10,13 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import Tree, daemon_argv, run_cli, stdlib_documents, train, write_jsonl
+from helpers import Tree, daemon_argv, interrupt_at, run_cli, stdlib_documents, train, write_jsonl
 
 from daemon.exceptions import CheckpointError, TrainingInterrupted
 from daemon.store.checkpoints import latest_complete_checkpoint
 from daemon.store.ledger import Ledger
 from daemon.store.status import history_violations
-from daemon.training.callbacks import PlanCallback
 from daemon.training.plan import StepPlan
 
 
@@ -28,19 +27,6 @@ def _losses(tree: Tree) -> dict[int, float]:
     checkpoint = max(tree.output.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     history = json.loads((checkpoint / "trainer_state.json").read_text())["log_history"]
     return {e["step"]: e["loss"] for e in history if "loss" in e}
-
-
-def _interrupt_at(monkeypatch, step: int, how: str) -> None:
-    original = PlanCallback.on_step_end
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == step:
-            if how == "crash":
-                raise Crash(f"killed at step {step}")
-            self.stop_requested.set()  # what the SIGTERM handler does
-        return original(self, args, state, control, **kwargs)
-
-    monkeypatch.setattr(PlanCallback, "on_step_end", on_step_end)
 
 
 def test_segments_cover_the_remaining_steps_epoch_by_epoch():
@@ -67,7 +53,7 @@ def test_an_interrupted_file_resumes_and_matches_an_uninterrupted_run(tmp_path, 
     data = write_jsonl(tree.root / "a.jsonl", docs[10:])
     stop_at = expected["start_step"] + expected["planned_steps"] // 2 + 1
     with monkeypatch.context() as patch:
-        _interrupt_at(patch, stop_at, how)
+        interrupt_at(patch, stop_at, Crash(f"killed at step {stop_at}") if how == "crash" else None)
         with pytest.raises(TrainingInterrupted if how == "sigterm" else Crash):
             train(tree, data, **flags)
     (entry,) = Ledger(tree.status).entries("training")

@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import Tree, read_status, stdlib_documents, train, write_jsonl
+from helpers import Tree, interrupt_at, read_status, stdlib_documents, train, write_jsonl
 
 from daemon.quality.forgetting import build_matrix, format_matrix, read_rows
 from daemon.quality.transfer import forward_transfer, learned
@@ -71,21 +71,13 @@ def test_the_second_files_before_loss_is_the_first_models_loss_on_its_slice_scor
 
 def test_a_file_resumed_part_way_keeps_the_score_of_the_model_it_started_from(tmp_path, monkeypatch):
     from daemon.exceptions import TrainingInterrupted
-    from daemon.training.callbacks import PlanCallback
 
     tree = Tree(tmp_path / "t")
     tree.root.mkdir()
     first = train(tree, _text_file(tree.root / "a.jsonl", 0), **FLAGS)
     data = _text_file(tree.root / "b.jsonl", 12)
-    original = PlanCallback.on_step_end
-
-    def stop_after_one_step(self, args, state, control, **kwargs):
-        if state.global_step == first["end_step"] + 1:
-            self.stop_requested.set()  # what the SIGTERM handler does
-        return original(self, args, state, control, **kwargs)
-
     with monkeypatch.context() as patch:
-        patch.setattr(PlanCallback, "on_step_end", stop_after_one_step)
+        interrupt_at(patch, first["end_step"] + 1)
         with pytest.raises(TrainingInterrupted):
             train(tree, data, save_steps=1, **FLAGS)
     second = train(tree, data, **FLAGS)  # resumes at start + 1: the model in memory is not the start's
