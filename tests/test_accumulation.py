@@ -129,6 +129,33 @@ def test_auto_workers_are_measured_once_per_shape_and_leave_the_model_untouched(
     assert autotune.choose_workers(model, 4, 16, False, 2) == 0  # an unreadable cache is measured again (stock wins)
 
 
+def test_auto_measures_three_to_ten_passes_each_way_within_its_time_and_remeasures_older_choices(monkeypatch, tmp_path):
+    from daemon.training.speed import autotune
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    model = _tiny_model()
+    passes = []
+    monkeypatch.setattr(autotune, "mark_progress", lambda: passes.append(1))
+    autotune.measure_seconds(model, 4, 16, False, 2)  # a tiny model: every pass fits in the time
+    assert len(passes) == 2 * (autotune.MAX_MEASURED_MICRO_BATCHES + 1)  # one warm-up pass each way
+    passes.clear()
+    monkeypatch.setattr(autotune, "MEASUREMENT_SECONDS", 0.0)
+    autotune.measure_seconds(model, 4, 16, False, 2)
+    assert len(passes) == 2 * (autotune.MIN_MEASURED_MICRO_BATCHES + 1)
+
+    # A choice cached by the earlier rule (three passes, no "method") is measured again, then kept.
+    key = autotune.shape_key(model, 4, 16, False, 2)
+    autotune.cache_path().parent.mkdir(parents=True)
+    autotune.cache_path().write_text(json.dumps({key: {"workers": 0, "contended_measurements": 0, "at": "then"}}))
+    measured = []
+    monkeypatch.setattr(autotune, "measure_seconds", lambda *args: measured.append(1) or (1.0, 0.5, 0.0))
+    assert autotune.choose_workers(model, 4, 16, False, 2) == 2
+    assert autotune.choose_workers(model, 4, 16, False, 2) == 2
+    assert (
+        measured == [1] and json.loads(autotune.cache_path().read_text())[key]["method"] == autotune.MEASUREMENT_METHOD
+    )
+
+
 def test_other_load_is_the_busy_time_that_was_not_this_process(tmp_path):
     from daemon.training.speed.autotune import OtherLoad
 

@@ -43,7 +43,16 @@ from daemon.training.speed.accumulation import ShardPool, split_batch
 
 logger = logging.getLogger(__name__)
 
-MEASURED_MICRO_BATCHES = 3  # timed passes per path, after one warm-up each; the fastest counts
+# Timed passes per path, after one warm-up each, alternated; the fastest of each counts. At least
+# MIN, then more until MEASUREMENT_SECONDS of passes or MAX: three passes each (the earlier rule)
+# put 2 workers at 1.01x to 1.13x the stock step on the same machine and shape where ten gave
+# 1.08x to 1.11x and the training loop ran 1.12x faster on them (BENCHMARKS.md, "Measurements
+# behind the code"): with three, a 5 % gain was as often missed as seen.
+MIN_MEASURED_MICRO_BATCHES = 3
+MAX_MEASURED_MICRO_BATCHES = 10
+MEASUREMENT_SECONDS = 10.0
+# Cached choices made by another rule (no "method", or an older one) are measured again.
+MEASUREMENT_METHOD = 2
 # Worker threads must win by this much: within it, the stock step (the peer's path) is kept.
 MIN_GAIN = 1.05
 # Above this share of the CPU time going to other processes or the hypervisor during the
@@ -161,9 +170,11 @@ def measure_seconds(
         workers: worker threads of the threaded path (>= 2).
 
     Returns:
-        ``(stock, threaded, other_load)``: the fastest of :data:`MEASURED_MICRO_BATCHES` timed
-        passes each, alternated so that a noisy neighbour slows both alike, and the share of the
-        CPU that other work took meanwhile (:class:`OtherLoad`; ``None`` where unknown).
+        ``(stock, threaded, other_load)`` in seconds: the fastest of
+        :data:`MIN_MEASURED_MICRO_BATCHES` to :data:`MAX_MEASURED_MICRO_BATCHES` timed passes each
+        (more while the timed passes took under :data:`MEASUREMENT_SECONDS`), alternated so that a
+        noisy neighbour slows both alike, and the share of the CPU that other work took meanwhile
+        (:class:`OtherLoad`; ``None`` where unknown).
     """
     vocab = int(getattr(model.config, "vocab_size", 2))  # type: ignore[union-attr]
     params = [p for p in model.parameters() if p.requires_grad]
@@ -194,7 +205,10 @@ def measure_seconds(
     try:
         model.train()
         with OtherLoad() as load:
-            for repeat in range(MEASURED_MICRO_BATCHES + 1):
+            for repeat in range(MAX_MEASURED_MICRO_BATCHES + 1):
+                timed = sum(times["stock"]) + sum(times["threaded"])
+                if repeat > MIN_MEASURED_MICRO_BATCHES and timed >= MEASUREMENT_SECONDS:
+                    break
                 for name, run in (("stock", stock), ("threaded", threaded)):
                     started = time.perf_counter()
                     run()
@@ -213,7 +227,8 @@ def measure_seconds(
 def choose_workers(model: torch.nn.Module, batch_size: int, seq_len: int, bf16: bool, workers: int) -> int:
     """``workers`` if they beat the stock step by :data:`MIN_GAIN` on this machine and shape, else 0.
 
-    Read from :func:`cache_path` when this :func:`shape_key` was measured before; else measured
+    Read from :func:`cache_path` when this :func:`shape_key` was measured before by this
+    :data:`MEASUREMENT_METHOD`; else measured
     (:func:`measure_seconds`) and cached. A measurement during which other work took over
     :data:`MAX_OTHER_LOAD` of the CPU is cached as contended, and the next training processes
     measure again, until one measures on a quiet CPU or :data:`MAX_CONTENDED_MEASUREMENTS` in a row
@@ -227,6 +242,8 @@ def choose_workers(model: torch.nn.Module, batch_size: int, seq_len: int, bf16: 
     except (OSError, ValueError, AttributeError):
         cached = None
     contended = 0
+    if isinstance(cached, dict) and cached.get("method") != MEASUREMENT_METHOD:
+        cached = None  # chosen by an earlier, shorter measurement
     if isinstance(cached, dict) and isinstance(cached.get("workers"), int):
         contended = int(cached.get("contended_measurements", 0))
         if contended == 0 or contended >= MAX_CONTENDED_MEASUREMENTS:
@@ -254,6 +271,7 @@ def choose_workers(model: torch.nn.Module, batch_size: int, seq_len: int, bf16: 
         "threaded_seconds": threaded,
         "other_load": other_load,
         "contended_measurements": contended,
+        "method": MEASUREMENT_METHOD,
         "at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     try:
