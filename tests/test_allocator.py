@@ -15,8 +15,9 @@ from daemon.training.speed.allocator import user_malloc_settings
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A step's small blocks grow the heap first (a 1 MiB one here); then allocate, touch and free a
-# 48 MiB block (over glibc's largest mmap threshold) five times, the way a training step allocates
-# and frees its logits, and count the minor page faults of the last four rounds.
+# block of argv[2] MiB (48: over glibc's largest mmap threshold; 320: over the heap's top pad too,
+# as SmolLM2's logits) five times, the way a training step allocates and frees its logits, and
+# count the minor page faults of the last four rounds.
 _PROBE = """
 import ctypes, json, resource, sys
 from daemon.training.speed.allocator import keep_freed_memory
@@ -25,7 +26,7 @@ libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype = ctypes.c_void_p
 libc.free.argtypes = [ctypes.c_void_p]
 libc.free(libc.malloc(1 << 20))
-size = 48 << 20
+size = int(sys.argv[2]) << 20
 faults = []
 for _ in range(5):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -37,10 +38,10 @@ print(json.dumps({"kept": kept, "faults": sum(faults[1:])}))
 """
 
 
-def _probe(mode: str, **env: str) -> dict:
+def _probe(mode: str, mib: int = 48, **env: str) -> dict:
     clean = {k: v for k, v in os.environ.items() if not user_malloc_settings({k: v})}
     result = subprocess.run(
-        [sys.executable, "-c", _PROBE, mode],
+        [sys.executable, "-c", _PROBE, mode, str(mib)],
         env={**clean, "PYTHONPATH": REPO, **env},
         capture_output=True,
         text=True,
@@ -58,6 +59,14 @@ def test_freed_blocks_stay_mapped_unless_the_user_set_malloc_up():
     assert kept["kept"] and kept["faults"] < pages // 10  # reused from the heap: no new pages
     theirs = _probe("keep", GLIBC_TUNABLES="glibc.malloc.perturb=0")
     assert not theirs["kept"] and theirs["faults"] >= 4 * pages * 0.9
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_a_block_larger_than_the_heaps_top_pad_stays_mapped_too():
+    pages = (320 << 20) // 4096
+    assert _probe("default", 320)["faults"] >= 4 * pages * 0.9
+    kept = _probe("keep", 320)
+    assert kept["kept"] and kept["faults"] < pages // 10
 
 
 def test_a_users_malloc_settings_are_recognised():
