@@ -50,7 +50,7 @@ logger = logging.getLogger(__name__)
 # behind the code"): with three, a 5 % gain was as often missed as seen.
 MIN_MEASURED_MICRO_BATCHES = 3
 MAX_MEASURED_MICRO_BATCHES = 10
-MEASUREMENT_SECONDS = 10.0
+MEASUREMENT_SECONDS = 6.0
 # Cached choices made by another rule (no "method", or an older one) are measured again.
 MEASUREMENT_METHOD = 2
 # Worker threads must win by this much: within it, the stock step (the peer's path) is kept.
