@@ -6,7 +6,7 @@ branch) import this, not the run.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -38,6 +38,8 @@ class PreparedFile:
         progress: the status's ``current_file``.
         averaged: what ``model`` became the average of after training, for ``export.json``
             (:func:`daemon.training.averaging.average_export`), None for the file's own end model.
+        recorded: what the options against forgetting chose for this file (the cooldown's mix,
+            the WiSE-FT weight), added to the status's ``evaluation``.
     """
 
     model: PreTrainedModel
@@ -51,3 +53,4 @@ class PreparedFile:
     abandoned: LedgerRow | None
     progress: FileProgress
     averaged: dict[str, Any] | None = None
+    recorded: dict[str, Any] = field(default_factory=dict)

@@ -341,6 +341,10 @@ class FileRun:
         with_before(scored, self.before, self.flags.status.status_dir, prepared.plan.start_step)
         if prepared.averaged and scored.evaluation is not None:  # the rows score the averaged model
             scored.evaluation.update(prepared.averaged)
+        weights = prepared.datasets.replay_weights  # --replay_weighting forgetting: what each file replayed
+        recorded = {**prepared.recorded, **({"replay_weights": weights} if weights else {})}
+        if recorded and scored.evaluation is not None:
+            scored.evaluation.update(recorded)
         return scored
 
     def save(self, prepared: PreparedFile, row: HistoryRow, scored: FileEvaluation) -> None:
