@@ -372,7 +372,13 @@ def parse_args(argv: list[str]) -> Flags:
     base = base_model_of(str(flags.training.output_dir), flags.model.model_name_or_path)
     replay, peft = flags.replay, flags.peft.use_peft
     averaging += technique_problems(
-        flags.techniques, replay.replay_fraction, replay.cooldown_fraction, flags.averaging.average_exports, peft, base
+        flags.techniques,
+        replay.replay_fraction,
+        replay.cooldown_fraction,
+        flags.averaging.average_exports,
+        peft,
+        base,
+        str(flags.training.output_dir),
     )
     if averaging:
         raise ConfigError("; ".join(averaging))

@@ -89,6 +89,7 @@ from daemon.training.speed.autotune import choose_workers, use_compile_cache
 from daemon.training.tensorboard_run import tensorboard_enabled, use_fixed_log_dir
 from daemon.training.trackers import follow_runs
 from daemon.training.transfer import BeforeScore, score_before, with_before
+from daemon.training.wise import wise_export
 
 logger = logging.getLogger(__name__)
 
@@ -300,7 +301,8 @@ class FileRun:
     def fit(self, prepared: PreparedFile) -> tuple[float | None, float, float]:
         """Train the plan's remaining steps, then the cooldown branch (:func:`train_segments`, :func:`cool_down`);
         the file's own slice is scored first (:func:`~daemon.training.transfer.score_before`) and an averaged
-        export replaces the model last (:func:`~daemon.training.averaging.average_export`).
+        export replaces the model last (:func:`~daemon.training.averaging.average_export`), or its interpolation
+        with the pretrained base (:func:`~daemon.training.wise.wise_export`).
 
         Returns:
             ``(mean training loss or None, seconds in Trainer.train, seconds of the cooldown branch)``.
@@ -325,6 +327,7 @@ class FileRun:
         cooldown_seconds = cool_down(prepared, flags, self.stop_requested)
         if self.is_main:  # the export's weights: an average of the main line's (--average_exports), or the end's
             prepared.averaged = average_export(prepared, flags, self.ledger)
+            prepared.recorded.update(wise_export(prepared, flags) or {})  # --wise_ft: interpolated with the base
         return train_loss, train_seconds, cooldown_seconds
 
     def evaluate(self, prepared: PreparedFile, train_seconds: float) -> FileEvaluation:

@@ -9,6 +9,7 @@ against the flags of other groups once every group is built.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from daemon.exceptions import ConfigError
@@ -67,6 +68,7 @@ def technique_problems(
     average_exports: str,
     peft: Any,
     base_model: str | None,
+    output_dir: str,
 ) -> list[str]:
     """What the options cannot be combined with: one message per problem, naming the flags.
 
@@ -78,6 +80,7 @@ def technique_problems(
         peft: ``--use_peft``.
         base_model: the line's pretrained base (:func:`daemon.store.origin.base_model_of`), None for the
             embedded model trained from scratch.
+        output_dir: the running model's folder (a base there would be overwritten by the first export).
     """
     problems = []
     if techniques.cooldown_mix != "file" and cooldown_fraction <= 0:
@@ -88,6 +91,11 @@ def technique_problems(
         if base_model is None:
             problems.append(
                 "--wise_ft interpolates with the pretrained base: it needs a line started from --model_name_or_path"
+            )
+        elif Path(base_model).resolve() == Path(output_dir).resolve():
+            problems.append(
+                f"--wise_ft needs the base model's weights kept: start from a copy outside {output_dir} "
+                "(--model_name_or_path), which every export overwrites"
             )
         if peft:
             problems.append("--wise_ft interpolates every weight: it cannot be used with --use_peft")
