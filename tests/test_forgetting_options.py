@@ -12,7 +12,6 @@ from helpers import Tree, read_status, stdlib_documents, train, write_jsonl
 
 from daemon.exceptions import ConfigError
 from daemon.store.replay import REPLAY_DIR, Share, store_files, write_share
-from daemon.store.suite import HELD_OUT
 from daemon.store.replay_mix import (
     FLOOR_SHARE,
     draw,
@@ -20,6 +19,7 @@ from daemon.store.replay_mix import (
     select_weighted_replay,
     split_count,
 )
+from daemon.store.suite import HELD_OUT
 
 
 def _row(step: int, name: str, loss: float, examples: int = 4) -> dict:

@@ -19,6 +19,7 @@ from daemon.exceptions import (
     ConfigError,
     DatasetError,
 )
+from daemon.quality.forgetting import read_rows
 from daemon.store.checkpoints import (
     latest_complete_checkpoint,
 )
@@ -27,7 +28,6 @@ from daemon.store.ledger import Ledger
 from daemon.store.origin import base_model_of
 from daemon.store.reconcile import refuse_missing_steps
 from daemon.store.records import FileProgress, RunState
-from daemon.quality.forgetting import read_rows
 from daemon.store.replay import replay_count, select_replay
 from daemon.store.replay_mix import select_weighted_replay
 from daemon.store.status import Heartbeat, beat

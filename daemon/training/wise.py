@@ -6,9 +6,9 @@ checkpoint is saved), the model the file exports, samples and evaluates becomes:
     w_export(a) = (1 - a) x w_base + a x w_trained        (fp32, every tensor of the model)
 
 with ``a`` the value of :data:`ALPHAS` whose model has the lowest mean loss over the slices of the
-evaluation suite (the file's own held-out slice whole, every other slice, the base model's
-``00000000-base-model`` included, over its first :data:`~daemon.training.evaluation.MIN_EXAMPLES`
-examples: :func:`~daemon.training.evaluation.evaluate_suite` with no budget beyond them). ``a = 1``
+evaluation suite (the file's own held-out slice and every other slice, the base model's
+``00000000-base-model`` included, each over its first :data:`EXAMPLES` examples in subset
+order; each model costs one such pass). ``a = 1``
 is the trained model itself, so the choice never scores worse on that suite than no
 interpolation. This is WiSE-FT, weight-space ensembling of the fine-tuned and zero-shot models
 (Wortsman et al. 2022, "Robust fine-tuning of zero-shot models", arXiv:2109.01903), which keeps
@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING, Any
 from daemon.exceptions import TrainingError
 from daemon.store.origin import base_model_of
 from daemon.store.suite import load_suite
-from daemon.training.averaging import _load_into
-from daemon.training.evaluation import Scorer, autocast_dtype, evaluate_suite, own_slice
+from daemon.training.averaging import load_into
+from daemon.training.evaluation import Scorer, SliceScore, autocast_dtype, own_slice
 
 if TYPE_CHECKING:
     from daemon.training.arguments import Flags
@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 ALPHAS = (0.25, 0.5, 0.75, 1.0)  # the weight of the trained model; 1.0 is the trained model itself
+EXAMPLES = 32  # examples of each slice the choice of a scores (a slice holds up to --max_eval_examples)
 
 
 def base_weights(base: str) -> dict[str, Any]:
@@ -71,11 +72,15 @@ def interpolate(base: dict[str, Any], trained: dict[str, Any], alpha: float) -> 
 
 
 def suite_loss(prepared: PreparedFile, flags: Flags) -> float:
-    """The model's mean loss (nats) over the slices of the suite (module docstring); NaN when none was scored."""
+    """The model's mean loss (nats) over the slices of the suite, each over its first :data:`EXAMPLES` examples.
+
+    A slice that cannot be scored is left out (logged); NaN when none was scored.
+    """
     plan, data = prepared.plan, flags.data
     others, _ = load_suite(
         flags.status.status_dir, plan.start_step, flags.evaluation.eval_files, data.text_field, data.max_eval_examples
     )
+    own = own_slice(prepared)
     args = flags.training
     scorer = Scorer(
         prepared.model,
@@ -84,10 +89,18 @@ def suite_loss(prepared: PreparedFile, flags: Flags) -> float:
         args.per_device_eval_batch_size,
         autocast_dtype(args.bf16, args.fp16),
     )
-    scores = evaluate_suite(scorer, own_slice(prepared), others, 0.0).scores
-    losses = [score.prefix_loss(score.examples) for score in scores]
-    known = [loss for loss in losses if loss is not None]
-    return sum(known) / len(known) if known else float("nan")
+    losses = []
+    for piece in ([own] if own is not None else []) + others:
+        score = SliceScore(piece.name, piece.kind)
+        try:
+            scorer.score(piece, 0, EXAMPLES, score)
+        except Exception:  # one bad slice is left out of the choice, as the evaluation reports it
+            logger.exception("--wise_ft: scoring slice %s failed; left out of the choice", piece.name)
+            continue
+        loss = score.prefix_loss(score.examples)
+        if loss is not None:
+            losses.append(loss)
+    return sum(losses) / len(losses) if losses else float("nan")
 
 
 def wise_export(prepared: PreparedFile, flags: Flags) -> dict[str, Any] | None:
@@ -110,10 +123,10 @@ def wise_export(prepared: PreparedFile, flags: Flags) -> dict[str, Any] | None:
     base = base_weights(base_name)
     losses: dict[str, float] = {}
     for alpha in ALPHAS:
-        _load_into(model, interpolate(base, trained, alpha), every_tensor=False)
+        load_into(model, interpolate(base, trained, alpha), every_tensor=False)
         losses[str(alpha)] = suite_loss(prepared, flags)
     best = min(ALPHAS, key=lambda a: (_ordered(losses[str(a)]), -a))  # a tie keeps more of the trained model
-    _load_into(model, interpolate(base, trained, best), every_tensor=False)
+    load_into(model, interpolate(base, trained, best), every_tensor=False)
     logger.info(
         "WiSE-FT export: %.2f x trained + %.2f x base (mean suite loss %s)",
         best,
