@@ -150,7 +150,8 @@ def cool_down(prepared: PreparedFile, flags: Flags, stop_requested: threading.Ev
     The branch trains ``prepared.progress.cooldown_steps`` steps on a seeded sample of the
     file's training examples (its own and replayed ones), or with ``--cooldown_mix balanced`` on
     an even mix of the replay store's shares and the file (:mod:`daemon.training.cooldown_mix`),
-    into ``<output_dir>/.cooldown``, which is deleted afterwards: the main line's checkpoints and ``global_step`` never change.
+    into ``<output_dir>/.cooldown``, which is deleted afterwards: the main line's checkpoints and
+    ``global_step`` never change.
 
     Returns:
         Seconds inside ``Trainer.train`` (0 with no branch).
