@@ -37,9 +37,10 @@ class PreparedFile:
             left (e.g. checkpoints were deleted); :func:`~daemon.training.plan.commit_plan` closes it.
         progress: the status's ``current_file``.
         averaged: what ``model`` became the average of after training, for ``export.json``
-            (:func:`daemon.training.averaging.average_export`), None for the file's own end model.
-        recorded: what the options against forgetting chose for this file (the cooldown's mix,
-            the WiSE-FT weight), added to the status's ``evaluation``.
+            (:func:`daemon.training.averaging.average_export`) or its interpolation with the base
+            (:func:`daemon.training.wise.wise_export`), None for the file's own end model.
+        recorded: what ``--cooldown_mix balanced`` drew from each share
+            (:mod:`daemon.training.cooldown_mix`), added to the status's ``evaluation``.
     """
 
     model: PreTrainedModel

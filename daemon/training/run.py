@@ -326,8 +326,8 @@ class FileRun:
             place_gathered(prepared.model, flags.training)
         cooldown_seconds = cool_down(prepared, flags, self.stop_requested)
         if self.is_main:  # the export's weights: an average of the main line's (--average_exports), or the end's
-            prepared.averaged = average_export(prepared, flags, self.ledger)
-            prepared.recorded.update(wise_export(prepared, flags) or {})  # --wise_ft: interpolated with the base
+            # --wise_ft (never with an average): interpolated with the pretrained base
+            prepared.averaged = average_export(prepared, flags, self.ledger) or wise_export(prepared, flags)
         return train_loss, train_seconds, cooldown_seconds
 
     def evaluate(self, prepared: PreparedFile, train_seconds: float) -> FileEvaluation:

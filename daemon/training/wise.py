@@ -18,8 +18,9 @@ chosen on held-out data as there.
 As with averaged exports (:mod:`daemon.training.averaging`) the main line never sees it: the
 checkpoints and ``global_step`` are untouched and the next file trains from ``checkpoint-<end>``.
 The base weights are read from the base's folder (``origin.json``'s ``base_model``) after every
-file, in fp32, and never trained. The status's ``evaluation`` records ``wise_ft: {"alpha",
-"losses"}`` (mean loss in nats for each ``a``), and the export's evaluation rows score the chosen model.
+file, in fp32, and never trained. ``export.json`` and the status's ``evaluation`` record
+``wise_ft: {"alpha", "losses"}`` (mean loss in nats for each ``a``), and the evaluation rows
+score the exported model. A rollback exports the checkpoint's own weights, as after an average.
 """
 
 from __future__ import annotations
@@ -107,8 +108,8 @@ def wise_export(prepared: PreparedFile, flags: Flags) -> dict[str, Any] | None:
     """Make ``prepared.model`` the interpolation with the base of the lowest suite loss (module docstring).
 
     Returns:
-        ``{"wise_ft": {"alpha": a, "losses": {"0.25": nats, ...}}}`` for the status's ``evaluation``;
-        None without ``--wise_ft``.
+        ``{"wise_ft": {"alpha": a, "losses": {"0.25": nats, ...}}}`` for ``export.json`` and the
+        status's ``evaluation``; None without ``--wise_ft``.
 
     Raises:
         TrainingError: the line has no base, or its weights cannot be read or do not match the model's.
