@@ -55,10 +55,10 @@ def cooldown_examples(prepared: PreparedFile, flags: Flags, count: int) -> datas
     counts = split_count(count, [1.0] * (len(shares) + 1))
     base = f"{seed}:{prepared.scan.sha256}:{plan.start_step}:cooldown"
     examples: list[dict[str, Any]] = []
-    for share, n in zip(shares, counts, strict=False):
+    for share, n in zip(shares, counts[:-1], strict=True):  # the last part is the file's own
         examples += draw(share.examples, n, f"{base}:{share.step}")
     examples += replay_examples(own, draw(range(own.num_rows), counts[-1], f"{base}:own"))
-    drawn = {share.path.stem: n for share, n in zip(shares, counts, strict=False)} | {"own": counts[-1]}
+    drawn = {share.path.stem: n for share, n in zip(shares, counts[:-1], strict=True)} | {"own": counts[-1]}
     prepared.recorded["cooldown_mix"] = drawn
     logger.info("cooldown mix balanced over %d shares and the file: %s", len(shares), drawn)
     return _as_dataset(examples, own).shuffle(seed=seed + 1, keep_in_memory=True)
