@@ -42,6 +42,7 @@ from daemon.exceptions import ConfigError
 from daemon.store.origin import base_model_of, has_own_chat_template
 from daemon.training.averaging_flags import AveragingArguments, averaging_problems
 from daemon.training.peft_flags import LORA_LEARNING_RATE, PeftArguments, resolve_peft
+from daemon.training.technique_flags import TechniqueArguments, technique_problems
 from daemon.training.tracker_flags import TrackerArguments, missing_trackers
 
 logger = logging.getLogger(__name__)
@@ -254,6 +255,7 @@ class Flags:
     peft: PeftArguments
     trackers: TrackerArguments
     averaging: AveragingArguments
+    techniques: TechniqueArguments
 
 
 # The defaults that follow the starting model (daemon.store.origin): the embedded model learns from scratch; a
@@ -315,6 +317,7 @@ GROUPS = (
     PeftArguments,
     TrackerArguments,
     AveragingArguments,
+    TechniqueArguments,
 )
 
 
@@ -365,6 +368,17 @@ def parse_args(argv: list[str]) -> Flags:
     _validate_training_args(flags.training)
     averaging = averaging_problems(
         flags.averaging, flags.training.keep_file_checkpoints, flags.replay.cooldown_fraction, flags.peft.use_peft
+    )
+    base = base_model_of(str(flags.training.output_dir), flags.model.model_name_or_path)
+    replay, peft = flags.replay, flags.peft.use_peft
+    averaging += technique_problems(
+        flags.techniques,
+        replay.replay_fraction,
+        replay.cooldown_fraction,
+        flags.averaging.average_exports,
+        peft,
+        base,
+        str(flags.training.output_dir),
     )
     if averaging:
         raise ConfigError("; ".join(averaging))

@@ -128,17 +128,17 @@ def average_export(prepared: PreparedFile, flags: Flags, ledger: Ledger) -> dict
         average = read_ema(output_dir / f"checkpoint-{end}")
         if average is None:
             raise TrainingError(f"checkpoint-{end} holds no {EMA_FILE}: its file was trained without the average")
-        _load_into(prepared.model, average, every_tensor=False)  # buffers (not trained) stay the end model's
+        load_into(prepared.model, average, every_tensor=False)  # buffers (not trained) stay the end model's
         logger.info("averaged export: the moving average of the weights (--ema_decay %s)", flags.averaging.ema_decay)
         return {"ema_decay": flags.averaging.ema_decay}
     earlier = kept_file_ends(ledger, flags.training.keep_file_checkpoints)
     steps = averaged_steps(output_dir, earlier, end, flags.averaging.average_last)
-    _load_into(prepared.model, average_checkpoints([output_dir / f"checkpoint-{step}" for step in steps]))
+    load_into(prepared.model, average_checkpoints([output_dir / f"checkpoint-{step}" for step in steps]))
     logger.info("averaged export: the mean of checkpoints %s (LAWA, --average_last %d)", steps, len(steps))
     return {"averaged_steps": steps}
 
 
-def _load_into(model: Any, average: dict[str, Any], every_tensor: bool = True) -> None:
+def load_into(model: Any, average: dict[str, Any], every_tensor: bool = True) -> None:
     """Copy ``average`` into ``model``'s tensors in place (on their device, in their dtype).
 
     Raises:

@@ -40,6 +40,7 @@ from transformers.trainer_callback import PrinterCallback
 from daemon.exceptions import TrainingError, TrainingInterrupted
 from daemon.store.adapter_files import is_peft_model
 from daemon.training.callbacks import BranchCallback
+from daemon.training.cooldown_mix import cooldown_examples
 from daemon.training.data import PaddingCollator, torch_rows
 from daemon.training.speed.accumulation import ThreadedAccumulationTrainer, resolve_workers
 from daemon.training.trackers import TRACKERS
@@ -147,8 +148,10 @@ def cool_down(prepared: PreparedFile, flags: Flags, stop_requested: threading.Ev
     """Train the cooldown branch from the file's end checkpoint; ``prepared.model`` becomes the cooled model.
 
     The branch trains ``prepared.progress.cooldown_steps`` steps on a seeded sample of the
-    file's training examples (its own and replayed ones) into ``<output_dir>/.cooldown``, which
-    is deleted afterwards: the main line's checkpoints and ``global_step`` never change.
+    file's training examples (its own and replayed ones), or with ``--cooldown_mix balanced`` on
+    an even mix of the replay store's shares and the file (:mod:`daemon.training.cooldown_mix`),
+    into ``<output_dir>/.cooldown``, which is deleted afterwards: the main line's checkpoints and
+    ``global_step`` never change.
 
     Returns:
         Seconds inside ``Trainer.train`` (0 with no branch).
@@ -171,8 +174,7 @@ def cool_down(prepared: PreparedFile, flags: Flags, stop_requested: threading.Ev
     # which would chart them above the file's end and see its parameters (max_steps) change.
     args.report_to = [name for name in args.report_to or [] if name not in TRACKERS]
     factor = branch_lambda(main_factor(main_args, plan.max_steps), plan.max_steps, steps, flags.replay.cooldown_shape)
-    train = prepared.datasets.train.shuffle(seed=main_args.seed + 1, keep_in_memory=True)
-    train = torch_rows(train.select(range(min(train.num_rows, steps * plan.effective_batch))))
+    train = torch_rows(cooldown_examples(prepared, flags, steps * plan.effective_batch))  # --cooldown_mix
     workers = resolve_workers(
         flags.accumulation.grad_workers,
         args.device.type,

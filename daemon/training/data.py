@@ -42,6 +42,8 @@ class PreparedData:
         replayed: examples of ``train`` replayed from earlier files (:func:`mix_replay`).
         own_train: the file's own training examples before replay was mixed in (``train``
             when nothing is replayed): what the replay store samples once the file is done.
+        replay_weights: with ``--replay_weighting forgetting``, each earlier file's share of the
+            replay (:func:`daemon.store.replay_mix.select_weighted_replay`); None with even replay.
     """
 
     train: datasets.Dataset
@@ -51,6 +53,7 @@ class PreparedData:
     heldout_records: list[dict[str, Any]] = field(default_factory=list)
     replayed: int = 0
     own_train: datasets.Dataset | None = None
+    replay_weights: list[dict[str, Any]] | None = None
 
     @property
     def examples(self) -> int:

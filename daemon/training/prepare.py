@@ -8,6 +8,7 @@ the run's later phases (:mod:`daemon.training.run`) work on.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 from transformers import (
     PreTrainedModel,
@@ -18,6 +19,7 @@ from daemon.exceptions import (
     ConfigError,
     DatasetError,
 )
+from daemon.quality.forgetting import read_rows
 from daemon.store.checkpoints import (
     latest_complete_checkpoint,
 )
@@ -27,6 +29,7 @@ from daemon.store.origin import base_model_of
 from daemon.store.reconcile import refuse_missing_steps
 from daemon.store.records import FileProgress, RunState
 from daemon.store.replay import replay_count, select_replay
+from daemon.store.replay_mix import select_weighted_replay
 from daemon.store.status import Heartbeat, beat
 from daemon.training.adapters import starting_model as adapted_starting_model
 from daemon.training.arguments import Flags
@@ -128,17 +131,21 @@ def with_replay(
 
     The selection reads the shares of files done up to ``start_step`` (the ledger plan's, for a
     resumed file) and is seeded by ``--seed``, the file's sha256 and ``start_step``: a resumed
-    file replays the same examples in the same order.
+    file replays the same examples in the same order. With ``--replay_weighting forgetting`` the
+    same number is split over the files by their forgetting in the evaluation rows up to
+    ``start_step`` (:func:`daemon.store.replay_mix.select_weighted_replay`), which a crash inside
+    the file does not change either.
     """
     count = replay_count(datasets.examples, flags.replay.replay_fraction)
     if count == 0:
         return datasets
-    seed = flags.training.seed
-    fingerprint = tokenizer_fingerprint(tokenizer)
-    chosen = select_replay(
-        flags.status.status_dir, start_step, count, f"{seed}:{scan.sha256}:{start_step}", fingerprint
-    )
-    return mix_replay(datasets, chosen, seed)
+    seed, status_dir = flags.training.seed, flags.status.status_dir
+    fingerprint, draw_seed = tokenizer_fingerprint(tokenizer), f"{seed}:{scan.sha256}:{start_step}"
+    if flags.techniques.replay_weighting == "forgetting":  # per file, by its forgetting up to start_step
+        rows = read_rows(status_dir)
+        chosen, weights = select_weighted_replay(status_dir, start_step, count, draw_seed, fingerprint, rows)
+        return replace(mix_replay(datasets, chosen, seed), replay_weights=weights)
+    return mix_replay(datasets, select_replay(status_dir, start_step, count, draw_seed, fingerprint), seed)
 
 
 def rehearse_base(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, flags: Flags) -> None:

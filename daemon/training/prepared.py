@@ -6,7 +6,7 @@ branch) import this, not the run.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -37,7 +37,10 @@ class PreparedFile:
             left (e.g. checkpoints were deleted); :func:`~daemon.training.plan.commit_plan` closes it.
         progress: the status's ``current_file``.
         averaged: what ``model`` became the average of after training, for ``export.json``
-            (:func:`daemon.training.averaging.average_export`), None for the file's own end model.
+            (:func:`daemon.training.averaging.average_export`) or its interpolation with the base
+            (:func:`daemon.training.wise.wise_export`), None for the file's own end model.
+        recorded: what ``--cooldown_mix balanced`` drew from each share
+            (:mod:`daemon.training.cooldown_mix`), added to the status's ``evaluation``.
     """
 
     model: PreTrainedModel
@@ -51,3 +54,4 @@ class PreparedFile:
     abandoned: LedgerRow | None
     progress: FileProgress
     averaged: dict[str, Any] | None = None
+    recorded: dict[str, Any] = field(default_factory=dict)

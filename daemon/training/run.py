@@ -89,6 +89,7 @@ from daemon.training.speed.autotune import choose_workers, use_compile_cache
 from daemon.training.tensorboard_run import tensorboard_enabled, use_fixed_log_dir
 from daemon.training.trackers import follow_runs
 from daemon.training.transfer import BeforeScore, score_before, with_before
+from daemon.training.wise import wise_export
 
 logger = logging.getLogger(__name__)
 
@@ -300,7 +301,8 @@ class FileRun:
     def fit(self, prepared: PreparedFile) -> tuple[float | None, float, float]:
         """Train the plan's remaining steps, then the cooldown branch (:func:`train_segments`, :func:`cool_down`);
         the file's own slice is scored first (:func:`~daemon.training.transfer.score_before`) and an averaged
-        export replaces the model last (:func:`~daemon.training.averaging.average_export`).
+        export replaces the model last (:func:`~daemon.training.averaging.average_export`), or its interpolation
+        with the pretrained base (:func:`~daemon.training.wise.wise_export`).
 
         Returns:
             ``(mean training loss or None, seconds in Trainer.train, seconds of the cooldown branch)``.
@@ -324,7 +326,8 @@ class FileRun:
             place_gathered(prepared.model, flags.training)
         cooldown_seconds = cool_down(prepared, flags, self.stop_requested)
         if self.is_main:  # the export's weights: an average of the main line's (--average_exports), or the end's
-            prepared.averaged = average_export(prepared, flags, self.ledger)
+            # --wise_ft (never with an average): interpolated with the pretrained base
+            prepared.averaged = average_export(prepared, flags, self.ledger) or wise_export(prepared, flags)
         return train_loss, train_seconds, cooldown_seconds
 
     def evaluate(self, prepared: PreparedFile, train_seconds: float) -> FileEvaluation:
@@ -341,6 +344,10 @@ class FileRun:
         with_before(scored, self.before, self.flags.status.status_dir, prepared.plan.start_step)
         if prepared.averaged and scored.evaluation is not None:  # the rows score the averaged model
             scored.evaluation.update(prepared.averaged)
+        weights = prepared.datasets.replay_weights  # --replay_weighting forgetting: what each file replayed
+        recorded = {**prepared.recorded, **({"replay_weights": weights} if weights else {})}
+        if recorded and scored.evaluation is not None:
+            scored.evaluation.update(recorded)
         return scored
 
     def save(self, prepared: PreparedFile, row: HistoryRow, scored: FileEvaluation) -> None:

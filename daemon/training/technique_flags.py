@@ -1,0 +1,104 @@
+"""``--cooldown_mix``, ``--replay_weighting`` and ``--wise_ft``: options against forgetting (docs/data.md).
+
+Each is off by default (today's behaviour); the stream benchmark decides whether one becomes a
+default. Standard library only, like :mod:`daemon.config`: the flags are parsed with the others by
+``HfArgumentParser`` (:mod:`daemon.training.arguments`); :func:`technique_problems` checks them
+against the flags of other groups once every group is built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from daemon.exceptions import ConfigError
+
+COOLDOWN_MIXES = ("file", "balanced")
+REPLAY_WEIGHTINGS = ("even", "forgetting")
+
+
+@dataclass
+class TechniqueArguments:
+    """How replay is drawn, what the cooldown branch trains on, and the WiSE-FT export (docs/data.md)."""
+
+    cooldown_mix: str = field(
+        default="file",
+        metadata={
+            "help": "What the cooldown branch (--cooldown_fraction) trains on. 'file' (default): a seeded sample of "
+            "the file's training examples (its own and replayed ones). 'balanced': as many examples from each "
+            "done file's replay share as from the file's own examples (Blakeney et al. 2024: the end of "
+            "training sets what the model keeps); the file's own examples alone while the store is empty.",
+            "choices": list(COOLDOWN_MIXES),
+        },
+    )
+    replay_weighting: str = field(
+        default="even",
+        metadata={
+            "help": "How the --replay_fraction examples are drawn over the earlier files. 'even' (default): "
+            "uniformly from the whole store. 'forgetting': each file's number in proportion to its current "
+            "forgetting on its held-out slice (evaluations.jsonl; at least a tenth of the largest), the same "
+            "total (after maximally interfered retrieval, Aljundi et al. 2019).",
+            "choices": list(REPLAY_WEIGHTINGS),
+        },
+    )
+    wise_ft: bool = field(
+        default=False,
+        metadata={
+            "help": "For a line started from --model_name_or_path: export (1 - a) x base + a x trained weights "
+            "instead of the trained ones, a in {0.25, 0.5, 0.75, 1} chosen by the lowest mean loss over the "
+            "evaluation suite (WiSE-FT, Wortsman et al. 2022). The next file still trains from the checkpoint."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.cooldown_mix not in COOLDOWN_MIXES:
+            problems.append(f"--cooldown_mix must be one of {', '.join(COOLDOWN_MIXES)}")
+        if self.replay_weighting not in REPLAY_WEIGHTINGS:
+            problems.append(f"--replay_weighting must be one of {', '.join(REPLAY_WEIGHTINGS)}")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+
+def technique_problems(
+    techniques: TechniqueArguments,
+    replay_fraction: float,
+    cooldown_fraction: float,
+    average_exports: str,
+    peft: Any,
+    base_model: str | None,
+    output_dir: str,
+) -> list[str]:
+    """What the options cannot be combined with: one message per problem, naming the flags.
+
+    Args:
+        techniques: these flags.
+        replay_fraction: ``--replay_fraction``.
+        cooldown_fraction: ``--cooldown_fraction``.
+        average_exports: ``--average_exports``.
+        peft: ``--use_peft``.
+        base_model: the line's pretrained base (:func:`daemon.store.origin.base_model_of`), None for the
+            embedded model trained from scratch.
+        output_dir: the running model's folder (a base there would be overwritten by the first export).
+    """
+    problems = []
+    if techniques.cooldown_mix != "file" and cooldown_fraction <= 0:
+        problems.append("--cooldown_mix balanced mixes the cooldown branch: it needs --cooldown_fraction > 0")
+    if techniques.replay_weighting != "even" and replay_fraction <= 0:
+        problems.append("--replay_weighting forgetting weights the replay: it needs --replay_fraction > 0")
+    if techniques.wise_ft:
+        if base_model is None:
+            problems.append(
+                "--wise_ft interpolates with the pretrained base: it needs a line started from --model_name_or_path"
+            )
+        elif Path(base_model).resolve() == Path(output_dir).resolve():
+            problems.append(
+                f"--wise_ft needs the base model's weights kept: start from a copy outside {output_dir} "
+                "(--model_name_or_path), which every export overwrites"
+            )
+        if peft:
+            problems.append("--wise_ft interpolates every weight: it cannot be used with --use_peft")
+        if average_exports != "none" or cooldown_fraction > 0:
+            problems.append("--wise_ft, --average_exports and --cooldown_fraction each replace the export: choose one")
+    return problems
