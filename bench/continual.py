@@ -129,7 +129,7 @@ def _pieces(name: str, split: str) -> Iterator[str]:
 
 
 def make_data(work: Path, steps_per_file: int, heldout_docs: int) -> dict:
-    """Tokenizer, training and held-out files of every source; ``{"tokenizer", "train", "heldout", "tokens"}``."""
+    """Tokenizer, training and held-out files of every source: ``{"tokenizer", "train", "tokens", "paths"}``."""
     from daemon.training.model import train_tokenizer
 
     sample = []

@@ -122,3 +122,30 @@ def test_verdict_and_table() -> None:
     assert len(rows) == 2 + len(results)
     assert "| no replay | 1.00x | +0.400 [+0.370, +0.430] |" in rows[2] and "< 0.8" in rows[2]
     assert "0.82x" in rows[3] and "+0.010 pass" in rows[3]
+
+
+def test_aggregate_reads_gaps_compute_and_plasticity_off_fabricated_runs() -> None:
+    from bench import continual
+
+    names = list(continual.SOURCES)
+    union_losses = [5.0, 4.8, 4.6, 4.5, 4.4]
+
+    def run(loss: float, steps: int) -> dict:
+        return {"scores": [{n: (loss, loss / 2) for n in names}] * len(names), "steps": steps}
+
+    repeats = []
+    for r, own in enumerate((4.8, 4.9)):
+        union = {"x": [0.8, 0.9, 1.0, 1.1, 1.25], "scores": [{n: (u, u / 2) for n in names} for u in union_losses]}
+        order = [names[k] for k in cs.file_orders(len(names), 2)[r]]
+        repeats.append({"order": order, "settings": {"none": run(5.0, 100), "default": run(own, 110)}, "union": union})
+    results, union = continual.aggregate(repeats, ["none", "default"])
+    none, default = results
+    assert union["at_one"] == pytest.approx(4.6) and union["noise"] == pytest.approx(0.0)
+    assert none["gap"][0] == pytest.approx(0.4) and none["gap_bpb"] == pytest.approx(0.2)
+    assert default["gap"][0] == pytest.approx(0.25)
+    assert default["gap"][2] == pytest.approx(0.25 + 12.706 * statistics.stdev([0.2, 0.3]) / math.sqrt(2))
+    assert default["worst"][1] == pytest.approx(0.25)
+    assert none["uec"] == pytest.approx(0.8) and default["uec"] == pytest.approx(0.875)
+    assert default["steps"] == pytest.approx(1.1) and default["plasticity"] == pytest.approx(-0.15)
+    assert not default["better"]  # the default against itself
+    assert default["grid"][0][1] is None and default["grid"][4][0] == pytest.approx(4.85)
