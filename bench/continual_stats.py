@@ -107,14 +107,16 @@ def near_duplicate(text: str, seen: set[str], threshold: float = 0.2) -> bool:
 
 
 def chunk_ends(token_counts: Sequence[int], targets: Sequence[int]) -> list[int]:
-    """For each cumulative token target, the number of leading documents that first reaches it.
+    """For each cumulative token target, how many leading documents come nearest to it.
 
-    ``token_counts`` are the documents' tokens in training order; the ends are increasing and
-    at most ``len(token_counts)``. Used to cut the union's stream where it is evaluated.
+    ``token_counts`` are the documents' tokens in training order. Each end takes at least one
+    document more than the one before (no empty cut) and at most ``len(token_counts)``. Used to
+    cut the union's stream where it is evaluated.
     """
     ends, total, k = [], 0, 0
     for target in targets:
-        while k < len(token_counts) and total < target:
+        start = k
+        while k < len(token_counts) and (k == start or abs(total + token_counts[k] - target) < abs(total - target)):
             total += token_counts[k]
             k += 1
         ends.append(k)

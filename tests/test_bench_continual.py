@@ -92,8 +92,9 @@ def test_near_duplicate_by_containment() -> None:
 
 def test_chunk_ends_cut_at_cumulative_targets() -> None:
     counts = [100] * 10 + [100] * 10  # one pass, then the reshuffled second
-    assert cs.chunk_ends(counts, [800, 900, 1000, 1100, 1250]) == [8, 9, 10, 11, 13]
-    assert cs.chunk_ends([100, 100], [50, 5000]) == [1, 2]
+    assert cs.chunk_ends(counts, [800, 900, 1000, 1100, 1260]) == [8, 9, 10, 11, 13]
+    assert cs.chunk_ends(counts, [790, 840, 1000]) == [8, 9, 10]  # nearest, but never an empty cut
+    assert cs.chunk_ends([100, 100], [10, 5000]) == [1, 2]
 
 
 def _result(label: str, gap: float, steps: float, uec: float | str, better: bool, worst: float = 0.1) -> dict:
