@@ -438,7 +438,7 @@ def write_report(
         f"Union (mean loss over slices vs steps / no-replay steps): {union_curve}. Seed noise (standard deviation "
         f"of the union's 1.0x loss over repeats): {union['noise']:.3f} nats.",
         "",
-        *cs.verdict(results),
+        "\n\n".join(cs.verdict(results)),
         "",
         "![forgetting matrices](bench/continual_forgetting.png)",
     ])  # fmt: skip
