@@ -27,12 +27,14 @@ if "LOCAL_RANK" in os.environ and os.environ.get("ACCELERATE_USE_FSDP") == "true
 
     _state.AcceleratorState.__init__ = _init
 
-# Fault injection for tests/test_distributed.py, off unless CPU_FSDP_KILL="<step>:<rank>:<marker file>":
-# that rank SIGKILLs itself once, at the end of that optimizer step, and leaves the marker (no second kill).
+# Fault injection for tests/test_distributed.py and tests/test_multinode.py, off unless
+# CPU_FSDP_KILL="<step>:<rank>:<marker file>": that rank (global: RANK, as each agent of a multi-node
+# launch numbers its LOCAL_RANK from 0) SIGKILLs itself once, at the end of that optimizer step, and
+# leaves the marker (no second kill).
 _kill = os.environ.get("CPU_FSDP_KILL")
 if _kill and "LOCAL_RANK" in os.environ:
     _step, _rank, _marker = _kill.split(":", 2)
-    if int(os.environ["LOCAL_RANK"]) == int(_rank) and not os.path.exists(_marker):
+    if int(os.environ.get("RANK", os.environ["LOCAL_RANK"])) == int(_rank) and not os.path.exists(_marker):
         import signal
 
         from daemon.training import callbacks as _callbacks

@@ -1,0 +1,81 @@
+"""Multi-node launchers: two ``torchrun`` agents of one c10d rendezvous on loopback, standing in for two nodes.
+
+The daemon stays one process on one node and puts ``--launcher`` in front of each file's child
+(docs/distributed.md, "Multi-node"); here the launcher is tests/launchers/two_nodes.py, which starts
+two agents (``--nnodes 2 --nproc_per_node 1 --rdzv-backend c10d``) and stops the survivor when one
+fails, as ``srun --kill-on-bad-exit`` does on a cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+from helpers import REPO, Tree, daemon_argv, stdlib_documents, write_jsonl
+
+from daemon.store.checkpoints import latest_complete_checkpoint
+
+TWO_NODES = REPO / "tests" / "launchers" / "two_nodes.py"
+FAULTS = REPO / "tests" / "cpu_fsdp"  # its sitecustomize.py: the one-time SIGKILL of a rank (CPU_FSDP_KILL)
+
+
+def _launcher() -> str:
+    return f"{sys.executable} {TWO_NODES}"
+
+
+def _drop(tree: Tree, name: str, docs: list[str]) -> None:
+    part = write_jsonl(tree.inbox / f".{name}.part", [{"text": d} for d in docs])
+    part.rename(tree.inbox / name)
+
+
+def _drain(tree: Tree, timeout: float, *extra: str, env: dict[str, str] | None = None, **flags: object):
+    argv = daemon_argv(tree, "--once", "--launcher", _launcher(), *extra, replay_fraction=0, **flags)
+    run_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    result = subprocess.run(
+        [sys.executable, *argv], cwd=tree.root, env=run_env, capture_output=True, text=True, timeout=timeout
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def _exported_step(tree: Tree) -> int:
+    return json.loads((tree.output / "export.json").read_text())["global_step"]
+
+
+def test_two_agents_of_one_c10d_rendezvous_train_a_file_end_to_end(tree):
+    _drop(tree, "1-a.jsonl", stdlib_documents(limit=16))
+    result = _drain(tree, 300, forward_transfer=False)
+    (row,) = tree.history()
+    assert row["outcome"] == "done"
+    assert row["planned_steps"] == math.ceil(row["examples"] / 8)  # 4 per device x 1 accumulation x world size 2
+    assert (row["start_step"], row["end_step"]) == (0, row["planned_steps"])
+    assert latest_complete_checkpoint(tree.output, set_aside=False).global_step == row["end_step"]
+    assert _exported_step(tree) == row["end_step"]
+    assert (tree.inbox / "done" / "1-a.jsonl").exists()
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(tree.output, local_files_only=True).num_parameters() > 0
+    assert "two_nodes: an agent exited" not in result.stderr
+
+
+@pytest.mark.slow  # over a minute on 2 cores: two attempts, each starting two agents and two ranks
+def test_a_node_lost_mid_file_fails_the_attempt_and_the_retry_resumes_at_the_last_checkpoint(tree):
+    _drop(tree, "1-a.jsonl", stdlib_documents(limit=16))
+    marker = tree.root / "killed"
+    # rank 1, the second agent's only rank, SIGKILLs itself at the end of step 12 (after checkpoint-10)
+    env = {"PYTHONPATH": os.pathsep.join([str(FAULTS), str(REPO)]), "CPU_FSDP_KILL": f"12:1:{marker}"}
+    result = _drain(tree, 600, env=env, save_steps=5, forward_transfer=False)
+    assert marker.exists()
+    assert "two_nodes: an agent exited with" in result.stderr  # the lost node failed the attempt ...
+    assert "training 1-a.jsonl (attempt 2)" in result.stderr  # ... and the daemon ran the file again
+    assert "resuming 1-a.jsonl at step 10 of its plan 0 -> " in result.stderr
+    (row,) = tree.history()
+    assert row["outcome"] == "done"
+    assert row["planned_steps"] == math.ceil(row["examples"] / 8)
+    assert (row["start_step"], row["end_step"]) == (0, row["planned_steps"])
+    assert latest_complete_checkpoint(tree.output, set_aside=False).global_step == row["end_step"]
+    assert _exported_step(tree) == row["end_step"]
