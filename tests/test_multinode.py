@@ -80,3 +80,34 @@ def test_a_node_lost_mid_file_fails_the_attempt_and_the_retry_resumes_at_the_las
     assert (row["start_step"], row["end_step"]) == (0, row["planned_steps"])
     assert latest_complete_checkpoint(tree.output, set_aside=False).global_step == row["end_step"]
     assert _exported_step(tree) == row["end_step"]
+
+
+@pytest.mark.slow  # two attempts of two agents each
+@pytest.mark.timeout(600)
+def test_a_rank_that_fails_setup_ends_the_attempt_and_its_reason_is_the_files_error(tree):
+    # rank 1 raises before the ranks compare plans, where rank 0 waits for it: the attempt ends at
+    # once (gloo sees the closed connection; the launcher stops the other agent), and rank 1's reason,
+    # not rank 0's "Connection closed by peer", is the file's error, the same twice: not retried again.
+    _drop(tree, "1-a.jsonl", stdlib_documents(limit=16))
+    env = {"PYTHONPATH": os.pathsep.join([str(FAULTS), str(REPO)]), "CPU_FSDP_FAIL_SETUP": "1"}
+    result = _drain(tree, 540, env=env, forward_transfer=False)
+    (row,) = tree.history()
+    assert row["outcome"] == "failed"
+    assert row["error"].startswith("rank 1 cannot set up this file (injected) (training process exited with code")
+    assert "training 1-a.jsonl (attempt 2)" in result.stderr
+    assert "(attempt 3)" not in result.stderr
+    error_file = tree.inbox / "failed" / "1-a.jsonl.error.txt"
+    assert "rank 1 cannot set up this file (injected)" in error_file.read_text()
+
+
+def test_the_first_rank_to_fail_leaves_the_attempts_reason(tmp_path, monkeypatch):
+    from daemon.store.failures import FAILURE_FILE, FAILURE_FILE_ENV, leave_reason, take_reason
+
+    path = tmp_path / FAILURE_FILE
+    monkeypatch.setenv(FAILURE_FILE_ENV, str(path))
+    leave_reason(ValueError("rank 1 failed first"))
+    leave_reason(RuntimeError("Connection closed by peer [127.0.0.1]:1234"))  # another rank, because of it
+    assert take_reason(path) == "ValueError: rank 1 failed first"
+    assert list(tmp_path.iterdir()) == []  # taken, and no temporary file left
+    leave_reason(RuntimeError("the next attempt"))  # the daemon took (removed) it: the next attempt's is written
+    assert take_reason(path) == "RuntimeError: the next attempt"

@@ -48,3 +48,15 @@ if _kill and "LOCAL_RANK" in os.environ:
             return _on_step_end(self, args, state, control, **kwargs)
 
         _callbacks.ProgressCallback.on_step_end = _killing_on_step_end
+
+# CPU_FSDP_FAIL_SETUP="<rank>": that rank (global) fails every attempt's setup with a ConfigError, before the
+# ranks compare their plans (tests/test_multinode.py): the others wait in that collective for it.
+_fail = os.environ.get("CPU_FSDP_FAIL_SETUP")
+if _fail and "LOCAL_RANK" in os.environ and int(os.environ.get("RANK", os.environ["LOCAL_RANK"])) == int(_fail):
+    from daemon.exceptions import ConfigError
+    from daemon.training import run as _run
+
+    def _failing_setup(*args, **kwargs):
+        raise ConfigError(f"rank {_fail} cannot set up this file (injected)")
+
+    _run.setup = _failing_setup
