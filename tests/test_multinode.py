@@ -13,9 +13,11 @@ import math
 import os
 import subprocess
 import sys
+import time
 
+import psutil
 import pytest
-from helpers import REPO, Tree, daemon_argv, stdlib_documents, write_jsonl
+from helpers import REPO, Tree, daemon_argv, stdlib_documents, wait_for, write_jsonl
 
 from daemon.store.checkpoints import latest_complete_checkpoint
 
@@ -111,3 +113,45 @@ def test_the_first_rank_to_fail_leaves_the_attempts_reason(tmp_path, monkeypatch
     assert list(tmp_path.iterdir()) == []  # taken, and no temporary file left
     leave_reason(RuntimeError("the next attempt"))  # the daemon took (removed) it: the next attempt's is written
     assert take_reason(path) == "RuntimeError: the next attempt"
+
+
+_LAUNCHER_STAND_IN = """
+import subprocess, sys
+rank = subprocess.Popen([sys.executable, "-c", sys.argv[1]], start_new_session=True)  # as torchrun starts a rank
+print(rank.pid, flush=True)
+rank.wait()
+"""
+
+_RANK = """
+import time
+from daemon.training.cli import exit_with_supervisor
+exit_with_supervisor({dead}, "another-host")  # the daemon runs on another machine: its pid means nothing here
+print("watching", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_rank_ignores_a_daemon_pid_of_another_host_and_dies_with_its_launcher():
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid with no process: on the daemon's host, a rank watching it would stop at once
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", _LAUNCHER_STAND_IN, _RANK.format(dead=gone.pid)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    assert launcher.stdout is not None
+    rank = psutil.Process(int(launcher.stdout.readline()))
+    try:
+        assert launcher.stdout.readline() == "watching\n"
+        time.sleep(1.5)  # three of the watch's polls
+        assert rank.is_running() and rank.status() != psutil.STATUS_ZOMBIE
+        launcher.kill()  # as the daemon kills a stalled launcher's group: the rank, in a session of its own, is left
+        launcher.wait(timeout=30)
+        wait_for(lambda: not rank.is_running() or rank.status() == psutil.STATUS_ZOMBIE, 30, "the rank to stop")
+    finally:
+        if rank.is_running():
+            rank.kill()
+        launcher.stdout.close()
