@@ -13,7 +13,9 @@ the agent passes to its rank; SIGKILL after :data:`STOP_GRACE` seconds) and exit
 failure's code, as ``srun --kill-on-bad-exit`` does on a cluster (docs/distributed.md).
 
 Environment: ``TWO_NODES_PER_NODE`` ranks per agent (default 1). Signals sent to this process's
-group (the daemon's SIGTERM, a terminal's Ctrl-C) reach the agents directly: they share it.
+group (the daemon's SIGTERM, a terminal's Ctrl-C) reach the agents directly: they share it; after
+one, the script only waits for both agents (a second SIGTERM would cut short an agent's wait for its
+ranks' checkpoint).
 Standard library only.
 """
 
@@ -88,11 +90,21 @@ def main(child: list[str]) -> int:
     port, rdzv_id = free_port(), f"two-nodes-{uuid.uuid4().hex[:12]}"
     per_node = int(os.environ.get("TWO_NODES_PER_NODE", "1"))
     agents = [subprocess.Popen(agent_command(node, port, rdzv_id, per_node, child)) for node in (0, 1)]
-    signal.signal(signal.SIGTERM, lambda *_: None)  # the agents got it too (one group): wait for them
+    stopping: list[int] = []
+
+    def on_stop(signum: int, _frame: object) -> None:
+        stopping.append(signum)  # the agents got it too (one process group): they stop their ranks
+
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
     try:
         while True:
             codes = [agent.poll() for agent in agents]
             failed = [code for code in codes if code]
+            if failed and stopping:  # no second signal: it would cut short an agent's wait for its ranks' save
+                for agent in agents:
+                    agent.wait()
+                return exit_code(failed[0])
             if failed:
                 print(f"two_nodes: an agent exited with {failed[0]}: stopping the other", file=sys.stderr, flush=True)
                 for agent in agents:
