@@ -12,7 +12,9 @@
 # and the arguments after the script (the daemon's "-m daemon train ...") go to torchrun.
 # NPROC_PER_NODE ranks an agent (default: gpu, one a GPU); TORCHRUN the command ("torchrun", or
 # "python -m torch.distributed.run" of the daemon's environment); RDZV_JOIN_TIMEOUT seconds for every
-# agent to join (default 120: a node that never comes fails the attempt, it does not wait for ever).
+# agent to join (default 120: a node that never comes fails the attempt, it does not wait for ever);
+# SHUTDOWN_TIMEOUT seconds an agent gives its ranks to checkpoint after a SIGTERM before it kills them
+# (default 120, the daemon's --stop_grace_seconds; torchrun's own default is 30).
 set -eu
 : "${SLURM_NTASKS:?run this under srun}"
 head=$(scontrol show hostnames "${SLURM_STEP_NODELIST:-$SLURM_JOB_NODELIST}" | head -n 1)
@@ -24,4 +26,5 @@ exec ${TORCHRUN:-torchrun} \
   --rdzv-id "$SLURM_JOB_ID.${SLURM_STEP_ID:-0}" \
   --rdzv-conf "join_timeout=${RDZV_JOIN_TIMEOUT:-120}" \
   --max-restarts 0 \
+  --shutdown-timeout "${SHUTDOWN_TIMEOUT:-120}" \
   "$@"

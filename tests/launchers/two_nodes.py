@@ -4,7 +4,7 @@
 which this script hands to two agents of one c10d rendezvous, as two machines would run them::
 
     torchrun --nnodes 2 --nproc_per_node 1 --rdzv-backend c10d --rdzv-endpoint 127.0.0.1:PORT \
-        --rdzv-id ID --max-restarts 0 -m daemon train ...
+        --rdzv-id ID --max-restarts 0 --shutdown-timeout 60 -m daemon train ...
 
 The first agent hosts the rendezvous store (``is_host=1``), the second joins it. Both must have
 joined within ``--rdzv-conf join_timeout`` (:data:`JOIN_TIMEOUT`), so a rendezvous never waits
@@ -30,7 +30,8 @@ import time
 import uuid
 
 JOIN_TIMEOUT = 60  # seconds for both agents to join the rendezvous
-STOP_GRACE = 45.0  # seconds the surviving agent has to stop its rank (torchrun's own close waits 30)
+SHUTDOWN_TIMEOUT = 60  # seconds an agent gives its ranks after passing on a SIGTERM (torchrun's default: 30)
+STOP_GRACE = 75.0  # seconds the surviving agent has to stop its rank, then SIGKILL
 POLL = 0.2
 
 
@@ -64,6 +65,8 @@ def agent_command(node: int, port: int, rdzv_id: str, per_node: int, child: list
         "127.0.0.1",
         "--max-restarts",
         "0",
+        "--shutdown-timeout",
+        str(SHUTDOWN_TIMEOUT),
         *child,
     ]
 
