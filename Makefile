@@ -8,7 +8,7 @@ DOC_PACKAGES := http logging urllib concurrent importlib asyncio
 DEMO_FLAGS := --report_to tensorboard --num_train_epochs 3 --learning_rate 2e-3 --warmup_steps 30 --per_device_train_batch_size 8 --max_seq_length 256 \
               --sample_prompts "def " "import " "class " "    return " "The "
 
-.PHONY: install demo test lint bench clean-state
+.PHONY: install demo test slurm-test lint bench clean-state
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -35,7 +35,13 @@ demo: install
 	@echo "live view:   $(PY) -m daemon status --watch"
 
 test: install
-	$(PY) -m pytest -q -n 2 $(if $(SLOW),,-m "not slow")
+	$(PY) -m pytest -q -n 2 -m "$(if $(SLOW),not slurm,not slow and not slurm)"
+
+# srun as the launcher on a one-host Slurm cluster (root: installs Debian's slurm-wlm and munge, starts
+# munged, slurmctld and slurmd; docs/distributed.md, "Multi-node"). Not part of `make test`.
+slurm-test: install
+	tests/slurm/start.sh
+	SLURM_CONF=$${SLURM_DIR:-/tmp/slurm-test}/slurm.conf $(PY) -m pytest -q -m slurm tests/test_slurm.py
 
 lint: install
 	$(PY) -m ruff check daemon tests bench train.py

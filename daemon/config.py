@@ -27,6 +27,9 @@ CHAT_SAMPLE_PROMPTS = [
 ]
 # The daemon's pid, set for its training children so that they die with it (see cli.exit_with_supervisor).
 SUPERVISOR_ENV = "CONTINUAL_DAEMON_PID"
+# The daemon's host name beside its pid: a rank that a multi-node launcher started on another machine
+# cannot see the daemon's process, and watches only its own parent there.
+SUPERVISOR_HOST_ENV = "CONTINUAL_DAEMON_HOST"
 # The daemon's ledger instance id, set for its training children so that they refuse any other ledger
 # (a ledger.sqlite deleted or replaced meanwhile would give their --ledger_id to another file's row).
 LEDGER_ENV = "CONTINUAL_LEDGER_INSTANCE"

@@ -39,6 +39,7 @@ import os
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -48,7 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from daemon.config import SUPERVISOR_ENV
+from daemon.config import SUPERVISOR_ENV, SUPERVISOR_HOST_ENV
 from daemon.store.failures import FAILURE_FILE, FAILURE_FILE_ENV, clear_reason, take_reason
 from daemon.store.records import RunState
 from daemon.store.status import StatusFile
@@ -202,6 +203,7 @@ class ProcessSupervisor:
     def _child_env(self) -> dict[str, str]:
         # SUPERVISOR_ENV: a child whose daemon is gone kills its own group (training._exit_with_supervisor).
         env = {**os.environ, "PYTHONUNBUFFERED": "1", SUPERVISOR_ENV: str(os.getpid())}
+        env[SUPERVISOR_HOST_ENV] = socket.gethostname()  # ranks on other machines (multi-node) cannot see the pid
         return {**env, FAILURE_FILE_ENV: str(self._failure_file.absolute())}
 
     def _spawn(self, train_args: list[str]) -> subprocess.Popen[bytes]:

@@ -66,6 +66,10 @@ def describe(error: BaseException) -> str:
 def leave_reason(error: BaseException) -> None:
     """Write why this training process fails into the file its daemon named (nothing when run by hand).
 
+    The first reason of an attempt is kept: under a launcher the ranks share the file, and the rank
+    that fails first is the cause; the others fail because of it (``Connection closed by peer`` from a
+    collective), after it. The daemon removes the file before each attempt.
+
     Never raises: a reason that cannot be written (a read-only or full disk) is logged, and the
     daemon falls back on the exit code.
 
@@ -75,10 +79,33 @@ def leave_reason(error: BaseException) -> None:
     path = os.environ.get(FAILURE_FILE_ENV)
     if not path:
         return
+    text = json.dumps({"reason": describe(error), "pid": os.getpid()}) + "\n"
     try:
-        atomic_write_text(Path(path), json.dumps({"reason": describe(error), "pid": os.getpid()}) + "\n")
+        if not _write_first(Path(path), text):
+            logger.debug("another process of this attempt left its reason first: %s kept", path)
     except OSError as e:
         logger.error("could not leave the failure's reason for the daemon in %s: %s", path, e)
+
+
+def _write_first(path: Path, text: str) -> bool:
+    """Write ``path`` whole unless it exists (a hard link of a finished temporary file); False when it did.
+
+    Raises:
+        OSError: the folder cannot be written.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        return False
+    except OSError as e:  # a file system without hard links: replace, as before
+        if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV):
+            raise
+        atomic_write_text(path, text)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return True
 
 
 def take_reason(path: Path) -> str | None:

@@ -13,11 +13,12 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
 
-from daemon.config import SUPERVISOR_ENV, configure_logging
+from daemon.config import SUPERVISOR_ENV, SUPERVISOR_HOST_ENV, configure_logging
 from daemon.exceptions import ConfigError, DaemonError, DiskFull, TrainingInterrupted
 from daemon.processes import running
 from daemon.store.durable import EXIT_NO_SPACE
@@ -31,19 +32,31 @@ EXIT_USER_ERROR = 1
 EXIT_INTERRUPTED = 3
 
 
-def exit_with_supervisor(pid: int) -> None:
-    """Kill this process group once the daemon ``pid`` is gone (e.g. SIGKILLed).
+def exit_with_supervisor(pid: int, host: str | None = None) -> None:
+    """Kill this process group once the daemon ``pid``, or the process that started this one, is gone.
 
     The daemon starts each child in a session of its own (so a terminal's Ctrl-C
     reaches only the daemon); without this, a killed daemon would leave an orphan
-    training on and racing the next daemon's child for the same checkpoints.
+    training on and racing the next daemon's child for the same checkpoints. The parent is watched
+    too: ``torchrun`` starts each rank in a session of its own, so a launcher killed with its group
+    (a stalled attempt, a second stop signal) would otherwise leave its ranks training.
+
+    Args:
+        pid: the daemon's process id.
+        host: the daemon's host name; on another machine (a rank a multi-node launcher started
+            there) the daemon's pid names no process of ours, and only the parent is watched.
     """
+    here = host is None or host == socket.gethostname()
+    parent = os.getppid()
 
     def watch() -> None:
         while True:
             time.sleep(0.5)
-            if not running(pid):
+            if here and not running(pid):
                 logger.error("the daemon (pid %d) is gone: stopping this training process group", pid)
+                os.killpg(0, signal.SIGKILL)
+            if os.getppid() != parent:
+                logger.error("the process that started this one (pid %d) is gone: stopping this process group", parent)
                 os.killpg(0, signal.SIGKILL)
 
     threading.Thread(target=watch, name="supervisor-watch", daemon=True).start()
@@ -71,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging()
     argv = sys.argv[1:] if argv is None else argv
     if os.environ.get(SUPERVISOR_ENV):
-        exit_with_supervisor(int(os.environ[SUPERVISOR_ENV]))
+        exit_with_supervisor(int(os.environ[SUPERVISOR_ENV]), os.environ.get(SUPERVISOR_HOST_ENV))
     try:
         flags = parse_args(argv)
         if not flags.data.dataset:

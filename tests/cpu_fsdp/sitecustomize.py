@@ -27,12 +27,14 @@ if "LOCAL_RANK" in os.environ and os.environ.get("ACCELERATE_USE_FSDP") == "true
 
     _state.AcceleratorState.__init__ = _init
 
-# Fault injection for tests/test_distributed.py, off unless CPU_FSDP_KILL="<step>:<rank>:<marker file>":
-# that rank SIGKILLs itself once, at the end of that optimizer step, and leaves the marker (no second kill).
+# Fault injection for tests/test_distributed.py and tests/test_multinode.py, off unless
+# CPU_FSDP_KILL="<step>:<rank>:<marker file>": that rank (global: RANK, as each agent of a multi-node
+# launch numbers its LOCAL_RANK from 0) SIGKILLs itself once, at the end of that optimizer step, and
+# leaves the marker (no second kill).
 _kill = os.environ.get("CPU_FSDP_KILL")
 if _kill and "LOCAL_RANK" in os.environ:
     _step, _rank, _marker = _kill.split(":", 2)
-    if int(os.environ["LOCAL_RANK"]) == int(_rank) and not os.path.exists(_marker):
+    if int(os.environ.get("RANK", os.environ["LOCAL_RANK"])) == int(_rank) and not os.path.exists(_marker):
         import signal
 
         from daemon.training import callbacks as _callbacks
@@ -46,3 +48,15 @@ if _kill and "LOCAL_RANK" in os.environ:
             return _on_step_end(self, args, state, control, **kwargs)
 
         _callbacks.ProgressCallback.on_step_end = _killing_on_step_end
+
+# CPU_FSDP_FAIL_SETUP="<rank>": that rank (global) fails every attempt's setup with a ConfigError, before the
+# ranks compare their plans (tests/test_multinode.py): the others wait in that collective for it.
+_fail = os.environ.get("CPU_FSDP_FAIL_SETUP")
+if _fail and "LOCAL_RANK" in os.environ and int(os.environ.get("RANK", os.environ["LOCAL_RANK"])) == int(_fail):
+    from daemon.exceptions import ConfigError
+    from daemon.training import run as _run
+
+    def _failing_setup(*args, **kwargs):
+        raise ConfigError(f"rank {_fail} cannot set up this file (injected)")
+
+    _run.setup = _failing_setup
