@@ -38,6 +38,7 @@ import argparse
 import ast
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -273,7 +274,9 @@ def speed(work: Path, base: Path, repeats: int, packages: list[str]) -> str:
         wall = time.perf_counter() - started
         row = json.loads((out / "status" / "history.jsonl").read_text().splitlines()[-1])
         ours.append(row["tokens"] / wall)
+        shutil.rmtree(out / "model")  # 2 GB a run (weights, AdamW state): the disk holds few of them
         theirs.append(peer_tokens(data, base) / peer(work, data, base, f"peer-{repeat}"))
+        shutil.rmtree(work / f"peer-{repeat}")
         print(f"repeat {repeat}: product {ours[-1]:.0f} tokens/s, peer {theirs[-1]:.0f} tokens/s", flush=True)
     ratio = statistics.median(a / b for a, b in zip(ours, theirs, strict=True))
     return "\n".join([
