@@ -85,6 +85,7 @@ from daemon.training.sharding import (
 )
 from daemon.training.signals import stop_on_signals
 from daemon.training.speed.accumulation import ThreadedAccumulationTrainer, resolve_workers
+from daemon.training.speed.allocator import keep_step_memory
 from daemon.training.speed.autotune import choose_workers, use_compile_cache
 from daemon.training.tensorboard_run import tensorboard_enabled, use_fixed_log_dir
 from daemon.training.trackers import follow_runs
@@ -184,6 +185,7 @@ def train_segments(
         TrainingError: a segment ended at another step than planned.
         DiskFull: no room for a checkpoint; the partial folder of a save that failed is removed.
     """
+    keep_step_memory()  # the steps' freed blocks stay mapped from here on (its docstring says why not before)
     plan = prepared.plan
     step = plan.start_step + prepared.steps_done
     resume = prepared.checkpoint.path if prepared.checkpoint else None

@@ -36,6 +36,7 @@ MMAP_THRESHOLD_BYTES = 32 << 20
 TOP_PAD_BYTES = 256 << 20
 # Whether this process runs with the settings (read by daemon.training.speed.autotune: a measured choice depends on it).
 kept = False
+steps_kept = False  # keep_step_memory's settings
 
 
 def keep_freed_memory() -> bool:
@@ -44,12 +45,8 @@ def keep_freed_memory() -> bool:
     Sets ``M_MMAP_THRESHOLD`` to :data:`MMAP_THRESHOLD_BYTES` and ``M_TOP_PAD`` to
     :data:`TOP_PAD_BYTES` (``mallopt(3)``). Either alone is slower than the defaults: setting
     one turns off glibc's dynamic threshold, which leaves every block over 128 KiB to ``mmap``.
-    With those two, a block over the threshold still got its own ``mmap`` where the heap's top
-    could not hold it (a block over the top pad: SmolLM2's logits), and the top was trimmed to the
-    pad when such a block was freed; so ``M_MMAP_MAX`` is 0 (every block from the heap, or from
-    ``mmap`` only where glibc cannot grow a heap) and ``M_TRIM_THRESHOLD`` is -1 (never trimmed,
-    as ``mallopt(3)`` documents): the process keeps the memory of its largest step until it exits
-    (the daemon's training process lives for one file).
+    A block the heap's top cannot hold still gets its own ``mmap``: :func:`keep_step_memory`
+    keeps those too, from the first training step on.
     Call it first in the process, before torch is imported: set after the imports, the same two
     values removed a third of the faults, not five sixths (the heap's state is by then glibc's
     default one). The resident memory stays near the in-use memory's peak: freed memory is reused, not returned.
@@ -66,16 +63,37 @@ def keep_freed_memory() -> bool:
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc" or user_malloc_settings(os.environ):
         return False
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    settings = (
-        (M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES),
-        (M_TOP_PAD, TOP_PAD_BYTES),
-        (M_MMAP_MAX, 0),
-        (M_TRIM_THRESHOLD, -1),
-    )
-    kept = all(libc.mallopt(param, value) == 1 for param, value in settings)
+    kept = libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1 and libc.mallopt(M_TOP_PAD, TOP_PAD_BYTES) == 1
     if not kept:
         logger.warning("glibc mallopt refused the training allocator's settings; the defaults stay")
     return kept
+
+
+def keep_step_memory() -> bool:
+    """From here on, serve every block from the heap and never trim it; call once training starts.
+
+    With :func:`keep_freed_memory`'s settings, a block larger than the heap's free top still gets
+    its own ``mmap`` whatever the threshold, and is unmapped when freed; the top is trimmed back to
+    the pad after it. SmolLM2-135M's fp32 logits of a micro-batch (8 x 256 x 49,152 x 4 bytes = 384
+    MiB, several such blocks a step) were faulted in again at every step: 460,000 to 900,000 faults
+    a step, about 40 % of it in the kernel (BENCHMARKS.md, "real-model speed"). ``M_MMAP_MAX`` 0
+    (every block from the heap; glibc still maps memory where it cannot grow a heap) and
+    ``M_TRIM_THRESHOLD`` -1 (never trimmed, as ``mallopt(3)`` documents) keep them: the process
+    holds the memory of its largest step until it exits (the daemon's training process lives for
+    one file). Not set before training: the data pipeline's peaks (a one-line document of 100 MB
+    took 1.4 GB to tokenize) would stay held through training (1.7 GB at the first step, against 0.8).
+
+    Returns:
+        True where set: only after :func:`keep_freed_memory` set its own (else nothing changes).
+    """
+    global steps_kept
+    if not kept or steps_kept:
+        return steps_kept
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    steps_kept = libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, -1) == 1
+    if not steps_kept:
+        logger.warning("glibc mallopt refused the training steps' allocator settings; the heap may still trim")
+    return steps_kept
 
 
 def user_malloc_settings(environ: dict[str, str] | os._Environ[str]) -> bool:
