@@ -50,13 +50,15 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from daemon.names import printable
 from daemon.store.files import atomic_write_text
 from daemon.store.suite import delete_after, slice_name, step_files
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 REPLAY_DIR = "replay"
 _SHARE_RE = re.compile(r"^(\d+)-.*\.jsonl$")
@@ -216,6 +218,37 @@ def drop_after(status_dir: str | Path, step: int) -> list[str]:
     return delete_after(store_files(status_dir), step)
 
 
+def store_shares(status_dir: str | Path, up_to_step: int, tokenizer: str) -> list[Share]:
+    """The shares of files done up to ``up_to_step`` written with ``tokenizer``, oldest first.
+
+    A share of another tokenizer is left out with a warning; empty shares are left out.
+    """
+    shares = []
+    for step, path in store_files(status_dir):
+        if step > up_to_step:
+            continue
+        share = read_share(step, path)
+        if share.header.get("tokenizer") != tokenizer:
+            logger.warning("replay: %s was stored with another tokenizer; not replayed", path.name)
+            continue
+        if share.examples:
+            shares.append(share)
+    return shares
+
+
+def draw(items: Sequence[T], count: int, seed: str) -> list[T]:
+    """``count`` items in a seeded order: a seeded permutation, again in a fresh order while more are needed."""
+    if not items or count <= 0:
+        return []
+    rng = random.Random(seed)
+    out: list[T] = []
+    while len(out) < count:
+        order = list(range(len(items)))
+        rng.shuffle(order)
+        out.extend(items[i] for i in order[: count - len(out)])
+    return out
+
+
 def select_replay(
     status_dir: str | Path, up_to_step: int, count: int, seed: str, tokenizer: str
 ) -> list[dict[str, list[int]]]:
@@ -233,24 +266,9 @@ def select_replay(
     """
     if count <= 0:
         return []
-    pool: list[dict[str, list[int]]] = []
-    for step, path in store_files(status_dir):
-        if step > up_to_step:
-            continue
-        share = read_share(step, path)
-        if share.header.get("tokenizer") != tokenizer:
-            logger.warning("replay: %s was stored with another tokenizer; not replayed", path.name)
-            continue
-        pool.extend(share.examples)
-    if not pool:
-        return []
-    rng = random.Random(seed)
-    out: list[dict[str, list[int]]] = []
-    while len(out) < count:
-        order = list(range(len(pool)))
-        rng.shuffle(order)
-        out.extend(pool[i] for i in order[: count - len(out)])
-    if count > len(pool):
+    pool = [example for share in store_shares(status_dir, up_to_step, tokenizer) for example in share.examples]
+    out = draw(pool, count, seed)
+    if pool and count > len(pool):
         logger.info("replay: %d examples drawn from a store of %d (%.1f passes)", count, len(pool), count / len(pool))
     return out
 

@@ -13,9 +13,9 @@ fixed number of examples *per share* instead:
   stands in for the predicted one, per file rather than per example, at no extra forward pass.
 - ``--cooldown_mix balanced`` (:mod:`daemon.training.cooldown_mix`): the cooldown branch's
   examples split evenly over the shares and the file's own examples (:func:`split_count` with
-  equal weights, :func:`draw`).
+  equal weights, :func:`~daemon.store.replay.draw`).
 
-Both are deterministic: a share's examples are taken in a seeded order (:func:`draw`), seeded by
+Both are deterministic: a share's examples are taken in a seeded order (:func:`~daemon.store.replay.draw`), seeded by
 ``--seed``, the file's sha256, its ``start_step`` and the share's step; the weights read only
 evaluation rows at or below the file's ``start_step`` (the rows of the model the file starts
 from and earlier ones), which a crash inside the file cannot change. A file resumed after a
@@ -28,38 +28,17 @@ Standard library only, like :mod:`daemon.store.replay`.
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import Sequence
-from typing import Any, TypeVar
+from typing import Any
 
 from daemon.quality.forgetting import matched_losses
-from daemon.store.replay import Share, read_share, store_files
+from daemon.store.replay import draw, store_shares
 from daemon.store.suite import HELD_OUT
 
 logger = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
 MIN_FORGETTING = 1e-3  # nats: the weight of a file that forgot nothing while no file forgot anything
 FLOOR_SHARE = 0.1  # a file's weight is at least this share of the largest forgetting: none is left out
-
-
-def store_shares(status_dir: Any, up_to_step: int, tokenizer: str) -> list[Share]:
-    """The shares of files done up to ``up_to_step`` written with ``tokenizer``, oldest first.
-
-    A share of another tokenizer is left out with a warning, as :func:`~daemon.store.replay.select_replay` does.
-    """
-    shares = []
-    for step, path in store_files(status_dir):
-        if step > up_to_step:
-            continue
-        share = read_share(step, path)
-        if share.header.get("tokenizer") != tokenizer:
-            logger.warning("replay: %s was stored with another tokenizer; not replayed", path.name)
-            continue
-        if share.examples:
-            shares.append(share)
-    return shares
 
 
 def split_count(count: int, weights: Sequence[float]) -> list[int]:
@@ -78,19 +57,6 @@ def split_count(count: int, weights: Sequence[float]) -> list[int]:
     by_remainder = sorted(range(len(weights)), key=lambda i: (-(exact[i] - out[i]), i))
     for i in by_remainder[: count - sum(out)]:
         out[i] += 1
-    return out
-
-
-def draw(items: Sequence[T], count: int, seed: str) -> list[T]:
-    """``count`` items in a seeded order: a seeded permutation, again in a fresh order while more are needed."""
-    if not items or count <= 0:
-        return []
-    rng = random.Random(seed)
-    out: list[T] = []
-    while len(out) < count:
-        order = list(range(len(items)))
-        rng.shuffle(order)
-        out.extend(items[i] for i in order[: count - len(out)])
     return out
 
 

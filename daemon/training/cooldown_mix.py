@@ -21,7 +21,8 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from daemon.store.replay_mix import draw, split_count, store_shares
+from daemon.store.replay import draw, store_shares
+from daemon.store.replay_mix import split_count
 from daemon.training.data import replay_examples, tokenizer_fingerprint
 
 if TYPE_CHECKING:
