@@ -20,7 +20,7 @@ from pathlib import Path  # noqa: E402
 
 import psutil  # noqa: E402
 import pytest  # noqa: E402
-from helpers import Tree, export_tiny, stdlib_documents  # noqa: E402
+from helpers import Tree, export_tiny, new_tree, stdlib_documents  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -51,10 +51,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def tree(tmp_path: Path) -> Tree:
-    t = Tree(tmp_path)
-    for folder in (t.inbox, t.status, t.output):
-        folder.mkdir()
-    return t
+    return new_tree(tmp_path)
 
 
 # Threads that libraries start once per process and keep on purpose.

@@ -223,6 +223,19 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
     pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+def new_tree(root: Path) -> Tree:
+    """A :class:`Tree` at ``root`` with its inbox, status and output folders made (the ``tree`` fixture's)."""
+    tree = Tree(root)
+    for folder in (tree.inbox, tree.status, tree.output):
+        folder.mkdir(parents=True)
+    return tree
+
+
+def text_file(path: Path, first: int, count: int = 12) -> Path:
+    """``path`` as a ``{"text"}`` JSONL file of ``count`` standard-library documents from the ``first``."""
+    return write_jsonl(path, [{"text": d} for d in stdlib_documents(limit=first + count)[first:]])
+
+
 def read_status(tree: Tree) -> dict:
     path = tree.status / "training_status.json"
     return json.loads(path.read_text()) if path.exists() else {}

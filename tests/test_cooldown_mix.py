@@ -5,23 +5,10 @@ daemon.training.cooldown_mix.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-from helpers import Tree, read_status, stdlib_documents, train, write_jsonl
+from helpers import new_tree, read_status, text_file, train
 
 from daemon.store.replay import store_files
-
-
-def _text_file(path: Path, first: int, count: int = 12) -> Path:
-    return write_jsonl(path, [{"text": d} for d in stdlib_documents(limit=first + count)[first:]])
-
-
-def _new_tree(root: Path) -> Tree:
-    tree = Tree(root)
-    for folder in (tree.inbox, tree.status, tree.output):
-        folder.mkdir(parents=True)
-    return tree
 
 
 def _capture_cooldown(monkeypatch) -> list:
@@ -44,15 +31,15 @@ def _capture_cooldown(monkeypatch) -> list:
 def test_the_balanced_cooldown_trains_on_every_done_files_share_and_the_file(tmp_path, monkeypatch, mix):
     from daemon.store.replay import read_share
 
-    tree = _new_tree(tmp_path / "t")
+    tree = new_tree(tmp_path / "t")
     flags = {"bf16": False, "replay_fraction": 0, "cooldown_fraction": 0.5, "cooldown_mix": mix}
     seen = _capture_cooldown(monkeypatch)
-    train(tree, _text_file(tree.root / "f0.jsonl", 0), **flags)
+    train(tree, text_file(tree.root / "f0.jsonl", 0), **flags)
     if mix == "balanced":  # the first file: an empty store, so the file's own examples
         assert read_status(tree)["evaluation"]["cooldown_mix"] == {"own": len(seen[0])}
     step, path = store_files(tree.status)[0]
     earlier = {tuple(e["input_ids"]) for e in read_share(step, path).examples}
-    row = train(tree, _text_file(tree.root / "f1.jsonl", 12), **flags)
+    row = train(tree, text_file(tree.root / "f1.jsonl", 12), **flags)
     branch = seen[-1]
     assert len(branch) == min(row["cooldown_steps"] * 4, len(branch)) > 0
     from_earlier = sum(tuple(ids) in earlier for ids in branch)

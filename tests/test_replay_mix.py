@@ -8,12 +8,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers import Tree, interrupt_at, read_status, stdlib_documents, train, write_jsonl
+from helpers import Tree, interrupt_at, new_tree, read_status, text_file, train
 
-from daemon.store.replay import REPLAY_DIR, Share, store_files, write_share
+from daemon.store.replay import REPLAY_DIR, Share, draw, store_files, write_share
 from daemon.store.replay_mix import (
     FLOOR_SHARE,
-    draw,
     forgetting_weights,
     select_weighted_replay,
     split_count,
@@ -93,17 +92,6 @@ def test_the_weighted_draw_of_a_resumed_file_is_the_same_whatever_rows_its_first
     assert select_weighted_replay(tmp_path, 30, 25, "0:sha:31", "tok", rows)[0] != first[0]  # the seed matters
 
 
-def _text_file(path: Path, first: int, count: int = 12) -> Path:
-    return write_jsonl(path, [{"text": d} for d in stdlib_documents(limit=first + count)[first:]])
-
-
-def _new_tree(root: Path) -> Tree:
-    tree = Tree(root)
-    for folder in (tree.inbox, tree.status, tree.output):
-        folder.mkdir(parents=True)
-    return tree
-
-
 WEIGHTED = {"bf16": False, "replay_fraction": 0.3, "replay_weighting": "forgetting", "save_steps": 1}
 
 
@@ -114,9 +102,9 @@ class Crash(Exception):
 @pytest.fixture(scope="module")
 def weighted(tmp_path_factory) -> Path:
     """Three files trained straight through with --replay_weighting forgetting."""
-    tree = _new_tree(tmp_path_factory.mktemp("weighted") / "t")
+    tree = new_tree(tmp_path_factory.mktemp("weighted") / "t")
     for n in range(3):
-        train(tree, _text_file(tree.root / f"f{n}.jsonl", 12 * n), **WEIGHTED)
+        train(tree, text_file(tree.root / f"f{n}.jsonl", 12 * n), **WEIGHTED)
     return tree.root
 
 
@@ -138,10 +126,10 @@ def test_a_weighted_file_killed_part_way_resumes_to_the_weights_of_one_trained_s
 
     straight = Tree(weighted)
     last = straight.history()[-1]
-    tree = _new_tree(tmp_path / "t")
+    tree = new_tree(tmp_path / "t")
     for n in range(2):
-        train(tree, _text_file(tree.root / f"f{n}.jsonl", 12 * n), **WEIGHTED)
-    data = _text_file(tree.root / "f2.jsonl", 24)
+        train(tree, text_file(tree.root / f"f{n}.jsonl", 12 * n), **WEIGHTED)
+    data = text_file(tree.root / "f2.jsonl", 24)
     stop_at = last["start_step"] + 2
     with monkeypatch.context() as patch:
         interrupt_at(patch, stop_at, Crash(f"killed at step {stop_at}"))

@@ -9,20 +9,9 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import Tree, read_status, stdlib_documents, train, write_jsonl
+from helpers import new_tree, read_status, text_file, train
 
 from daemon.exceptions import ConfigError
-
-
-def _text_file(path: Path, first: int, count: int = 12) -> Path:
-    return write_jsonl(path, [{"text": d} for d in stdlib_documents(limit=first + count)[first:]])
-
-
-def _new_tree(root: Path) -> Tree:
-    tree = Tree(root)
-    for folder in (tree.inbox, tree.status, tree.output):
-        folder.mkdir(parents=True)
-    return tree
 
 
 def _weights(folder: Path) -> dict:
@@ -42,8 +31,8 @@ def test_the_wise_ft_export_interpolates_the_end_checkpoint_with_the_base_at_the
 
     monkeypatch.setattr(wise, "ALPHAS", (0.5, 0.75))  # neither is the trained model itself
     digest = hashlib.sha256((exported / "model.safetensors").read_bytes()).hexdigest()
-    tree = _new_tree(tmp_path / "t")
-    row = train(tree, _text_file(tree.root / "f0.jsonl", 0), bf16=False, wise_ft=True, model_name_or_path=exported)
+    tree = new_tree(tmp_path / "t")
+    row = train(tree, text_file(tree.root / "f0.jsonl", 0), bf16=False, wise_ft=True, model_name_or_path=exported)
     recorded = read_status(tree)["evaluation"]["wise_ft"]
     assert set(recorded["losses"]) == {"0.5", "0.75"}
     alpha = recorded["alpha"]
