@@ -269,8 +269,16 @@ class ReplayArguments:
         default=None,
         metadata={
             "help": "At a line's start from a pretrained base, keep the base model's own answers to neutral prompts "
-            "(not the evaluation's) as a replay share that every file rehearses with its replay (docs/data.md). "
-            "Default: off (not yet measured on a real stream); no effect on the embedded model or with replay off."
+            "(not the evaluation's) and rehearse them in every file at --base_rehearsal_fraction (docs/data.md). "
+            "Default: on for a pretrained base (measured on SmolLM2's mixed stream: BENCHMARKS.md, "
+            '"real-model stream"), off for the embedded model, which has no base to keep.'
+        },
+    )
+    base_rehearsal_fraction: float = field(
+        default=0.2,
+        metadata={
+            "help": "With --base_rehearsal, the fraction of the examples trained for a file that are the base model's "
+            "own answers (fraction / (1 - fraction) x the file's examples, beside its replay); 0 rehearses nothing."
         },
     )
     cooldown_fraction: float = field(
@@ -293,6 +301,8 @@ class ReplayArguments:
         problems = []
         if not 0.0 <= self.replay_fraction < 1.0:
             problems.append("--replay_fraction must be in [0, 1)")
+        if not 0.0 <= self.base_rehearsal_fraction < 1.0:
+            problems.append("--base_rehearsal_fraction must be in [0, 1)")
         if self.replay_buffer_tokens < 0:
             problems.append("--replay_buffer_tokens must be >= 0")
         if not 0.0 <= self.cooldown_fraction <= 1.0:

@@ -121,9 +121,10 @@ def test_defaults_follow_the_starting_model_and_a_flag_given_always_wins(tree):
     assert flags("--model_name_or_path", str(base)) == (5e-5, 0, CHAT_SAMPLE_PROMPTS)  # a chat model: questions
     assert flags(f"--model_name_or_path={base}", "--learning_rate=2e-4", "--warmup_steps", "5")[:2] == (2e-4, 5)
     rehearse = parse_args(["--dataset", "a.jsonl", f"--output_dir={tree.output}", f"--model_name_or_path={base}"])
-    assert rehearse.replay.base_rehearsal is False  # off for both starts until measured (BENCHMARKS.md)
-    given = ["--dataset", "a.jsonl", f"--output_dir={tree.output}", f"--model_name_or_path={base}", "--base_rehearsal"]
-    assert parse_args(given).replay.base_rehearsal is True
+    assert rehearse.replay.base_rehearsal is True  # a pretrained base rehearses its own answers (BENCHMARKS.md)
+    given = ["--dataset", "a.jsonl", f"--output_dir={tree.output}", f"--model_name_or_path={base}"]
+    assert parse_args([*given, "--base_rehearsal", "false"]).replay.base_rehearsal is False
+    assert parse_args(["--dataset", "a.jsonl", f"--output_dir={tree.output}"]).replay.base_rehearsal is False
     # Once the line has started, its origin decides, whatever a later file is given
     (tree.output / "origin.json").write_text(json.dumps({"base_model": str(base)}))
     assert flags()[:2] == (5e-5, 0)

@@ -29,7 +29,9 @@ drawn from the shares of the files done up to the file's ``start_step`` (never f
 ended later, so a file resumed after a crash sees the same pool). The pool is shuffled with a
 seed made of ``--seed``, the file's sha256 and its ``start_step`` (its ledger plan) and taken
 in that order; a pool smaller than the count is used again in a fresh seeded order, as many
-passes as needed. Same store, same plan: the same examples in the same order.
+passes as needed. Same store, same plan: the same examples in the same order. The share at step 0,
+the base model's own answers (:mod:`daemon.training.rehearsal`), is not in that pool: a file
+rehearses it at its own fraction (:func:`select_rehearsal`).
 
 **Lifecycle.** A file's share is added only once it is done (:func:`add_file`, called by the
 run's ``save``, which first drops any share above the file's start). A failed file, a file the
@@ -61,6 +63,8 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 REPLAY_DIR = "replay"
+# The base model's own answers (daemon.training.rehearsal) are the share at step 0, where no file ends.
+REHEARSAL_STEP = 0
 _SHARE_RE = re.compile(r"^(\d+)-.*\.jsonl$")
 
 
@@ -221,11 +225,18 @@ def drop_after(status_dir: str | Path, step: int) -> list[str]:
 def store_shares(status_dir: str | Path, up_to_step: int, tokenizer: str) -> list[Share]:
     """The shares of files done up to ``up_to_step`` written with ``tokenizer``, oldest first.
 
-    A share of another tokenizer is left out with a warning; empty shares are left out.
+    A share of another tokenizer is left out with a warning; empty shares are left out, and so is the
+    base model's rehearsal share (step :data:`REHEARSAL_STEP`): it has a fraction of its own
+    (:func:`select_rehearsal`).
     """
+    return _shares(status_dir, lambda step: REHEARSAL_STEP < step <= up_to_step, tokenizer)
+
+
+def _shares(status_dir: str | Path, keep: Callable[[int], bool], tokenizer: str) -> list[Share]:
+    """The non-empty shares whose step ``keep`` accepts, written with ``tokenizer``, oldest first."""
     shares = []
     for step, path in store_files(status_dir):
-        if step > up_to_step:
+        if not keep(step):
             continue
         share = read_share(step, path)
         if share.header.get("tokenizer") != tokenizer:
@@ -271,6 +282,25 @@ def select_replay(
     if pool and count > len(pool):
         logger.info("replay: %d examples drawn from a store of %d (%.1f passes)", count, len(pool), count / len(pool))
     return out
+
+
+def select_rehearsal(status_dir: str | Path, count: int, seed: str, tokenizer: str) -> list[dict[str, list[int]]]:
+    """The ``count`` base-model answers a file rehearses (:mod:`daemon.training.rehearsal`), in a seeded order.
+
+    Args:
+        status_dir: the status folder.
+        count: :func:`replay_count` of the file's examples at ``--base_rehearsal_fraction``.
+        seed: fixed by the ledger's plan, as :func:`select_replay`'s.
+        tokenizer: the running tokenizer's fingerprint; a share of another is left out.
+
+    Returns:
+        ``count`` examples of the rehearsal share (again in a fresh order while more are needed), or none
+        when there is no such share.
+    """
+    if count <= 0:
+        return []
+    pool = [e for share in _shares(status_dir, lambda step: step == REHEARSAL_STEP, tokenizer) for e in share.examples]
+    return draw(pool, count, seed)
 
 
 def tokenizer_digest(rules: str) -> str:

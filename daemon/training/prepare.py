@@ -28,7 +28,7 @@ from daemon.store.ledger import Ledger
 from daemon.store.origin import base_model_of
 from daemon.store.reconcile import refuse_missing_steps
 from daemon.store.records import FileProgress, RunState
-from daemon.store.replay import replay_count, select_replay
+from daemon.store.replay import replay_count, select_rehearsal, select_replay
 from daemon.store.replay_mix import select_weighted_replay
 from daemon.store.status import Heartbeat, beat
 from daemon.training.adapters import starting_model as adapted_starting_model
@@ -134,18 +134,26 @@ def with_replay(
     file replays the same examples in the same order. With ``--replay_weighting forgetting`` the
     same number is split over the files by their forgetting in the evaluation rows up to
     ``start_step`` (:func:`daemon.store.replay_mix.select_weighted_replay`), which a crash inside
-    the file does not change either.
+    the file does not change either. With ``--base_rehearsal``, ``--base_rehearsal_fraction`` of
+    the base model's own answers (:mod:`daemon.training.rehearsal`) are mixed in beside the replay,
+    seeded the same way; both count as the plan's replayed examples.
     """
-    count = replay_count(datasets.examples, flags.replay.replay_fraction)
-    if count == 0:
+    replay = flags.replay
+    count = replay_count(datasets.examples, replay.replay_fraction)
+    rehearsed = replay_count(datasets.examples, replay.base_rehearsal_fraction) if replay.base_rehearsal else 0
+    if count == 0 and rehearsed == 0:
         return datasets
     seed, status_dir = flags.training.seed, flags.status.status_dir
     fingerprint, draw_seed = tokenizer_fingerprint(tokenizer), f"{seed}:{scan.sha256}:{start_step}"
+    rehearsal = select_rehearsal(status_dir, rehearsed, f"{draw_seed}:rehearsal", fingerprint)
+    if rehearsal:
+        logger.info("rehearsing %d of the base model's own answers beside the file's replay", len(rehearsal))
     if flags.techniques.replay_weighting == "forgetting":  # per file, by its forgetting up to start_step
         rows = read_rows(status_dir)
         chosen, weights = select_weighted_replay(status_dir, start_step, count, draw_seed, fingerprint, rows)
-        return replace(mix_replay(datasets, chosen, seed), replay_weights=weights)
-    return mix_replay(datasets, select_replay(status_dir, start_step, count, draw_seed, fingerprint), seed)
+        return replace(mix_replay(datasets, chosen + rehearsal, seed), replay_weights=weights)
+    chosen = select_replay(status_dir, start_step, count, draw_seed, fingerprint)
+    return mix_replay(datasets, chosen + rehearsal, seed)
 
 
 def rehearse_base(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, flags: Flags) -> None:
@@ -156,7 +164,7 @@ def rehearse_base(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, fl
     """
     replay, training = flags.replay, flags.training
     base = base_model_of(str(training.output_dir), flags.model.model_name_or_path)
-    if base is None or not replay.base_rehearsal or replay.replay_fraction <= 0:
+    if base is None or not replay.base_rehearsal or replay.base_rehearsal_fraction <= 0:
         return
     with training.main_process_first(local=False, desc="the base model's rehearsal answers"):
         keep_rehearsal(

@@ -6,8 +6,9 @@ ability was never in a file, and the inbox holds no data of it. So when a line s
 model: a user turn in its chat template) or continues :data:`TEXT_PROMPTS` (any other model),
 greedily, in one batched ``generate`` call, and its answers become the replay store's share at step
 0, ``<status_dir>/replay/00000000-base-rehearsal.jsonl``, before the first file's replay is drawn.
-From then on every file replays them like an earlier file's examples (``--replay_fraction``, drawn
-from the pool of all shares), so the first file already rehearses them.
+From then on every file, the first included, rehearses ``--base_rehearsal_fraction`` of them beside
+its replay (:func:`daemon.store.replay.select_rehearsal`); the replay of earlier files never draws
+them, so a long stream does not thin them out.
 
 This is self-synthesized rehearsal (Huang et al., ACL 2024, "Mitigating Catastrophic Forgetting in
 Large Language Models with Self-Synthesized Rehearsal", arXiv:2403.01244): with the original
@@ -25,8 +26,8 @@ drift on questions the model never rehearsed.
 **Lifecycle.** Written once per status folder and kept as it is (a first file resumed after a
 crash draws the same replay); as a share at step 0 it survives every rollback (:func:`daemon.store.replay.
 drop_after` drops shares above the step returned to), is cut to its fair share of
-``--replay_buffer_tokens`` like any share, and is not written when replay is off
-(``--replay_fraction 0`` or ``--replay_buffer_tokens 0``) or with ``--base_rehearsal false``.
+``--replay_buffer_tokens`` like any share, and is not written with ``--base_rehearsal false``,
+``--base_rehearsal_fraction 0`` or ``--replay_buffer_tokens 0``.
 """
 
 from __future__ import annotations
@@ -219,7 +220,7 @@ def keep_rehearsal(
     write_share(share)
     logger.info(
         "kept the base model's own answers to %d neutral prompts (%d tokens, %.1f s) as the replay share %s: "
-        "every file rehearses them with its replay (self-synthesized rehearsal)",
+        "every file rehearses them beside its replay (self-synthesized rehearsal)",
         len(examples),
         share.tokens,
         time.monotonic() - started,

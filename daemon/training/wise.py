@@ -54,7 +54,7 @@ def base_weights(base: str) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(base, torch_dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     except (OSError, ValueError) as e:
         raise TrainingError(f"--wise_ft cannot read the base model {base}: {e}") from e
     return {name: tensor.detach() for name, tensor in model.state_dict().items()}
