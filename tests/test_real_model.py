@@ -54,6 +54,10 @@ def test_the_daemon_continues_smollm2_on_mixed_drops_and_the_export_stays_a_chat
     assert [r["outcome"] for r in rows] == ["done"] * 3
     assert [r["start_step"] for r in rows[1:]] == [r["end_step"] for r in rows[:-1]]
     assert rows[1]["replayed_examples"] > 0 and rows[2]["replayed_examples"] > 0  # replay across shapes
+    # A pretrained base rehearses its own answers by default, from the first file on (prompt-masked chat turns)
+    assert rows[0]["replayed_examples"] > 0
+    rehearsal = (tree.status / "replay" / "00000000-base-rehearsal.jsonl").read_text().splitlines()
+    assert len(rehearsal) > 40 and all(-100 in json.loads(line)["labels"] for line in rehearsal[1:])
     evaluations = [json.loads(line) for line in (tree.status / "evaluations.jsonl").read_text().splitlines()]
     base_steps = [r["step"] for r in evaluations if r["slice"] == "00000000-base-model"]
     assert base_steps == [0] + [r["end_step"] for r in rows]  # drift from the base model, after every file

@@ -88,7 +88,7 @@ def test_a_pretrained_start_rehearses_the_base_models_answers_in_every_file(tree
 def test_the_rehearsal_share_is_drawn_at_its_own_fraction_never_as_an_earlier_files_replay(tmp_path):
     """Drawn from the pool of all shares, the base model's answers reached a chat drop at 9 % x 48 / pool:
     next to nothing (BENCHMARKS.md "real-model stream"). They have a draw of their own."""
-    from daemon.store.replay import Share, select_rehearsal, select_replay, write_share
+    from daemon.store.replay import Share, select_rehearsal, select_replay, store_shares, write_share
     from daemon.store.replay_mix import select_weighted_replay
     from daemon.training.rehearsal import rehearsal_path
 
@@ -106,6 +106,9 @@ def test_the_rehearsal_share_is_drawn_at_its_own_fraction_never_as_an_earlier_fi
     assert len(rehearsed) == 12 and {e["input_ids"][0] for e in rehearsed} == {0}
     assert rehearsed == select_rehearsal(tmp_path, 12, "s", "t")  # seeded: a resumed file draws the same
     assert select_rehearsal(tmp_path, 12, "s", "another tokenizer") == []
+    # The balanced cooldown mix keeps the base's answers as one of its shares (daemon/training/cooldown_mix.py)
+    assert [s.step for s in store_shares(tmp_path, 7, "t", with_rehearsal=True)] == [0, 7]
+    assert [s.step for s in store_shares(tmp_path, 7, "t")] == [7]
 
 
 def test_a_pretrained_start_rehearses_by_default_and_the_embedded_model_never(tree):

@@ -222,14 +222,15 @@ def drop_after(status_dir: str | Path, step: int) -> list[str]:
     return delete_after(store_files(status_dir), step)
 
 
-def store_shares(status_dir: str | Path, up_to_step: int, tokenizer: str) -> list[Share]:
+def store_shares(status_dir: str | Path, up_to_step: int, tokenizer: str, with_rehearsal: bool = False) -> list[Share]:
     """The shares of files done up to ``up_to_step`` written with ``tokenizer``, oldest first.
 
     A share of another tokenizer is left out with a warning; empty shares are left out, and so is the
-    base model's rehearsal share (step :data:`REHEARSAL_STEP`): it has a fraction of its own
-    (:func:`select_rehearsal`).
+    base model's rehearsal share (step :data:`REHEARSAL_STEP`) unless ``with_rehearsal``: replay does
+    not draw it, a file rehearses it at a fraction of its own (:func:`select_rehearsal`).
     """
-    return _shares(status_dir, lambda step: REHEARSAL_STEP < step <= up_to_step, tokenizer)
+    lowest = REHEARSAL_STEP if with_rehearsal else REHEARSAL_STEP + 1
+    return _shares(status_dir, lambda step: lowest <= step <= up_to_step, tokenizer)
 
 
 def _shares(status_dir: str | Path, keep: Callable[[int], bool], tokenizer: str) -> list[Share]:

@@ -63,8 +63,8 @@ def split_count(count: int, weights: Sequence[float]) -> list[int]:
 def share_forgetting(rows: list[dict[str, Any]], step: int, up_to_step: int) -> float | None:
     """The current forgetting of the file that ended at ``step``: its held-out slice's latest loss minus its first.
 
-    The slice is the held-out slice named ``<step:08d>-...`` (the file's own, or the base model's at
-    step 0), its first row the model right after the file (at step 0, the base model), its latest
+    The slice is the held-out slice named ``<step:08d>-...`` (the file's own), its first row the
+    model right after the file, its latest
     row the newest at or below ``up_to_step``; both over the same examples
     (:func:`~daemon.quality.forgetting.matched_losses`). In nats; negative when the model improved on it.
 

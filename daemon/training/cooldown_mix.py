@@ -3,7 +3,8 @@
 ``file`` (default): a seeded sample of the file's training examples, its own and the replayed
 ones, in the proportion replay mixed them (``--replay_fraction``). ``balanced``: the branch's
 ``n`` examples (``cooldown_steps x effective_batch``) split evenly over the shares of the replay
-store done up to the file's start and the file's own examples as one more share::
+store done up to the file's start (the base model's rehearsal share at step 0 included, when there
+is one) and the file's own examples as one more share::
 
     n_j = n / (shares + 1)     (whole numbers by largest remainder, :func:`daemon.store.replay_mix.split_count`)
 
@@ -47,7 +48,8 @@ def cooldown_examples(prepared: PreparedFile, flags: Flags, count: int) -> datas
         train = train.shuffle(seed=seed + 1, keep_in_memory=True)
         return train.select(range(min(train.num_rows, count)))
     plan, own = prepared.plan, prepared.datasets.own
-    shares = store_shares(flags.status.status_dir, plan.start_step, tokenizer_fingerprint(prepared.tokenizer))
+    fingerprint = tokenizer_fingerprint(prepared.tokenizer)
+    shares = store_shares(flags.status.status_dir, plan.start_step, fingerprint, with_rehearsal=True)
     if not shares:
         logger.info("cooldown mix: the replay store is empty; the branch trains on the file's own examples")
         own = own.shuffle(seed=seed + 1, keep_in_memory=True)
