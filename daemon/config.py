@@ -81,6 +81,15 @@ class DataArguments:
     text_field: str = field(default="text", metadata={"help": "Field holding the document in language-modeling rows."})
     max_seq_length: int = field(default=256, metadata={"help": "Tokens per training sequence (packing block size)."})
     strict: bool = field(default=False, metadata={"help": "Fail the whole file on the first malformed line."})
+    group_by_length: bool = field(  # type: ignore[assignment]
+        default=True,
+        metadata={
+            "help": "Order each epoch so that an optimizer step's examples have similar lengths (transformers' "
+            "get_length_grouped_indices, seeded by --seed + epoch): a micro-batch is padded to its longest, so a "
+            "short example (a chat turn, a replayed or rehearsed one) beside 256-token blocks costs a whole block. "
+            "false: a plain seeded shuffle."
+        },
+    )
     eval_fraction: float = field(
         default=0.05,
         metadata={"help": "Fraction of a file's examples held out: its slice of the evaluation suite."},

@@ -486,3 +486,29 @@ def test_a_compiled_model_sees_one_shape_through_short_rows_and_a_files_smaller_
         for examples in (full, with_short, last):
             model(**collate(examples)).loss.backward()  # a recompile raises
     assert PaddingCollator.for_training(tokenizer, args, grad_workers=2).rows is None  # workers: own rows
+
+
+def _padded_tokens(lengths: list[int], order: list[int], batch: int) -> int:
+    """Tokens a right-padding collator adds over ``order`` cut into micro-batches of ``batch``."""
+    chunks = [[lengths[i] for i in order[k : k + batch]] for k in range(0, len(order), batch)]
+    return sum(max(c) * len(c) - sum(c) for c in chunks)
+
+
+def test_length_grouping_batches_short_examples_together_in_a_seeded_order():
+    """Rehearsed chat turns (~90 tokens) drawn beside 256-token blocks were each padded to a whole block."""
+    import random
+
+    import datasets
+
+    from daemon.training.data import length_grouped
+
+    rng = random.Random(0)
+    lengths = [256] * 160 + [rng.randint(40, 120) for _ in range(40)]
+    rng.shuffle(lengths)
+    rows = datasets.Dataset.from_dict({"length": lengths}).shuffle(seed=3)  # through an indices mapping
+    shuffled = list(range(rows.num_rows))
+    order = length_grouped(rows, 8, seed=7)
+    assert sorted(order) == shuffled and order == length_grouped(rows, 8, seed=7) != length_grouped(rows, 8, seed=8)
+    seen = rows["length"]
+    # Grouped, the 40 short examples pad to far fewer tokens than in a shuffle
+    assert _padded_tokens(seen, order, 8) < 0.5 * _padded_tokens(seen, shuffled, 8)

@@ -220,6 +220,32 @@ def example_lengths(rows: datasets.Dataset) -> np.ndarray:
     return column.to_numpy()
 
 
+def length_grouped(rows: datasets.Dataset, batch: int, seed: int) -> list[int]:
+    """A seeded order of ``rows`` in which every ``batch`` consecutive rows have similar lengths.
+
+    A micro-batch is padded to its longest example (:class:`PaddingCollator`), so a chat turn, a
+    prompt-completion pair, or a replayed or rehearsed example drawn beside 256-token blocks of text
+    costs a whole block. This is transformers' own grouping (``get_length_grouped_indices``, what its
+    ``train_sampling_strategy="group_by_length"`` samples with): a seeded permutation cut into
+    mega-batches of ``min(rows // (4 x batch), 50)`` batches, each sorted longest first, the batch
+    holding the longest row first. Seeded by ``seed`` through a ``torch.Generator``, so a restarted
+    file sees the same order.
+
+    Args:
+        rows: a dataset with a ``length`` column (tokens per row).
+        batch: rows per optimizer step (the plan's effective batch).
+        seed: the epoch's seed.
+
+    Returns:
+        A permutation of ``range(rows.num_rows)``.
+    """
+    import torch
+    from transformers.trainer_pt_utils import get_length_grouped_indices
+
+    lengths = example_lengths(rows).tolist()
+    return list(get_length_grouped_indices(lengths, batch, generator=torch.Generator().manual_seed(seed)))
+
+
 def mix_replay(data: PreparedData, replayed: list[dict[str, list[int]]], seed: int) -> PreparedData:
     """Mix replayed examples into a file's training examples, in one seeded order.
 

@@ -68,6 +68,7 @@ from daemon.training.claims import owning
 from daemon.training.cooldown import cool_down
 from daemon.training.data import (
     PaddingCollator,
+    length_grouped,
     torch_rows,
 )
 from daemon.training.ema import EmaCallback
@@ -95,16 +96,23 @@ from daemon.training.wise import wise_export
 logger = logging.getLogger(__name__)
 
 
-def segment_dataset(prepared: PreparedFile, epoch: int, first_batch: int, steps: int, seed: int) -> Any:
+def segment_dataset(
+    prepared: PreparedFile, epoch: int, first_batch: int, steps: int, seed: int, group_by_length: bool = True
+) -> Any:
     """The examples of one segment: epoch ``epoch``'s order, batches ``first_batch`` to ``+steps``.
 
-    Epoch 0 is the prepared order (shuffled once with ``seed``); epoch ``e`` reshuffles
-    it with ``seed + e``. Both are deterministic, so a restart sees the same order. Rows come
-    as tensors (torch format), which :class:`~daemon.training.data.PaddingCollator` stacks without a copy
-    through Python.
+    With ``group_by_length`` (``--group_by_length``, the default) epoch ``e``'s order is
+    :func:`~daemon.training.data.length_grouped` seeded with ``seed + e``: each optimizer step's rows have
+    similar lengths. Without it, epoch 0 is the prepared order (shuffled once with ``seed``) and epoch
+    ``e`` reshuffles it with ``seed + e``. Both are deterministic, so a restart sees the same order. Rows
+    come as tensors (torch format), which :class:`~daemon.training.data.PaddingCollator` stacks without a
+    copy through Python.
     """
     train = prepared.datasets.train
-    data = train if epoch == 0 else train.shuffle(seed=seed + epoch)
+    if group_by_length:
+        data = train.select(length_grouped(train, prepared.plan.effective_batch, seed + epoch))
+    else:
+        data = train if epoch == 0 else train.shuffle(seed=seed + epoch)
     rows = prepared.plan.segment_rows(first_batch, steps)
     data = data if (rows.start, rows.stop) == (0, data.num_rows) else data.select(rows)
     return torch_rows(data)
@@ -167,7 +175,11 @@ def build_trainer(
 
 
 def train_segments(
-    trainer: ThreadedAccumulationTrainer, prepared: PreparedFile, stop_requested: threading.Event, seed: int
+    trainer: ThreadedAccumulationTrainer,
+    prepared: PreparedFile,
+    stop_requested: threading.Event,
+    seed: int,
+    group_by_length: bool = True,
 ) -> tuple[float | None, float]:
     """Train the remaining segments of the plan, each ending on a checkpoint, and verify every end.
 
@@ -193,7 +205,7 @@ def train_segments(
     output_dir = str(trainer.args.output_dir)
     try:
         for epoch, first_batch, steps in plan.segments(prepared.steps_done):
-            trainer.train_dataset = segment_dataset(prepared, epoch, first_batch, steps, seed)
+            trainer.train_dataset = segment_dataset(prepared, epoch, first_batch, steps, seed, group_by_length)
             trainer.args.max_steps = step + steps
             needed = lambda: space_needed(  # noqa: E731 - asked only when a save failed
                 output_dir, trainer.state.global_step == plan.max_steps, state_bytes(trainer.model, trainer.optimizer)
@@ -319,7 +331,9 @@ class FileRun:
         trainer.add_callback(ProgressCallback(self.heartbeat, prepared.plan, prepared.progress, trainer.guard))
         if self.is_main:  # on its device now, before its first step: what the model knew of the file
             self.before = score_before(prepared, flags, self.entry.id if self.entry else None)
-        train_loss, train_seconds = train_segments(trainer, prepared, self.stop_requested, flags.training.seed)
+        train_loss, train_seconds = train_segments(
+            trainer, prepared, self.stop_requested, flags.training.seed, flags.data.group_by_length
+        )
         sharded = trainer.is_fsdp_enabled
         if sharded:  # every rank gathers; the main process evaluates and exports the whole model
             prepared.model = consolidated_model(trainer, prepared.model)
