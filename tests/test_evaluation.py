@@ -220,6 +220,15 @@ def test_the_same_subset_is_scored_after_every_file_and_a_smaller_budget_scores_
     assert large == scored(1e9)
 
 
+def test_a_slice_named_whole_is_scored_whole_whatever_the_budget():
+    """The base-model slice was read on one example of 24 after SmolLM2's short files: no measure of drift."""
+    slices = [Slice(name, HELD_OUT, "text", [{"i": i} for i in range(24)]) for name in ("00000000-base-model", "b")]
+    recorder = _Recorder()
+    result = evaluate_suite(recorder, None, slices, 0.0, frozenset({"00000000-base-model"}))  # type: ignore[arg-type]
+    assert recorder.scored == list(range(24)) + list(range(MIN_EXAMPLES))  # the base slice whole, the other its least
+    assert [s.examples for s in result.scores] == [24, MIN_EXAMPLES]
+
+
 def test_a_noise_file_after_two_real_files_is_rolled_back_to_its_start_checkpoint(two_files, tmp_path):
     tree = _copy(two_files, tmp_path)
     start = tree.history()[-1]["end_step"]
