@@ -38,6 +38,8 @@ from daemon.store.files import atomic_write_text
 logger = logging.getLogger(__name__)
 
 SUITE_DIR = "eval_suite"
+# The base model's slice (daemon.training.base_slice) is slice_name(0, BASE_FILE): "00000000-base-model".
+BASE_FILE = "base-model.jsonl"
 SUBSET_SEED = 0  # not --seed: the subsets must stay the same whatever flags a later file uses
 HELD_OUT, EVAL_FILE = "held_out", "eval_file"
 _SLICE_RE = re.compile(r"^(\d+)-.*\.jsonl$")

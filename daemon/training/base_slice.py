@@ -23,14 +23,13 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from daemon.store.suite import SUITE_DIR, slice_name, write_slice
+from daemon.store.suite import BASE_FILE, SUITE_DIR, slice_name, write_slice
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
-BASE_FILE = "base-model.jsonl"  # the slice is slice_name(0, BASE_FILE): "00000000-base-model"
 BASE_ROW_FILE = "(base model)"  # evaluations.jsonl's after_file of the step-0 row
 MAX_NEW_TOKENS = 32  # tokens of each answer: a sentence
 

@@ -50,8 +50,7 @@ from daemon.quality.forgetting import (
     write_rows,
 )
 from daemon.store.status import mark_progress
-from daemon.store.suite import HELD_OUT, Slice, load_suite, slice_name, subset, write_slice
-from daemon.training.base_slice import BASE_FILE
+from daemon.store.suite import BASE_FILE, HELD_OUT, Slice, load_suite, slice_name, subset, write_slice
 from daemon.training.encoding import IGNORE_INDEX, encode_example, windows
 
 if TYPE_CHECKING:
