@@ -230,14 +230,9 @@ def store_shares(status_dir: str | Path, up_to_step: int, tokenizer: str, with_r
     not draw it, a file rehearses it at a fraction of its own (:func:`select_rehearsal`).
     """
     lowest = REHEARSAL_STEP if with_rehearsal else REHEARSAL_STEP + 1
-    return _shares(status_dir, lambda step: lowest <= step <= up_to_step, tokenizer)
-
-
-def _shares(status_dir: str | Path, keep: Callable[[int], bool], tokenizer: str) -> list[Share]:
-    """The non-empty shares whose step ``keep`` accepts, written with ``tokenizer``, oldest first."""
     shares = []
     for step, path in store_files(status_dir):
-        if not keep(step):
+        if not lowest <= step <= up_to_step:
             continue
         share = read_share(step, path)
         if share.header.get("tokenizer") != tokenizer:
@@ -300,7 +295,8 @@ def select_rehearsal(status_dir: str | Path, count: int, seed: str, tokenizer: s
     """
     if count <= 0:
         return []
-    pool = [e for share in _shares(status_dir, lambda step: step == REHEARSAL_STEP, tokenizer) for e in share.examples]
+    shares = store_shares(status_dir, REHEARSAL_STEP, tokenizer, with_rehearsal=True)  # the step-0 share alone
+    pool = [example for share in shares for example in share.examples]
     return draw(pool, count, seed)
 
 

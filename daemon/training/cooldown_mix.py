@@ -45,16 +45,14 @@ def cooldown_examples(prepared: PreparedFile, flags: Flags, count: int) -> datas
     seed = flags.training.seed
     train = prepared.datasets.train
     if flags.techniques.cooldown_mix == "file":
-        train = train.shuffle(seed=seed + 1, keep_in_memory=True)
-        return train.select(range(min(train.num_rows, count)))
+        return _first_shuffled(train, count, seed + 1)
     plan, own = prepared.plan, prepared.datasets.own
     fingerprint = tokenizer_fingerprint(prepared.tokenizer)
     shares = store_shares(flags.status.status_dir, plan.start_step, fingerprint, with_rehearsal=True)
     if not shares:
         logger.info("cooldown mix: the replay store is empty; the branch trains on the file's own examples")
-        own = own.shuffle(seed=seed + 1, keep_in_memory=True)
         prepared.recorded["cooldown_mix"] = {"own": min(own.num_rows, count)}
-        return own.select(range(min(own.num_rows, count)))
+        return _first_shuffled(own, count, seed + 1)
     counts = split_count(count, [1.0] * (len(shares) + 1))
     base = f"{seed}:{prepared.scan.sha256}:{plan.start_step}:cooldown"
     examples: list[dict[str, Any]] = []
@@ -65,6 +63,12 @@ def cooldown_examples(prepared: PreparedFile, flags: Flags, count: int) -> datas
     prepared.recorded["cooldown_mix"] = drawn
     logger.info("cooldown mix balanced over %d shares and the file: %s", len(shares), drawn)
     return _as_dataset(examples, own).shuffle(seed=seed + 1, keep_in_memory=True)
+
+
+def _first_shuffled(rows: datasets.Dataset, count: int, seed: int) -> datasets.Dataset:
+    """The first ``count`` of ``rows`` shuffled with ``seed`` (all of them when fewer)."""
+    rows = rows.shuffle(seed=seed, keep_in_memory=True)
+    return rows.select(range(min(rows.num_rows, count)))
 
 
 def _as_dataset(examples: list[dict[str, Any]], like: datasets.Dataset) -> datasets.Dataset:

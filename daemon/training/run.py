@@ -97,7 +97,7 @@ logger = logging.getLogger(__name__)
 
 
 def segment_dataset(
-    prepared: PreparedFile, epoch: int, first_batch: int, steps: int, seed: int, group_by_length: bool = True
+    prepared: PreparedFile, epoch: int, first_batch: int, steps: int, seed: int, group_by_length: bool
 ) -> Any:
     """The examples of one segment: epoch ``epoch``'s order, batches ``first_batch`` to ``+steps``.
 
@@ -179,7 +179,7 @@ def train_segments(
     prepared: PreparedFile,
     stop_requested: threading.Event,
     seed: int,
-    group_by_length: bool = True,
+    group_by_length: bool,
 ) -> tuple[float | None, float]:
     """Train the remaining segments of the plan, each ending on a checkpoint, and verify every end.
 
