@@ -162,6 +162,14 @@ class Scorer:
         self.template = chat_template_of(tokenizer)
         self.pad = pad_token_id(tokenizer)
 
+    @classmethod
+    def for_file(cls, prepared: PreparedFile, flags: Flags) -> Scorer:
+        """The scorer of ``prepared``'s model with the run's flags: ``--max_seq_length`` windows,
+        ``--per_device_eval_batch_size`` of them a pass, in the training precision."""
+        args = flags.training
+        batch, autocast = args.per_device_eval_batch_size, autocast_dtype(args.bf16, args.fp16)
+        return cls(prepared.model, prepared.tokenizer, flags.data.max_seq_length, batch, autocast)
+
     def score(self, piece: Slice, start: int, stop: int, into: SliceScore) -> None:
         """Add examples ``[start, stop)`` of ``piece`` (subset order) to ``into``, one entry each.
 
@@ -366,11 +374,7 @@ def evaluate_file(prepared: PreparedFile, flags: Flags, train_seconds: float, sp
     others, errors = load_suite(
         status_dir, plan.start_step, flags.evaluation.eval_files, flags.data.text_field, flags.data.max_eval_examples
     )
-    args = flags.training
-    autocast = autocast_dtype(args.bf16, args.fp16)
-    scorer = Scorer(
-        prepared.model, prepared.tokenizer, flags.data.max_seq_length, args.per_device_eval_batch_size, autocast
-    )
+    scorer = Scorer.for_file(prepared, flags)
     budget = flags.evaluation.eval_budget * train_seconds
     whole = frozenset({slice_name(0, BASE_FILE)})  # 24 short answers: drift from the base, never a 1-example read
     result = evaluate_suite(scorer, own, others, budget - spent - (time.monotonic() - started), whole)  # reading counts

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from daemon.quality.forgetting import read_rows
 from daemon.quality.transfer import forward_transfer
 from daemon.store.files import atomic_write_text
-from daemon.training.evaluation import FileEvaluation, Scorer, SliceScore, autocast_dtype, own_slice
+from daemon.training.evaluation import FileEvaluation, Scorer, SliceScore, own_slice
 
 if TYPE_CHECKING:
     from daemon.training.arguments import Flags
@@ -67,14 +67,7 @@ def score_before(prepared: PreparedFile, flags: Flags, ledger_id: int | None) ->
             logger.info("forward transfer: not measured for this file, resumed from step %d", prepared.plan.start_step)
         return kept
     started = time.monotonic()
-    args = flags.training
-    scorer = Scorer(
-        prepared.model,
-        prepared.tokenizer,
-        flags.data.max_seq_length,
-        args.per_device_eval_batch_size,
-        autocast_dtype(args.bf16, args.fp16),
-    )
+    scorer = Scorer.for_file(prepared, flags)
     score = SliceScore(own.name, own.kind)
     try:
         scorer.score(own, 0, len(own.records), score)

@@ -32,7 +32,7 @@ from daemon.exceptions import TrainingError
 from daemon.store.origin import base_model_of
 from daemon.store.suite import load_suite
 from daemon.training.averaging import load_into
-from daemon.training.evaluation import Scorer, SliceScore, autocast_dtype, own_slice
+from daemon.training.evaluation import Scorer, SliceScore, own_slice
 
 if TYPE_CHECKING:
     from daemon.training.arguments import Flags
@@ -82,14 +82,7 @@ def suite_loss(prepared: PreparedFile, flags: Flags) -> float:
         flags.status.status_dir, plan.start_step, flags.evaluation.eval_files, data.text_field, data.max_eval_examples
     )
     own = own_slice(prepared)
-    args = flags.training
-    scorer = Scorer(
-        prepared.model,
-        prepared.tokenizer,
-        data.max_seq_length,
-        args.per_device_eval_batch_size,
-        autocast_dtype(args.bf16, args.fp16),
-    )
+    scorer = Scorer.for_file(prepared, flags)
     losses = []
     for piece in ([own] if own is not None else []) + others:
         score = SliceScore(piece.name, piece.kind)
