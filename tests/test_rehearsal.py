@@ -62,6 +62,32 @@ def test_rehearsal_examples_are_the_base_models_greedy_answers_with_the_prompt_m
     assert chat and all(tuple(e["input_ids"][: e["labels"].count(-100)]) in turns for e in chat)
 
 
+def test_under_bf16_training_the_answers_come_from_a_bf16_copy_and_the_model_is_untouched(tree):
+    """On a CPU that trains in bf16 the base's answers are generated on a bf16 copy (half fp32's time on
+    SmolLM2): they are what the bf16 model answers, and the fp32 weights training starts from stay as loaded."""
+    import copy
+
+    import torch
+
+    from daemon.training.base_slice import bf16_copy, greedy_answers
+    from daemon.training.model import load_pretrained
+    from daemon.training.rehearsal import CHAT_PROMPTS, TEXT_PROMPTS
+
+    model, tokenizer = load_pretrained(export_tiny(tree.root / "base"))
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    answers = greedy_answers(model, tokenizer, CHAT_PROMPTS, TEXT_PROMPTS, 16, torch.bfloat16)[3]
+    cast = copy.deepcopy(model)
+    for p in cast.parameters():
+        p.data = p.data.to(torch.bfloat16)
+    assert answers == greedy_answers(cast, tokenizer, CHAT_PROMPTS, TEXT_PROMPTS, 16)[3]
+    assert all(p.dtype == torch.float32 and torch.equal(p, before[n]) for n, p in model.named_parameters())
+    clone = bf16_copy(model)
+    assert {p.dtype for p in clone.parameters()} == {torch.bfloat16}
+    assert not any(p.requires_grad for p in clone.parameters())
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # tied, as SmolLM2's
+    assert clone.get_output_embeddings().weight is clone.get_input_embeddings().weight
+
+
 def test_a_pretrained_start_rehearses_the_base_models_answers_in_every_file(tree):
     from daemon.store.replay import read_share, replay_count, store_files
     from daemon.training.rehearsal import rehearsal_path

@@ -19,6 +19,30 @@ def tokenizer():
     return train_tokenizer(stdlib_documents(), vocab_size=320)
 
 
+def test_generation_feeds_the_output_head_a_contiguous_input_and_samples_the_same(tokenizer):
+    """generate's first pass slices the last position, a strided view that F.linear sends to a bmm copying
+    the head's weight per prompt on a CPU (2.3 s for SmolLM2 in bf16); contiguous_head gives it a copy."""
+    from daemon.training.snapshots import contiguous_head
+
+    model = tiny_model(len(tokenizer))
+    seen: list[bool] = []
+    model.get_output_embeddings().register_forward_hook(lambda _, args, out: seen.append(args[0].is_contiguous()))
+    bare = model.get_output_embeddings()._forward_pre_hooks.copy()
+    hooked = generate_samples(model, tokenizer, ["def ", "import os"], SETTINGS)  # enters contiguous_head
+    assert seen and all(seen)
+    assert model.get_output_embeddings()._forward_pre_hooks.keys() == bare.keys()  # removed after the call
+    seen.clear()
+    ids = torch.tensor([tokenizer("def f(x):")["input_ids"]] * 2)
+    with torch.inference_mode():
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False)
+    assert not seen[0]
+    seen.clear()
+    with torch.inference_mode(), contiguous_head(model):
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False)
+    assert seen and all(seen)  # without the hook, the first pass's input is the strided view
+    assert generate_samples(model, tokenizer, ["def ", "import os"], SETTINGS) == hooked
+
+
 def test_each_prompt_samples_from_its_own_seed(tokenizer):
     model = tiny_model(len(tokenizer))
     first, second = generate_samples(model, tokenizer, ["def ", "def "], SETTINGS)

@@ -98,11 +98,16 @@ def greedy_answers(
     chat_prompts: list[str],
     text_prompts: list[str],
     max_new_tokens: int,
+    autocast: Any = None,
 ) -> tuple[bool, list[str], list[list[int]], list[list[int]]]:
     """The model's greedy continuation of each neutral prompt, in one left-padded batch with the KV cache.
 
     A chat model (:func:`~daemon.training.snapshots.is_chat_model`) answers ``chat_prompts`` as user
-    turns of its template; another continues ``text_prompts``.
+    turns of its template; another continues ``text_prompts``. With ``autocast`` ``torch.bfloat16``
+    (the training precision) on a CPU the answers come from a bf16 copy of the model
+    (:func:`bf16_copy`): generation there is bound by reading the weights at every new token, which
+    autocast casts again each time, so the copy generates in about half fp32's time; the model
+    itself is not touched.
 
     Returns:
         ``(chat, prompts, prompt ids, generated ids)``: per prompt, in order, the tokens fed and the
@@ -112,7 +117,7 @@ def greedy_answers(
     from transformers import GenerationConfig
 
     from daemon.training.data import pad_token_id
-    from daemon.training.snapshots import chat_prompt_ids, is_chat_model, left_padded
+    from daemon.training.snapshots import chat_prompt_ids, contiguous_head, is_chat_model, left_padded
 
     chat = is_chat_model(tokenizer)
     prompts = chat_prompts if chat else text_prompts
@@ -124,20 +129,45 @@ def greedy_answers(
     config = GenerationConfig(
         do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id
     )
+    if autocast == torch.bfloat16 and model.device.type == "cpu":
+        model = bf16_copy(model)
     model.eval()
-    with torch.inference_mode():
+    with torch.inference_mode(), contiguous_head(model):
         out = model.generate(input_ids=input_ids, attention_mask=mask, generation_config=config)  # type: ignore[operator]
     return chat, prompts, fed, out[:, input_ids.shape[1] :].tolist()
 
 
-def base_records(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[dict[str, Any]]:
+def bf16_copy(model: PreTrainedModel) -> PreTrainedModel:
+    """A copy of ``model`` for inference whose floating-point parameters are bf16 (its buffers as they are).
+
+    Each parameter is cast on its own, so the copy costs half the fp32 model's bytes at its peak
+    (``deepcopy`` then ``.to`` would hold a whole fp32 copy first); tied weights stay tied. The
+    copy needs no gradient and is freed with its last reference.
+    """
+    import copy
+
+    import torch
+
+    memo: dict[int, Any] = {
+        id(p): torch.nn.Parameter(p.detach().to(torch.bfloat16) if p.is_floating_point() else p.detach().clone(),
+                                  requires_grad=False)
+        for p in model.parameters()
+    }  # fmt: skip
+    return copy.deepcopy(model, memo)
+
+
+def base_records(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, autocast: Any = None
+) -> list[dict[str, Any]]:
     """The base model's greedy answers to the neutral prompts, as suite records (module docstring).
+
+    ``autocast``: the training precision's autocast dtype (None: fp32), as :func:`greedy_answers` takes it.
 
     Returns:
         ``{"messages": [user, assistant]}`` records for a chat model, else ``{"prompt", "completion"}``
         records; one per prompt, in prompt order, answers of at most :data:`MAX_NEW_TOKENS` tokens.
     """
-    chat, prompts, _, generated = greedy_answers(model, tokenizer, CHAT_PROMPTS, TEXT_PROMPTS, MAX_NEW_TOKENS)
+    chat, prompts, _, generated = greedy_answers(model, tokenizer, CHAT_PROMPTS, TEXT_PROMPTS, MAX_NEW_TOKENS, autocast)
     answers = [str(tokenizer.decode(row, skip_special_tokens=True)) for row in generated]
     if chat:
         return [
@@ -168,7 +198,7 @@ def keep_base_slice(
     if path.is_file() and any(row["step"] == 0 and row["slice"] == name for row in read_rows(status_dir)):
         return
     started = time.monotonic()
-    records = base_records(model, tokenizer)
+    records = base_records(model, tokenizer, autocast)
     if not records:
         logger.warning("the base model answered none of the neutral prompts; no base-model slice")
         return

@@ -40,6 +40,7 @@ from daemon.training.data import (
     prepare_datasets,
     tokenizer_fingerprint,
 )
+from daemon.training.evaluation import autocast_dtype
 from daemon.training.plan import plan_steps, recorded_plan
 from daemon.training.prepared import PreparedFile
 from daemon.training.rehearsal import keep_rehearsal
@@ -174,4 +175,5 @@ def rehearse_base(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, fl
             flags.data.max_seq_length,
             replay.replay_buffer_tokens,
             tokenizer_fingerprint(tokenizer),
+            autocast_dtype(training.bf16, training.fp16),
         )

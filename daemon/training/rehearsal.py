@@ -161,19 +161,21 @@ def rehearsal_path(status_dir: str | Path) -> Path:
 
 
 def rehearsal_examples(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, max_length: int
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, max_length: int, autocast: Any = None
 ) -> list[dict[str, list[int]]]:
     """The base model's greedy answers to the rehearsal prompts, as replay examples (module docstring).
 
     Args:
         model, tokenizer: the pretrained model as loaded, before any step.
         max_length: tokens per training sequence (``--max_seq_length``); longer examples are cut.
+        autocast: the training precision's autocast dtype (None: fp32); bf16 on a CPU generates on a
+            bf16 copy (:func:`daemon.training.base_slice.greedy_answers`).
 
     Returns:
         ``{"input_ids", "labels"}`` per prompt with an answer, in prompt order: the prompt's labels
         -100, the answer's its ids (up to and with the first end-of-sequence token).
     """
-    _, _, fed, generated = greedy_answers(model, tokenizer, CHAT_PROMPTS, TEXT_PROMPTS, MAX_NEW_TOKENS)
+    _, _, fed, generated = greedy_answers(model, tokenizer, CHAT_PROMPTS, TEXT_PROMPTS, MAX_NEW_TOKENS, autocast)
     eos = tokenizer.eos_token_id
     examples = []
     for prompt, row in zip(fed, generated, strict=True):
@@ -194,6 +196,7 @@ def keep_rehearsal(
     max_length: int,
     budget_tokens: int,
     fingerprint: str,
+    autocast: Any = None,
 ) -> Share | None:
     """Write the rehearsal share once per status folder (a kept one is left as it is).
 
@@ -203,6 +206,7 @@ def keep_rehearsal(
         max_length: ``--max_seq_length``.
         budget_tokens: ``--replay_buffer_tokens`` (the share is cut to it; 0 writes nothing).
         fingerprint: the tokenizer's (:func:`daemon.training.data.tokenizer_fingerprint`), as every share's header.
+        autocast: the training precision's autocast dtype (None: fp32), for :func:`rehearsal_examples`.
 
     Returns:
         The share written, or None when one was kept already or nothing was written.
@@ -211,7 +215,7 @@ def keep_rehearsal(
     if path.is_file() or budget_tokens <= 0:
         return None
     started = time.monotonic()
-    examples = within_tokens(rehearsal_examples(model, tokenizer, max_length), budget_tokens)
+    examples = within_tokens(rehearsal_examples(model, tokenizer, max_length, autocast), budget_tokens)
     if not examples:
         logger.warning("the base model answered none of the rehearsal prompts; nothing to rehearse")
         return None

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -119,7 +121,7 @@ def generate_samples(
         eos_token_id=eos if eos is not None else tokenizer.eos_token_id,
     )
     sampling = _SeededSampling(settings, [first for _, _, first in fed], longest, model.device)
-    with torch.inference_mode():
+    with torch.inference_mode(), contiguous_head(model):
         out = model.generate(  # type: ignore[operator]
             input_ids=input_ids,
             attention_mask=mask,
@@ -137,6 +139,29 @@ def generate_samples(
         sample = {"prompt": prompt, "completion": completion, "seed": settings.prompt_seed(index)}
         samples.append({**sample, "chat": True} if chat else sample)
     return samples
+
+
+@contextmanager
+def contiguous_head(model: PreTrainedModel) -> Iterator[None]:
+    """Within the block, the output embeddings (``lm_head``) get their input contiguous.
+
+    ``generate``'s first forward pass keeps the last position's hidden state only
+    (``hidden_states[:, -1:, :]``, shape ``(batch, 1, hidden)``, a strided view). ``F.linear`` sends a
+    non-contiguous 3-D input to ``bmm``, which on a CPU copies the ``(vocabulary, hidden)`` weight
+    once per row of the batch (pytorch/pytorch#151934, open): for SmolLM2's 49,152 x 576 head and 48
+    prompts, 2.7 GB written and 2.3 s in bf16, against 0.01 s on a contiguous copy of the
+    ``(48, 1, 576)`` input. A contiguous input takes the one-``mm`` path; the result is the same.
+    """
+    heads = getattr(model, "get_output_embeddings", None)  # every PreTrainedModel has it; a bare module may not
+    head = heads() if heads else None
+    if head is None:
+        yield
+        return
+    handle = head.register_forward_pre_hook(lambda _, args: (args[0].contiguous(), *args[1:]) if args else None)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def left_padded(rows: list[list[int]], pad: int, device: Any) -> tuple[Any, Any]:
