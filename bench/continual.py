@@ -1,6 +1,7 @@
 """Benchmark: forgetting over a stream of five different texts, each setting against the union of all files.
 
     .venv/bin/python bench/continual.py [--quick] [--extra_setting NAME "FLAGS..."] [--out BENCHMARKS.md]
+    .venv/bin/python bench/continual.py --tune_rates 5e-4 1e-3 2e-3 --warmup_steps 10   # the union alone
 
 **Data.** Five sources of clearly different real text on the machine (:data:`SOURCES`): Python
 stdlib code, the docstrings of other stdlib modules (English prose about code; a module gives
@@ -21,7 +22,8 @@ the same weights (checked: the first file, with nothing to replay, trains to the
 Not ``--model_name_or_path``: the product takes that for a pretrained base (fine-tuning
 defaults, and a base-model slice generated and scored after every file, which doubled the time).
 Hyperparameters: the product's scratch defaults, given explicitly (``--learning_rate``,
-``--warmup_steps`` change them for every setting): learning rate 5e-4, 100 warmup steps,
+``--warmup_steps`` change them for every setting; ``--tune_rates`` trains only the union at each
+rate, the issue's other choice, "one learning rate tuned on the union"): learning rate 5e-4, 100 warmup steps,
 ``constant_with_warmup``; batch 4 x 128 tokens (8 would not fit the 15-minute budget), files
 sized by tokens to ``--steps_per_file`` (24) optimizer steps each.
 
@@ -220,15 +222,8 @@ def run_repeat(
     work: Path, data: dict, r: int, order: list[str], rows: list[tuple[str, list[str]]], base: list[str]
 ) -> dict:
     """One repeat: every setting, then the union; per setting its scores after each file and its steps."""
-    from daemon.training import model
-
-    # The product's own bootstrap of the embedded model (seed r), with the shared tokenizer instead of
-    # one trained on the first file. Not --model_name_or_path: that is a pretrained base to the product
-    # (its fine-tuning defaults, a base-model slice generated and scored after every file).
-    model.train_tokenizer = lambda texts, vocab_size: data["tokenizer"]
     names = list(SOURCES)
-    flags = [*base, "--seed", str(r), "--dataset_cache_dir", str(work / "cache")]
-    flags += ["--eval_files", *(str(data["paths"]["heldout", n]) for n in names), "--max_eval_examples", "1000"]
+    flags = repeat_flags(work, data, r, base)
     out: dict = {"order": order, "settings": {}}
     for i, (label, extra) in enumerate(rows):
         run = run_stream(work, f"r{r}-s{i}", [data["paths"]["train", n] for n in order], [*flags, *extra])
@@ -243,6 +238,39 @@ def run_repeat(
         print(f"  repeat {r} {label}: {steps} steps, {run['wall']:.0f} s", flush=True)
     out["union"] = run_union(work, data, r, out["settings"]["no replay"]["steps"], [*flags, "--replay_fraction", "0"])
     return out
+
+
+def repeat_flags(work: Path, data: dict, r: int, base: list[str]) -> list[str]:
+    """``base`` plus repeat ``r``'s seed and the held-out slices as eval files; the shared tokenizer installed."""
+    from daemon.training import model
+
+    # The product's own bootstrap of the embedded model (seed r), with the shared tokenizer instead of
+    # one trained on the first file. Not --model_name_or_path: that is a pretrained base to the product
+    # (its fine-tuning defaults, a base-model slice generated and scored after every file).
+    model.train_tokenizer = lambda texts, vocab_size: data["tokenizer"]
+    flags = [*base, "--seed", str(r), "--dataset_cache_dir", str(work / "cache")]
+    return flags + ["--eval_files", *(str(data["paths"]["heldout", n]) for n in SOURCES), "--max_eval_examples", "1000"]
+
+
+def tune_rates(work: Path, data: dict, rates: list[float], warmup_steps: int, repeats: int, steps: int) -> list[str]:
+    """The union alone at each learning rate, ``repeats`` seeds each: its mean loss over the slices (markdown rows).
+
+    The stream's no-replay steps are taken as ``steps`` x the five files (each file is sized to ``steps``).
+    """
+    lines = ["| learning rate | union loss at 0.8x | at 1.0x [95 % CI] | at 1.25x |", "|---|---|---|---|"]
+    for rate in rates:
+        at = {x: [] for x in (0.8, 1.0, 1.25)}
+        for r in range(repeats):
+            flags = repeat_flags(work, data, r, common_flags(rate, warmup_steps))
+            union = run_union(work, data, r, steps * len(SOURCES), [*flags, "--replay_fraction", "0"])
+            loss = [_mean([s[n][0] for n in SOURCES]) for s in union["scores"]]
+            for x in at:
+                at[x].append(cs.interpolate(union["x"], loss, x))
+        mean, low, high = cs.mean_ci(at[1.0])
+        row = f"| {rate:g} | {_mean(at[0.8]):.3f} | {mean:.3f} [{low:.3f}, {high:.3f}] | {_mean(at[1.25]):.3f} |"
+        lines.append(row)
+        print(lines[-1], flush=True)
+    return lines
 
 
 def run_union(work: Path, data: dict, r: int, stream_steps: int, flags: list[str]) -> dict:
@@ -362,6 +390,9 @@ def main() -> int:
     parser.add_argument("--heldout_docs", type=int, default=32, help="Held-out documents per slice.")
     parser.add_argument("--extra_setting", nargs=2, action="append", default=[], metavar=("NAME", "FLAGS"))
     parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md", help="Markdown file to update.")
+    parser.add_argument(
+        "--tune_rates", type=float, nargs="+", help="Only the union, at these learning rates (section 'continual lr')."
+    )
     args = parser.parse_args()
     repeats = args.repeats or (2 if args.quick else 5)
     steps = args.steps_per_file or (8 if args.quick else 24)
@@ -381,6 +412,16 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         data = make_data(work, steps, args.heldout_docs)
+        if args.tune_rates:
+            lines = tune_rates(work, data, args.tune_rates, args.warmup_steps, repeats, steps)
+            write_section(args.out, "continual lr", "\n".join([
+                f"Machine: {machine()}. Run on {time.strftime('%Y-%m-%d')} in "
+                f"{(time.perf_counter() - started) / 60:.1f} min. `bench/continual.py --tune_rates`: the union alone "
+                f"(no replay), {args.warmup_steps} warmup steps, `constant_with_warmup`, {repeats} seeds; mean "
+                "held-out loss over the five slices (nats), at the stream's no-replay steps x 0.8, 1.0 and 1.25.",
+                "", *lines,
+            ]))  # fmt: skip
+            return 0
         reps = []
         for r, order in enumerate(cs.file_orders(len(names), repeats)):
             reps.append(run_repeat(work, data, r, [names[k] for k in order], rows, base))
