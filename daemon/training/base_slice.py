@@ -105,9 +105,9 @@ def greedy_answers(
     A chat model (:func:`~daemon.training.snapshots.is_chat_model`) answers ``chat_prompts`` as user
     turns of its template; another continues ``text_prompts``. With ``autocast`` ``torch.bfloat16``
     (the training precision) on a CPU the answers come from a bf16 copy of the model
-    (:func:`bf16_copy`): generation there is bound by reading the weights at every new token, which
-    autocast casts again each time, so the copy generates in about half fp32's time; the model
-    itself is not touched.
+    (:func:`bf16_copy`): generation there reads every weight at each new token, which autocast also
+    casts again each time, so the copy generates faster than either (BENCHMARKS.md, "real-model
+    speed"); the model itself is not touched.
 
     Returns:
         ``(chat, prompts, prompt ids, generated ids)``: per prompt, in order, the tokens fed and the
@@ -141,8 +141,10 @@ def bf16_copy(model: PreTrainedModel) -> PreTrainedModel:
     """A copy of ``model`` for inference whose floating-point parameters are bf16 (its buffers as they are).
 
     Each parameter is cast on its own, so the copy costs half the fp32 model's bytes at its peak
-    (``deepcopy`` then ``.to`` would hold a whole fp32 copy first); tied weights stay tied. The
-    copy needs no gradient and is freed with its last reference.
+    (``deepcopy`` then ``.to`` would hold a whole fp32 copy first); tied weights stay tied. Buffers
+    keep their dtype as ``from_pretrained(dtype=torch.bfloat16)`` keeps them: a Llama's rotary
+    ``inv_freq`` stays fp32 (cast to bf16, positions lose precision and SmolLM2's greedy answers
+    changed). The copy needs no gradient and is freed with its last reference.
     """
     import copy
 

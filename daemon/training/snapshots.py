@@ -149,8 +149,8 @@ def contiguous_head(model: PreTrainedModel) -> Iterator[None]:
     (``hidden_states[:, -1:, :]``, shape ``(batch, 1, hidden)``, a strided view). ``F.linear`` sends a
     non-contiguous 3-D input to ``bmm``, which on a CPU copies the ``(vocabulary, hidden)`` weight
     once per row of the batch (pytorch/pytorch#151934, open): for SmolLM2's 49,152 x 576 head and 48
-    prompts, 2.7 GB written and 2.3 s in bf16, against 0.01 s on a contiguous copy of the
-    ``(48, 1, 576)`` input. A contiguous input takes the one-``mm`` path; the result is the same.
+    prompts, 2.7 GB written in bf16, where the contiguous ``(48, 1, 576)`` input takes one ``mm``
+    (BENCHMARKS.md, "real-model speed", has the seconds). The result is the same.
     """
     heads = getattr(model, "get_output_embeddings", None)  # every PreTrainedModel has it; a bare module may not
     head = heads() if heads else None
