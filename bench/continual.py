@@ -262,7 +262,8 @@ def tune_rates(work: Path, data: dict, rates: list[float], warmup_steps: int, re
         at = {x: [] for x in (0.8, 1.0, 1.25)}
         for r in range(repeats):
             flags = repeat_flags(work, data, r, common_flags(rate, warmup_steps))
-            union = run_union(work, data, r, steps * len(SOURCES), [*flags, "--replay_fraction", "0"])
+            flags += ["--replay_fraction", "0"]
+            union = run_union(work, data, r, steps * len(SOURCES), flags, f"union-lr-{rate:g}")
             loss = [_mean([s[n][0] for n in SOURCES]) for s in union["scores"]]
             for x in at:
                 at[x].append(cs.interpolate(union["x"], loss, x))
@@ -273,8 +274,11 @@ def tune_rates(work: Path, data: dict, rates: list[float], warmup_steps: int, re
     return lines
 
 
-def run_union(work: Path, data: dict, r: int, stream_steps: int, flags: list[str]) -> dict:
-    """The union trained in cuts at :data:`UNION_POINTS` x ``stream_steps``: ``{"x": [...], "scores": [...]}``."""
+def run_union(work: Path, data: dict, r: int, stream_steps: int, flags: list[str], tag: str = "union") -> dict:
+    """The union trained in cuts at :data:`UNION_POINTS` x ``stream_steps``: ``{"x": [...], "scores": [...]}``.
+
+    ``tag`` names its folder (``r<r>-<tag>``): a second union in the same folder would continue the first.
+    """
     docs = [(d, t) for n in SOURCES for d, t in zip(data["train"][n], data["tokens"][n], strict=True)]
     rng = random.Random(1000 + r)
     first, again = rng.sample(docs, len(docs)), rng.sample(docs, len(docs))
@@ -285,7 +289,7 @@ def run_union(work: Path, data: dict, r: int, stream_steps: int, flags: list[str
         path = work / f"union-{r}-{k}.jsonl"
         path.write_text("".join(json.dumps({"text": d}) + "\n" for d, _ in stream[lo:hi]), encoding="utf-8")
         files.append(path)
-    run = run_stream(work, f"r{r}-union", files, flags)
+    run = run_stream(work, f"r{r}-{tag}", files, flags)
     cumulative, total = [], 0
     for h in run["history"]:
         total += h["planned_steps"]
