@@ -63,8 +63,9 @@ def test_rehearsal_examples_are_the_base_models_greedy_answers_with_the_prompt_m
 
 
 def test_under_bf16_training_the_answers_come_from_a_bf16_copy_and_the_model_is_untouched(tree):
-    """On a CPU that trains in bf16 the base's answers are generated on a bf16 copy (half fp32's time on
-    SmolLM2): they are what the bf16 model answers, and the fp32 weights training starts from stay as loaded."""
+    """On a CPU that trains in bf16 the base's answers are generated on a bf16 copy (faster: BENCHMARKS.md,
+    "real-model speed"): they are what the bf16 model answers, and the fp32 weights training starts from
+    stay as loaded."""
     import copy
 
     import torch

@@ -21,7 +21,7 @@ def tokenizer():
 
 def test_generation_feeds_the_output_head_a_contiguous_input_and_samples_the_same(tokenizer):
     """generate's first pass slices the last position, a strided view that F.linear sends to a bmm copying
-    the head's weight per prompt on a CPU (2.3 s for SmolLM2 in bf16); contiguous_head gives it a copy."""
+    the head's weight per prompt on a CPU (BENCHMARKS.md, "real-model speed"); contiguous_head gives it a copy."""
     from daemon.training.snapshots import contiguous_head
 
     model = tiny_model(len(tokenizer))

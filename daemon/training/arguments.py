@@ -266,9 +266,10 @@ class Flags:
 # a short first file at almost no learning rate, and Adam's bias correction already sizes the first steps.
 # Rehearsal of the base model's own answers (daemon.training.rehearsal) is on for a pretrained base: on SmolLM2's
 # stream of a text, a prompt-completion and a chat drop (bench/real_model.py stream; BENCHMARKS.md "real-model
-# stream") the base-model slice rose +0.55 nats without it, most of it from the chat drop, and changed -0.003
-# with it at --base_rehearsal_fraction 0.2, the domain gain unchanged; it costs the line's first file about 15 %
-# of its speed ("real-model speed"). The embedded model has no base to keep.
+# stream") the base-model slice rose about half a nat without it, most of it from the chat drop, and stayed
+# within a few hundredths of a nat of the base with it at --base_rehearsal_fraction 0.2, the domain gain
+# unchanged; what it costs the line's first file in speed is in "real-model speed". The embedded model has no
+# base to keep.
 SCRATCH_DEFAULTS: dict[str, Any] = {"learning_rate": 5e-4, "warmup_steps": 100, "base_rehearsal": False}
 PRETRAINED_DEFAULTS: dict[str, Any] = {"learning_rate": 5e-5, "warmup_steps": 0, "base_rehearsal": True}
 
