@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.common import machine, write_section  # noqa: E402
-from bench.real_model import drops, halves, outcome, train_stream  # noqa: E402
+from bench.real_model import drops, halves, independent, outcome, train_stream  # noqa: E402
 from bench.smollm2 import smollm2_folder  # noqa: E402
 
 RATES = (1e-4, 2e-4, 5e-4)
@@ -90,8 +90,8 @@ def sweep(work: Path, base: Path, rates: list[float], rank: int, seed: Path | No
     """LoRA's learning-rate sweep at rank ``rank`` (markdown table)."""
     first, second = halves(drops(work)["text"])
     lines = [
-        "| learning rate | domain gain (nats) | general change (nats) | tokens/s | steps |",
-        "|---|---|---|---|---|",
+        "| learning rate | domain gain (nats) | general change (nats) | human answers | licences | tokens/s | steps |",
+        "|---|---|---|---|---|---|---|",
     ]
     for rate in rates:
         name = f"lora-r{rank}-lr-{rate:g}"
@@ -99,8 +99,8 @@ def sweep(work: Path, base: Path, rates: list[float], rank: int, seed: Path | No
         got = _row(work, base, name, _stream(work, name, [first, second], base, flags, seed))
         seed = seed or work / name / "status"
         lines.append(
-            f"| {rate:g} | {got['domain_gain']:.3f} | {got['general_change']:+.3f} | {got['tokens_per_s']:.0f} | "
-            f"{got['steps']} |"
+            f"| {rate:g} | {got['domain_gain']:.3f} | {got['general_change']:+.3f} | {independent(got)} | "
+            f"{got['tokens_per_s']:.0f} | {got['steps']} |"
         )
         print(lines[-1], flush=True)
     return "\n".join(lines)
@@ -111,16 +111,17 @@ def compare(work: Path, base: Path, seed: Path | None) -> str:
     first, second = halves(drops(work)["text"])
     base_bytes = sum(p.stat().st_size for p in base.glob("*.safetensors"))
     lines = [
-        "| setting | domain gain (nats) | general change (nats) | tokens/s | checkpoint | wall s per file | "
-        "grad workers | steps |",
-        "|---|---|---|---|---|---|---|---|",
+        "| setting | domain gain (nats) | general change (nats) | human answers | licences | tokens/s | checkpoint | "
+        "wall s per file | grad workers | steps |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     results = {}
     for name, flags in SETTINGS.items():
         got = results[name] = _row(work, base, name, _stream(work, name, [first, second], base, flags, seed))
         seed = seed or work / name / "status"
         lines.append(
-            f"| {name} | {got['domain_gain']:.3f} | {got['general_change']:+.3f} | {got['tokens_per_s']:.0f} | "
+            f"| {name} | {got['domain_gain']:.3f} | {got['general_change']:+.3f} | {independent(got)} | "
+            f"{got['tokens_per_s']:.0f} | "
             f"{got['checkpoint_bytes'] / 1e6:.1f} MB ({got['checkpoint_bytes'] / base_bytes:.1%} of the model) | "
             f"{' + '.join(f'{w:.0f}' for w in got['wall'])} | {got['workers']} | {got['steps']} |"
         )

@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import math
 import os
 import shutil
 import statistics
@@ -132,10 +133,12 @@ def train_stream(work: Path, name: str, files: list[Path], base: Path, extra: li
 
 
 def score(model_dir: Path, status_dir: Path) -> dict[str, float]:
-    """Loss (nats per learned token) of the model in ``model_dir`` on every slice of ``status_dir``'s suite."""
+    """Loss (nats per learned token) of the model in ``model_dir`` on every slice of ``status_dir``'s suite and on
+    the two slices of :mod:`bench.general_slices` (``human-answers``, ``licenses``)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from bench.general_slices import general_slices
     from daemon.store.suite import HELD_OUT, load_slice, suite_files
     from daemon.training.evaluation import Scorer, SliceScore
 
@@ -143,25 +146,35 @@ def score(model_dir: Path, status_dir: Path) -> dict[str, float]:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     scorer = Scorer(model, tokenizer, 256, 8, None)
     losses = {}
-    for _, path in suite_files(status_dir):
-        piece = load_slice(path, HELD_OUT)
+    for piece in [load_slice(path, HELD_OUT) for _, path in suite_files(status_dir)] + general_slices():
         into = SliceScore(piece.name, piece.kind)
         scorer.score(piece, 0, len(piece.records), into)
         losses[piece.name] = into.prefix_loss(into.examples) or float("nan")
     return losses
 
 
+INDEPENDENT = ("human-answers", "licenses")  # bench.general_slices: not model outputs, never trained on
+
+
 def outcome(base: Path, work: Path, name: str) -> dict[str, float]:
-    """Domain gain and general change of a trained setting against the base model (module docstring)."""
+    """Domain gain and general change of a trained setting against the base model (module docstring), and the
+    change on each slice of :mod:`bench.general_slices` (``human_answers_change``, ``licenses_change``; nan
+    where a slice is missing)."""
     status = work / name / "status"
     before, after = score(base, status), score(work / name / "model", status)
-    domain = [s for s in before if not s.endswith("base-model")]
+    domain = [s for s in before if not s.endswith("base-model") and s not in INDEPENDENT]
     general = [s for s in before if s.endswith("base-model")]
     return {
         "domain_gain": statistics.fmean(before[s] - after[s] for s in domain),
         "general_change": statistics.fmean(after[s] - before[s] for s in general) if general else float("nan"),
         "base_domain_loss": statistics.fmean(before[s] for s in domain),
+        **{f"{s.replace('-', '_')}_change": after.get(s, math.nan) - before.get(s, math.nan) for s in INDEPENDENT},
     }
+
+
+def independent(got: dict[str, float]) -> str:
+    """The two table cells of :mod:`bench.general_slices`' changes (nats, final minus base)."""
+    return f"{got['human_answers_change']:+.3f} | {got['licenses_change']:+.3f}"
 
 
 def phases(rows: list[dict]) -> str:
@@ -178,8 +191,8 @@ def sweep(work: Path, base: Path, rates: list[float]) -> str:
     """The learning-rate sweep's table (markdown)."""
     first, second = halves(drops(work)["text"])
     lines = [
-        "| learning rate | domain gain (nats) | general change (nats) | tokens/s | steps |",
-        "|---|---|---|---|---|",
+        "| learning rate | domain gain (nats) | general change (nats) | human answers | licences | tokens/s | steps |",
+        "|---|---|---|---|---|---|---|",
     ]
     for rate in rates:
         name = f"lr-{rate:g}"
@@ -187,7 +200,10 @@ def sweep(work: Path, base: Path, rates: list[float]) -> str:
         got = outcome(base, work, name)
         tokens = sum(r["tokens"] for r in rows) / sum(r["train_seconds"] for r in rows)
         steps = "+".join(str(r["planned_steps"]) for r in rows)
-        lines.append(f"| {rate:g} | {got['domain_gain']:.3f} | {got['general_change']:+.3f} | {tokens:.0f} | {steps} |")
+        lines.append(
+            f"| {rate:g} | {got['domain_gain']:.3f} | {got['general_change']:+.3f} | {independent(got)} | "
+            f"{tokens:.0f} | {steps} |"
+        )
         print(lines[-1], flush=True)
     return "\n".join(lines)
 
@@ -226,8 +242,8 @@ def stream(work: Path, base: Path, settings: dict[str, list[str]]) -> str:
     files = drops(work)
     lines = [
         "| setting | domain gain (nats) | base domain loss | general change (nats) | general after each drop "
-        "| tokens/s | steps |",
-        "|---|---|---|---|---|---|---|",
+        "| human answers | licences | tokens/s | steps |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     notes = []
     for name, extra in settings.items():
@@ -239,7 +255,7 @@ def stream(work: Path, base: Path, settings: dict[str, list[str]]) -> str:
         steps = "+".join(str(r["planned_steps"]) for r in rows)
         lines.append(
             f"| {name}: `{shown}` | {got['domain_gain']:.3f} | {got['base_domain_loss']:.3f} | "
-            f"{got['general_change']:+.3f} | {by_drop} | {tokens:.0f} | {steps} |"
+            f"{got['general_change']:+.3f} | {by_drop} | {independent(got)} | {tokens:.0f} | {steps} |"
         )
         notes.append(f"Phases, {name}: {phases(rows)}; load average {os.getloadavg()[0]:.1f}.")
         print(lines[-1], notes[-1], sep="\n", flush=True)
