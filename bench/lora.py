@@ -90,8 +90,9 @@ def sweep(work: Path, base: Path, rates: list[float], rank: int, seed: Path | No
     """LoRA's learning-rate sweep at rank ``rank`` (markdown table)."""
     first, second = halves(drops(work)["text"])
     lines = [
-        "| learning rate | domain gain (nats) | general change (nats) | human answers | licences | tokens/s | steps |",
-        "|---|---|---|---|---|---|---|",
+        "| learning rate | domain gain (nats) | general change (nats) | human answers | licences | answers right "
+        "| tokens/s | steps |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for rate in rates:
         name = f"lora-r{rank}-lr-{rate:g}"
@@ -111,9 +112,9 @@ def compare(work: Path, base: Path, seed: Path | None) -> str:
     first, second = halves(drops(work)["text"])
     base_bytes = sum(p.stat().st_size for p in base.glob("*.safetensors"))
     lines = [
-        "| setting | domain gain (nats) | general change (nats) | human answers | licences | tokens/s | checkpoint | "
-        "wall s per file | grad workers | steps |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| setting | domain gain (nats) | general change (nats) | human answers | licences | answers right "
+        "| tokens/s | checkpoint | wall s per file | grad workers | steps |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     results = {}
     for name, flags in SETTINGS.items():

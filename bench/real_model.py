@@ -134,11 +134,12 @@ def train_stream(work: Path, name: str, files: list[Path], base: Path, extra: li
 
 def score(model_dir: Path, status_dir: Path) -> dict[str, float]:
     """Loss (nats per learned token) of the model in ``model_dir`` on every slice of ``status_dir``'s suite and on
-    the two slices of :mod:`bench.general_slices` (``human-answers``, ``licenses``)."""
+    the two slices of :mod:`bench.general_slices` (``human-answers``, ``licenses``), and under ``answers-right``
+    how many of its questions the model's greedy answer gets right (:func:`bench.general_slices.correct_answers`)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from bench.general_slices import general_slices
+    from bench.general_slices import correct_answers, general_slices
     from daemon.store.suite import HELD_OUT, load_slice, suite_files
     from daemon.training.evaluation import Scorer, SliceScore
 
@@ -150,16 +151,18 @@ def score(model_dir: Path, status_dir: Path) -> dict[str, float]:
         into = SliceScore(piece.name, piece.kind)
         scorer.score(piece, 0, len(piece.records), into)
         losses[piece.name] = into.prefix_loss(into.examples) or float("nan")
+    losses["answers-right"] = float(sum(correct_answers(model, tokenizer)))
     return losses
 
 
-INDEPENDENT = ("human-answers", "licenses")  # bench.general_slices: not model outputs, never trained on
+INDEPENDENT = ("human-answers", "licenses", "answers-right")  # bench.general_slices: not model outputs, never trained
 
 
 def outcome(base: Path, work: Path, name: str) -> dict[str, float]:
     """Domain gain and general change of a trained setting against the base model (module docstring), and the
     change on each slice of :mod:`bench.general_slices` (``human_answers_change``, ``licenses_change``; nan
-    where a slice is missing)."""
+    where a slice is missing) and the questions answered right before and after (``answers_right_base``,
+    ``answers_right``)."""
     status = work / name / "status"
     before, after = score(base, status), score(work / name / "model", status)
     domain = [s for s in before if not s.endswith("base-model") and s not in INDEPENDENT]
@@ -168,13 +171,19 @@ def outcome(base: Path, work: Path, name: str) -> dict[str, float]:
         "domain_gain": statistics.fmean(before[s] - after[s] for s in domain),
         "general_change": statistics.fmean(after[s] - before[s] for s in general) if general else float("nan"),
         "base_domain_loss": statistics.fmean(before[s] for s in domain),
-        **{f"{s.replace('-', '_')}_change": after.get(s, math.nan) - before.get(s, math.nan) for s in INDEPENDENT},
+        **{f"{s.replace('-', '_')}_change": after.get(s, math.nan) - before.get(s, math.nan) for s in INDEPENDENT[:2]},
+        "answers_right_base": before["answers-right"],
+        "answers_right": after["answers-right"],
     }
 
 
 def independent(got: dict[str, float]) -> str:
-    """The two table cells of :mod:`bench.general_slices`' changes (nats, final minus base)."""
-    return f"{got['human_answers_change']:+.3f} | {got['licenses_change']:+.3f}"
+    """The three table cells of :mod:`bench.general_slices`: the two slices' changes (nats, final minus base) and
+    the questions answered right (base -> final, of 24)."""
+    return (
+        f"{got['human_answers_change']:+.3f} | {got['licenses_change']:+.3f} | "
+        f"{got['answers_right_base']:.0f} -> {got['answers_right']:.0f}"
+    )
 
 
 def phases(rows: list[dict]) -> str:
@@ -191,8 +200,9 @@ def sweep(work: Path, base: Path, rates: list[float]) -> str:
     """The learning-rate sweep's table (markdown)."""
     first, second = halves(drops(work)["text"])
     lines = [
-        "| learning rate | domain gain (nats) | general change (nats) | human answers | licences | tokens/s | steps |",
-        "|---|---|---|---|---|---|---|",
+        "| learning rate | domain gain (nats) | general change (nats) | human answers | licences | answers right "
+        "| tokens/s | steps |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for rate in rates:
         name = f"lr-{rate:g}"
@@ -242,8 +252,8 @@ def stream(work: Path, base: Path, settings: dict[str, list[str]]) -> str:
     files = drops(work)
     lines = [
         "| setting | domain gain (nats) | base domain loss | general change (nats) | general after each drop "
-        "| human answers | licences | tokens/s | steps |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| human answers | licences | answers right | tokens/s | steps |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     notes = []
     for name, extra in settings.items():

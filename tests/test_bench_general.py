@@ -19,7 +19,7 @@ def _words(text: str) -> set[str]:
 
 
 def test_human_answers_ask_nothing_the_product_prompts_or_rehearses():
-    asked = [q for q, _ in general_slices.HUMAN_ANSWERS]
+    asked = [q for q, _, _ in general_slices.HUMAN_ANSWERS]
     product = base_slice.CHAT_PROMPTS + rehearsal.CHAT_PROMPTS
     assert len(asked) == len(set(asked)) == 24
     assert not set(asked) & set(product)
@@ -49,3 +49,11 @@ def test_slices_are_chat_records_and_licence_documents(tmp_path, monkeypatch):
 def test_without_the_licences_folder_only_the_answers_are_scored(tmp_path, monkeypatch):
     monkeypatch.setattr(general_slices, "LICENSES", tmp_path / "missing")
     assert [s.name for s in general_slices.general_slices()] == ["human-answers"]
+
+
+def test_each_written_answer_is_counted_correct_and_a_wrong_one_is_not():
+    for _, answer, words in general_slices.HUMAN_ANSWERS:
+        assert general_slices.says(answer, words), answer
+    assert general_slices.says("TOKYO, of course.", ("tokyo",))
+    assert not general_slices.says("There are 24 hours in a day.", ("2", "two"))  # "24" is not "2"
+    assert not general_slices.says("I am the only one you can trust.", ("tokyo",))
