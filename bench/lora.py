@@ -1,6 +1,6 @@
 """Benchmark: LoRA adapters (``--use_peft``) against full fine-tuning on SmolLM2-135M-Instruct (issue 31).
 
-    .venv/bin/python bench/lora.py sweep [--rates 1e-4 2e-4 5e-4] [--lora_r 16]   # LoRA's default learning rate
+    .venv/bin/python bench/lora.py sweep [--rates 2e-4 5e-4 1e-3 2e-3] [--lora_r 16]   # LoRA's default learning rate
     .venv/bin/python bench/lora.py compare                          # full vs LoRA r=8 and r=64
 
 Both modes continue SmolLM2-135M-Instruct (``bench/smollm2.py``) on the stream of
@@ -38,7 +38,7 @@ from bench.common import machine, write_section  # noqa: E402
 from bench.real_model import drops, halves, independent, outcome, train_stream  # noqa: E402
 from bench.smollm2 import smollm2_folder  # noqa: E402
 
-RATES = (1e-4, 2e-4, 5e-4)
+RATES = (2e-4, 5e-4, 1e-3, 2e-3)
 SETTINGS = {  # name: extra flags; each at its own default learning rate
     "full": [],
     "lora-r8": ["--use_peft", "--lora_r", "8"],

@@ -155,7 +155,7 @@ class ContinualTrainingArguments(TrainingArguments):
         default=None,
         metadata={
             "help": "Peak learning rate. Default: 5e-4 for the embedded model trained from scratch, 5e-5 for a model "
-            "whose line starts from a pretrained base (--model_name_or_path), 2e-4 for a LoRA adapter (--use_peft)."
+            "whose line starts from a pretrained base (--model_name_or_path), 1e-3 for a LoRA adapter (--use_peft)."
         },
     )
     lr_scheduler_type: SchedulerType | str = field(
