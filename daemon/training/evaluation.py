@@ -393,9 +393,10 @@ def evaluate_file(prepared: PreparedFile, flags: Flags, train_seconds: float, sp
         "errors": result.errors,
     }
     logger.info(
-        "evaluated %d slices in %.1f s (budget %.1f s, up to %d examples a slice)%s",
+        "evaluated %d slices in %.1f s (%s, budget %.1f s, up to %d examples a slice)%s",
         len(rows),
         result.seconds,
+        f"{spent:.1f} s of it before training" if spent else "after training",
         result.budget_seconds,
         result.examples_per_slice,
         f"; {len(result.errors)} slices failed" if result.errors else "",
