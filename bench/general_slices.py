@@ -13,7 +13,7 @@ therefore also score two slices that are not model outputs and that no setting t
   :func:`correct_answers` counts the questions the model's own greedy answer gets right: knowledge
   read off what the model says, whatever its style (a loss on a written answer also reads how
   close the model's style is to the writer's).
-- :func:`license_documents`: the free-software licence texts Debian ships in
+- :func:`license_documents`: the free-software license texts Debian ships in
   ``/usr/share/common-licenses`` (GPL, Apache, MPL, ...), cut into 1,000-character documents: English
   prose that every web-trained model has read many times.
 
@@ -92,7 +92,7 @@ def says(text: str, words: tuple[str, ...]) -> bool:
 
 
 def license_documents() -> list[str]:
-    """Up to :data:`LICENSE_DOCUMENTS` documents of at most 1,000 characters, spread over the licence texts
+    """Up to :data:`LICENSE_DOCUMENTS` documents of at most 1,000 characters, spread over the license texts
     (empty where ``/usr/share/common-licenses`` is missing)."""
     from daemon.make_dataset import split_text
 

@@ -90,7 +90,7 @@ def sweep(work: Path, base: Path, rates: list[float], rank: int, seed: Path | No
     """LoRA's learning-rate sweep at rank ``rank`` (markdown table)."""
     first, second = halves(drops(work)["text"])
     lines = [
-        "| learning rate | domain gain (nats) | general change (nats) | human answers | licences | answers right "
+        "| learning rate | domain gain (nats) | general change (nats) | human answers | licenses | answers right "
         "| tokens/s | steps |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -112,7 +112,7 @@ def compare(work: Path, base: Path, seed: Path | None) -> str:
     first, second = halves(drops(work)["text"])
     base_bytes = sum(p.stat().st_size for p in base.glob("*.safetensors"))
     lines = [
-        "| setting | domain gain (nats) | general change (nats) | human answers | licences | answers right "
+        "| setting | domain gain (nats) | general change (nats) | human answers | licenses | answers right "
         "| tokens/s | checkpoint | wall s per file | grad workers | steps |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]

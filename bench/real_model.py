@@ -151,11 +151,12 @@ def score(model_dir: Path, status_dir: Path) -> dict[str, float]:
         into = SliceScore(piece.name, piece.kind)
         scorer.score(piece, 0, len(piece.records), into)
         losses[piece.name] = into.prefix_loss(into.examples) or float("nan")
-    losses["answers-right"] = float(sum(correct_answers(model, tokenizer)))
+    losses[ANSWERS_RIGHT] = float(sum(correct_answers(model, tokenizer)))
     return losses
 
 
-INDEPENDENT = ("human-answers", "licenses", "answers-right")  # bench.general_slices: not model outputs, never trained
+INDEPENDENT = ("human-answers", "licenses")  # bench.general_slices' slices: not model outputs, never trained on
+ANSWERS_RIGHT = "answers-right"  # score()'s count of bench.general_slices' questions answered right
 
 
 def outcome(base: Path, work: Path, name: str) -> dict[str, float]:
@@ -165,15 +166,15 @@ def outcome(base: Path, work: Path, name: str) -> dict[str, float]:
     ``answers_right``)."""
     status = work / name / "status"
     before, after = score(base, status), score(work / name / "model", status)
-    domain = [s for s in before if not s.endswith("base-model") and s not in INDEPENDENT]
+    domain = [s for s in before if not s.endswith("base-model") and s not in (*INDEPENDENT, ANSWERS_RIGHT)]
     general = [s for s in before if s.endswith("base-model")]
     return {
         "domain_gain": statistics.fmean(before[s] - after[s] for s in domain),
         "general_change": statistics.fmean(after[s] - before[s] for s in general) if general else float("nan"),
         "base_domain_loss": statistics.fmean(before[s] for s in domain),
-        **{f"{s.replace('-', '_')}_change": after.get(s, math.nan) - before.get(s, math.nan) for s in INDEPENDENT[:2]},
-        "answers_right_base": before["answers-right"],
-        "answers_right": after["answers-right"],
+        **{f"{s.replace('-', '_')}_change": after.get(s, math.nan) - before.get(s, math.nan) for s in INDEPENDENT},
+        "answers_right_base": before[ANSWERS_RIGHT],
+        "answers_right": after[ANSWERS_RIGHT],
     }
 
 
@@ -200,7 +201,7 @@ def sweep(work: Path, base: Path, rates: list[float]) -> str:
     """The learning-rate sweep's table (markdown)."""
     first, second = halves(drops(work)["text"])
     lines = [
-        "| learning rate | domain gain (nats) | general change (nats) | human answers | licences | answers right "
+        "| learning rate | domain gain (nats) | general change (nats) | human answers | licenses | answers right "
         "| tokens/s | steps |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -252,7 +253,7 @@ def stream(work: Path, base: Path, settings: dict[str, list[str]]) -> str:
     files = drops(work)
     lines = [
         "| setting | domain gain (nats) | base domain loss | general change (nats) | general after each drop "
-        "| human answers | licences | answers right | tokens/s | steps |",
+        "| human answers | licenses | answers right | tokens/s | steps |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     notes = []

@@ -30,23 +30,23 @@ def test_human_answers_ask_nothing_the_product_prompts_or_rehearses():
             assert len(shared) < 2, (question, prompt, shared)
 
 
-def test_slices_are_chat_records_and_licence_documents(tmp_path, monkeypatch):
+def test_slices_are_chat_records_and_license_documents(tmp_path, monkeypatch):
     monkeypatch.setattr(general_slices, "LICENSES", tmp_path)
     (tmp_path / "GPL-3").write_text("Everyone is permitted to copy.\n" * 200)  # 6,200 characters
-    answers, licences = general_slices.general_slices()
-    assert (answers.name, answers.shape, licences.name, licences.shape) == (
+    answers, licenses = general_slices.general_slices()
+    assert (answers.name, answers.shape, licenses.name, licenses.shape) == (
         "human-answers",
         "messages",
         "licenses",
         "text",
     )
     assert [m["role"] for m in answers.records[0]["messages"]] == ["user", "assistant"]
-    documents = [r["text"] for r in licences.records]
+    documents = [r["text"] for r in licenses.records]
     assert len(documents) == 7 and all(0 < len(d) <= 1000 for d in documents)
     assert "".join(documents) == (tmp_path / "GPL-3").read_text()
 
 
-def test_without_the_licences_folder_only_the_answers_are_scored(tmp_path, monkeypatch):
+def test_without_the_licenses_folder_only_the_answers_are_scored(tmp_path, monkeypatch):
     monkeypatch.setattr(general_slices, "LICENSES", tmp_path / "missing")
     assert [s.name for s in general_slices.general_slices()] == ["human-answers"]
 
