@@ -41,7 +41,7 @@ from daemon.config_file import CONFIG_HELP, DAEMON_KEYS, read_flags
 from daemon.exceptions import ConfigError
 from daemon.store.origin import base_model_of, has_own_chat_template
 from daemon.training.averaging_flags import AveragingArguments, averaging_problems
-from daemon.training.peft_flags import LORA_LEARNING_RATE, PeftArguments, resolve_peft
+from daemon.training.peft_flags import LORA_LEARNING_RATE, LORA_REHEARSAL_FRACTION, PeftArguments, resolve_peft
 from daemon.training.technique_flags import TechniqueArguments, technique_problems
 from daemon.training.tracker_flags import TrackerArguments, missing_trackers
 
@@ -270,6 +270,7 @@ class Flags:
 # within a few hundredths of a nat of the base with it at --base_rehearsal_fraction 0.2, the domain gain
 # unchanged; what it costs the line's first file in speed is in "real-model speed". The embedded model has no
 # base to keep.
+REHEARSAL_FRACTION = 0.2  # --base_rehearsal_fraction of full fine-tuning (a LoRA line: LORA_REHEARSAL_FRACTION)
 SCRATCH_DEFAULTS: dict[str, Any] = {"learning_rate": 5e-4, "warmup_steps": 100, "base_rehearsal": False}
 PRETRAINED_DEFAULTS: dict[str, Any] = {"learning_rate": 5e-5, "warmup_steps": 0, "base_rehearsal": True}
 
@@ -301,6 +302,7 @@ DEFAULT_RULES: dict[str, Callable[[dict[str, Any]], Any]] = {
     ),
     "warmup_steps": lambda flags: _starting_defaults(flags)["warmup_steps"],
     "base_rehearsal": lambda flags: _starting_defaults(flags)["base_rehearsal"],
+    "base_rehearsal_fraction": lambda flags: LORA_REHEARSAL_FRACTION if flags["use_peft"] else REHEARSAL_FRACTION,
     "sample_prompts": _sample_prompts,
     "use_cpu": lambda flags: not torch.accelerator.is_available(),
     "bf16": lambda flags: False if flags["fp16"] else default_bf16(use_cpu=flags["use_cpu"]),
@@ -333,7 +335,7 @@ def resolve_defaults(flags: dict[str, Any]) -> None:
         flags: every flag's parsed value by name, before the dataclasses are built.
     """
     resolve_peft(flags)  # --use_peft and the adapter's settings follow the running model; a switch is refused
-    decided = [name for name in PRETRAINED_DEFAULTS if flags[name] is None]
+    decided = [name for name in (*PRETRAINED_DEFAULTS, "base_rehearsal_fraction") if flags[name] is None]
     for name, rule in DEFAULT_RULES.items():
         if flags[name] is None:
             flags[name] = rule(flags)
