@@ -86,6 +86,11 @@ def _row(work: Path, base: Path, name: str, rows: list[dict]) -> dict:
     }
 
 
+def _adapter_bytes(work: Path, name: str) -> int:
+    """Bytes of the adapter's weights (``adapter_model.safetensors``) in the setting's exported ``adapter/`` folder."""
+    return (work / name / "model" / "adapter" / "adapter_model.safetensors").stat().st_size
+
+
 def sweep(work: Path, base: Path, rates: list[float], rank: int, seed: Path | None) -> str:
     """LoRA's learning-rate sweep at rank ``rank`` (markdown table)."""
     first, second = halves(drops(work)["text"])
@@ -107,8 +112,13 @@ def sweep(work: Path, base: Path, rates: list[float], rank: int, seed: Path | No
     return "\n".join(lines)
 
 
-def compare(work: Path, base: Path, seed: Path | None) -> str:
-    """Full fine-tuning against LoRA r=8 and r=64 on the same stream (markdown table)."""
+def compare(work: Path, base: Path, seed: Path | None, training_seed: int | None = None) -> str:
+    """Full fine-tuning against LoRA r=8 and r=64 on the same stream (markdown table).
+
+    ``training_seed``: ``--seed`` of every setting (the held-out split, the order, LoRA's initialisation); None
+    leaves the product's default.
+    """
+    extra = [] if training_seed is None else ["--seed", str(training_seed)]
     first, second = halves(drops(work)["text"])
     base_bytes = sum(p.stat().st_size for p in base.glob("*.safetensors"))
     lines = [
@@ -118,7 +128,7 @@ def compare(work: Path, base: Path, seed: Path | None) -> str:
     ]
     results = {}
     for name, flags in SETTINGS.items():
-        got = results[name] = _row(work, base, name, _stream(work, name, [first, second], base, flags, seed))
+        got = results[name] = _row(work, base, name, _stream(work, name, [first, second], base, flags + extra, seed))
         seed = seed or work / name / "status"
         lines.append(
             f"| {name} | {got['domain_gain']:.3f} | {got['general_change']:+.3f} | {independent(got)} | "
@@ -128,12 +138,15 @@ def compare(work: Path, base: Path, seed: Path | None) -> str:
         )
         print(lines[-1], flush=True)
     full, r8 = results["full"], results["lora-r8"]
+    adapter = _adapter_bytes(work, "lora-r8")
     lines += [
         "",
         f"LoRA r=8 against full fine-tuning: {r8['domain_gain'] / full['domain_gain']:.0%} of its domain gain "
         f"(target >= 70 %), general change {r8['general_change']:+.3f} against {full['general_change']:+.3f} "
-        f"(target: at most half the rise), checkpoint {r8['checkpoint_bytes'] / base_bytes:.1%} of the model's "
-        f"weights (target < 5 %), tokens/s {r8['tokens_per_s'] / full['tokens_per_s']:.2f}x (target >= 1.2x).",
+        f"(target: at most half the rise), checkpoint {r8['checkpoint_bytes'] / full['checkpoint_bytes']:.1%} of "
+        f"full fine-tuning's (target < 5 %; the adapter's weights are {adapter / base_bytes:.1%} of the model's, "
+        f"its checkpoint with AdamW state and tokenizer {r8['checkpoint_bytes'] / base_bytes:.1%}), "
+        f"tokens/s {r8['tokens_per_s'] / full['tokens_per_s']:.2f}x (target >= 1.2x).",
     ]
     return "\n".join(lines)
 
@@ -144,6 +157,7 @@ def main() -> int:
     parser.add_argument("--rates", type=float, nargs="+", default=list(RATES))
     parser.add_argument("--lora_r", type=int, default=16, help="sweep: the adapter's rank.")
     parser.add_argument("--seed_status", type=Path, help="A status folder whose base-model slice every setting reuses.")
+    parser.add_argument("--seed", type=int, help="compare: --seed of every setting (a section of its own).")
     parser.add_argument("--keep", type=Path, help="Work in this folder and keep it (default: a temporary one).")
     args = parser.parse_args()
     base = smollm2_folder()
@@ -154,10 +168,12 @@ def main() -> int:
         if args.mode == "sweep":
             table = sweep(work, base, args.rates, args.lora_r, args.seed_status)
         else:
-            table = compare(work, base, args.seed_status)
+            table = compare(work, base, args.seed_status, args.seed)
     body = f"Measured {time.strftime('%Y-%m-%d')} on {machine()}.\n\n{table}\n"
     print(body)
     section = f"lora sweep r{args.lora_r}" if args.mode == "sweep" else "lora compare"  # one section a rank
+    if args.mode == "compare" and args.seed is not None:
+        section += f" seed {args.seed}"
     write_section(ROOT / "BENCHMARKS.md", section, body)
     return 0
 
