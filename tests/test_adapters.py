@@ -203,14 +203,16 @@ def test_flags_not_given_follow_the_running_adapter_and_lora_has_its_own_learnin
 
 
 def test_a_lora_line_rehearses_more_of_the_base_models_answers_unless_told(lora_tree, tree):
-    from daemon.training.arguments import REHEARSAL_FRACTION
+    from daemon.training.arguments import PRETRAINED_DEFAULTS
     from daemon.training.peft_flags import LORA_REHEARSAL_FRACTION
+
+    full_fraction = PRETRAINED_DEFAULTS["base_rehearsal_fraction"]
 
     _, base, _, _ = lora_tree
     argv = ["--dataset", "x.jsonl", *tree.flags(), "--model_name_or_path", str(base)]
-    assert LORA_REHEARSAL_FRACTION > REHEARSAL_FRACTION
+    assert LORA_REHEARSAL_FRACTION > full_fraction
     assert parse_args([*argv, "--use_peft=true"]).replay.base_rehearsal_fraction == LORA_REHEARSAL_FRACTION
-    assert parse_args(argv).replay.base_rehearsal_fraction == REHEARSAL_FRACTION
+    assert parse_args(argv).replay.base_rehearsal_fraction == full_fraction
     given = parse_args([*argv, "--use_peft=true", "--base_rehearsal_fraction", "0.1"])
     assert given.replay.base_rehearsal_fraction == 0.1
 

@@ -270,9 +270,19 @@ class Flags:
 # within a few hundredths of a nat of the base with it at --base_rehearsal_fraction 0.2, the domain gain
 # unchanged; what it costs the line's first file in speed is in "real-model speed". The embedded model has no
 # base to keep.
-REHEARSAL_FRACTION = 0.2  # --base_rehearsal_fraction of full fine-tuning (a LoRA line: LORA_REHEARSAL_FRACTION)
-SCRATCH_DEFAULTS: dict[str, Any] = {"learning_rate": 5e-4, "warmup_steps": 100, "base_rehearsal": False}
-PRETRAINED_DEFAULTS: dict[str, Any] = {"learning_rate": 5e-5, "warmup_steps": 0, "base_rehearsal": True}
+# A LoRA line rehearses LORA_REHEARSAL_FRACTION instead; the scratch fraction counts only with --base_rehearsal true.
+SCRATCH_DEFAULTS: dict[str, Any] = {
+    "learning_rate": 5e-4,
+    "warmup_steps": 100,
+    "base_rehearsal": False,
+    "base_rehearsal_fraction": 0.2,
+}
+PRETRAINED_DEFAULTS: dict[str, Any] = {
+    "learning_rate": 5e-5,
+    "warmup_steps": 0,
+    "base_rehearsal": True,
+    "base_rehearsal_fraction": 0.2,
+}
 
 
 def _starting_defaults(flags: dict[str, Any]) -> dict[str, Any]:
@@ -302,7 +312,9 @@ DEFAULT_RULES: dict[str, Callable[[dict[str, Any]], Any]] = {
     ),
     "warmup_steps": lambda flags: _starting_defaults(flags)["warmup_steps"],
     "base_rehearsal": lambda flags: _starting_defaults(flags)["base_rehearsal"],
-    "base_rehearsal_fraction": lambda flags: LORA_REHEARSAL_FRACTION if flags["use_peft"] else REHEARSAL_FRACTION,
+    "base_rehearsal_fraction": lambda flags: (
+        LORA_REHEARSAL_FRACTION if flags["use_peft"] else _starting_defaults(flags)["base_rehearsal_fraction"]
+    ),
     "sample_prompts": _sample_prompts,
     "use_cpu": lambda flags: not torch.accelerator.is_available(),
     "bf16": lambda flags: False if flags["fp16"] else default_bf16(use_cpu=flags["use_cpu"]),
@@ -335,7 +347,7 @@ def resolve_defaults(flags: dict[str, Any]) -> None:
         flags: every flag's parsed value by name, before the dataclasses are built.
     """
     resolve_peft(flags)  # --use_peft and the adapter's settings follow the running model; a switch is refused
-    decided = [name for name in (*PRETRAINED_DEFAULTS, "base_rehearsal_fraction") if flags[name] is None]
+    decided = [name for name in PRETRAINED_DEFAULTS if flags[name] is None]
     for name, rule in DEFAULT_RULES.items():
         if flags[name] is None:
             flags[name] = rule(flags)
