@@ -301,6 +301,7 @@ def test_replayed_examples_keep_their_masks_in_a_packed_file_and_the_file_learns
     assert by_ids.pop((5, 6, 7)) == masked["labels"]
     assert by_ids.pop((8, 9)) == [8, 9]
     assert by_ids and all(labels == list(ids) for ids, labels in by_ids.items())  # the file's own blocks
+    assert (mixed.tokens, mixed.replayed_tokens) == (data.tokens, 3 + 2)  # the file's own, and the replay's beside
     own = replay_examples(mixed.own, list(range(mixed.examples)))
     assert all(set(e) == {"input_ids"} for e in own)  # stored as "every token learned"
 

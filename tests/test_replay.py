@@ -70,6 +70,7 @@ def test_a_file_with_replay_trains_exactly_its_planned_steps_and_reports_both_co
     second = train(tree, _text_file(tree.root / "b.jsonl", 30, offset=30), replay_fraction=0.25)
 
     assert second["replayed_examples"] == replay_count(second["examples"], 0.25) > 0
+    assert first["replayed_tokens"] == 0 and second["replayed_tokens"] > 0  # exact count: the test below
     assert second["planned_steps"] == math.ceil((second["examples"] + second["replayed_examples"]) / 4)
     assert second["end_step"] - second["start_step"] == second["planned_steps"]
     checkpoint = latest_complete_checkpoint(tree.output)
@@ -86,6 +87,7 @@ def test_a_file_with_replay_trains_exactly_its_planned_steps_and_reports_both_co
 def test_a_resumed_file_replays_the_same_examples_in_the_same_order(tree):
     from daemon.store.ledger import Ledger
     from daemon.training.arguments import parse_args
+    from daemon.training.data import example_lengths
     from daemon.training.prepare import setup
 
     train(tree, _text_file(tree.root / "a.jsonl", 30))
@@ -94,6 +96,8 @@ def test_a_resumed_file_replays_the_same_examples_in_the_same_order(tree):
     once = setup(flags, Ledger(tree.status), None)
     again = setup(flags, Ledger(tree.status), None)
     assert once.plan.replayed_examples == again.plan.replayed_examples > 0
+    trained = int(example_lengths(once.datasets.train).sum())  # every token of the file's steps
+    assert once.progress.replayed_tokens == trained - once.progress.tokens > 0
     assert once.datasets.train["input_ids"] == again.datasets.train["input_ids"]
     heldout = {tuple(ids) for ids in once.datasets.eval["input_ids"]} if once.datasets.eval is not None else set()
     stored = [e["input_ids"] for s, p in store_files(tree.status) for e in read_share(s, p).examples]

@@ -117,6 +117,8 @@ class FileProgress:
         progress: ``steps_done / planned_steps`` in [0, 1].
         eta_seconds: estimated seconds to the end of the plan, None before a rate is known.
         replayed_examples: earlier files' examples replayed with this file's (in ``planned_steps``).
+        replayed_tokens: tokens in the replayed examples: a file's steps train ``tokens +
+            replayed_tokens`` tokens an epoch (padding not counted).
         cooldown_steps: steps of the cooldown branch after the file (apart from ``planned_steps``).
     """
 
@@ -132,6 +134,7 @@ class FileProgress:
     progress: float = 0.0
     eta_seconds: float | None = None
     replayed_examples: int = 0
+    replayed_tokens: int = 0
     cooldown_steps: int = 0
 
     def __post_init__(self) -> None:
@@ -163,7 +166,8 @@ class HistoryRow:
     and gets a new done row (:mod:`daemon.store.reconcile`). ``quality_gate`` is
     what the gate found (:func:`daemon.quality.forgetting.quality_gate`), also on a file it rolled back.
     ``replayed_examples`` are the earlier files' examples trained with the file's ``examples``
-    (both counted in ``planned_steps``); ``cooldown_steps`` / ``cooldown_seconds`` are the
+    (both counted in ``planned_steps``), ``replayed_tokens`` their tokens beside the file's own
+    ``tokens``; ``cooldown_steps`` / ``cooldown_seconds`` are the
     cooldown branch's (never in ``end_step``), whose model was evaluated and exported.
     """
 
@@ -184,6 +188,7 @@ class HistoryRow:
     eval_seconds: float | None = None
     quality_gate: dict[str, Any] | None = None
     replayed_examples: int | None = None
+    replayed_tokens: int | None = None
     cooldown_steps: int | None = None
     cooldown_seconds: float | None = None
 
@@ -218,6 +223,7 @@ class HistoryRow:
             eval_seconds=None if eval_seconds is None else round(eval_seconds, 2),
             quality_gate=quality_gate,
             replayed_examples=progress.replayed_examples,
+            replayed_tokens=progress.replayed_tokens,
             cooldown_steps=progress.cooldown_steps,
             cooldown_seconds=None if cooldown_seconds is None else round(cooldown_seconds, 2),
         )

@@ -44,6 +44,8 @@ class PreparedData:
             when nothing is replayed): what the replay store samples once the file is done.
         replay_weights: with ``--replay_weighting forgetting``, each earlier file's share of the
             replay (:func:`daemon.store.replay_mix.select_weighted_replay`); None with even replay.
+        replayed_tokens: tokens in the ``replayed`` examples (sum of their ``length``): ``tokens +
+            replayed_tokens`` is every token one epoch of ``train`` trains.
     """
 
     train: datasets.Dataset
@@ -54,6 +56,7 @@ class PreparedData:
     replayed: int = 0
     own_train: datasets.Dataset | None = None
     replay_weights: list[dict[str, Any]] | None = None
+    replayed_tokens: int = 0
 
     @property
     def examples(self) -> int:
@@ -256,8 +259,8 @@ def mix_replay(data: PreparedData, replayed: list[dict[str, list[int]]], seed: i
         seed: fixes the mixed order (the file's ``--seed``), so a resumed file sees the same order.
 
     Returns:
-        ``data`` with ``train`` = own + replayed examples shuffled together, ``replayed`` and
-        ``own_train`` set; ``tokens`` stays the file's own.
+        ``data`` with ``train`` = own + replayed examples shuffled together, ``replayed``,
+        ``replayed_tokens`` and ``own_train`` set; ``tokens`` stays the file's own.
     """
     if not replayed:
         return data
@@ -271,7 +274,16 @@ def mix_replay(data: PreparedData, replayed: list[dict[str, list[int]]], seed: i
     own = data.train
     extra = ds.Dataset.from_dict(rows, features=own.features)
     train = ds.concatenate_datasets([own, extra]).shuffle(seed=seed, keep_in_memory=True)
-    return PreparedData(train, data.eval, data.tokens, data.dropped, data.heldout_records, len(replayed), own)
+    return PreparedData(
+        train,
+        data.eval,
+        data.tokens,
+        data.dropped,
+        data.heldout_records,
+        len(replayed),
+        own,
+        replayed_tokens=sum(rows["length"]),
+    )
 
 
 def replay_examples(train: datasets.Dataset, indices: list[int]) -> list[dict[str, list[int]]]:

@@ -103,6 +103,7 @@ def setup(flags: Flags, ledger: Ledger, heartbeat: Heartbeat | None) -> Prepared
         planned_steps=plan.planned_steps,
         steps_done=steps_done,
         replayed_examples=plan.replayed_examples,
+        replayed_tokens=datasets.replayed_tokens,
         cooldown_steps=cooldown_steps(plan.planned_steps, flags.replay.cooldown_fraction),
     )
     logger.info(
