@@ -15,6 +15,7 @@ from helpers import Tree, interrupt_at, read_status, stdlib_documents, train, wr
 from daemon.exceptions import ConfigError
 from daemon.quality.forgetting import read_rows
 from daemon.training.averaging import averaged_steps
+from daemon.training.ema import ema_steps
 
 LAWA = {"average_exports": "lawa", "average_last": 3, "bf16": False}
 EMA = {"average_exports": "ema", "ema_decay": 0.9, "bf16": False}
@@ -174,10 +175,14 @@ def test_every_checkpoint_holds_the_moving_average_of_its_step_and_the_export_is
     tree = Tree(ema)
     end = tree.history()[-1]["end_step"]
     averages = {s: load_file(tree.output / f"checkpoint-{s}" / "ema.safetensors") for s in range(1, end + 1)}
-    for step in range(2, end + 1):  # ema_t = 0.9 ema_(t-1) + 0.1 w_t, across file boundaries too
-        weights = _weights(tree.output / f"checkpoint-{step}")
+    first = _weights(tree.output / "checkpoint-1")
+    assert all(torch.equal(averages[1][name], first[name]) for name in first)  # the initialisation counts for nothing
+    for step in range(2, end + 1):  # bias-corrected: ema_t = ema_(t-1) + 0.1 / (1 - 0.9^t) (w_t - ema_(t-1))
+        weights, rate = _weights(tree.output / f"checkpoint-{step}"), 0.1 / (1 - 0.9**step)
+        assert ema_steps(tree.output / f"checkpoint-{step}") == step  # across the file boundary too
         for name, tensor in averages[step].items():
-            expected = 0.9 * averages[step - 1][name].double() + 0.1 * weights[name].double()
+            previous = averages[step - 1][name].double()
+            expected = previous + rate * (weights[name].double() - previous)
             torch.testing.assert_close(tensor.double(), expected, rtol=0, atol=1e-6)
     assert json.loads((tree.output / "export.json").read_text()) == {"global_step": end, "ema_decay": 0.9}
     exported = AutoModelForCausalLM.from_pretrained(tree.output).state_dict()
@@ -230,3 +235,26 @@ def _ema(folder: Path) -> dict:
     from safetensors.torch import load_file
 
     return load_file(folder / "ema.safetensors")
+
+
+def test_an_average_saved_without_its_step_count_continues_with_the_uncorrected_update(tmp_path):
+    from types import SimpleNamespace
+
+    import torch
+    from safetensors.torch import save_file
+
+    from daemon.training.ema import EmaCallback
+
+    model = torch.nn.Linear(2, 2, bias=False)
+    old = torch.zeros(2, 2)
+    (tmp_path / "checkpoint-3").mkdir()
+    save_file({"weight": old}, tmp_path / "checkpoint-3" / "ema.safetensors")  # an older checkpoint's: no "steps"
+    args, state = SimpleNamespace(output_dir=str(tmp_path)), SimpleNamespace(global_step=3, is_world_process_zero=True)
+    callback = EmaCallback(model, 0.9)
+    callback.on_train_begin(args, state, None)
+    callback.on_step_end(args, state, None)
+    torch.testing.assert_close(callback.average["weight"], 0.1 * model.weight.detach(), rtol=0, atol=1e-7)
+    state.global_step = 4
+    (tmp_path / "checkpoint-4").mkdir()
+    callback.on_save(args, state, None)
+    assert ema_steps(tmp_path / "checkpoint-4") is None  # still unrecorded: the next run continues the same way
