@@ -25,7 +25,9 @@ Hyperparameters: the product's scratch defaults, given explicitly (``--learning_
 ``--warmup_steps`` change them for every setting; ``--tune_rates`` trains only the union at each
 rate, the issue's other choice, "one learning rate tuned on the union"): learning rate 5e-4, 100 warmup steps,
 ``constant_with_warmup``; batch 4 x 128 tokens (8 would not fit the 15-minute budget), files
-sized by tokens to ``--steps_per_file`` (24) optimizer steps each.
+sized by tokens to ``--steps_per_file`` (24) optimizer steps each. The export is named too: the
+latest weights (``--average_exports none``) unless a setting names an average, as the product's
+default does (replay and the weights' moving average, the second row).
 
 **Repeats.** ``--repeats`` (5), repeat ``r`` with ``--seed r`` and the files rotated by ``r``
 (every file first once); within a repeat every setting has the same seed, data and start.
@@ -173,12 +175,16 @@ def make_data(work: Path, steps_per_file: int, heldout_docs: int) -> dict:
     return {"tokenizer": tokenizer, "train": train, "tokens": tokens, "paths": paths}
 
 
-def settings(default: float, quick: bool, extra: list[list[str]]) -> list[tuple[str, list[str]]]:
-    """``(label, flags)`` per setting; the first is no replay, the second the current default."""
+def settings(default: float, decay: float, quick: bool, extra: list[list[str]]) -> list[tuple[str, list[str]]]:
+    """``(label, flags)`` per setting; the first is no replay, the second the current default (the embedded model's:
+    replay ``default`` and its weights' moving average at ``decay``). :func:`common_flags` export the latest weights
+    (``--average_exports none``) where a setting names no average."""
     d = ["--replay_fraction", str(default)]
-    rows = [("no replay", ["--replay_fraction", "0"]), (f"replay {default:.0%} (default)", d)]
+    ema = ["--average_exports", "ema", "--ema_decay", str(decay)]
+    rows = [("no replay", ["--replay_fraction", "0"]), (f"replay {default:.0%} + EMA {decay:g} (default)", [*d, *ema])]
     if not quick:
         rows += [
+            (f"replay {default:.0%}", d),
             ("replay 25%", ["--replay_fraction", "0.25"]),
             (f"replay {default:.0%} + LAWA last 3", [*d, "--average_exports", "lawa", "--average_last", "3"]),
             (f"replay {default:.0%} + EMA 0.99", [*d, "--average_exports", "ema", "--ema_decay", "0.99"]),
@@ -189,9 +195,10 @@ def settings(default: float, quick: bool, extra: list[list[str]]) -> list[tuple[
 
 
 def common_flags(learning_rate: float, warmup_steps: int) -> list[str]:
-    """Flags every run shares: learning rate and warmup given explicitly, every slice scored whole, tiny samples."""
+    """Flags every run shares: learning rate and warmup given explicitly, the latest weights exported (a setting
+    may name an average), every slice scored whole, tiny samples."""
     return [
-        "--learning_rate", str(learning_rate), "--warmup_steps", str(warmup_steps),
+        "--learning_rate", str(learning_rate), "--warmup_steps", str(warmup_steps), "--average_exports", "none",
         "--lr_scheduler_type", "constant_with_warmup", "--max_seq_length", str(SEQ),
         "--per_device_train_batch_size", str(BATCH), "--per_device_eval_batch_size", "32",
         "--eval_fraction", "0", "--eval_budget", "1000",
@@ -409,8 +416,10 @@ def main() -> int:
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
     from daemon.config import ReplayArguments
+    from daemon.training.averaging_flags import AveragingArguments
 
-    rows = settings(ReplayArguments().replay_fraction, args.quick, args.extra_setting)
+    decay = AveragingArguments(average_exports="ema").ema_decay
+    rows = settings(ReplayArguments().replay_fraction, decay, args.quick, args.extra_setting)
     started, names = time.perf_counter(), list(SOURCES)
     base = common_flags(args.learning_rate, args.warmup_steps)
     with tempfile.TemporaryDirectory() as tmp:
@@ -449,9 +458,9 @@ def estimate(reps: list[dict], rows: list, repeats: int, steps: int, elapsed: fl
     n_steps, n_files = sum(s["steps"] for s in runs), len(runs) * len(SOURCES)
     per_step = sum(s["train_s"] for s in runs) / n_steps
     per_file = (sum(s["wall"] for s in runs) - per_step * n_steps) / n_files
-    # The full run: 5 repeats of 6 settings (1.00 + 1.10 + 1.33 + 1.10 + 1.10 + 1.32 x the no-replay steps)
-    # and the union (1.25x), 24 steps a file; 35 train_file calls a repeat.
-    full = 5 * (8.2 * 24 * len(SOURCES) * per_step + 35 * per_file)
+    # The full run: 5 repeats of 7 settings (1.00 + 1.10 + 1.10 + 1.33 + 1.10 + 1.10 + 1.32 x the no-replay
+    # steps) and the union (1.25x), 24 steps a file; 40 train_file calls a repeat.
+    full = 5 * (9.3 * 24 * len(SOURCES) * per_step + 40 * per_file)
     print(f"  {per_step:.2f} s/step, {per_file:.1f} s/file besides training; full run ~{full / 60:.0f} min "
           f"(this run {elapsed / 60:.1f} min so far)", flush=True)  # fmt: skip
 

@@ -115,7 +115,8 @@ class Tree:
         return self.root / "cache"
 
     def flags(self, **overrides: object) -> list[str]:
-        """Flags for a tiny, fast, deterministic run in this tree; ``overrides`` replace or add flags."""
+        """Flags for a tiny, fast, deterministic run in this tree; ``overrides`` replace or add flags (None: leave it
+        to the product's default)."""
         flags: dict[str, object] = {
             "output_dir": self.output,
             "status_dir": self.status,
@@ -138,6 +139,8 @@ class Tree:
         flags.update(overrides)
         argv: list[str] = []
         for key, value in flags.items():
+            if value is None:
+                continue
             argv += [f"--{key}"] + ([str(v) for v in value] if isinstance(value, list) else [str(value)])
         return argv
 

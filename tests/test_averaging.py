@@ -258,3 +258,31 @@ def test_an_average_saved_without_its_step_count_continues_with_the_uncorrected_
     (tmp_path / "checkpoint-4").mkdir()
     callback.on_save(args, state, None)
     assert ema_steps(tmp_path / "checkpoint-4") is None  # still unrecorded: the next run continues the same way
+
+
+def test_the_embedded_model_exports_its_weights_moving_average_unless_the_run_says_otherwise(tree, monkeypatch):
+    from helpers import export_tiny
+
+    from daemon.training.arguments import parse_args
+
+    def export(*extra: str) -> tuple[str, float]:
+        parsed = parse_args(["--dataset", "a.jsonl", f"--output_dir={tree.output}", *extra])
+        return parsed.averaging.average_exports, parsed.averaging.ema_decay
+
+    assert export() == ("ema", 0.9)  # the embedded model, from scratch (BENCHMARKS.md "continual")
+    assert export("--average_exports", "none") == ("none", 0.9)  # a flag given wins
+    assert export("--average_exports=lawa")[0] == "lawa"
+    assert export("--cooldown_fraction", "0.2")[0] == "none"  # the cooldown branch is the export asked for
+    assert export("--use_peft")[0] == "none"  # an adapter is never averaged
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert export()[0] == "none"  # no average is built for a sharded model
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    base = export_tiny(tree.root / "base")
+    assert export(f"--model_name_or_path={base}")[0] == "none"  # a pretrained base: not measured with it
+
+
+def test_a_run_at_the_defaults_exports_the_average(tmp_path):
+    tree = _new_tree(tmp_path / "t")
+    row = train(tree, _text_file(tree.root / "f0.jsonl", 0), average_exports=None)  # the product's default
+    assert json.loads((tree.output / "export.json").read_text()) == {"global_step": row["end_step"], "ema_decay": 0.9}
+    assert (tree.output / f"checkpoint-{row['end_step']}" / "ema.safetensors").is_file()

@@ -19,13 +19,16 @@ AVERAGE_CHOICES = ("none", "lawa", "ema")
 class AveragingArguments:
     """Averaged exports (docs/data.md "Averaged exports"): the main line is trained and checkpointed as ever."""
 
-    average_exports: str = field(
-        default="none",
+    # None until resolve_defaults (daemon.training.arguments): the default follows the starting model.
+    average_exports: str = field(  # type: ignore[assignment]
+        default=None,
         metadata={
             "help": "'lawa' exports (and evaluates) the mean of the weights of the last --average_last file-end "
             "checkpoints instead of the file's end model (LAWA, Kaddour 2022); 'ema' an exponential moving "
             "average of the weights over every step (--ema_decay), kept in each checkpoint. The next file still "
-            "continues from the end checkpoint. 'none' (default) exports the main line's model.",
+            "continues from the end checkpoint. 'none' exports the main line's model. Default: 'ema' for the "
+            "embedded model learning from scratch; 'none' for a pretrained base, and with --use_peft, "
+            "--cooldown_fraction, --wise_ft or FSDP.",
             "choices": list(AVERAGE_CHOICES),
         },
     )
@@ -38,10 +41,11 @@ class AveragingArguments:
     )
 
     ema_decay: float = field(
-        default=0.99,
+        default=0.9,
         metadata={
-            "help": "Decay of --average_exports ema per optimizer step: ema = decay x ema + (1 - decay) x weights "
-            "(a half-life of ln 2 / (1 - decay) steps: 69 at 0.99)."
+            "help": "Decay of --average_exports ema per optimizer step: ema = decay x ema + (1 - decay) x weights, "
+            "bias-corrected (a half-life of ln 0.5 / ln decay steps: 6.6 at 0.9). 0.9 passed the "
+            "benchmark's plasticity guard, 0.95 and 0.99 did not (BENCHMARKS.md 'continual')."
         },
     )
 
