@@ -33,6 +33,8 @@ SUPERVISOR_HOST_ENV = "CONTINUAL_DAEMON_HOST"
 # The daemon's ledger instance id, set for its training children so that they refuse any other ledger
 # (a ledger.sqlite deleted or replaced meanwhile would give their --ledger_id to another file's row).
 LEDGER_ENV = "CONTINUAL_LEDGER_INSTANCE"
+# Set by `accelerate launch` for a config with distributed_type: FSDP (daemon.training.sharding).
+FSDP_ENV = "ACCELERATE_USE_FSDP"
 
 
 @dataclass

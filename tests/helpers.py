@@ -132,6 +132,9 @@ class Tree:
             # Every --save_steps checkpoint, as the tests of mid-file checkpoints need (tiny steps are
             # shorter than a checkpoint); tests/test_training.py tests the default's rule.
             "max_save_overhead": 0,
+            # The latest weights exported, as the tests of what a file's steps trained need; the embedded
+            # model's average is tested in tests/test_averaging.py.
+            "average_exports": "none",
             "status_interval": 0.1,
             "sample_max_new_tokens": 4,
             "seed": 0,

@@ -273,12 +273,12 @@ def test_the_embedded_model_exports_its_weights_moving_average_unless_the_run_sa
     assert export("--average_exports", "none") == ("none", 0.9)  # a flag given wins
     assert export("--average_exports=lawa")[0] == "lawa"
     assert export("--cooldown_fraction", "0.2")[0] == "none"  # the cooldown branch is the export asked for
-    assert export("--use_peft")[0] == "none"  # an adapter is never averaged
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     assert export()[0] == "none"  # no average is built for a sharded model
     monkeypatch.delenv("ACCELERATE_USE_FSDP")
     base = export_tiny(tree.root / "base")
     assert export(f"--model_name_or_path={base}")[0] == "none"  # a pretrained base: not measured with it
+    assert export(f"--model_name_or_path={base}", "--use_peft")[0] == "none"  # so never an adapter's factors
 
 
 def test_a_run_at_the_defaults_exports_the_average(tmp_path):

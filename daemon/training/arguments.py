@@ -40,9 +40,8 @@ from daemon.config import (
 from daemon.config_file import CONFIG_HELP, DAEMON_KEYS, read_flags
 from daemon.exceptions import ConfigError
 from daemon.store.origin import base_model_of, has_own_chat_template
-from daemon.training.averaging_flags import AveragingArguments, averaging_problems
+from daemon.training.averaging_flags import AveragingArguments, averaging_problems, default_average_exports
 from daemon.training.peft_flags import LORA_LEARNING_RATE, LORA_REHEARSAL_FRACTION, PeftArguments, resolve_peft
-from daemon.training.sharding import FSDP_ENV
 from daemon.training.technique_flags import TechniqueArguments, technique_problems
 from daemon.training.tracker_flags import TrackerArguments, missing_trackers
 
@@ -277,7 +276,7 @@ class Flags:
 # 1.10x the steps to pass the bench's decision rule against plain replay (the upper 95 % bound of its gap to
 # the union minus replay's below 0) and its plasticity guard (the newest file no worse than without replay).
 # A pretrained base was not measured with it and exports its own weights; so do a run that asks for another
-# export (_export_average).
+# export (daemon.training.averaging_flags.default_average_exports).
 SCRATCH_DEFAULTS: dict[str, Any] = {
     "learning_rate": 5e-4,
     "warmup_steps": 100,
@@ -300,19 +299,11 @@ def _starting_defaults(flags: dict[str, Any]) -> dict[str, Any]:
     return SCRATCH_DEFAULTS if base is None else PRETRAINED_DEFAULTS
 
 
-def _export_average(flags: dict[str, Any]) -> str:
-    """``--average_exports`` not given: the starting model's default, or ``none`` where the run replaces the export
-    another way (``--use_peft``: an adapter's merge; ``--cooldown_fraction``; ``--wise_ft``) or shards the model
-    (FSDP: no average is built for it yet), each of which an average cannot be combined with."""
-    sharded = os.environ.get(FSDP_ENV, "false").lower() in ("true", "1") or bool(flags["fsdp"])
-    if flags["use_peft"] or flags["cooldown_fraction"] > 0 or flags["wise_ft"] or sharded:
-        return "none"
-    return str(_starting_defaults(flags)["average_exports"])
-
-
 def _shown(value: Any) -> str:
-    """A flag's value as it would be typed: ``5e-05``, ``0``, ``true``."""
-    return str(value).lower() if isinstance(value, bool) else f"{value:g}"
+    """A flag's value as it would be typed: ``5e-05``, ``0``, ``true``, ``none``."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return value if isinstance(value, str) else f"{value:g}"
 
 
 def _sample_prompts(flags: dict[str, Any]) -> list[str]:
@@ -334,7 +325,7 @@ DEFAULT_RULES: dict[str, Callable[[dict[str, Any]], Any]] = {
     "base_rehearsal_fraction": lambda flags: (
         LORA_REHEARSAL_FRACTION if flags["use_peft"] else _starting_defaults(flags)["base_rehearsal_fraction"]
     ),
-    "average_exports": _export_average,
+    "average_exports": lambda flags: default_average_exports(flags, _starting_defaults(flags)["average_exports"]),
     "sample_prompts": _sample_prompts,
     "use_cpu": lambda flags: not torch.accelerator.is_available(),
     "bf16": lambda flags: False if flags["fp16"] else default_bf16(use_cpu=flags["use_cpu"]),

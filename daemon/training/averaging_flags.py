@@ -7,9 +7,11 @@ against the flags of other groups once every group is built.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from daemon.config import FSDP_ENV
 from daemon.exceptions import ConfigError
 
 AVERAGE_CHOICES = ("none", "lawa", "ema")
@@ -27,7 +29,7 @@ class AveragingArguments:
             "checkpoints instead of the file's end model (LAWA, Kaddour 2022); 'ema' an exponential moving "
             "average of the weights over every step (--ema_decay), kept in each checkpoint. The next file still "
             "continues from the end checkpoint. 'none' exports the main line's model. Default: 'ema' for the "
-            "embedded model learning from scratch; 'none' for a pretrained base, and with --use_peft, "
+            "embedded model learning from scratch; 'none' for a pretrained base (so with --use_peft), and with "
             "--cooldown_fraction, --wise_ft or FSDP.",
             "choices": list(AVERAGE_CHOICES),
         },
@@ -59,6 +61,22 @@ class AveragingArguments:
             problems.append("--ema_decay must be in (0, 1)")
         if problems:
             raise ConfigError("; ".join(problems))
+
+
+def default_average_exports(flags: dict[str, Any], starting_default: str) -> str:
+    """``--average_exports`` not given: ``starting_default`` (the starting model's), or ``none`` where the run
+    replaces the export another way (``--cooldown_fraction``, ``--wise_ft``) or shards the model (FSDP: no average
+    is built for it yet), each of which an average cannot be combined with. A LoRA line always has a pretrained
+    base, whose default is ``none``.
+
+    Args:
+        flags: every flag's parsed value by name (``cooldown_fraction``, ``wise_ft`` and ``fsdp`` as given).
+        starting_default: the default of the starting model (``SCRATCH_DEFAULTS`` or ``PRETRAINED_DEFAULTS``).
+    """
+    sharded = os.environ.get(FSDP_ENV, "false").lower() in ("true", "1") or bool(flags["fsdp"])
+    if flags["cooldown_fraction"] > 0 or flags["wise_ft"] or sharded:
+        return "none"
+    return starting_default
 
 
 def averaging_problems(

@@ -282,7 +282,7 @@ def mix_replay(data: PreparedData, replayed: list[dict[str, list[int]]], seed: i
         data.heldout_records,
         len(replayed),
         own,
-        replayed_tokens=sum(rows["length"]),
+        replayed_tokens=sum(len(e["input_ids"]) for e in replayed),
     )
 
 

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from daemon.config import FSDP_ENV
 from daemon.exceptions import ConfigError
 from daemon.store.sharded_files import is_sharded_checkpoint
 
@@ -37,7 +38,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-FSDP_ENV = "ACCELERATE_USE_FSDP"  # set by `accelerate launch` for a config with distributed_type: FSDP
 WHOLE_FSDP_WEIGHTS = "pytorch_model_fsdp.bin"  # accelerate's FULL_STATE_DICT checkpoint of the model
 
 
