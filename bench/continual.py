@@ -1,6 +1,6 @@
 """Benchmark: forgetting over a stream of five different texts, each setting against the union of all files.
 
-    .venv/bin/python bench/continual.py [--quick] [--extra_setting NAME "FLAGS..."] [--out BENCHMARKS.md]
+    .venv/bin/python bench/continual.py [--quick | --candidates_only] [--extra_setting NAME "FLAGS..."] [--out FILE]
     .venv/bin/python bench/continual.py --tune_rates 5e-4 1e-3 2e-3 --warmup_steps 10   # the union alone
 
 **Data.** Five sources of clearly different real text on the machine (:data:`SOURCES`): Python
@@ -175,14 +175,15 @@ def make_data(work: Path, steps_per_file: int, heldout_docs: int) -> dict:
     return {"tokenizer": tokenizer, "train": train, "tokens": tokens, "paths": paths}
 
 
-def settings(default: float, decay: float, quick: bool, extra: list[list[str]]) -> list[tuple[str, list[str]]]:
+def settings(default: float, decay: float, standard: bool, extra: list[list[str]]) -> list[tuple[str, list[str]]]:
     """``(label, flags)`` per setting; the first is no replay, the second the current default (the embedded model's:
-    replay ``default`` and its weights' moving average at ``decay``). :func:`common_flags` export the latest weights
-    (``--average_exports none``) where a setting names no average."""
+    replay ``default`` and its weights' moving average at ``decay``), then the standard settings if ``standard``,
+    then ``extra``. :func:`common_flags` export the latest weights (``--average_exports none``) where a setting
+    names no average."""
     d = ["--replay_fraction", str(default)]
     ema = ["--average_exports", "ema", "--ema_decay", str(decay)]
     rows = [("no replay", ["--replay_fraction", "0"]), (f"replay {default:.0%} + EMA {decay:g} (default)", [*d, *ema])]
-    if not quick:
+    if standard:
         rows += [
             (f"replay {default:.0%}", d),
             ("replay 25%", ["--replay_fraction", "0.25"]),
@@ -394,6 +395,12 @@ def main() -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2 repeats, 8 steps a file, 2 settings: a check.")
+    parser.add_argument(
+        "--candidates_only",
+        action="store_true",
+        help="Only no replay, the default and the --extra_setting ones (5 repeats, the section written): "
+        "candidates against the default in fewer minutes.",
+    )
     parser.add_argument("--repeats", type=int, default=None, help="Repeats (5; --quick 2).")
     parser.add_argument("--steps_per_file", type=int, default=None, help="Optimizer steps per file (24; --quick 8).")
     parser.add_argument("--learning_rate", type=float, default=SCRATCH_DEFAULTS["learning_rate"])
@@ -419,7 +426,8 @@ def main() -> int:
     from daemon.training.averaging_flags import AveragingArguments
 
     decay = AveragingArguments(average_exports="ema").ema_decay
-    rows = settings(ReplayArguments().replay_fraction, decay, args.quick, args.extra_setting)
+    standard = not (args.quick or args.candidates_only)
+    rows = settings(ReplayArguments().replay_fraction, decay, standard, args.extra_setting)
     started, names = time.perf_counter(), list(SOURCES)
     base = common_flags(args.learning_rate, args.warmup_steps)
     with tempfile.TemporaryDirectory() as tmp:
