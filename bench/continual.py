@@ -75,7 +75,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench import continual_stats as cs  # noqa: E402
-from bench.common import machine, write_section  # noqa: E402
+from bench.common import hardware_class, machine, write_section  # noqa: E402
 from daemon.make_dataset import docstrings, iter_text_files, read_text, split_text  # noqa: E402
 
 STDLIB, MAN = Path(sysconfig.get_paths()["stdlib"]), Path("/usr/share/man/man1")
@@ -84,7 +84,11 @@ MAX_CHARS, HELDOUT_CHARS, MIN_CHARS, BATCH, SEQ = 1000, 400, 200, 4, 128
 PER_FILE = {"train": 6, "heldout": 2, "tokenizer": 6}
 TOKENIZER_CHARS = 150_000  # per source
 UNION_POINTS = (0.8, 0.9, 1.0, 1.1, 1.25)
-PNG = ROOT / "bench" / "continual_forgetting.png"
+
+
+def plot_path() -> Path:
+    """The forgetting matrices' figure of this machine's class (one per class, as the sections of BENCHMARKS.md)."""
+    return ROOT / "bench" / f"continual_forgetting-{hardware_class()}.png"
 
 
 def _gunzip(path: Path) -> str | None:
@@ -455,8 +459,8 @@ def main() -> int:
         print("--quick: BENCHMARKS.md left as it is")
         return 0
     write_report(args.out, lines, results, union, rows, reps, time.perf_counter() - started, base)
-    plot(results, PNG)
-    print(f"updated {args.out} and {PNG}")
+    plot(results, plot_path())
+    print(f"updated {args.out} and {plot_path()}")
     return 0
 
 
@@ -502,7 +506,7 @@ def write_report(
         "",
         "\n\n".join(cs.verdict(results)),
         "",
-        "![forgetting matrices](bench/continual_forgetting.png)",
+        f"![forgetting matrices]({plot_path().relative_to(ROOT)})",
     ])  # fmt: skip
     write_section(out, "continual", body)
 

@@ -262,9 +262,13 @@ def test_the_daemon_hands_each_child_the_same_mlflow_and_wandb_runs(
         drop.rename(tree.inbox / f"{i}-{drop.name}")
     # Two children, each importing torch, mlflow and wandb: about 30 s on an idle 2-core machine.
     result = run_cli(daemon_argv(tree, "--once", report_to="mlflow,wandb"), cwd=tree.root, timeout=280)
+    # This process's MLflow calls after the test (the fixture's flush) go to the session's store, not a
+    # default ./mlflow.db in pytest's folder.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store.uri)
     assert result.returncode == 0, result.stderr[-3000:]
     a, b = tree.history()
     assert b["start_step"] == a["end_step"]
+    assert not (tree.root / "mlflow.db").exists()  # the default store is the status folder's, nowhere else
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tree.status / 'mlflow.db'}")
     (run,) = client.search_runs(["0"])  # the default experiment; one run for the two children
