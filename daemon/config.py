@@ -9,6 +9,7 @@ daemon process can parse its options without importing torch.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,13 @@ SUPERVISOR_HOST_ENV = "CONTINUAL_DAEMON_HOST"
 LEDGER_ENV = "CONTINUAL_LEDGER_INSTANCE"
 # Set by `accelerate launch` for a config with distributed_type: FSDP (daemon.training.sharding).
 FSDP_ENV = "ACCELERATE_USE_FSDP"
+
+
+def sharding_requested(fsdp: object) -> bool:
+    """Whether a run is asked to shard: an accelerate FSDP launch (:data:`FSDP_ENV`), or ``fsdp``, the value of the
+    Trainer's ``--fsdp``, set. Here rather than in :mod:`daemon.training.sharding` so that the flags' defaults
+    (:mod:`daemon.training.averaging_flags`) can ask before the Trainer's arguments exist."""
+    return os.environ.get(FSDP_ENV, "false").lower() in ("true", "1") or bool(fsdp)
 
 
 @dataclass

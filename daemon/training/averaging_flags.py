@@ -7,11 +7,10 @@ against the flags of other groups once every group is built.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from daemon.config import FSDP_ENV
+from daemon.config import sharding_requested
 from daemon.exceptions import ConfigError
 
 AVERAGE_CHOICES = ("none", "lawa", "ema")
@@ -73,8 +72,7 @@ def default_average_exports(flags: dict[str, Any], starting_default: str) -> str
         flags: every flag's parsed value by name (``cooldown_fraction``, ``wise_ft`` and ``fsdp`` as given).
         starting_default: the default of the starting model (``SCRATCH_DEFAULTS`` or ``PRETRAINED_DEFAULTS``).
     """
-    sharded = os.environ.get(FSDP_ENV, "false").lower() in ("true", "1") or bool(flags["fsdp"])
-    if flags["cooldown_fraction"] > 0 or flags["wise_ft"] or sharded:
+    if flags["cooldown_fraction"] > 0 or flags["wise_ft"] or sharding_requested(flags["fsdp"]):
         return "none"
     return starting_default
 

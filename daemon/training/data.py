@@ -266,10 +266,11 @@ def mix_replay(data: PreparedData, replayed: list[dict[str, list[int]]], seed: i
         return data
     import datasets as ds
 
+    lengths = [len(e["input_ids"]) for e in replayed]
     rows = {
         "input_ids": [e["input_ids"] for e in replayed],
         "labels": [e.get("labels") for e in replayed],  # null: every token learned, as in packed text
-        "length": [len(e["input_ids"]) for e in replayed],
+        "length": lengths,
     }
     own = data.train
     extra = ds.Dataset.from_dict(rows, features=own.features)
@@ -282,7 +283,7 @@ def mix_replay(data: PreparedData, replayed: list[dict[str, list[int]]], seed: i
         data.heldout_records,
         len(replayed),
         own,
-        replayed_tokens=sum(len(e["input_ids"]) for e in replayed),
+        replayed_tokens=sum(lengths),
     )
 
 

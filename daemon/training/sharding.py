@@ -19,12 +19,11 @@ code path stays the one of :mod:`daemon.training.run`; this module holds what di
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from daemon.config import FSDP_ENV
+from daemon.config import sharding_requested
 from daemon.exceptions import ConfigError
 from daemon.store.sharded_files import is_sharded_checkpoint
 
@@ -43,7 +42,7 @@ WHOLE_FSDP_WEIGHTS = "pytorch_model_fsdp.bin"  # accelerate's FULL_STATE_DICT ch
 
 def fsdp_requested(training_args: TrainingArguments) -> bool:
     """Whether this run was asked to shard: an accelerate FSDP launch, or ``--fsdp`` in the Trainer's flags."""
-    return os.environ.get(FSDP_ENV, "false").lower() in ("true", "1") or bool(training_args.fsdp)
+    return sharding_requested(training_args.fsdp)
 
 
 def refuse_unsupported(flags: Flags) -> None:
