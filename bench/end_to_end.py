@@ -12,8 +12,9 @@
    (``bench/plain_trainer.py``) with its defaults, then both with identical settings
    (the product with ``--grad_workers 0 --bf16 False``: the stock Trainer step in fp32, as the peer),
    and the product's defaults once more with glibc's malloc defaults (``GLIBC_TUNABLES`` names
-   a malloc tunable, so :func:`daemon.training.speed.allocator.keep_freed_memory` changes nothing): what keeping
-   a step's freed memory mapped is worth. ``--defaults_only`` runs the defaults' pair and that row.
+   a malloc tunable, so :func:`daemon.training.speed.allocator.keep_freed_memory` changes nothing) and
+   without huge pages (``THP_MEM_ALLOC_ENABLE=0``, :func:`~daemon.training.speed.allocator.use_huge_pages`):
+   what the training process's memory settings are worth. ``--defaults_only`` runs the defaults' pair and that row.
    Same model, data, batch size (8) and sequence length (256); one pass over the file.
    Then one more fp32 product run with ``--seed 1``: the noise against which the bf16
    loss curve is compared with the fp32 one.
@@ -50,9 +51,9 @@ from daemon.training.arguments import default_bf16  # noqa: E402
 ROWS, SEQ = 8, 256  # the micro-batch both sides train: rows of SEQ-token blocks
 SHARED = ["--max_seq_length", str(SEQ), "--per_device_train_batch_size", str(ROWS)]
 IDENTICAL = ["--grad_workers", "0", "--bf16", "False"]  # the peer's settings: the stock step in fp32
-# A malloc tunable at its default value: the product then leaves glibc's malloc as it is
-# (daemon/training/speed/allocator.py).
-GLIBC_MALLOC_DEFAULTS = {"GLIBC_TUNABLES": "glibc.malloc.perturb=0"}
+# A malloc tunable at its default value and PyTorch's huge pages off: the product then leaves
+# glibc's malloc and PyTorch's allocator as they are (daemon/training/speed/allocator.py).
+GLIBC_MALLOC_DEFAULTS = {"GLIBC_TUNABLES": "glibc.malloc.perturb=0", "THP_MEM_ALLOC_ENABLE": "0"}
 MAX_OVERHEAD = 0.10  # --guard fails above this identical-settings overhead (issue 5)
 PACKAGES = ("json", "email", "http", "logging")
 
@@ -147,13 +148,14 @@ def stdlib_file_and_base(work: Path, packages: tuple[str, ...], seed_lines: int)
     return data, base
 
 
-def peer(work: Path, data: Path, base: Path, name: str) -> float:
-    """Wall seconds of one run of the plain Trainer script."""
+def peer(work: Path, data: Path, base: Path, name: str, env: dict[str, str] | None = None) -> float:
+    """Wall seconds of one run of the plain Trainer script (``env``: its environment, default this one's)."""
     return run(
         [sys.executable, str(ROOT / "bench" / "plain_trainer.py"), "--model_name_or_path", str(base),
          "--dataset", str(data), "--output_dir", str(work / name), "--num_train_epochs", "1",
          "--report_to", "none", *SHARED],
         cwd=work,
+        env=env,
     )  # fmt: skip
 
 
@@ -253,7 +255,7 @@ def main() -> int:
     ]
     for key, peer_key, label in (
         ("product", "peer", "defaults of each"),
-        ("product-glibc", "peer", "defaults, glibc's malloc defaults"),
+        ("product-glibc", "peer", "defaults, glibc's malloc defaults, no huge pages"),
         ("product-same", "peer-same", "identical (fp32, stock Trainer step)"),
     ):
         if not runs[key]:
@@ -273,7 +275,7 @@ def main() -> int:
 
     for key, label in (
         ("product", "defaults: {}"),
-        ("product-glibc", "defaults under glibc's malloc defaults: {}"),
+        ("product-glibc", "defaults under glibc's malloc defaults, no huge pages: {}"),
         ("product-same", "fp32, stock step"),
     ):
         if not runs[key]:

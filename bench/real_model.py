@@ -273,7 +273,12 @@ def stream(work: Path, base: Path, settings: dict[str, list[str]]) -> str:
     return "\n".join([*lines, "", *notes])
 
 
-def speed(work: Path, base: Path, repeats: int, packages: list[str]) -> str:
+# What ``--emulate avx2`` sets for both sides: PyTorch's own kernels, oneDNN and MKL use AVX2 and
+# nothing wider, as on a CPU without AVX-512 (each library's documented switch).
+EMULATED_AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+
+
+def speed(work: Path, base: Path, repeats: int, packages: list[str], emulate: str | None = None) -> str:
     """The product's defaults against the plain Trainer script on SmolLM2, whole processes alternated (markdown).
 
     Both train one pass over the docstrings of ``packages`` in 8 x 256 blocks from the same base; the
@@ -281,6 +286,10 @@ def speed(work: Path, base: Path, repeats: int, packages: list[str]) -> str:
     base-model slice, samples and export all inside its wall time), the peer (``bench/plain_trainer.py``,
     fp32, transformers' defaults) with its own. Tokens per wall second: the product's history
     row's tokens, the peer's blocks.
+
+    ``emulate="avx2"``: the AVX2-only class on a wider CPU: both sides run with :data:`EMULATED_AVX2`,
+    and the product gets ``--bf16 False``, what its default is on a CPU without ``avx512_bf16`` or
+    ``amx_bf16`` (:func:`daemon.training.arguments.default_bf16`).
     """
     from bench.end_to_end import peer, peer_tokens
 
@@ -290,19 +299,21 @@ def speed(work: Path, base: Path, repeats: int, packages: list[str]) -> str:
          *(str(STDLIB / p) for p in packages), str(data)],
         cwd=ROOT, check=True, capture_output=True,
     )  # fmt: skip
+    env = {**os.environ, **EMULATED_AVX2} if emulate == "avx2" else None
+    class_default = ["--bf16", "False"] if emulate == "avx2" else []
     ours, theirs = [], []
     for repeat in range(repeats):
         out = work / f"ours-{repeat}"
         cmd = [sys.executable, str(ROOT / "train.py"), "--dataset", str(data), "--model_name_or_path", str(base),
                "--output_dir", str(out / "model"), "--status_dir", str(out / "status"),
-               "--max_seq_length", "256", "--per_device_train_batch_size", "8"]  # fmt: skip
+               "--max_seq_length", "256", "--per_device_train_batch_size", "8", *class_default]  # fmt: skip
         started = time.perf_counter()
-        subprocess.run(cmd, cwd=work, check=True, capture_output=True)
+        subprocess.run(cmd, cwd=work, check=True, capture_output=True, env=env)
         wall = time.perf_counter() - started
         row = json.loads((out / "status" / "history.jsonl").read_text().splitlines()[-1])
         ours.append(row["tokens"] / wall)
         shutil.rmtree(out / "model")  # 2 GB a run (weights, AdamW state): the disk holds few of them
-        theirs.append(peer_tokens(data, base) / peer(work, data, base, f"peer-{repeat}"))
+        theirs.append(peer_tokens(data, base) / peer(work, data, base, f"peer-{repeat}", env))
         shutil.rmtree(work / f"peer-{repeat}")
         print(f"repeat {repeat}: product {ours[-1]:.0f} tokens/s, peer {theirs[-1]:.0f} tokens/s", flush=True)
     ratio = statistics.median(a / b for a, b in zip(ours, theirs, strict=True))
@@ -327,6 +338,12 @@ def main() -> int:
         default=["asyncio", "email", "json"],
         help="speed: stdlib packages of the file (default: about 3 minutes of training on a 2-core CPU).",
     )
+    parser.add_argument(
+        "--emulate",
+        choices=["avx2"],
+        help="speed: measure the AVX2-only class on this CPU (kernels held to AVX2, the product in fp32); "
+        "its own section of BENCHMARKS.md.",
+    )
     parser.add_argument("--rates", type=float, nargs="+", default=list(RATES))
     parser.add_argument(
         "--setting",
@@ -348,11 +365,13 @@ def main() -> int:
             table = (
                 stream(work, base, parse_settings(args.setting))
                 if args.mode == "stream"
-                else speed(work, base, args.repeats, args.packages)
+                else speed(work, base, args.repeats, args.packages, args.emulate)
             )
-    body = f"Measured {time.strftime('%Y-%m-%d')} on {machine()}.\n\n{table}\n"
+    emulated = f", emulating the AVX2-only class ({' '.join(f'{k}={v}' for k, v in EMULATED_AVX2.items())})"
+    body = f"Measured {time.strftime('%Y-%m-%d')} on {machine()}{emulated if args.emulate else ''}.\n\n{table}\n"
     print(body)
-    write_section(ROOT / "BENCHMARKS.md", f"real-model {args.mode}", body)
+    section = f"real-model {args.mode}" + (f" emulated-{args.emulate}" if args.emulate else "")
+    write_section(ROOT / "BENCHMARKS.md", section, body)
     return 0
 
 

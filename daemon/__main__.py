@@ -116,9 +116,10 @@ def _dispatch(argv: list[str]) -> int:
         return serving.main(argv[1:])
     if command in ("train", "train-spare", "check-args"):
         if command != "check-args":
-            from daemon.training.speed.allocator import keep_freed_memory
+            from daemon.training.speed.allocator import keep_freed_memory, use_huge_pages
 
             keep_freed_memory()  # before torch is imported (its docstring says why)
+            use_huge_pages()
         from daemon.training import cli
 
         if command == "train-spare":

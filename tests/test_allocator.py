@@ -89,10 +89,38 @@ def test_the_training_entry_points_set_malloc_up_before_training(monkeypatch):
 
     calls: list[str] = []
     monkeypatch.setattr(allocator, "keep_freed_memory", lambda: calls.append("malloc") or True)
+    monkeypatch.setattr(allocator, "use_huge_pages", lambda: calls.append("thp") or True)
     monkeypatch.setattr(cli, "main", lambda argv: calls.append(f"train {argv}") or 0)
     monkeypatch.setattr(cli, "train_spare_main", lambda: calls.append("spare") or 0)
     monkeypatch.setattr(cli, "check_args_main", lambda argv: calls.append("check") or 0)
     assert entry.main(["train", "--dataset", "a.jsonl"]) == 0
     assert entry.main(["train-spare"]) == 0
     assert entry.main(["check-args"]) == 0
-    assert calls == ["malloc", "train ['--dataset', 'a.jsonl']", "malloc", "spare", "check"]
+    assert calls == ["malloc", "thp", "train ['--dataset', 'a.jsonl']", "malloc", "thp", "spare", "check"]
+
+
+@pytest.mark.parametrize(
+    ("mode", "given", "expected"),
+    [
+        ("always [madvise] never\n", None, "1"),
+        ("[always] madvise never\n", None, "1"),
+        ("always madvise [never]\n", None, None),  # the kernel gives none: nothing to ask for
+        ("always [madvise] never\n", "0", "0"),  # the user's own value wins
+        (None, None, None),  # no THP in this kernel
+    ],
+)
+def test_huge_pages_are_asked_of_pytorch_where_the_kernel_gives_them_and_the_user_said_nothing(
+    tmp_path, monkeypatch, mode, given, expected
+):
+    from daemon.training.speed.allocator import THP_ENV, use_huge_pages
+
+    monkeypatch.setattr(platform, "system", lambda: "Linux")
+    mode_file = tmp_path / "enabled"
+    if mode is not None:
+        mode_file.write_text(mode)
+    if given is None:
+        monkeypatch.delenv(THP_ENV, raising=False)
+    else:
+        monkeypatch.setenv(THP_ENV, given)
+    assert use_huge_pages(str(mode_file)) is (expected == "1" and given is None)
+    assert os.environ.get(THP_ENV) == expected

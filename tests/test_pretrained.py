@@ -143,3 +143,39 @@ def test_hub_kernels_stay_off_unless_the_user_asks_for_them(tree, monkeypatch):
     assert load_pretrained(folder)[0].use_kernels is False
     monkeypatch.setenv("USE_HUB_KERNELS", "YES")
     assert load_pretrained(folder)[0].use_kernels is True
+
+
+def _mapped_from(path: Path) -> list[tuple[int, int]]:
+    """Address ranges of this process that map ``path`` (``/proc/self/maps``)."""
+    ranges = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        if line.endswith(str(path)):
+            start, end = line.split()[0].split("-")
+            ranges.append((int(start, 16), int(end, 16)))
+    return ranges
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads Linux's /proc/self/maps")
+def test_trainable_parameters_leave_the_loaded_files_pages_before_the_first_optimizer_step(tmp_path):
+    import torch
+
+    from daemon.training.model import load_pretrained, own_trainable_memory
+
+    folder = export_tiny(tmp_path / "model")
+    model, _ = load_pretrained(folder)
+    weights = folder / "model.safetensors"
+
+    def in_file(tensor) -> bool:
+        return any(start <= tensor.data_ptr() < end for start, end in _mapped_from(weights))
+
+    params = dict(model.named_parameters())
+    assert all(in_file(p) for p in params.values())  # as loaded: the file's copy-on-write pages
+    frozen = params["model.norm.weight"]
+    frozen.requires_grad_(False)
+    before = {name: p.detach().clone() for name, p in params.items()}
+    copied = own_trainable_memory(model)
+    assert copied == sum(p.numel() * p.element_size() for p in params.values() if p.requires_grad)
+    assert not any(in_file(p) for p in params.values() if p.requires_grad)
+    assert in_file(frozen)  # never written: left where it was
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # tied embeddings stay one parameter
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())

@@ -175,6 +175,31 @@ def load_pretrained(
     return model, tokenizer
 
 
+def own_trainable_memory(model: PreTrainedModel) -> int:
+    """Copy each trainable CPU parameter out of the file it was loaded from into the process's own memory.
+
+    transformers loads a safetensors file memory-mapped, private and copy-on-write: a parameter's
+    storage is the file's pages until something writes to it. The optimizer's first step writes
+    every parameter, each 4 KiB page through a copy-on-write fault: SmolLM2-135M's first fused
+    AdamW step took 2.7 to 3.8 s, its later ones 0.08 s, and 0.08 s the first too once the
+    parameters were copied (0.3 s for its 538 MB; BENCHMARKS.md, "real-model speed emulated-avx2").
+    A frozen parameter (a LoRA line's base) is never written and stays where it is; so does a
+    parameter on an accelerator. Tied parameters stay tied (one ``Parameter``, its ``data`` replaced).
+
+    Returns:
+        The bytes copied.
+    """
+    import torch
+
+    copied = 0
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad and parameter.device.type == "cpu":
+                parameter.data = parameter.data.clone()
+                copied += parameter.numel() * parameter.element_size()
+    return copied
+
+
 def has_model(path: str | Path) -> bool:
     """True when ``path`` holds an exported model (a ``config.json``)."""
     return (Path(path) / "config.json").is_file()

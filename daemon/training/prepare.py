@@ -41,6 +41,7 @@ from daemon.training.data import (
     tokenizer_fingerprint,
 )
 from daemon.training.evaluation import autocast_dtype
+from daemon.training.model import own_trainable_memory
 from daemon.training.plan import plan_steps, recorded_plan
 from daemon.training.prepared import PreparedFile
 from daemon.training.rehearsal import keep_rehearsal
@@ -72,6 +73,8 @@ def setup(flags: Flags, ledger: Ledger, heartbeat: Heartbeat | None) -> Prepared
     refuse_missing_steps(ledger, output_dir, claim)
     refuse_checkpoint(training_args, checkpoint)
     model, tokenizer, checkpoint = adapted_starting_model(flags, checkpoint, records, scan.shape)  # --use_peft
+    if training_args.device.type == "cpu":
+        own_trainable_memory(model)  # not the loaded file's pages: the first optimizer step would fault each one
     datasets = prepare_datasets(records, scan.shape, tokenizer, data_args, training_args.seed)
     at_step = checkpoint.global_step if checkpoint else 0
     resumed, abandoned = recorded_plan(ledger, scan, at_step, claim)
