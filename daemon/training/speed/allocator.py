@@ -27,6 +27,7 @@ import ctypes.util
 import logging
 import os
 import platform
+from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +125,7 @@ def use_huge_pages(mode_file: str = THP_MODE) -> bool:
     if platform.system() != "Linux" or THP_ENV in os.environ:
         return False
     try:
-        mode = open(mode_file, encoding="ascii").read()
+        mode = Path(mode_file).read_text(encoding="ascii", errors="replace")
     except OSError:
         return False
     if "[always]" not in mode and "[madvise]" not in mode:
