@@ -47,13 +47,14 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import machine, model_shape_flops, write_section  # noqa: E402
 from daemon.training.arguments import default_bf16  # noqa: E402
+from daemon.training.speed.allocator import THP_ENV  # noqa: E402
 
 ROWS, SEQ = 8, 256  # the micro-batch both sides train: rows of SEQ-token blocks
 SHARED = ["--max_seq_length", str(SEQ), "--per_device_train_batch_size", str(ROWS)]
 IDENTICAL = ["--grad_workers", "0", "--bf16", "False"]  # the peer's settings: the stock step in fp32
 # A malloc tunable at its default value and PyTorch's huge pages off: the product then leaves
 # glibc's malloc and PyTorch's allocator as they are (daemon/training/speed/allocator.py).
-GLIBC_MALLOC_DEFAULTS = {"GLIBC_TUNABLES": "glibc.malloc.perturb=0", "THP_MEM_ALLOC_ENABLE": "0"}
+ALLOCATOR_DEFAULTS = {"GLIBC_TUNABLES": "glibc.malloc.perturb=0", THP_ENV: "0"}
 MAX_OVERHEAD = 0.10  # --guard fails above this identical-settings overhead (issue 5)
 PACKAGES = ("json", "email", "http", "logging")
 
@@ -227,7 +228,7 @@ def main() -> int:
                 runs["product-same"].append(product(work, data, base, f"ps{i}", IDENTICAL))
                 peer_walls["peer-same"].append(peer(work, data, base, f"qs{i}"))
             if not args.guard:
-                runs["product-glibc"].append(product(work, data, base, f"pg{i}", [], GLIBC_MALLOC_DEFAULTS))
+                runs["product-glibc"].append(product(work, data, base, f"pg{i}", [], ALLOCATOR_DEFAULTS))
             print({k: v[-1].wall for k, v in runs.items() if v}, peer_walls, flush=True)
             for name, measure in measures.items():
                 peaks[name].append(measure())
