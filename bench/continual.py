@@ -86,9 +86,13 @@ TOKENIZER_CHARS = 150_000  # per source
 UNION_POINTS = (0.8, 0.9, 1.0, 1.1, 1.25)
 
 
-def plot_path() -> Path:
-    """The forgetting matrices' figure of this machine's class (one per class, as the sections of BENCHMARKS.md)."""
-    return ROOT / "bench" / f"continual_forgetting-{hardware_class()}.png"
+def plot_path(out: Path) -> Path:
+    """The forgetting matrices' figure of this machine's class (one per class, as the sections of BENCHMARKS.md).
+
+    In ``bench/`` beside ``out``, the markdown file the section goes to: the repository's own for
+    BENCHMARKS.md, elsewhere for ``--out`` elsewhere (a trial go leaves the committed figure as it is).
+    """
+    return out.resolve().parent / "bench" / f"continual_forgetting-{hardware_class()}.png"
 
 
 def _gunzip(path: Path) -> str | None:
@@ -391,6 +395,7 @@ def plot(results: list[dict], path: Path) -> None:
         ax.set_ylabel("after the k-th file", fontsize=7)
     fig.suptitle("Mean held-out loss (nats/token) over repeats, files by position in each repeat's order", fontsize=9)
     fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
 
 
@@ -459,8 +464,8 @@ def main() -> int:
         print("--quick: BENCHMARKS.md left as it is")
         return 0
     write_report(args.out, lines, results, union, rows, reps, time.perf_counter() - started, base)
-    plot(results, plot_path())
-    print(f"updated {args.out} and {plot_path()}")
+    plot(results, plot_path(args.out))
+    print(f"updated {args.out} and {plot_path(args.out)}")
     return 0
 
 
@@ -506,7 +511,7 @@ def write_report(
         "",
         "\n\n".join(cs.verdict(results)),
         "",
-        f"![forgetting matrices]({plot_path().relative_to(ROOT)})",
+        f"![forgetting matrices]({plot_path(out).relative_to(out.resolve().parent)})",
     ])  # fmt: skip
     write_section(out, "continual", body)
 

@@ -150,3 +150,12 @@ def test_aggregate_reads_gaps_compute_and_plasticity_off_fabricated_runs() -> No
     assert default["steps"] == pytest.approx(1.1) and default["plasticity"] == pytest.approx(-0.15)
     assert not default["better"]  # the default against itself
     assert default["grid"][0][1] is None and default["grid"][4][0] == pytest.approx(4.85)
+
+
+def test_the_figure_goes_beside_the_markdown_file_it_is_linked_from(tmp_path: Path) -> None:
+    from bench import continual
+
+    repository = Path(continual.ROOT)
+    assert continual.plot_path(repository / "BENCHMARKS.md").parent == repository / "bench"
+    trial = continual.plot_path(tmp_path / "trial.md")  # --out elsewhere: the committed figure is left alone
+    assert trial.parent == tmp_path / "bench" and trial.name == continual.plot_path(repository / "x.md").name
