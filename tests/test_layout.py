@@ -141,3 +141,19 @@ def test_the_rules_see_the_imports_they_forbid(tmp_path):
     )
     assert {"daemon.training.run", "torch", "daemon.store.ledger"} <= _imports(probe)
     assert {"typing"} == _imports(probe, at_import_time=True)
+
+
+def test_the_map_in_docs_layout_names_every_module_under_its_package():
+    """docs/layout.md's map lists each module below its folder's line: a module added without a line there is
+    missing from the page people are sent to (four were, until a review found them)."""
+    listed, folder = set(), None
+    for line in (REPO / "docs" / "layout.md").read_text().splitlines():
+        if line.startswith("daemon/"):
+            folder = line.split()[0].rstrip("/")
+        elif folder and line.startswith("  ") and line.split()[0].endswith(".py"):
+            listed.add(f"{folder}/{line.split()[0]}")
+        elif line and not line.startswith(" "):
+            folder = None
+    on_disk = {p.relative_to(REPO).as_posix() for p in PACKAGE.rglob("*.py") if p.name != "__init__.py"}
+    assert on_disk - listed == set(), "modules without a line in docs/layout.md"
+    assert listed - on_disk == set(), "lines in docs/layout.md for modules that do not exist"
