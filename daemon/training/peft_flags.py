@@ -15,14 +15,12 @@ from daemon.exceptions import ConfigError
 from daemon.store.adapter_files import adapter_config, switch_problem
 from daemon.store.checkpoints import latest_complete_checkpoint
 
-# TRL's ModelConfig defaults (lora_r 16, lora_alpha 32, lora_dropout 0.05); the targets are every linear
-# projection of the attention and MLP blocks (peft's "all-linear" leaves the output head out).
+# TRL's ModelConfig defaults (lora_r 16, lora_alpha 32), but dropout 0 where TRL has 0.05: the gradient worker
+# threads draw dropout masks from the one CPU generator in no fixed order, so a resumed file would not repeat
+# its steps exactly (docs/lora.md, "Why dropout 0 by default"). The targets are every linear projection of the
+# attention and MLP blocks (peft's "all-linear" leaves the output head out).
 DEFAULT_LORA_R = 16
-
-
 DEFAULT_LORA_DROPOUT = 0.0
-
-
 DEFAULT_TARGET_MODULES = ["all-linear"]
 
 
