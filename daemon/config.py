@@ -256,7 +256,7 @@ class EvaluationArguments:
         """Refuse ``--eval_files`` that are not files: before a daemon starts or ``train.py`` trains.
 
         Not checked in a daemon's training child: a file that disappears later is reported
-        by each evaluation (and makes the quality gate warn), not a reason to fail drops.
+        by each evaluation (and makes the quality gate warn, with --max_regression), not a reason to fail drops.
         """
         missing = [path for path in self.eval_files if not Path(path).is_file()]
         _raise_all([f"--eval_files: no such file: {', '.join(missing)}"] if missing else [])
