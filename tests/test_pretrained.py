@@ -179,3 +179,24 @@ def test_trainable_parameters_leave_the_loaded_files_pages_before_the_first_opti
     assert in_file(frozen)  # never written: left where it was
     assert model.lm_head.weight is model.model.embed_tokens.weight  # tied embeddings stay one parameter
     assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+
+
+def test_the_lines_own_base_given_again_beside_a_checkpoint_is_not_warned_about_and_another_is(tree, caplog):
+    """The README runs the daemon with --model_name_or_path, which it passes to every file: each file after the first
+    warned that the flag was ignored, though the user did what the README says."""
+    from daemon.config import ModelArguments
+    from daemon.store.checkpoints import Checkpoint
+    from daemon.store.origin import record_origin
+    from daemon.training.model import starting_model
+
+    base, other = export_tiny(tree.root / "base"), export_tiny(tree.root / "other")
+    checkpoint = Checkpoint(export_tiny(tree.output / "checkpoint-5"), 5)
+    record_origin(tree.output, str(base))
+    for given, warned in ((str(base), False), (str(tree.root / "." / "base"), False), (str(other), True)):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="daemon.training.model"):
+            starting_model(ModelArguments(model_name_or_path=given), tree.output, 0, checkpoint, None, "text")
+        warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert bool(warnings) == warned, warnings
+        assert "continuing from" in caplog.text
+    assert f"a line started from {base}" in warnings[0] and f"--model_name_or_path {other} is ignored" in warnings[0]

@@ -4,7 +4,9 @@ Order of precedence: the latest complete checkpoint in ``output_dir`` (the
 running model), else ``--model_name_or_path`` (a local directory), else a model
 already exported at the root of ``output_dir``, else the embedded default: a
 small Llama-architecture causal LM and a byte-level BPE tokenizer trained on the
-first file. Nothing is ever downloaded (``local_files_only=True``).
+first file. Nothing is ever downloaded (``local_files_only=True``). A ``--model_name_or_path`` given
+beside a checkpoint is the daemon's flag passed to every file: the line's own base
+(``origin.json``) goes unremarked, another is ignored with a warning.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from daemon.exceptions import CheckpointError, ConfigError
 from daemon.store.jsonl import DEFAULT_CHAT_TEMPLATE, iter_text
+from daemon.store.origin import read_origin
 from daemon.store.sharded_files import is_sharded_checkpoint
 
 if TYPE_CHECKING:
@@ -228,11 +231,15 @@ def starting_model(
         ConfigError: ``--config_overrides`` does not make a valid model.
     """
     if checkpoint is not None:
-        if model_args.model_name_or_path:
+        given, origin = model_args.model_name_or_path, read_origin(output_dir)
+        base = origin["base_model"] if origin else None
+        if given and not (base and Path(given).resolve() == Path(base).resolve()):  # not the line's own base
             logger.warning(
-                "%s holds the running model (step %d); --model_name_or_path is ignored",
+                "%s holds the running model (step %d, a line started from %s); --model_name_or_path %s is ignored",
                 output_dir,
                 checkpoint.global_step,
+                base or "the embedded model",
+                given,
             )
         logger.info("continuing from %s (global_step %d)", checkpoint.path, checkpoint.global_step)
         if is_sharded_checkpoint(checkpoint.path):  # FSDP's shards: the Trainer loads them when it resumes
