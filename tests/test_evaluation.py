@@ -405,3 +405,18 @@ def test_the_quality_gate_flags_are_checked():
         EvaluationArguments(eval_budget=-1)
     with pytest.raises(ConfigError, match="--eval_files: no such file"):
         EvaluationArguments(eval_files=["missing.jsonl"]).check_eval_files()
+
+
+def test_the_evaluation_log_line_names_the_subset_only_where_other_slices_are_cut_to_it(tree, caplog):
+    """A line's first file has only its own slice, scored whole: the log said 'up to 1 examples a slice'."""
+
+    def logged(path: Path) -> str:
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="daemon.training.evaluation"):
+            train(tree, path)
+        return next(r.getMessage() for r in caplog.records if r.getMessage().startswith("evaluated"))
+
+    first = logged(_text_file(tree.root / "a.jsonl", 0))
+    assert first.startswith("evaluated 1 slice in ") and "example" not in first
+    second = logged(_text_file(tree.root / "b.jsonl", 12))
+    assert second.startswith("evaluated 2 slices in ") and "other slices on up to " in second

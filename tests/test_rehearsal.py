@@ -89,7 +89,7 @@ def test_under_bf16_training_the_answers_come_from_a_bf16_copy_and_the_model_is_
     assert clone.get_output_embeddings().weight is clone.get_input_embeddings().weight
 
 
-def test_a_pretrained_start_rehearses_the_base_models_answers_in_every_file(tree):
+def test_a_pretrained_start_rehearses_the_base_models_answers_in_every_file(tree, caplog):
     from daemon.store.replay import read_share, replay_count, store_files
     from daemon.training.rehearsal import rehearsal_path
 
@@ -104,7 +104,10 @@ def test_a_pretrained_start_rehearses_the_base_models_answers_in_every_file(tree
     # The first file has no earlier file to replay: what it replays is the rehearsal, at its own fraction
     assert first["replayed_examples"] == replay_count(first["examples"], 0.25) > 0
     kept = path.read_bytes()
-    second = train(tree, write_jsonl(tree.root / "b.jsonl", [{"text": d} for d in docs[30:]]), **on)
+    with caplog.at_level("INFO", logger="daemon.store.replay"):
+        second = train(tree, write_jsonl(tree.root / "b.jsonl", [{"text": d} for d in docs[30:]]), **on)
+    # the store's line counts done files, the rehearsal apart (it said "over 3 files" after two)
+    assert "over 2 files and the base model's answers)" in caplog.text
     assert path.read_bytes() == kept  # written once, at the line's start
     assert [step for step, _ in store_files(tree.status)] == [0, first["end_step"], second["end_step"]]
     # The second file: its replay of the first file, and the rehearsal beside it at its own fraction

@@ -205,14 +205,16 @@ def add_file(
     header = {"file": printable(file_name), "sha256": sha256, "end_step": end_step, "tokenizer": tokenizer}
     share = Share(end_step, path, header, fetch(chosen))
     write_share(share)
+    rehearsal = any(step == REHEARSAL_STEP for step, _ in earlier)  # the base model's answers: a share, not a file
     logger.info(
-        "replay store: %s keeps %d examples (%d tokens, share %d of %d tokens over %d files)",
+        "replay store: %s keeps %d examples (%d tokens, share %d of %d tokens over %d files%s)",
         printable(file_name),
         len(share.examples),
         share.tokens,
         share_tokens,
         budget_tokens,
-        len(earlier) + 1,
+        len(earlier) + 1 - rehearsal,
+        " and the base model's answers" if rehearsal else "",
     )
     return share
 

@@ -392,13 +392,16 @@ def evaluate_file(prepared: PreparedFile, flags: Flags, train_seconds: float, sp
         "budget_seconds": round(result.budget_seconds, 2),
         "errors": result.errors,
     }
+    subsets = [o for o in others if o.name not in whole]  # the slices the budget cuts to their first k examples
+    k = result.examples_per_slice
     logger.info(
-        "evaluated %d slices in %.1f s (%s, budget %.1f s, up to %d examples a slice)%s",
+        "evaluated %d slice%s in %.1f s (%s, budget %.1f s%s)%s",
         len(rows),
+        "s" if len(rows) != 1 else "",
         result.seconds,
         f"{spent:.1f} s of it before training" if spent else "after training",
         result.budget_seconds,
-        result.examples_per_slice,
+        f", other slices on up to {k} example{'s' if k != 1 else ''} each" if subsets else "",
         f"; {len(result.errors)} slices failed" if result.errors else "",
     )
     if gate["action"] != "none":
