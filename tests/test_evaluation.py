@@ -420,3 +420,18 @@ def test_the_evaluation_log_line_names_the_subset_only_where_other_slices_are_cu
     assert first.startswith("evaluated 1 slice in ") and "example" not in first
     second = logged(_text_file(tree.root / "b.jsonl", 12))
     assert second.startswith("evaluated 2 slices in ") and "other slices on up to " in second
+
+
+def test_summary_lines_name_the_base_model_slice_with_its_step_and_count_examples_in_the_singular():
+    """Leading zeros of a slice's step are dropped for the summary: step 0's slice read '-base-model'."""
+    doc = {
+        "forgetting": {"mean": 0.1, "backward_transfer": -0.1, "slices": 2, "max": 0.2,
+                       "worst_slice": "00000000-base-model"},
+        "quality_gate": {"max_regression": None, "regression": 0.1, "slices": 2, "action": "none",
+                         "worst_slice": "00000267-stdlib-docstrings", "worst_change": 0.2, "errors": []},
+        "evaluation": {"slices": 2, "examples_per_slice": 1, "seconds": 1.0, "budget_seconds": 2.0, "errors": []},
+    }  # fmt: skip
+    forgetting, gate, evaluation = format_figures(doc)
+    assert forgetting.endswith("max +0.200 on 0-base-model")
+    assert "worst 267-stdlib-docstrings +0.200" in gate
+    assert "up to 1 example each" in evaluation

@@ -46,6 +46,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -336,7 +337,8 @@ def format_figures(doc: dict[str, Any], width: int = 100) -> list[str]:
     ev = doc.get("evaluation")
     if ev:
         lines.append(
-            f"evaluation   {ev['slices']} slices, up to {ev['examples_per_slice']} examples each, "
+            f"evaluation   {ev['slices']} slices, up to {ev['examples_per_slice']} "
+            f"example{'s' if ev['examples_per_slice'] != 1 else ''} each, "
             f"{ev['seconds']:.1f} s of {ev['budget_seconds']:.1f} s budget, {len(ev['errors'])} slices failed"
         )
         lines += [f"  failed {e['slice']}: {e['error']}" for e in ev["errors"]]
@@ -345,7 +347,7 @@ def format_figures(doc: dict[str, Any], width: int = 100) -> list[str]:
 
 def _short(slice_name: str, width: int = 22) -> str:
     """A slice's name for a summary line: its step without leading zeros, abbreviated to ``width``."""
-    return _abbreviate(slice_name.lstrip("0") if slice_name[:1].isdigit() else slice_name, width)
+    return _abbreviate(re.sub(r"^0+(?=\d)", "", slice_name), width)  # step 0 keeps its 0: "0-base-model"
 
 
 def _fit(line: str, width: int) -> str:
