@@ -38,6 +38,7 @@ def test_the_card_names_the_model_its_step_and_the_files_in_its_weights_through_
     assert f"| `b.jsonl` | {a['end_step']} → {b['end_step']} |" in card.text
     assert f"{b['eval_loss']:.4f}" in card.text
     assert 'pipeline("text-generation", model="current_model")' in card.text
+    assert "| started from | the embedded model |" in card.text and 'generator("def "' in card.text
 
     roll_back_to(tree.output, tree.status, a["end_step"])
     card = _card(tree)
@@ -69,3 +70,29 @@ def test_files_rolled_back_or_past_the_exported_step_are_not_in_the_card(tree):
     assert [f.file for f in trained_files(tree.status, 5)] == ["a.jsonl"]  # a rollback to 5, before its history rows
     finishing = _done("d.jsonl", 8, 12, 1.5).as_dict()  # exported before its history row is appended
     assert [(f.file, f.eval_loss) for f in trained_files(tree.status, 12, finishing)][-1] == ("d.jsonl", 1.5)
+
+
+def test_a_chat_models_card_names_its_base_and_its_usage_code_runs_as_written(tree):
+    """A pretrained chat line's card: the base it started from, and usage that asks a question in the model's own
+    chat template (the card showed a chat model continuing 'def '); both snippets are run as the card gives them."""
+    import contextlib
+    import io
+    import re
+
+    from helpers import export_tiny
+
+    from daemon.store.jsonl import DEFAULT_CHAT_TEMPLATE
+
+    base = export_tiny(tree.root / "base")
+    (base / "chat_template.jinja").write_text("{# a base model's own #}" + DEFAULT_CHAT_TEMPLATE)
+    train(tree, _text_file(tree.root / "a.jsonl", 4, 0), model_name_or_path=base)
+    card = _card(tree)
+    assert f"| started from | `{base}` (a pretrained base) |" in card.text
+    assert "apply_chat_template(" in card.text and 'generator("def "' not in card.text
+    snippets = re.findall(r"```python\n(.*?)```", card.text, re.S)
+    assert len(snippets) == 2
+    for code in snippets:
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            exec(code.replace('"current_model"', repr(str(tree.output))), {})  # noqa: S102 - the card's own code
+        assert printed.getvalue().endswith("\n")  # the snippet ran to its last line, the print of the answer

@@ -376,7 +376,7 @@ def export_model(
         model.config.use_cache = True
         model.save_pretrained(staged, safe_serialization=True)  # straight into the stage: no second copy
     tokenizer.save_pretrained(staged)
-    write_card(staged, global_step, status_dir, root.resolve().name, finishing)  # in the stage: moved in with it
+    write_card(staged, global_step, status_dir, root.resolve().name, finishing, root)  # in the stage: moved in with it
     adapters.add_card_section(staged, root)
     _install_stage(root, staged, global_step, {"cooldown_steps": cooldown_steps, **(averaged or {})})
 
@@ -402,7 +402,7 @@ def _replace_export(root: Path, source: Path, global_step: int, status_dir: str 
             shutil.copy2(path, staged / path.name)
         if sharded.is_sharded_checkpoint(source):  # FSDP's shards: consolidated beside the config (accelerate)
             sharded.merge_weights(source, staged)
-    write_card(staged, global_step, status_dir, root.resolve().name)
+    write_card(staged, global_step, status_dir, root.resolve().name, output_dir=root)
     adapters.add_card_section(staged, root)
     _install_stage(root, staged, global_step)
 

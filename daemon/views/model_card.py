@@ -2,8 +2,10 @@
 
 A YAML front matter (``library_name: transformers``, ``pipeline_tag: text-generation``,
 ``tags``) that the Hub and ``huggingface_hub.ModelCard`` read, then what the model is
-(architecture, parameters), its ``global_step``, the files whose steps are in its
-weights with their held-out results, and how to load it.
+(architecture, parameters, the model its line started from), its ``global_step``, the files whose
+steps are in its weights with their held-out results, and how to load it: a chat model (a tokenizer
+with a chat template of its own, :func:`daemon.store.origin.has_own_chat_template`) is shown asked a
+question in its template, any other continuing a prompt.
 
 The card is written into the export's staging folder (:func:`daemon.store.checkpoints.export_model`,
 and the export a rollback restores), so it is moved in with the weights and never
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from daemon.store.origin import has_own_chat_template, read_origin
 from daemon.store.status import perplexity, read_history, standing_done_rows
 
 CARD_FILE = "README.md"
@@ -141,7 +144,14 @@ def _tensor_shapes(root: Path) -> tuple[list[list[int]], set[str]]:
     return shapes, dtypes
 
 
-def build_card(facts: ModelFacts, global_step: int, files: list[TrainedFile] | None, model_path: str) -> str:
+def build_card(
+    facts: ModelFacts,
+    global_step: int,
+    files: list[TrainedFile] | None,
+    model_path: str,
+    origin: dict[str, Any] | None = None,
+    chat: bool = False,
+) -> str:
     """The card's Markdown text.
 
     Args:
@@ -149,6 +159,8 @@ def build_card(facts: ModelFacts, global_step: int, files: list[TrainedFile] | N
         global_step: the exported step.
         files: from :func:`trained_files`; None when no training history was given.
         model_path: the path users load the model from (the output folder's name).
+        origin: the line's ``origin.json`` (:mod:`daemon.store.origin`); None leaves the starting model out.
+        chat: the tokenizer has a chat template of its own: the usage asks it a question.
     """
     tags = "".join(f"- {t}\n" for t in (*TAGS, facts.model_type))
     lines = [
@@ -171,10 +183,11 @@ def build_card(facts: ModelFacts, global_step: int, files: list[TrainedFile] | N
         f"| vocabulary | {_n(facts.vocab_size)} tokens |",
         f"| context length | {_n(facts.context_length)} tokens |",
         f"| weights | safetensors, {facts.dtype or '?'} |",
+        *_started_from(origin),
         f"| global_step | {global_step} |",
         "",
         *_training_data(files),
-        *_usage(model_path),
+        *_usage(model_path, chat),
     ]
     return "\n".join(lines)
 
@@ -202,7 +215,16 @@ def _training_data(files: list[TrainedFile] | None) -> list[str]:
     return [*lines, ""]
 
 
-def _usage(model_path: str) -> list[str]:
+def _started_from(origin: dict[str, Any] | None) -> list[str]:
+    if origin is None:
+        return []
+    base = origin.get("base_model")
+    return [f"| started from | {f'`{_cell(str(base))}` (a pretrained base)' if base else 'the embedded model'} |"]
+
+
+def _usage(model_path: str, chat: bool) -> list[str]:
+    if chat:
+        return _chat_usage(model_path)
     return [
         "## How to use",
         "",
@@ -230,28 +252,67 @@ def _usage(model_path: str) -> list[str]:
     ]
 
 
+def _chat_usage(model_path: str) -> list[str]:
+    return [
+        "## How to use",
+        "",
+        "A chat model: ask it in its chat template (`chat_template.jinja`).",
+        "",
+        "```python",
+        "from transformers import pipeline",
+        "",
+        f'chat = pipeline("text-generation", model="{model_path}")',
+        'messages = [{"role": "user", "content": "What is the capital of France?"}]',
+        'print(chat(messages, max_new_tokens=40)[0]["generated_text"][-1]["content"])',
+        "```",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f'tokenizer = AutoTokenizer.from_pretrained("{model_path}")',
+        f'model = AutoModelForCausalLM.from_pretrained("{model_path}")',
+        'messages = [{"role": "user", "content": "What is the capital of France?"}]',
+        "inputs = tokenizer.apply_chat_template(",
+        '    messages, add_generation_prompt=True, return_tensors="pt", return_dict=True',
+        ")",
+        "output = model.generate(**inputs, max_new_tokens=40)",
+        'print(tokenizer.decode(output[0][inputs["input_ids"].shape[1] :], skip_special_tokens=True))',
+        "```",
+        "",
+        "From the command line, as a user turn in its template:",
+        f'`python -m daemon generate "What is the capital of France?" --output_dir {model_path}`.',
+        "As an OpenAI-compatible server (`/v1/chat/completions`), given this folder's absolute path:",
+        f"`HF_HUB_OFFLINE=1 transformers serve /abs/path/to/{model_path} --host 127.0.0.1 --port 8000`.",
+        "",
+    ]
+
+
 def write_card(
     folder: str | Path,
     global_step: int,
     status_dir: str | Path | None,
     model_path: str,
     finishing: dict[str, Any] | None = None,
+    output_dir: str | Path | None = None,
 ) -> Path:
     """Write ``README.md`` into ``folder``, a staged export (so a plain write: the stage is moved in whole).
 
     Args:
-        folder: the staging folder holding the model's ``config.json`` and weights.
+        folder: the staging folder holding the model's ``config.json``, weights and tokenizer.
         global_step: the step the export holds.
         status_dir: the status folder with the training history; None lists no files.
         model_path: the path users load the model from.
         finishing: see :func:`trained_files`.
+        output_dir: the running model's folder, whose ``origin.json`` names the line's start; None leaves it out.
 
     Returns:
         The card's path.
     """
     files = None if status_dir is None else trained_files(status_dir, global_step, finishing)
+    origin = read_origin(output_dir) if output_dir is not None else None
+    card = build_card(describe_model(folder), global_step, files, model_path, origin, has_own_chat_template(folder))
     path = Path(folder) / CARD_FILE
-    path.write_text(build_card(describe_model(folder), global_step, files, model_path), encoding="utf-8")
+    path.write_text(card, encoding="utf-8")
     return path
 
 
