@@ -435,3 +435,33 @@ def test_summary_lines_name_the_base_model_slice_with_its_step_and_count_example
     assert forgetting.endswith("max +0.200 on 0-base-model")
     assert "worst 267-stdlib-docstrings +0.200" in gate
     assert "up to 1 example each" in evaluation
+
+
+def test_a_pretrained_lines_base_row_is_numbered_0_so_files_keep_the_numbers_of_the_other_tables():
+    """The base model's step-0 row took number 1, so the matrix called the first file 2 where the history's
+    tables, the loss plot and the report's file tables call it 1."""
+    from daemon.quality.transfer import format_transfer
+    from daemon.views.report import matrix_figure
+
+    def row(step: int, after: str, name: str, loss: float, **extra) -> dict:
+        return {"step": step, "after_file": after, "sha256": "", "slice": name, "kind": HELD_OUT, "examples": 8,
+                "tokens": 80, "bytes": 300, "loss": loss, "perplexity": math.exp(loss), "bits_per_byte": 1.0,
+                "prefix_loss": {"8": loss}, **extra}  # fmt: skip
+
+    base = "00000000-base-model"
+    rows = [
+        row(0, "(base model)", base, 1.2),
+        row(10, "a.jsonl", base, 1.1), row(10, "a.jsonl", "00000010-a", 3.0, before_loss=3.5),
+        row(20, "b.jsonl", base, 1.3), row(20, "b.jsonl", "00000010-a", 3.1),
+        row(20, "b.jsonl", "00000020-b", 2.0, before_loss=2.9),
+    ]  # fmt: skip
+    lines = format_matrix(rows)
+    assert lines[1].split() == ["#0", "#1", "#2"]
+    assert [line.split()[:2] for line in lines[2:5]] == [["0", "(bas~model)"], ["1", "a"], ["2", "b"]]
+    transfer = format_transfer(rows)
+    assert [line.split()[:2] for line in transfer[2:]] == [["1", "10"], ["2", "20"]]
+    axes = matrix_figure(build_matrix(rows)).axes[0]
+    assert [t.get_text().split()[0] for t in axes.get_yticklabels()] == ["0", "1", "2"]
+    assert [t.get_text() for t in axes.get_xticklabels()] == ["#0", "#1", "#2"]
+    embedded = [r for r in rows if r["slice"] != base]  # no base row: files still start at 1
+    assert [line.split()[0] for line in format_matrix(embedded)[2:4]] == ["1", "2"]

@@ -51,7 +51,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from daemon.quality.transfer import format_transfer, own_rows
+from daemon.quality.transfer import format_transfer, own_rows, row_numbers
 from daemon.store.files import atomic_write_text, read_json_lines
 from daemon.store.suite import EVAL_FILE, HELD_OUT
 
@@ -278,7 +278,8 @@ def format_matrix(rows: list[dict[str, Any]], width: int = 100, max_files: int =
     m = build_matrix(rows)
     if not m.files:
         return []
-    number = {f["step"]: i for i, f in enumerate(m.files, start=1)}
+    numbers = row_numbers([f["step"] for f in m.files])
+    number = {f["step"]: n for f, n in zip(m.files, numbers, strict=True)}
     evals = [j for j, s in enumerate(m.slices) if s["kind"] == EVAL_FILE]
     held = [j for j, s in enumerate(m.slices) if s["kind"] != EVAL_FILE]
     fit = max(1, (width - LABEL_WIDTH) // CELL_WIDTH)
@@ -295,7 +296,7 @@ def format_matrix(rows: list[dict[str, Any]], width: int = 100, max_files: int =
         for i in range(first_row, len(m.files)):
             name = _abbreviate(Path(m.files[i]["after_file"]).stem, 11)
             cells = "".join(f"{'.' if grid[i][j] is None else format(grid[i][j], spec):>{CELL_WIDTH}}" for j in shown)
-            lines.append(f"{i + 1:>3} {name:<11} {m.files[i]['step']:>6}" + cells)
+            lines.append(f"{numbers[i]:>3} {name:<11} {m.files[i]['step']:>6}" + cells)
         return lines
 
     lines = ["evaluations  loss in nats on each slice (columns) after each file (rows)"]

@@ -82,6 +82,16 @@ def forward_transfer(rows: list[dict[str, Any]], step: int) -> dict[str, Any] | 
     }
 
 
+def row_numbers(steps: list[int]) -> list[int]:
+    """The number each of the matrix's rows (``steps``, ascending) is shown with, in every table and plot.
+
+    Done files are 1, 2, ... as in the history's tables; a pretrained base's row at step 0 (its own
+    answers scored before any file, :mod:`daemon.training.base_slice`) is 0, so the files keep their numbers.
+    """
+    offset = 0 if steps and steps[0] == 0 else 1
+    return [i + offset for i in range(len(steps))]
+
+
 def format_transfer(rows: list[dict[str, Any]], max_files: int = 10) -> list[str]:
     """Each file's own slice before and after training on it, for ``python -m daemon status``; empty without any.
 
@@ -92,10 +102,11 @@ def format_transfer(rows: list[dict[str, Any]], max_files: int = 10) -> list[str
     if not scored:
         return []
     steps = sorted({row["step"] for row in rows})
+    numbers = dict(zip(steps, row_numbers(steps), strict=True))
     lines = ["own slice before -> after training on it (nats; fwt = ln V - before)"]
     lines.append("  file   step  before   after  learned     fwt")
     for row in scored[-max_files:]:
-        number = steps.index(row["step"]) + 1
+        number = numbers[row["step"]]
         gain, fwt = learned(row), row.get("forward_transfer")
         lines.append(
             f"  {number:>4} {row['step']:>6} {row['before_loss']:>7.3f} {row['loss']:>7.3f} "

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 from daemon.config_file import command_parser, parse_command
 from daemon.exceptions import ConfigError
 from daemon.quality.forgetting import Matrix, build_matrix, read_rows
+from daemon.quality.transfer import row_numbers
 from daemon.store.files import atomic_write_text
 from daemon.store.records import Outcome, utc_now
 from daemon.store.status import StatusFile, latest_snapshot, read_history, read_loss_series, standing_done_rows
@@ -221,7 +222,8 @@ def _file_ticks(ax: Any, rows: list[dict[str, Any]]) -> None:
 def _file_label(matrix: Matrix, i: int) -> str:
     """``"3 name"``, with ``(before 6.12)`` where the file's own slice was scored before training on it."""
     before = matrix.before[i] if i < len(matrix.before) else None
-    return f"{i + 1} {_short(matrix.files[i]['after_file'], 24)}" + (
+    number = row_numbers([f["step"] for f in matrix.files])[i]
+    return f"{number} {_short(matrix.files[i]['after_file'], 24)}" + (
         "" if before is None else f" (before {before:.2f})"
     )
 
@@ -232,7 +234,7 @@ def _slice_label(matrix: Matrix, column: int) -> str:
     if name in evals:
         return f"e{evals.index(name) + 1}"
     first = next((i for i, row in enumerate(matrix.loss) if row[column] is not None), None)
-    return "?" if first is None else f"#{first + 1}"
+    return "?" if first is None else f"#{row_numbers([f['step'] for f in matrix.files])[first]}"
 
 
 def _short(name: str, width: int) -> str:
@@ -292,7 +294,8 @@ def render_html(data: ReportData) -> str:
         _plot(heldout_figure(data), "held-out loss per file", "heldout", "No file had a held-out slice yet."),
         "<h2>Forgetting matrix</h2>",
         '<p class="note">Loss in nats of each evaluation slice (columns) after each file (rows); '
-        "#n is file n's held-out slice, e1, e2... the eval files.</p>",
+        "#n is file n's held-out slice (#0 the base model's own answers, on a pretrained line), "
+        "e1, e2... the eval files.</p>",
         _plot(
             matrix_figure(data.matrix),
             "forgetting matrix heat map: files as rows, slices as columns",
