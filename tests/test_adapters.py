@@ -263,3 +263,19 @@ def test_a_cooldown_branch_trains_a_copy_of_the_adapter_and_the_main_line_contin
     end = tree.output / f"checkpoint-{row['end_step']}" / "adapter_model.safetensors"
     exported = load_file(tree.output / "adapter" / "adapter_model.safetensors")
     assert any(not torch.equal(exported[n], t) for n, t in load_file(end).items())  # the export is the cooled branch
+
+
+def test_wrapping_a_model_in_an_adapter_prints_no_deprecation_of_peft_reading_transformers():
+    """peft reads transformers 5's deprecated ``is_gradient_checkpointing`` in PeftModel's constructor: every LoRA
+    file printed that FutureWarning into the daemon's log. Silenced there (only that message, only there)."""
+    import warnings
+
+    from helpers import tiny_model
+
+    from daemon.training.adapters import attach_adapter
+    from daemon.training.peft_flags import PeftArguments
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        attach_adapter(tiny_model(320), PeftArguments(use_peft=True))
+    assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]

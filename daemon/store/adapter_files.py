@@ -13,9 +13,12 @@ without torch; :func:`merged_files_from_checkpoint` imports ``peft`` where a rol
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import shutil
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -139,6 +142,16 @@ def card_section(folder: Path, base: str | None) -> str:
     )
 
 
+@contextlib.contextmanager
+def peft_wrapping() -> Iterator[None]:
+    """Around a ``PeftModel``'s construction: peft (0.21) reads transformers 5's deprecated
+    ``is_gradient_checkpointing`` there, and each LoRA file printed its ``FutureWarning`` into the log.
+    That one warning only; any other still shows."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
 def merged_files_from_checkpoint(checkpoint: Path, staged: Path, output_dir: Path) -> None:
     """Write the export of an adapter checkpoint into ``staged``: base + adapter merged, ``adapter/``, tokenizer.
 
@@ -152,7 +165,9 @@ def merged_files_from_checkpoint(checkpoint: Path, staged: Path, output_dir: Pat
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(adapter_base(output_dir), local_files_only=True, dtype=torch.float32)
-    save_export(PeftModel.from_pretrained(base, str(checkpoint)), staged)
+    with peft_wrapping():
+        adapted = PeftModel.from_pretrained(base, str(checkpoint))
+    save_export(adapted, staged)
     for path in checkpoint.iterdir():
         if path.name.startswith("tokenizer") or path.name in ("special_tokens_map.json", "chat_template.jinja"):
             shutil.copy2(path, staged / path.name)

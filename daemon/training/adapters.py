@@ -36,6 +36,7 @@ from daemon.store.adapter_files import (
     MERGED_PREFIX,
     adapter_base,
     is_adapter_checkpoint,
+    peft_wrapping,
 )
 from daemon.training.peft_flags import PeftArguments
 
@@ -75,7 +76,8 @@ def starting_model(
         base, _ = load_pretrained(adapter_base(output_dir), flags.model.trust_remote_code)
         _, tokenizer = load_pretrained_tokenizer(checkpoint.path, flags)
         logger.info("continuing the LoRA adapter of %s (global_step %d)", checkpoint.path, checkpoint.global_step)
-        adapted = PeftModel.from_pretrained(base, str(checkpoint.path), is_trainable=True)
+        with peft_wrapping():
+            adapted = PeftModel.from_pretrained(base, str(checkpoint.path), is_trainable=True)
         return adapted, tokenizer, checkpoint  # type: ignore[return-value]  # a PeftModel serves as the model
     model, tokenizer = plain_starting_model(flags.model, output_dir, flags.training.seed, checkpoint, records, shape)
     if flags.peft.use_peft and checkpoint is None:
@@ -119,7 +121,8 @@ def attach_adapter(model: PreTrainedModel, args: PeftArguments) -> PreTrainedMod
         **{**settings, "target_modules": targets[0] if targets == ["all-linear"] else targets},
     )
     try:
-        peft_model = get_peft_model(model, config)
+        with peft_wrapping():
+            peft_model = get_peft_model(model, config)
     except ValueError as e:
         raise ConfigError(f"--lora_target_modules {settings['target_modules']}: {str(e).splitlines()[0]}") from e
     trainable, total = peft_model.get_nb_trainable_parameters()
@@ -159,7 +162,8 @@ def merge_into_checkpoint(flags: Flags, checkpoint: Checkpoint) -> Checkpoint:
     source = checkpoint.path
     step = checkpoint.global_step
     base, _ = load_pretrained(adapter_base(output_dir), flags.model.trust_remote_code)
-    merged = PeftModel.from_pretrained(base, str(source)).merge_and_unload()
+    with peft_wrapping():
+        merged = PeftModel.from_pretrained(base, str(source)).merge_and_unload()
     merged.requires_grad_(True)  # peft froze the base; full fine-tuning trains (and its optimizer holds) every weight
     _, tokenizer = load_pretrained_tokenizer(source, flags)
     stage = output_dir / f".merging-checkpoint-{step}"
