@@ -1,4 +1,4 @@
-"""Names shown for, and derived from, the names of dropped files (standard library only).
+"""Names shown for, and derived from, the names of dropped files; counts in messages (standard library only).
 
 A dropped file's name is chosen by whoever drops it: it may hold newlines,
 control characters or bytes that are not UTF-8, and may be as long as the file
@@ -70,3 +70,8 @@ def fit_name(stem: str, suffix: str = "", limit: int = NAME_MAX) -> str:
         if 0 < cut < len(head) and head[cut] & 0xC0 == 0x80:
             cut -= 1
     return os.fsdecode(head[:cut]) + tag
+
+
+def counted(n: int, noun: str) -> str:
+    """``n`` and ``noun`` for a message, the noun plural unless ``n`` is 1: ``1 file``, ``2 files``, ``0 slices``."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"

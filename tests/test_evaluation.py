@@ -423,18 +423,22 @@ def test_the_evaluation_log_line_names_the_subset_only_where_other_slices_are_cu
 
 
 def test_summary_lines_name_the_base_model_slice_with_its_step_and_count_examples_in_the_singular():
-    """Leading zeros of a slice's step are dropped for the summary: step 0's slice read '-base-model'."""
+    """Leading zeros of a slice's step are dropped for the summary: step 0's slice read '-base-model'; one file
+    or example read '1 files', '1 examples'."""
     doc = {
         "forgetting": {"mean": 0.1, "backward_transfer": -0.1, "slices": 2, "max": 0.2,
                        "worst_slice": "00000000-base-model"},
         "quality_gate": {"max_regression": None, "regression": 0.1, "slices": 2, "action": "none",
                          "worst_slice": "00000267-stdlib-docstrings", "worst_change": 0.2, "errors": []},
         "evaluation": {"slices": 2, "examples_per_slice": 1, "seconds": 1.0, "budget_seconds": 2.0, "errors": []},
+        "forward_transfer": {"before_loss": 3.3, "after_loss": 2.7, "learned": 0.6, "forward_transfer": 7.5,
+                             "mean": 7.5, "files": 1},
     }  # fmt: skip
-    forgetting, gate, evaluation = format_figures(doc)
+    forgetting, transfer, gate, evaluation = format_figures(doc, width=200)
     assert forgetting.endswith("max +0.200 on 0-base-model")
+    assert transfer.endswith("over 1 file")
     assert "worst 267-stdlib-docstrings +0.200" in gate
-    assert "up to 1 example each" in evaluation
+    assert "2 slices, up to 1 example each" in evaluation and "0 slices failed" in evaluation
 
 
 def test_a_pretrained_lines_base_row_is_numbered_0_so_files_keep_the_numbers_of_the_other_tables():

@@ -51,6 +51,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from daemon.names import counted
 from daemon.quality.transfer import format_transfer, own_rows, row_numbers
 from daemon.store.files import atomic_write_text, read_json_lines
 from daemon.store.suite import EVAL_FILE, HELD_OUT
@@ -324,7 +325,9 @@ def format_figures(doc: dict[str, Any], width: int = 100) -> list[str]:
         )
     t = doc.get("forward_transfer")
     if t and t.get("before_loss") is not None:
-        mean = "" if t["mean"] is None else f"; mean forward transfer {t['mean']:+.3f} over {t['files']} files"
+        mean = (
+            "" if t["mean"] is None else f"; mean forward transfer {t['mean']:+.3f} over {counted(t['files'], 'file')}"
+        )
         lines.append(
             f"own slice    {t['before_loss']:.3f} before -> {t['after_loss']:.3f} after training on it "
             f"(learned {t['learned']:+.3f}, forward transfer {t['forward_transfer']:+.3f}){mean}"
@@ -338,9 +341,9 @@ def format_figures(doc: dict[str, Any], width: int = 100) -> list[str]:
     ev = doc.get("evaluation")
     if ev:
         lines.append(
-            f"evaluation   {ev['slices']} slices, up to {ev['examples_per_slice']} "
-            f"example{'s' if ev['examples_per_slice'] != 1 else ''} each, "
-            f"{ev['seconds']:.1f} s of {ev['budget_seconds']:.1f} s budget, {len(ev['errors'])} slices failed"
+            f"evaluation   {counted(ev['slices'], 'slice')}, up to {counted(ev['examples_per_slice'], 'example')} "
+            f"each, {ev['seconds']:.1f} s of {ev['budget_seconds']:.1f} s budget, "
+            f"{counted(len(ev['errors']), 'slice')} failed"
         )
         lines += [f"  failed {e['slice']}: {e['error']}" for e in ev["errors"]]
     return [_fit(line, width) for line in lines]

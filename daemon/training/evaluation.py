@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from daemon.exceptions import RegressionError
-from daemon.names import printable
+from daemon.names import counted, printable
 from daemon.quality.forgetting import (
     forgetting,
     gate_message,
@@ -395,14 +395,13 @@ def evaluate_file(prepared: PreparedFile, flags: Flags, train_seconds: float, sp
     subsets = [o for o in others if o.name not in whole]  # the slices the budget cuts to their first k examples
     k = result.examples_per_slice
     logger.info(
-        "evaluated %d slice%s in %.1f s (%s, budget %.1f s%s)%s",
-        len(rows),
-        "s" if len(rows) != 1 else "",
+        "evaluated %s in %.1f s (%s, budget %.1f s%s)%s",
+        counted(len(rows), "slice"),
         result.seconds,
         f"{spent:.1f} s of it before training" if spent else "after training",
         result.budget_seconds,
-        f", other slices on up to {k} example{'s' if k != 1 else ''} each" if subsets else "",
-        f"; {len(result.errors)} slices failed" if result.errors else "",
+        f", other slices on up to {counted(k, 'example')} each" if subsets else "",
+        f"; {counted(len(result.errors), 'slice')} failed" if result.errors else "",
     )
     if gate["action"] != "none":
         logger.warning("%s: %s", name, gate_message(gate, plan.start_step))

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from daemon.names import counted
+
 
 def num(value: Any, spec: str = "") -> str:
     """``value`` formatted with ``spec``; ``-`` for None (a figure not known yet)."""
@@ -121,7 +123,7 @@ def summarize(doc: dict[str, Any]) -> Summary:
         summary.forgetting = f"mean {f['mean']:+.3f} nats, max {f['max']:+.3f} on {f['worst_slice']}"
     t = doc.get("forward_transfer")
     if t and t.get("before_loss") is not None:
-        mean = "" if t.get("mean") is None else f"; mean {t['mean']:+.3f} nats over {t['files']} files"
+        mean = "" if t.get("mean") is None else f"; mean {t['mean']:+.3f} nats over {counted(t['files'], 'file')}"
         summary.forward_transfer = (
             f"own slice {t['before_loss']:.3f} -> {t['after_loss']:.3f} nats (learned {t['learned']:+.3f}), "
             f"forward transfer {t['forward_transfer']:+.3f}{mean}"
