@@ -373,7 +373,11 @@ def test_the_status_summary_of_ten_files_fits_in_100_columns(tmp_path, capsys):
     gate |= {"worst_slice": "00001000-stdlib-drop-2026-11-00", "worst_change": 0.9, "exceeded": False}
     evaluation = {"slices": 12, "examples_per_slice": 64, "seconds": 50.0, "budget_seconds": 55.0, "errors": []}
     forgetting = {"mean": 0.45, "max": 0.9, "worst_slice": gate["worst_slice"], "backward_transfer": -0.45, "slices": 9}
-    status.update(forgetting=forgetting, quality_gate=gate, evaluation=evaluation, global_step=start)
+    transfer = {"before_loss": 10.123, "after_loss": 2.071, "learned": 8.052, "forward_transfer": -1.793}
+    transfer |= {"mean": -1.16, "files": 10}
+    status.update(
+        forgetting=forgetting, quality_gate=gate, evaluation=evaluation, forward_transfer=transfer, global_step=start
+    )
 
     assert main(["status", "--status_dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out.splitlines()
@@ -422,22 +426,29 @@ def test_the_evaluation_log_line_names_the_subset_only_where_other_slices_are_cu
     assert second.startswith("evaluated 2 slices in ") and "other slices on up to " in second
 
 
-def test_summary_lines_name_the_base_model_slice_with_its_step_and_count_examples_in_the_singular():
-    """Leading zeros of a slice's step are dropped for the summary: step 0's slice read '-base-model'; one file
-    or example read '1 files', '1 examples'."""
+def test_status_says_forgetting_and_transfer_once_names_the_base_slice_and_counts_in_the_singular():
+    """``python -m daemon status`` printed forgetting and forward transfer twice (summary, then figures cut at 100
+    columns); step 0's slice read '-base-model'; one file or example read '1 files', '1 examples'."""
+    from daemon.views.summary import format_summary
+
     doc = {
+        "state": "idle", "global_step": 20, "max_steps": 20,
         "forgetting": {"mean": 0.1, "backward_transfer": -0.1, "slices": 2, "max": 0.2,
                        "worst_slice": "00000000-base-model"},
         "quality_gate": {"max_regression": None, "regression": 0.1, "slices": 2, "action": "none",
-                         "worst_slice": "00000267-stdlib-docstrings", "worst_change": 0.2, "errors": []},
+                         "worst_slice": "00000000-base-model", "worst_change": 0.2, "errors": []},
         "evaluation": {"slices": 2, "examples_per_slice": 1, "seconds": 1.0, "budget_seconds": 2.0, "errors": []},
         "forward_transfer": {"before_loss": 3.3, "after_loss": 2.7, "learned": 0.6, "forward_transfer": 7.5,
                              "mean": 7.5, "files": 1},
     }  # fmt: skip
-    forgetting, transfer, gate, evaluation = format_figures(doc, width=200)
-    assert forgetting.endswith("max +0.200 on 0-base-model")
-    assert transfer.endswith("over 1 file")
-    assert "worst 267-stdlib-docstrings +0.200" in gate
+    printed = format_summary(doc, None, []).splitlines() + format_figures(doc)
+    forgetting = [line for line in printed if "forgetting" in line or "backward transfer" in line]
+    transfer = [line for line in printed if "own slice" in line]
+    assert len(forgetting) == 1 and len(transfer) == 1, printed
+    assert "mean +0.100 nats over 2 slices, max +0.200" in forgetting[0]
+    assert transfer[0].endswith("forward +7.500 (mean +7.500, 1 file)")
+    gate, evaluation = format_figures(doc)
+    assert "worst 0-base-model +0.200" in gate
     assert "2 slices, up to 1 example each" in evaluation and "0 slices failed" in evaluation
 
 

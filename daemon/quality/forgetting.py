@@ -314,24 +314,12 @@ def format_matrix(rows: list[dict[str, Any]], width: int = 100, max_files: int =
 
 
 def format_figures(doc: dict[str, Any], width: int = 100) -> list[str]:
-    """The status's ``forgetting``, ``forward_transfer`` (:mod:`daemon.quality.transfer`), ``quality_gate`` and
-    ``evaluation`` as summary lines of at most ``width``."""
+    """The status's ``quality_gate`` and ``evaluation`` as summary lines of at most ``width``.
+
+    Its ``forgetting`` and ``forward_transfer`` are the summary's lines (:func:`daemon.views.summary.format_summary`),
+    printed above these by ``python -m daemon status``: they were printed twice, the second cut at ``width``.
+    """
     lines = []
-    f = doc.get("forgetting")
-    if f:
-        lines.append(
-            f"forgetting   mean {f['mean']:+.3f}, backward transfer {f['backward_transfer']:+.3f} "
-            f"over {f['slices']} slices; max {f['max']:+.3f} on {_short(f['worst_slice'])}"
-        )
-    t = doc.get("forward_transfer")
-    if t and t.get("before_loss") is not None:
-        mean = (
-            "" if t["mean"] is None else f"; mean forward transfer {t['mean']:+.3f} over {counted(t['files'], 'file')}"
-        )
-        lines.append(
-            f"own slice    {t['before_loss']:.3f} before -> {t['after_loss']:.3f} after training on it "
-            f"(learned {t['learned']:+.3f}, forward transfer {t['forward_transfer']:+.3f}){mean}"
-        )
     gate = doc.get("quality_gate")
     if gate and (gate.get("regression") is not None or gate.get("errors")):
         limit = "gate off" if gate["max_regression"] is None else f"limit {gate['max_regression']}"

@@ -65,7 +65,7 @@ class Summary:
     checkpoints: str | None = None
     disk: str | None = None
     forgetting: str | None = None
-    forward_transfer: str | None = None  # "own slice 6.120 -> 5.310 (learned +0.810), mean forward transfer ..."
+    forward_transfer: str | None = None  # "own slice 6.120 -> 5.310 nats, learned +0.810, forward +1.2 (mean ...)"
     last_error: str | None = None  # "file: message (at)"
 
 
@@ -120,13 +120,16 @@ def summarize(doc: dict[str, Any]) -> Summary:
         summary.disk = f"{disk['needed_bytes']:,} bytes needed in {disk['path']}, {disk['free_bytes']:,} free"
     f = doc.get("forgetting")
     if f:
-        summary.forgetting = f"mean {f['mean']:+.3f} nats, max {f['max']:+.3f} on {f['worst_slice']}"
+        summary.forgetting = (  # backward transfer is -mean (docs/evaluation.md); --json has it
+            f"mean {f['mean']:+.3f} nats over {counted(f['slices'], 'slice')}, "
+            f"max {f['max']:+.3f} on {f['worst_slice']}"
+        )
     t = doc.get("forward_transfer")
     if t and t.get("before_loss") is not None:
-        mean = "" if t.get("mean") is None else f"; mean {t['mean']:+.3f} nats over {counted(t['files'], 'file')}"
-        summary.forward_transfer = (
-            f"own slice {t['before_loss']:.3f} -> {t['after_loss']:.3f} nats (learned {t['learned']:+.3f}), "
-            f"forward transfer {t['forward_transfer']:+.3f}{mean}"
+        mean = "" if t.get("mean") is None else f" (mean {t['mean']:+.3f}, {counted(t['files'], 'file')})"
+        summary.forward_transfer = (  # on the "transfer" line: "forward" is the file's forward transfer
+            f"own slice {t['before_loss']:.3f} -> {t['after_loss']:.3f} nats, learned {t['learned']:+.3f}, "
+            f"forward {t['forward_transfer']:+.3f}{mean}"
         )
     err = doc.get("last_error")
     if err:
