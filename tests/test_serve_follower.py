@@ -212,3 +212,29 @@ def test_the_work_folder_replaces_those_of_servers_gone(tmp_path):
     assert folder == output / f".serving-{os.getpid()}" and list(folder.iterdir()) == []
     assert not (output / f".serving-{gone.pid}").exists()  # its server is gone
     assert (output / f".serving-{os.getppid()}" / "export-0").exists()  # a server still running
+
+
+def test_a_request_while_the_first_export_loads_is_told_so_with_retry_after(following):
+    """A request sent as the server starts got 'no export ... is loaded (none yet, or removed)' while SmolLM2's
+    export was loading (about 5 s): the reason was wrong, and nothing said when to come back."""
+    follower, engines, output = following
+    _export(output, 1)
+    during: list[HTTPException] = []
+    make = engines.__call__
+
+    def loading(*args):
+        with pytest.raises(HTTPException) as refused:
+            follower.models.get_engine("current_model")
+        during.append(refused.value)
+        return make(*args)
+
+    follower.engine = loading
+    assert follower.check() == 1
+    assert during[0].status_code == 503 and "(step 1) is loading" in during[0].detail
+    assert during[0].headers == {"Retry-After": "5"}
+    assert follower.models.get_engine("current_model").global_step == 1  # served once loaded
+    checkpoints.roll_back(output, 0)
+    follower.check()
+    with pytest.raises(HTTPException) as refused:
+        follower.models.get_engine("current_model")
+    assert "none yet, or removed" in refused.value.detail and not refused.value.headers  # not loading: removed

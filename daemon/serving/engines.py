@@ -22,6 +22,7 @@ from transformers.cli.serving.model_manager import EngineClient, ModelLoader, Mo
 from transformers.cli.serving.utils import GenerationState, ModelNotServedError
 
 GLOBAL_STEP_HEADER = "X-Global-Step"
+LOADING_RETRY_SECONDS = 5  # Retry-After of a request while the first export loads (SmolLM2: about 5 s on 2 cores)
 
 # The engines the request being handled leased: set by StepHeader around each HTTP request.
 _LEASES: contextvars.ContextVar[list[ExportEngine] | None] = contextvars.ContextVar("export_leases", default=None)
@@ -69,6 +70,7 @@ class ExportModels(ModelManager):
         super().__init__(loader, generation_state, model_timeout=-1)
         self.served_name, self.output_dir = served_name, output_dir
         self.current: ExportEngine | None = None
+        self.loading: int | None = None  # the step the follower is loading, while nothing is served yet
         self.retiring: list[ExportEngine] = []
         self._lock = threading.Lock()
 
@@ -77,13 +79,20 @@ class ExportModels(ModelManager):
 
         Raises:
             ModelNotServedError: ``model`` is another name than the served one (a 400).
-            HTTPException: no export is loaded: none yet, or it was removed (a 503, which clients retry).
+            HTTPException: no export is loaded (a 503, which clients retry): one is loading (with ``Retry-After``),
+                there is none yet, or it was removed.
         """
         if model is not None and model != self.served_name:
             raise ModelNotServedError(f"this server serves '{self.served_name}'; the request names '{model}'")
         leases = _LEASES.get()
         with self._lock:
             engine = self.current
+            if engine is None and self.loading is not None:  # the server's first seconds: the model is on its way
+                raise HTTPException(
+                    status_code=503,
+                    detail=f"the export of {self.output_dir} (step {self.loading}) is loading: retry in a few seconds",
+                    headers={"Retry-After": str(LOADING_RETRY_SECONDS)},
+                )
             if engine is None:
                 raise HTTPException(
                     status_code=503, detail=f"no export of {self.output_dir} is loaded (none yet, or removed)"
@@ -107,7 +116,7 @@ class ExportModels(ModelManager):
         with self._lock:
             if self.current is not None:
                 self.retiring.append(self.current)
-            self.current = engine
+            self.current, self.loading = engine, None
             self.engines = {} if engine is None else {self.served_name: engine}
 
     def stop_idle(self) -> list[ExportEngine]:

@@ -152,11 +152,13 @@ class ExportFollower:
             return None
         self._seen = snapshot.signature
         logger.info("loading the export of step %d (%s)", snapshot.global_step, self.output_dir)
+        self.models.loading = snapshot.global_step
         try:
             engine = self.engine(
                 snapshot.folder, snapshot.global_step, self.models.served_name, self.loader, self.generation_state
             )
         except Exception as e:
+            self.models.loading = None
             shutil.rmtree(snapshot.folder, ignore_errors=True)
             still = "nothing" if serving is None else f"step {serving.global_step}"
             expected = isinstance(e, (RuntimeError, OSError, ValueError))  # the others: a traceback, for a bug report
@@ -171,9 +173,10 @@ class ExportFollower:
             return None
         with self._swapping:
             if not self.stop.is_set():
-                self.models.swap(engine)
+                self.models.swap(engine)  # ends the loading too
                 logger.info("serving the export of step %d", snapshot.global_step)
                 return snapshot.global_step
+        self.models.loading = None
         engine.shutdown("the server is stopping")  # loaded after close(): nobody else would stop it
         shutil.rmtree(snapshot.folder, ignore_errors=True)
         return None
