@@ -50,7 +50,7 @@ def status_main(argv: list[str]) -> int:
     if args.json:
         print(json.dumps({**doc, "matrix": build_matrix(rows).as_dict()}, indent=2))
         return 0
-    snapshot = latest_snapshot(args.status_dir)
+    snapshot = latest_snapshot(args.status_dir, doc.get("global_step"))
     print(format_summary(doc, snapshot, read_history(args.status_dir)))
     for line in format_figures(doc) + format_matrix(rows):
         print(line)

@@ -20,7 +20,7 @@ from helpers import REPO, Tree, run_cli, stdlib_documents, train, write_jsonl
 
 from daemon.store.ledger import Ledger
 from daemon.store.rollback import EXIT_AFTER_ENV, INTENT_FILE, kept_file_ends
-from daemon.store.status import history_violations
+from daemon.store.status import SNAPSHOT_FIGURES, history_violations, latest_snapshot
 
 SMALL_ROTATION = {"save_steps": 5, "save_total_limit": 1}  # would keep only the newest and the file's start
 
@@ -126,6 +126,18 @@ def test_rollback_restores_a_kept_boundary_and_the_next_file_continues_from_it(t
     assert history_violations(history) == []
     assert json.loads((tree.status / "training_status.json").read_text())["global_step"] == a_end
     assert not (tree.status / INTENT_FILE).exists()
+    # The status describes the model at a_end again: its file's figures and snapshot, the checkpoints left
+    # (it said checkpoints [c_end, b_end, a_end] and c.jsonl's evaluation, snapshot and metrics)
+    status = json.loads((tree.status / "training_status.json").read_text())
+    snapshot = latest_snapshot(tree.status, a_end)
+    assert snapshot is not None and snapshot.name.startswith(f"{a_end:08d}-")
+    assert latest_snapshot(tree.status).name.startswith(f"{c_end:08d}-")  # kept on disk as a record
+    figures = json.loads((snapshot / "snapshot.json").read_text())
+    assert all(status[key] == figures[key] for key in SNAPSHOT_FIGURES)
+    assert (status["last_eval"]["step"], status["last_eval"]["file"]) == (a_end, "a.jsonl")
+    assert status["checkpoints"]["steps"] == [a_end] and status["metrics"]["loss"] is None
+    summary = run_cli(["-m", "daemon", "status", "--status_dir", str(tree.status)], cwd=tree.root).stdout
+    assert f"snapshot     {snapshot}\n" in summary  # the status folder given absolute: the folder as it is
 
     nxt = train(tree, _text_file(tree.root / "d.jsonl", 10, 30), **SMALL_ROTATION)
     assert nxt["start_step"] == a_end

@@ -38,14 +38,14 @@ from filelock import FileLock
 
 from daemon.config_file import command_parser, parse_command
 from daemon.exceptions import DaemonError, RollbackError
-from daemon.store.checkpoints import CHECKPOINT_RE, complete_checkpoint_steps, export_step, roll_back
+from daemon.store.checkpoints import CHECKPOINT_RE, checkpoint_usage, complete_checkpoint_steps, export_step, roll_back
 from daemon.store.files import atomic_write_text
 from daemon.store.ledger import Ledger
 from daemon.store.ledger_file import LEDGER_FILE
 from daemon.store.locks import lock_folders, release_folders
 from daemon.store.records import FileState, HistoryRow, utc_now
 from daemon.store.registry import roll_back_champion
-from daemon.store.status import StatusFile
+from daemon.store.status import StatusFile, figures_at
 from daemon.store.undo import undo_after
 
 logger = logging.getLogger(__name__)
@@ -169,7 +169,10 @@ def _carry_out(intent: RollbackIntent, status_dir: str | Path) -> None:
         row = HistoryRow.rolled_back(f.name, f.sha256, f.start_step, f.end_step, f.planned_steps, intent.to_step)
         status.record_outcome(row)
         _reached(f"history:{n}")
-    status.update(global_step=intent.to_step, max_steps=intent.to_step, current_file=None)
+    # the figures of the file at to_step again, not of the undone ones; the checkpoints left
+    figures = figures_at(status_dir, intent.to_step)
+    usage = checkpoint_usage(intent.output_dir)
+    status.update(global_step=intent.to_step, max_steps=intent.to_step, current_file=None, checkpoints=usage, **figures)
     undo_after(status_dir, intent.to_step)  # the undone files' evaluation rows, held-out slices, replay shares
     roll_back_champion(status_dir, intent.to_step)  # --register_model: the alias moves back, versions stay
     _reached("status")

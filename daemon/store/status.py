@@ -30,6 +30,8 @@ from daemon.store.records import HistoryRow, Outcome, RunState, utc_now
 logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
+# The status fields each evolution snapshot keeps of its file's evaluation (daemon.training.evaluation.FileEvaluation).
+SNAPSHOT_FIGURES = ("forgetting", "quality_gate", "evaluation", "forward_transfer")
 STATUS_FILE = "training_status.json"
 HISTORY_FILE = "history.jsonl"
 LOSS_FILE = "loss.jsonl"
@@ -353,13 +355,47 @@ class Heartbeat(threading.Thread):
         self.flush()
 
 
-def latest_snapshot(status_dir: str | os.PathLike[str]) -> Path | None:
-    """The newest evolution snapshot folder (highest step), or None."""
+def latest_snapshot(status_dir: str | os.PathLike[str], up_to_step: int | None = None) -> Path | None:
+    """The newest evolution snapshot folder (highest step), or None.
+
+    ``up_to_step``: the model's ``global_step``; a rolled-back file's snapshot above it stays on disk as
+    a record but is not the model's latest. None: any step.
+    """
     root = Path(status_dir) / "evolution"
     if not root.is_dir():
         return None
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if up_to_step is not None:
+        folders = [p for p in folders if p.name[:8].isdigit() and int(p.name[:8]) <= up_to_step]
     return folders[-1] if folders else None
+
+
+def figures_at(status_dir: str | os.PathLike[str], step: int) -> dict[str, Any]:
+    """The status's fields that describe the model's last file, as they were when the model was at ``step``.
+
+    From the evolution snapshot written at ``step`` (``last_eval``, ``forgetting``, ``quality_gate``,
+    ``evaluation``, ``forward_transfer``), each None where there is none (step 0, a snapshot lost), and
+    the training metrics cleared: what a rollback to ``step`` leaves in the status.
+    """
+    fields: dict[str, Any] = dict.fromkeys(("last_eval", *SNAPSHOT_FIGURES))
+    fields["metrics"] = empty_status()["metrics"]
+    folder = latest_snapshot(status_dir, step)
+    if folder is None or not folder.name.startswith(f"{step:08d}-"):
+        return fields
+    try:
+        snapshot = json.loads((folder / "snapshot.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return fields
+    fields.update({key: snapshot.get(key) for key in SNAPSHOT_FIGURES})
+    if snapshot.get("eval_loss") is not None:
+        loss = snapshot["eval_loss"]
+        fields["last_eval"] = {
+            "step": step,
+            "file": snapshot.get("file"),
+            "eval_loss": loss,
+            "perplexity": perplexity(loss),
+        }
+    return fields
 
 
 def beat(heartbeat: Heartbeat | None, **fields: Any) -> None:

@@ -83,7 +83,8 @@ class ReportData:
 
 def gather(status_dir: str | os.PathLike[str]) -> ReportData:
     """Read everything the report shows from ``status_dir`` (missing files read as empty)."""
-    folder = latest_snapshot(status_dir)
+    status = StatusFile(status_dir).read()
+    folder = latest_snapshot(status_dir, status.get("global_step"))  # a rolled-back file's is not the latest
     snapshot = None
     if folder is not None:
         try:
@@ -91,7 +92,7 @@ def gather(status_dir: str | os.PathLike[str]) -> ReportData:
         except (OSError, ValueError):
             logger.warning("%s/snapshot.json cannot be read; the report shows no samples", folder)
     return ReportData(
-        status=StatusFile(status_dir).read(),
+        status=status,
         history=read_history(status_dir),
         loss=read_loss_series(status_dir),
         matrix=build_matrix(read_rows(Path(status_dir))),
