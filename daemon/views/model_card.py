@@ -223,68 +223,62 @@ def _started_from(origin: dict[str, Any] | None) -> list[str]:
 
 
 def _usage(model_path: str, chat: bool) -> list[str]:
+    """ "How to use": a pipeline, then ``generate``, then the command line and ``transformers serve``; a chat model
+    is asked a question in its chat template, another continues ``"def "``."""
     if chat:
-        return _chat_usage(model_path)
+        question = 'messages = [{"role": "user", "content": "What is the capital of France?"}]'
+        intro = ["A chat model: ask it in its chat template (`chat_template.jinja`).", ""]
+        pipeline = [
+            f'chat = pipeline("text-generation", model="{model_path}")',
+            question,
+            'print(chat(messages, max_new_tokens=40)[0]["generated_text"][-1]["content"])',
+        ]
+        generate = [
+            question,
+            "inputs = tokenizer.apply_chat_template(",
+            '    messages, add_generation_prompt=True, return_tensors="pt", return_dict=True',
+            ")",
+            "output = model.generate(**inputs, max_new_tokens=40)",
+            'print(tokenizer.decode(output[0][inputs["input_ids"].shape[1] :], skip_special_tokens=True))',
+        ]
+        elsewhere = [
+            "From the command line, as a user turn in its template:",
+            f'`python -m daemon generate "What is the capital of France?" --output_dir {model_path}`.',
+            "As an OpenAI-compatible server (`/v1/chat/completions`), given this folder's absolute path:",
+        ]
+    else:
+        intro = []
+        pipeline = [
+            f'generator = pipeline("text-generation", model="{model_path}")',
+            'print(generator("def ", max_new_tokens=40, do_sample=True)[0]["generated_text"])',
+        ]
+        generate = [
+            'inputs = tokenizer("def ", return_tensors="pt")',
+            "output = model.generate(**inputs, max_new_tokens=40, do_sample=True)",
+            "print(tokenizer.decode(output[0], skip_special_tokens=True))",
+        ]
+        elsewhere = [
+            f'From the command line: `python -m daemon generate "def " --output_dir {model_path}`. As an',
+            "OpenAI-compatible server (`/v1/completions`, `/v1/chat/completions`), given this folder's absolute path:",
+        ]
+    load = [
+        f'tokenizer = AutoTokenizer.from_pretrained("{model_path}")',
+        f'model = AutoModelForCausalLM.from_pretrained("{model_path}")',
+    ]
     return [
         "## How to use",
         "",
-        "```python",
-        "from transformers import pipeline",
-        "",
-        f'generator = pipeline("text-generation", model="{model_path}")',
-        'print(generator("def ", max_new_tokens=40, do_sample=True)[0]["generated_text"])',
-        "```",
-        "",
-        "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "",
-        f'tokenizer = AutoTokenizer.from_pretrained("{model_path}")',
-        f'model = AutoModelForCausalLM.from_pretrained("{model_path}")',
-        'inputs = tokenizer("def ", return_tensors="pt")',
-        "output = model.generate(**inputs, max_new_tokens=40, do_sample=True)",
-        "print(tokenizer.decode(output[0], skip_special_tokens=True))",
-        "```",
-        "",
-        f'From the command line: `python -m daemon generate "def " --output_dir {model_path}`. As an',
-        "OpenAI-compatible server (`/v1/completions`, `/v1/chat/completions`), given this folder's absolute path:",
+        *intro,
+        *_python(["from transformers import pipeline", "", *pipeline]),
+        *_python(["from transformers import AutoModelForCausalLM, AutoTokenizer", "", *load, *generate]),
+        *elsewhere,
         f"`HF_HUB_OFFLINE=1 transformers serve /abs/path/to/{model_path} --host 127.0.0.1 --port 8000`.",
         "",
     ]
 
 
-def _chat_usage(model_path: str) -> list[str]:
-    return [
-        "## How to use",
-        "",
-        "A chat model: ask it in its chat template (`chat_template.jinja`).",
-        "",
-        "```python",
-        "from transformers import pipeline",
-        "",
-        f'chat = pipeline("text-generation", model="{model_path}")',
-        'messages = [{"role": "user", "content": "What is the capital of France?"}]',
-        'print(chat(messages, max_new_tokens=40)[0]["generated_text"][-1]["content"])',
-        "```",
-        "",
-        "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "",
-        f'tokenizer = AutoTokenizer.from_pretrained("{model_path}")',
-        f'model = AutoModelForCausalLM.from_pretrained("{model_path}")',
-        'messages = [{"role": "user", "content": "What is the capital of France?"}]',
-        "inputs = tokenizer.apply_chat_template(",
-        '    messages, add_generation_prompt=True, return_tensors="pt", return_dict=True',
-        ")",
-        "output = model.generate(**inputs, max_new_tokens=40)",
-        'print(tokenizer.decode(output[0][inputs["input_ids"].shape[1] :], skip_special_tokens=True))',
-        "```",
-        "",
-        "From the command line, as a user turn in its template:",
-        f'`python -m daemon generate "What is the capital of France?" --output_dir {model_path}`.',
-        "As an OpenAI-compatible server (`/v1/chat/completions`), given this folder's absolute path:",
-        f"`HF_HUB_OFFLINE=1 transformers serve /abs/path/to/{model_path} --host 127.0.0.1 --port 8000`.",
-        "",
-    ]
+def _python(lines: list[str]) -> list[str]:
+    return ["```python", *lines, "```", ""]
 
 
 def write_card(
