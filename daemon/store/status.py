@@ -171,7 +171,7 @@ class StatusFile:
 
         def count(doc: dict[str, Any]) -> None:
             doc["total_evals"] = doc.get("total_evals", 0) + 1
-            doc["last_eval"] = {"step": step, "file": file, "eval_loss": eval_loss, "perplexity": perplexity(eval_loss)}
+            doc["last_eval"] = last_eval(step, file, eval_loss)
 
         self.update(count)
 
@@ -388,14 +388,13 @@ def figures_at(status_dir: str | os.PathLike[str], step: int) -> dict[str, Any]:
         return fields
     fields.update({key: snapshot.get(key) for key in SNAPSHOT_FIGURES})
     if snapshot.get("eval_loss") is not None:
-        loss = snapshot["eval_loss"]
-        fields["last_eval"] = {
-            "step": step,
-            "file": snapshot.get("file"),
-            "eval_loss": loss,
-            "perplexity": perplexity(loss),
-        }
+        fields["last_eval"] = last_eval(step, snapshot.get("file"), snapshot["eval_loss"])
     return fields
+
+
+def last_eval(step: int, file: str | None, eval_loss: float) -> dict[str, Any]:
+    """The status's ``last_eval``: the held-out loss (nats) after ``file``, ended at ``step``, and its perplexity."""
+    return {"step": step, "file": file, "eval_loss": eval_loss, "perplexity": perplexity(eval_loss)}
 
 
 def beat(heartbeat: Heartbeat | None, **fields: Any) -> None:
