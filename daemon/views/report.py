@@ -181,8 +181,9 @@ def matrix_figure(matrix: Matrix) -> Figure | None:
     ax = fig.add_subplot()
     image = ax.imshow(np.ma.masked_invalid(grid), cmap="viridis_r", aspect="auto")
     fig.colorbar(image, ax=ax, label="loss (nats)")
-    ax.set_yticks(range(len(rows)), [_file_label(matrix, i) for i in rows])
-    ax.set_xticks(range(len(cols)), [_slice_label(matrix, j) for j in cols], fontsize=8)
+    numbers = row_numbers([f["step"] for f in matrix.files])
+    ax.set_yticks(range(len(rows)), [_file_label(matrix, i, numbers[i]) for i in rows])
+    ax.set_xticks(range(len(cols)), [_slice_label(matrix, j, numbers) for j in cols], fontsize=8)
     ax.set_xlabel("evaluation slice")
     ax.set_ylabel("after file")
     if grid.size <= 150:
@@ -220,22 +221,22 @@ def _file_ticks(ax: Any, rows: list[dict[str, Any]]) -> None:
     )
 
 
-def _file_label(matrix: Matrix, i: int) -> str:
-    """``"3 name"``, with ``(before 6.12)`` where the file's own slice was scored before training on it."""
+def _file_label(matrix: Matrix, i: int, number: int) -> str:
+    """``"3 name"`` (``number``: row ``i``'s, :func:`row_numbers`), with ``(before 6.12)`` where the file's own slice
+    was scored before training on it."""
     before = matrix.before[i] if i < len(matrix.before) else None
-    number = row_numbers([f["step"] for f in matrix.files])[i]
     return f"{number} {_short(matrix.files[i]['after_file'], 24)}" + (
         "" if before is None else f" (before {before:.2f})"
     )
 
 
-def _slice_label(matrix: Matrix, column: int) -> str:
+def _slice_label(matrix: Matrix, column: int, numbers: list[int]) -> str:
     evals = [s["slice"] for s in matrix.slices if s["kind"] == EVAL_FILE]
     name = matrix.slices[column]["slice"]
     if name in evals:
         return f"e{evals.index(name) + 1}"
     first = next((i for i, row in enumerate(matrix.loss) if row[column] is not None), None)
-    return "?" if first is None else f"#{row_numbers([f['step'] for f in matrix.files])[first]}"
+    return "?" if first is None else f"#{numbers[first]}"
 
 
 def _short(name: str, width: int) -> str:
