@@ -30,7 +30,7 @@ from daemon.store.records import HistoryRow, Outcome, RunState, utc_now
 logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-# The status fields each evolution snapshot keeps of its file's evaluation (daemon.training.evaluation.FileEvaluation).
+# The status fields each evolution snapshot keeps of its file's evaluation (FileEvaluation.status_fields writes them).
 SNAPSHOT_FIGURES = ("forgetting", "quality_gate", "evaluation", "forward_transfer")
 STATUS_FILE = "training_status.json"
 HISTORY_FILE = "history.jsonl"

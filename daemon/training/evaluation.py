@@ -49,7 +49,7 @@ from daemon.quality.forgetting import (
     rows_at,
     write_rows,
 )
-from daemon.store.status import mark_progress
+from daemon.store.status import SNAPSHOT_FIGURES, mark_progress
 from daemon.store.suite import BASE_FILE, HELD_OUT, Slice, load_suite, slice_name, subset, write_slice
 from daemon.training.encoding import IGNORE_INDEX, encode_example, windows
 
@@ -349,13 +349,9 @@ class FileEvaluation:
         return {"evaluations": self.rows, **self.status_fields()}
 
     def status_fields(self) -> dict[str, Any]:
-        """The status's ``forgetting``, ``quality_gate``, ``evaluation`` and ``forward_transfer``, latest model."""
-        return {
-            "forgetting": self.forgetting,
-            "quality_gate": self.quality_gate,
-            "evaluation": self.evaluation,
-            "forward_transfer": self.forward_transfer,
-        }
+        """The status's ``forgetting``, ``quality_gate``, ``evaluation`` and ``forward_transfer``, latest model:
+        the fields a snapshot keeps and a rollback reads back (:data:`daemon.store.status.SNAPSHOT_FIGURES`)."""
+        return {key: getattr(self, key) for key in SNAPSHOT_FIGURES}
 
 
 def evaluate_file(prepared: PreparedFile, flags: Flags, train_seconds: float, spent: float = 0.0) -> FileEvaluation:
