@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from daemon.exceptions import DatasetError
 from daemon.training.encoding import IGNORE_INDEX, tokenize
+from daemon.training.loss_weights import LOSS_WEIGHT
 
 if TYPE_CHECKING:
     import datasets
@@ -106,7 +107,9 @@ class PaddingCollator:
             that shape again at the end of every file. None: a micro-batch has its own rows.
 
     Returns:
-        ``input_ids`` ``[rows, longest]`` (int64) and ``labels`` ``[rows, longest]`` (-100 on padding).
+        ``input_ids`` ``[rows, longest]`` (int64) and ``labels`` ``[rows, longest]`` (-100 on padding);
+        where the examples carry a ``loss_weight`` (``--replay_loss_weight``), also ``loss_weight``
+        ``[rows]`` (float32; 0 on rows of padding).
     """
 
     pad_token_id: int
@@ -137,10 +140,14 @@ class PaddingCollator:
         missing = max(0, (self.rows or 0) - len(ids))
         ids += [torch.zeros(0, dtype=torch.long)] * missing
         labels += [torch.zeros(0, dtype=torch.long)] * missing
-        return {
+        batch = {
             "input_ids": pad_sequence(ids, batch_first=True, padding_value=self.pad_token_id),
             "labels": pad_sequence(labels, batch_first=True, padding_value=IGNORE_INDEX),
         }
+        if LOSS_WEIGHT in features[0]:
+            weights = [float(f[LOSS_WEIGHT]) for f in features] + [0.0] * missing
+            batch[LOSS_WEIGHT] = torch.tensor(weights, dtype=torch.float32)
+        return batch
 
 
 def torch_rows(rows: datasets.Dataset) -> datasets.Dataset:
@@ -249,7 +256,9 @@ def length_grouped(rows: datasets.Dataset, batch: int, seed: int) -> list[int]:
     return list(get_length_grouped_indices(lengths, batch, generator=torch.Generator().manual_seed(seed)))
 
 
-def mix_replay(data: PreparedData, replayed: list[dict[str, list[int]]], seed: int) -> PreparedData:
+def mix_replay(
+    data: PreparedData, replayed: list[dict[str, list[int]]], seed: int, loss_weight: float = 1.0
+) -> PreparedData:
     """Mix replayed examples into a file's training examples, in one seeded order.
 
     Args:
@@ -257,6 +266,9 @@ def mix_replay(data: PreparedData, replayed: list[dict[str, list[int]]], seed: i
         replayed: ``{"input_ids", "labels"?}`` examples from :func:`daemon.store.replay.select_replay`;
             a missing ``labels`` means every token is learned.
         seed: fixes the mixed order (the file's ``--seed``), so a resumed file sees the same order.
+        loss_weight: ``--replay_loss_weight``; other than 1, ``train`` gets a float column
+            ``loss_weight``: 1 on the file's own rows, this on the replayed ones
+            (:mod:`daemon.training.loss_weights`).
 
     Returns:
         ``data`` with ``train`` = own + replayed examples shuffled together, ``replayed``,
@@ -274,6 +286,10 @@ def mix_replay(data: PreparedData, replayed: list[dict[str, list[int]]], seed: i
     }
     own = data.train
     extra = ds.Dataset.from_dict(rows, features=own.features)
+    if loss_weight != 1.0:
+        weight = ds.Value("float32")
+        own = own.add_column(LOSS_WEIGHT, [1.0] * own.num_rows, feature=weight)
+        extra = extra.add_column(LOSS_WEIGHT, [loss_weight] * extra.num_rows, feature=weight)
     train = ds.concatenate_datasets([own, extra]).shuffle(seed=seed, keep_in_memory=True)
     return PreparedData(
         train,
@@ -282,7 +298,7 @@ def mix_replay(data: PreparedData, replayed: list[dict[str, list[int]]], seed: i
         data.dropped,
         data.heldout_records,
         len(replayed),
-        own,
+        data.train,
         replayed_tokens=sum(lengths),
     )
 

@@ -141,7 +141,8 @@ def with_replay(
     ``start_step`` (:func:`daemon.store.replay_mix.select_weighted_replay`), which a crash inside
     the file does not change either. With ``--base_rehearsal``, ``--base_rehearsal_fraction`` of
     the base model's own answers (:mod:`daemon.training.rehearsal`) are mixed in beside the replay,
-    seeded the same way; both count as the plan's replayed examples.
+    seeded the same way; both count as the plan's replayed examples, and both weigh
+    ``--replay_loss_weight`` in the loss (:mod:`daemon.training.loss_weights`).
     """
     replay = flags.replay
     count = replay_count(datasets.examples, replay.replay_fraction)
@@ -153,12 +154,13 @@ def with_replay(
     rehearsal = select_rehearsal(status_dir, rehearsed, f"{draw_seed}:rehearsal", fingerprint)
     if rehearsal:
         logger.info("rehearsing %d of the base model's own answers beside the file's replay", len(rehearsal))
+    loss_weight = flags.techniques.replay_loss_weight
     if flags.techniques.replay_weighting == "forgetting":  # per file, by its forgetting up to start_step
         rows = read_rows(status_dir)
         chosen, weights = select_weighted_replay(status_dir, start_step, count, draw_seed, fingerprint, rows)
-        return replace(mix_replay(datasets, chosen + rehearsal, seed), replay_weights=weights)
+        return replace(mix_replay(datasets, chosen + rehearsal, seed, loss_weight), replay_weights=weights)
     chosen = select_replay(status_dir, start_step, count, draw_seed, fingerprint)
-    return mix_replay(datasets, chosen + rehearsal, seed)
+    return mix_replay(datasets, chosen + rehearsal, seed, loss_weight)
 
 
 def rehearse_base(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, flags: Flags) -> None:

@@ -1,4 +1,5 @@
-"""``--cooldown_mix``, ``--replay_weighting`` and ``--wise_ft``: options against forgetting (docs/data.md).
+"""``--cooldown_mix``, ``--replay_weighting``, ``--replay_loss_weight`` and ``--wise_ft``: options against forgetting
+(docs/data.md).
 
 Each is off by default (today's behaviour); the stream benchmark decides whether one becomes a
 default. Standard library only, like :mod:`daemon.config`: the flags are parsed with the others by
@@ -20,7 +21,7 @@ REPLAY_WEIGHTINGS = ("even", "forgetting")
 
 @dataclass
 class TechniqueArguments:
-    """How replay is drawn, what the cooldown branch trains on, and the WiSE-FT export (docs/data.md)."""
+    """How replay is drawn and weighed, what the cooldown branch trains on, and the WiSE-FT export (docs/data.md)."""
 
     cooldown_mix: str = field(
         default="file",
@@ -42,6 +43,14 @@ class TechniqueArguments:
             "choices": list(REPLAY_WEIGHTINGS),
         },
     )
+    replay_loss_weight: float = field(
+        default=1.0,
+        metadata={
+            "help": "The weight of a replayed (or rehearsed) example's tokens in the loss, against 1 for the file's "
+            "own: the loss stays a weighted mean over the step's tokens, so replay weighs more without more "
+            "steps (docs/data.md). 1 (default): every token alike."
+        },
+    )
     wise_ft: bool = field(
         default=False,
         metadata={
@@ -57,6 +66,8 @@ class TechniqueArguments:
             problems.append(f"--cooldown_mix must be one of {', '.join(COOLDOWN_MIXES)}")
         if self.replay_weighting not in REPLAY_WEIGHTINGS:
             problems.append(f"--replay_weighting must be one of {', '.join(REPLAY_WEIGHTINGS)}")
+        if not 0.0 < self.replay_loss_weight < float("inf"):
+            problems.append("--replay_loss_weight must be a number > 0")
         if problems:
             raise ConfigError("; ".join(problems))
 

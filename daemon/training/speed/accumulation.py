@@ -37,6 +37,7 @@ import torch
 from transformers import Trainer
 
 from daemon.exceptions import ConfigError, TrainingError
+from daemon.training.loss_weights import LOSS_WEIGHT, weighted_causal_lm_loss, weighted_items
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +130,7 @@ class GuardCounters:
 class _ShardResult:
     loss: torch.Tensor
     grads: tuple[torch.Tensor | None, ...]
-    items: int
+    items: float
 
     def is_finite(self) -> bool:
         return bool(torch.isfinite(self.loss)) and all_finite([g for g in self.grads if g is not None])
@@ -225,6 +226,47 @@ class ThreadedAccumulationTrainer(Trainer):
         missing = [key for key in load_result.missing_keys if not shares_its_source(key)]
         super()._issue_warnings_after_load(load_result._replace(missing_keys=missing))
 
+    def _set_signature_columns_if_needed(self) -> None:
+        # The Trainer drops the dataset columns its model's forward does not take; ``loss_weight``
+        # (--replay_loss_weight) is read by compute_loss, not the model.
+        super()._set_signature_columns_if_needed()
+        if self._signature_columns is not None and LOSS_WEIGHT not in self._signature_columns:
+            self._signature_columns.append(LOSS_WEIGHT)
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | int | None:
+        """The step's learned tokens, each counted with its row's ``loss_weight`` where the rows carry one.
+
+        Without weights, the Trainer's own count; with them the same count over
+        :func:`~daemon.training.loss_weights.weighted_items`, summed over the processes as the Trainer
+        sums its own (``average_tokens_across_devices``).
+        """
+        counted = self.model_accepts_loss_kwargs or self.compute_loss_func is not None
+        if not batch_samples or LOSS_WEIGHT not in batch_samples[0] or not counted:
+            return super()._get_num_items_in_batch(batch_samples, device)
+        items = torch.stack([weighted_items(batch) for batch in batch_samples]).sum().to(device)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            items = self.accelerator.gather(items).sum()
+        return items / (self.get_tp_size() * self.get_cp_size() * self.get_sp_size())
+
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> Any:
+        """The stock loss, or with a ``loss_weight`` per row the weighted one
+        (:func:`~daemon.training.loss_weights.weighted_causal_lm_loss`) over ``num_items_in_batch``."""
+        if LOSS_WEIGHT not in inputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        forward = {k: v for k, v in inputs.items() if k not in (LOSS_WEIGHT, "labels")}
+        outputs = model(**forward)
+        loss = weighted_causal_lm_loss(outputs.logits, inputs["labels"], inputs[LOSS_WEIGHT], num_items_in_batch)
+        counted = self.model_accepts_loss_kwargs or self.compute_loss_func is not None
+        if self.args.average_tokens_across_devices and counted and num_items_in_batch is not None:
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())  # as the Trainer scales its own
+        return (loss, outputs) if return_outputs else loss
+
     def _reset_step(self) -> None:
         self._micro_batches = 0
         self._step_items = 0
@@ -287,7 +329,7 @@ class ThreadedAccumulationTrainer(Trainer):
                 loss = self.compute_loss(model, shard, num_items_in_batch=num_items_in_batch)
             assert isinstance(loss, torch.Tensor)
             grads = torch.autograd.grad(loss, params, allow_unused=True)
-            items = int(shard["labels"][..., 1:].ne(-100).sum()) if "labels" in shard else 0
+            items = float(weighted_items(shard)) if "labels" in shard else 0.0
             return _ShardResult(loss.detach(), grads, items)
 
         results = pool.map(shard_gradients, split_batch(inputs, pool.workers))
