@@ -184,23 +184,26 @@ def make_data(work: Path, steps_per_file: int, heldout_docs: int) -> dict:
     return {"tokenizer": tokenizer, "train": train, "tokens": tokens, "paths": paths}
 
 
-def settings(default: float, decay: float, standard: bool, extra: list[list[str]]) -> list[tuple[str, list[str]]]:
+def settings(
+    default: float, weight: float, decay: float, standard: bool, extra: list[list[str]]
+) -> list[tuple[str, list[str]]]:
     """``(label, flags)`` per setting; the first is no replay, the second the current default (the embedded model's:
-    replay ``default`` and its weights' moving average at ``decay``), then the standard settings if ``standard``,
-    then ``extra``. :func:`common_flags` export the latest weights (``--average_exports none``) where a setting
-    names no average."""
-    d = ["--replay_fraction", str(default)]
+    replay ``default`` weighing ``weight`` in the loss and its weights' moving average at ``decay``), then the
+    standard settings if ``standard`` (plain replay at ``default``, 25 %, and the default's replay under the other
+    exports), then ``extra``. :func:`common_flags` export the latest weights (``--average_exports none``) where a
+    setting names no average, and weigh every token alike where it names no weight."""
+    d = ["--replay_fraction", str(default), "--replay_loss_weight", str(weight)]
+    named = f"replay {default:.0%}" + (f" x{weight:g}" if weight != 1 else "")
     ema = ["--average_exports", "ema", "--ema_decay", str(decay)]
-    rows = [("no replay", ["--replay_fraction", "0"]), (f"replay {default:.0%} + EMA {decay:g} (default)", [*d, *ema])]
+    rows = [("no replay", ["--replay_fraction", "0"]), (f"{named} + EMA {decay:g} (default)", [*d, *ema])]
     if standard:
         rows += [
-            (f"replay {default:.0%}", d),
+            (f"replay {default:.0%}", ["--replay_fraction", str(default)]),
             ("replay 25%", ["--replay_fraction", "0.25"]),
-            (f"replay {default:.0%} + LAWA last 3", [*d, "--average_exports", "lawa", "--average_last", "3"]),
-            (f"replay {default:.0%} + EMA 0.99", [*d, "--average_exports", "ema", "--ema_decay", "0.99"]),
-            (f"replay {default:.0%} + cooldown 20% 1-sqrt",
-             [*d, "--cooldown_fraction", "0.2", "--cooldown_shape", "1-sqrt"]),
-        ]  # fmt: skip
+            (f"{named} + LAWA last 3", [*d, "--average_exports", "lawa", "--average_last", "3"]),
+            (f"{named} + EMA 0.99", [*d, "--average_exports", "ema", "--ema_decay", "0.99"]),
+            (f"{named} + cooldown 20% 1-sqrt", [*d, "--cooldown_fraction", "0.2", "--cooldown_shape", "1-sqrt"]),
+        ]
     return rows + [(name, shlex.split(flags)) for name, flags in extra]
 
 
@@ -211,7 +214,7 @@ def common_flags(learning_rate: float, warmup_steps: int) -> list[str]:
         "--learning_rate", str(learning_rate), "--warmup_steps", str(warmup_steps), "--average_exports", "none",
         "--lr_scheduler_type", "constant_with_warmup", "--max_seq_length", str(SEQ),
         "--per_device_train_batch_size", str(BATCH), "--per_device_eval_batch_size", "32",
-        "--eval_fraction", "0", "--eval_budget", "1000",
+        "--eval_fraction", "0", "--eval_budget", "1000", "--replay_loss_weight", "1",
         "--sample_max_new_tokens", "4", "--sample_prompts", "def ", "--save_steps", "100000",
     ]  # fmt: skip
 
@@ -401,7 +404,7 @@ def plot(results: list[dict], path: Path) -> None:
 
 
 def main() -> int:
-    from daemon.training.arguments import SCRATCH_DEFAULTS
+    from daemon.training.starting_defaults import SCRATCH_DEFAULTS
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2 repeats, 8 steps a file, 2 settings: a check.")
@@ -439,12 +442,13 @@ def main() -> int:
 
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
-    from daemon.config import ReplayArguments
     from daemon.training.averaging_flags import AveragingArguments
+    from daemon.training.starting_defaults import SCRATCH_DEFAULTS
 
     decay = AveragingArguments(average_exports="ema").ema_decay
     standard = not (args.quick or args.candidates_only)
-    rows = settings(ReplayArguments().replay_fraction, decay, standard, args.extra_setting)
+    replay, weight = SCRATCH_DEFAULTS["replay_fraction"], SCRATCH_DEFAULTS["replay_loss_weight"]
+    rows = settings(replay, weight, decay, standard, args.extra_setting)
     started, names = time.perf_counter(), list(SOURCES)
     base = common_flags(args.learning_rate, args.warmup_steps)
     with tempfile.TemporaryDirectory() as tmp:

@@ -269,12 +269,13 @@ COOLDOWN_SHAPES = ("linear", "1-sqrt")
 class ReplayArguments:
     """Replay of earlier files and cooldown exports (docs/data.md "Replay and cooldown exports")."""
 
-    replay_fraction: float = field(
-        default=0.09,  # the least forgetting within 1.1x the no-replay compute (bench/continual.py, BENCHMARKS.md)
+    replay_fraction: float = field(  # type: ignore[assignment]
+        default=None,
         metadata={
             "help": "Fraction of the examples trained for a file that are replayed from earlier files' training "
             "examples (the replay store); 0 turns replay off. Each file adds fraction / (1 - fraction) x its "
-            "examples of replay."
+            "examples of replay. Default: 0.11 for the embedded model (with --replay_loss_weight 2: the least "
+            'forgetting within 1.1x the no-replay steps, BENCHMARKS.md "continual"), 0.09 for a pretrained base.'
         },
     )
     replay_buffer_tokens: int = field(
@@ -320,7 +321,7 @@ class ReplayArguments:
 
     def __post_init__(self) -> None:
         problems = []
-        if not 0.0 <= self.replay_fraction < 1.0:
+        if self.replay_fraction is not None and not 0.0 <= self.replay_fraction < 1.0:
             problems.append("--replay_fraction must be in [0, 1)")
         if self.base_rehearsal_fraction is not None and not 0.0 <= self.base_rehearsal_fraction < 1.0:
             problems.append("--base_rehearsal_fraction must be in [0, 1)")

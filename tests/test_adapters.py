@@ -203,8 +203,8 @@ def test_flags_not_given_follow_the_running_adapter_and_lora_has_its_own_learnin
 
 
 def test_a_lora_line_rehearses_more_of_the_base_models_answers_unless_told(lora_tree, tree):
-    from daemon.training.arguments import PRETRAINED_DEFAULTS
     from daemon.training.peft_flags import LORA_REHEARSAL_FRACTION
+    from daemon.training.starting_defaults import PRETRAINED_DEFAULTS
 
     full_fraction = PRETRAINED_DEFAULTS["base_rehearsal_fraction"]
 

@@ -260,7 +260,9 @@ def test_a_noise_file_after_two_real_files_is_rolled_back_to_its_start_checkpoin
 def test_with_warn_the_noise_file_is_kept_and_the_regression_recorded(two_files, tmp_path, caplog):
     tree = _copy(two_files, tmp_path)
     with caplog.at_level(logging.WARNING, logger="daemon.training.evaluation"):
-        row = train(tree, _noise_file(tree.root / "noise.jsonl"), max_regression=0.05)
+        # Without replay: the embedded model's default replay of a and b (weighted in the loss) kept their
+        # slices below their first scores through the noise (forgetting < 0), though the gate saw the rise.
+        row = train(tree, _noise_file(tree.root / "noise.jsonl"), max_regression=0.05, replay_fraction=0)
     assert row["outcome"] == Outcome.DONE
     gate = row["quality_gate"]
     assert gate["exceeded"] and gate["action"] == "warn" and gate["regression"] > 0.05

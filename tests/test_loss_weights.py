@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 
 import pytest
 import torch
@@ -81,7 +82,7 @@ def test_a_weight_that_is_not_a_positive_number_is_refused(weight):
         TechniqueArguments(replay_loss_weight=weight)
 
 
-def test_a_weighted_replay_trains_the_same_steps_and_examples_to_other_weights(tmp_path, monkeypatch):
+def test_a_weighted_replay_trains_the_same_steps_and_examples_to_other_weights(tmp_path, monkeypatch, caplog):
     """Weight 3 trains the steps and replayed examples of weight 1; only the loss differs, and weight 1 is today's."""
     from safetensors.torch import load_file
 
@@ -96,7 +97,13 @@ def test_a_weighted_replay_trains_the_same_steps_and_examples_to_other_weights(t
         tree = new_tree(tmp_path / f"w{weight}")
         for n in range(2):
             seen.clear()
-            rows[weight] = train(tree, text_file(tree.root / f"f{n}.jsonl", 12 * n), replay_loss_weight=weight, **flags)
+            caplog.clear()
+            with caplog.at_level(logging.INFO, logger="daemon.training.prepare"):
+                rows[weight] = train(
+                    tree, text_file(tree.root / f"f{n}.jsonl", 12 * n), replay_loss_weight=weight, **flags
+                )
+        said = "replayed (each weighing 3 in the loss)" in caplog.text  # the second file's line
+        assert said == (weight == 3.0)
         weights[weight] = load_file(tree.output / f"checkpoint-{rows[weight]['end_step']}" / "model.safetensors")
         carried = [float(w) for batch in seen if LOSS_WEIGHT in batch for w in batch[LOSS_WEIGHT]]
         if weight == 1.0:

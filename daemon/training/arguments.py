@@ -42,6 +42,7 @@ from daemon.exceptions import ConfigError
 from daemon.store.origin import base_model_of, has_own_chat_template
 from daemon.training.averaging_flags import AveragingArguments, averaging_problems, default_average_exports
 from daemon.training.peft_flags import LORA_LEARNING_RATE, LORA_REHEARSAL_FRACTION, PeftArguments, resolve_peft
+from daemon.training.starting_defaults import PRETRAINED_DEFAULTS, starting_defaults
 from daemon.training.technique_flags import TechniqueArguments, technique_problems
 from daemon.training.tracker_flags import TrackerArguments, missing_trackers
 
@@ -258,47 +259,6 @@ class Flags:
     techniques: TechniqueArguments
 
 
-# The defaults that follow the starting model (daemon.store.origin): the embedded model learns from scratch; a
-# pretrained base is fine-tuned. The pretrained rate is the largest of 2e-5, 5e-5, 1e-4 and 5e-4 that cost
-# SmolLM2-135M-Instruct at most 0.05 nats on its own answers to neutral prompts over two drops of
-# docstrings (bench/real_model.py sweep; BENCHMARKS.md "real-model sweep"); it is also transformers'
-# own TrainingArguments default. No warmup: a warmup counted from the model's first step would leave
-# a short first file at almost no learning rate, and Adam's bias correction already sizes the first steps.
-# Rehearsal of the base model's own answers (daemon.training.rehearsal) is on for a pretrained base: on SmolLM2's
-# stream of a text, a prompt-completion and a chat drop (bench/real_model.py stream; BENCHMARKS.md "real-model
-# stream") the base-model slice rose about half a nat without it, most of it from the chat drop, and stayed
-# within a few hundredths of a nat of the base with it at --base_rehearsal_fraction 0.2, the domain gain
-# unchanged; what it costs the line's first file in speed is in "real-model speed". The embedded model has no
-# base to keep.
-# A LoRA line rehearses LORA_REHEARSAL_FRACTION instead; the scratch fraction counts only with --base_rehearsal true.
-# The embedded model exports the moving average of its weights (daemon.training.ema, --ema_decay 0.9): over five
-# different texts (bench/continual.py, 5 repeats; BENCHMARKS.md "continual") it was the first setting within
-# 1.10x the steps to pass the bench's decision rule against plain replay (the upper 95 % bound of its gap to
-# the union minus replay's below 0) and its plasticity guard (the newest file no worse than without replay).
-# A pretrained base was not measured with it and exports its own weights; so do a run that asks for another
-# export (daemon.training.averaging_flags.default_average_exports).
-SCRATCH_DEFAULTS: dict[str, Any] = {
-    "learning_rate": 5e-4,
-    "warmup_steps": 100,
-    "base_rehearsal": False,
-    "base_rehearsal_fraction": 0.2,
-    "average_exports": "ema",
-}
-PRETRAINED_DEFAULTS: dict[str, Any] = {
-    "learning_rate": 5e-5,
-    "warmup_steps": 0,
-    "base_rehearsal": True,
-    "base_rehearsal_fraction": 0.2,
-    "average_exports": "none",
-}
-
-
-def _starting_defaults(flags: dict[str, Any]) -> dict[str, Any]:
-    """:data:`PRETRAINED_DEFAULTS` for a line started from a pretrained base, else :data:`SCRATCH_DEFAULTS`."""
-    base = base_model_of(flags["output_dir"], flags["model_name_or_path"])
-    return SCRATCH_DEFAULTS if base is None else PRETRAINED_DEFAULTS
-
-
 def _shown(value: Any) -> str:
     """A flag's value as it would be typed: ``5e-05``, ``0``, ``true``, ``none``."""
     if isinstance(value, bool):
@@ -318,14 +278,16 @@ def _sample_prompts(flags: dict[str, Any]) -> list[str]:
 DEFAULT_RULES: dict[str, Callable[[dict[str, Any]], Any]] = {
     # A LoRA adapter learns at its own rate (daemon.training.peft_flags.LORA_LEARNING_RATE, measured on SmolLM2).
     "learning_rate": lambda flags: (
-        LORA_LEARNING_RATE if flags["use_peft"] else _starting_defaults(flags)["learning_rate"]
+        LORA_LEARNING_RATE if flags["use_peft"] else starting_defaults(flags)["learning_rate"]
     ),
-    "warmup_steps": lambda flags: _starting_defaults(flags)["warmup_steps"],
-    "base_rehearsal": lambda flags: _starting_defaults(flags)["base_rehearsal"],
+    "warmup_steps": lambda flags: starting_defaults(flags)["warmup_steps"],
+    "replay_fraction": lambda flags: starting_defaults(flags)["replay_fraction"],
+    "replay_loss_weight": lambda flags: starting_defaults(flags)["replay_loss_weight"],
+    "base_rehearsal": lambda flags: starting_defaults(flags)["base_rehearsal"],
     "base_rehearsal_fraction": lambda flags: (
-        LORA_REHEARSAL_FRACTION if flags["use_peft"] else _starting_defaults(flags)["base_rehearsal_fraction"]
+        LORA_REHEARSAL_FRACTION if flags["use_peft"] else starting_defaults(flags)["base_rehearsal_fraction"]
     ),
-    "average_exports": lambda flags: default_average_exports(flags, _starting_defaults(flags)["average_exports"]),
+    "average_exports": lambda flags: default_average_exports(flags, starting_defaults(flags)["average_exports"]),
     "sample_prompts": _sample_prompts,
     "use_cpu": lambda flags: not torch.accelerator.is_available(),
     "bf16": lambda flags: False if flags["fp16"] else default_bf16(use_cpu=flags["use_cpu"]),
@@ -362,7 +324,7 @@ def resolve_defaults(flags: dict[str, Any]) -> None:
     for name, rule in DEFAULT_RULES.items():
         if flags[name] is None:
             flags[name] = rule(flags)
-    if decided and _starting_defaults(flags) is PRETRAINED_DEFAULTS:
+    if decided and starting_defaults(flags) is PRETRAINED_DEFAULTS:
         logger.info(
             "a pretrained base: fine-tuning defaults %s (a flag given wins)",
             " ".join(f"--{name} {_shown(flags[name])}" for name in decided),

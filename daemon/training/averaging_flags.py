@@ -70,7 +70,7 @@ def default_average_exports(flags: dict[str, Any], starting_default: str) -> str
 
     Args:
         flags: every flag's parsed value by name (``cooldown_fraction``, ``wise_ft`` and ``fsdp`` as given).
-        starting_default: the default of the starting model (``SCRATCH_DEFAULTS`` or ``PRETRAINED_DEFAULTS``).
+        starting_default: the default of the starting model (:mod:`daemon.training.starting_defaults`).
     """
     if flags["cooldown_fraction"] > 0 or flags["wise_ft"] or sharding_requested(flags["fsdp"]):
         return "none"

@@ -109,14 +109,17 @@ def setup(flags: Flags, ledger: Ledger, heartbeat: Heartbeat | None) -> Prepared
         replayed_tokens=datasets.replayed_tokens,
         cooldown_steps=cooldown_steps(plan.planned_steps, flags.replay.cooldown_fraction),
     )
+    weight = flags.techniques.replay_loss_weight
+    weighed = f" (each weighing {weight:g} in the loss)" if datasets.replayed and weight != 1 else ""
     logger.info(
-        "%s: %s, %d train examples (%d tokens) + %d replayed, %d held out; effective batch %d = %d x %d x world %d; "
+        "%s: %s, %d train examples (%d tokens) + %d replayed%s, %d held out; effective batch %d = %d x %d x world %d; "
         "steps %d -> %d (%d for this file)",
         scan.path.name,
         scan.shape,
         datasets.examples,
         datasets.tokens,
         datasets.replayed,
+        weighed,
         datasets.eval_examples,
         plan.effective_batch,
         plan.per_device_train_batch_size,

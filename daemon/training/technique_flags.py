@@ -43,12 +43,13 @@ class TechniqueArguments:
             "choices": list(REPLAY_WEIGHTINGS),
         },
     )
-    replay_loss_weight: float = field(
-        default=1.0,
+    replay_loss_weight: float = field(  # type: ignore[assignment]
+        default=None,
         metadata={
             "help": "The weight of a replayed (or rehearsed) example's tokens in the loss, against 1 for the file's "
             "own: the loss stays a weighted mean over the step's tokens, so replay weighs more without more "
-            "steps (docs/data.md). 1 (default): every token alike."
+            "steps (docs/data.md). Default: 2 for the embedded model (measured with --replay_fraction 0.11: "
+            'BENCHMARKS.md "continual"), 1 (every token alike) for a pretrained base, where it was not measured.'
         },
     )
     wise_ft: bool = field(
@@ -66,7 +67,7 @@ class TechniqueArguments:
             problems.append(f"--cooldown_mix must be one of {', '.join(COOLDOWN_MIXES)}")
         if self.replay_weighting not in REPLAY_WEIGHTINGS:
             problems.append(f"--replay_weighting must be one of {', '.join(REPLAY_WEIGHTINGS)}")
-        if not 0.0 < self.replay_loss_weight < float("inf"):
+        if self.replay_loss_weight is not None and not 0.0 < self.replay_loss_weight < float("inf"):
             problems.append("--replay_loss_weight must be a number > 0")
         if problems:
             raise ConfigError("; ".join(problems))
