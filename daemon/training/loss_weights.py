@@ -19,6 +19,8 @@ Where it acts: the column ``loss_weight`` (float, one per row) is written by
 :class:`~daemon.training.speed.accumulation.ThreadedAccumulationTrainer`'s ``compute_loss`` and its
 count of the step's items (:func:`weighted_items`), so the sum over micro-batches and over gradient
 worker shards adds up to the step's weighted mean, as the unweighted loss does.
+The cooldown branch (``--cooldown_fraction``) samples the file's training rows with their weights under
+``--cooldown_mix file``; ``balanced`` draws every share by count and weighs its rows alike.
 """
 
 from __future__ import annotations
