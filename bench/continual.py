@@ -443,7 +443,6 @@ def main() -> int:
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
     from daemon.training.averaging_flags import AveragingArguments
-    from daemon.training.starting_defaults import SCRATCH_DEFAULTS
 
     decay = AveragingArguments(average_exports="ema").ema_decay
     standard = not (args.quick or args.candidates_only)

@@ -233,6 +233,11 @@ class ThreadedAccumulationTrainer(Trainer):
         if self._signature_columns is not None and LOSS_WEIGHT not in self._signature_columns:
             self._signature_columns.append(LOSS_WEIGHT)
 
+    @property
+    def _loss_over_num_items(self) -> bool:
+        # The Trainer's own condition for dividing a loss by num_items_in_batch (its count and its scaling).
+        return bool(self.model_accepts_loss_kwargs or self.compute_loss_func is not None)
+
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | int | None:
         """The step's learned tokens, each counted with its row's ``loss_weight`` where the rows carry one.
 
@@ -240,8 +245,7 @@ class ThreadedAccumulationTrainer(Trainer):
         :func:`~daemon.training.loss_weights.weighted_items`, summed over the processes as the Trainer
         sums its own (``average_tokens_across_devices``).
         """
-        counted = self.model_accepts_loss_kwargs or self.compute_loss_func is not None
-        if not batch_samples or LOSS_WEIGHT not in batch_samples[0] or not counted:
+        if not batch_samples or LOSS_WEIGHT not in batch_samples[0] or not self._loss_over_num_items:
             return super()._get_num_items_in_batch(batch_samples, device)
         items = torch.stack([weighted_items(batch) for batch in batch_samples]).sum().to(device)
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
@@ -262,8 +266,7 @@ class ThreadedAccumulationTrainer(Trainer):
         forward = {k: v for k, v in inputs.items() if k not in (LOSS_WEIGHT, "labels")}
         outputs = model(**forward)
         loss = weighted_causal_lm_loss(outputs.logits, inputs["labels"], inputs[LOSS_WEIGHT], num_items_in_batch)
-        counted = self.model_accepts_loss_kwargs or self.compute_loss_func is not None
-        if self.args.average_tokens_across_devices and counted and num_items_in_batch is not None:
+        if self.args.average_tokens_across_devices and self._loss_over_num_items and num_items_in_batch is not None:
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())  # as the Trainer scales its own
         return (loss, outputs) if return_outputs else loss
 
