@@ -8,7 +8,7 @@ python -m daemon rebuild-ledger [--force]
 python -m daemon generate "PROMPT" [--max_new_tokens N] [--temperature T] [--seed S]
 python -m daemon serve [--host 127.0.0.1] [--port 8000]   (an OpenAI-compatible server that follows the export)
 python -m daemon train --dataset FILE.jsonl [flags]      (same as python train.py)
-python -m daemon train-spare                              (the daemon's prestarted training process)
+python -m daemon train-spare [line flags]                (the daemon's prestarted training process)
 
 Every command takes ``--config FILE`` (the daemon's) and the folder flags ``--inbox_dir``,
 ``--status_dir`` and ``--output_dir`` (:mod:`daemon.config_file`).
@@ -123,7 +123,7 @@ def _dispatch(argv: list[str]) -> int:
         from daemon.training import cli
 
         if command == "train-spare":
-            return cli.train_spare_main()
+            return cli.train_spare_main(argv[1:])
         return cli.main(argv[1:]) if command == "train" else cli.check_args_main(argv[1:])
     from daemon.config import configure_logging
     from daemon.service import cli as service

@@ -9,7 +9,7 @@ import json
 import re
 from pathlib import Path
 
-from helpers import export_tiny, stdlib_documents, train, write_jsonl
+from helpers import export_tiny, new_tree, stdlib_documents, train, write_jsonl
 
 # Words too common to say two prompts share a topic.
 _COMMON = set(
@@ -156,3 +156,35 @@ def test_a_pretrained_start_rehearses_by_default_and_the_embedded_model_never(tr
         assert rehearsal_path(other / "status").exists() is rehearsed
         assert row["replayed_examples"] == (replay_count(row["examples"], 0.2) if rehearsed else 0)
         assert json.loads((other / "status" / "history.jsonl").read_text())["outcome"] == "done"
+
+
+def test_the_daemons_idle_spare_keeps_the_base_answers_the_first_file_finds(tmp_path, caplog):
+    """``prepare_idle_line``: the rehearsal share and base slice kept ahead are those the first file writes itself."""
+    from daemon.quality.forgetting import read_rows
+    from daemon.store.replay import read_share
+    from daemon.training.arguments import parse_args
+    from daemon.training.base_slice import base_slice_path
+    from daemon.training.prepare import prepare_idle_line
+    from daemon.training.rehearsal import rehearsal_path
+
+    base = export_tiny(tmp_path / "base")
+    flags = {"model_name_or_path": base, "base_rehearsal": "true", "base_rehearsal_fraction": "0.25"}
+    ahead, direct = new_tree(tmp_path / "ahead"), new_tree(tmp_path / "direct")
+    assert prepare_idle_line(parse_args(ahead.flags(**flags)))
+    kept = rehearsal_path(ahead.status).read_bytes(), base_slice_path(ahead.status).read_bytes()
+    docs = [{"text": d} for d in stdlib_documents(limit=30)]
+    with caplog.at_level("INFO"):
+        row = train(ahead, write_jsonl(tmp_path / "a.jsonl", docs), **flags)
+    assert "kept the base model's own answers" not in caplog.text  # the file found them: nothing generated again
+    assert (rehearsal_path(ahead.status).read_bytes(), base_slice_path(ahead.status).read_bytes()) == kept
+    train(direct, write_jsonl(tmp_path / "a.jsonl", docs), **flags)
+    assert read_share(0, rehearsal_path(ahead.status)).examples == read_share(0, rehearsal_path(direct.status)).examples
+    assert base_slice_path(ahead.status).read_bytes() == base_slice_path(direct.status).read_bytes()
+
+    def base_rows(tree):
+        return [(r["slice"], r["loss"]) for r in read_rows(tree.status) if r["step"] == 0]
+
+    assert base_rows(ahead) == base_rows(direct) != []
+    # A started line (a complete checkpoint) or the embedded model's has nothing to keep ahead
+    assert row["end_step"] > 0 and not prepare_idle_line(parse_args(ahead.flags(**flags)))
+    assert not prepare_idle_line(parse_args(new_tree(tmp_path / "embedded").flags()))

@@ -63,6 +63,7 @@ class FakeTraining:
         self.spares_stopped = 0
         self.reports = 0  # refresh_report calls: one per filed-away file
         self.spares_started: list[str | None] = []  # the file training at each start_spare call (None: idle)
+        self.spare_line_args: list[list[str] | None] = []  # the line's flags given to each start_spare call
         self._training: str | None = None
 
     @property
@@ -110,8 +111,9 @@ class FakeTraining:
             return ChildResult(1, reason=f"RuntimeError: {outcome.removeprefix('raise:')}")
         return ChildResult(-9, stalled=outcome == "stall")
 
-    def start_spare(self) -> None:
+    def start_spare(self, line_args: list[str] | None = None) -> None:
         self.spares_started.append(self._training)
+        self.spare_line_args.append(line_args)
 
     def stop_spare(self) -> None:
         self.spares_stopped += 1
@@ -360,6 +362,7 @@ def test_files_dropped_while_a_file_trains_show_in_the_status_queue(tree):
     assert training.queues_seen == [["b.jsonl"], []]
     # b's process is prestarted while a trains; with --once, the last file prestarts nothing
     assert training.spares_started == ["a.jsonl"]
+    assert training.spare_line_args == [None]  # while a file trains, the spare only imports: no CPU taken from it
     assert training.spares_stopped == 1  # on the way out the daemon stops its prestarted process
     assert training.reports == 2  # the daemon, not the training process, redraws the report after each file
 
@@ -573,6 +576,27 @@ def test_a_part_file_written_in_many_pieces_neither_wakes_the_loop_nor_rewrites_
     # b's rename in and its claim; its queue while it trains and after
     assert wake.sets - wakes_before <= 4, wake.sets - wakes_before
     assert len(writes) - writes_before <= 4, len(writes) - writes_before
+
+
+def test_an_idle_daemon_gives_its_spare_the_lines_flags(tree):
+    """Idle, the spare may do the line's first work (a pretrained base's answers): it needs the flags a file gets."""
+    training = FakeTraining()
+    daemon = Daemon(
+        DaemonArguments(inbox_dir=str(tree.inbox), status_dir=str(tree.status), output_dir=str(tree.output)),
+        ["--max_seq_length", "64"],
+        supervisor=training,
+    )
+    thread = threading.Thread(target=daemon.run)
+    thread.start()
+    try:
+        wait_for(lambda: training.spares_started, timeout=10, what="the loop to go idle")
+    finally:
+        daemon.stop.set()
+        daemon.wake.set()
+        thread.join(timeout=10)
+    folders = ["--output_dir", str(tree.output), "--status_dir", str(tree.status)]
+    assert training.spares_started[0] is None  # no file trains
+    assert training.spare_line_args[0] == [*folders, "--max_seq_length", "64"]
 
 
 def test_an_idle_daemon_rewrites_the_status_only_when_its_queue_changes(tree, monkeypatch):

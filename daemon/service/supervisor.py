@@ -96,8 +96,9 @@ class Supervisor(Protocol):
         """Train with ``train_args`` in a child and wait for its end (see :meth:`ProcessSupervisor.run`)."""
         ...
 
-    def start_spare(self) -> None:
-        """Start the next training process ahead of time, if configured and none waits yet."""
+    def start_spare(self, line_args: list[str] | None = None) -> None:
+        """Start the next training process ahead of time, if configured and none waits yet (see
+        :meth:`ProcessSupervisor.start_spare`)."""
         ...
 
     def stop_spare(self) -> None:
@@ -222,17 +223,23 @@ class ProcessSupervisor:
             [*prefix, "-m", "daemon", "train", *train_args], env=self._child_env(), start_new_session=True
         )
 
-    def start_spare(self) -> None:
+    def start_spare(self, line_args: list[str] | None = None) -> None:
         """Start the next training process ahead (``--prestart``): its imports run while the inbox is idle.
 
         ``python -m daemon train-spare`` imports torch, transformers and datasets (seconds: the
         largest share of a training process's start-up), then waits for its flags on stdin. Not
         with ``--launcher``, which starts processes of its own. Does nothing while a spare is alive.
+
+        Args:
+            line_args: the line's flags (folders and training flags), given only while no file trains:
+                with them the spare first keeps a pretrained line's base-model answers
+                (:func:`daemon.training.prepare.prepare_idle_line`), work the line's first file would
+                otherwise do after its drop. Not given while a child trains: the spare would take CPU from it.
         """
         if not self.prestart or self.launcher or (self._spare is not None and self._spare.poll() is None):
             return
         self._spare = subprocess.Popen(
-            [sys.executable, "-m", "daemon", "train-spare"],
+            [sys.executable, "-m", "daemon", "train-spare", *(line_args or [])],
             env=self._child_env(),
             stdin=subprocess.PIPE,
             start_new_session=True,

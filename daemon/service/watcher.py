@@ -125,12 +125,12 @@ class Daemon:
     Args:
         args: the daemon's options.
         train_argv: flags passed through to every training child.
-        supervisor: runs the training processes; default a :class:`ProcessSupervisor`
-            built from ``args`` (the tests pass a fake).
+        supervisor: runs the training processes; default a :class:`ProcessSupervisor` from ``args`` (tests: a fake).
     """
 
     def __init__(self, args: DaemonArguments, train_argv: list[str], supervisor: Supervisor | None = None) -> None:
-        self.args, self.train_argv = args, train_argv
+        self.args = args
+        self.line_argv = ["--output_dir", args.output_dir, "--status_dir", args.status_dir, *train_argv]  # each child
         self.inbox = Inbox(args.inbox_dir, args.settle_seconds)
         self.status = StatusFile(args.status_dir)
         self.ledger = Ledger(args.status_dir)
@@ -198,7 +198,7 @@ class Daemon:
             if self.args.once and not pending:
                 logger.info("inbox drained")
                 return
-            self.supervisor.start_spare()  # idle: the next training process does its imports now
+            self.supervisor.start_spare(self.line_argv)  # idle: the next training process starts its work now
             self._sleep(bool(pending))
 
     def _sleep(self, pending: bool) -> None:
@@ -352,8 +352,7 @@ class Daemon:
 
     def _train_args(self, claimed: Path, ledger_id: int) -> list[str]:
         """The ``python -m daemon train`` flags of one attempt at a claimed file."""
-        folders = ["--output_dir", self.args.output_dir, "--status_dir", self.args.status_dir]
-        return ["--dataset", str(claimed), *folders, "--ledger_id", str(ledger_id), *self.train_argv]
+        return ["--dataset", str(claimed), "--ledger_id", str(ledger_id), *self.line_argv]
 
     def request_stop(self, signum: int, frame: Any = None) -> None:
         """Signal handler: the first signal lets the child checkpoint and stop; a second kills it now.

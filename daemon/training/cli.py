@@ -122,14 +122,27 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def train_spare_main() -> int:
-    """``python -m daemon train-spare``: import everything, then train with the flags read from stdin.
+def train_spare_main(line_argv: list[str] | None = None) -> int:
+    """``python -m daemon train-spare [line flags]``: import everything, then train with the flags read from stdin.
 
     The daemon starts one ahead of time (``--prestart``) and writes one JSON list of
     ``train`` flags when a file arrives; end of input without a line (the daemon went
-    away) exits 0 having done nothing.
+    away) exits 0 having done nothing. Started with the line's flags (its folders and the daemon's
+    training flags: the daemon passes them when its inbox is idle), it first does what a pretrained
+    line's first file needs of its base model (:func:`~daemon.training.prepare.prepare_idle_line`);
+    a failure there is logged in one line and left to the file's own run, which meets it again.
     """
     import datasets  # noqa: F401 - imported now, not when the file has arrived
 
+    if line_argv:
+        configure_logging()
+        try:
+            from daemon.training.prepare import prepare_idle_line
+
+            if prepare_idle_line(parse_args(line_argv)):
+                logger.info("prestarted: the base model's answers are kept before the line's first file")
+        except Exception as e:  # noqa: BLE001 - the first file's own run reports it where it belongs
+            reason = (str(e).splitlines() or [""])[0]
+            logger.warning("prestarted: the base model's answers not kept ahead (%s: %s)", type(e).__name__, reason)
     line = sys.stdin.readline()
     return main(json.loads(line)) if line.strip() else 0

@@ -208,6 +208,14 @@ def has_model(path: str | Path) -> bool:
     return (Path(path) / "config.json").is_file()
 
 
+def pretrained_start(model_args: ModelArguments, output_dir: str | Path) -> str | None:
+    """The folder a run without a checkpoint loads: ``--model_name_or_path``, else the model exported in
+    ``output_dir``; None when the run bootstraps the embedded model (:func:`starting_model`'s precedence)."""
+    if model_args.model_name_or_path:
+        return model_args.model_name_or_path
+    return str(output_dir) if has_model(output_dir) else None
+
+
 def starting_model(
     model_args: ModelArguments,
     output_dir: str | Path,
@@ -247,12 +255,13 @@ def starting_model(
 
             return model_from_checkpoint(checkpoint.path, model_args.trust_remote_code)
         return load_pretrained(checkpoint.path, model_args.trust_remote_code)
-    if model_args.model_name_or_path:
-        logger.info("starting from %s", model_args.model_name_or_path)
-        return load_pretrained(model_args.model_name_or_path, model_args.trust_remote_code)
-    if has_model(output_dir):
-        logger.info("starting from the model exported in %s (no checkpoint: fresh optimizer)", output_dir)
-        return load_pretrained(output_dir, model_args.trust_remote_code)
+    pretrained = pretrained_start(model_args, output_dir)
+    if pretrained is not None:
+        if model_args.model_name_or_path:
+            logger.info("starting from %s", pretrained)
+        else:
+            logger.info("starting from the model exported in %s (no checkpoint: fresh optimizer)", pretrained)
+        return load_pretrained(pretrained, model_args.trust_remote_code)
     logger.info("bootstrapping the embedded model; training its tokenizer on this file")
     tokenizer = train_tokenizer(
         iter_text(records, shape, model_args.tokenizer_train_bytes), model_args.tokenizer_vocab_size

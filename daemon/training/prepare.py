@@ -33,6 +33,7 @@ from daemon.store.replay_mix import select_weighted_replay
 from daemon.store.status import Heartbeat, beat
 from daemon.training.adapters import starting_model as adapted_starting_model
 from daemon.training.arguments import Flags
+from daemon.training.base_slice import keep_base_slice
 from daemon.training.cooldown import cooldown_steps
 from daemon.training.data import (
     PreparedData,
@@ -41,7 +42,7 @@ from daemon.training.data import (
     tokenizer_fingerprint,
 )
 from daemon.training.evaluation import autocast_dtype
-from daemon.training.model import own_trainable_memory
+from daemon.training.model import load_pretrained, own_trainable_memory, pretrained_start
 from daemon.training.plan import plan_steps, recorded_plan
 from daemon.training.prepared import PreparedFile
 from daemon.training.rehearsal import keep_rehearsal
@@ -186,3 +187,33 @@ def rehearse_base(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, fl
             tokenizer_fingerprint(tokenizer),
             autocast_dtype(training.bf16, training.fp16),
         )
+
+
+def prepare_idle_line(flags: Flags) -> bool:
+    """Before a pretrained line's first file (the daemon's spare, while the inbox is idle): keep what its base knew.
+
+    The first file of a line started from ``--model_name_or_path`` writes the base model's rehearsal
+    answers (:func:`rehearse_base`) and its slice with the step-0 row (:func:`~daemon.training.base_slice.
+    keep_base_slice`): about 12 s for SmolLM2-135M on 2 cores, paid between the drop and the file's first
+    step. The daemon's prestarted process (``--prestart``) does both here while nothing waits, from the
+    model the first file will load and at its precision; both are kept once per status folder, so the
+    file finds them and goes straight to its steps. A spare killed meanwhile leaves whole files or none
+    (each is written atomically; a slice without its row is scored again).
+
+    Returns:
+        True when the model was loaded and both kept; False when there is nothing to do: a complete
+        checkpoint exists (the line has started), or the line bootstraps the embedded model.
+
+    Raises:
+        CheckpointError: the base folder does not load (the first file will fail with the same line).
+    """
+    output_dir = str(flags.training.output_dir)
+    base = base_model_of(output_dir, flags.model.model_name_or_path)
+    folder = pretrained_start(flags.model, output_dir)
+    if base is None or folder is None or latest_complete_checkpoint(output_dir, set_aside=False) is not None:
+        return False
+    model, tokenizer = load_pretrained(folder, flags.model.trust_remote_code)
+    rehearse_base(model, tokenizer, flags)
+    autocast = autocast_dtype(flags.training.bf16, flags.training.fp16)
+    keep_base_slice(model, tokenizer, flags.status.status_dir, flags.data.max_seq_length, autocast)
+    return True
