@@ -91,7 +91,7 @@ def test_the_training_entry_points_set_malloc_up_before_training(monkeypatch):
     monkeypatch.setattr(allocator, "keep_freed_memory", lambda: calls.append("malloc") or True)
     monkeypatch.setattr(allocator, "use_huge_pages", lambda: calls.append("thp") or True)
     monkeypatch.setattr(cli, "main", lambda argv: calls.append(f"train {argv}") or 0)
-    monkeypatch.setattr(cli, "train_spare_main", lambda: calls.append("spare") or 0)
+    monkeypatch.setattr(cli, "train_spare_main", lambda argv: calls.append("spare") or 0)
     monkeypatch.setattr(cli, "check_args_main", lambda argv: calls.append("check") or 0)
     assert entry.main(["train", "--dataset", "a.jsonl"]) == 0
     assert entry.main(["train-spare"]) == 0
