@@ -36,6 +36,7 @@ from daemon.config import (
     ReplayArguments,
     SampleArguments,
     StatusArguments,
+    sharding_requested,
 )
 from daemon.config_file import CONFIG_HELP, DAEMON_KEYS, read_flags
 from daemon.exceptions import ConfigError
@@ -283,6 +284,12 @@ DEFAULT_RULES: dict[str, Callable[[dict[str, Any]], Any]] = {
     "warmup_steps": lambda flags: starting_defaults(flags)["warmup_steps"],
     "replay_fraction": lambda flags: starting_defaults(flags)["replay_fraction"],
     "replay_loss_weight": lambda flags: starting_defaults(flags)["replay_loss_weight"],
+    # A LoRA line and an FSDP launch cannot distil (technique_flags, sharding).
+    "replay_distillation": lambda flags: (
+        0.0
+        if flags["use_peft"] or sharding_requested(flags["fsdp"])
+        else starting_defaults(flags)["replay_distillation"]
+    ),
     "base_rehearsal": lambda flags: starting_defaults(flags)["base_rehearsal"],
     "base_rehearsal_fraction": lambda flags: (
         LORA_REHEARSAL_FRACTION if flags["use_peft"] else starting_defaults(flags)["base_rehearsal_fraction"]

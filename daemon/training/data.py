@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from daemon.exceptions import DatasetError
 from daemon.training.encoding import IGNORE_INDEX, tokenize
-from daemon.training.loss_weights import LOSS_WEIGHT
+from daemon.training.loss_weights import DISTILLATION, LOSS_WEIGHT, ROW_COLUMNS
 
 if TYPE_CHECKING:
     import datasets
@@ -108,8 +108,8 @@ class PaddingCollator:
 
     Returns:
         ``input_ids`` ``[rows, longest]`` (int64) and ``labels`` ``[rows, longest]`` (-100 on padding);
-        where the examples carry a ``loss_weight`` (``--replay_loss_weight``), also ``loss_weight``
-        ``[rows]`` (float32; 0 on rows of padding).
+        where the examples carry a ``loss_weight`` (``--replay_loss_weight``) or a ``distillation``
+        (``--replay_distillation``), also that key, ``[rows]`` (float32; 0 on rows of padding).
     """
 
     pad_token_id: int
@@ -144,9 +144,10 @@ class PaddingCollator:
             "input_ids": pad_sequence(ids, batch_first=True, padding_value=self.pad_token_id),
             "labels": pad_sequence(labels, batch_first=True, padding_value=IGNORE_INDEX),
         }
-        if LOSS_WEIGHT in features[0]:
-            weights = [float(f[LOSS_WEIGHT]) for f in features] + [0.0] * missing
-            batch[LOSS_WEIGHT] = torch.tensor(weights, dtype=torch.float32)
+        for column in ROW_COLUMNS:
+            if column in features[0]:
+                values = [float(f[column]) for f in features] + [0.0] * missing
+                batch[column] = torch.tensor(values, dtype=torch.float32)
         return batch
 
 
@@ -257,7 +258,11 @@ def length_grouped(rows: datasets.Dataset, batch: int, seed: int) -> list[int]:
 
 
 def mix_replay(
-    data: PreparedData, replayed: list[dict[str, list[int]]], seed: int, loss_weight: float = 1.0
+    data: PreparedData,
+    replayed: list[dict[str, list[int]]],
+    seed: int,
+    loss_weight: float = 1.0,
+    distillation: float = 0.0,
 ) -> PreparedData:
     """Mix replayed examples into a file's training examples, in one seeded order.
 
@@ -269,6 +274,8 @@ def mix_replay(
         loss_weight: ``--replay_loss_weight``; other than 1, ``train`` gets a float column
             ``loss_weight``: 1 on the file's own rows, this on the replayed ones
             (:mod:`daemon.training.loss_weights`).
+        distillation: ``--replay_distillation``; above 0, ``train`` gets a float column ``distillation``:
+            0 on the file's own rows, this on the replayed ones (:mod:`daemon.training.distillation`).
 
     Returns:
         ``data`` with ``train`` = own + replayed examples shuffled together, ``replayed``,
@@ -290,6 +297,10 @@ def mix_replay(
         weight = ds.Value("float32")
         own = own.add_column(LOSS_WEIGHT, [1.0] * own.num_rows, feature=weight)
         extra = extra.add_column(LOSS_WEIGHT, [loss_weight] * extra.num_rows, feature=weight)
+    if distillation > 0:
+        weight = ds.Value("float32")
+        own = own.add_column(DISTILLATION, [0.0] * own.num_rows, feature=weight)
+        extra = extra.add_column(DISTILLATION, [distillation] * extra.num_rows, feature=weight)
     train = ds.concatenate_datasets([own, extra]).shuffle(seed=seed, keep_in_memory=True)
     return PreparedData(
         train,

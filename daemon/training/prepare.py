@@ -158,13 +158,14 @@ def with_replay(
     rehearsal = select_rehearsal(status_dir, rehearsed, f"{draw_seed}:rehearsal", fingerprint)
     if rehearsal:
         logger.info("rehearsing %d of the base model's own answers beside the file's replay", len(rehearsal))
-    loss_weight = flags.techniques.replay_loss_weight
+    loss_weight, distillation = flags.techniques.replay_loss_weight, flags.techniques.replay_distillation
     if flags.techniques.replay_weighting == "forgetting":  # per file, by its forgetting up to start_step
         rows = read_rows(status_dir)
         chosen, weights = select_weighted_replay(status_dir, start_step, count, draw_seed, fingerprint, rows)
-        return replace(mix_replay(datasets, chosen + rehearsal, seed, loss_weight), replay_weights=weights)
+        mixed = mix_replay(datasets, chosen + rehearsal, seed, loss_weight, distillation)
+        return replace(mixed, replay_weights=weights)
     chosen = select_replay(status_dir, start_step, count, draw_seed, fingerprint)
-    return mix_replay(datasets, chosen + rehearsal, seed, loss_weight)
+    return mix_replay(datasets, chosen + rehearsal, seed, loss_weight, distillation)
 
 
 def rehearse_base(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, flags: Flags) -> None:

@@ -71,6 +71,7 @@ from daemon.training.data import (
     length_grouped,
     torch_rows,
 )
+from daemon.training.distillation import teacher_for
 from daemon.training.ema import EmaCallback
 from daemon.training.evaluation import FileEvaluation, evaluate_file
 from daemon.training.outputs import draw_report_unless_supervised, publish, save, start_line
@@ -164,6 +165,7 @@ def build_trainer(
         max_consecutive_skipped_steps=flags.accumulation.max_consecutive_skipped_steps,
     )
     refuse_unsharded(trainer)
+    trainer.teacher = teacher_for(prepared, flags, trainer.model)  # --replay_distillation, on the model's device
     # ProgressCallback logs one readable line per logging step; the Trainer's
     # printer (used when tqdm is off) would repeat it as a raw dict on stdout.
     trainer.remove_callback(PrinterCallback)

@@ -35,6 +35,10 @@ from daemon.store.origin import base_model_of
 # replay with the moving average over 10 repeats and the plasticity guard; weight 3 gained more but failed the guard
 # (BENCHMARKS.md "continual"). A pretrained base keeps 9 %, every token alike: its rehearsal was measured so, and
 # the weight would weigh the rehearsed answers too.
+# The embedded model also distils its replayed examples toward the file's starting model at weight 1
+# (daemon.training.distillation): over 10 repeats of the same bench it passed the decision rule against the weighted
+# replay with the moving average, and the plasticity guard, at the same steps and 1.09x the stream's time (a weight
+# of 2 failed the guard). A pretrained base, not measured with it, distils nothing.
 SCRATCH_DEFAULTS: dict[str, Any] = {
     "learning_rate": 5e-4,
     "warmup_steps": 100,
@@ -43,6 +47,7 @@ SCRATCH_DEFAULTS: dict[str, Any] = {
     "average_exports": "ema",
     "replay_fraction": 0.11,
     "replay_loss_weight": 2.0,
+    "replay_distillation": 1.0,
 }
 PRETRAINED_DEFAULTS: dict[str, Any] = {
     "learning_rate": 5e-5,
@@ -52,6 +57,7 @@ PRETRAINED_DEFAULTS: dict[str, Any] = {
     "average_exports": "none",
     "replay_fraction": 0.09,
     "replay_loss_weight": 1.0,
+    "replay_distillation": 0.0,
 }
 
 

@@ -1,10 +1,10 @@
-"""``--cooldown_mix``, ``--replay_weighting``, ``--replay_loss_weight`` and ``--wise_ft``: options against forgetting
-(docs/data.md).
+"""``--cooldown_mix``, ``--replay_weighting``, ``--replay_loss_weight``, ``--replay_distillation`` and ``--wise_ft``:
+options against forgetting (docs/data.md).
 
-Each is off by default (today's behaviour); the stream benchmark decides whether one becomes a
-default. Standard library only, like :mod:`daemon.config`: the flags are parsed with the others by
-``HfArgumentParser`` (:mod:`daemon.training.arguments`); :func:`technique_problems` checks them
-against the flags of other groups once every group is built.
+The stream benchmark decides whether one becomes a default (the starting model's,
+:mod:`daemon.training.starting_defaults`). Standard library only, like :mod:`daemon.config`: the flags are
+parsed with the others by ``HfArgumentParser`` (:mod:`daemon.training.arguments`); :func:`technique_problems`
+checks them against the flags of other groups once every group is built.
 """
 
 from __future__ import annotations
@@ -52,6 +52,16 @@ class TechniqueArguments:
             'BENCHMARKS.md "continual"), 1 (every token alike) for a pretrained base, where it was not measured.'
         },
     )
+    replay_distillation: float = field(  # type: ignore[assignment]
+        default=None,
+        metadata={
+            "help": "Weight of a distillation term on the replayed (and rehearsed) examples: at each of their learned "
+            "tokens, the KL divergence from the next-token distribution of the model the file started from to the "
+            "model's, added to the loss with this weight against each token's 1 (Learning without Forgetting, Li "
+            "and Hoiem 2016; dark experience replay, Buzzega et al. 2020; docs/data.md). 0: none. Default: 1 for "
+            'the embedded model (BENCHMARKS.md "continual"), 0 for a pretrained base, a LoRA line or FSDP.'
+        },
+    )
     wise_ft: bool = field(
         default=False,
         metadata={
@@ -69,6 +79,8 @@ class TechniqueArguments:
             problems.append(f"--replay_weighting must be one of {', '.join(REPLAY_WEIGHTINGS)}")
         if self.replay_loss_weight is not None and not 0.0 < self.replay_loss_weight < float("inf"):
             problems.append("--replay_loss_weight must be a number > 0")
+        if self.replay_distillation is not None and not 0.0 <= self.replay_distillation < float("inf"):
+            problems.append("--replay_distillation must be a number >= 0")
         if problems:
             raise ConfigError("; ".join(problems))
 
@@ -99,6 +111,8 @@ def technique_problems(
         problems.append("--cooldown_mix balanced mixes the cooldown branch: it needs --cooldown_fraction > 0")
     if techniques.replay_weighting != "even" and replay_fraction <= 0:
         problems.append("--replay_weighting forgetting weights the replay: it needs --replay_fraction > 0")
+    if techniques.replay_distillation and peft:
+        problems.append("--replay_distillation keeps a copy of the whole model: it cannot be used with --use_peft")
     if techniques.wise_ft:
         if base_model is None:
             problems.append(

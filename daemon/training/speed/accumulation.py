@@ -37,7 +37,9 @@ import torch
 from transformers import Trainer
 
 from daemon.exceptions import ConfigError, TrainingError
-from daemon.training.loss_weights import LOSS_WEIGHT, weighted_causal_lm_loss, weighted_items
+from daemon.training.distillation import distillation_loss, teacher_logits
+from daemon.training.evaluation import autocast_dtype
+from daemon.training.loss_weights import DISTILLATION, LOSS_WEIGHT, ROW_COLUMNS, weighted_causal_lm_loss, weighted_items
 
 logger = logging.getLogger(__name__)
 
@@ -207,6 +209,7 @@ class ThreadedAccumulationTrainer(Trainer):
         self.max_consecutive_skipped_steps = max_consecutive_skipped_steps
         self.guard = GuardCounters(workers=grad_workers)
         self.shard_pool: ShardPool | None = None
+        self.teacher: torch.nn.Module | None = None  # --replay_distillation: the model as the file started, frozen
         self._reset_step()
 
     def _issue_warnings_after_load(self, load_result: Any) -> None:
@@ -227,11 +230,11 @@ class ThreadedAccumulationTrainer(Trainer):
         super()._issue_warnings_after_load(load_result._replace(missing_keys=missing))
 
     def _set_signature_columns_if_needed(self) -> None:
-        # The Trainer drops the dataset columns its model's forward does not take; ``loss_weight``
-        # (--replay_loss_weight) is read by compute_loss, not the model.
+        # The Trainer drops the dataset columns its model's forward does not take; the row columns
+        # (--replay_loss_weight's, --replay_distillation's) are read by compute_loss, not the model.
         super()._set_signature_columns_if_needed()
-        if self._signature_columns is not None and LOSS_WEIGHT not in self._signature_columns:
-            self._signature_columns.append(LOSS_WEIGHT)
+        if self._signature_columns is not None:
+            self._signature_columns += [c for c in ROW_COLUMNS if c not in self._signature_columns]
 
     @property
     def _loss_over_num_items(self) -> bool:
@@ -260,12 +263,22 @@ class ThreadedAccumulationTrainer(Trainer):
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> Any:
         """The stock loss, or with a ``loss_weight`` per row the weighted one
-        (:func:`~daemon.training.loss_weights.weighted_causal_lm_loss`) over ``num_items_in_batch``."""
-        if LOSS_WEIGHT not in inputs:
+        (:func:`~daemon.training.loss_weights.weighted_causal_lm_loss`) over ``num_items_in_batch``, plus the
+        distilled rows' KL to :attr:`teacher` over the same count (:mod:`daemon.training.distillation`)."""
+        if not any(c in inputs for c in ROW_COLUMNS):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        forward = {k: v for k, v in inputs.items() if k not in (LOSS_WEIGHT, "labels")}
+        forward = {k: v for k, v in inputs.items() if k not in (*ROW_COLUMNS, "labels")}
         outputs = model(**forward)
-        loss = weighted_causal_lm_loss(outputs.logits, inputs["labels"], inputs[LOSS_WEIGHT], num_items_in_batch)
+        labels = inputs["labels"]
+        weights = inputs.get(LOSS_WEIGHT, torch.ones(labels.shape[0]))
+        items = weighted_items(inputs) if num_items_in_batch is None else num_items_in_batch
+        loss = weighted_causal_lm_loss(outputs.logits, labels, weights, items)
+        distilled = inputs.get(DISTILLATION)
+        if distilled is not None and self.teacher is not None and bool((rows := distilled > 0).any()):
+            precision = autocast_dtype(self.args.bf16, self.args.fp16)
+            teacher = teacher_logits(self.teacher, forward, rows.to(labels.device), precision)
+            kl = distillation_loss(outputs.logits[rows], teacher, labels[rows], distilled.to(labels.device)[rows])
+            loss = loss + kl / items
         if self.args.average_tokens_across_devices and self._loss_over_num_items and num_items_in_batch is not None:
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())  # as the Trainer scales its own
         return (loss, outputs) if return_outputs else loss

@@ -1,0 +1,137 @@
+"""``--replay_distillation``: the replayed examples keep the next-token distributions of the file's starting model.
+
+Replay (:mod:`daemon.store.replay`) trains the replayed examples' tokens as labels, which says what the
+earlier files' text *was*, one token at a time. With a weight ``a > 0`` the loss also pulls the model's
+whole next-token distribution at each of their learned tokens toward the distribution the model had
+when the file started (the *teacher*: the weights at the plan's first step, frozen):
+
+    loss = (sum_t w_t * nll_t + sum_{t in replayed} a * KL(p_teacher,t || p_model,t)) / sum_t w_t
+
+in nats per weighted token, the denominator the step's weighted count of learned tokens
+(:mod:`daemon.training.loss_weights`). It is Learning without Forgetting's distillation term (Li and
+Hoiem 2016, arXiv:1606.09282, section 3) taken on replayed examples, as dark experience replay
+distils on its buffer (Buzzega et al. 2020, arXiv:2004.07211, section 3; they store the logits seen
+when an example was added, we take those of the file's starting model, so nothing more is stored).
+The teacher costs one forward pass over the replayed rows of each micro-batch (about a tenth of the
+rows at the default replay) and a copy of the weights in memory. The stream benchmark measures ``a``
+(BENCHMARKS.md, "continual").
+
+**Resumed files.** The teacher is always the model at the plan's first step: a file resumed after a
+crash loads it from that step's checkpoint (the rotation never deletes it,
+:class:`~daemon.training.callbacks.CheckpointCallback`), or from the pretrained base for a line's
+first file, so a resumed file trains as the uninterrupted one did. The cooldown branch does not distil.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from daemon.store.checkpoints import complete_checkpoint_steps
+
+if TYPE_CHECKING:
+    from daemon.training.arguments import Flags
+    from daemon.training.prepared import PreparedFile
+
+logger = logging.getLogger(__name__)
+
+
+def distillation_loss(
+    logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """``sum_t a_t * KL(p_teacher,t || p_model,t)`` over the learned tokens of some rows, in nats (a sum, not a mean).
+
+    Args:
+        logits: the model's ``[rows, length, vocab]``.
+        teacher_logits: the teacher's for the same rows, ``[rows, length, vocab]`` (no gradient).
+        labels: ``[rows, length]`` (int64): the KL is taken where the shifted label is not -100, the tokens
+            the NLL learns (the same causal shift).
+        weights: ``[rows]``: ``a`` of each row (``--replay_distillation``; 0 on the file's own rows).
+
+    Returns:
+        A float32 scalar tensor; divided by the step's weighted token count it joins the weighted mean NLL.
+    """
+    shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:].to(logits.device)
+    log_model = torch.log_softmax(logits.float(), dim=-1)
+    log_teacher = torch.log_softmax(teacher_logits.float(), dim=-1)
+    kl = (log_teacher.exp() * (log_teacher - log_model)).sum(dim=-1)  # [rows, length]
+    learned = shifted.ne(-100).float() * weights.to(kl.device, torch.float32).unsqueeze(-1)
+    return (kl * learned).sum()
+
+
+def teacher_logits(teacher: Any, forward: dict[str, Any], rows: torch.Tensor, precision: Any) -> torch.Tensor:
+    """The teacher's logits on the selected rows of a micro-batch, without gradient, at the training's precision.
+
+    Args:
+        teacher: the frozen model (:func:`teacher_for`).
+        forward: the micro-batch's model inputs (``input_ids`` ``[rows, length]``, ``attention_mask``, ...).
+        rows: ``[rows]`` bool, the rows to distil.
+        precision: the training's autocast dtype (:func:`daemon.training.evaluation.autocast_dtype`), None for fp32.
+
+    Returns:
+        ``[selected rows, length, vocab]``.
+    """
+    selected = {k: v[rows] if torch.is_tensor(v) and v.shape[:1] == rows.shape else v for k, v in forward.items()}
+    device = rows.device.type
+    with torch.no_grad(), torch.autocast(device, dtype=precision, enabled=precision is not None):
+        return teacher(**selected, use_cache=False).logits
+
+
+def teacher_for(prepared: PreparedFile, flags: Flags, model: Any) -> Any | None:
+    """The frozen model the file's replayed rows are distilled toward, or None without distillation.
+
+    Args:
+        prepared: the file's run (its plan, whether it resumed, its replayed rows).
+        flags: ``--replay_distillation``, the output folder, the starting model's flags.
+        model: the model as the Trainer placed it (its device), at the step the run starts from.
+
+    Returns:
+        A copy of ``model`` in eval mode with no parameter trained, holding the weights of the plan's first
+        step; None when ``--replay_distillation`` is 0 or the file replays nothing.
+    """
+    if flags.techniques.replay_distillation <= 0 or not prepared.datasets.replayed:
+        return None
+    teacher = copy.deepcopy(model).eval()
+    teacher.requires_grad_(False)
+    if prepared.steps_done > 0:  # resumed: the weights the file started from, not the latest checkpoint's
+        start = start_weights(prepared, flags)
+        if start is None:
+            logger.warning(
+                "the checkpoint of step %d (this file's start) is gone: its replayed examples are distilled toward "
+                "the model of step %d",
+                prepared.plan.start_step,
+                prepared.plan.start_step + prepared.steps_done,
+            )
+        else:
+            teacher.load_state_dict(start)
+    logger.info(
+        "distilling the replayed examples toward the model of step %d (--replay_distillation %g)",
+        prepared.plan.start_step,
+        flags.techniques.replay_distillation,
+    )
+    return teacher
+
+
+def start_weights(prepared: PreparedFile, flags: Flags) -> dict[str, torch.Tensor] | None:
+    """The model's weights at the plan's first step: its checkpoint's, or the starting model's at step 0.
+
+    Returns:
+        ``name -> tensor`` (CPU), or None where that checkpoint is no longer complete on disk.
+    """
+    from daemon.training.model import load_pretrained, pretrained_start
+
+    output_dir, step = str(flags.training.output_dir), prepared.plan.start_step
+    if step > 0:
+        if step not in complete_checkpoint_steps(output_dir):
+            return None
+        folder: str | None = str(Path(output_dir) / f"checkpoint-{step}")
+    else:
+        folder = pretrained_start(flags.model, output_dir)
+    if folder is None:  # the embedded model's first file: its bootstrap is seeded, but replays nothing to distil
+        return None
+    start, _ = load_pretrained(folder, flags.model.trust_remote_code)
+    return start.state_dict()
