@@ -173,6 +173,7 @@ def test_the_daemons_idle_spare_keeps_the_base_answers_the_first_file_finds(tmp_
     assert prepare_idle_line(parse_args(ahead.flags(**flags)))
     kept = rehearsal_path(ahead.status).read_bytes(), base_slice_path(ahead.status).read_bytes()
     docs = [{"text": d} for d in stdlib_documents(limit=30)]
+    caplog.clear()  # what the spare's part logged (another test may have set the root logger to INFO)
     with caplog.at_level("INFO"):
         row = train(ahead, write_jsonl(tmp_path / "a.jsonl", docs), **flags)
     assert "kept the base model's own answers" not in caplog.text  # the file found them: nothing generated again
