@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from helpers import new_tree, text_file, tiny_model, train
-from test_accumulation import _micro_batch, _trainer
+from test_accumulation import _accumulate, _assert_grads_close, _micro_batch, _trainer
 
 from daemon.exceptions import ConfigError
 from daemon.training.data import PaddingCollator
@@ -38,11 +38,10 @@ def test_the_distillation_term_is_the_kl_from_the_teacher_over_the_learned_token
     assert float(distillation_loss(logits, logits.clone(), batch["labels"], weights)) == pytest.approx(0, abs=1e-5)
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_the_step_loss_adds_the_weighted_kl_of_the_distilled_rows_over_the_steps_token_count(tmp_path, workers):
-    """compute_loss: ``(sum w nll + sum a KL) / sum w`` with the teacher's logits, on the stock step and on workers."""
+def test_the_step_loss_adds_the_weighted_kl_of_the_distilled_rows_over_the_steps_token_count(tmp_path):
+    """compute_loss: ``(sum w nll + sum a KL) / sum w`` with the teacher's logits."""
     model = tiny_model(VOCAB, 0)
-    trainer = _trainer(model, workers, tmp_path)
+    trainer = _trainer(model, 0, tmp_path)
     teacher = tiny_model(VOCAB, 1).eval()  # other weights: a KL above 0
     trainer.teacher = teacher
     batch = {**_micro_batch(4, 12, seed=6), LOSS_WEIGHT: torch.tensor([1.0, 2.0, 1.0, 2.0])}
@@ -62,6 +61,27 @@ def test_the_step_loss_adds_the_weighted_kl_of_the_distilled_rows_over_the_steps
     assert float(trainer.compute_loss(model, dict(batch), num_items_in_batch=items).detach()) == pytest.approx(
         float(nll)
     )
+
+
+def test_gradient_workers_split_the_distilled_rows_and_share_the_teacher_to_the_stock_steps_gradient(tmp_path):
+    """Two micro-batches of a step on 2 worker threads (the rows, their columns and the teacher's forward passes
+    split across shards) give the stock step's gradient; without the teacher the gradient differs."""
+    teacher = tiny_model(VOCAB, 1).eval()
+    step = []
+    for seed, rows in ((6, 5), (7, 3)):
+        batch = _micro_batch(rows, 12, seed)
+        batch[LOSS_WEIGHT] = torch.tensor([1.0, 2.0] * rows)[:rows]
+        batch[DISTILLATION] = torch.tensor([0.0, 4.0] * rows)[:rows]
+        step.append(batch)
+    models = {}
+    for name, workers, distils in (("stock", 0, True), ("workers", 2, True), ("plain", 0, False)):
+        models[name] = model = tiny_model(VOCAB, 0)
+        trainer = _trainer(model, workers, tmp_path)
+        trainer.teacher = teacher if distils else None
+        _accumulate(trainer, model, step, trainer._get_num_items_in_batch(step, torch.device("cpu")))
+    _assert_grads_close(models["workers"], models["stock"])
+    with pytest.raises(AssertionError):  # the KL term moves the gradient: the comparison above can fail
+        _assert_grads_close(models["plain"], models["stock"])
 
 
 def test_the_collator_carries_the_distillation_weights_and_gives_padding_rows_none():

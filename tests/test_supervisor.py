@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -171,6 +172,20 @@ def test_the_spare_is_started_once_and_stopped_and_never_with_a_launcher(tmp_pat
     assert len(_spares()) == 1
     supervisor.stop_spare()
     assert _spares() == []
+
+
+def test_an_idle_spare_gets_the_lines_flags_until_one_ends_before_a_file_comes(tmp_path):
+    supervisor = _supervisor(tmp_path, None, prestart=True)
+    line = ["--output_dir", str(tmp_path / "model"), "--status_dir", str(tmp_path / "status")]
+    supervisor.start_spare(line)
+    (spare,) = _spares()
+    assert _command_line(spare)[-4:] == line
+    os.kill(spare.pid, signal.SIGKILL)  # as the kernel's OOM killer would, in the middle of its line work
+    wait_for(lambda: not _alive(spare.pid), timeout=30, what="the spare to end")
+    supervisor.start_spare(line)
+    (again,) = _spares()
+    assert (_command_line(again) or [])[-1] == "train-spare"  # it only imports: no loop of the same failing work
+    supervisor.stop_spare()
 
 
 def _alive(pid: int) -> bool:

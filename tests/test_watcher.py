@@ -63,7 +63,7 @@ class FakeTraining:
         self.spares_stopped = 0
         self.reports = 0  # refresh_report calls: one per filed-away file
         self.spares_started: list[str | None] = []  # the file training at each start_spare call (None: idle)
-        self.spare_line_args: list[list[str] | None] = []  # the line's flags given to each start_spare call
+        self.spare_line_argv: list[list[str] | None] = []  # the line's flags given to each start_spare call
         self._training: str | None = None
 
     @property
@@ -111,9 +111,9 @@ class FakeTraining:
             return ChildResult(1, reason=f"RuntimeError: {outcome.removeprefix('raise:')}")
         return ChildResult(-9, stalled=outcome == "stall")
 
-    def start_spare(self, line_args: list[str] | None = None) -> None:
+    def start_spare(self, line_argv: list[str] | None = None) -> None:
         self.spares_started.append(self._training)
-        self.spare_line_args.append(line_args)
+        self.spare_line_argv.append(line_argv)
 
     def stop_spare(self) -> None:
         self.spares_stopped += 1
@@ -362,7 +362,7 @@ def test_files_dropped_while_a_file_trains_show_in_the_status_queue(tree):
     assert training.queues_seen == [["b.jsonl"], []]
     # b's process is prestarted while a trains; with --once, the last file prestarts nothing
     assert training.spares_started == ["a.jsonl"]
-    assert training.spare_line_args == [None]  # while a file trains, the spare only imports: no CPU taken from it
+    assert training.spare_line_argv == [None]  # while a file trains, the spare only imports: no CPU taken from it
     assert training.spares_stopped == 1  # on the way out the daemon stops its prestarted process
     assert training.reports == 2  # the daemon, not the training process, redraws the report after each file
 
@@ -596,7 +596,7 @@ def test_an_idle_daemon_gives_its_spare_the_lines_flags(tree):
         thread.join(timeout=10)
     folders = ["--output_dir", str(tree.output), "--status_dir", str(tree.status)]
     assert training.spares_started[0] is None  # no file trains
-    assert training.spare_line_args[0] == [*folders, "--max_seq_length", "64"]
+    assert training.spare_line_argv[0] == [*folders, "--max_seq_length", "64"]
 
 
 def test_an_idle_daemon_rewrites_the_status_only_when_its_queue_changes(tree, monkeypatch):

@@ -59,10 +59,10 @@ class NotifyingSupervisor:
         self.events.poll()
         return result
 
-    def start_spare(self, line_args: list[str] | None = None) -> None:
+    def start_spare(self, line_argv: list[str] | None = None) -> None:
         """Each idle turn of the loop: announce new history rows, then as ``inner``."""
         self.events.poll()
-        self.inner.start_spare(line_args)
+        self.inner.start_spare(line_argv)
 
     def stop_spare(self) -> None:
         """As ``inner``."""

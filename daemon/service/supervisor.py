@@ -96,7 +96,7 @@ class Supervisor(Protocol):
         """Train with ``train_args`` in a child and wait for its end (see :meth:`ProcessSupervisor.run`)."""
         ...
 
-    def start_spare(self, line_args: list[str] | None = None) -> None:
+    def start_spare(self, line_argv: list[str] | None = None) -> None:
         """Start the next training process ahead of time, if configured and none waits yet (see
         :meth:`ProcessSupervisor.start_spare`)."""
         ...
@@ -148,6 +148,8 @@ class ProcessSupervisor:
         self.poll_seconds = poll_seconds
         self._child: subprocess.Popen[bytes] | None = None
         self._spare: subprocess.Popen[bytes] | None = None
+        self._spare_line_work = False  # the waiting spare was given the line's flags (start_spare)
+        self._line_work_failed = False  # a spare given them ended while idle: later ones are not
         self._report: subprocess.Popen[bytes] | None = None
 
     def run(
@@ -223,7 +225,7 @@ class ProcessSupervisor:
             [*prefix, "-m", "daemon", "train", *train_args], env=self._child_env(), start_new_session=True
         )
 
-    def start_spare(self, line_args: list[str] | None = None) -> None:
+    def start_spare(self, line_argv: list[str] | None = None) -> None:
         """Start the next training process ahead (``--prestart``): its imports run while the inbox is idle.
 
         ``python -m daemon train-spare`` imports torch, transformers and datasets (seconds: the
@@ -231,15 +233,23 @@ class ProcessSupervisor:
         with ``--launcher``, which starts processes of its own. Does nothing while a spare is alive.
 
         Args:
-            line_args: the line's flags (folders and training flags), given only while no file trains:
+            line_argv: the line's flags (folders and training flags), given only while no file trains:
                 with them the spare first keeps a pretrained line's base-model answers
                 (:func:`daemon.training.prepare.prepare_idle_line`), work the line's first file would
                 otherwise do after its drop. Not given while a child trains: the spare would take CPU from it.
+                Once a spare given them has ended while idle (its work failed, or it was killed for its
+                memory), later ones are not given them: that work is left to the first file's own run.
         """
         if not self.prestart or self.launcher or (self._spare is not None and self._spare.poll() is None):
             return
+        if self._spare is not None and self._spare_line_work:  # it ended before a file came: its line work failed
+            logger.warning(
+                "the prestarted process ended while idle (exit %s): later ones only import", self._spare.returncode
+            )
+            self._line_work_failed = True
+        self._spare_line_work = bool(line_argv) and not self._line_work_failed
         self._spare = subprocess.Popen(
-            [sys.executable, "-m", "daemon", "train-spare", *(line_args or [])],
+            [sys.executable, "-m", "daemon", "train-spare", *((line_argv or []) if self._spare_line_work else [])],
             env=self._child_env(),
             stdin=subprocess.PIPE,
             start_new_session=True,

@@ -180,6 +180,15 @@ def base_records(
     return [{"prompt": p, "completion": a} for p, a in zip(prompts, answers, strict=True) if a.strip()]
 
 
+def base_slice_kept(status_dir: str | Path) -> bool:
+    """True when the status folder holds the base model's slice and its step-0 row (a slice alone is scored again)."""
+    from daemon.quality.forgetting import read_rows
+
+    name = slice_name(0, BASE_FILE)
+    rows = read_rows(status_dir) if base_slice_path(status_dir).is_file() else []
+    return any(row["step"] == 0 and row["slice"] == name for row in rows)
+
+
 def keep_base_slice(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, status_dir: str | Path, max_length: int, autocast: Any
 ) -> None:
@@ -191,14 +200,13 @@ def keep_base_slice(
         max_length: tokens per scored window (``--max_seq_length``).
         autocast: the training precision's autocast dtype (None: fp32), as the suite scores.
     """
-    from daemon.quality.forgetting import read_rows, write_rows
+    from daemon.quality.forgetting import write_rows
     from daemon.store.suite import HELD_OUT, load_slice
     from daemon.training.evaluation import Scorer, SliceScore
 
-    path = base_slice_path(status_dir)
-    name = slice_name(0, BASE_FILE)
-    if path.is_file() and any(row["step"] == 0 and row["slice"] == name for row in read_rows(status_dir)):
+    if base_slice_kept(status_dir):
         return
+    path, name = base_slice_path(status_dir), slice_name(0, BASE_FILE)
     started = time.monotonic()
     records = base_records(model, tokenizer, autocast)
     if not records:

@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 EXIT_USER_ERROR = 1
 EXIT_INTERRUPTED = 3
+_watching = False  # exit_with_supervisor's watch runs in this process
 
 
 def exit_with_supervisor(pid: int, host: str | None = None) -> None:
@@ -46,6 +47,10 @@ def exit_with_supervisor(pid: int, host: str | None = None) -> None:
         host: the daemon's host name; on another machine (a rank a multi-node launcher started
             there) the daemon's pid names no process of ours, and only the parent is watched.
     """
+    global _watching
+    if _watching:  # the prestarted process started it before its flags arrived
+        return
+    _watching = True
     here = host is None or host == socket.gethostname()
     parent = os.getppid()
 
@@ -136,6 +141,8 @@ def train_spare_main(line_argv: list[str] | None = None) -> int:
 
     if line_argv:
         configure_logging()
+        if os.environ.get(SUPERVISOR_ENV):  # its work writes the status folder: never past its daemon's end
+            exit_with_supervisor(int(os.environ[SUPERVISOR_ENV]), os.environ.get(SUPERVISOR_HOST_ENV))
         try:
             from daemon.training.prepare import prepare_idle_line
 

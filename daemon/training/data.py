@@ -293,14 +293,13 @@ def mix_replay(
     }
     own = data.train
     extra = ds.Dataset.from_dict(rows, features=own.features)
+    real = ds.Value("float32")
     if loss_weight != 1.0:
-        weight = ds.Value("float32")
-        own = own.add_column(LOSS_WEIGHT, [1.0] * own.num_rows, feature=weight)
-        extra = extra.add_column(LOSS_WEIGHT, [loss_weight] * extra.num_rows, feature=weight)
+        own = own.add_column(LOSS_WEIGHT, [1.0] * own.num_rows, feature=real)
+        extra = extra.add_column(LOSS_WEIGHT, [loss_weight] * extra.num_rows, feature=real)
     if distillation > 0:
-        weight = ds.Value("float32")
-        own = own.add_column(DISTILLATION, [0.0] * own.num_rows, feature=weight)
-        extra = extra.add_column(DISTILLATION, [distillation] * extra.num_rows, feature=weight)
+        own = own.add_column(DISTILLATION, [0.0] * own.num_rows, feature=real)
+        extra = extra.add_column(DISTILLATION, [distillation] * extra.num_rows, feature=real)
     train = ds.concatenate_datasets([own, extra]).shuffle(seed=seed, keep_in_memory=True)
     return PreparedData(
         train,

@@ -87,7 +87,7 @@ def teacher_for(prepared: PreparedFile, flags: Flags, model: Any) -> Any | None:
     Args:
         prepared: the file's run (its plan, whether it resumed, its replayed rows).
         flags: ``--replay_distillation``, the output folder, the starting model's flags.
-        model: the model as the Trainer placed it (its device), at the step the run starts from.
+        model: the model at the step the run starts from; the copy goes to the training's device.
 
     Returns:
         A copy of ``model`` in eval mode with no parameter trained, holding the weights of the plan's first
@@ -95,16 +95,16 @@ def teacher_for(prepared: PreparedFile, flags: Flags, model: Any) -> Any | None:
     """
     if flags.techniques.replay_distillation <= 0 or not prepared.datasets.replayed:
         return None
-    teacher = copy.deepcopy(model).eval()
+    teacher = copy.deepcopy(model).eval().to(flags.training.device)  # where the Trainer trains the model
     teacher.requires_grad_(False)
     if prepared.steps_done > 0:  # resumed: the weights the file started from, not the latest checkpoint's
         start = start_weights(prepared, flags)
         if start is None:
+            step = prepared.plan.start_step
             logger.warning(
-                "the checkpoint of step %d (this file's start) is gone: its replayed examples are distilled toward "
-                "the model of step %d",
-                prepared.plan.start_step,
-                prepared.plan.start_step + prepared.steps_done,
+                "%s is gone: this file's replayed examples are distilled toward the model of step %d",
+                f"the checkpoint of step {step} (this file's start)" if step else "the base model",
+                step + prepared.steps_done,
             )
         else:
             teacher.load_state_dict(start)

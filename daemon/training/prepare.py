@@ -33,7 +33,7 @@ from daemon.store.replay_mix import select_weighted_replay
 from daemon.store.status import Heartbeat, beat
 from daemon.training.adapters import starting_model as adapted_starting_model
 from daemon.training.arguments import Flags
-from daemon.training.base_slice import keep_base_slice
+from daemon.training.base_slice import base_slice_kept, keep_base_slice
 from daemon.training.cooldown import cooldown_steps
 from daemon.training.data import (
     PreparedData,
@@ -45,7 +45,7 @@ from daemon.training.evaluation import autocast_dtype
 from daemon.training.model import load_pretrained, own_trainable_memory, pretrained_start
 from daemon.training.plan import plan_steps, recorded_plan
 from daemon.training.prepared import PreparedFile
-from daemon.training.rehearsal import keep_rehearsal
+from daemon.training.rehearsal import keep_rehearsal, rehearsal_path
 from daemon.training.sharding import refuse_checkpoint, refuse_unsupported
 
 logger = logging.getLogger(__name__)
@@ -203,7 +203,8 @@ def prepare_idle_line(flags: Flags) -> bool:
 
     Returns:
         True when the model was loaded and both kept; False when there is nothing to do: a complete
-        checkpoint exists (the line has started), or the line bootstraps the embedded model.
+        checkpoint exists (the line has started), the line bootstraps the embedded model, or both are
+        kept already (a daemon restarted before the first file).
 
     Raises:
         CheckpointError: the base folder does not load (the first file will fail with the same line).
@@ -213,8 +214,12 @@ def prepare_idle_line(flags: Flags) -> bool:
     folder = pretrained_start(flags.model, output_dir)
     if base is None or folder is None or latest_complete_checkpoint(output_dir, set_aside=False) is not None:
         return False
+    replay, status_dir = flags.replay, flags.status.status_dir
+    rehearses = replay.base_rehearsal and replay.base_rehearsal_fraction > 0 and replay.replay_buffer_tokens > 0
+    if base_slice_kept(status_dir) and (not rehearses or rehearsal_path(status_dir).is_file()):
+        return False
     model, tokenizer = load_pretrained(folder, flags.model.trust_remote_code)
     rehearse_base(model, tokenizer, flags)
     autocast = autocast_dtype(flags.training.bf16, flags.training.fp16)
-    keep_base_slice(model, tokenizer, flags.status.status_dir, flags.data.max_seq_length, autocast)
+    keep_base_slice(model, tokenizer, status_dir, flags.data.max_seq_length, autocast)
     return True

@@ -165,7 +165,7 @@ def build_trainer(
         max_consecutive_skipped_steps=flags.accumulation.max_consecutive_skipped_steps,
     )
     refuse_unsharded(trainer)
-    trainer.teacher = teacher_for(prepared, flags, trainer.model)  # --replay_distillation, on the model's device
+    trainer.teacher = teacher_for(prepared, flags, trainer.model)  # --replay_distillation
     # ProgressCallback logs one readable line per logging step; the Trainer's
     # printer (used when tqdm is off) would repeat it as a raw dict on stdout.
     trainer.remove_callback(PrinterCallback)

@@ -242,13 +242,13 @@ class ThreadedAccumulationTrainer(Trainer):
         return bool(self.model_accepts_loss_kwargs or self.compute_loss_func is not None)
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | int | None:
-        """The step's learned tokens, each counted with its row's ``loss_weight`` where the rows carry one.
+        """The step's learned tokens, each counted with its row's ``loss_weight`` where the rows carry a row column.
 
         Without weights, the Trainer's own count; with them the same count over
         :func:`~daemon.training.loss_weights.weighted_items`, summed over the processes as the Trainer
         sums its own (``average_tokens_across_devices``).
         """
-        if not batch_samples or LOSS_WEIGHT not in batch_samples[0] or not self._loss_over_num_items:
+        if not batch_samples or not any(c in batch_samples[0] for c in ROW_COLUMNS) or not self._loss_over_num_items:
             return super()._get_num_items_in_batch(batch_samples, device)
         items = torch.stack([weighted_items(batch) for batch in batch_samples]).sum().to(device)
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
@@ -276,8 +276,8 @@ class ThreadedAccumulationTrainer(Trainer):
         distilled = inputs.get(DISTILLATION)
         if distilled is not None and self.teacher is not None and bool((rows := distilled > 0).any()):
             precision = autocast_dtype(self.args.bf16, self.args.fp16)
-            teacher = teacher_logits(self.teacher, forward, rows.to(labels.device), precision)
-            kl = distillation_loss(outputs.logits[rows], teacher, labels[rows], distilled.to(labels.device)[rows])
+            target = teacher_logits(self.teacher, forward, rows.to(labels.device), precision)
+            kl = distillation_loss(outputs.logits[rows], target, labels[rows], distilled.to(labels.device)[rows])
             loss = loss + kl / items
         if self.args.average_tokens_across_devices and self._loss_over_num_items and num_items_in_batch is not None:
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())  # as the Trainer scales its own
