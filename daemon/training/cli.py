@@ -67,6 +67,12 @@ def exit_with_supervisor(pid: int, host: str | None = None) -> None:
     threading.Thread(target=watch, name="supervisor-watch", daemon=True).start()
 
 
+def watch_the_daemon() -> None:
+    """Under a daemon (its pid in the environment), :func:`exit_with_supervisor`; once per process."""
+    if os.environ.get(SUPERVISOR_ENV):
+        exit_with_supervisor(int(os.environ[SUPERVISOR_ENV]), os.environ.get(SUPERVISOR_HOST_ENV))
+
+
 def check_args_main(argv: list[str]) -> int:
     """``python -m daemon check-args [flags]``: validate training flags only (the daemon calls it at start)."""
     try:
@@ -88,8 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     """
     configure_logging()
     argv = sys.argv[1:] if argv is None else argv
-    if os.environ.get(SUPERVISOR_ENV):
-        exit_with_supervisor(int(os.environ[SUPERVISOR_ENV]), os.environ.get(SUPERVISOR_HOST_ENV))
+    watch_the_daemon()
     try:
         flags = parse_args(argv)
         if not flags.data.dataset:
@@ -141,8 +146,7 @@ def train_spare_main(line_argv: list[str] | None = None) -> int:
 
     if line_argv:
         configure_logging()
-        if os.environ.get(SUPERVISOR_ENV):  # its work writes the status folder: never past its daemon's end
-            exit_with_supervisor(int(os.environ[SUPERVISOR_ENV]), os.environ.get(SUPERVISOR_HOST_ENV))
+        watch_the_daemon()  # its work writes the status folder: never past its daemon's end
         try:
             from daemon.training.prepare import prepare_idle_line
 

@@ -45,7 +45,7 @@ from daemon.training.evaluation import autocast_dtype
 from daemon.training.model import load_pretrained, own_trainable_memory, pretrained_start
 from daemon.training.plan import plan_steps, recorded_plan
 from daemon.training.prepared import PreparedFile
-from daemon.training.rehearsal import keep_rehearsal, rehearsal_path
+from daemon.training.rehearsal import keep_rehearsal, rehearsal_due
 from daemon.training.sharding import refuse_checkpoint, refuse_unsupported
 
 logger = logging.getLogger(__name__)
@@ -175,8 +175,7 @@ def rehearse_base(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, fl
     The main process writes it first; the others then find it, so every rank draws the same replay.
     """
     replay, training = flags.replay, flags.training
-    base = base_model_of(str(training.output_dir), flags.model.model_name_or_path)
-    if base is None or not replay.base_rehearsal or replay.base_rehearsal_fraction <= 0:
+    if base_model_of(str(training.output_dir), flags.model.model_name_or_path) is None or not rehearses(flags):
         return
     with training.main_process_first(local=False, desc="the base model's rehearsal answers"):
         keep_rehearsal(
@@ -188,6 +187,11 @@ def rehearse_base(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, fl
             tokenizer_fingerprint(tokenizer),
             autocast_dtype(training.bf16, training.fp16),
         )
+
+
+def rehearses(flags: Flags) -> bool:
+    """Whether the line rehearses its base model's answers (``--base_rehearsal``, a fraction above 0)."""
+    return bool(flags.replay.base_rehearsal) and flags.replay.base_rehearsal_fraction > 0
 
 
 def prepare_idle_line(flags: Flags) -> bool:
@@ -214,9 +218,10 @@ def prepare_idle_line(flags: Flags) -> bool:
     folder = pretrained_start(flags.model, output_dir)
     if base is None or folder is None or latest_complete_checkpoint(output_dir, set_aside=False) is not None:
         return False
-    replay, status_dir = flags.replay, flags.status.status_dir
-    rehearses = replay.base_rehearsal and replay.base_rehearsal_fraction > 0 and replay.replay_buffer_tokens > 0
-    if base_slice_kept(status_dir) and (not rehearses or rehearsal_path(status_dir).is_file()):
+    status_dir = flags.status.status_dir
+    if base_slice_kept(status_dir) and not (
+        rehearses(flags) and rehearsal_due(status_dir, flags.replay.replay_buffer_tokens)
+    ):
         return False
     model, tokenizer = load_pretrained(folder, flags.model.trust_remote_code)
     rehearse_base(model, tokenizer, flags)

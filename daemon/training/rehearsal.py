@@ -189,6 +189,11 @@ def rehearsal_examples(
     return examples
 
 
+def rehearsal_due(status_dir: str | Path, budget_tokens: int) -> bool:
+    """True while :func:`keep_rehearsal` would write the share: none is kept and ``--replay_buffer_tokens`` > 0."""
+    return budget_tokens > 0 and not rehearsal_path(status_dir).is_file()
+
+
 def keep_rehearsal(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -211,10 +216,9 @@ def keep_rehearsal(
     Returns:
         The share written, or None when one was kept already or nothing was written.
     """
-    path = rehearsal_path(status_dir)
-    if path.is_file() or budget_tokens <= 0:
+    if not rehearsal_due(status_dir, budget_tokens):
         return None
-    started = time.monotonic()
+    path, started = rehearsal_path(status_dir), time.monotonic()
     examples = within_tokens(rehearsal_examples(model, tokenizer, max_length, autocast), budget_tokens)
     if not examples:
         logger.warning("the base model answered none of the rehearsal prompts; nothing to rehearse")

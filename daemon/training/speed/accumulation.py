@@ -270,7 +270,7 @@ class ThreadedAccumulationTrainer(Trainer):
         forward = {k: v for k, v in inputs.items() if k not in (*ROW_COLUMNS, "labels")}
         outputs = model(**forward)
         labels = inputs["labels"]
-        weights = inputs.get(LOSS_WEIGHT, torch.ones(labels.shape[0]))
+        weights = inputs[LOSS_WEIGHT] if LOSS_WEIGHT in inputs else torch.ones(labels.shape[0])
         items = weighted_items(inputs) if num_items_in_batch is None else num_items_in_batch
         loss = weighted_causal_lm_loss(outputs.logits, labels, weights, items)
         distilled = inputs.get(DISTILLATION)
