@@ -7,6 +7,7 @@ Imports are read from the source (every ``import`` statement, inside functions a
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 from helpers import REPO
@@ -62,6 +63,7 @@ def _imports(path: Path, at_import_time: bool = False) -> set[str]:
     return found
 
 
+@functools.cache  # the whole package parsed once, not once per module asked about
 def _graph() -> dict[str, set[str]]:
     return {name: {m for m in _imports(path) if m in MODULES and m != name} for name, path in MODULES.items()}
 
