@@ -185,18 +185,24 @@ def make_data(work: Path, steps_per_file: int, heldout_docs: int) -> dict:
 
 
 def settings(
-    default: float, weight: float, distillation: float, decay: float, standard: bool, extra: list[list[str]]
+    default: float,
+    weight: float,
+    distillation: tuple[float, float],
+    decay: float,
+    standard: bool,
+    extra: list[list[str]],
 ) -> list[tuple[str, list[str]]]:
     """``(label, flags)`` per setting; the first is no replay, the second the current default (the embedded model's:
-    replay ``default`` weighing ``weight`` in the loss, distilled at ``distillation``, and its weights' moving
-    average at ``decay``), then the standard settings if ``standard`` (plain replay at ``default``, 25 %, and the
-    default's replay under the other exports), then ``extra``. :func:`common_flags` export the latest weights
-    (``--average_exports none``) where a setting names no average, and weigh every token alike and distil nothing
-    where it names no weight or distillation."""
+    replay ``default`` weighing ``weight`` in the loss, the replayed and the file's own examples distilled at
+    ``distillation``, and its weights' moving average at ``decay``), then the standard settings if ``standard``
+    (plain replay at ``default``, 25 %, and the default's replay under the other exports), then ``extra``.
+    :func:`common_flags` export the latest weights (``--average_exports none``) where a setting names no average,
+    and weigh every token alike and distil nothing where it names no weight or distillation."""
     d = ["--replay_fraction", str(default), "--replay_loss_weight", str(weight)]
-    d += ["--replay_distillation", str(distillation)]
+    d += ["--replay_distillation", str(distillation[0]), "--file_distillation", str(distillation[1])]
     named = f"replay {default:.0%}" + (f" x{weight:g}" if weight != 1 else "")
-    named += f" + distill {distillation:g}" if distillation else ""
+    named += f" + distill {distillation[0]:g}" if distillation[0] else ""
+    named += f" (own {distillation[1]:g})" if distillation[1] else ""
     ema = ["--average_exports", "ema", "--ema_decay", str(decay)]
     rows = [("no replay", ["--replay_fraction", "0"]), (f"{named} + EMA {decay:g} (default)", [*d, *ema])]
     if standard:
@@ -218,7 +224,7 @@ def common_flags(learning_rate: float, warmup_steps: int) -> list[str]:
         "--lr_scheduler_type", "constant_with_warmup", "--max_seq_length", str(SEQ),
         "--per_device_train_batch_size", str(BATCH), "--per_device_eval_batch_size", "32",
         "--eval_fraction", "0", "--eval_budget", "1000", "--replay_loss_weight", "1",
-        "--replay_distillation", "0",
+        "--replay_distillation", "0", "--file_distillation", "0",
         "--sample_max_new_tokens", "4", "--sample_prompts", "def ", "--save_steps", "100000",
     ]  # fmt: skip
 
@@ -451,7 +457,8 @@ def main() -> int:
     decay = AveragingArguments(average_exports="ema").ema_decay
     standard = not (args.quick or args.candidates_only)
     replay, weight = SCRATCH_DEFAULTS["replay_fraction"], SCRATCH_DEFAULTS["replay_loss_weight"]
-    rows = settings(replay, weight, SCRATCH_DEFAULTS["replay_distillation"], decay, standard, args.extra_setting)
+    distilled = SCRATCH_DEFAULTS["replay_distillation"], SCRATCH_DEFAULTS["file_distillation"]
+    rows = settings(replay, weight, distilled, decay, standard, args.extra_setting)
     started, names = time.perf_counter(), list(SOURCES)
     base = common_flags(args.learning_rate, args.warmup_steps)
     with tempfile.TemporaryDirectory() as tmp:

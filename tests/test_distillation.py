@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import logging
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -11,7 +13,7 @@ from helpers import new_tree, text_file, tiny_model, train
 from test_accumulation import _accumulate, _assert_grads_close, _micro_batch, _trainer
 
 from daemon.exceptions import ConfigError
-from daemon.training.data import PaddingCollator
+from daemon.training.data import PaddingCollator, PreparedData, mix_replay
 from daemon.training.distillation import distillation_loss, teacher_for
 from daemon.training.loss_weights import DISTILLATION, LOSS_WEIGHT, weighted_causal_lm_loss, weighted_items
 from daemon.training.technique_flags import TechniqueArguments
@@ -92,9 +94,50 @@ def test_the_collator_carries_the_distillation_weights_and_gives_padding_rows_no
 
 
 @pytest.mark.parametrize("weight", ["-1", "inf", "nan"])
-def test_a_distillation_weight_that_is_not_a_number_at_least_zero_is_refused(weight):
-    with pytest.raises(ConfigError, match="--replay_distillation must be a number >= 0"):
-        TechniqueArguments(replay_distillation=float(weight))
+@pytest.mark.parametrize("name", ["replay_distillation", "file_distillation"])
+def test_a_distillation_weight_that_is_not_a_number_at_least_zero_is_refused(name, weight):
+    with pytest.raises(ConfigError, match=f"--{name} must be a number >= 0"):
+        TechniqueArguments(**{name: float(weight)})
+
+
+def _prepared(rows: int) -> PreparedData:
+    import datasets
+
+    train = datasets.Dataset.from_dict(
+        {"input_ids": [[r, r + 1] for r in range(rows)], "labels": [None] * rows, "length": [2] * rows}
+    )
+    return PreparedData(train, None, 2 * rows, 0)
+
+
+def test_the_rows_weights_are_the_replayed_ones_and_the_files_own_and_no_column_without_either():
+    data, replayed = _prepared(6), [{"input_ids": [50, 51, 52]}, {"input_ids": [60, 61]}]
+    mixed = mix_replay(data, replayed, 0, distillation=1.5, file_distillation=0.25)
+    weights = {row["input_ids"][0]: row[DISTILLATION] for row in mixed.train}
+    assert weights == {**{r: 0.25 for r in range(6)}, 50: 1.5, 60: 1.5}
+    assert DISTILLATION not in mixed.own_train.column_names  # the store samples the file's rows as they came
+    only_replayed = mix_replay(data, replayed, 0, distillation=1.5)
+    assert sorted(row[DISTILLATION] for row in only_replayed.train) == [0.0] * 6 + [1.5] * 2
+    assert DISTILLATION not in mix_replay(data, replayed, 0).train.column_names
+    # Nothing replayed: the file's own rows, in their order, distilled at --file_distillation; or the data as it was.
+    alone = mix_replay(data, [], 0, distillation=1.5, file_distillation=0.25)
+    assert alone.train["input_ids"] == data.train["input_ids"] and alone.train[DISTILLATION] == [0.25] * 6
+    assert alone.replayed == 0 and alone.own_train is data.train
+    assert mix_replay(data, [], 0, distillation=1.5) is data
+
+
+def test_a_file_distils_its_own_examples_toward_its_starting_model_but_never_the_first_from_scratch(tmp_path, caplog):
+    """--file_distillation with replay off: the first file (a random initialisation) has no teacher, the next one
+    distils its own rows toward the first one's end and still trains its planned steps."""
+    tree = new_tree(tmp_path / "t")
+    flags = {"replay_fraction": "0", "replay_distillation": "0", "file_distillation": "0.5"}
+    with caplog.at_level(logging.INFO, logger="daemon.training.distillation"):
+        first = train(tree, text_file(tmp_path / "a.jsonl", 0, 20), **flags)
+        assert "distilling" not in caplog.text
+        second = train(tree, text_file(tmp_path / "b.jsonl", 20, 20), **flags)
+    assert "(--replay_distillation 0) and the file's own (--file_distillation 0.5)" in caplog.text
+    assert f"toward the model of step {first['end_step']}" in caplog.text
+    assert second["end_step"] - first["end_step"] == second["planned_steps"] > 0
+    assert math.isfinite(second["train_loss"])
 
 
 def test_a_resumed_file_distils_toward_the_weights_of_its_first_step_not_its_latest_checkpoint(tmp_path):
@@ -108,7 +151,8 @@ def test_a_resumed_file_distils_toward_the_weights_of_its_first_step_not_its_lat
     flags = parse_args(tree.flags(replay_distillation="1"))
     model, _ = load_pretrained(tree.output / f"checkpoint-{latest}")
     plan = SimpleNamespace(start_step=start)
-    resumed = SimpleNamespace(datasets=SimpleNamespace(replayed=3), steps_done=latest - start, plan=plan)
+    distilled = SimpleNamespace(replayed=3, train=SimpleNamespace(column_names=["input_ids", DISTILLATION]))
+    resumed = SimpleNamespace(datasets=distilled, steps_done=latest - start, plan=plan)
     at_start, _ = load_pretrained(tree.output / f"checkpoint-{start}")
     teacher = teacher_for(resumed, flags, model)  # type: ignore[arg-type]
     for (name, got), want in zip(teacher.named_parameters(), at_start.parameters(), strict=True):
@@ -116,10 +160,10 @@ def test_a_resumed_file_distils_toward_the_weights_of_its_first_step_not_its_lat
         assert not got.requires_grad
     assert not teacher.training
     assert not torch.equal(next(teacher.parameters()), next(model.parameters()))  # the latest weights differ
-    fresh = SimpleNamespace(datasets=SimpleNamespace(replayed=3), steps_done=0, plan=plan)
+    fresh = SimpleNamespace(datasets=distilled, steps_done=0, plan=plan)
     copied = teacher_for(fresh, flags, model)  # type: ignore[arg-type]
     assert all(torch.equal(a, b) for a, b in zip(copied.parameters(), model.parameters(), strict=True))
     assert copied is not model and next(copied.parameters()) is not next(model.parameters())
-    nothing = SimpleNamespace(datasets=SimpleNamespace(replayed=0), steps_done=0, plan=plan)
-    assert teacher_for(nothing, flags, model) is None  # type: ignore[arg-type]
-    assert teacher_for(fresh, parse_args(tree.flags(replay_distillation="0")), model) is None  # type: ignore[arg-type]
+    undistilled = SimpleNamespace(replayed=3, train=SimpleNamespace(column_names=["input_ids"]))
+    nothing = SimpleNamespace(datasets=undistilled, steps_done=0, plan=plan)
+    assert teacher_for(nothing, flags, model) is None  # type: ignore[arg-type]  # no row distilled

@@ -273,6 +273,12 @@ def _sample_prompts(flags: dict[str, Any]) -> list[str]:
     return list(CHAT_SAMPLE_PROMPTS if base is not None and has_own_chat_template(base) else DEFAULT_SAMPLE_PROMPTS)
 
 
+def _distillation(flags: dict[str, Any], name: str) -> float:
+    """The starting model's default weight of a distillation term; 0 for a LoRA line and an FSDP launch, which
+    cannot distil (technique_flags, sharding)."""
+    return 0.0 if flags["use_peft"] or sharding_requested(flags["fsdp"]) else starting_defaults(flags)[name]
+
+
 # Flags whose default depends on the machine or on other flags: each is None until given, and
 # resolve_defaults sets a flag still None to its rule's value, in this order (a rule reads the flags
 # resolved before it). A rule returning None leaves transformers' own default.
@@ -285,11 +291,8 @@ DEFAULT_RULES: dict[str, Callable[[dict[str, Any]], Any]] = {
     "replay_fraction": lambda flags: starting_defaults(flags)["replay_fraction"],
     "replay_loss_weight": lambda flags: starting_defaults(flags)["replay_loss_weight"],
     # A LoRA line and an FSDP launch cannot distil (technique_flags, sharding).
-    "replay_distillation": lambda flags: (
-        0.0
-        if flags["use_peft"] or sharding_requested(flags["fsdp"])
-        else starting_defaults(flags)["replay_distillation"]
-    ),
+    "replay_distillation": lambda flags: _distillation(flags, "replay_distillation"),
+    "file_distillation": lambda flags: _distillation(flags, "file_distillation"),
     "base_rehearsal": lambda flags: starting_defaults(flags)["base_rehearsal"],
     "base_rehearsal_fraction": lambda flags: (
         LORA_REHEARSAL_FRACTION if flags["use_peft"] else starting_defaults(flags)["base_rehearsal_fraction"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from daemon.exceptions import DatasetError
@@ -263,6 +263,7 @@ def mix_replay(
     seed: int,
     loss_weight: float = 1.0,
     distillation: float = 0.0,
+    file_distillation: float = 0.0,
 ) -> PreparedData:
     """Mix replayed examples into a file's training examples, in one seeded order.
 
@@ -274,16 +275,24 @@ def mix_replay(
         loss_weight: ``--replay_loss_weight``; other than 1, ``train`` gets a float column
             ``loss_weight``: 1 on the file's own rows, this on the replayed ones
             (:mod:`daemon.training.loss_weights`).
-        distillation: ``--replay_distillation``; above 0, ``train`` gets a float column ``distillation``:
-            0 on the file's own rows, this on the replayed ones (:mod:`daemon.training.distillation`).
+        distillation: ``--replay_distillation``; with it or ``file_distillation`` above 0, ``train`` gets a
+            float column ``distillation``: this on the replayed rows (:mod:`daemon.training.distillation`)...
+        file_distillation: ... and this on the file's own (``--file_distillation``, where the file has a
+            trained starting model to distil toward).
 
     Returns:
         ``data`` with ``train`` = own + replayed examples shuffled together, ``replayed``,
-        ``replayed_tokens`` and ``own_train`` set; ``tokens`` stays the file's own.
+        ``replayed_tokens`` and ``own_train`` set; ``tokens`` stays the file's own. With nothing replayed,
+        ``data`` itself, or with ``file_distillation`` its ``train`` in the same order with the column.
     """
-    if not replayed:
-        return data
     import datasets as ds
+
+    real, own, distilled = ds.Value("float32"), data.train, distillation > 0 or file_distillation > 0
+    if not replayed:
+        if file_distillation <= 0:
+            return data
+        own = own.add_column(DISTILLATION, [file_distillation] * own.num_rows, feature=real)
+        return replace(data, train=own, own_train=data.train)
 
     lengths = [len(e["input_ids"]) for e in replayed]
     rows = {
@@ -291,14 +300,12 @@ def mix_replay(
         "labels": [e.get("labels") for e in replayed],  # null: every token learned, as in packed text
         "length": lengths,
     }
-    own = data.train
-    extra = ds.Dataset.from_dict(rows, features=own.features)
-    real = ds.Value("float32")
+    extra = ds.Dataset.from_dict(rows, features=data.train.features)
     if loss_weight != 1.0:
         own = own.add_column(LOSS_WEIGHT, [1.0] * own.num_rows, feature=real)
         extra = extra.add_column(LOSS_WEIGHT, [loss_weight] * extra.num_rows, feature=real)
-    if distillation > 0:
-        own = own.add_column(DISTILLATION, [0.0] * own.num_rows, feature=real)
+    if distilled:
+        own = own.add_column(DISTILLATION, [file_distillation] * own.num_rows, feature=real)
         extra = extra.add_column(DISTILLATION, [distillation] * extra.num_rows, feature=real)
     train = ds.concatenate_datasets([own, extra]).shuffle(seed=seed, keep_in_memory=True)
     return PreparedData(

@@ -32,6 +32,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from daemon.store.checkpoints import complete_checkpoint_steps
+from daemon.store.origin import base_model_of
+from daemon.training.loss_weights import DISTILLATION
 
 if TYPE_CHECKING:
     from daemon.training.arguments import Flags
@@ -91,9 +93,10 @@ def teacher_for(prepared: PreparedFile, flags: Flags, model: Any) -> Any | None:
 
     Returns:
         A copy of ``model`` in eval mode with no parameter trained, holding the weights of the plan's first
-        step; None when ``--replay_distillation`` is 0 or the file replays nothing.
+        step; None when no row of the file is distilled (no ``distillation`` column:
+        :func:`daemon.training.data.mix_replay`).
     """
-    if flags.techniques.replay_distillation <= 0 or not prepared.datasets.replayed:
+    if DISTILLATION not in prepared.datasets.train.column_names:
         return None
     teacher = copy.deepcopy(model).eval().to(flags.training.device)  # where the Trainer trains the model
     teacher.requires_grad_(False)
@@ -108,12 +111,22 @@ def teacher_for(prepared: PreparedFile, flags: Flags, model: Any) -> Any | None:
             )
         else:
             teacher.load_state_dict(start)
+    techniques = flags.techniques
     logger.info(
-        "distilling the replayed examples toward the model of step %d (--replay_distillation %g)",
+        "distilling the replayed examples (--replay_distillation %g) and the file's own (--file_distillation %g) "
+        "toward the model of step %d",
+        techniques.replay_distillation if prepared.datasets.replayed else 0,
+        techniques.file_distillation if trained_start(flags, prepared.plan.start_step) else 0,
         prepared.plan.start_step,
-        flags.techniques.replay_distillation,
     )
     return teacher
+
+
+def trained_start(flags: Flags, start_step: int) -> bool:
+    """Whether a file that starts at ``start_step`` starts from a trained model (a checkpoint, or a pretrained
+    base), not from the embedded model's random initialisation: only such a model is a teacher for
+    ``--file_distillation``."""
+    return start_step > 0 or base_model_of(str(flags.training.output_dir), flags.model.model_name_or_path) is not None
 
 
 def start_weights(prepared: PreparedFile, flags: Flags) -> dict[str, torch.Tensor] | None:

@@ -41,6 +41,7 @@ from daemon.training.data import (
     prepare_datasets,
     tokenizer_fingerprint,
 )
+from daemon.training.distillation import trained_start
 from daemon.training.evaluation import autocast_dtype
 from daemon.training.model import load_pretrained, own_trainable_memory, pretrained_start
 from daemon.training.plan import plan_steps, recorded_plan
@@ -146,14 +147,15 @@ def with_replay(
     the file does not change either. With ``--base_rehearsal``, ``--base_rehearsal_fraction`` of
     the base model's own answers (:mod:`daemon.training.rehearsal`) are mixed in beside the replay,
     seeded the same way; both count as the plan's replayed examples, and both weigh
-    ``--replay_loss_weight`` in the loss (:mod:`daemon.training.loss_weights`).
+    ``--replay_loss_weight`` in the loss (:mod:`daemon.training.loss_weights`). The rows' weights of the
+    distillation terms (:mod:`daemon.training.distillation`) are set here too, replayed or not.
     """
-    replay = flags.replay
+    replay, seed, status_dir = flags.replay, flags.training.seed, flags.status.status_dir
+    own = flags.techniques.file_distillation if trained_start(flags, start_step) else 0.0
     count = replay_count(datasets.examples, replay.replay_fraction)
     rehearsed = replay_count(datasets.examples, replay.base_rehearsal_fraction) if replay.base_rehearsal else 0
     if count == 0 and rehearsed == 0:
-        return datasets
-    seed, status_dir = flags.training.seed, flags.status.status_dir
+        return mix_replay(datasets, [], seed, file_distillation=own)
     fingerprint, draw_seed = tokenizer_fingerprint(tokenizer), f"{seed}:{scan.sha256}:{start_step}"
     rehearsal = select_rehearsal(status_dir, rehearsed, f"{draw_seed}:rehearsal", fingerprint)
     if rehearsal:
@@ -162,10 +164,10 @@ def with_replay(
     if flags.techniques.replay_weighting == "forgetting":  # per file, by its forgetting up to start_step
         rows = read_rows(status_dir)
         chosen, weights = select_weighted_replay(status_dir, start_step, count, draw_seed, fingerprint, rows)
-        mixed = mix_replay(datasets, chosen + rehearsal, seed, loss_weight, distillation)
+        mixed = mix_replay(datasets, chosen + rehearsal, seed, loss_weight, distillation, own)
         return replace(mixed, replay_weights=weights)
     chosen = select_replay(status_dir, start_step, count, draw_seed, fingerprint)
-    return mix_replay(datasets, chosen + rehearsal, seed, loss_weight, distillation)
+    return mix_replay(datasets, chosen + rehearsal, seed, loss_weight, distillation, own)
 
 
 def rehearse_base(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, flags: Flags) -> None:

@@ -50,8 +50,9 @@ def refuse_unsupported(flags: Flags) -> None:
 
     Raises:
         ConfigError: ``--grad_workers N`` (its threads take gradients with ``torch.autograd.grad``,
-            which bypasses FSDP's reduce-scatter in ``backward``), ``--use_peft``, ``--cooldown_fraction`` or
-            ``--average_exports`` or ``--replay_distillation`` (none is built for a sharded model yet).
+            which bypasses FSDP's reduce-scatter in ``backward``), ``--use_peft``, ``--cooldown_fraction``,
+            ``--average_exports``, ``--replay_distillation`` or ``--file_distillation`` (none is built for a sharded
+            model yet).
     """
     if not fsdp_requested(flags.training):
         return
@@ -67,8 +68,9 @@ def refuse_unsupported(flags: Flags) -> None:
         raise ConfigError("--cooldown_fraction is not supported under FSDP yet: set it to 0 for an FSDP launch")
     if flags.averaging.average_exports != "none":
         raise ConfigError("--average_exports is not supported under FSDP yet: leave it at none for an FSDP launch")
-    if flags.techniques.replay_distillation > 0:
-        raise ConfigError("--replay_distillation is not supported under FSDP yet: set it to 0 for an FSDP launch")
+    for name in ("replay_distillation", "file_distillation"):
+        if getattr(flags.techniques, name) > 0:
+            raise ConfigError(f"--{name} is not supported under FSDP yet: set it to 0 for an FSDP launch")
 
 
 def refuse_unsharded(trainer: Trainer) -> None:

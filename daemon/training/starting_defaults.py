@@ -48,6 +48,7 @@ SCRATCH_DEFAULTS: dict[str, Any] = {
     "replay_fraction": 0.11,
     "replay_loss_weight": 2.0,
     "replay_distillation": 1.0,
+    "file_distillation": 0.0,
 }
 PRETRAINED_DEFAULTS: dict[str, Any] = {
     "learning_rate": 5e-5,
@@ -58,6 +59,7 @@ PRETRAINED_DEFAULTS: dict[str, Any] = {
     "replay_fraction": 0.09,
     "replay_loss_weight": 1.0,
     "replay_distillation": 0.0,
+    "file_distillation": 0.0,
 }
 
 

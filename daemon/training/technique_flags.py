@@ -1,5 +1,5 @@
-"""``--cooldown_mix``, ``--replay_weighting``, ``--replay_loss_weight``, ``--replay_distillation`` and ``--wise_ft``:
-options against forgetting (docs/data.md).
+"""``--cooldown_mix``, ``--replay_weighting``, ``--replay_loss_weight``, ``--replay_distillation``,
+``--file_distillation`` and ``--wise_ft``: options against forgetting (docs/data.md).
 
 The stream benchmark decides whether one becomes a default (the starting model's,
 :mod:`daemon.training.starting_defaults`). Standard library only, like :mod:`daemon.config`: the flags are
@@ -62,6 +62,16 @@ class TechniqueArguments:
             'the embedded model (BENCHMARKS.md "continual"), 0 for a pretrained base, a LoRA line or FSDP.'
         },
     )
+    file_distillation: float = field(  # type: ignore[assignment]
+        default=None,
+        metadata={
+            "help": "Weight of the same term on the file's own examples: their learned tokens are pulled toward the "
+            "next-token distributions of the model the file started from (Learning without Forgetting's term on the "
+            "new data, Li and Hoiem 2016; docs/data.md). Never in a line's first file from scratch, whose starting "
+            "model is a random initialisation. It costs the teacher's forward pass over every row. 0: none. "
+            'Default: 0 (off; BENCHMARKS.md "continual").'
+        },
+    )
     wise_ft: bool = field(
         default=False,
         metadata={
@@ -79,8 +89,10 @@ class TechniqueArguments:
             problems.append(f"--replay_weighting must be one of {', '.join(REPLAY_WEIGHTINGS)}")
         if self.replay_loss_weight is not None and not 0.0 < self.replay_loss_weight < float("inf"):
             problems.append("--replay_loss_weight must be a number > 0")
-        if self.replay_distillation is not None and not 0.0 <= self.replay_distillation < float("inf"):
-            problems.append("--replay_distillation must be a number >= 0")
+        for name in ("replay_distillation", "file_distillation"):
+            weight = getattr(self, name)
+            if weight is not None and not 0.0 <= weight < float("inf"):
+                problems.append(f"--{name} must be a number >= 0")
         if problems:
             raise ConfigError("; ".join(problems))
 
@@ -111,8 +123,9 @@ def technique_problems(
         problems.append("--cooldown_mix balanced mixes the cooldown branch: it needs --cooldown_fraction > 0")
     if techniques.replay_weighting != "even" and replay_fraction <= 0:
         problems.append("--replay_weighting forgetting weights the replay: it needs --replay_fraction > 0")
-    if techniques.replay_distillation and peft:
-        problems.append("--replay_distillation keeps a copy of the whole model: it cannot be used with --use_peft")
+    for name in ("replay_distillation", "file_distillation"):
+        if getattr(techniques, name) and peft:
+            problems.append(f"--{name} keeps a copy of the whole model: it cannot be used with --use_peft")
     if techniques.wise_ft:
         if base_model is None:
             problems.append(
