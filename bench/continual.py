@@ -339,8 +339,9 @@ _mean = statistics.fmean
 
 
 def aggregate(repeats: list[dict], labels: list[str]) -> tuple[list[dict], dict]:
-    """Per setting: gap (nats, bits/byte) with its interval, worst slice, union-equivalent compute, steps,
-    plasticity and the decision rule against the default (the second label); and the union's summary."""
+    """Per setting: gap (nats, bits/byte) with its interval, worst slice, union-equivalent compute, steps and
+    training seconds against no replay's (the first label; a step that distils also runs the teacher), plasticity
+    and the decision rule against the default (the second label); and the union's summary."""
     names = list(SOURCES)
     curve_x = [_mean([rep["union"]["x"][k] for rep in repeats]) for k in range(len(UNION_POINTS))]
     union_loss = [[_mean([s[n][0] for n in names]) for s in rep["union"]["scores"]] for rep in repeats]
@@ -358,6 +359,9 @@ def aggregate(repeats: list[dict], labels: list[str]) -> tuple[list[dict], dict]
     def last_own(rep: dict, label: str) -> float:
         return rep["settings"][label]["scores"][-1][rep["order"][-1]][0]
 
+    def ratio(key: str, label: str) -> float:  # steps or training seconds against no replay's, mean over repeats
+        return _mean([rep["settings"][label][key] / rep["settings"][labels[0]][key] for rep in repeats])
+
     out = []
     for label in labels:
         gaps = [final(rep, label, 0) - _mean([union_at(rep, n, 0) for n in names]) for rep in repeats]
@@ -373,7 +377,7 @@ def aggregate(repeats: list[dict], labels: list[str]) -> tuple[list[dict], dict]
         out.append({
             "label": label, "gap": cs.mean_ci(gaps), "gap_bpb": _mean(bpb), "worst": (worst, per_slice[worst]),
             "uec": cs.union_equivalent(union["x"], union["loss"], _mean([final(rep, label, 0) for rep in repeats])),
-            "steps": _mean([rep["settings"][label]["steps"] / rep["settings"][labels[0]]["steps"] for rep in repeats]),
+            "steps": ratio("steps", label), "time": ratio("train_s", label),
             "plasticity": plastic, "vs_default": cs.mean_ci(vs_default), "better": cs.becomes_default(vs_default),
             "grid": [[None if i < j else _mean(cell) for j, cell in enumerate(row)] for i, row in enumerate(grid)],
         })  # fmt: skip

@@ -100,7 +100,8 @@ def test_chunk_ends_cut_at_cumulative_targets() -> None:
 def _result(label: str, gap: float, steps: float, uec: float | str, better: bool, worst: float = 0.1) -> dict:
     return {
         "label": label, "gap": (gap, gap - 0.03, gap + 0.03), "gap_bpb": gap / 3, "worst": ("man-pages", worst),
-        "uec": uec, "steps": steps, "plasticity": 0.01, "vs_default": (-0.05, -0.08, -0.02 if better else 0.01),
+        "uec": uec, "steps": steps, "time": steps * 1.2, "plasticity": 0.01,
+        "vs_default": (-0.05, -0.08, -0.02 if better else 0.01),
         "better": better,
     }  # fmt: skip
 
@@ -115,13 +116,15 @@ def test_verdict_and_table() -> None:
     lines = cs.verdict(results)
     assert "below 0 for replay 25% (-0.020, 1.33x steps), new trick" in lines[0]
     assert lines[1:] == ["Targets met by new trick."]
+    results[3]["plasticity"] = 0.03  # the newest file learned less than without replay
+    assert cs.verdict(results)[1:] == ["Targets met by new trick, but not its plasticity guard (last file +0.030)."]
     results[3]["better"] = results[2]["better"] = False
     results[3]["worst"] = ("man-pages", 0.3)  # a slice left behind: targets missed
     lines = cs.verdict(results)
     assert "the default stays" in lines[0] and "met by no setting" in lines[1]
     rows = cs.table(results)
     assert len(rows) == 2 + len(results)
-    assert "| no replay | 1.00x | +0.400 [+0.370, +0.430] |" in rows[2] and "< 0.8" in rows[2]
+    assert "| no replay | 1.00x | 1.20x | +0.400 [+0.370, +0.430] |" in rows[2] and "< 0.8" in rows[2]
     assert "0.82x" in rows[3] and "+0.010 pass" in rows[3]
 
 
@@ -132,7 +135,7 @@ def test_aggregate_reads_gaps_compute_and_plasticity_off_fabricated_runs() -> No
     union_losses = [5.0, 4.8, 4.6, 4.5, 4.4]
 
     def run(loss: float, steps: int) -> dict:
-        return {"scores": [{n: (loss, loss / 2) for n in names}] * len(names), "steps": steps}
+        return {"scores": [{n: (loss, loss / 2) for n in names}] * len(names), "steps": steps, "train_s": steps / 5}
 
     repeats = []
     for r, own in enumerate((4.8, 4.9)):
@@ -148,6 +151,7 @@ def test_aggregate_reads_gaps_compute_and_plasticity_off_fabricated_runs() -> No
     assert default["worst"][1] == pytest.approx(0.25)
     assert none["uec"] == pytest.approx(0.8) and default["uec"] == pytest.approx(0.875)
     assert default["steps"] == pytest.approx(1.1) and default["plasticity"] == pytest.approx(-0.15)
+    assert default["time"] == pytest.approx(1.1) and none["time"] == pytest.approx(1.0)
     assert not default["better"]  # the default against itself
     assert default["grid"][0][1] is None and default["grid"][4][0] == pytest.approx(4.85)
 
