@@ -109,7 +109,8 @@ class PaddingCollator:
     Returns:
         ``input_ids`` ``[rows, longest]`` (int64) and ``labels`` ``[rows, longest]`` (-100 on padding);
         where the examples carry a ``loss_weight`` (``--replay_loss_weight``) or a ``distillation``
-        (``--replay_distillation``), also that key, ``[rows]`` (float32; 0 on rows of padding).
+        (``--replay_distillation``, ``--file_distillation``), also that key, ``[rows]`` (float32; 0 on rows
+        of padding).
     """
 
     pad_token_id: int

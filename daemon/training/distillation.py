@@ -1,11 +1,13 @@
-"""``--replay_distillation``: the replayed examples keep the next-token distributions of the file's starting model.
+"""``--replay_distillation`` and ``--file_distillation``: a file's rows keep the next-token distributions of the
+model it started from.
 
 Replay (:mod:`daemon.store.replay`) trains the replayed examples' tokens as labels, which says what the
 earlier files' text *was*, one token at a time. With a weight ``a > 0`` the loss also pulls the model's
 whole next-token distribution at each of their learned tokens toward the distribution the model had
 when the file started (the *teacher*: the weights at the plan's first step, frozen):
 
-    loss = (sum_t w_t * nll_t + sum_{t in replayed} a * KL(p_teacher,t || p_model,t)) / sum_t w_t
+    loss = (sum_t w_t * nll_t + sum_{t in replayed} a * KL_t + sum_{t in own} b * KL_t) / sum_t w_t,
+    KL_t = KL(p_teacher,t || p_model,t)
 
 in nats per weighted token, the denominator the step's weighted count of learned tokens
 (:mod:`daemon.training.loss_weights`). It is Learning without Forgetting's distillation term (Li and
@@ -13,8 +15,15 @@ Hoiem 2016, arXiv:1606.09282, section 3) taken on replayed examples, as dark exp
 distils on its buffer (Buzzega et al. 2020, arXiv:2004.07211, section 3; they store the logits seen
 when an example was added, we take those of the file's starting model, so nothing more is stored).
 The teacher costs one forward pass over the replayed rows of each micro-batch (about a tenth of the
-rows at the default replay) and a copy of the weights in memory. The stream benchmark measures ``a``
-(BENCHMARKS.md, "continual").
+rows at the default replay) and a copy of the weights in memory.
+
+``b`` (``--file_distillation``) takes the same term on the file's *own* learned tokens, which is
+Learning without Forgetting as its authors wrote it: the new data's predictions are held near the old
+model's while the labels teach the new text, so the optimum at each token is the mix ``(one-hot + b x
+p_teacher) / (1 + b)`` rather than the one-hot alone. It needs a trained starting model (a checkpoint or
+a pretrained base; never a line's first file from scratch, :func:`trained_start`), and the teacher's
+forward pass then covers every row. The stream benchmark measures ``a`` and ``b`` (BENCHMARKS.md,
+"continual").
 
 **Resumed files.** The teacher is always the model at the plan's first step: a file resumed after a
 crash loads it from that step's checkpoint (the rotation never deletes it,

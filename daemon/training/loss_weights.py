@@ -19,10 +19,10 @@ Where it acts: the column ``loss_weight`` (float, one per row) is written by
 :class:`~daemon.training.speed.accumulation.ThreadedAccumulationTrainer`'s ``compute_loss`` and its
 count of the step's items (:func:`weighted_items`), so the sum over micro-batches and over gradient
 worker shards adds up to the step's weighted mean, as the unweighted loss does.
-The column ``distillation`` (``--replay_distillation``, :mod:`daemon.training.distillation`) travels the
-same way and adds its term to the same sum. The cooldown branch (``--cooldown_fraction``) samples the file's
-training rows with their weights under ``--cooldown_mix file``; ``balanced`` draws every share by count and
-weighs its rows alike.
+The column ``distillation`` (``--replay_distillation`` and ``--file_distillation``,
+:mod:`daemon.training.distillation`) travels the same way and adds its term to the same sum. The cooldown
+branch (``--cooldown_fraction``) samples the file's training rows with their weights under ``--cooldown_mix
+file``; ``balanced`` draws every share by count and weighs its rows alike.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 LOSS_WEIGHT = "loss_weight"  # the column and the collated key
-DISTILLATION = "distillation"  # --replay_distillation: the row's weight of its KL term (0 on the file's own rows)
+DISTILLATION = "distillation"  # the row's weight of its KL term: --replay_distillation's, or --file_distillation's
 ROW_COLUMNS = (LOSS_WEIGHT, DISTILLATION)  # float columns, one value per row, read by the loss and not the model
 
 
