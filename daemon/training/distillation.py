@@ -120,14 +120,12 @@ def teacher_for(prepared: PreparedFile, flags: Flags, model: Any) -> Any | None:
             )
         else:
             teacher.load_state_dict(start)
-    techniques = flags.techniques
-    logger.info(
-        "distilling the replayed examples (--replay_distillation %g) and the file's own (--file_distillation %g) "
-        "toward the model of step %d",
-        techniques.replay_distillation if prepared.datasets.replayed else 0,
-        techniques.file_distillation if trained_start(flags, prepared.plan.start_step) else 0,
-        prepared.plan.start_step,
-    )
+    techniques, distilled = flags.techniques, []
+    if prepared.datasets.replayed and techniques.replay_distillation > 0:
+        distilled.append(f"the replayed examples (--replay_distillation {techniques.replay_distillation:g})")
+    if techniques.file_distillation > 0 and trained_start(flags, prepared.plan.start_step):
+        distilled.append(f"the file's own (--file_distillation {techniques.file_distillation:g})")
+    logger.info("distilling %s toward the model of step %d", " and ".join(distilled), prepared.plan.start_step)
     return teacher
 
 
