@@ -290,7 +290,6 @@ DEFAULT_RULES: dict[str, Callable[[dict[str, Any]], Any]] = {
     "warmup_steps": lambda flags: starting_defaults(flags)["warmup_steps"],
     "replay_fraction": lambda flags: starting_defaults(flags)["replay_fraction"],
     "replay_loss_weight": lambda flags: starting_defaults(flags)["replay_loss_weight"],
-    # A LoRA line and an FSDP launch cannot distil (technique_flags, sharding).
     "replay_distillation": lambda flags: _distillation(flags, "replay_distillation"),
     "file_distillation": lambda flags: _distillation(flags, "file_distillation"),
     "base_rehearsal": lambda flags: starting_defaults(flags)["base_rehearsal"],

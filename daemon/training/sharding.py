@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from daemon.config import sharding_requested
 from daemon.exceptions import ConfigError
 from daemon.store.sharded_files import is_sharded_checkpoint
+from daemon.training.technique_flags import DISTILLATION_FLAGS
 
 if TYPE_CHECKING:
     import torch
@@ -68,7 +69,7 @@ def refuse_unsupported(flags: Flags) -> None:
         raise ConfigError("--cooldown_fraction is not supported under FSDP yet: set it to 0 for an FSDP launch")
     if flags.averaging.average_exports != "none":
         raise ConfigError("--average_exports is not supported under FSDP yet: leave it at none for an FSDP launch")
-    for name in ("replay_distillation", "file_distillation"):
+    for name in DISTILLATION_FLAGS:
         if getattr(flags.techniques, name) > 0:
             raise ConfigError(f"--{name} is not supported under FSDP yet: set it to 0 for an FSDP launch")
 

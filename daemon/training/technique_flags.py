@@ -17,6 +17,8 @@ from daemon.exceptions import ConfigError
 
 COOLDOWN_MIXES = ("file", "balanced")
 REPLAY_WEIGHTINGS = ("even", "forgetting")
+# The weights of a distillation term (daemon.training.distillation): each keeps a frozen copy of the whole model.
+DISTILLATION_FLAGS = ("replay_distillation", "file_distillation")
 
 
 @dataclass
@@ -89,7 +91,7 @@ class TechniqueArguments:
             problems.append(f"--replay_weighting must be one of {', '.join(REPLAY_WEIGHTINGS)}")
         if self.replay_loss_weight is not None and not 0.0 < self.replay_loss_weight < float("inf"):
             problems.append("--replay_loss_weight must be a number > 0")
-        for name in ("replay_distillation", "file_distillation"):
+        for name in DISTILLATION_FLAGS:
             weight = getattr(self, name)
             if weight is not None and not 0.0 <= weight < float("inf"):
                 problems.append(f"--{name} must be a number >= 0")
@@ -123,7 +125,7 @@ def technique_problems(
         problems.append("--cooldown_mix balanced mixes the cooldown branch: it needs --cooldown_fraction > 0")
     if techniques.replay_weighting != "even" and replay_fraction <= 0:
         problems.append("--replay_weighting forgetting weights the replay: it needs --replay_fraction > 0")
-    for name in ("replay_distillation", "file_distillation"):
+    for name in DISTILLATION_FLAGS:
         if getattr(techniques, name) and peft:
             problems.append(f"--{name} keeps a copy of the whole model: it cannot be used with --use_peft")
     if techniques.wise_ft:
