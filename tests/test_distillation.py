@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import new_tree, text_file, tiny_model, train
+from helpers import export_tiny, new_tree, text_file, tiny_model, train
 from test_accumulation import _accumulate, _assert_grads_close, _micro_batch, _trainer
 
 from daemon.exceptions import ConfigError
@@ -98,6 +98,18 @@ def test_the_collator_carries_the_distillation_weights_and_gives_padding_rows_no
 def test_a_distillation_weight_that_is_not_a_number_at_least_zero_is_refused(name, weight):
     with pytest.raises(ConfigError, match=f"--{name} must be a number >= 0"):
         TechniqueArguments(**{name: float(weight)})
+
+
+@pytest.mark.parametrize("name", ["replay_distillation", "file_distillation"])
+def test_a_distillation_weight_with_a_lora_adapter_is_refused_in_one_line(tmp_path, name):
+    from daemon.training.arguments import parse_args
+
+    tree, dataset = new_tree(tmp_path / "t"), ["--dataset", str(tmp_path / "none.jsonl")]
+    lora = {"model_name_or_path": export_tiny(tmp_path / "base"), "use_peft": "true"}
+    refused = f"--{name} keeps a copy of the whole model: it cannot be used with --use_peft"
+    with pytest.raises(ConfigError, match=refused):
+        parse_args([*dataset, *tree.flags(**lora, **{name: "0.5"})])
+    assert getattr(parse_args([*dataset, *tree.flags(**lora)]).techniques, name) == 0  # its default there
 
 
 def _prepared(rows: int) -> PreparedData:

@@ -148,6 +148,8 @@ def test_the_fsdp_config_on_cpu_without_the_stand_in_is_refused_in_one_line_befo
         ({"use_peft": True}, "--use_peft is not supported under FSDP yet"),
         ({"cooldown_fraction": 0.1}, "--cooldown_fraction is not supported under FSDP yet"),
         ({"average_exports": "lawa"}, "--average_exports is not supported under FSDP yet"),
+        ({"replay_distillation": 1}, "--replay_distillation is not supported under FSDP yet"),
+        ({"file_distillation": 0.5}, "--file_distillation is not supported under FSDP yet"),
     ],
 )
 def test_what_cannot_run_sharded_is_refused_before_the_file_is_read(tree, monkeypatch, flags, message):
