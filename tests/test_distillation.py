@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from types import SimpleNamespace
@@ -14,7 +15,7 @@ from test_accumulation import _accumulate, _assert_grads_close, _micro_batch, _t
 
 from daemon.exceptions import ConfigError
 from daemon.training.data import PaddingCollator, PreparedData, mix_replay
-from daemon.training.distillation import distillation_loss, teacher_for
+from daemon.training.distillation import distillation_loss, linears_in, teacher_for
 from daemon.training.loss_weights import DISTILLATION, LOSS_WEIGHT, weighted_causal_lm_loss, weighted_items
 from daemon.training.technique_flags import TechniqueArguments
 
@@ -38,6 +39,20 @@ def test_the_distillation_term_is_the_kl_from_the_teacher_over_the_learned_token
     got = distillation_loss(logits, teacher, batch["labels"], weights)
     assert float(got) == pytest.approx(expected, rel=1e-5) and expected > 0
     assert float(distillation_loss(logits, logits.clone(), batch["labels"], weights)) == pytest.approx(0, abs=1e-5)
+
+
+def test_a_teacher_holding_its_linear_layers_in_bf16_computes_the_autocast_logits_bit_for_bit():
+    """linears_in: the cast autocast did at every forward, done once; the training model keeps its fp32 tied weights."""
+    model = tiny_model(VOCAB, 0)
+    teacher = copy.deepcopy(model).eval()
+    linears_in(teacher, torch.bfloat16)
+    assert teacher.lm_head.weight.dtype == torch.bfloat16 and teacher.model.embed_tokens.weight.dtype == torch.float32
+    assert model.lm_head.weight.dtype == torch.float32 and model.lm_head.weight is model.model.embed_tokens.weight
+    batch = _micro_batch(3, 10, seed=2)
+    forward = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, got = model(**forward).logits, teacher(**forward).logits
+    assert got.dtype == torch.bfloat16 and torch.equal(got, expected)
 
 
 def test_the_step_loss_adds_the_weighted_kl_of_the_distilled_rows_over_the_steps_token_count(tmp_path):
@@ -168,14 +183,14 @@ def test_a_resumed_file_distils_toward_the_weights_of_its_first_step_not_its_lat
     resumed = SimpleNamespace(datasets=distilled, steps_done=latest - start, plan=plan)
     at_start, _ = load_pretrained(tree.output / f"checkpoint-{start}")
     teacher = teacher_for(resumed, flags, model)  # type: ignore[arg-type]
-    for (name, got), want in zip(teacher.named_parameters(), at_start.parameters(), strict=True):
-        assert torch.equal(got, want), name
-        assert not got.requires_grad
+    got, want = teacher.state_dict(), at_start.state_dict()  # the linear layers in the training's autocast dtype
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k].to(got[k].dtype)) for k in got)
+    assert not any(p.requires_grad for p in teacher.parameters())
     assert not teacher.training
     assert not torch.equal(next(teacher.parameters()), next(model.parameters()))  # the latest weights differ
     fresh = SimpleNamespace(datasets=distilled, steps_done=0, plan=plan)
     copied = teacher_for(fresh, flags, model)  # type: ignore[arg-type]
-    assert all(torch.equal(a, b) for a, b in zip(copied.parameters(), model.parameters(), strict=True))
+    assert all(torch.equal(v, model.state_dict()[k].to(v.dtype)) for k, v in copied.state_dict().items())
     assert copied is not model and next(copied.parameters()) is not next(model.parameters())
     undistilled = SimpleNamespace(replayed=3, train=SimpleNamespace(column_names=["input_ids"]))
     nothing = SimpleNamespace(datasets=undistilled, steps_done=0, plan=plan)

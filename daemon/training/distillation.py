@@ -42,6 +42,7 @@ import torch
 
 from daemon.store.checkpoints import complete_checkpoint_steps
 from daemon.store.origin import base_model_of
+from daemon.training.evaluation import autocast_dtype
 from daemon.training.loss_weights import DISTILLATION
 
 if TYPE_CHECKING:
@@ -102,8 +103,8 @@ def teacher_for(prepared: PreparedFile, flags: Flags, model: Any) -> Any | None:
 
     Returns:
         A copy of ``model`` in eval mode with no parameter trained, holding the weights of the plan's first
-        step; None when no row of the file is distilled (no ``distillation`` column:
-        :func:`daemon.training.data.mix_replay`).
+        step, its linear layers in the training's autocast dtype (:func:`linears_in`); None when no row of the
+        file is distilled (no ``distillation`` column: :func:`daemon.training.data.mix_replay`).
     """
     if DISTILLATION not in prepared.datasets.train.column_names:
         return None
@@ -120,6 +121,9 @@ def teacher_for(prepared: PreparedFile, flags: Flags, model: Any) -> Any | None:
             )
         else:
             teacher.load_state_dict(start)
+    precision = autocast_dtype(flags.training.bf16, flags.training.fp16)
+    if precision is not None:
+        linears_in(teacher, precision)
     techniques, distilled = flags.techniques, []
     if prepared.datasets.replayed and techniques.replay_distillation > 0:
         distilled.append(f"the replayed examples (--replay_distillation {techniques.replay_distillation:g})")
@@ -127,6 +131,21 @@ def teacher_for(prepared: PreparedFile, flags: Flags, model: Any) -> Any | None:
         distilled.append(f"the file's own (--file_distillation {techniques.file_distillation:g})")
     logger.info("distilling %s toward the model of step %d", " and ".join(distilled), prepared.plan.start_step)
     return teacher
+
+
+def linears_in(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Hold every ``nn.Linear``'s weight and bias of a frozen ``model`` in ``dtype``, the training's autocast dtype.
+
+    Autocast casts a linear layer's fp32 weight to ``dtype`` at every call and caches the cast only for tensors that
+    require grad, so a frozen teacher paid the cast on every micro-batch; held in ``dtype`` the layer computes the
+    same bits (the same round-to-nearest cast, done once). An output layer tied to the embedding gets its own copy:
+    the embedding, the norms and everything autocast keeps in fp32 stay fp32. Not for a model that trains.
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.weight = torch.nn.Parameter(module.weight.detach().to(dtype), requires_grad=False)
+            if module.bias is not None:
+                module.bias = torch.nn.Parameter(module.bias.detach().to(dtype), requires_grad=False)
 
 
 def trained_start(flags: Flags, start_step: int) -> bool:
