@@ -259,6 +259,11 @@ class Flags:
     averaging: AveragingArguments
     techniques: TechniqueArguments
 
+    def base_model(self) -> str | None:
+        """The pretrained folder this run's line started from, or None for the embedded model
+        (:func:`daemon.store.origin.base_model_of` of the output folder and ``--model_name_or_path``)."""
+        return base_model_of(str(self.training.output_dir), self.model.model_name_or_path)
+
 
 def _shown(value: Any) -> str:
     """A flag's value as it would be typed: ``5e-05``, ``0``, ``true``, ``none``."""
@@ -375,7 +380,7 @@ def parse_args(argv: list[str]) -> Flags:
     averaging = averaging_problems(
         flags.averaging, flags.training.keep_file_checkpoints, flags.replay.cooldown_fraction, flags.peft.use_peft
     )
-    base = base_model_of(str(flags.training.output_dir), flags.model.model_name_or_path)
+    base = flags.base_model()
     replay, peft = flags.replay, flags.peft.use_peft
     averaging += technique_problems(
         flags.techniques,

@@ -41,7 +41,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from daemon.store.checkpoints import complete_checkpoint_steps
-from daemon.store.origin import base_model_of
 from daemon.training.evaluation import autocast_dtype
 from daemon.training.loss_weights import DISTILLATION
 
@@ -152,7 +151,7 @@ def trained_start(flags: Flags, start_step: int) -> bool:
     """Whether a file that starts at ``start_step`` starts from a trained model (a checkpoint, or a pretrained
     base), not from the embedded model's random initialisation: only such a model is a teacher for
     ``--file_distillation``."""
-    return start_step > 0 or base_model_of(str(flags.training.output_dir), flags.model.model_name_or_path) is not None
+    return start_step > 0 or flags.base_model() is not None
 
 
 def start_weights(prepared: PreparedFile, flags: Flags) -> dict[str, torch.Tensor] | None:

@@ -21,7 +21,7 @@ from daemon.store.checkpoints import (
 )
 from daemon.store.durable import disk_full_after
 from daemon.store.ledger import Ledger, LedgerRow
-from daemon.store.origin import base_model_of, record_origin
+from daemon.store.origin import record_origin
 from daemon.store.records import HistoryRow
 from daemon.store.replay import add_file
 from daemon.store.status import StatusFile
@@ -137,8 +137,7 @@ def start_line(prepared: PreparedFile, flags: Flags) -> None:
 
     The base model's slice (:mod:`daemon.training.base_slice`) is scored by the model as loaded, before any step.
     """
-    output_dir = str(flags.training.output_dir)
-    base = base_model_of(output_dir, flags.model.model_name_or_path)
+    output_dir, base = str(flags.training.output_dir), flags.base_model()
     record_origin(output_dir, base)
     if base is not None:
         autocast = autocast_dtype(flags.training.bf16, flags.training.fp16)

@@ -25,7 +25,6 @@ from daemon.store.checkpoints import (
 )
 from daemon.store.jsonl import CHANGED_WHILE_READ, FileScan, load_records, scan_jsonl
 from daemon.store.ledger import Ledger
-from daemon.store.origin import base_model_of
 from daemon.store.reconcile import refuse_missing_steps
 from daemon.store.records import FileProgress, RunState
 from daemon.store.replay import replay_count, select_rehearsal, select_replay
@@ -177,7 +176,7 @@ def rehearse_base(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, fl
     The main process writes it first; the others then find it, so every rank draws the same replay.
     """
     replay, training = flags.replay, flags.training
-    if base_model_of(str(training.output_dir), flags.model.model_name_or_path) is None or not rehearses(flags):
+    if flags.base_model() is None or not rehearses(flags):
         return
     with training.main_process_first(local=False, desc="the base model's rehearsal answers"):
         keep_rehearsal(
@@ -215,8 +214,7 @@ def prepare_idle_line(flags: Flags) -> bool:
     Raises:
         CheckpointError: the base folder does not load (the first file will fail with the same line).
     """
-    output_dir = str(flags.training.output_dir)
-    base = base_model_of(output_dir, flags.model.model_name_or_path)
+    output_dir, base = str(flags.training.output_dir), flags.base_model()
     folder = pretrained_start(flags.model, output_dir)
     if base is None or folder is None or latest_complete_checkpoint(output_dir, set_aside=False) is not None:
         return False

@@ -29,7 +29,6 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from daemon.exceptions import TrainingError
-from daemon.store.origin import base_model_of
 from daemon.store.suite import load_suite
 from daemon.training.averaging import load_into
 from daemon.training.evaluation import Scorer, SliceScore, own_slice
@@ -109,7 +108,7 @@ def wise_export(prepared: PreparedFile, flags: Flags) -> dict[str, Any] | None:
     """
     if not flags.techniques.wise_ft:
         return None
-    base_name = base_model_of(str(flags.training.output_dir), flags.model.model_name_or_path)
+    base_name = flags.base_model()
     if base_name is None:
         raise TrainingError("--wise_ft: the running model's line has no pretrained base")
     model = prepared.model
