@@ -15,7 +15,8 @@ Hoiem 2016, arXiv:1606.09282, section 3) taken on replayed examples, as dark exp
 distils on its buffer (Buzzega et al. 2020, arXiv:2004.07211, section 3; they store the logits seen
 when an example was added, we take those of the file's starting model, so nothing more is stored).
 The teacher costs one forward pass over the replayed rows of each micro-batch (about a tenth of the
-rows at the default replay) and a copy of the weights in memory.
+rows at the default replay) and a copy of the weights in memory (its linear layers in the training's
+autocast dtype, :func:`linears_in`).
 
 ``b`` (``--file_distillation``) takes the same term on the file's *own* learned tokens, which is
 Learning without Forgetting as its authors wrote it: the new data's predictions are held near the old
