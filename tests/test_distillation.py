@@ -190,7 +190,8 @@ def test_a_resumed_file_distils_toward_the_weights_of_its_first_step_not_its_lat
     assert not torch.equal(next(teacher.parameters()), next(model.parameters()))  # the latest weights differ
     fresh = SimpleNamespace(datasets=distilled, steps_done=0, plan=plan)
     copied = teacher_for(fresh, flags, model)  # type: ignore[arg-type]
-    assert all(torch.equal(v, model.state_dict()[k].to(v.dtype)) for k, v in copied.state_dict().items())
+    weights = model.state_dict()
+    assert all(torch.equal(v, weights[k].to(v.dtype)) for k, v in copied.state_dict().items())
     assert copied is not model and next(copied.parameters()) is not next(model.parameters())
     undistilled = SimpleNamespace(replayed=3, train=SimpleNamespace(column_names=["input_ids"]))
     nothing = SimpleNamespace(datasets=undistilled, steps_done=0, plan=plan)
