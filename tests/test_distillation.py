@@ -15,30 +15,55 @@ from test_accumulation import _accumulate, _assert_grads_close, _micro_batch, _t
 
 from daemon.exceptions import ConfigError
 from daemon.training.data import PaddingCollator, PreparedData, mix_replay
-from daemon.training.distillation import distillation_loss, linears_in, teacher_for
+from daemon.training.distillation import distilled_causal_lm_loss, linears_in, teacher_for
 from daemon.training.loss_weights import DISTILLATION, LOSS_WEIGHT, weighted_causal_lm_loss, weighted_items
 from daemon.training.technique_flags import TechniqueArguments
 
 VOCAB = 64
 
 
-def test_the_distillation_term_is_the_kl_from_the_teacher_over_the_learned_tokens():
-    batch = _micro_batch(3, 10, seed=4)
-    logits = torch.randn(3, 10, VOCAB, generator=torch.Generator().manual_seed(5))
-    teacher = torch.randn(3, 10, VOCAB, generator=torch.Generator().manual_seed(6))
-    weights = torch.tensor([0.0, 2.0, 0.5])
-    expected = 0.0
-    for r in range(3):
-        for t in range(9):  # logits at t predict the label at t + 1
-            if batch["labels"][r, t + 1] != -100:
+def _kl_sum(logits: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``sum_t a_t * KL(p_teacher,t || p_model,t)`` at the learned tokens, token by token with torch's ``kl_div``."""
+    total = torch.zeros(())
+    for r in range(logits.shape[0]):
+        for t in range(logits.shape[1] - 1):  # logits at t predict the label at t + 1
+            if labels[r, t + 1] != -100:
                 kl = torch.nn.functional.kl_div(
-                    torch.log_softmax(logits[r, t], -1), torch.log_softmax(teacher[r, t], -1), log_target=True,
-                    reduction="sum",
+                    torch.log_softmax(logits[r, t].float(), -1), torch.log_softmax(teacher[r, t].float(), -1),
+                    log_target=True, reduction="sum",
                 )  # fmt: skip
-                expected += float(weights[r]) * float(kl)
-    got = distillation_loss(logits, teacher, batch["labels"], weights)
-    assert float(got) == pytest.approx(expected, rel=1e-5) and expected > 0
-    assert float(distillation_loss(logits, logits.clone(), batch["labels"], weights)) == pytest.approx(0, abs=1e-5)
+                total = total + weights[r] * kl
+    return total
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_distilled_loss_is_the_weighted_nll_plus_the_kl_from_the_teacher_and_so_is_its_gradient(dtype):
+    """distilled_causal_lm_loss against the two terms taken apart by autograd: the same value and gradient, with
+    weighted rows, rows that are not distilled and labels that learn nothing."""
+    batch = _micro_batch(4, 10, seed=4)
+    labels = batch["labels"]
+    assert bool(labels.eq(-100).any())
+    generator = torch.Generator().manual_seed(5)
+    logits = (3 * torch.randn(4, 10, VOCAB, generator=generator)).to(dtype).requires_grad_()
+    teacher = (3 * torch.randn(2, 10, VOCAB, generator=generator)).to(dtype)
+    weights, rows = torch.tensor([1.0, 2.0, 1.0, 0.5]), torch.tensor([False, True, False, True])
+    distillation, items = torch.tensor([3.0, 0.7]), torch.tensor(17.0)
+    exact = logits.detach().float().requires_grad_()  # the reference in fp32 throughout, its gradient rounded once
+    expected = (
+        weighted_causal_lm_loss(exact, labels, weights, items)
+        + _kl_sum(exact[rows], teacher, labels[rows], distillation) / items
+    )
+    (expected_grad,) = torch.autograd.grad(expected, exact)
+    got = distilled_causal_lm_loss(logits, labels, weights, rows, distillation, teacher, items)
+    (grad,) = torch.autograd.grad(got, logits)
+    assert got.dtype == torch.float32 and float(got.detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
+    assert grad.dtype == dtype
+    tolerance = 1e-5 if dtype == torch.float32 else 2**-8  # bf16: the fp32 gradient rounded once, within 2^-9
+    torch.testing.assert_close(grad.float(), expected_grad, rtol=tolerance, atol=1e-8)
+    plain = float(weighted_causal_lm_loss(exact, labels, weights, items))
+    assert float(got.detach()) > plain + 0.1  # the KL term is there: the checks above can fail
+    same = distilled_causal_lm_loss(logits, labels, weights, rows, distillation, logits[rows].detach(), items)
+    assert float(same.detach()) == pytest.approx(plain, rel=1e-5)  # a teacher that is the model adds nothing
 
 
 def test_a_teacher_holding_its_linear_layers_in_bf16_computes_the_autocast_logits_bit_for_bit():
@@ -70,7 +95,7 @@ def test_the_step_loss_adds_the_weighted_kl_of_the_distilled_rows_over_the_steps
     with torch.no_grad():
         logits, teacher_logits = model(**forward).logits, teacher(**forward).logits
     rows = torch.tensor([1, 3])
-    kl = distillation_loss(logits[rows], teacher_logits[rows], batch["labels"][rows], batch[DISTILLATION][rows])
+    kl = _kl_sum(logits[rows], teacher_logits[rows], batch["labels"][rows], batch[DISTILLATION][rows])
     nll = weighted_causal_lm_loss(logits, batch["labels"], batch[LOSS_WEIGHT], items)
     assert float(got.detach()) == pytest.approx(float(nll + kl / items), rel=1e-5)
     assert float(kl) > 0

@@ -16,7 +16,8 @@ distils on its buffer (Buzzega et al. 2020, arXiv:2004.07211, section 3; they st
 when an example was added, we take those of the file's starting model, so nothing more is stored).
 The teacher costs one forward pass over the replayed rows of each micro-batch (about a tenth of the
 rows at the default replay) and a copy of the weights in memory (its linear layers in the training's
-autocast dtype, :func:`linears_in`).
+autocast dtype, :func:`linears_in`); the NLL and the KL are one autograd node
+(:func:`distilled_causal_lm_loss`).
 
 ``b`` (``--file_distillation``) takes the same term on the file's *own* learned tokens, which is
 Learning without Forgetting as its authors wrote it: the new data's predictions are held near the old
@@ -52,27 +53,91 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def distillation_loss(
-    logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor
+def distilled_causal_lm_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    weights: torch.Tensor,
+    rows: torch.Tensor,
+    distillation: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    num_items_in_batch: torch.Tensor | float,
 ) -> torch.Tensor:
-    """``sum_t a_t * KL(p_teacher,t || p_model,t)`` over the learned tokens of some rows, in nats (a sum, not a mean).
+    """The weighted causal LM loss plus the distilled rows' KL term, over the step's weighted token count (nats).
+
+    ``(sum_t w_t * nll_t + sum_{t in rows} a_t * KL(p_teacher,t || p_model,t)) / num_items_in_batch``: the
+    module docstring's loss, with ``nll`` and the shift of
+    :func:`~daemon.training.loss_weights.weighted_causal_lm_loss` (which it equals where ``rows`` is empty) and
+    the KL taken, as the NLL, at the learned tokens (shifted label not -100). One autograd node
+    (:class:`_NllAndKl`) computes both from one ``logsumexp`` of the model's logits and, backward, writes the
+    gradient ``(w_t + a_t) * p_model,t - w_t * onehot(y_t) - a_t * p_teacher,t`` in one pass (the gradient of a
+    softmax cross-entropy toward a target distribution; Hinton et al. 2015, "Distilling the knowledge in a neural
+    network", arXiv:1503.02531, section 2.1, at temperature 1). Taken apart, the two terms made autograd write and
+    read the vocabulary-wide tensors several times more, and the KL's own log-softmax repeated the NLL's
+    (BENCHMARKS.md, "Measurements behind the code").
 
     Args:
-        logits: the model's ``[rows, length, vocab]``.
-        teacher_logits: the teacher's for the same rows, ``[rows, length, vocab]`` (no gradient).
-        labels: ``[rows, length]`` (int64): the KL is taken where the shifted label is not -100, the tokens
-            the NLL learns (the same causal shift).
-        weights: ``[rows]``: ``a`` of each row (``--replay_distillation``; 0 on the file's own rows).
+        logits: the model's ``[rows, length, vocab]`` (any float dtype; computed in fp32).
+        labels: ``[rows, length]`` int64, -100 where nothing is learned.
+        weights: ``[rows]``, each row's ``loss_weight`` (1 without ``--replay_loss_weight``).
+        rows: ``[rows]`` bool, the distilled rows (at least one).
+        distillation: ``[distilled rows]``, each distilled row's ``a`` (``--replay_distillation`` or
+            ``--file_distillation``).
+        teacher_logits: the teacher's ``[distilled rows, length, vocab]`` (:func:`teacher_logits`; no gradient).
+        num_items_in_batch: the step's weighted count of learned tokens
+            (:func:`~daemon.training.loss_weights.weighted_items`).
 
     Returns:
-        A float32 scalar tensor; divided by the step's weighted token count it joins the weighted mean NLL.
+        A float32 scalar tensor.
     """
     shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:].to(logits.device)
-    log_model = torch.log_softmax(logits.float(), dim=-1)
-    log_teacher = torch.log_softmax(teacher_logits.float(), dim=-1)
-    kl = (log_teacher.exp() * (log_teacher - log_model)).sum(dim=-1)  # [rows, length]
-    learned = shifted.ne(-100).float() * weights.to(kl.device, torch.float32).unsqueeze(-1)
-    return (kl * learned).sum()
+    learned = shifted.ne(-100).float()
+    index = rows.to(logits.device).nonzero().squeeze(-1)
+    weighted = learned * weights.to(logits.device, torch.float32).unsqueeze(-1)
+    distilled = learned.index_select(0, index) * distillation.to(logits.device, torch.float32).unsqueeze(-1)
+    total = _NllAndKl.apply(logits, shifted, weighted, index, distilled, teacher_logits)
+    return total / num_items_in_batch
+
+
+class _NllAndKl(torch.autograd.Function):
+    """``sum w nll + sum a KL`` (:func:`distilled_causal_lm_loss`) with a hand-written gradient.
+
+    Forward: ``lse = logsumexp(z)``, ``nll = lse - z_y``, and on the distilled rows ``KL = sum_v p_t (t - z) -
+    lse_t + lse`` (``t`` the teacher's logits, ``lse_t`` their logsumexp, ``p_t = exp(t - lse_t)``, since ``sum_v
+    p_t = 1``). Saved for backward: the logits as given, ``lse``, the labels and weights, and ``p_t``;
+    ``p_model = exp(z - lse)`` is recomputed there rather than kept in fp32.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        logits: torch.Tensor,
+        shifted: torch.Tensor,
+        weighted: torch.Tensor,
+        index: torch.Tensor,
+        distilled: torch.Tensor,
+        teacher_logits: torch.Tensor,
+    ) -> torch.Tensor:
+        z = logits.float()
+        lse = torch.logsumexp(z, dim=-1)  # [rows, length]
+        labels = shifted.clamp(min=0)  # -100 -> 0, where the weight is 0
+        nll = lse - z.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+        t = teacher_logits.float()
+        lse_t = torch.logsumexp(t, dim=-1)
+        p_teacher = torch.sub(t, lse_t.unsqueeze(-1)).exp_()
+        t.sub_(z.index_select(0, index))  # t - z on the distilled rows
+        kl = torch.linalg.vecdot(p_teacher, t) - lse_t + lse.index_select(0, index)
+        ctx.save_for_backward(logits, lse, labels, weighted, index, distilled, p_teacher)
+        return (nll * weighted).sum() + (kl * distilled).sum()
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        logits, lse, labels, weighted, index, distilled, p_teacher = ctx.saved_tensors
+        grad = torch.sub(logits.float(), lse.unsqueeze(-1)).exp_()  # p_model
+        grad.mul_(weighted.index_add(0, index, distilled).unsqueeze(-1))
+        grad.scatter_add_(-1, labels.unsqueeze(-1), -weighted.unsqueeze(-1))
+        grad.index_add_(0, index, p_teacher * distilled.unsqueeze(-1), alpha=-1)
+        grad.mul_(grad_output)
+        return grad.to(logits.dtype), None, None, None, None, None
 
 
 def teacher_logits(teacher: Any, forward: dict[str, Any], rows: torch.Tensor, precision: Any) -> torch.Tensor:

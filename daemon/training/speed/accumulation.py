@@ -37,7 +37,7 @@ import torch
 from transformers import Trainer
 
 from daemon.exceptions import ConfigError, TrainingError
-from daemon.training.distillation import distillation_loss, teacher_logits
+from daemon.training.distillation import distilled_causal_lm_loss, teacher_logits
 from daemon.training.evaluation import autocast_dtype
 from daemon.training.loss_weights import DISTILLATION, LOSS_WEIGHT, ROW_COLUMNS, weighted_causal_lm_loss, weighted_items
 
@@ -272,13 +272,13 @@ class ThreadedAccumulationTrainer(Trainer):
         labels = inputs["labels"]
         weights = inputs[LOSS_WEIGHT] if LOSS_WEIGHT in inputs else torch.ones(labels.shape[0])
         items = weighted_items(inputs) if num_items_in_batch is None else num_items_in_batch
-        loss = weighted_causal_lm_loss(outputs.logits, labels, weights, items)
         distilled = inputs.get(DISTILLATION)
         if distilled is not None and self.teacher is not None and bool((rows := distilled > 0).any()):
             precision = autocast_dtype(self.args.bf16, self.args.fp16)
             target = teacher_logits(self.teacher, forward, rows.to(labels.device), precision)
-            kl = distillation_loss(outputs.logits[rows], target, labels[rows], distilled.to(labels.device)[rows])
-            loss = loss + kl / items
+            loss = distilled_causal_lm_loss(outputs.logits, labels, weights, rows, distilled[rows], target, items)
+        else:
+            loss = weighted_causal_lm_loss(outputs.logits, labels, weights, items)
         if self.args.average_tokens_across_devices and self._loss_over_num_items and num_items_in_batch is not None:
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())  # as the Trainer scales its own
         return (loss, outputs) if return_outputs else loss
