@@ -375,8 +375,9 @@ class DaemonArguments:
     prestart: bool = field(
         default=True,
         metadata={
-            "help": "Start the next training process while the inbox is idle, so its imports (torch, "
-            "transformers: about 4 s on 2 cores) are done when a file arrives. It holds about 0.4 GB while it waits. "
+            "help": "Start the next training process while the inbox is idle or a file trains, so its imports "
+            "(torch, transformers: about 4 s on 2 cores) are done when a file arrives. It holds about 0.4 GB "
+            "while it waits. "
             "Idle before a pretrained line's first file, it also keeps the base model's answers (docs/speed.md) "
             "and then holds about the model's fp32 size more."
         },

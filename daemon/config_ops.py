@@ -23,8 +23,8 @@ class OpsArguments:
     notify_url: list[str] = field(
         default_factory=list,
         metadata={
-            "help": "POST a JSON event (file done, failed, rolled back, quality-gate warning, stall, daemon start "
-            "and stop) to this http(s) URL; repeat the flag, or give several URLs, for more receivers "
+            "help": "POST a JSON event (file done, failed, rolled back, reopened, quality-gate warning, stall, "
+            "daemon start and stop) to this http(s) URL; repeat the flag, or give several URLs, for more receivers "
             "(docs/notifications.md). Delivery never waits training.",
             "action": "extend",  # --notify_url A --notify_url B gives both (argparse's default keeps the last)
         },
