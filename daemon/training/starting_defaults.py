@@ -40,8 +40,8 @@ from daemon.store.origin import base_model_of
 # replay with the moving average, and the plasticity guard, at the same steps and 1.09x the stream's time (a weight
 # of 2 failed the guard). A pretrained base, not measured with it, distils nothing. The file's own examples are not
 # distilled (--file_distillation 0): at 0.7 the same bench met its forgetting targets at the same steps, but the
-# teacher's pass over every row took the steps to 1.69x the no-replay training seconds (the default 1.23x), and
-# replaying 25 % forgot less in 1.24x.
+# teacher's pass over every row took the steps to 1.44x the no-replay training seconds (the default 1.22x), and
+# replaying 25 % forgot less in 1.16x to 1.24x.
 SCRATCH_DEFAULTS: dict[str, Any] = {
     "learning_rate": 5e-4,
     "warmup_steps": 100,
