@@ -66,6 +66,35 @@ def test_the_distilled_loss_is_the_weighted_nll_plus_the_kl_from_the_teacher_and
     assert float(same.detach()) == pytest.approx(plain, rel=1e-5)  # a teacher that is the model adds nothing
 
 
+def test_the_distilled_loss_ignores_what_is_not_learned_and_what_the_teacher_rules_out():
+    """Non-finite logits where no token is learned (padding) leave the loss and gradient finite, as the stock loss
+    does; a teacher's -inf logit (a token it gives probability 0) adds nothing, and the teacher's logits are not
+    changed by the loss."""
+    batch = _micro_batch(3, 8, seed=9)
+    labels, weights, rows = batch["labels"], torch.ones(3), torch.tensor([True, False, True])
+    generator = torch.Generator().manual_seed(3)
+    clean = torch.randn(3, 8, VOCAB, generator=generator)
+    teacher = torch.randn(2, 8, VOCAB, generator=generator)
+    teacher[..., 5] = float("-inf")
+    given = teacher.clone()
+    masked = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:].eq(-100)  # the shifted labels' -100
+    assert bool(masked.any())
+    dirty = clean.masked_fill(masked.unsqueeze(-1), float("nan"))
+    ruled_out = teacher.clone()
+    ruled_out[..., 5] = -1e4  # the same distribution in finite numbers
+    results = []
+    for logits, target in ((clean, ruled_out), (dirty, teacher)):
+        leaf = logits.clone().requires_grad_()
+        loss = distilled_causal_lm_loss(leaf, labels, weights, rows, torch.tensor([1.0, 2.0]), target, 10.0)
+        (grad,) = torch.autograd.grad(loss, leaf)
+        results.append((loss.detach(), grad))
+    (want, want_grad), (got, got_grad) = results
+    assert torch.isfinite(got) and float(got) == pytest.approx(float(want), rel=1e-6)
+    assert bool(torch.isfinite(got_grad).all()) and bool(got_grad[masked].eq(0).all())
+    torch.testing.assert_close(got_grad, want_grad)
+    assert torch.equal(teacher, given)
+
+
 def test_a_teacher_holding_its_linear_layers_in_bf16_computes_the_autocast_logits_bit_for_bit():
     """linears_in: the cast autocast did at every forward, done once; the training model keeps its fp32 tied weights."""
     model = tiny_model(VOCAB, 0)
@@ -221,3 +250,20 @@ def test_a_resumed_file_distils_toward_the_weights_of_its_first_step_not_its_lat
     undistilled = SimpleNamespace(replayed=3, train=SimpleNamespace(column_names=["input_ids"]))
     nothing = SimpleNamespace(datasets=undistilled, steps_done=0, plan=plan)
     assert teacher_for(nothing, flags, model) is None  # type: ignore[arg-type]  # no row distilled
+
+
+def test_a_resumed_first_file_distils_toward_the_lines_base_when_the_run_names_no_model(tmp_path):
+    """A line's first file, resumed from a checkpoint by a run without --model_name_or_path: its teacher is the base
+    the line started from (origin.json), not the checkpoint's weights nor nothing."""
+    from daemon.training.arguments import parse_args
+    from daemon.training.distillation import start_weights
+    from daemon.training.model import load_pretrained
+
+    base = export_tiny(tmp_path / "base")
+    tree = new_tree(tmp_path / "t")
+    train(tree, text_file(tmp_path / "a.jsonl", 0, 20), model_name_or_path=base, save_steps=2)
+    plan = SimpleNamespace(start_step=0)
+    resumed = SimpleNamespace(steps_done=2, plan=plan)
+    start = start_weights(resumed, parse_args(tree.flags(replay_distillation="1")))  # type: ignore[arg-type]
+    want = load_pretrained(str(base))[0].state_dict()
+    assert start is not None and start.keys() == want.keys() and all(torch.equal(start[k], want[k]) for k in want)

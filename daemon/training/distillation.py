@@ -121,21 +121,28 @@ class _NllAndKl(torch.autograd.Function):
         lse = torch.logsumexp(z, dim=-1)  # [rows, length]
         labels = shifted.clamp(min=0)  # -100 -> 0, where the weight is 0
         nll = lse - z.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-        t = teacher_logits.float()
+        lowest = torch.finfo(torch.float32).min  # -inf made finite: a zero probability then adds 0, not 0 x inf
+        t = teacher_logits.float().clamp(min=lowest)  # a copy: the caller's logits stay as they are
         lse_t = torch.logsumexp(t, dim=-1)
         p_teacher = torch.sub(t, lse_t.unsqueeze(-1)).exp_()
-        t.sub_(z.index_select(0, index))  # t - z on the distilled rows
+        t.sub_(z.index_select(0, index).clamp_(min=lowest))  # t - z on the distilled rows
         kl = torch.linalg.vecdot(p_teacher, t) - lse_t + lse.index_select(0, index)
         ctx.save_for_backward(logits, lse, labels, weighted, index, distilled, p_teacher)
-        return (nll * weighted).sum() + (kl * distilled).sum()
+        # where nothing is learned the terms are left out, not multiplied by 0: a position's logits there may be
+        # inf or nan (padding), which the stock loss ignores too
+        zero = torch.zeros((), device=z.device)
+        learned = torch.where(weighted > 0, nll * weighted, zero).sum()
+        return learned + torch.where(distilled > 0, kl * distilled, zero).sum()
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         logits, lse, labels, weighted, index, distilled, p_teacher = ctx.saved_tensors
+        weight = weighted.index_add(0, index, distilled)  # w + a at each position
         grad = torch.sub(logits.float(), lse.unsqueeze(-1)).exp_()  # p_model
-        grad.mul_(weighted.index_add(0, index, distilled).unsqueeze(-1))
+        grad.mul_(weight.unsqueeze(-1))
         grad.scatter_add_(-1, labels.unsqueeze(-1), -weighted.unsqueeze(-1))
         grad.index_add_(0, index, p_teacher * distilled.unsqueeze(-1), alpha=-1)
+        grad[weight == 0] = 0  # nothing learned there: no gradient, whatever the logits (the forward's where)
         grad.mul_(grad_output)
         return grad.to(logits.dtype), None, None, None, None, None
 
@@ -226,15 +233,15 @@ def start_weights(prepared: PreparedFile, flags: Flags) -> dict[str, torch.Tenso
     Returns:
         ``name -> tensor`` (CPU), or None where that checkpoint is no longer complete on disk.
     """
-    from daemon.training.model import load_pretrained, pretrained_start
+    from daemon.training.model import load_pretrained
 
     output_dir, step = str(flags.training.output_dir), prepared.plan.start_step
     if step > 0:
         if step not in complete_checkpoint_steps(output_dir):
             return None
         folder: str | None = str(Path(output_dir) / f"checkpoint-{step}")
-    else:
-        folder = pretrained_start(flags.model, output_dir)
+    else:  # the line's base (origin.json), whatever --model_name_or_path this run was given
+        folder = flags.base_model()
     if folder is None:  # the embedded model's first file: its bootstrap is seeded, but replays nothing to distil
         return None
     start, _ = load_pretrained(folder, flags.model.trust_remote_code)
