@@ -40,18 +40,18 @@ def tiny_model(vocab_size: int, seed: int = 0):
     return LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, tie_word_embeddings=True, **TINY_CONFIG))
 
 
-def export_tiny(output_dir: Path, global_step: int = 1) -> Path:
+def export_tiny(output_dir: Path, global_step: int = 1, seed: int = 0) -> Path:
     """Export a fresh :data:`TINY_CONFIG` model the way a run does: the bootstrap tokenizer and model, ``export_model``.
 
     The tokenizer (vocabulary 320) is trained on :func:`stdlib_documents` and has the default
-    chat template; the model's config names its EOS and PAD tokens. Returns ``output_dir``.
+    chat template; the model's config names its EOS and PAD tokens; ``seed`` draws its weights. Returns ``output_dir``.
     """
     from daemon.config import ModelArguments
     from daemon.store.checkpoints import export_model
     from daemon.training.model import bootstrap_model, train_tokenizer
 
     tokenizer = train_tokenizer(stdlib_documents(), vocab_size=320)
-    model = bootstrap_model(tokenizer, ModelArguments(config_overrides=TINY_MODEL), seed=0)
+    model = bootstrap_model(tokenizer, ModelArguments(config_overrides=TINY_MODEL), seed=seed)
     output_dir.mkdir(parents=True, exist_ok=True)
     export_model(model, tokenizer, output_dir, global_step)
     return output_dir

@@ -189,3 +189,42 @@ def test_the_daemons_idle_spare_keeps_the_base_answers_the_first_file_finds(tmp_
     # A started line (a complete checkpoint) or the embedded model's has nothing to keep ahead
     assert row["end_step"] > 0 and not prepare_idle_line(parse_args(ahead.flags(**flags)))
     assert not prepare_idle_line(parse_args(new_tree(tmp_path / "embedded").flags()))
+
+
+def test_base_answers_kept_from_another_base_model_are_made_again_before_the_line_starts(tmp_path, caplog):
+    """A daemon restarted with another --model_name_or_path before its first file: what its idle spare kept of the
+    first base is dropped, and the line rehearses and measures drift against the base it trains."""
+    from daemon.quality.forgetting import read_rows
+    from daemon.training.arguments import parse_args
+    from daemon.training.base_slice import base_slice_path
+    from daemon.training.prepare import prepare_idle_line
+    from daemon.training.rehearsal import rehearsal_path
+
+    first, second = export_tiny(tmp_path / "first"), export_tiny(tmp_path / "second", seed=1)
+    rehearse = {"base_rehearsal": "true", "base_rehearsal_fraction": "0.25"}
+    line, fresh = new_tree(tmp_path / "line"), new_tree(tmp_path / "fresh")
+
+    def kept(tree):
+        rows = [
+            (r["slice"], r["loss"]) for r in read_rows(tree.status) if r["step"] == 0 and "base-model" in r["slice"]
+        ]
+        return rehearsal_path(tree.status).read_bytes(), base_slice_path(tree.status).read_bytes(), rows
+
+    assert prepare_idle_line(parse_args(line.flags(model_name_or_path=first, **rehearse)))
+    of_first = kept(line)
+    assert prepare_idle_line(parse_args(fresh.flags(model_name_or_path=second, **rehearse)))
+    of_second = kept(fresh)
+    assert of_first != of_second and len(of_second[2]) == 1
+    with caplog.at_level("WARNING", logger="daemon.training.prepare"):
+        assert prepare_idle_line(parse_args(line.flags(model_name_or_path=second, **rehearse)))
+    assert "made from another base model" in caplog.text
+    assert kept(line) == of_second
+    assert not prepare_idle_line(parse_args(line.flags(model_name_or_path=second, **rehearse)))  # same source: kept
+    # The first file finds the first base's answers kept ahead and trains the second: it makes them again too
+    assert prepare_idle_line(parse_args(line.flags(model_name_or_path=first, **rehearse)))
+    docs = [{"text": d} for d in stdlib_documents(limit=30)]
+    train(line, write_jsonl(tmp_path / "a.jsonl", docs), model_name_or_path=second, **rehearse)
+    assert kept(line) == of_second
+    # The line has started: another base given later changes nothing it kept
+    assert not prepare_idle_line(parse_args(line.flags(model_name_or_path=first, **rehearse)))
+    assert kept(line) == of_second

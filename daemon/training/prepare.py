@@ -1,14 +1,18 @@
 """The first phase of a file's run: scan and tokenize the file, pick the starting model, plan the steps.
 
-:func:`setup` reads the ledger only and changes nothing on disk but the datasets cache, so a bad
-file leaves everything as it was; it returns the :class:`~daemon.training.prepared.PreparedFile`
+:func:`setup` reads the ledger only and changes nothing on disk but the datasets cache and, before a pretrained
+line's first step, the base model's kept answers (:func:`rehearse_base`), so a bad file leaves the model's line as
+it was; it returns the :class:`~daemon.training.prepared.PreparedFile`
 the run's later phases (:mod:`daemon.training.run`) work on.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import replace
+from pathlib import Path
+from typing import Any
 
 from transformers import (
     PreTrainedModel,
@@ -19,20 +23,23 @@ from daemon.exceptions import (
     ConfigError,
     DatasetError,
 )
-from daemon.quality.forgetting import read_rows
+from daemon.quality.forgetting import read_rows, write_rows
 from daemon.store.checkpoints import (
     latest_complete_checkpoint,
 )
+from daemon.store.files import atomic_write_text
 from daemon.store.jsonl import CHANGED_WHILE_READ, FileScan, load_records, scan_jsonl
 from daemon.store.ledger import Ledger
+from daemon.store.origin import read_origin
 from daemon.store.reconcile import refuse_missing_steps
 from daemon.store.records import FileProgress, RunState
 from daemon.store.replay import replay_count, select_rehearsal, select_replay
 from daemon.store.replay_mix import select_weighted_replay
 from daemon.store.status import Heartbeat, beat
+from daemon.store.suite import BASE_FILE, slice_name
 from daemon.training.adapters import starting_model as adapted_starting_model
 from daemon.training.arguments import Flags
-from daemon.training.base_slice import base_slice_kept, keep_base_slice
+from daemon.training.base_slice import base_slice_kept, base_slice_path, keep_base_slice
 from daemon.training.cooldown import cooldown_steps
 from daemon.training.data import (
     PreparedData,
@@ -45,7 +52,7 @@ from daemon.training.evaluation import autocast_dtype
 from daemon.training.model import load_pretrained, own_trainable_memory, pretrained_start
 from daemon.training.plan import plan_steps, recorded_plan
 from daemon.training.prepared import PreparedFile
-from daemon.training.rehearsal import keep_rehearsal, rehearsal_due
+from daemon.training.rehearsal import keep_rehearsal, rehearsal_due, rehearsal_path
 from daemon.training.sharding import refuse_checkpoint, refuse_unsupported
 
 logger = logging.getLogger(__name__)
@@ -81,6 +88,7 @@ def setup(flags: Flags, ledger: Ledger, heartbeat: Heartbeat | None) -> Prepared
     resumed, abandoned = recorded_plan(ledger, scan, at_step, claim)
     start_step = at_step if resumed is None or resumed.start_step is None else resumed.start_step
     if checkpoint is None:  # before the first file's replay is drawn: it rehearses too
+        forget_stale_base_answers(flags)
         rehearse_base(model, tokenizer, flags)
     datasets = with_replay(datasets, flags, scan, start_step, tokenizer)
     plan = plan_steps(start_step, datasets.examples, training_args, datasets.replayed)
@@ -219,6 +227,7 @@ def prepare_idle_line(flags: Flags) -> bool:
     if base is None or folder is None or latest_complete_checkpoint(output_dir, set_aside=False) is not None:
         return False
     status_dir = flags.status.status_dir
+    forget_stale_base_answers(flags)
     if base_slice_kept(status_dir) and not (
         rehearses(flags) and rehearsal_due(status_dir, flags.replay.replay_buffer_tokens)
     ):
@@ -228,3 +237,71 @@ def prepare_idle_line(flags: Flags) -> bool:
     autocast = autocast_dtype(flags.training.bf16, flags.training.fp16)
     keep_base_slice(model, tokenizer, status_dir, flags.data.max_seq_length, autocast)
     return True
+
+
+BASE_ANSWERS_FILE = "base_answers.json"  # in the status folder: what the kept answers were made from
+
+
+def base_answers_source(flags: Flags, folder: str) -> dict[str, Any]:
+    """What the base model's kept answers (the rehearsal share, the base-model slice and its step-0 row) depend on.
+
+    Args:
+        flags: the precision (``--bf16``, ``--fp16``), ``--max_seq_length`` and ``--replay_buffer_tokens``.
+        folder: the pretrained folder a line's first file loads (:func:`~daemon.training.model.pretrained_start`).
+
+    Returns:
+        A JSON-ready ``{"base_model", "files", "precision", "max_seq_length", "replay_buffer_tokens"}``: the folder's
+        absolute path and the name, size and modification time (ns) of each file in it, so a model written again
+        into the same folder is another source.
+    """
+    root = Path(folder)
+    files = sorted(p for p in root.iterdir() if p.is_file()) if root.is_dir() else []
+    precision = autocast_dtype(flags.training.bf16, flags.training.fp16)
+    return {
+        "base_model": str(root.resolve()) if root.is_dir() else folder,
+        "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files],
+        "precision": str(precision).removeprefix("torch.") if precision is not None else "float32",
+        "max_seq_length": flags.data.max_seq_length,
+        "replay_buffer_tokens": flags.replay.replay_buffer_tokens,
+    }
+
+
+def forget_stale_base_answers(flags: Flags) -> None:
+    """Before a pretrained line's first step: drop the base model's answers kept from another source.
+
+    The daemon's idle spare (:func:`prepare_idle_line`) or an earlier attempt at the first file may have kept them
+    from another base model, precision or sequence length (a daemon restarted with other flags before its first
+    file); they are kept once per status folder, so the line would rehearse and measure drift against that other
+    model's answers. Where :data:`BASE_ANSWERS_FILE` does not match :func:`base_answers_source`, the rehearsal
+    share, the base-model slice and its rows are removed, to be made again, and the file is rewritten. Once the
+    line has started (``origin.json``) nothing changes: its base is fixed and its answers with it. The main process
+    first; the others then find the file current.
+    """
+    output_dir, base = str(flags.training.output_dir), flags.base_model()
+    folder = pretrained_start(flags.model, output_dir)
+    if base is None or folder is None or read_origin(output_dir) is not None:
+        return
+    status_dir = flags.status.status_dir
+    with flags.training.main_process_first(local=False, desc="the base model's kept answers"):
+        record, source = Path(status_dir) / BASE_ANSWERS_FILE, base_answers_source(flags, folder)
+        try:
+            kept = json.loads(record.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            kept = None
+        if kept == source:
+            return
+        name, rows = slice_name(0, BASE_FILE), read_rows(status_dir)
+        stale = [p for p in (rehearsal_path(status_dir), base_slice_path(status_dir)) if p.is_file()]
+        if stale or any(row["slice"] == name for row in rows):
+            logger.warning(
+                "the base model's answers kept in %s were made from another base model, precision or length "
+                "than %s at %s: they are made again",
+                status_dir,
+                source["base_model"],
+                source["precision"],
+            )
+            for path in stale:
+                path.unlink()
+            write_rows(status_dir, -1, [row for row in rows if row["slice"] != name])
+        record.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(record, json.dumps(source) + "\n")
