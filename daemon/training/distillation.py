@@ -171,7 +171,8 @@ def teacher_for(prepared: PreparedFile, flags: Flags, model: Any) -> Any | None:
     Args:
         prepared: the file's run (its plan, whether it resumed, its replayed rows).
         flags: ``--replay_distillation``, the output folder, the starting model's flags.
-        model: the model at the step the run starts from; the copy goes to the training's device.
+        model: the model at the step the run starts from, before the Trainer moves it; the copy goes to the
+            training's device once its linear layers are cast.
 
     Returns:
         A copy of ``model`` in eval mode with no parameter trained, holding the weights of the plan's first
@@ -180,7 +181,7 @@ def teacher_for(prepared: PreparedFile, flags: Flags, model: Any) -> Any | None:
     """
     if DISTILLATION not in prepared.datasets.train.column_names:
         return None
-    teacher = copy.deepcopy(model).eval().to(flags.training.device)  # where the Trainer trains the model
+    teacher = copy.deepcopy(model).eval()
     teacher.requires_grad_(False)
     if prepared.steps_done > 0:  # resumed: the weights the file started from, not the latest checkpoint's
         start = start_weights(prepared, flags)
@@ -196,6 +197,7 @@ def teacher_for(prepared: PreparedFile, flags: Flags, model: Any) -> Any | None:
     precision = autocast_dtype(flags.training.bf16, flags.training.fp16)
     if precision is not None:
         linears_in(teacher, precision)
+    teacher.to(flags.training.device)  # where the Trainer will train the model, once cast: no fp32 copy there
     techniques, distilled = flags.techniques, []
     if prepared.datasets.replayed and techniques.replay_distillation > 0:
         distilled.append(f"the replayed examples (--replay_distillation {techniques.replay_distillation:g})")

@@ -153,6 +153,7 @@ def build_trainer(
         compiled=training_args.torch_compile,
         sharded=fsdp_requested(training_args),
     )
+    teacher = teacher_for(prepared, flags, prepared.model)  # --replay_distillation; before the Trainer moves the model
     trainer = ThreadedAccumulationTrainer(
         model=prepared.model,
         args=training_args,
@@ -165,7 +166,7 @@ def build_trainer(
         max_consecutive_skipped_steps=flags.accumulation.max_consecutive_skipped_steps,
     )
     refuse_unsharded(trainer)
-    trainer.teacher = teacher_for(prepared, flags, trainer.model)  # --replay_distillation
+    trainer.teacher = teacher
     # ProgressCallback logs one readable line per logging step; the Trainer's
     # printer (used when tqdm is off) would repeat it as a raw dict on stdout.
     trainer.remove_callback(PrinterCallback)
