@@ -240,6 +240,20 @@ def prepare_idle_line(flags: Flags) -> bool:
 
 
 BASE_ANSWERS_FILE = "base_answers.json"  # in the status folder: what the kept answers were made from
+# The files of a model folder that make its answers (weights, config, tokenizer, generation settings): a lock or
+# status file written beside an exported model is not one.
+MODEL_SUFFIXES = {".safetensors", ".bin", ".gguf", ".pt", ".pth"}
+MODEL_FILES = {
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+}
 
 
 def base_answers_source(flags: Flags, folder: str) -> dict[str, Any]:
@@ -251,11 +265,15 @@ def base_answers_source(flags: Flags, folder: str) -> dict[str, Any]:
 
     Returns:
         A JSON-ready ``{"base_model", "files", "precision", "max_seq_length", "replay_buffer_tokens"}``: the folder's
-        absolute path and the name, size and modification time (ns) of each file in it, so a model written again
-        into the same folder is another source.
+        absolute path and the name, size and modification time (ns) of each of its model files
+        (:data:`MODEL_FILES`, :data:`MODEL_SUFFIXES`), so a model written again into the same folder is another source.
     """
     root = Path(folder)
-    files = sorted(p for p in root.iterdir() if p.is_file()) if root.is_dir() else []
+    files = (
+        sorted(p for p in root.iterdir() if p.is_file() and (p.suffix in MODEL_SUFFIXES or p.name in MODEL_FILES))
+        if root.is_dir()
+        else []
+    )
     precision = autocast_dtype(flags.training.bf16, flags.training.fp16)
     return {
         "base_model": str(root.resolve()) if root.is_dir() else folder,
