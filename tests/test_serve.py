@@ -224,6 +224,16 @@ def test_serve_on_a_device_this_machine_lacks_says_so_in_one_line(tmp_path: Path
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("device", ["hpu", "xla:0", "maia"])
+def test_a_device_type_torch_has_no_backend_for_here_is_refused_in_one_line(device: str):
+    """torch.device() parses these, but this torch has no module for them: the server would start and 503 everything."""
+    from daemon.exceptions import ConfigError
+    from daemon.serving.cli import check_device
+
+    with pytest.raises(ConfigError, match=rf"^--device {device}: this machine has no .* device \(torch sees none\)$"):
+        check_device(device)
+
+
 def test_serve_with_an_older_transformers_names_the_tested_one(tmp_path: Path, monkeypatch):
     from daemon.exceptions import ConfigError
     from daemon.serving import cli

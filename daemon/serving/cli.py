@@ -120,9 +120,9 @@ def check_device(device: str) -> None:
         raise ConfigError(f"--device {device} is not a device: auto, cpu, cuda, cuda:1 ... ({e})") from e
     if parsed.type in ("cpu", "meta"):
         return
-    backend = getattr(torch, parsed.type, None)
+    backend = getattr(torch, parsed.type, None)  # None for a type torch names but has no module for here (hpu, xla)
     available = getattr(backend, "is_available", None)
-    if callable(available) and not available():
+    if not callable(available) or not available():
         raise ConfigError(f"--device {device}: this machine has no {parsed.type} device (torch sees none)")
     device_count = getattr(backend, "device_count", None)
     if parsed.index is not None and callable(device_count) and parsed.index >= device_count():
