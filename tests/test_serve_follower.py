@@ -91,11 +91,36 @@ def test_an_export_that_fails_to_load_leaves_the_old_one_serving_until_export_js
         assert follower.check() is None  # not tried again every poll
     assert _served(follower) == 1 and engines.calls == 2
     (failed,) = [r for r in caplog.records if "does not load" in r.getMessage()]
-    assert "ImportError" in failed.getMessage() and "serving step 1" in failed.getMessage()
+    assert "ImportError" in failed.getMessage() and "serving step 1 until export.json changes" in failed.getMessage()
     assert [p.name for p in follower.snapshots.iterdir()] == ["export-0"]  # step 2's snapshot went
 
     _export(output, 3)
     assert follower.check() == 3 and _served(follower) == 3
+
+
+def test_a_model_process_that_died_is_loaded_again_after_a_back_off_until_it_loads(following, monkeypatch, caplog):
+    """The model process dies (a CUDA error, the OOM killer) and the load after it fails too (its memory not yet
+    freed): the follower tries again, each wait twice as long, instead of answering 503 until the next export."""
+    follower, engines, output = following
+    _export(output, 1)
+    assert follower.check() == 1
+    now = 1000.0
+    monkeypatch.setattr(follower_module.time, "monotonic", lambda: now)
+    engines.made[0].is_dead = True
+    engines.fail[1] = RuntimeError("CUDA error: out of memory")
+    with caplog.at_level(logging.WARNING, logger=follower_module.__name__):
+        assert follower.check() is None  # the load after the death: fails
+        assert follower.check() is None  # backing off (2 polls): not tried
+        assert engines.calls == 2
+        now += 0.03
+        assert follower.check() is None and engines.calls == 3  # tried again, fails again
+        now += 0.03
+        assert follower.check() is None and engines.calls == 3  # the next wait is twice as long (4 polls)
+    failed = [r.getMessage() for r in caplog.records if "does not load" in r.getMessage()]
+    assert failed[0].endswith("serving nothing (the model process of step 1 died) for 0.02 s, then again")
+    del engines.fail[1]
+    now += 0.02
+    assert follower.check() == 1 and follower.models.current is engines.made[-1] and len(engines.made) == 2
 
 
 def test_the_polling_thread_outlives_any_error(following, monkeypatch, caplog):

@@ -94,6 +94,8 @@ class ExportFollower:
         self.stop = threading.Event()
         self._seen: Signature | None = None  # export.json's signature last loaded, or last failing to load
         self._revived: ExportEngine | None = None  # the engine whose death made the export load again
+        self._revive_tries = 0  # failed loads since it died
+        self._revive_at = 0.0  # when the next one is tried (monotonic seconds)
         self._marker_polls = 0  # polls in a row that found the publishing marker
         self._failed: tuple[Signature, int, float] | None = None  # a snapshot failing: signature, count, retry at
         self._swapping = threading.Lock()  # a swap and close() exclude each other
@@ -135,9 +137,12 @@ class ExportFollower:
         for engine in self.models.stop_idle():
             shutil.rmtree(engine.folder, ignore_errors=True)
         serving = self.models.current
-        if serving is not None and serving.is_dead and serving is not self._revived:
-            logger.warning("the model process of step %d died: loading the export again", serving.global_step)
-            self._seen, self._revived = None, serving  # once per death: a load that fails waits for export.json
+        if serving is not None and serving.is_dead:
+            if serving is not self._revived:
+                logger.warning("the model process of step %d died: loading the export again", serving.global_step)
+                self._seen, self._revived, self._revive_tries = None, serving, 0
+            elif self._seen is not None and time.monotonic() >= self._revive_at:
+                self._seen = None  # the load after its death failed: tried again after a back-off
         signature = export_signature(self.output_dir)
         if signature is None:
             self._seen = None
@@ -160,10 +165,16 @@ class ExportFollower:
         except Exception as e:
             self.models.loading = None
             shutil.rmtree(snapshot.folder, ignore_errors=True)
-            still = "nothing" if serving is None else f"step {serving.global_step}"
             expected = isinstance(e, (RuntimeError, OSError, ValueError))  # the others: a traceback, for a bug report
+            if serving is not None and serving.is_dead:  # nothing answers: tried again, each wait twice as long
+                self._revive_tries += 1
+                delay = min(self.poll_seconds * 2**self._revive_tries, MAX_BACKOFF_SECONDS)
+                self._revive_at = time.monotonic() + delay
+                still = f"nothing (the model process of step {serving.global_step} died) for {delay:.3g} s, then again"
+            else:
+                still = ("nothing" if serving is None else f"step {serving.global_step}") + " until export.json changes"
             logger.error(
-                "the export of step %d does not load (%s: %s): serving %s until export.json changes",
+                "the export of step %d does not load (%s: %s): serving %s",
                 snapshot.global_step,
                 type(e).__name__,
                 e,
