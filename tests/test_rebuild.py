@@ -71,3 +71,33 @@ def test_a_ledger_that_opens_is_not_rebuilt_without_force(tree, capsys):
     assert "opens fine: nothing to rebuild" in capsys.readouterr().err
     assert [e.name for e in Ledger(tree.status).entries()] == ["a.jsonl"]
     assert list(tree.status.glob("*.damaged-*")) == []
+
+
+def test_a_rollback_interrupted_before_the_ledger_was_rebuilt_still_finishes(tmp_path):
+    """A rollback killed after writing its intent, then the ledger rebuilt (its rows numbered anew): finishing the
+    rollback found 'ledger row 3 does not exist', and every start failed with that traceback."""
+    import json
+    from dataclasses import asdict
+
+    from helpers import new_tree, text_file, train
+
+    from daemon.store.rollback import INTENT_FILE, RollbackIntent, RolledBackFile, finish_interrupted_rollback
+
+    tree = new_tree(tmp_path / "t")
+    Ledger(tree.status).add("x.jsonl", FileState.QUEUED)  # a file that never trained: the rebuilt ledger drops it
+    first = train(tree, text_file(tmp_path / "a.jsonl", 0, 20))
+    second = train(tree, text_file(tmp_path / "b.jsonl", 20, 20))
+    b = Ledger(tree.status).find(second["sha256"])
+    assert b is not None and b.id == 3
+    undone = RolledBackFile(b.id, b.name, b.sha256, b.start_step, b.end_step, b.planned_steps)
+    intent = RollbackIntent(first["end_step"], str(tree.output.resolve()), [undone])
+    (tree.status / INTENT_FILE).write_text(json.dumps(asdict(intent)))  # killed here, before touching anything
+    rebuild_ledger(tree.status, tree.output, tree.inbox, force=True)
+    assert [(e.id, e.name) for e in Ledger(tree.status).entries()] == [(1, "a.jsonl"), (2, "b.jsonl")]
+    assert finish_interrupted_rollback(tree.output, tree.status) is not None
+    assert {e.name: e.state for e in Ledger(tree.status).entries()} == {
+        "a.jsonl": FileState.DONE,
+        "b.jsonl": FileState.ROLLED_BACK,
+    }
+    assert not (tree.status / INTENT_FILE).exists()
+    assert not (tree.output / f"checkpoint-{second['end_step']}").exists()

@@ -162,7 +162,14 @@ def _carry_out(intent: RollbackIntent, status_dir: str | Path) -> None:
     """Steps 2 to 6 of a rollback (module docstring); each may be repeated after a kill."""
     roll_back(intent.output_dir, intent.to_step, status_dir=status_dir)
     _reached("checkpoints")
-    Ledger(status_dir).roll_back([f.id for f in intent.files], intent.to_step)
+    ledger = Ledger(status_dir)
+    try:
+        ledger.roll_back(current_ids(ledger, intent.files), intent.to_step)
+    except ValueError as e:  # a row in another state than done: the ledger and the intent disagree
+        raise RollbackError(
+            f"{Path(status_dir) / INTENT_FILE}: the unfinished rollback to step {intent.to_step} cannot mark its files "
+            f"rolled back ({e}); the ledger is left as it was"
+        ) from e
     _reached("ledger")
     status = StatusFile(status_dir)
     for n, f in enumerate(intent.files, start=1):
@@ -178,6 +185,19 @@ def _carry_out(intent: RollbackIntent, status_dir: str | Path) -> None:
     _reached("status")
     (Path(status_dir) / INTENT_FILE).unlink(missing_ok=True)
     logger.info("rolled back to step %d", intent.to_step)
+
+
+def current_ids(ledger: Ledger, files: list[RolledBackFile]) -> list[int]:
+    """The ledger rows of an intent's files now: by id, or, where the ledger was rebuilt since the intent was written
+    (``python -m daemon rebuild-ledger`` numbers its rows anew), by the same content and steps; a file the ledger no
+    longer holds (a rebuilt ledger keeps only the done files of the history) has nothing to roll back."""
+    entries, ids = ledger.entries(), []
+    for f in files:
+        same = [e for e in entries if (e.sha256, e.start_step, e.end_step) == (f.sha256, f.start_step, f.end_step)]
+        by_id = [e for e in same if e.id == f.id]
+        if by_id or same:
+            ids.append((by_id or same)[0].id)
+    return ids
 
 
 def _reached(stage: str) -> None:
