@@ -166,7 +166,7 @@ def test_the_server_follows_each_export_without_a_failed_request(tmp_path):
         assert _loaded_step(base) == 2
 
         # The replaced export's process stops and its snapshot goes once its requests are answered.
-        snapshots = output / f".serving-{server.pid}"
+        (snapshots,) = [p for p in output.glob(f".serving-*-{server.pid}-*") if p.is_dir()]
         wait_for(lambda: len(list(snapshots.iterdir())) == 1, LOAD_SECONDS, "the step-1 export to be stopped")
         model_process = wait_for(lambda: _the_model_process(server.pid), LOAD_SECONDS, "one model process")
 

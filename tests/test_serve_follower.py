@@ -225,7 +225,9 @@ def test_an_export_loaded_after_close_is_stopped_not_swapped_in(following):
     assert list(follower.snapshots.iterdir()) == []
 
 
-def test_the_work_folder_replaces_those_of_servers_gone(tmp_path):
+def test_the_work_folder_replaces_those_older_servers_left_by_process_id(tmp_path):
+    """An older server named its folder by process id alone: one whose id no process has here goes, as does one of
+    this process's id (an earlier process's); one of a running process stays."""
     output = tmp_path / "current_model"
     output.mkdir()
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -234,9 +236,40 @@ def test_the_work_folder_replaces_those_of_servers_gone(tmp_path):
         (output / f".serving-{pid}").mkdir()
         (output / f".serving-{pid}" / "export-0").mkdir()
     folder = work_dir(output)
-    assert folder == output / f".serving-{os.getpid()}" and list(folder.iterdir()) == []
+    assert folder.parent == output and folder.name.startswith(".serving-") and list(folder.iterdir()) == []
     assert not (output / f".serving-{gone.pid}").exists()  # its server is gone
+    assert not (output / f".serving-{os.getpid()}").exists()  # this id's: an earlier process's
     assert (output / f".serving-{os.getppid()}" / "export-0").exists()  # a server still running
+
+
+def test_a_server_in_another_container_or_host_keeps_its_folder_and_a_gone_ones_goes(tmp_path):
+    """Folders named by process id alone were removed when that id was not running here: a server in another PID
+    namespace (a container) or on another host sharing the folder lost its snapshots, and two servers with the same
+    id shared one. Each folder is now held by a lock: one nobody holds goes, a held one stays, whoever holds it."""
+    from filelock import FileLock
+
+    from daemon.serving.follower import release_work_dir
+
+    output = tmp_path / "current_model"
+    output.mkdir()
+    live, gone = output / ".serving-other_host-1-0123abcd", output / ".serving-other_host-1-4567cdef"
+    for folder in (live, gone):
+        (folder / "export-0").mkdir(parents=True)
+    held = FileLock(live.with_name(f"{live.name}.lock"))
+    held.acquire()  # as the other server holds it for its lifetime
+    (output / ".serving-crashed-7-89abcdef.lock").touch()  # killed between its lock and its folder
+    first, second = work_dir(output), work_dir(output)  # two servers of one process id: two folders
+    assert first != second and first.name.startswith(".serving-") and first.is_dir() and second.is_dir()
+    assert (live / "export-0").exists()  # its lock is held: that server still runs
+    assert not gone.exists() and not (output / ".serving-crashed-7-89abcdef.lock").exists()
+    release_work_dir(first)
+    assert not first.exists() and not first.with_name(f"{first.name}.lock").exists() and second.exists()
+    held.release()
+    third = work_dir(output)
+    assert not live.exists() and second.exists()  # the other server is gone now; this process's second still held
+    for folder in (second, third):
+        release_work_dir(folder)
+    assert list(output.iterdir()) == []  # every folder and lock gone with its server
 
 
 def test_a_request_while_the_first_export_loads_is_told_so_with_retry_after(following):

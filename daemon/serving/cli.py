@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 import signal
 import socket
 from importlib import metadata
@@ -137,7 +136,7 @@ def _serve(args: argparse.Namespace, output_dir: Path, listening: socket.socket)
 
         from daemon.serving.app import build_app
         from daemon.serving.engines import ExportModels
-        from daemon.serving.follower import ExportFollower, work_dir
+        from daemon.serving.follower import ExportFollower, release_work_dir, work_dir
     except ImportError as e:  # an older transformers: its serving code lacks what this server builds on
         raise ConfigError(
             f"python -m daemon serve needs transformers {TESTED_TRANSFORMERS} (tested; installed: "
@@ -172,7 +171,7 @@ def _serve(args: argparse.Namespace, output_dir: Path, listening: socket.socket)
             follower.close()  # nothing is swapped in after it: models.close() stops every engine
             models.close()
     finally:
-        shutil.rmtree(snapshots, ignore_errors=True)
+        release_work_dir(snapshots)
     return 0
 
 

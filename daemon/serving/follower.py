@@ -26,12 +26,15 @@ import logging
 import os
 import re
 import shutil
+import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from filelock import FileLock, Timeout
 from transformers.cli.serving.model_manager import ModelLoader
 from transformers.cli.serving.utils import GenerationState
 
@@ -41,7 +44,9 @@ from daemon.store.export_snapshot import PUBLISHING, Signature, export_signature
 
 logger = logging.getLogger(__name__)
 
-_WORK_DIR_RE = re.compile(r"^\.serving-(\d+)$")
+_WORK_DIR_RE = re.compile(r"^\.serving-(\d+)$")  # an older server's folder: its process id only
+_LOCKED_DIR_RE = re.compile(r"^\.serving-([A-Za-z0-9_.-]+-\d+-[0-9a-f]{8})$")  # <host>-<pid>-<random>, with a lock
+_held: dict[Path, FileLock] = {}  # this process's snapshot folders and the locks that say they are in use
 # Polls during which the publishing marker stays before it is reported (an install that failed part-way).
 MARKER_POLLS = 30
 MAX_BACKOFF_SECONDS = 300.0
@@ -51,19 +56,54 @@ EngineFactory = Callable[[Path, int, str, ModelLoader, GenerationState], ExportE
 
 
 def work_dir(output_dir: Path) -> Path:
-    """``<output_dir>/.serving-<pid>``, new and empty: this server's snapshots (hard links need the same filesystem).
+    """``<output_dir>/.serving-<host>-<pid>-<random>``, new and empty: this server's snapshots (hard links need the
+    same filesystem), held with a lock (``.serving-....lock`` beside it) until :func:`release_work_dir`.
 
-    Those of servers no longer running (killed without cleanup) are removed first.
+    The folders of servers no longer running (killed without cleanup) are removed first: those whose lock nobody
+    holds, whichever host or container left them (a process id alone named them before, and a server in another
+    container or on another host over NFS looked dead and lost its folder); an older server's ``.serving-<pid>`` when
+    no process has that id here.
 
     Raises:
         OSError: ``output_dir`` cannot be listed or written.
     """
+    name = f".serving-{re.sub(r'[^A-Za-z0-9_.-]', '_', socket.gethostname())}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    lock = FileLock(output_dir / f"{name}.lock")
+    lock.acquire()  # before the folder exists: a folder without its lock held is a gone server's
     for folder in output_dir.iterdir():
         if (m := _WORK_DIR_RE.match(folder.name)) and (int(m[1]) == os.getpid() or not running(int(m[1]))):
             shutil.rmtree(folder, ignore_errors=True)  # this process's id: an earlier process's folder, made anew
-    folder = output_dir / f".serving-{os.getpid()}"
+        elif _LOCKED_DIR_RE.match(folder.name) and folder.name != name:
+            _remove_if_gone(folder)
+        elif folder.suffix == ".lock" and _LOCKED_DIR_RE.match(folder.stem) and folder.stem != name:
+            _remove_if_gone(folder.with_suffix(""))  # a lock left without its folder (killed between the two)
+    folder = output_dir / name
     folder.mkdir()
+    _held[folder] = lock
     return folder
+
+
+def _remove_if_gone(folder: Path) -> None:
+    """Remove another server's snapshot folder unless its lock is held (that server still runs)."""
+    other = FileLock(folder.with_name(f"{folder.name}.lock"), timeout=0)
+    try:
+        other.acquire()
+    except Timeout:
+        return
+    try:
+        shutil.rmtree(folder, ignore_errors=True)
+        Path(other.lock_file).unlink(missing_ok=True)
+    finally:
+        other.release()
+
+
+def release_work_dir(folder: Path) -> None:
+    """Remove this server's snapshot folder (:func:`work_dir`) and its lock; nothing happens for another folder."""
+    shutil.rmtree(folder, ignore_errors=True)
+    lock = _held.pop(folder, None)
+    if lock is not None:
+        Path(lock.lock_file).unlink(missing_ok=True)
+        lock.release()
 
 
 class ExportFollower:
