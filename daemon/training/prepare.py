@@ -23,6 +23,7 @@ from daemon.exceptions import (
     ConfigError,
     DatasetError,
 )
+from daemon.pretrained import TOKENIZER_FILES
 from daemon.quality.forgetting import read_rows, write_rows
 from daemon.store.checkpoints import (
     latest_complete_checkpoint,
@@ -246,12 +247,9 @@ MODEL_SUFFIXES = {".safetensors", ".bin", ".gguf", ".pt", ".pth"}
 MODEL_FILES = {
     "config.json",
     "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
+    *TOKENIZER_FILES,
     "special_tokens_map.json",
     "chat_template.jinja",
-    "tokenizer.model",
-    "vocab.json",
     "merges.txt",
 }
 
@@ -277,7 +275,7 @@ def base_answers_source(flags: Flags, folder: str) -> dict[str, Any]:
     precision = autocast_dtype(flags.training.bf16, flags.training.fp16)
     return {
         "base_model": str(root.resolve()) if root.is_dir() else folder,
-        "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files],
+        "files": [[p.name, (stat := p.stat()).st_size, stat.st_mtime_ns] for p in files],
         "precision": str(precision).removeprefix("torch.") if precision is not None else "float32",
         "max_seq_length": flags.data.max_seq_length,
         "replay_buffer_tokens": flags.replay.replay_buffer_tokens,
@@ -295,9 +293,9 @@ def forget_stale_base_answers(flags: Flags) -> None:
     line has started (``origin.json``) nothing changes: its base is fixed and its answers with it. The main process
     first; the others then find the file current.
     """
-    output_dir, base = str(flags.training.output_dir), flags.base_model()
-    folder = pretrained_start(flags.model, output_dir)
-    if base is None or folder is None or read_origin(output_dir) is not None:
+    output_dir = str(flags.training.output_dir)
+    folder = pretrained_start(flags.model, output_dir)  # without origin.json, the line's base (Flags.base_model)
+    if folder is None or read_origin(output_dir) is not None:
         return
     status_dir = flags.status.status_dir
     with flags.training.main_process_first(local=False, desc="the base model's kept answers"):
