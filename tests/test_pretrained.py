@@ -125,6 +125,11 @@ def test_defaults_follow_the_starting_model_and_a_flag_given_always_wins(tree):
     given = ["--dataset", "a.jsonl", f"--output_dir={tree.output}", f"--model_name_or_path={base}"]
     assert parse_args([*given, "--base_rehearsal", "false"]).replay.base_rehearsal is False
     assert parse_args(["--dataset", "a.jsonl", f"--output_dir={tree.output}"]).replay.base_rehearsal is False
+    # The embedded model distils its replayed and its own examples (the continual bench's picks); a base neither
+    techniques = parse_args(["--dataset", "a.jsonl", f"--output_dir={tree.output}"]).techniques
+    assert (techniques.replay_distillation, techniques.file_distillation) == (1.0, 0.7)
+    techniques = parse_args(given).techniques
+    assert (techniques.replay_distillation, techniques.file_distillation) == (0.0, 0.0)
     # Once the line has started, its origin decides, whatever a later file is given
     (tree.output / "origin.json").write_text(json.dumps({"base_model": str(base)}))
     assert flags()[:2] == (5e-5, 0)
