@@ -71,7 +71,8 @@ class TechniqueArguments:
             "next-token distributions of the model the file started from (Learning without Forgetting's term on the "
             "new data, Li and Hoiem 2016; docs/data.md). Never in a line's first file from scratch, whose starting "
             "model is a random initialisation. It costs the teacher's forward pass over every row. 0: none. "
-            'Default: 0 (off; BENCHMARKS.md "continual").'
+            'Default: 0.7 for the embedded model (BENCHMARKS.md "continual"), 0 for a pretrained base, a LoRA line '
+            "or FSDP."
         },
     )
     wise_ft: bool = field(
