@@ -65,6 +65,7 @@ import os
 import random
 import shlex
 import statistics
+import textwrap
 import sys
 import sysconfig
 import tempfile
@@ -396,7 +397,7 @@ def plot(results: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(results), figsize=(3.4 * len(results), 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(results), figsize=(3.4 * len(results), 4.2), squeeze=False, layout="constrained")
     values = [v for s in results for row in s["grid"] for v in row if v is not None]
     for ax, s in zip(axes[0], results, strict=True):
         grid = [[float("nan") if v is None else v for v in row] for row in s["grid"]]
@@ -405,14 +406,13 @@ def plot(results: list[dict], path: Path) -> None:
             for j, v in enumerate(row):
                 if v == v:
                     ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="white")
-        ax.set_title(s["label"], fontsize=8)
+        ax.set_title(textwrap.fill(s["label"], 34), fontsize=8)  # a long label stays over its own panel
         ticks = [str(k + 1) for k in range(len(grid))]
         ax.set_xticks(range(len(grid)), ticks, fontsize=7)
         ax.set_yticks(range(len(grid)), ticks, fontsize=7)
         ax.set_xlabel("slice of the k-th file", fontsize=7)
         ax.set_ylabel("after the k-th file", fontsize=7)
     fig.suptitle("Mean held-out loss (nats/token) over repeats, files by position in each repeat's order", fontsize=9)
-    fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
 
