@@ -235,8 +235,11 @@ def test_a_noise_file_after_two_real_files_is_rolled_back_to_its_start_checkpoin
     checkpoint = tree.output / f"checkpoint-{start}"
     before = (checkpoint / "model.safetensors").read_bytes()
 
+    # Without replay, as below: the embedded model's default replay of a and b (weighted, distilled) and the noise
+    # file's own rows distilled toward b's end hold the earlier slices within about 0.04 nats of their scores.
+    noise = _noise_file(tree.root / "noise.jsonl")
     with pytest.raises(RegressionError, match=r"rose by .* nats .*worst slice 0000\d+-[ab]"):
-        train(tree, _noise_file(tree.root / "noise.jsonl"), max_regression=0.05, on_regression="rollback")
+        train(tree, noise, max_regression=0.05, on_regression="rollback", replay_fraction=0)
 
     failed = tree.history()[-1]
     assert (failed["file"], failed["outcome"]) == ("noise.jsonl", Outcome.FAILED)
