@@ -10,10 +10,15 @@ docs/notifications.md and docs/metrics.md describe what they turn on.
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from daemon.exceptions import ConfigError
+
+MAX_NOTIFY_SECONDS = 3600.0  # a bound on --notify_timeout and --notify_backoff: an hour; inf would overflow time_t
+# What http.client refuses in a request's target (its _contains_disallowed_url_pchar_re): its error quotes the path
+DISALLOWED_URL_CHARS = re.compile("[\x00-\x20\x7f]")
 
 
 @dataclass
@@ -31,7 +36,10 @@ class OpsArguments:
     )
     notify_timeout: float = field(
         default=5.0,
-        metadata={"help": "Seconds a POST waits for the receiver (to connect, then for each read) before it fails."},
+        metadata={
+            "help": "Seconds a POST waits for the receiver (to connect, then for each read) before it fails "
+            "(at most 3600)."
+        },
     )
     notify_retries: int = field(
         default=3,
@@ -42,7 +50,9 @@ class OpsArguments:
     )
     notify_backoff: float = field(
         default=1.0,
-        metadata={"help": "Seconds before the first retry of a POST; each further retry waits twice as long."},
+        metadata={
+            "help": "Seconds before the first retry of a POST; each further retry waits twice as long (at most 3600)."
+        },
     )
     metrics_port: int | None = field(
         default=None,
@@ -58,12 +68,12 @@ class OpsArguments:
 
     def __post_init__(self) -> None:
         problems = [f"--notify_url {redact(url)}: {why}" for url in self.notify_url if (why := url_problem(url))]
-        if not self.notify_timeout > 0:
-            problems.append("--notify_timeout must be > 0 seconds")
+        if not 0 < self.notify_timeout <= MAX_NOTIFY_SECONDS:
+            problems.append(f"--notify_timeout must be > 0 and at most {MAX_NOTIFY_SECONDS:g} seconds")
         if self.notify_retries < 0:
             problems.append("--notify_retries must be >= 0")
-        if not self.notify_backoff >= 0:
-            problems.append("--notify_backoff must be >= 0 seconds")
+        if not 0 <= self.notify_backoff <= MAX_NOTIFY_SECONDS:
+            problems.append(f"--notify_backoff must be >= 0 and at most {MAX_NOTIFY_SECONDS:g} seconds")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             problems.append("--metrics_port must be a port number (0 to 65535)")
         if not self.metrics_host.strip():
@@ -81,7 +91,9 @@ class OpsArguments:
 
 
 def url_problem(url: str) -> str | None:
-    """Why ``url`` cannot receive a webhook POST (one phrase), or None when it can."""
+    """Why ``url`` cannot receive a webhook POST (one phrase that never quotes it), or None when it can."""
+    if DISALLOWED_URL_CHARS.search(url):
+        return "holds a space or a control character (percent-encode it: %20)"
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError for a port that is not a number
@@ -95,8 +107,12 @@ def url_problem(url: str) -> str | None:
 
 
 def redact(url: str) -> str:
-    """``url`` without what may be a secret: ``scheme://host[:port]/…`` (no user, password, path or query)."""
-    parts = urlsplit(url)
+    """``url`` without what may be a secret: ``scheme://host[:port]/…`` (no user, password, path or query);
+    ``<a URL that does not parse>`` where urllib cannot split it (an unclosed ``[`` of an IPv6 host)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<a URL that does not parse>"
     try:
         port = parts.port
     except ValueError:

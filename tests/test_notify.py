@@ -382,6 +382,44 @@ def test_a_webhook_url_with_secrets_is_never_written_whole(tree, receivers, capl
     assert "pa55word" not in str(raised.value) and "T0KEN" not in str(raised.value)
 
 
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("http://[oops/T0KEN", "--notify_url <a URL that does not parse>: Invalid IPv6 URL"),
+        ("http://127.0.0.1:9/hook/T0KEN s3cret", "--notify_url http://127.0.0.1:9/…: holds a space or a control"),
+        ("http://127.0.0.1:9/hook/T0KEN\ts3cret", "--notify_url http://127.0.0.1:9/…: holds a space or a control"),
+    ],
+)
+def test_a_webhook_url_that_cannot_be_posted_to_is_refused_in_one_line_that_keeps_its_secret(url, why):
+    """An unclosed IPv6 bracket made redact() raise ValueError (a traceback); a space or a control character passed,
+    and every POST then failed with http.client's InvalidURL, whose message quoted the path."""
+    with pytest.raises(ConfigError) as raised:
+        parse_daemon_args(["--notify_url", url])
+    assert str(raised.value).startswith(why) and "T0KEN" not in str(raised.value)
+
+
+def test_a_url_http_client_refuses_is_one_final_failure_that_keeps_its_secret(tree, caplog):
+    notifier = Notifier(["http://127.0.0.1:9/hook/T0KEN s3cret"], tree.status, timeout=1.0, retries=3, backoff=0.01)
+    try:
+        notifier.send({"event": "file_done", "id": "e1"})
+        wait_for(lambda: len(deliveries(tree)) == 1, timeout=30, what="the outcome")
+    finally:
+        notifier.close()
+    (delivery,) = deliveries(tree)
+    assert (delivery["result"], delivery["attempts"]) == ("undelivered", 1)  # not retried: it can never succeed
+    assert "not a URL that can be POSTed to" in delivery["error"]
+    written = (tree.status / NOTIFICATIONS_FILE).read_text() + caplog.text
+    assert "T0KEN" not in written and "s3cret" not in written
+
+
+@pytest.mark.parametrize("flag", ["notify_timeout", "notify_backoff"])
+@pytest.mark.parametrize("seconds", [float("inf"), float("nan"), 3601.0])
+def test_webhook_seconds_that_would_overflow_the_clock_are_refused(flag, seconds):
+    """--notify_timeout inf was accepted; the first POST and the stop then raised OverflowError."""
+    with pytest.raises(ConfigError, match=f"--{flag} must be .* at most 3600 seconds"):
+        OpsArguments(**{flag: seconds})
+
+
 def test_a_redirect_is_a_final_failure_that_names_where_to_send_it(tree, receivers):
     moved, elsewhere = receivers("redirect"), receivers()
     moved.location = elsewhere.url  # it answers a GET with 200: following the redirect would look delivered

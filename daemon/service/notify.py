@@ -301,7 +301,7 @@ class _Channel:
                 where = redact(urljoin(self.url, location)) if location else "no Location"
                 raise _Failed(f"HTTP {e.code}: redirected to {where}: use that URL", e.code, False) from e
             raise _Failed(f"HTTP {e.code} {e.reason}", e.code, e.code >= 500 or e.code in RETRIED_STATUSES) from e
-        except ValueError as e:  # a URL urllib cannot use; its message would quote the URL
+        except (ValueError, http.client.InvalidURL) as e:  # a URL urllib cannot use; its message would quote the URL
             raise _Failed(f"{type(e).__name__}: not a URL that can be POSTed to", None, False) from e
         except (OSError, http.client.HTTPException) as e:  # URLError, timeout, reset, an answer that is not HTTP
             reason = getattr(e, "reason", None) or e
