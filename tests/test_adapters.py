@@ -279,3 +279,22 @@ def test_wrapping_a_model_in_an_adapter_prints_no_deprecation_of_peft_reading_tr
         warnings.simplefilter("always")
         attach_adapter(tiny_model(320), PeftArguments(use_peft=True))
     assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]
+
+
+def test_an_adapter_checkpoint_whose_config_is_torn_is_not_complete_and_the_line_stays_lora(lora_tree, tmp_path):
+    """A save cut before its commit marker that lost ``adapter_config.json``'s content was taken as the latest
+    complete checkpoint, called full fine-tuning, and train.py died reading it (JSONDecodeError)."""
+    from daemon.store.checkpoints import latest_complete_checkpoint
+    from daemon.training.peft_flags import running_kind
+
+    tree, _, (first, second) = _copy(lora_tree, tmp_path / "tree")
+    latest = tree.output / f"checkpoint-{second['end_step']}"
+    (latest / "commit.json").unlink()  # cut between the Trainer's write and the marker
+    (latest / "adapter_config.json").write_text("")  # ... and the config's content lost
+    found = latest_complete_checkpoint(tree.output, set_aside=False)
+    assert found is not None and found.global_step < second["end_step"]
+    kind, config = running_kind(tree.output)
+    assert kind == "lora" and config is not None and config["r"] == 4
+    assert parse_args(["--dataset", "x.jsonl", *tree.flags()]).peft.use_peft is True
+    (latest / "adapter_config.json").write_text("[]")  # JSON, but not peft's object
+    assert latest_complete_checkpoint(tree.output, set_aside=False).global_step < second["end_step"]
