@@ -347,3 +347,31 @@ def test_a_file_resumed_below_the_steps_logged_marks_them_undone(tree, mlflow_st
     assert read_trackers(tree.status)["logged_to"] == 30
     RunMarks(tree.status, ["mlflow"], start_step=30).on_train_begin(None, main, None)  # nothing above 30 now
     assert len(client.get_metric_history(run_id, "undone/to_step")) == 1
+
+
+@pytest.mark.parametrize("name", ["team/model", "model:v2", "../model", 'it\'s a "model"'])
+def test_a_registered_model_name_mlflow_would_refuse_is_one_config_error(name):
+    """MLflow refused such a name at the first export: a traceback logged after every file, nothing registered."""
+    from daemon.exceptions import ConfigError
+    from daemon.training.tracker_flags import TrackerArguments
+
+    with pytest.raises(ConfigError, match="--register_model .*: "):
+        TrackerArguments(register_model=name)
+
+
+def test_a_name_with_a_quote_registers_its_versions_and_rolls_its_champion_back(tmp_path, mlflow_store):
+    """The versions' search quoted the name in ' and failed on one that holds a ': no version was ever created."""
+    from mlflow import MlflowClient
+
+    from daemon.store.registry import register_export, roll_back_champion
+
+    name = f"bob's-{mlflow_store.model}"
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "model.safetensors").write_bytes(b"weights")
+    versions = [register_export(tmp_path, mlflow_store.uri, name, tmp_path / "export", step, {}) for step in (3, 7)]
+    assert versions == ["1", "2"]
+    assert register_export(tmp_path, mlflow_store.uri, name, tmp_path / "export", 7, {}) == "2"  # found, not again
+    roll_back_champion(tmp_path, 3)
+    client = MlflowClient(tracking_uri=mlflow_store.uri, registry_uri=mlflow_store.uri)
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
+    assert client.get_model_version(name, "2").tags["rolled_back"] == "3"

@@ -117,7 +117,14 @@ def roll_back_champion(status_dir: str | Path, to_step: int) -> None:
 
 
 def _versions(client: Any, name: str) -> list[Any]:
-    return list(client.search_model_versions(f"name = '{name}'"))
+    return list(client.search_model_versions(search_filter(name)))
+
+
+def search_filter(name: str) -> str:
+    """MLflow's search filter for the versions of ``name``: quoted with ``'``, or ``"`` where the name holds a ``'``
+    (MLflow's filter grammar has no escape; ``--register_model`` refuses a name with both)."""
+    quote = '"' if "'" in name else "'"
+    return f"name = {quote}{name}{quote}"
 
 
 def _strings(tags: dict[str, Any]) -> dict[str, str]:

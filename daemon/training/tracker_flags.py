@@ -7,6 +7,7 @@ makes them one run across files.
 from __future__ import annotations
 
 import importlib.util
+import posixpath
 from dataclasses import dataclass, field
 
 from daemon.exceptions import ConfigError
@@ -29,10 +30,29 @@ class TrackerArguments:
     )
 
     def __post_init__(self) -> None:
-        if self.register_model is not None and not self.register_model.strip():
-            raise ConfigError("--register_model needs a name")
+        if self.register_model is not None and (why := model_name_problem(self.register_model)):
+            raise ConfigError(f"--register_model {self.register_model!r}: {why}")
         if self.register_model and importlib.util.find_spec("mlflow") is None:
             raise ConfigError(f"--register_model needs mlflow, which is not installed: {TRACKERS_EXTRA}")
+
+
+def model_name_problem(name: str) -> str | None:
+    """Why MLflow's registry would refuse ``name`` as a registered model's name (one phrase), or None.
+
+    MLflow's own rules (``mlflow.utils.validation._validate_model_name``, not imported here: importing mlflow
+    takes seconds): no ``/`` or ``:``, and a name that stays itself as a path. Ours: not both kinds of quote, which
+    :func:`daemon.store.registry.search_filter` could not quote.
+    """
+    if not name.strip():
+        return "needs a name"
+    if "/" in name or ":" in name:
+        return "MLflow's registered model names cannot contain '/' or ':'"
+    normalised = posixpath.normpath(name)
+    if normalised != name or normalised == "." or normalised.startswith(".."):
+        return f"MLflow refuses a name that would resolve to {normalised!r} as a path"
+    if "'" in name and '"' in name:
+        return "a name cannot hold both ' and \""
+    return None
 
 
 def missing_trackers(report_to: list[str] | str | None) -> list[str]:
