@@ -190,6 +190,24 @@ def test_rows_added_while_the_daemon_was_down_are_sent_at_its_next_start_and_a_n
     assert sent[1]["text"] == "a.jsonl: rolled back to step 3 (python -m daemon rollback)"
 
 
+def test_files_trained_while_webhooks_were_off_are_not_sent_when_they_are_turned_on_again(tree, receivers):
+    """Only a daemon with webhooks moved the cursor: one without them left it behind, and the next daemon with them
+    announced every file the webhook-less one had trained, as if just done."""
+    receiver = receivers()
+    _drop(tree, "a.jsonl", '{"text": "a"}\n', arrived=1000)
+    with watched(daemon := _daemon(tree, FakeTraining({})), _ops(receiver.url)):
+        assert daemon.run() == 0
+    _drop(tree, "b.jsonl", '{"text": "b"}\n', arrived=1001)
+    with watched(daemon := _daemon(tree, FakeTraining({})), OpsArguments()):  # webhooks off
+        assert daemon.run() == 0
+    _drop(tree, "c.jsonl", '{"text": "c"}\n', arrived=1002)
+    with watched(daemon := _daemon(tree, FakeTraining({})), _ops(receiver.url)):
+        assert daemon.run() == 0
+    assert [r["file"] for r in tree.history()] == ["a.jsonl", "b.jsonl", "c.jsonl"]
+    done = [e["file"] for e in receiver.events() if e["event"] == "file_done"]
+    assert done == ["a.jsonl", "c.jsonl"]
+
+
 def _ops(*urls: str, **options: object) -> OpsArguments:
     return OpsArguments(notify_url=list(urls), **{"notify_backoff": 0.01, **options})  # type: ignore[arg-type]
 

@@ -27,8 +27,9 @@ trains: it reads the rows ``history.jsonl`` gained since the last call (whicheve
 appended them: the training process, the daemon, a rollback) and remembers how many it has seen
 in ``status/.notify_cursor.json``. So a rollback done by hand while the daemon was stopped (it
 locks the folders the daemon holds) is announced when the daemon starts again; a status folder
-that has no cursor yet starts at its end (turning webhooks on does not replay old files).
-Standard library only.
+that has no cursor yet starts at its end (turning webhooks on does not replay old files); a daemon started
+without webhooks removes the cursor (:func:`forget_cursor`), so what it trains is not replayed when they are
+turned on again. Standard library only.
 """
 
 from __future__ import annotations
@@ -175,6 +176,16 @@ class Events:
 
     def _save_cursor(self) -> None:
         atomic_write_text(self.cursor_path, json.dumps({"history_rows": self._seen_rows}) + "\n")
+
+
+def forget_cursor(status_dir: str | Path) -> None:
+    """Remove the webhooks' cursor: a daemon runs without webhooks, and the next one with them starts at the end of
+    the history, as on a folder that never had them (what was trained meanwhile is not announced). A cursor
+    that cannot be removed is logged, not raised: the daemon runs without webhooks either way."""
+    try:
+        (Path(status_dir) / CURSOR_FILE).unlink(missing_ok=True)
+    except OSError:
+        logger.exception("could not remove %s", Path(status_dir) / CURSOR_FILE)
 
 
 def row_events(row: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:

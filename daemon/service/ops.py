@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 
 from daemon.config_ops import OpsArguments
 from daemon.names import printable
-from daemon.service.events import Events
+from daemon.service.events import Events, forget_cursor
 from daemon.service.metrics import MetricsServer, serve_metrics
 from daemon.service.notify import Notifier
 from daemon.service.supervisor import ChildResult, Supervisor
@@ -109,6 +109,8 @@ def watched(daemon: Daemon, ops: OpsArguments) -> Iterator[MetricsServer | None]
             events = Events(notifier.send, args.status_dir, args.output_dir)
             daemon.supervisor = NotifyingSupervisor(daemon.supervisor, events)
             daemon.on_stall = _stall_announcer(events, args.max_attempts, args.stall_timeout)
+        else:  # what this run trains is not replayed when webhooks are turned on again
+            forget_cursor(args.status_dir)
         if ops.metrics_port is not None:
             counts = (lambda: dict(notifier.counts)) if notifier else None
             metrics = serve_metrics(args.status_dir, ops.metrics_host, ops.metrics_port, counts)
