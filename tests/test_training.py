@@ -513,6 +513,26 @@ def test_progress_beats_while_a_long_file_is_read_before_training(tree, monkeypa
     assert len(before_training) >= 5  # the stall detector sees the read going on
 
 
+def test_a_file_that_starts_after_an_idle_hour_marks_progress_as_it_starts_loading(tree, monkeypatch):
+    """The status said loading while progress_at was still the last file's: a scrape then read a working state an
+    hour without progress, and docs/metrics.md's ContinualNoProgress rule fired on a file that had just begun."""
+    from daemon.store.status import StatusFile
+    from daemon.training.run import FileRun
+
+    StatusFile(tree.status).update(state="idle", progress_at=time.time() - 3600)
+    seen: dict = {}
+
+    def setup(self):
+        seen.update(read_status(tree))  # what a scrape reads the moment the file starts
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(FileRun, "setup", setup)
+    started = time.time()
+    with pytest.raises(RuntimeError, match="stop here"):
+        train(tree, _text_file(tree.root / "a.jsonl", 4))
+    assert seen["state"] == "loading" and seen["progress_at"] >= started
+
+
 def test_periodic_checkpoints_are_held_to_their_share_of_training_time(monkeypatch):
     import threading
 

@@ -258,8 +258,8 @@ class FileRun:
         """Train, evaluate and record the file; see :func:`train_file` for what it returns and raises."""
         try:
             if self.heartbeat:
-                self.heartbeat.set(state=RunState.LOADING, current_file={"name": self.name}, disk=None)
-                self.heartbeat.flush()
+                # progress now: a scrape never reads a working state with the last file's progress_at
+                beat(self.heartbeat, state=RunState.LOADING, current_file={"name": self.name}, disk=None)
                 self.heartbeat.start()
             with stop_on_signals(self.stop_requested):
                 prepared = self.setup()
