@@ -9,10 +9,9 @@ safetensors file as long as its header says; a LoRA adapter's beside a readable
 (a zip directory that reads, listing no member beyond it), or for an FSDP checkpoint its shards'
 metadata and config (:mod:`daemon.store.sharded_files`); anything else is torn (killed mid-save,
 power loss, disk full) and is never used: it is set aside as ``torn-checkpoint-<step>[-n]`` with a
-warning. The product commits each checkpoint
-after the Trainer saved it (:func:`daemon.store.durable.commit_checkpoint`) and owns rotation
-(:func:`rotate_checkpoints`): by step number, among complete checkpoints, never the
-newest complete one and never one a recorded plan still needs.
+warning. The product commits each checkpoint after the Trainer saved it
+(:func:`daemon.store.durable.commit_checkpoint`) and owns rotation (:func:`rotate_checkpoints`): by step
+number, among complete checkpoints, never the newest complete one and never one a recorded plan still needs.
 
 The export is the model and tokenizer at the root of ``output_dir``, loadable with
 ``from_pretrained``, and its model card ``README.md`` (:mod:`daemon.views.model_card`);
@@ -102,8 +101,7 @@ def _why_incomplete(folder: Path) -> str | None:
         return f"{weights.name} is truncated or empty"
     if weights.suffix == ".bin" and not zipfile.is_zipfile(weights):
         return f"{weights.name} is truncated or empty"
-    # An adapter's weights mean nothing without its config (peft reads it first); a torn one was taken as full.
-    if weights.name in adapters.ADAPTER_WEIGHT_FILES and adapters.adapter_config(folder) is None:
+    if weights.name in adapters.ADAPTER_WEIGHT_FILES and adapters.adapter_config(folder) is None:  # peft reads it
         return f"no readable {adapters.ADAPTER_CONFIG}"
     optimizer = next((folder / name for name in OPTIMIZER_FILES if (folder / name).is_file()), None)
     if optimizer is None:
