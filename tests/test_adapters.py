@@ -298,3 +298,35 @@ def test_an_adapter_checkpoint_whose_config_is_torn_is_not_complete_and_the_line
     assert parse_args(["--dataset", "x.jsonl", *tree.flags()]).peft.use_peft is True
     (latest / "adapter_config.json").write_text("[]")  # JSON, but not peft's object
     assert latest_complete_checkpoint(tree.output, set_aside=False).global_step < second["end_step"]
+
+
+def test_merge_adapter_inside_a_half_trained_file_is_refused_before_anything_changes(lora_tree, tmp_path, monkeypatch):
+    """The merge inside a file was irreversible, and the file's plan (made under the adapter's rehearsal default)
+    then refused every resume: the merge waits for the next file (docs/lora.md)."""
+    from helpers import interrupt_at
+
+    from daemon.exceptions import TrainingInterrupted
+    from daemon.service.cli import check_training_flags, parse_daemon_args
+
+    tree, _, (_, second) = _copy(lora_tree, tmp_path / "tree")
+    data = _text_file(tree.root / "c.jsonl", 12, 20)
+    with monkeypatch.context() as patch:
+        interrupt_at(patch, second["end_step"] + 3)
+        with pytest.raises(TrainingInterrupted):
+            train(tree, data, **LORA)
+    before = _everything(tree.output)
+    plain = {k: v for k, v in LORA.items() if not k.startswith(("use_peft", "lora_"))}
+    argv = ["--dataset", str(data), *tree.flags(**plain), "--merge_adapter"]
+    with pytest.raises(ConfigError, match=r"--merge_adapter: c\.jsonl is half trained on the adapter .* resume it"):
+        parse_args(argv)
+    daemon_argv = [*tree.flags(**plain), "--merge_adapter"]  # a daemon checks its flags once, in a child
+    with pytest.raises(ConfigError, match=r"--merge_adapter: c\.jsonl is half trained on the adapter"):
+        check_training_flags(parse_daemon_args(daemon_argv)[0], daemon_argv)
+    assert _everything(tree.output) == before and not list(tree.output.glob("merged-lora-*"))
+    resumed = train(tree, data, **LORA)
+    assert resumed["start_step"] == second["end_step"] and history_violations(tree.history()) == []
+    row = train(tree, _text_file(tree.root / "d.jsonl", 6, 40), merge_adapter=True, **plain)  # the next file: merged
+    assert (
+        row["start_step"] == resumed["end_step"]
+        and (tree.output / f"checkpoint-{row['end_step']}/model.safetensors").is_file()
+    )

@@ -72,7 +72,8 @@ def check_training_flags(daemon_args: DaemonArguments, argv: list[str]) -> None:
     path, rest = split_config(argv)
     _, _, train_argv = parse_daemon_args(rest)
     config = ["--config", path] if path else []
-    cmd = [sys.executable, "-m", "daemon", "check-args", *config, "--output_dir", daemon_args.output_dir, *train_argv]
+    folders = ["--output_dir", daemon_args.output_dir, "--status_dir", daemon_args.status_dir]  # the children's
+    cmd = [sys.executable, "-m", "daemon", "check-args", *config, *folders, *train_argv]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         lines = [line for line in result.stderr.strip().splitlines() if line.strip()]

@@ -73,7 +73,8 @@ class PeftArguments:
         default=False,
         metadata={
             "help": "Merge the running LoRA adapter into the base weights, then continue in full fine-tuning at "
-            "the same step (fresh optimizer). Only on an output_dir whose latest checkpoint is an adapter."
+            "the same step (fresh optimizer). Only on an output_dir whose latest checkpoint is an adapter, and not "
+            "while a file is half trained on it (resume that file first)."
         },
     )
 
@@ -102,16 +103,18 @@ class PeftArguments:
 def resolve_peft(values: dict[str, Any]) -> None:
     """Fill ``use_peft`` and the LoRA settings not given from the running adapter (in place, before parsing).
 
-    Refuses (one line, nothing written) a switch of kind or of ``--lora_r`` on a used ``output_dir``.
+    Refuses (one line, nothing written) a switch of kind or of ``--lora_r`` on a used ``output_dir``, and
+    ``--merge_adapter`` inside a half-trained file (:func:`merge_problem`).
 
     Raises:
-        ConfigError: a switch, or ``--use_peft`` without a base model folder outside ``output_dir``.
+        ConfigError: a switch, ``--merge_adapter`` inside a file, or ``--use_peft`` without a base model
+            folder outside ``output_dir``.
     """
     kind, config = running_kind(values["output_dir"])
     merging = bool(values.get("merge_adapter"))
     if values["use_peft"] is None:
         values["use_peft"] = kind == "lora" and not merging
-    problem = switch_problem(kind, config, values)
+    problem = switch_problem(kind, config, values) or (merge_problem(values) if merging and kind == "lora" else None)
     if problem:
         raise ConfigError(problem)
     if kind == "lora" and values["use_peft"] and config is not None:
@@ -132,6 +135,30 @@ def resolve_peft(values: dict[str, Any]) -> None:
                 "--use_peft trains an adapter on a pretrained base: name its folder with --model_name_or_path "
                 "(outside --output_dir, which every export replaces)"
             )
+
+
+def merge_problem(values: dict[str, Any]) -> str | None:
+    """The one line that refuses ``--merge_adapter`` while the latest adapter checkpoint is inside a file, or None.
+
+    The merge is irreversible, and a half-trained file's plan (:func:`daemon.training.plan.recorded_plan`) was
+    made under the adapter's defaults (``--base_rehearsal_fraction``): merged, it could not resume. Reads the
+    ledger in ``status_dir`` only when it exists.
+    """
+    from daemon.store.ledger import Ledger
+    from daemon.store.ledger_file import LEDGER_FILE
+    from daemon.training.plan import half_trained_file
+
+    latest = latest_complete_checkpoint(values["output_dir"], set_aside=False)
+    if latest is None or not (Path(values["status_dir"]) / LEDGER_FILE).is_file():
+        return None
+    row = half_trained_file(Ledger(values["status_dir"]), latest.global_step)
+    if row is None or row.start_step is None or row.planned_steps is None:
+        return None
+    return (
+        f"--merge_adapter: {row.name} is half trained on the adapter (its plan {row.start_step} -> "
+        f"{row.start_step + row.planned_steps}, the latest checkpoint at step {latest.global_step}): resume it "
+        "without --merge_adapter, then give --merge_adapter to the next file"
+    )
 
 
 def running_kind(output_dir: str | Path) -> tuple[str | None, dict[str, Any] | None]:

@@ -13,8 +13,8 @@ specification's formula calls ``steps_for_file``; the product uses one name for 
 code, status, history and ledger.
 
 Where a plan is kept: :func:`recorded_plan` finds the ledger's plan of an interrupted
-file (resumed exactly), and :func:`commit_plan` writes a new plan to the ledger before
-the file's first step.
+file (resumed exactly), :func:`half_trained_file` any such file at a step, and :func:`commit_plan`
+writes a new plan to the ledger before the file's first step.
 """
 
 from __future__ import annotations
@@ -154,6 +154,22 @@ def recorded_plan(
         at_step,
     )
     return None, entry
+
+
+def half_trained_file(ledger: Ledger, at_step: int) -> LedgerRow | None:
+    """The newest ``training`` row whose recorded plan holds ``at_step`` (a file interrupted inside it), or None.
+
+    Such a file resumes only under the flags its plan was made with (:func:`recorded_plan`), from a
+    checkpoint of the same kind.
+    """
+    inside = [
+        row
+        for row in ledger.entries(FileState.TRAINING)
+        if row.start_step is not None
+        and row.planned_steps is not None
+        and row.start_step <= at_step <= row.start_step + row.planned_steps
+    ]
+    return inside[-1] if inside else None
 
 
 def commit_plan(
