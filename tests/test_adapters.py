@@ -161,6 +161,11 @@ def _everything(root: Path) -> dict[str, str]:
         (["--use_peft", "false"], "holds a LoRA adapter (r=4); --use_peft false cannot continue it"),
         (["--lora_r=8"], "holds a LoRA adapter of r=4; --lora_r 8 cannot continue it"),
         (["--lora_alpha", "16"], "holds a LoRA adapter of lora_alpha=8; --lora_alpha 16 cannot continue it"),
+        (
+            ["--lora_target_modules", "q_proj"],
+            "holds a LoRA adapter of target_modules down_proj gate_proj k_proj o_proj q_proj up_proj v_proj; "
+            "--lora_target_modules q_proj cannot continue it",
+        ),
     ],
 )
 def test_a_switch_away_from_the_adapter_is_refused_in_one_line_and_writes_nothing(lora_tree, flags, says):
@@ -171,6 +176,28 @@ def test_a_switch_away_from_the_adapter_is_refused_in_one_line_and_writes_nothin
     assert result.returncode != 0 and says in result.stderr and "--merge_adapter" in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert _everything(tree.root) == before
+
+
+def test_target_modules_equal_to_the_running_adapters_continue_it_and_others_are_refused(lora_tree):
+    """--lora_target_modules given on a running adapter was neither refused nor applied. peft stores the default
+    all-linear as one full name per layer, a list as given: each spelling of the same modules continues."""
+    from daemon.store.adapter_files import targets_differ
+
+    source, _, _, _ = lora_tree
+    llama = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    stored = json.loads(next(source.output.glob("checkpoint-*/adapter_config.json")).read_text())["target_modules"]
+    for same in (["all-linear"], llama, sorted(stored)):
+        flags = parse_args(["--dataset", "x.jsonl", *source.flags(), "--lora_target_modules", *same])
+        assert flags.peft.use_peft and flags.peft.lora_target_modules == same
+    with pytest.raises(ConfigError, match="--lora_target_modules q_proj v_proj cannot continue it"):
+        parse_args(["--dataset", "x.jsonl", *source.flags(), "--lora_target_modules", "q_proj", "v_proj"])
+    listed = {"target_modules": ["v_proj", "q_proj"]}  # a line started with --lora_target_modules q_proj v_proj
+    assert not targets_differ(["q_proj", "v_proj"], listed) and not targets_differ(["v_proj", "q_proj"], listed)
+    assert targets_differ(["all-linear"], listed) and targets_differ(["q_proj"], listed)
+    assert targets_differ(["q_proj", "v_proj", "k_proj"], listed)
+    assert not targets_differ(["ALL-LINEAR"], {"target_modules": "all-linear"})
+    assert targets_differ(["q_proj"], {"target_modules": "all-linear"})
+    assert not targets_differ([".*proj"], {"target_modules": ".*proj"})
 
 
 def test_use_peft_on_full_fine_tuning_checkpoints_or_without_a_base_is_refused(tree):

@@ -5,7 +5,7 @@ and its optimizer state, never the base weights; the base is the folder ``origin
 (:func:`adapter_base`). The export is the merged model, with the adapter in PEFT's format in
 ``adapter/`` beside it (:func:`save_export`, which calls only the model's own methods:
 ``merge_and_unload`` on a deep copy, ``save_pretrained``). :func:`switch_problem` is the one line
-that refuses a change of kind on a used ``output_dir``.
+that refuses a change of kind, or of the adapter's settings, on a used ``output_dir``.
 
 Standard library only at import time: the daemon process and ``python -m daemon rollback`` use it
 without torch; :func:`merged_files_from_checkpoint` imports ``peft`` where a rollback needs it.
@@ -53,7 +53,7 @@ def switch_problem(kind: str | None, config: dict[str, Any] | None, values: dict
     Args:
         kind: the latest checkpoint's kind (:func:`running_kind`), None for a new ``output_dir``.
         config: its adapter config when ``kind`` is ``"lora"``.
-        values: the parsed flags (``use_peft``, ``lora_r``, ``merge_adapter``, ``output_dir``).
+        values: the parsed flags (``use_peft``, the ``lora_*`` settings, ``merge_adapter``, ``output_dir``).
     """
     out = values["output_dir"]
     if values.get("merge_adapter"):  # on full checkpoints: merged already (a daemon passes it to every file)
@@ -76,7 +76,49 @@ def switch_problem(kind: str | None, config: dict[str, Any] | None, values: dict
                 f"drop --{flag}, or pass --merge_adapter (without --use_peft) to merge it and continue in full "
                 "fine-tuning"
             )
+    given = values["lora_target_modules"]
+    given = [given] if isinstance(given, str) else given
+    if kind == "lora" and config is not None and given is not None and targets_differ(given, config):
+        return (
+            f"{out} holds a LoRA adapter of target_modules {_shown_targets(config.get('target_modules'))}; "
+            f"--lora_target_modules {' '.join(given)} cannot continue it: drop --lora_target_modules, or pass "
+            "--merge_adapter (without --use_peft) to merge it and continue in full fine-tuning"
+        )
     return None
+
+
+def _matches(module: str, target: str) -> bool:
+    """Whether peft's list entry ``target`` names ``module``: the whole name, or its last dotted parts."""
+    return module == target or module.endswith(f".{target}")
+
+
+def targets_differ(given: list[str], config: dict[str, Any]) -> bool:
+    """Whether ``--lora_target_modules`` names other modules than the adapter ``config`` was made on.
+
+    peft stores a list as given (each entry names the modules whose name is it or ends in ``.<it>``), a
+    regular expression as a string, and ``all-linear`` expanded into the full names of the linear layers it
+    found. From files alone (no model), ``all-linear`` given equals such a list of full names, and a list
+    given equals a stored list when each entry of either matches one of the other.
+    """
+    stored = config.get("target_modules")
+    names = [str(name) for name in given]
+    if isinstance(stored, str):
+        same = len(names) == 1 and (names[0] == stored or names[0].lower() == stored.lower() == "all-linear")
+        return not same
+    if not isinstance(stored, list | tuple) or not stored:
+        return False  # peft's other ways of choosing modules (target_parameters): nothing to compare
+    modules = {str(name) for name in stored}
+    if [name.lower() for name in names] == ["all-linear"]:
+        return not all("." in module for module in modules)
+    covered = all(any(_matches(module, name) for name in names) for module in modules)
+    return not (covered and all(any(_matches(module, name) for module in modules) for name in names))
+
+
+def _shown_targets(stored: Any) -> str:
+    """The adapter's target modules in a message: their last names (``q_proj v_proj``), not one per layer."""
+    if not isinstance(stored, list | tuple):
+        return str(stored)
+    return " ".join(sorted({str(name).rsplit(".", 1)[-1] for name in stored}))
 
 
 def adapter_base(output_dir: str | Path) -> str:

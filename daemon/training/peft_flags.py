@@ -65,8 +65,8 @@ class PeftArguments:
     lora_target_modules: list[str] | None = field(
         default=None,
         metadata={
-            "help": "Module names that get an adapter. Default: the running adapter's; for a new one every linear "
-            "projection of the attention and MLP blocks ('all-linear')."
+            "help": "Module names that get an adapter. Default: the running adapter's (others are refused); for a "
+            "new one every linear projection of the attention and MLP blocks ('all-linear')."
         },
     )
     merge_adapter: bool = field(
@@ -103,7 +103,7 @@ class PeftArguments:
 def resolve_peft(values: dict[str, Any]) -> None:
     """Fill ``use_peft`` and the LoRA settings not given from the running adapter (in place, before parsing).
 
-    Refuses (one line, nothing written) a switch of kind or of ``--lora_r`` on a used ``output_dir``, and
+    Refuses (one line, nothing written) a switch of kind or of the adapter's settings on a used ``output_dir``, and
     ``--merge_adapter`` inside a half-trained file (:func:`merge_problem`).
 
     Raises:
