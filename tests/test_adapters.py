@@ -357,3 +357,65 @@ def test_merge_adapter_inside_a_half_trained_file_is_refused_before_anything_cha
         row["start_step"] == resumed["end_step"]
         and (tree.output / f"checkpoint-{row['end_step']}/model.safetensors").is_file()
     )
+
+
+def _remote_code_base(base: Path, to: Path) -> Path:
+    """A copy of ``base`` that needs its own code (``auto_map``): the tiny Llama under another model type."""
+    shutil.copytree(base, to)
+    (to / "configuration_tinyremote.py").write_text(
+        "from transformers import LlamaConfig\n\n\n"
+        "class TinyRemoteConfig(LlamaConfig):\n    model_type = 'tinyremote'\n"
+    )
+    (to / "modeling_tinyremote.py").write_text(
+        "from transformers import LlamaForCausalLM\n\nfrom .configuration_tinyremote import TinyRemoteConfig\n\n\n"
+        "class TinyRemoteForCausalLM(LlamaForCausalLM):\n    config_class = TinyRemoteConfig\n"
+    )
+    config = json.loads((to / "config.json").read_text())
+    config.update(
+        model_type="tinyremote",
+        architectures=["TinyRemoteForCausalLM"],
+        auto_map={
+            "AutoConfig": "configuration_tinyremote.TinyRemoteConfig",
+            "AutoModelForCausalLM": "modeling_tinyremote.TinyRemoteForCausalLM",
+        },
+    )
+    (to / "config.json").write_text(json.dumps(config))
+    return to
+
+
+def test_a_rollback_rebuilds_the_export_on_a_base_with_its_own_code_when_the_line_trusts_it(lora_tree, tmp_path):
+    """The rollback loaded the base without trust_remote_code: a traceback after the checkpoints were deleted, and
+    every later start failed the same way. The line records the trust in origin.json; without it, one line."""
+    import os
+    import subprocess
+    import sys
+
+    tree, base, (first, _) = _copy(lora_tree, tmp_path / "tree")
+    fresh = Tree(tmp_path / "fresh")  # a line started with --trust_remote_code records it
+    train(fresh, _text_file(fresh.root / "a.jsonl", 4, 0), model_name_or_path=base, trust_remote_code=True)
+    assert json.loads((fresh.output / "origin.json").read_text()) == {
+        "base_model": str(base),
+        "trust_remote_code": True,
+    }
+    remote = _remote_code_base(base, tmp_path / "remote-base")
+    origin = tree.output / "origin.json"
+    origin.write_text(json.dumps({"base_model": str(remote)}))  # a line from before origin.json recorded the trust
+    rollback = ["-m", "daemon", "rollback", "--output_dir", str(tree.output), "--status_dir", str(tree.status)]
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": str(REPO)}  # not the home's
+
+    def run(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, *rollback, *argv], cwd=tree.root, env=env, capture_output=True, text=True
+        )
+
+    refused = run("--to_step", str(first["end_step"]))
+    lines = refused.stderr.strip().splitlines()
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr and len(lines) == 1, refused.stderr[-2000:]
+    assert f'add "trust_remote_code": true to {origin}' in lines[0]
+    origin.write_text(json.dumps({"base_model": str(remote), "trust_remote_code": True}))
+    finished = run("--to_step", str(first["end_step"]))  # finishes the interrupted rollback first
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert json.loads((tree.output / "export.json").read_text()) == {"global_step": first["end_step"]}
+    kept = tree.output / f"checkpoint-{first['end_step']}" / "adapter_model.safetensors"
+    assert _digest(tree.output / "adapter" / "adapter_model.safetensors") == _digest(kept)
+    assert json.loads((tree.output / "config.json").read_text())["auto_map"]  # the merged base, its own code named

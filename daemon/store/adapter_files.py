@@ -197,18 +197,37 @@ def peft_wrapping() -> Iterator[None]:
 def merged_files_from_checkpoint(checkpoint: Path, staged: Path, output_dir: Path) -> None:
     """Write the export of an adapter checkpoint into ``staged``: base + adapter merged, ``adapter/``, tokenizer.
 
-    Used when a rollback returns the export to an adapter checkpoint (:func:`daemon.store.checkpoints.roll_back`).
+    Used when a rollback returns the export to an adapter checkpoint (:func:`daemon.store.checkpoints.roll_back`),
+    with no run's flags: the base's own code runs when the line was started with ``--trust_remote_code``
+    (``origin.json``, :func:`daemon.store.origin.trusts_remote_code`).
 
     Raises:
-        CheckpointError: the base model is gone.
+        CheckpointError: the base model is gone, or the base or the adapter does not load.
     """
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(adapter_base(output_dir), local_files_only=True, dtype=torch.float32)
-    with peft_wrapping():
-        adapted = PeftModel.from_pretrained(base, str(checkpoint))
+    from daemon.store.origin import ORIGIN_FILE, trusts_remote_code
+
+    base_folder, trust = adapter_base(output_dir), trusts_remote_code(output_dir)
+    try:
+        base = AutoModelForCausalLM.from_pretrained(
+            base_folder, local_files_only=True, dtype=torch.float32, trust_remote_code=trust
+        )
+        with peft_wrapping():
+            adapted = PeftModel.from_pretrained(base, str(checkpoint))
+    except (OSError, ValueError, KeyError) as e:
+        remedy = (
+            f'; its line does not record --trust_remote_code: add "trust_remote_code": true to '
+            f"{Path(output_dir) / ORIGIN_FILE} if you trust the base's code, then run again"
+            if not trust and "trust_remote_code" in str(e)
+            else ""
+        )
+        raise CheckpointError(
+            f"cannot rebuild the export from {checkpoint.name}: base {base_folder} with its adapter does not load "
+            f"({str(e).strip().splitlines()[0]}){remedy}"
+        ) from e
     save_export(adapted, staged)
     for path in checkpoint.iterdir():
         if path.name.startswith("tokenizer") or path.name in ("special_tokens_map.json", "chat_template.jinja"):

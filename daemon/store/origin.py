@@ -3,11 +3,12 @@
 ``<output_dir>/origin.json`` is written once, by the first run on an empty ``output_dir``, before
 its first step: ``{"base_model": "<folder>"}`` for a run started from ``--model_name_or_path`` (or
 from a model exported there without a checkpoint), ``{"base_model": null}`` for the bootstrapped
-embedded model. It is never rewritten (a rollback keeps the model's line), so every later file,
-whatever flags it is given, knows which defaults the model's line was started with
-(:func:`daemon.training.arguments.resolve_defaults`): the learning rate and warmup must not change at a
-file boundary. An ``output_dir`` from before this file existed has none: then a run counts as
-pretrained when it is given ``--model_name_or_path``.
+embedded model; a line started with ``--trust_remote_code`` on its base also records
+``"trust_remote_code": true`` (a rollback loads that base without the run's flags). It is never
+rewritten (a rollback keeps the model's line), so every later file, whatever flags it is given,
+knows which defaults the model's line was started with (:func:`daemon.training.arguments.resolve_defaults`):
+the learning rate and warmup must not change at a file boundary. An ``output_dir`` from before this
+file existed has none: then a run counts as pretrained when it is given ``--model_name_or_path``.
 """
 
 from __future__ import annotations
@@ -52,10 +53,28 @@ def base_model_of(output_dir: str | Path, model_name_or_path: str | None) -> str
     return str(folder) if (folder / "config.json").is_file() and not has_checkpoint else None
 
 
-def record_origin(output_dir: str | Path, base_model: str | None) -> None:
-    """Write ``origin.json`` unless one is there (module docstring); atomic."""
+def record_origin(output_dir: str | Path, base_model: str | None, trust_remote_code: bool = False) -> None:
+    """Write ``origin.json`` unless one is there (module docstring); atomic.
+
+    Args:
+        output_dir: the running model's folder.
+        base_model: the pretrained folder the line starts from, None for the embedded model.
+        trust_remote_code: the line was started with ``--trust_remote_code`` on that base (recorded only when true).
+    """
     if read_origin(output_dir) is None:
-        atomic_write_text(Path(output_dir) / ORIGIN_FILE, json.dumps({"base_model": base_model}) + "\n")
+        doc: dict[str, Any] = {"base_model": base_model}
+        if trust_remote_code and base_model is not None:
+            doc["trust_remote_code"] = True
+        atomic_write_text(Path(output_dir) / ORIGIN_FILE, json.dumps(doc) + "\n")
+
+
+def trusts_remote_code(output_dir: str | Path) -> bool:
+    """Whether the line in ``output_dir`` was started with ``--trust_remote_code`` (``origin.json``).
+
+    What loads the base without a run's flags reads it: a rollback rebuilding a LoRA line's export
+    (:func:`daemon.store.adapter_files.merged_files_from_checkpoint`).
+    """
+    return (read_origin(output_dir) or {}).get("trust_remote_code") is True
 
 
 def has_own_chat_template(folder: str | Path) -> bool:

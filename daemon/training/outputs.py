@@ -138,7 +138,7 @@ def start_line(prepared: PreparedFile, flags: Flags) -> None:
     The base model's slice (:mod:`daemon.training.base_slice`) is scored by the model as loaded, before any step.
     """
     output_dir, base = str(flags.training.output_dir), flags.base_model()
-    record_origin(output_dir, base)
+    record_origin(output_dir, base, flags.model.trust_remote_code)
     if base is not None:
         autocast = autocast_dtype(flags.training.bf16, flags.training.fp16)
         status_dir, length = flags.status.status_dir, flags.data.max_seq_length
