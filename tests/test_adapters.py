@@ -419,3 +419,65 @@ def test_a_rollback_rebuilds_the_export_on_a_base_with_its_own_code_when_the_lin
     kept = tree.output / f"checkpoint-{first['end_step']}" / "adapter_model.safetensors"
     assert _digest(tree.output / "adapter" / "adapter_model.safetensors") == _digest(kept)
     assert json.loads((tree.output / "config.json").read_text())["auto_map"]  # the merged base, its own code named
+
+
+class _Killed(BaseException):
+    """A SIGKILL at that point: nothing after it runs, no handler of the product catches it."""
+
+
+def _plain(*drop: str) -> dict:
+    """LORA's flags but the adapter's own (a file after --merge_adapter gives them, or one that lets them follow)."""
+    return {k: v for k, v in LORA.items() if not k.startswith(("use_peft", "lora_")) and k not in drop}
+
+
+def test_a_merge_killed_between_its_two_renames_continues_from_its_step_in_the_next_train_py(
+    lora_tree, tmp_path, monkeypatch
+):
+    """The swap (checkpoint-N -> merged-lora-checkpoint-N, the stage -> checkpoint-N) killed between its renames
+    left no checkpoint-N: the next run resumed from an earlier checkpoint inside a done file. The stage is committed
+    before the swap and the next run finishes it before it reads a checkpoint: the merge stands."""
+    from daemon.store.checkpoints import latest_complete_checkpoint
+    from daemon.training import cli
+    from daemon.training.adapters import merge_into_checkpoint
+
+    tree, _, (_, second) = _copy(lora_tree, tmp_path / "tree")
+    end, argv = second["end_step"], tree.flags(merge_adapter=True, **_plain())
+    rename = Path.rename
+
+    def killed_at_the_second(self: Path, target: Path) -> Path:
+        if self.name.startswith(".merging-"):
+            raise _Killed
+        return rename(self, target)
+
+    flags, latest = parse_args(["--dataset", "x.jsonl", *argv]), latest_complete_checkpoint(tree.output)
+    with monkeypatch.context() as patch:
+        patch.setattr(Path, "rename", killed_at_the_second)
+        with pytest.raises(_Killed):
+            merge_into_checkpoint(flags, latest)
+    assert not (tree.output / f"checkpoint-{end}").exists()  # what the kill left
+    monkeypatch.setattr(cli, "configure_logging", lambda: None)  # pytest keeps its log handlers
+    assert cli.main(["--dataset", str(_text_file(tree.root / "e.jsonl", 6, 30)), *argv]) == 0
+    rows = tree.history()
+    assert [r["outcome"] for r in rows] == ["done"] * 3 and history_violations(rows) == []  # nothing reopened
+    assert rows[-1]["start_step"] == end
+    assert (tree.output / f"checkpoint-{end}" / "model.safetensors").is_file()  # the committed merge stands
+    assert (tree.output / f"merged-lora-checkpoint-{end}" / "adapter_model.safetensors").is_file()
+    assert not list(tree.output.glob(".merging-*"))
+    assert (tree.output / f"checkpoint-{rows[-1]['end_step']}" / "model.safetensors").is_file()
+
+
+def test_a_swap_cut_with_its_stage_not_committed_gives_the_adapter_back_and_rotation_leftovers_stay(tmp_path):
+    """A stage without its commit marker (written by a version that committed it after the swap) is not trusted:
+    the adapter checkpoint goes back. A merged-lora- folder whose checkpoint rotation removed is no interrupted swap."""
+    from daemon.store.adapter_files import finish_interrupted_merge, interrupted_merges
+
+    for name in ("merged-lora-checkpoint-5", ".merging-checkpoint-5", "checkpoint-3"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "weights").write_text(name)
+    assert interrupted_merges(tmp_path) == [5] and finish_interrupted_merge(tmp_path) == [5]
+    assert (tmp_path / "checkpoint-5" / "weights").read_text() == "merged-lora-checkpoint-5"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-3", "checkpoint-5"]
+    later = tmp_path / "later"
+    for name in ("merged-lora-checkpoint-5", ".merging-checkpoint-5", "checkpoint-9"):
+        (later / name).mkdir(parents=True)
+    assert interrupted_merges(later) == [] and finish_interrupted_merge(later) == []

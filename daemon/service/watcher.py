@@ -52,12 +52,13 @@ from daemon.service.entries import rejection_reason
 from daemon.service.inbox import Candidate, Inbox
 from daemon.service.supervisor import ProcessSupervisor, Supervisor
 from daemon.service.wake import Wake, new_observer
+from daemon.store.adapter_files import finish_interrupted_merge
 from daemon.store.checkpoints import latest_complete_checkpoint, space_needed
 from daemon.store.durable import EXIT_NO_SPACE, wait_for_room
 from daemon.store.ledger import Ledger, LedgerRow
 from daemon.store.reconcile import reconcile
 from daemon.store.records import FileState, RunState, utc_now
-from daemon.store.rollback import finish_interrupted_rollback
+from daemon.store.rollback import finish_interrupted_work
 from daemon.store.status import StatusFile
 
 logger = logging.getLogger(__name__)
@@ -158,7 +159,7 @@ class Daemon:
         Raises:
             RollbackError: an interrupted rollback in the status folder is another output folder's.
         """
-        finish_interrupted_rollback(self.args.output_dir, self.args.status_dir)  # before anything reads the model
+        finish_interrupted_work(self.args.output_dir, self.args.status_dir)  # before anything reads the model
         latest = latest_complete_checkpoint(self.args.output_dir, set_aside=False)
         step = latest.global_step if latest else 0
         self.status.update(state=RunState.IDLE, global_step=step, max_steps=step, current_file=None, disk=None)
@@ -317,6 +318,7 @@ class Daemon:
         Raises:
             CheckpointError: a reopened file's data is no longer in the inbox (nothing is changed).
         """
+        finish_interrupted_merge(self.args.output_dir)  # a child killed mid-swap: its step is the model's, not lost
         for _ in reconcile(self.ledger, self.status, self.args.output_dir, self.inbox.root, self._train_entry):
             self.supervisor.refresh_report()
             if self.stop.is_set():

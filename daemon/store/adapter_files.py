@@ -16,6 +16,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
+import re
 import shutil
 import warnings
 from collections.abc import Iterator
@@ -31,6 +33,10 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 ADAPTER_FOLDER = "adapter"  # in the export: <output_dir>/adapter/
 MERGED_PREFIX = "merged-lora-"  # a LoRA checkpoint replaced by its merge keeps this name, for the record
+MERGING_PREFIX = ".merging-"  # the stage a merge writes its full checkpoint to: .merging-checkpoint-<step>
+_STEP_FOLDER = re.compile(r"checkpoint-(\d+)")
+
+logger = logging.getLogger(__name__)
 
 
 def is_adapter_checkpoint(folder: str | Path) -> bool:
@@ -119,6 +125,65 @@ def _shown_targets(stored: Any) -> str:
     if not isinstance(stored, list | tuple):
         return str(stored)
     return " ".join(sorted({str(name).rsplit(".", 1)[-1] for name in stored}))
+
+
+def interrupted_merges(output_dir: str | Path) -> list[int]:
+    """The steps of the ``--merge_adapter`` swaps a kill cut between their renames (:func:`finish_interrupted_merge`).
+
+    Such a swap left its stage (``.merging-checkpoint-N``) and the adapter checkpoint under its kept name
+    (``merged-lora-checkpoint-N``), no ``checkpoint-N`` and, the swap being the line's last act, no checkpoint
+    above N (a ``merged-lora-`` folder whose ``checkpoint-N`` rotation removed later is not one).
+    """
+    root = Path(output_dir)
+    names = {p.name for p in root.iterdir()} if root.is_dir() else set()
+    saved = [int(m[1]) for name in names if (m := _STEP_FOLDER.fullmatch(name))]
+    steps = [int(m[1]) for name in names if (m := _STEP_FOLDER.fullmatch(name.removeprefix(MERGING_PREFIX)))]
+    return sorted(
+        step for step in steps if f"{MERGED_PREFIX}checkpoint-{step}" in names and not any(s >= step for s in saved)
+    )
+
+
+def finish_interrupted_merge(output_dir: str | Path) -> list[int]:
+    """Finish each ``--merge_adapter`` swap a kill cut between its two renames: the line continues from its step.
+
+    The merge writes and commits its stage before the swap begins
+    (:func:`daemon.training.adapters.merge_into_checkpoint`): a stage whole by its commit marker becomes
+    ``checkpoint-N`` (the merge stands); any other (a stage of a version that committed it after the swap) is
+    removed and the adapter checkpoint goes back to ``checkpoint-N`` (the next ``--merge_adapter`` merges again).
+    Called by whatever owns the folders next, before it reads a checkpoint
+    (:func:`daemon.store.rollback.finish_interrupted_work`); a no-op when nothing is pending.
+
+    Returns:
+        The steps finished.
+
+    Raises:
+        OSError: a folder cannot be renamed, and no other process of the job renamed it meanwhile.
+    """
+    from daemon.store.durable import COMMIT_FILE, commit_problem, fsync_dir
+
+    root = Path(output_dir)
+    steps = interrupted_merges(root)
+    for step in steps:
+        stage, kept, target = (root / f"{prefix}checkpoint-{step}" for prefix in (MERGING_PREFIX, MERGED_PREFIX, ""))
+        if (stage / COMMIT_FILE).is_file() and commit_problem(stage) is None:
+            _rename(stage, target)
+            logger.warning("finished the interrupted merge of step %d: %s is the merged checkpoint", step, target.name)
+        else:
+            _rename(kept, target)
+            shutil.rmtree(stage, ignore_errors=True)
+            logger.warning("undid the interrupted merge of step %d: %s is the adapter again", step, target.name)
+    if steps:
+        fsync_dir(root)
+    return steps
+
+
+def _rename(source: Path, target: Path) -> None:
+    """``source.rename(target)``; done already by another process of the job (``torchrun``) counts as done."""
+    try:
+        source.rename(target)
+    except OSError:
+        if source.exists() or not target.is_dir():
+            raise
 
 
 def adapter_base(output_dir: str | Path) -> str:

@@ -18,9 +18,10 @@ A rollback to step N (:func:`roll_back_to`), with the output and status folders 
 6. deletes the intent.
 
 Every step is idempotent, so a rollback killed at any moment is finished by whatever
-starts next on those folders: the next ``rollback``, a daemon (``Daemon.run``) or a
-training run (``train_file``) call :func:`finish_interrupted_rollback` before anything
-else. The next file then continues from step N.
+starts next on those folders: the next ``rollback``, a daemon (its start), ``train.py`` (before
+it parses its flags, which follow the checkpoints: a rollback across a ``--merge_adapter`` changes
+the line's kind) or a training run (``train_file``) call :func:`finish_interrupted_work` before
+anything else. The next file then continues from step N.
 
 Standard library and ``filelock`` only: this command moves files and never imports torch.
 """
@@ -38,6 +39,7 @@ from filelock import FileLock
 
 from daemon.config_file import command_parser, parse_command
 from daemon.exceptions import DaemonError, RollbackError
+from daemon.store.adapter_files import finish_interrupted_merge, interrupted_merges
 from daemon.store.checkpoints import CHECKPOINT_RE, checkpoint_usage, complete_checkpoint_steps, export_step, roll_back
 from daemon.store.files import atomic_write_text
 from daemon.store.ledger import Ledger
@@ -257,6 +259,32 @@ def finish_interrupted_rollback(output_dir: str | Path, status_dir: str | Path) 
     return intent
 
 
+def interrupted_work(output_dir: str | Path, status_dir: str | Path) -> bool:
+    """Whether a kill left work half done on these folders: a rollback's intent, or a ``--merge_adapter`` swap
+    (:func:`daemon.store.adapter_files.interrupted_merges`). Reads names only."""
+    return (Path(status_dir) / INTENT_FILE).exists() or bool(interrupted_merges(output_dir))
+
+
+def finish_interrupted_work(output_dir: str | Path, status_dir: str | Path) -> None:
+    """Finish what a kill left half done on these folders, before anything reads a checkpoint; a no-op when nothing.
+
+    First a ``--merge_adapter`` swap cut between its renames
+    (:func:`daemon.store.adapter_files.finish_interrupted_merge`), then a rollback
+    (:func:`finish_interrupted_rollback`). Called with the folders owned, by ``python -m daemon rollback``, a
+    daemon's start, ``train.py`` before it parses its flags (they follow the checkpoints) and a training run;
+    the processes of one torchrun job may all call it (one finishes, the others find nothing).
+
+    Raises:
+        RollbackError: the pending rollback is another output folder's (it is left pending).
+        OSError: a merge's folder cannot be renamed.
+    """
+    if interrupted_merges(output_dir):
+        Path(status_dir).mkdir(parents=True, exist_ok=True)
+        with FileLock(str(Path(status_dir) / INTENT_LOCK)):
+            finish_interrupted_merge(output_dir)
+    finish_interrupted_rollback(output_dir, status_dir)
+
+
 def format_boundaries(boundaries: list[Boundary], current: int | None) -> str:
     """The ``--list`` table: one line per boundary, the current step marked with ``*``."""
     if not boundaries:
@@ -283,12 +311,12 @@ def main(argv: list[str]) -> int:
     what.add_argument("--list", action="store_true", help="List the steps a rollback can return to.")
     try:
         args = parse_command(parser, argv)
-        if args.list and read_intent(args.status_dir) is None:  # listing alone needs no lock: fine beside a daemon
+        if args.list and not interrupted_work(args.output_dir, args.status_dir):  # no lock: fine beside a daemon
             return _list(args.output_dir, args.status_dir)
         folders = [("output", args.output_dir), ("status", args.status_dir)]
         locks = lock_folders(folders)  # as train.py takes them: refused while a daemon or train.py runs
         try:
-            finish_interrupted_rollback(args.output_dir, args.status_dir)
+            finish_interrupted_work(args.output_dir, args.status_dir)
             if args.list:
                 return _list(args.output_dir, args.status_dir)
             intent = roll_back_to(args.output_dir, args.status_dir, args.to_step)

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from daemon.exceptions import CheckpointError, ConfigError
 from daemon.store.adapter_files import (
     MERGED_PREFIX,
+    MERGING_PREFIX,
     adapter_base,
     is_adapter_checkpoint,
     peft_wrapping,
@@ -145,8 +146,10 @@ def merge_into_checkpoint(flags: Flags, checkpoint: Checkpoint) -> Checkpoint:
     The full checkpoint keeps the trainer state (the step, the log history) and the RNG state;
     its optimizer is new (AdamW moments of every weight start at zero) and its scheduler is
     the product's schedule at the checkpoint's step for the flags' learning rate. The adapter
-    checkpoint stays beside it as ``merged-lora-checkpoint-<step>``. Written to a stage first;
-    a kill before the swap leaves the adapter checkpoint as it was.
+    checkpoint stays beside it as ``merged-lora-checkpoint-<step>``. Written to a stage and committed
+    (:func:`daemon.store.durable.commit_checkpoint`) before the swap's two renames: a kill before the swap
+    leaves the adapter checkpoint as it was, and one between the renames is finished by the next run
+    (:func:`daemon.store.adapter_files.finish_interrupted_merge`) before anything reads a checkpoint.
 
     Returns:
         The full checkpoint.
@@ -155,7 +158,7 @@ def merge_into_checkpoint(flags: Flags, checkpoint: Checkpoint) -> Checkpoint:
     from peft import PeftModel
 
     from daemon.store.checkpoints import Checkpoint as Found
-    from daemon.store.durable import commit_checkpoint
+    from daemon.store.durable import commit_checkpoint, fsync_dir
     from daemon.training.model import load_pretrained
 
     output_dir = Path(str(flags.training.output_dir))
@@ -166,7 +169,7 @@ def merge_into_checkpoint(flags: Flags, checkpoint: Checkpoint) -> Checkpoint:
         merged = PeftModel.from_pretrained(base, str(source)).merge_and_unload()
     merged.requires_grad_(True)  # peft froze the base; full fine-tuning trains (and its optimizer holds) every weight
     _, tokenizer = load_pretrained_tokenizer(source, flags)
-    stage = output_dir / f".merging-checkpoint-{step}"
+    stage = output_dir / f"{MERGING_PREFIX}{source.name}"
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir()
     merged.save_pretrained(stage, safe_serialization=True)
@@ -177,11 +180,12 @@ def merge_into_checkpoint(flags: Flags, checkpoint: Checkpoint) -> Checkpoint:
     optimizer, scheduler = _fresh_optimizer_state(merged, flags, step)
     torch.save(optimizer, stage / "optimizer.pt")
     torch.save(scheduler, stage / "scheduler.pt")
+    commit_checkpoint(stage, step)  # whole on disk before the swap: a kill between its renames keeps the merge
     kept = output_dir / f"{MERGED_PREFIX}{source.name}"
     shutil.rmtree(kept, ignore_errors=True)
     source.rename(kept)
     stage.rename(source)
-    commit_checkpoint(source, step)
+    fsync_dir(output_dir)
     logger.warning(
         "merged the LoRA adapter of step %d into the weights (%s kept): full fine-tuning continues from here",
         step,

@@ -58,7 +58,7 @@ from daemon.store.checkpoints import (
 from daemon.store.durable import disk_full_after
 from daemon.store.ledger import Ledger, LedgerRow
 from daemon.store.records import HistoryRow, RunState, utc_now
-from daemon.store.rollback import finish_interrupted_rollback, kept_file_ends
+from daemon.store.rollback import finish_interrupted_work, kept_file_ends
 from daemon.store.status import Heartbeat, StatusFile, beat
 from daemon.store.undo import fail_file
 from daemon.training.arguments import Flags
@@ -415,5 +415,5 @@ def train_file(flags: Flags) -> HistoryRow:
             (except for :class:`TrainingInterrupted`, which leaves the file unfinished).
     """
     with owning(flags):
-        finish_interrupted_rollback(str(flags.training.output_dir), flags.status.status_dir)
+        finish_interrupted_work(str(flags.training.output_dir), flags.status.status_dir)
         return FileRun(flags).run()
