@@ -481,3 +481,60 @@ def test_a_swap_cut_with_its_stage_not_committed_gives_the_adapter_back_and_rota
     for name in ("merged-lora-checkpoint-5", ".merging-checkpoint-5", "checkpoint-9"):
         (later / name).mkdir(parents=True)
     assert interrupted_merges(later) == [] and finish_interrupted_merge(later) == []
+
+
+def _rollback_across_a_merge_killed(lora_tree, to: Path, monkeypatch) -> tuple[Tree, dict, dict]:
+    """A copy of the adapter line, merged by a third file, then rolled back to the first file's end (an adapter
+    checkpoint) by a rollback killed right after its intent: ``(tree, the first file's row, later files' flags)``."""
+    from daemon.store import rollback
+
+    tree, _, (first, _) = _copy(lora_tree, to)
+    plain = _plain("learning_rate")  # the defaults decide the rate
+    train(tree, _text_file(tree.root / "c.jsonl", 6, 30), merge_adapter=True, **plain)
+
+    def killed_after(stage: str) -> None:
+        if stage == "intent":
+            raise _Killed
+
+    with monkeypatch.context() as patch:
+        patch.setattr(rollback, "_reached", killed_after)
+        with pytest.raises(_Killed):
+            rollback.roll_back_to(tree.output, tree.status, first["end_step"])
+    assert (tree.status / rollback.INTENT_FILE).is_file()
+    return tree, first, plain
+
+
+def test_train_py_finishes_a_rollback_across_a_merge_before_its_flags_follow_the_adapter(
+    lora_tree, tmp_path, monkeypatch
+):
+    """A rollback from full checkpoints back to an adapter boundary, killed after its intent: train.py resolved
+    --use_peft and the defaults (learning rate, rehearsal share) from the full checkpoints, then finished the
+    rollback and trained the adapter with full fine-tuning's defaults."""
+    from daemon.training import cli
+    from daemon.training.peft_flags import LORA_LEARNING_RATE, LORA_REHEARSAL_FRACTION
+
+    tree, first, plain = _rollback_across_a_merge_killed(lora_tree, tmp_path / "tree", monkeypatch)
+    parsed, train_file = [], cli.train_file
+    monkeypatch.setattr(cli, "train_file", lambda flags: parsed.append(flags) or train_file(flags))
+    monkeypatch.setattr(cli, "configure_logging", lambda: None)  # pytest keeps its log handlers
+    assert cli.main(["--dataset", str(_text_file(tree.root / "d.jsonl", 6, 40)), *tree.flags(**plain)]) == 0
+    (flags,) = parsed
+    assert flags.peft.use_peft is True and flags.training.learning_rate == LORA_LEARNING_RATE
+    assert flags.replay.base_rehearsal_fraction == LORA_REHEARSAL_FRACTION
+    row = tree.history()[-1]
+    assert row["start_step"] == first["end_step"] and history_violations(tree.history()) == []
+    assert (tree.output / f"checkpoint-{row['end_step']}" / "adapter_config.json").is_file()
+
+
+def test_a_daemon_finishes_a_rollback_across_a_merge_before_it_checks_its_flags(lora_tree, tmp_path, monkeypatch):
+    """The daemon checks its training flags once, in a child, and finished the rollback only after: --use_peft was
+    refused against the full checkpoints the rollback takes away, and the daemon did not start."""
+    from helpers import daemon_argv
+
+    from daemon.store.rollback import INTENT_FILE
+
+    tree, first, plain = _rollback_across_a_merge_killed(lora_tree, tmp_path / "tree", monkeypatch)
+    result = run_cli(daemon_argv(tree, "--once", "--use_peft", **plain), cwd=tree.root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not (tree.status / INTENT_FILE).exists()
+    assert sorted(p.name for p in tree.output.glob("checkpoint-*")) == [f"checkpoint-{first['end_step']}"]

@@ -18,6 +18,7 @@ from daemon.exceptions import ConfigError, DaemonError
 from daemon.service.ops import watched
 from daemon.service.watcher import Daemon
 from daemon.store.locks import lock_folders, release_folders
+from daemon.store.rollback import finish_interrupted_work
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -95,6 +96,8 @@ def main(argv: list[str]) -> int:
         ]
         locks = lock_folders(folders)
         try:
+            # before the flag check: --use_peft and its defaults follow the checkpoints as the kill's work leaves them
+            finish_interrupted_work(daemon_args.output_dir, daemon_args.status_dir)
             check_training_flags(daemon_args, argv)
             daemon = Daemon(daemon_args, train_argv)
             # Inherited by every training child: it refuses a ledger other than this one.

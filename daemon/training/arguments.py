@@ -396,6 +396,19 @@ def parse_args(argv: list[str]) -> Flags:
     return flags
 
 
+def run_folders(argv: list[str]) -> tuple[str, str]:
+    """``(output_dir, status_dir)`` of a training command line as :func:`parse_args` reads them, before any rule.
+
+    Raises:
+        ConfigError: the config file cannot be read, or has a key no command knows.
+        SystemExit: argparse's own usage errors (exit code 2).
+    """
+    parser = HfArgumentParser(GROUPS)  # type: ignore[arg-type]
+    parser.add_argument("--config", help=CONFIG_HELP)
+    values, _, _ = read_flags(parser, argv, left_to_others=DAEMON_KEYS)
+    return str(values["output_dir"]), str(values["status_dir"])
+
+
 def _validate_training_args(args: ContinualTrainingArguments) -> None:
     problems = []
     if args.num_train_epochs <= 0:

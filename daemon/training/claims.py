@@ -56,6 +56,27 @@ def owning(flags: Flags) -> Iterator[None]:
         release_folders(locks)
 
 
+@contextmanager
+def owning_folders(output_dir: str, status_dir: str) -> Iterator[None]:
+    """The output and status folders, owned as :func:`owning` owns them, before the run's flags are parsed.
+
+    ``train.py`` finishes a kill's half-done work in them first (:func:`daemon.store.rollback.finish_interrupted_work`):
+    its flags' defaults follow the checkpoints. Under a launcher only rank 0 (``RANK``) locks.
+
+    Raises:
+        FolderBusy: another daemon or ``train.py`` owns a folder.
+        MachineFault: a folder cannot be made or locked (read-only, not writable, full).
+    """
+    locks: list[FolderLock] = []
+    if os.environ.get("RANK", "0") == "0":
+        supervised = bool(os.environ.get(SUPERVISOR_ENV))
+        locks = lock_folders([("output", output_dir), ("status", status_dir)], trust_supervisor=supervised)
+    try:
+        yield
+    finally:
+        release_folders(locks)
+
+
 def claim_folders(flags: Flags, supervised: bool) -> list[FolderLock]:
     """Lock the run's output and status folders (``.daemon.lock``), as a daemon does, or refuse to run.
 

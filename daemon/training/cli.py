@@ -23,7 +23,9 @@ from daemon.exceptions import ConfigError, DaemonError, DiskFull, TrainingInterr
 from daemon.processes import running
 from daemon.store.durable import EXIT_NO_SPACE
 from daemon.store.failures import leave_reason
-from daemon.training.arguments import parse_args
+from daemon.store.rollback import finish_interrupted_work, interrupted_work
+from daemon.training.arguments import parse_args, run_folders
+from daemon.training.claims import owning_folders
 from daemon.training.run import train_file
 
 logger = logging.getLogger(__name__)
@@ -96,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     watch_the_daemon()
     try:
+        output_dir, status_dir = run_folders(argv)
+        if interrupted_work(output_dir, status_dir):  # before the flags: their defaults follow the checkpoints
+            with owning_folders(output_dir, status_dir):
+                finish_interrupted_work(output_dir, status_dir)
         flags = parse_args(argv)
         if not flags.data.dataset:
             raise ConfigError("--dataset FILE.jsonl is required")
