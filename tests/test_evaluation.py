@@ -310,7 +310,8 @@ def test_a_slice_that_cannot_be_scored_is_reported_and_the_gate_warns_instead_of
 def test_the_daemon_files_a_rolled_back_drop_in_failed_with_the_regression_and_the_worst_slice(two_files, tmp_path):
     tree = _copy(two_files, tmp_path)
     _noise_file(tree.inbox / "noise.jsonl")
-    argv = daemon_argv(tree, "--once", max_regression=0.05, on_regression="rollback")
+    # Without replay, as above: with it the earlier slices stay within about 0.04 nats through the noise
+    argv = daemon_argv(tree, "--once", max_regression=0.05, on_regression="rollback", replay_fraction=0)
     result = run_cli(argv, cwd=tree.root)
     assert result.returncode == 0, result.stderr[-2000:]
     error = (tree.inbox / "failed" / "noise.jsonl.error.txt").read_text()
