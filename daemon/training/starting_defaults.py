@@ -46,8 +46,8 @@ from daemon.store.origin import base_model_of
 # 25 % forgets less in 1.16x to 1.24x the seconds but 1.26x the steps). A line's first file from scratch never
 # distils (no teacher). A pretrained base distils nothing: on SmolLM2's stream (one seed, so no decision rule) both
 # terms kept 97 % of the domain gain and moved every general measure down (the base-model slice -0.068 against
-# -0.003) for 1.14x the training seconds of a row without them; its defaults already meet the issue's target (BENCHMARKS.md "real-model
-# stream", cpu-amx).
+# -0.003) for 1.14x the training seconds of a row without them; its defaults already meet the issue's target
+# (BENCHMARKS.md "real-model stream", cpu-amx).
 SCRATCH_DEFAULTS: dict[str, Any] = {
     "learning_rate": 5e-4,
     "warmup_steps": 100,
