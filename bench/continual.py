@@ -65,10 +65,10 @@ import os
 import random
 import shlex
 import statistics
-import textwrap
 import sys
 import sysconfig
 import tempfile
+import textwrap
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
