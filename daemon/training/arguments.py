@@ -366,9 +366,7 @@ def parse_args(argv: list[str]) -> Flags:
             config file cannot be read or has a key no command knows.
         SystemExit: argparse's own usage errors (exit code 2), as any HF script.
     """
-    parser = HfArgumentParser(GROUPS)  # type: ignore[arg-type]
-    parser.add_argument("--config", help=CONFIG_HELP)
-    values, unknown, _ = read_flags(parser, argv, left_to_others=DAEMON_KEYS)
+    parser, values, unknown = _read(argv)
     if unknown:
         raise ConfigError(f"unrecognized flags: {' '.join(unknown)}")
     resolve_defaults(values)
@@ -403,10 +401,17 @@ def run_folders(argv: list[str]) -> tuple[str, str]:
         ConfigError: the config file cannot be read, or has a key no command knows.
         SystemExit: argparse's own usage errors (exit code 2).
     """
+    _, values, _ = _read(argv)
+    return str(values["output_dir"]), str(values["status_dir"])
+
+
+def _read(argv: list[str]) -> tuple[HfArgumentParser, dict[str, Any], list[str]]:
+    """The training flags' parser, the values ``argv`` (and its ``--config`` file) give, and the flags it does not
+    know; the daemon's own keys of a config file are left to it."""
     parser = HfArgumentParser(GROUPS)  # type: ignore[arg-type]
     parser.add_argument("--config", help=CONFIG_HELP)
-    values, _, _ = read_flags(parser, argv, left_to_others=DAEMON_KEYS)
-    return str(values["output_dir"]), str(values["status_dir"])
+    values, unknown, _ = read_flags(parser, argv, left_to_others=DAEMON_KEYS)
+    return parser, values, unknown
 
 
 def _validate_training_args(args: ContinualTrainingArguments) -> None:
